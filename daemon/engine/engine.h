@@ -1,0 +1,78 @@
+/* The engine: one model, one backend, one paged KV cache, and the batched forward step. A step
+ * takes several sequences at once, each with any number of new tokens (a prefill chunk, one
+ * decode token, a verify window...), appends their KV to the cache and returns the logits the
+ * caller asked for. Numerics follow DeepSeek's reference (see tests/golden/README.md). */
+#ifndef DSV32_ENGINE_H
+#define DSV32_ENGINE_H
+
+#include <stdint.h>
+
+#include "backend.h"
+#include "kvcache.h"
+#include "model.h"
+
+struct dsv32_engine_opts {
+    const char *backend;   /* "cpu" (default) or "cuda" */
+    int max_batch_tokens;  /* rows per step (default 1024) */
+    int max_seqs;          /* sequences in the cache at once (default 64) */
+    int max_seq_len;       /* tokens per sequence (default: the model's context, capped at 32768) */
+    int kv_blocks;         /* cache blocks of 64 tokens (default: max_seqs * max_seq_len / 64, capped
+                              at 1 GiB of cache) */
+    int kv_rope_f32;       /* keep the cached rope part in f32 instead of bf16 (debugging) */
+};
+
+enum dsv32_logits_mode { DSV32_LOGITS_NONE = 0, DSV32_LOGITS_LAST = 1, DSV32_LOGITS_ALL = 2 };
+
+struct dsv32_seq_input {
+    int seq;                /* a KV cache sequence slot from dsv32_kv_seq_new */
+    int n_tokens;
+    const int32_t *tokens;  /* (n_tokens) host memory */
+    enum dsv32_logits_mode logits;
+};
+
+struct dsv32_step_hooks {
+    void *ctx;
+    /* the residual stream after each layer (host copy: rows, D) */
+    void (*hidden)(void *ctx, int layer, const float *x, int rows, int dim);
+    /* the indexer's selections of each layer (host copy: rows, topk; -1 pads) */
+    void (*selection)(void *ctx, int layer, const int32_t *sel, int rows, int topk);
+    /* When set, the routed experts run elsewhere (expert parallelism): fill y[rows, D] (backend
+     * memory) with sum_k w[r,k] * expert_ids[r,k](x[r]). ids and w are host copies. */
+    int (*moe_routed)(void *ctx, int layer, float *y, const float *x, int rows, const int32_t *ids,
+                      const float *w, int k);
+};
+
+struct dsv32_engine {
+    struct dsv32_model *model;
+    const struct dsv32_config *cfg;
+    struct dsv32_backend *be;
+    struct dsv32_kvcache *kv;
+    int max_rows;
+    int64_t steps, rows_done;
+    /* activations in backend memory, sized for max_rows */
+    float *x, *xn, *qr, *q, *kva, *kvn, *qlat, *olat, *ov, *o, *iq, *ik, *iw, *g, *u, *y, *logits;
+    uint8_t *iq8, *ik8;
+    float *iqs, *iks, *wts;
+    int32_t *sel, *ids;
+    int32_t *d_tokens, *d_pos, *d_seq, *d_blocks, *d_logit_rows;
+    int64_t *d_slot;
+    uint8_t *d_mha, *h_mha;
+    /* host staging */
+    int32_t *h_tokens, *h_pos, *h_seq, *h_blocks, *h_logit_rows, *h_sel, *h_ids, *h_old_len;
+    int64_t *h_slot;
+    float *h_x, *h_wts;
+    int max_logit_rows;   /* logits rows one step can return (min(max_rows, 512)) */
+};
+
+/* Prepares every loaded weight on the backend and allocates the cache and activations. The
+ * model must outlive the engine. */
+int dsv32_engine_new(struct dsv32_model *m, const struct dsv32_engine_opts *opts,
+                     struct dsv32_engine **ret);
+void dsv32_engine_free(struct dsv32_engine *e);
+
+/* One forward step. logits (host) receives, for each input in order, the rows it asked for:
+ * (sum of rows, vocab). On error nothing is appended to any sequence. */
+int dsv32_engine_step(struct dsv32_engine *e, const struct dsv32_seq_input *in, int n_in,
+                      float *logits, const struct dsv32_step_hooks *hooks);
+
+#endif
