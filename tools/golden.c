@@ -155,7 +155,19 @@ struct run_ctx {
     int n_act;
     const struct dsv32_step_hooks *extra;
     int *sel_ok;  /* (cases, steps) 1 ok, 0 failed, -1 not checked */
+    /* the order of checks, for the tie search */
+    long check_seq, first_fail_seq;
+    uint32_t first_fail_op;
 };
+
+static void note_check(struct run_ctx *ctx, int ok)
+{
+    ctx->check_seq++;
+    if (!ok && ctx->first_fail_seq < 0) {
+        ctx->first_fail_seq = ctx->check_seq;
+        ctx->first_fail_op = dsv32_fp8_probe_cur ? dsv32_fp8_probe_cur->op : 0;
+    }
+}
 
 static double rel_err(const float *a, const float *b, int n)
 {
@@ -181,6 +193,7 @@ static void on_hidden(void *vctx, int layer, const float *x, int rows, int dim)
         for (int t = 0; t < a->n; t++) {
             double e = rel_err(x + (size_t)(a->row0 + t) * dim, k->hidden[layer] + (size_t)t * dim, dim);
             ctx->res->hidden_checked++;
+            note_check(ctx, e <= ctx->o->tol);
             if (e > ctx->res->max_rel_hidden)
                 ctx->res->max_rel_hidden = e;
             if (!(e <= ctx->o->tol)) {
@@ -211,6 +224,7 @@ static void on_selection(void *vctx, int layer, const int32_t *sel, int rows, in
             ok &= m == w;
         }
         ctx->res->sel_checked++;
+        note_check(ctx, ok);
         int *slot = &ctx->sel_ok[a->c * 4096 + a->s];
         if (!ok) {
             ctx->res->sel_failed++;
@@ -267,6 +281,7 @@ static void check_row(struct run_ctx *ctx, const struct active *a, const float *
     int row_ok = e <= ctx->o->tol;
     int sel = ctx->sel_ok[a->c * 4096 + a->s];
     struct golden_result *res = ctx->res;
+    note_check(ctx, row_ok && arg_ok);
     res->rows++;
     res->rows_failed += !row_ok;
     res->argmax_checked += check_arg;
@@ -282,8 +297,8 @@ static void check_row(struct run_ctx *ctx, const struct active *a, const float *
                 sel < 0 ? "-" : sel ? "ok" : "FAIL");
 }
 
-int golden_run(struct dsv32_engine *e, const struct golden_set *g, const struct golden_opts *o,
-               struct golden_result *res)
+static int run_once(struct dsv32_engine *e, const struct golden_set *g, const struct golden_opts *o,
+                    struct golden_result *res, long *first_fail_seq, uint32_t *first_fail_op)
 {
     memset(res, 0, sizeof(*res));
     const int nc = g->n_cases, V = g->vocab;
@@ -319,7 +334,7 @@ int golden_run(struct dsv32_engine *e, const struct golden_set *g, const struct 
             max_steps = end;
     }
     struct run_ctx ctx = {.g = g, .o = o, .res = res, .act = act, .extra = o->extra_hooks,
-                          .sel_ok = sel_ok};
+                          .sel_ok = sel_ok, .first_fail_seq = -1};
     struct dsv32_step_hooks hooks = {.ctx = &ctx, .hidden = on_hidden, .selection = on_selection,
                                      .moe_routed = ctx.extra && ctx.extra->moe_routed ? on_moe : NULL};
     for (int step = 0; step < max_steps; step++) {
@@ -360,5 +375,122 @@ out:
             dsv32_kv_seq_free(e->kv, seqs[c]);
     free(sel_ok);
     free(logits);
+    *first_fail_seq = ctx.first_fail_seq;
+    *first_fail_op = ctx.first_fail_op;
+    return r;
+}
+
+/* ---- FP8 tie search ---- */
+
+struct tie_list {
+    struct dsv32_fp8_key *k;
+    float *v;
+    int n, cap;
+};
+
+static void on_near(void *vctx, const struct dsv32_fp8_key *k, float v)
+{
+    struct tie_list *t = vctx;
+    for (int i = t->n - 1; i >= 0 && i >= t->n - 64; i--)
+        if (dsv32_fp8_key_cmp(&t->k[i], k) == 0)
+            return; /* the same place seen again (an expert input quantized per expert) */
+    if (t->n == t->cap) {
+        int cap = t->cap ? 2 * t->cap : 64;
+        struct dsv32_fp8_key *nk = realloc(t->k, sizeof(*nk) * (size_t)cap);
+        if (!nk)
+            return;
+        t->k = nk;
+        float *nv = realloc(t->v, sizeof(*nv) * (size_t)cap);
+        if (!nv)
+            return;
+        t->v = nv;
+        t->cap = cap;
+    }
+    t->k[t->n] = *k;
+    t->v[t->n++] = v;
+}
+
+static int key_qsort(const void *a, const void *b) { return dsv32_fp8_key_cmp(a, b); }
+
+static int probed_run(struct dsv32_engine *e, const struct golden_set *g,
+                      const struct golden_opts *o, struct golden_result *res,
+                      const struct dsv32_fp8_key *flips, int n_flips, struct tie_list *near,
+                      long *ff_seq, uint32_t *ff_op)
+{
+    struct dsv32_fp8_key *sorted = malloc(sizeof(*sorted) * (size_t)(n_flips + 1));
+    if (!sorted)
+        return -ENOMEM;
+    memcpy(sorted, flips, sizeof(*sorted) * (size_t)n_flips);
+    qsort(sorted, (size_t)n_flips, sizeof(*sorted), key_qsort);
+    struct dsv32_fp8_probe probe = {.near_rel = o->tie_rel > 0 ? o->tie_rel : 1e-6,
+                                    .flips = sorted, .n_flips = n_flips,
+                                    .on_near = near ? on_near : NULL, .ctx = near};
+    if (near)
+        near->n = 0;
+    dsv32_fp8_probe_cur = &probe;
+    int r = run_once(e, g, o, res, ff_seq, ff_op);
+    dsv32_fp8_probe_cur = NULL;
+    free(sorted);
+    return r;
+}
+
+int golden_run(struct dsv32_engine *e, const struct golden_set *g, const struct golden_opts *o,
+               struct golden_result *res)
+{
+    long ff;
+    uint32_t ff_op;
+    if (!o->resolve_ties)
+        return run_once(e, g, o, res, &ff, &ff_op);
+    /* Reports go to the output only for the final run. */
+    struct golden_opts quiet = *o;
+    quiet.out = NULL;
+    struct tie_list near = {0};
+    struct dsv32_fp8_key flips[64] = {{0}};
+    int n_flips = 0, trials = 0, max_trials = o->max_tie_trials > 0 ? o->max_tie_trials : 200;
+    int r = probed_run(e, g, &quiet, res, flips, 0, &near, &ff, &ff_op);
+    while (r >= 0 && !golden_passed(res) && n_flips < 64 && trials < max_trials) {
+        /* candidates: near-ties before the first failure, latest first */
+        int improved = 0;
+        struct tie_list cand = {0};
+        for (int i = 0; i < near.n; i++)
+            if (near.k[i].op <= ff_op)
+                on_near(&cand, &near.k[i], near.v[i]);
+        for (int i = cand.n - 1; i >= 0 && trials < max_trials && !improved; i--) {
+            int dup = 0;
+            for (int j = 0; j < n_flips; j++)
+                dup |= dsv32_fp8_key_cmp(&flips[j], &cand.k[i]) == 0;
+            if (dup)
+                continue;
+            flips[n_flips] = cand.k[i];
+            struct golden_result tr;
+            long tff;
+            uint32_t top;
+            trials++;
+            r = probed_run(e, g, &quiet, &tr, flips, n_flips + 1, NULL, &tff, &top);
+            if (r < 0)
+                break;
+            if (golden_passed(&tr) || tff > ff) {
+                if (o->out)
+                    fprintf(o->out, "FP8 tie resolved: op %u sub %d row %d col %d: %.9g (scaled) "
+                            "sits at a rounding midpoint; rounded the other way\n",
+                            cand.k[i].op, cand.k[i].sub, cand.k[i].row, cand.k[i].col, cand.v[i]);
+                n_flips++;
+                improved = 1;
+            }
+        }
+        free(cand.k);
+        free(cand.v);
+        if (r < 0 || !improved)
+            break;
+        r = probed_run(e, g, &quiet, res, flips, n_flips, &near, &ff, &ff_op);
+    }
+    free(near.k);
+    free(near.v);
+    if (r < 0)
+        return r;
+    /* the final, reported run with the ties resolved */
+    r = probed_run(e, g, o, res, flips, n_flips, NULL, &ff, &ff_op);
+    res->ties_resolved = n_flips;
+    res->tie_trials = trials;
     return r;
 }

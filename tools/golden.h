@@ -40,6 +40,14 @@ struct golden_opts {
     enum golden_schedule schedule;
     int verbose;          /* print every row */
     FILE *out;            /* report; NULL = silent */
+    /* FP8 rounding ties (see dtype.h): when a run fails, look for activations the engine
+     * quantized within tie_rel (relative) of a rounding midpoint before the first failing check,
+     * and retry with such ties rounded the other way, one more at a time, while the first failure
+     * moves later. Both roundings of such a value are faithful executions of the reference in f32
+     * (its summation order decides), so a run that passes after resolving ties matches it. */
+    int resolve_ties;
+    double tie_rel;       /* default 1e-6 (about 8 f32 ulps) */
+    int max_tie_trials;   /* default 200 */
     /* Routed experts elsewhere (expert-parallel checks); NULL = local. */
     const struct dsv32_step_hooks *extra_hooks;
 };
@@ -48,6 +56,8 @@ struct golden_result {
     int rows, rows_failed, argmax_checked, argmax_failed, sel_checked, sel_failed;
     int hidden_checked, hidden_failed;
     double max_rel_logits, max_rel_hidden;
+    int ties_resolved;    /* near-ties rounded the other way to match */
+    int tie_trials;       /* extra runs the search took */
 };
 
 /* Runs every case on the engine (sequences are created and freed here). Returns 0 when it ran

@@ -20,7 +20,8 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: dsv32-run --model DIR --golden FILE [--schedule sequential|batched|staggered|all]\n"
             "       dsv32-run --model DIR --prompt-ids ID,ID,... [--max-tokens N]\n"
-            "options: --backend cpu|cuda   --kv-rope-f32   --quiet   --tol X\n");
+            "options: --backend cpu|cuda  --kv-layout production|reference  --quiet  --tol X\n"
+            "         --no-tie-search (do not resolve FP8 rounding ties, see tests/golden/README.md)\n");
 }
 
 static int parse_ids(const char *s, int32_t *ids, int cap, int vocab)
@@ -96,10 +97,11 @@ int main(int argc, char **argv)
         {"backend", required_argument, 0, 'b'},   {"schedule", required_argument, 0, 's'},
         {"kv-rope-f32", no_argument, 0, 'f'},     {"quiet", no_argument, 0, 'q'},
         {"tol", required_argument, 0, 't'},       {"help", no_argument, 0, 'h'},
+        {"kv-layout", required_argument, 0, 'k'}, {"no-tie-search", no_argument, 0, 'T'},
         {0, 0, 0, 0},
     };
     const char *model = NULL, *golden = NULL, *ids = NULL, *backend = "cpu", *schedule = "sequential";
-    int max_tokens = 16, rope_f32 = 0, quiet = 0, c;
+    int max_tokens = 16, rope_f32 = -1, quiet = 0, resolve_ties = 1, c;
     double tol = 5e-3;
     dsv32_log_set_ident("dsv32-run");
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
@@ -111,6 +113,17 @@ int main(int argc, char **argv)
         case 'b': backend = optarg; break;
         case 's': schedule = optarg; break;
         case 'f': rope_f32 = 1; break;
+        case 'T': resolve_ties = 0; break;
+        case 'k':
+            if (strcmp(optarg, "production") == 0)
+                rope_f32 = 0;
+            else if (strcmp(optarg, "reference") == 0)
+                rope_f32 = 1;
+            else {
+                fprintf(stderr, "dsv32-run: --kv-layout is production or reference\n");
+                return 2;
+            }
+            break;
         case 'q': quiet = 1; break;
         case 't': tol = atof(optarg); break;
         case 'h': usage(stdout); return 0;
@@ -145,6 +158,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "dsv32-run: %s\n", dsv32_load_error());
         return 1;
     }
+    /* The golden vectors come from a run with f32 activations, whose rope cache was f32: compare
+     * in that layout unless asked otherwise. Serving uses the production layout (bf16 rope). */
+    if (rope_f32 < 0)
+        rope_f32 = golden != NULL;
     struct dsv32_engine *e;
     struct dsv32_engine_opts eo = {.backend = backend, .kv_rope_f32 = rope_f32,
                                    .max_seq_len = m->cfg.max_position_embeddings < 8192
@@ -176,10 +193,12 @@ int main(int argc, char **argv)
             int all_pass = 1;
             for (int s = sched_first; s <= sched_last; s++) {
                 struct golden_opts go = {.tol = tol, .gap = 0.02, .schedule = (enum golden_schedule)s,
-                                         .verbose = !quiet, .out = stdout};
+                                         .verbose = !quiet, .out = stdout,
+                                         .resolve_ties = resolve_ties};
                 struct golden_result res;
-                printf("== %s: %d cases, schedule %s, backend %s\n", golden, g->n_cases, scheds[s],
-                       e->be->ops->name);
+                printf("== %s: %d cases, schedule %s, backend %s, KV layout %s (rope %s)\n",
+                       golden, g->n_cases, scheds[s], e->be->ops->name,
+                       rope_f32 ? "reference" : "production", rope_f32 ? "f32" : "bf16");
                 if ((r = golden_run(e, g, &go, &res)) < 0) {
                     fprintf(stderr, "dsv32-run: step failed: %s\n", dsv32_strerror(r));
                     all_pass = 0;
@@ -191,6 +210,9 @@ int main(int argc, char **argv)
                        res.rows, res.rows_failed, res.max_rel_logits, res.argmax_checked,
                        res.argmax_failed, res.sel_checked, res.sel_failed, res.hidden_checked,
                        res.hidden_failed, res.max_rel_hidden);
+                if (res.ties_resolved)
+                    printf("FP8 rounding ties resolved: %d (search runs: %d)\n", res.ties_resolved,
+                           res.tie_trials);
                 printf("%s\n", pass ? "PASS" : "FAIL");
                 all_pass &= pass;
             }

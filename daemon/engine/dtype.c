@@ -84,23 +84,103 @@ uint8_t dsv32_f32_to_fp8(float x)
     return sign | (uint8_t)(((E + 7) << 3) | man);
 }
 
-float dsv32_fp8_quant_block(uint8_t *q, const float *x, int n, int ue8m0)
+_Thread_local struct dsv32_fp8_probe *dsv32_fp8_probe_cur;
+
+int dsv32_fp8_key_cmp(const struct dsv32_fp8_key *a, const struct dsv32_fp8_key *b)
 {
+    if (a->op != b->op)
+        return a->op < b->op ? -1 : 1;
+    if (a->sub != b->sub)
+        return a->sub < b->sub ? -1 : 1;
+    if (a->row != b->row)
+        return a->row < b->row ? -1 : 1;
+    return (a->col > b->col) - (a->col < b->col);
+}
+
+static int probe_flip(const struct dsv32_fp8_probe *p, const struct dsv32_fp8_key *k)
+{
+    int lo = 0, hi = p->n_flips - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2, c = dsv32_fp8_key_cmp(&p->flips[mid], k);
+        if (c == 0)
+            return 1;
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid - 1;
+    }
+    return 0;
+}
+
+/* v = x / s rounded, with the probe looking: near-ties reported, chosen ones rounded the other
+ * way (to the other of the two grid points around v). */
+static uint8_t probed_round(struct dsv32_fp8_probe *p, float v, const struct dsv32_fp8_key *k)
+{
+    uint8_t b = dsv32_f32_to_fp8(v);
+    float a = fabsf(v), q = fabsf(dsv32_fp8_table[b]);
+    if (a >= DSV32_FP8_MAX || isnan(v))
+        return b;
+    /* the grid neighbour on the other side of v */
+    uint8_t mag = b & 0x7f, other = q > a ? mag - 1 : (q < a ? mag + 1 : mag);
+    if (other == mag || (q < a && mag == 0x7e))
+        return b;
+    float o = dsv32_fp8_table[other];
+    float mid = 0.5f * (q + o);
+    if (fabsf(a - mid) <= p->near_rel * a) {
+        if (p->on_near)
+            p->on_near(p->ctx, k, v);
+        if (p->n_flips && probe_flip(p, k))
+            return (uint8_t)((b & 0x80) | other);
+    }
+    return b;
+}
+
+float dsv32_fp8_quant_block_at(uint8_t *q, const float *x, int n, int ue8m0, int sub, int row,
+                               int col0)
+{
+    struct dsv32_fp8_probe *p = dsv32_fp8_probe_cur;
     float amax = 0.0f;
     for (int i = 0; i < n; i++)
         amax = fmaxf(amax, fabsf(x[i]));
     float s = dsv32_fp8_block_scale(amax, ue8m0);
-    if (q)
+    if (!q)
+        return s;
+    if (!p) {
         for (int i = 0; i < n; i++)
             q[i] = dsv32_f32_to_fp8(x[i] / s);
+        return s;
+    }
+    struct dsv32_fp8_key k = {.op = p->op, .sub = sub, .row = row};
+    for (int i = 0; i < n; i++) {
+        k.col = col0 + i;
+        q[i] = probed_round(p, x[i] / s, &k);
+    }
     return s;
+}
+
+float dsv32_fp8_quant_block(uint8_t *q, const float *x, int n, int ue8m0)
+{
+    return dsv32_fp8_quant_block_at(q, x, n, ue8m0, 0, 0, 0);
+}
+
+void dsv32_fp8_simulate_at(float *x, int n, int block, int ue8m0, int sub, int row)
+{
+    uint8_t q[256];
+    if (block > 256) /* not a shape DeepSeek uses; quantize without the probe */
+        for (int b = 0; b < n; b += block) {
+            float s = dsv32_fp8_quant_block(NULL, x + b, block, ue8m0);
+            for (int i = b; i < b + block; i++)
+                x[i] = dsv32_fp8_round(x[i] / s) * s;
+        }
+    else
+        for (int b = 0; b < n; b += block) {
+            float s = dsv32_fp8_quant_block_at(q, x + b, block, ue8m0, sub, row, b);
+            for (int i = 0; i < block; i++)
+                x[b + i] = dsv32_fp8_table[q[i]] * s;
+        }
 }
 
 void dsv32_fp8_simulate(float *x, int n, int block, int ue8m0)
 {
-    for (int b = 0; b < n; b += block) {
-        float s = dsv32_fp8_quant_block(NULL, x + b, block, ue8m0);
-        for (int i = b; i < b + block; i++)
-            x[i] = dsv32_fp8_round(x[i] / s) * s;
-    }
+    dsv32_fp8_simulate_at(x, n, block, ue8m0, 0, 0);
 }

@@ -71,11 +71,42 @@ static inline float dsv32_fp8_block_scale(float amax, int ue8m0)
     return s;
 }
 
+/* FP8 rounding ties. A value within a few f32 ulps of the midpoint between two e4m3 grid points
+ * rounds one way or the other depending on the summation order that produced it, so two faithful
+ * executions of the same model (ours and DeepSeek's, or the cpu and cuda backends) can round it
+ * differently. The probe reports such near-ties and can force the other rounding at chosen
+ * places; the golden check uses it to resolve ties the way the reference did. A place is named
+ * by backend-independent coordinates: the ordinal of the quantizing op call in the step sequence
+ * (every backend counts the same calls: linear with an FP8 weight, kv_store, hadamard_quant,
+ * mla_prefill, moe_experts), a sub-index (moe_experts: 0 for the expert input, 1 + k for the
+ * down-projection input of the token's k-th expert), the logical row and the column. */
+struct dsv32_fp8_key {
+    uint32_t op;
+    int32_t sub, row, col;
+};
+
+struct dsv32_fp8_probe {
+    double near_rel;                    /* report |v - midpoint| <= near_rel * |v| */
+    const struct dsv32_fp8_key *flips;  /* sorted by (op, sub, row, col) */
+    int n_flips;
+    void (*on_near)(void *ctx, const struct dsv32_fp8_key *k, float v);
+    void *ctx;
+    uint32_t op;                        /* the op counter, advanced by the backend */
+};
+
+/* The probe of this thread, NULL (the normal case) when none is installed. */
+extern _Thread_local struct dsv32_fp8_probe *dsv32_fp8_probe_cur;
+int dsv32_fp8_key_cmp(const struct dsv32_fp8_key *a, const struct dsv32_fp8_key *b);
+
 /* Quantize n floats (one block) to e4m3 bytes with one scale; writes q[n] and returns the scale.
  * q may be NULL to only get the scale. */
 float dsv32_fp8_quant_block(uint8_t *q, const float *x, int n, int ue8m0);
+/* The same, with the probe's view of the place: values are x[i] at (op, sub, row, col0 + i). */
+float dsv32_fp8_quant_block_at(uint8_t *q, const float *x, int n, int ue8m0, int sub, int row,
+                               int col0);
 /* In place: x <- dequant(quant(x)) per block of `block` values (the reference's act_quant
  * followed by a multiply by the scale). n must be a multiple of block. */
 void dsv32_fp8_simulate(float *x, int n, int block, int ue8m0);
+void dsv32_fp8_simulate_at(float *x, int n, int block, int ue8m0, int sub, int row);
 
 #endif

@@ -218,6 +218,15 @@ fail:
     return r;
 }
 
+/* Advances the FP8 tie probe's op counter (dtype.h): called before every op that quantizes
+ * activations, whichever backend runs it, so that places get the same names on all backends. */
+static inline const struct dsv32_weight *q_op(const struct dsv32_weight *w)
+{
+    if (dsv32_fp8_probe_cur && (!w || w->dtype == DSV32_DT_F8_E4M3))
+        dsv32_fp8_probe_cur->op++;
+    return w;
+}
+
 /* One layer over all rows of the step. */
 static int layer_forward(struct dsv32_engine *e, int l, const struct dsv32_step_meta *meta,
                          const struct dsv32_step_hooks *hooks)
@@ -235,29 +244,32 @@ static int layer_forward(struct dsv32_engine *e, int l, const struct dsv32_step_
 
     /* attention input */
     CHECK(ops->rmsnorm(be, e->xn, D, e->x, D, &L->attn_norm, T, D, eps));
-    CHECK(ops->linear(be, e->qr, c->q_lora_rank, e->xn, D, T, &L->wq_a, ue));
+    CHECK(ops->linear(be, e->qr, c->q_lora_rank, e->xn, D, T, q_op(&L->wq_a), ue));
     CHECK(ops->rmsnorm(be, e->qr, c->q_lora_rank, e->qr, c->q_lora_rank, &L->q_norm, T,
                        c->q_lora_rank, eps));
-    CHECK(ops->linear(be, e->q, H * qk, e->qr, c->q_lora_rank, T, &L->wq_b, ue));
+    CHECK(ops->linear(be, e->q, H * qk, e->qr, c->q_lora_rank, T, q_op(&L->wq_b), ue));
     CHECK(ops->rope(be, e->q + nope, T, H, H * qk, qk, meta->d_row_pos, 1));
     /* kv: latent (normalized, stored as FP8) and the shared rope key */
-    CHECK(ops->linear(be, e->kva, C + R, e->xn, D, T, &L->wkv_a, ue));
+    CHECK(ops->linear(be, e->kva, C + R, e->xn, D, T, q_op(&L->wkv_a), ue));
     CHECK(ops->rmsnorm(be, e->kvn, C, e->kva, C + R, &L->kv_norm, T, C, eps));
     CHECK(ops->rope(be, e->kva + C, T, 1, C + R, 0, meta->d_row_pos, 1));
+    q_op(NULL);
     CHECK(ops->kv_store(be, kv, e->kvn, C, e->kva + C, C + R, meta, ue));
 
     /* the lightning indexer: q from the q latent, k from x; half-split RoPE on the first R dims,
      * Hadamard, FP8; keys cached; top-k positions per row */
-    CHECK(ops->linear(be, e->iq, IH * 128, e->qr, c->q_lora_rank, T, &L->idx_wq_b, ue));
+    CHECK(ops->linear(be, e->iq, IH * 128, e->qr, c->q_lora_rank, T, q_op(&L->idx_wq_b), ue));
     CHECK(ops->rope(be, e->iq, T, IH, IH * 128, 128, meta->d_row_pos, 0));
-    CHECK(ops->linear(be, e->ik, 128, e->xn, D, T, &L->idx_wk, ue));
+    CHECK(ops->linear(be, e->ik, 128, e->xn, D, T, q_op(&L->idx_wk), ue));
     CHECK(ops->layernorm(be, e->ik, 128, e->ik, 128, &L->idx_k_norm_w, &L->idx_k_norm_b, T, 128,
                          1e-6f));
     CHECK(ops->rope(be, e->ik, T, 1, 128, 0, meta->d_row_pos, 0));
+    q_op(NULL);
     CHECK(ops->hadamard_quant(be, e->iq8, e->iqs, e->iq, T * IH, ue));
+    q_op(NULL);
     CHECK(ops->hadamard_quant(be, e->ik8, e->iks, e->ik, T, ue));
     CHECK(ops->index_store(be, kv, e->ik8, e->iks, meta));
-    CHECK(ops->linear(be, e->iw, IH, e->xn, D, T, &L->idx_weights_proj, ue));
+    CHECK(ops->linear(be, e->iw, IH, e->xn, D, T, q_op(&L->idx_weights_proj), ue));
     CHECK(ops->indexer(be, e->sel, e->iq8, e->iqs, e->iw, kv, meta, c->index_topk));
     if (hooks && hooks->selection) {
         CHECK(ops->to_host(be, e->h_sel, e->sel, sizeof(int32_t) * (size_t)T * c->index_topk));
@@ -270,10 +282,12 @@ static int layer_forward(struct dsv32_engine *e, int l, const struct dsv32_step_
     CHECK(ops->mla(be, e->olat, e->qlat, e->q + nope, H * qk, qk, e->sel, c->index_topk, kv, meta,
                    (float)dsv32_config_softmax_scale(c)));
     CHECK(ops->mla_expand(be, e->ov, e->olat, T, &L->wkv_b));
+    if (meta->n_mha_rows > 0)
+        q_op(NULL);
     if (ops->mla_prefill && meta->n_mha_rows > 0)
         CHECK(ops->mla_prefill(be, e->ov, e->q, e->sel, c->index_topk, kv, meta,
                                (float)dsv32_config_softmax_scale(c), &L->wkv_b, ue));
-    CHECK(ops->linear(be, e->o, D, e->ov, H * c->v_head_dim, T, &L->wo, ue));
+    CHECK(ops->linear(be, e->o, D, e->ov, H * c->v_head_dim, T, q_op(&L->wo), ue));
     CHECK(ops->add(be, e->x, e->o, (size_t)T * D));
 
     /* FFN */
@@ -282,6 +296,7 @@ static int layer_forward(struct dsv32_engine *e, int l, const struct dsv32_step_
     if (L->is_moe) {
         const int K = c->num_experts_per_tok;
         CHECK(ops->moe_gate(be, e->ids, e->wts, e->xn, T, &L->gate, &L->gate_bias));
+        q_op(NULL); /* the routed experts, here or on the expert shards */
         if (hooks && hooks->moe_routed) {
             CHECK(ops->to_host(be, e->h_ids, e->ids, sizeof(int32_t) * (size_t)T * K));
             CHECK(ops->to_host(be, e->h_wts, e->wts, sizeof(float) * (size_t)T * K));
@@ -294,10 +309,10 @@ static int layer_forward(struct dsv32_engine *e, int l, const struct dsv32_step_
     }
     if (dsv32_weight_loaded(&f->w1)) {
         const int I = (int)f->w1.rows;
-        CHECK(ops->linear(be, e->g, I, e->xn, D, T, &f->w1, ue));
-        CHECK(ops->linear(be, e->u, I, e->xn, D, T, &f->w3, ue));
+        CHECK(ops->linear(be, e->g, I, e->xn, D, T, q_op(&f->w1), ue));
+        CHECK(ops->linear(be, e->u, I, e->xn, D, T, q_op(&f->w3), ue));
         CHECK(ops->silu_mul(be, e->g, e->g, e->u, T, I));
-        CHECK(ops->linear(be, e->o, D, e->g, I, T, &f->w2, ue));
+        CHECK(ops->linear(be, e->o, D, e->g, I, T, q_op(&f->w2), ue));
         CHECK(ops->add(be, e->x, e->o, (size_t)T * D));
     }
     if (hooks && hooks->hidden) {

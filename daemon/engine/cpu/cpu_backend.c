@@ -155,24 +155,34 @@ static void gemm_xwt(float *y, int ldy, const float *x, int ldx, int rows, const
                 y, ldy);
 }
 
+/* y = x w^T; FP8 weights quantize each input row first. The probe sees row i of x as logical row
+ * rows_of[i] (i when NULL) with sub-index subs_of[i] (0 when NULL). */
+static int linear_at(float *y, int ldy, const float *x, int ldx, int rows,
+                     const struct dsv32_weight *w, int ue8m0, const int32_t *rows_of,
+                     const int32_t *subs_of)
+{
+    const int in = (int)w->cols, out = (int)w->rows;
+    if (w->dtype != DSV32_DT_F8_E4M3) {
+        gemm_xwt(y, ldy, x, ldx, rows, w->be, out, in);
+        return 0;
+    }
+    /* act_quant: 1x128 blocks along the input features, then the dequantized product */
+    float *xq = scratch(0, (size_t)rows * in);
+    if (!xq)
+        return -ENOMEM;
+    for (int r = 0; r < rows; r++) {
+        memcpy(xq + (size_t)r * in, x + (size_t)r * ldx, sizeof(float) * (size_t)in);
+        dsv32_fp8_simulate_at(xq + (size_t)r * in, in, 128, ue8m0, subs_of ? subs_of[r] : 0,
+                              rows_of ? rows_of[r] : r);
+    }
+    gemm_xwt(y, ldy, xq, in, rows, w->be, out, in);
+    return 0;
+}
+
 static int cpu_linear(struct dsv32_backend *be, float *y, int ldy, const float *x, int ldx,
                       int rows, const struct dsv32_weight *w, int ue8m0)
 {
-    const int in = (int)w->cols, out = (int)w->rows;
-    if (w->dtype == DSV32_DT_F8_E4M3) {
-        /* act_quant: 1x128 blocks along the input features, then the dequantized product */
-        float *xq = scratch(0, (size_t)rows * in);
-        if (!xq)
-            return -ENOMEM;
-        for (int r = 0; r < rows; r++) {
-            memcpy(xq + (size_t)r * in, x + (size_t)r * ldx, sizeof(float) * (size_t)in);
-            dsv32_fp8_simulate(xq + (size_t)r * in, in, 128, ue8m0);
-        }
-        gemm_xwt(y, ldy, xq, in, rows, w->be, out, in);
-    } else {
-        gemm_xwt(y, ldy, x, ldx, rows, w->be, out, in);
-    }
-    return 0;
+    return linear_at(y, ldy, x, ldx, rows, w, ue8m0, NULL, NULL);
 }
 
 static int cpu_gather_rows(struct dsv32_backend *be, float *y, const float *x, const int32_t *idx,
@@ -230,7 +240,7 @@ static int cpu_hadamard_quant(struct dsv32_backend *be, uint8_t *q, float *scale
     for (int i = 0; i < n; i++) {
         memcpy(v, x + (size_t)i * 128, sizeof(v));
         hadamard128(v);
-        scale[i] = dsv32_fp8_quant_block(q + (size_t)i * 128, v, 128, ue8m0);
+        scale[i] = dsv32_fp8_quant_block_at(q + (size_t)i * 128, v, 128, ue8m0, 0, i, 0);
     }
     return 0;
 }
@@ -252,7 +262,7 @@ static int cpu_kv_store(struct dsv32_backend *be, const struct dsv32_kv_layer *k
         const float *lat = latent + (size_t)r * ld_lat, *p = pe + (size_t)r * ld_pe;
         float *scales = (float *)(rec + g->kv_lora);
         for (int b = 0; b < g->kv_lora / 128; b++) {
-            float s = dsv32_fp8_quant_block(rec + b * 128, lat + b * 128, 128, ue8m0);
+            float s = dsv32_fp8_quant_block_at(rec + b * 128, lat + b * 128, 128, ue8m0, 0, r, b * 128);
             memcpy(&scales[b], &s, 4);
         }
         uint8_t *pr = rec + g->kv_lora + 4 * (g->kv_lora / 128);
@@ -499,9 +509,10 @@ static int cpu_mla_prefill(struct dsv32_backend *be, float *o, const float *q, c
     if (!cbuf || !pbuf || !kvb)
         return -ENOMEM;
     float *p = kvb + (size_t)cap * H * hs; /* (cap) probabilities of one head */
-    int32_t *ctx_pos = malloc(sizeof(int32_t) * (size_t)(cap > 0 ? cap : 1));
+    int32_t *ctx_pos = malloc(sizeof(int32_t) * (size_t)(cap > 0 ? cap : 1) * 2);
     if (!ctx_pos)
         return -ENOMEM;
+    int32_t *ctx_sub = ctx_pos + (cap > 0 ? cap : 1);
     int r = 0;
     for (int r0 = 0; r0 < m->n_rows;) {
         if (!m->h_row_mha[r0]) {
@@ -519,8 +530,13 @@ static int cpu_mla_prefill(struct dsv32_backend *be, float *o, const float *q, c
         const int n_ctx = last + 1;
         for (int j = 0; j < n_ctx; j++)
             mla_load(be, kv, slot_of(m, seq, j), cbuf + (size_t)j * C, pbuf + (size_t)j * R);
-        /* k_nope and v of every position: wkv_b(c), quantizing c when wkv_b is FP8 */
-        if ((r = cpu_linear(be, kvb, H * hs, cbuf, C, n_ctx, wkv_b, ue8m0)) < 0)
+        /* k_nope and v of every position: wkv_b(c), quantizing c when wkv_b is FP8 (to the
+         * probe: rows are positions, the sub-index the sequence's index in the step) */
+        for (int j = 0; j < n_ctx; j++) {
+            ctx_pos[j] = j;
+            ctx_sub[j] = seq;
+        }
+        if ((r = linear_at(kvb, H * hs, cbuf, C, n_ctx, wkv_b, ue8m0, ctx_pos, ctx_sub)) < 0)
             break;
         for (int t = r0; t < r1; t++) {
             const int pos = m->h_row_pos[t];
@@ -678,17 +694,20 @@ static int cpu_moe_gate(struct dsv32_backend *be, int32_t *ids, float *wout, con
     return 0;
 }
 
-/* One expert on a gathered block of rows: out[n, D] = w2(silu(w1 x) * w3 x). */
-static int expert_ffn(struct dsv32_backend *be, float *out, const float *x, int n,
-                      const struct dsv32_ffn_weights *f, int ue8m0, float *g, float *u)
+/* One expert on a gathered block of rows: out[n, D] = w2(silu(w1 x) * w3 x). tok[j] is the token
+ * row of gathered row j and sub[j] = 1 + its expert slot (the probe's coordinates). */
+static int expert_ffn(float *out, const float *x, int n, const struct dsv32_ffn_weights *f,
+                      int ue8m0, float *g, float *u, const int32_t *tok, const int32_t *sub)
 {
     const int D = (int)f->w1.cols, NI = (int)f->w1.rows;
     int r;
-    if ((r = cpu_linear(be, g, NI, x, D, n, &f->w1, ue8m0)) < 0 ||
-        (r = cpu_linear(be, u, NI, x, D, n, &f->w3, ue8m0)) < 0)
+    if ((r = linear_at(g, NI, x, D, n, &f->w1, ue8m0, tok, NULL)) < 0 ||
+        (r = linear_at(u, NI, x, D, n, &f->w3, ue8m0, tok, NULL)) < 0)
         return r;
-    cpu_silu_mul(be, g, g, u, n, NI);
-    return cpu_linear(be, out, D, g, NI, n, &f->w2, ue8m0);
+    size_t m = (size_t)n * NI;
+    for (size_t i = 0; i < m; i++)
+        g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    return linear_at(out, D, g, NI, n, &f->w2, ue8m0, tok, sub);
 }
 
 static int cpu_moe_experts(struct dsv32_backend *be, float *y, const float *x, int rows,
@@ -697,7 +716,7 @@ static int cpu_moe_experts(struct dsv32_backend *be, float *y, const float *x, i
 {
     const int D = be->cfg->hidden_size, NI = be->cfg->moe_intermediate_size;
     memset(y, 0, sizeof(float) * (size_t)rows * D);
-    int32_t *rowlist = malloc(sizeof(int32_t) * (size_t)rows * k * 2);
+    int32_t *rowlist = malloc(sizeof(int32_t) * (size_t)rows * k * 4);
     if (!rowlist)
         return -ENOMEM;
     int r = 0;
@@ -720,9 +739,13 @@ static int cpu_moe_experts(struct dsv32_backend *be, float *y, const float *x, i
             }
         if (n == 0)
             continue;
-        for (int j = 0; j < n; j++)
+        int32_t *tok = rowlist + (size_t)rows * k * 2, *sub = tok + (size_t)rows * k;
+        for (int j = 0; j < n; j++) {
             memcpy(xe + (size_t)j * D, x + (size_t)rowlist[2 * j] * D, sizeof(float) * D);
-        if ((r = expert_ffn(be, oe, xe, n, &experts[e], ue8m0, g, g + (size_t)n * NI)) < 0)
+            tok[j] = rowlist[2 * j];
+            sub[j] = 1 + rowlist[2 * j + 1] % k;
+        }
+        if ((r = expert_ffn(oe, xe, n, &experts[e], ue8m0, g, g + (size_t)n * NI, tok, sub)) < 0)
             goto out;
         for (int j = 0; j < n; j++) {
             float *yr = y + (size_t)rowlist[2 * j] * D, wt = w[rowlist[2 * j + 1]];
