@@ -1,0 +1,176 @@
+/* Unit tests of the forward step's invariants on the tiny models: a prefill split into chunks
+ * equals one prefill; logits of every row equal logits of the matching prefix; a step that does
+ * not fit the cache fails without changing any sequence; bad input is refused. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine.h"
+#include "error.h"
+#include "safetensors.h"
+
+static double rel(const float *a, const float *b, int n)
+{
+    double num = 0, den = 0;
+    for (int i = 0; i < n; i++) {
+        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        den += (double)b[i] * b[i];
+    }
+    return sqrt(num / den);
+}
+
+struct fx {
+    struct dsv32_model *m;
+    struct dsv32_engine *e;
+    int V;
+};
+
+static int setup_model(void **state, const char *dir, int kv_blocks)
+{
+    struct fx *f = calloc(1, sizeof(*f));
+    if (dsv32_model_load(dir, NULL, &f->m) < 0) {
+        print_error("%s\n", dsv32_load_error());
+        return -1;
+    }
+    struct dsv32_engine_opts o = {.max_seqs = 4, .max_seq_len = 256, .kv_blocks = kv_blocks,
+                                  .max_batch_tokens = 256};
+    if (dsv32_engine_new(f->m, &o, &f->e) < 0) {
+        print_error("%s\n", dsv32_load_error());
+        return -1;
+    }
+    f->V = f->m->cfg.vocab_size;
+    *state = f;
+    return 0;
+}
+
+static int setup(void **state) { return setup_model(state, GOLDEN_DIR "/tiny-fp8", 0); }
+static int setup_small(void **state) { return setup_model(state, GOLDEN_DIR "/tiny-bf16", 2); }
+
+static int teardown(void **state)
+{
+    struct fx *f = *state;
+    dsv32_engine_free(f->e);
+    dsv32_model_free(f->m);
+    free(f);
+    return 0;
+}
+
+static void prompt_of(int32_t *p, int n, unsigned seed)
+{
+    for (int i = 0; i < n; i++) {
+        seed = seed * 1103515245u + 12345u;
+        p[i] = (int32_t)((seed >> 8) % 1000) + 2;
+    }
+}
+
+static void test_chunked_prefill(void **state)
+{
+    struct fx *f = *state;
+    int32_t p[90];
+    prompt_of(p, 90, 7);
+    float *a = malloc(sizeof(float) * f->V), *b = malloc(sizeof(float) * f->V);
+    int s1 = dsv32_kv_seq_new(f->e->kv), s2 = dsv32_kv_seq_new(f->e->kv);
+    struct dsv32_seq_input in = {.seq = s1, .n_tokens = 90, .tokens = p, .logits = DSV32_LOGITS_LAST};
+    assert_int_equal(dsv32_engine_step(f->e, &in, 1, a, NULL), 0);
+    /* 3 chunks crossing a 64-token block boundary; the last one asks for logits */
+    int cuts[] = {0, 30, 70, 90};
+    for (int c = 0; c < 3; c++) {
+        in = (struct dsv32_seq_input){.seq = s2, .n_tokens = cuts[c + 1] - cuts[c],
+                                      .tokens = p + cuts[c],
+                                      .logits = c == 2 ? DSV32_LOGITS_LAST : DSV32_LOGITS_NONE};
+        assert_int_equal(dsv32_engine_step(f->e, &in, 1, c == 2 ? b : NULL, NULL), 0);
+    }
+    assert_int_equal(dsv32_kv_seq_len(f->e->kv, s2), 90);
+    double r = rel(b, a, f->V);
+    if (r > 1e-4)
+        fail_msg("chunked prefill differs from one prefill: rel %.3e", r);
+    dsv32_kv_seq_free(f->e->kv, s1);
+    dsv32_kv_seq_free(f->e->kv, s2);
+    free(a);
+    free(b);
+}
+
+static void test_all_rows(void **state)
+{
+    struct fx *f = *state;
+    int32_t p[20];
+    prompt_of(p, 20, 11);
+    float *all = malloc(sizeof(float) * f->V * 20), *one = malloc(sizeof(float) * f->V);
+    int s = dsv32_kv_seq_new(f->e->kv);
+    struct dsv32_seq_input in = {.seq = s, .n_tokens = 20, .tokens = p, .logits = DSV32_LOGITS_ALL};
+    assert_int_equal(dsv32_engine_step(f->e, &in, 1, all, NULL), 0);
+    dsv32_kv_seq_free(f->e->kv, s);
+    for (int n = 1; n <= 20; n += 6) {
+        s = dsv32_kv_seq_new(f->e->kv);
+        in = (struct dsv32_seq_input){.seq = s, .n_tokens = n, .tokens = p, .logits = DSV32_LOGITS_LAST};
+        assert_int_equal(dsv32_engine_step(f->e, &in, 1, one, NULL), 0);
+        double r = rel(all + (size_t)(n - 1) * f->V, one, f->V);
+        if (r > 1e-4)
+            fail_msg("row %d of an all-rows prefill differs from a prefill of %d tokens: %.3e", n - 1, n, r);
+        dsv32_kv_seq_free(f->e->kv, s);
+    }
+    free(all);
+    free(one);
+}
+
+static void test_bad_input(void **state)
+{
+    struct fx *f = *state;
+    int32_t p[3] = {1, 2, 5000};
+    int s = dsv32_kv_seq_new(f->e->kv);
+    float *lg = malloc(sizeof(float) * f->V);
+    struct dsv32_seq_input in = {.seq = s, .n_tokens = 3, .tokens = p, .logits = DSV32_LOGITS_LAST};
+    assert_int_equal(dsv32_engine_step(f->e, &in, 1, lg, NULL), DSV32_ETOKEN);
+    assert_int_equal(dsv32_kv_seq_len(f->e->kv, s), 0);
+    p[2] = 3;
+    in.n_tokens = 0;
+    assert_int_equal(dsv32_engine_step(f->e, &in, 1, lg, NULL), -EINVAL);
+    in.n_tokens = 3;
+    struct dsv32_seq_input two[2] = {in, in}; /* the same sequence twice */
+    assert_int_equal(dsv32_engine_step(f->e, two, 2, lg, NULL), -EINVAL);
+    in.seq = 3; /* not allocated */
+    assert_int_equal(dsv32_engine_step(f->e, &in, 1, lg, NULL), -EINVAL);
+    dsv32_kv_seq_free(f->e->kv, s);
+    free(lg);
+}
+
+/* 2 blocks of 64 tokens in all: a second sequence that does not fit fails cleanly. */
+static void test_cache_full(void **state)
+{
+    struct fx *f = *state;
+    int32_t p[100];
+    prompt_of(p, 100, 3);
+    float *lg = malloc(sizeof(float) * f->V * 2);
+    int a = dsv32_kv_seq_new(f->e->kv), b = dsv32_kv_seq_new(f->e->kv);
+    struct dsv32_seq_input in[2] = {
+        {.seq = a, .n_tokens = 70, .tokens = p, .logits = DSV32_LOGITS_LAST},
+        {.seq = b, .n_tokens = 10, .tokens = p, .logits = DSV32_LOGITS_LAST},
+    };
+    assert_int_equal(dsv32_engine_step(f->e, in, 2, lg, NULL), DSV32_EFULL);
+    assert_int_equal(dsv32_kv_seq_len(f->e->kv, a), 0);
+    assert_int_equal(dsv32_kv_seq_len(f->e->kv, b), 0);
+    assert_int_equal(dsv32_kv_free_blocks(f->e->kv), 2);
+    assert_int_equal(dsv32_engine_step(f->e, in, 1, lg, NULL), 0);
+    assert_int_equal(dsv32_kv_seq_len(f->e->kv, a), 70);
+    dsv32_kv_seq_free(f->e->kv, a);
+    dsv32_kv_seq_free(f->e->kv, b);
+    free(lg);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_chunked_prefill, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_all_rows, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_bad_input, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_cache_full, setup_small, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
