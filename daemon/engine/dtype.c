@@ -59,30 +59,33 @@ __attribute__((constructor)) static void fp8_table_init(void)
 
 uint8_t dsv32_f32_to_fp8(float x)
 {
-    if (isnan(x))
-        return 0x7f;
-    uint8_t sign = signbit(x) ? 0x80 : 0;
-    float a = fabsf(x);
-    if (a > DSV32_FP8_MAX)
-        a = DSV32_FP8_MAX;
-    if (a < 0x1p-6f) {
-        /* Subnormal range: steps of 2^-9; rintf rounds half to even. 8 * 2^-9 is the smallest
-         * normal, whose encoding (exponent 1, mantissa 0) is 8 as well. */
-        int m = (int)rintf(a * 512.0f);
-        return sign | (uint8_t)m;
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    uint8_t sign = (uint8_t)((u >> 24) & 0x80);
+    u &= 0x7fffffffu;
+    if (u > 0x7f800000u)
+        return 0x7f; /* NaN */
+    if (u >= 0x43e00000u) /* >= 448: clamp (the reference clamps before the cast) */
+        return sign | 0x7e;
+    if (u < 0x3c800000u) {
+        /* below 2^-6, the subnormal range: steps of 2^-9. a * 512 is exact; rintf rounds half to
+         * even. 8 * 2^-9 is the smallest normal, whose code is 8 as well. */
+        float a;
+        memcpy(&a, &u, 4);
+        return sign | (uint8_t)(int)rintf(a * 512.0f);
     }
-    int e;
-    frexpf(a, &e); /* a = f * 2^e, f in [0.5, 1): a in [2^(e-1), 2^e) */
-    int E = e - 1; /* a = 1.m * 2^E */
-    float step = ldexpf(1.0f, E - 3);
-    float q = rintf(a / step); /* 8..16 */
-    int man = (int)q - 8;
-    if (man == 8) { /* rounded up into the next binade */
-        man = 0;
-        E += 1;
+    /* normal: keep 3 of the 23 mantissa bits, rounding to nearest even */
+    int e = (int)(u >> 23) - 127 + 7;
+    uint32_t man = u & 0x7fffffu, keep = man >> 20, rest = man & 0xfffffu;
+    if (rest > 0x80000u || (rest == 0x80000u && (keep & 1)))
+        keep++;
+    if (keep == 8) {
+        keep = 0;
+        e++;
     }
-    return sign | (uint8_t)(((E + 7) << 3) | man);
+    return sign | (uint8_t)((e << 3) | (int)keep);
 }
+
 
 _Thread_local struct dsv32_fp8_probe *dsv32_fp8_probe_cur;
 
@@ -140,8 +143,10 @@ float dsv32_fp8_quant_block_at(uint8_t *q, const float *x, int n, int ue8m0, int
 {
     struct dsv32_fp8_probe *p = dsv32_fp8_probe_cur;
     float amax = 0.0f;
-    for (int i = 0; i < n; i++)
-        amax = fmaxf(amax, fabsf(x[i]));
+    for (int i = 0; i < n; i++) {
+        float a = fabsf(x[i]);
+        amax = a > amax ? a : amax;
+    }
     float s = dsv32_fp8_block_scale(amax, ue8m0);
     if (!q)
         return s;

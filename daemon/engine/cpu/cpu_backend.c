@@ -151,6 +151,13 @@ static void gemm_xwt(float *y, int ldy, const float *x, int ldx, int rows, const
 {
     if (rows == 0 || out == 0)
         return;
+    if (rows <= 4) {
+        /* GEMVs: a GEMM with so few rows spends its time packing the weight */
+        for (int r = 0; r < rows; r++)
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, w, in, x + (size_t)r * ldx, 1,
+                        0.0f, y + (size_t)r * ldy, 1);
+        return;
+    }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, out, in, 1.0f, x, ldx, w, in, 0.0f,
                 y, ldy);
 }
@@ -369,24 +376,34 @@ static int cmp_i32(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+#define INDEXER_ROW_TILE 32
+
 static int cpu_indexer(struct dsv32_backend *be, int32_t *sel, const uint8_t *q,
                        const float *q_scale, const float *w_raw, const struct dsv32_kv_layer *kv,
                        const struct dsv32_step_meta *m, int topk)
 {
     const int IH = be->cfg->index_n_heads;
     const float wscale = (float)pow((double)IH, -0.5), softmax_scale = (float)pow(128.0, -0.5);
-    float *qf = scratch(0, (size_t)IH * 128);
-    float *kf = scratch(1, (size_t)m->max_ctx * 128);
-    float *logits = scratch(2, (size_t)m->max_ctx * IH);
+    const int TR = INDEXER_ROW_TILE;
+    float *qf = scratch(0, (size_t)TR * IH * 128);
+    float *kf = scratch(1, (size_t)m->max_ctx * 129); /* keys, then their scales */
+    float *logits = scratch(2, (size_t)TR * IH * m->max_ctx);
     struct scored *sc = (struct scored *)scratch(3, (size_t)m->max_ctx * 2);
     if (!qf || !kf || !logits || !sc)
         return -ENOMEM;
-    for (int r = 0; r < m->n_rows; r++) {
-        const int n = m->h_row_pos[r] + 1, seq = m->h_row_seq[r];
-        for (int i = 0; i < IH * 128; i++)
-            qf[i] = dsv32_fp8_to_f32(q[(size_t)r * IH * 128 + i]);
-        float *kscale = (float *)sc; /* reuse: scales first, scores after */
-        for (int j = 0; j < n; j++) {
+    if (IH > 1024)
+        return DSV32_ECONFIG;
+    float *kscale = kf + (size_t)m->max_ctx * 128;
+    for (int r0 = 0; r0 < m->n_rows;) {
+        /* rows [r0, r1): one sequence, at most TR rows; its keys decoded once */
+        const int seq = m->h_row_seq[r0];
+        int r1 = r0, n_ctx = 0;
+        while (r1 < m->n_rows && r1 - r0 < TR && m->h_row_seq[r1] == seq) {
+            if (m->h_row_pos[r1] + 1 > n_ctx)
+                n_ctx = m->h_row_pos[r1] + 1;
+            r1++;
+        }
+        for (int j = 0; j < n_ctx; j++) {
             int64_t slot = slot_of(m, seq, j);
             const uint8_t *blk = kv->idx + (size_t)(slot / DSV32_KV_BLOCK_TOKENS) * be->geom.idx_block_bytes;
             int off = (int)(slot % DSV32_KV_BLOCK_TOKENS);
@@ -394,41 +411,43 @@ static int cpu_indexer(struct dsv32_backend *be, int32_t *sel, const uint8_t *q,
                 kf[(size_t)j * 128 + d] = dsv32_fp8_to_f32(blk[off * 128 + d]);
             memcpy(&kscale[j], blk + DSV32_KV_BLOCK_TOKENS * 128 + off * 4, 4);
         }
-        /* logits[j, h] = k_j . q_h */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, IH, 128, 1.0f, kf, 128, qf, 128,
-                    0.0f, logits, IH);
-        float w[1024];
-        if (IH > 1024)
-            return DSV32_ECONFIG;
-        /* the reference: weights_proj(x) * IH^-0.5, then * q_scale * head_dim^-0.5 */
-        for (int h = 0; h < IH; h++)
-            w[h] = w_raw[(size_t)r * IH + h] * wscale * q_scale[(size_t)r * IH + h] * softmax_scale;
-        float *score = logits; /* written in place, row j read before score[j] is stored */
-        for (int j = 0; j < n; j++) {
-            float s = 0.0f;
-            for (int h = 0; h < IH; h++) {
-                float l = logits[(size_t)j * IH + h];
-                s += (l > 0.0f ? l : 0.0f) * w[h];
+        const int nr = r1 - r0;
+        for (int i = 0; i < nr * IH * 128; i++)
+            qf[i] = dsv32_fp8_to_f32(q[(size_t)r0 * IH * 128 + i]);
+        /* logits[(t, h), j] = q_{t,h} . k_j */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nr * IH, n_ctx, 128, 1.0f, qf, 128,
+                    kf, 128, 0.0f, logits, n_ctx);
+        for (int t = 0; t < nr; t++) {
+            const int r = r0 + t, n = m->h_row_pos[r] + 1;
+            /* the reference: weights_proj(x) * IH^-0.5, then * q_scale * head_dim^-0.5 */
+            float w[1024];
+            for (int h = 0; h < IH; h++)
+                w[h] = w_raw[(size_t)r * IH + h] * wscale * q_scale[(size_t)r * IH + h] * softmax_scale;
+            int32_t *out = sel + (size_t)r * topk;
+            int k = n < topk ? n : topk;
+            if (n <= topk) {
+                for (int j = 0; j < n; j++)
+                    out[j] = j;
+            } else {
+                const float *lt = logits + (size_t)t * IH * n_ctx;
+                for (int j = 0; j < n; j++) {
+                    float s = 0.0f;
+                    for (int h = 0; h < IH; h++) {
+                        float l = lt[(size_t)h * n_ctx + j];
+                        s += (l > 0.0f ? l : 0.0f) * w[h];
+                    }
+                    sc[j].s = s * kscale[j];
+                    sc[j].pos = j;
+                }
+                select_top(sc, n, k);
+                for (int j = 0; j < k; j++)
+                    out[j] = sc[j].pos;
+                qsort(out, (size_t)k, sizeof(int32_t), cmp_i32);
             }
-            score[j] = s * kscale[j];
+            for (int j = k; j < topk; j++)
+                out[j] = -1;
         }
-        int32_t *out = sel + (size_t)r * topk;
-        int k = n < topk ? n : topk;
-        if (n <= topk) {
-            for (int j = 0; j < n; j++)
-                out[j] = j;
-        } else {
-            for (int j = 0; j < n; j++) {
-                sc[j].s = score[j];
-                sc[j].pos = j;
-            }
-            select_top(sc, n, k);
-            for (int j = 0; j < k; j++)
-                out[j] = sc[j].pos;
-            qsort(out, (size_t)k, sizeof(int32_t), cmp_i32);
-        }
-        for (int j = k; j < topk; j++)
-            out[j] = -1;
+        r0 = r1;
     }
     return 0;
 }
