@@ -1,0 +1,70 @@
+/* Token sampling with the controls serving users expect (vLLM / OpenAI semantics): temperature,
+ * top-k, top-p, min-p, presence / frequency / repetition penalties, a per-request seed (same seed,
+ * same output), and log-probabilities of the top N tokens, for generated tokens and for prompt
+ * tokens (prompt_logprobs). Logprobs are those of the model's raw distribution (log-softmax of the
+ * logits before penalties and temperature), as vLLM reports by default. */
+#ifndef DSV32_SAMPLING_H
+#define DSV32_SAMPLING_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define DSV32_MAX_LOGPROBS 20
+
+struct dsv32_sampling_params {
+    float temperature;        /* 0: greedy */
+    float top_p;              /* (0, 1]; 1: off */
+    int top_k;                /* 0: off */
+    float min_p;              /* [0, 1); 0: off */
+    float presence_penalty;   /* [-2, 2] */
+    float frequency_penalty;  /* [-2, 2] */
+    float repetition_penalty; /* (0, 2]; 1: off */
+    uint64_t seed;
+    int has_seed;
+    int n_logprobs;           /* top-N logprobs per generated token, 0..20; -1: none */
+    int n_prompt_logprobs;    /* top-N per prompt token, 0..20; -1: none */
+};
+
+/* Defaults: temperature 1, top_p 1, top_k 0, min_p 0, no penalties, no seed, no logprobs. */
+void dsv32_sampling_defaults(struct dsv32_sampling_params *p);
+/* 0, or -EINVAL with a message saying which parameter is out of range. */
+int dsv32_sampling_validate(const struct dsv32_sampling_params *p, char *err, size_t err_len);
+
+struct dsv32_token_logprob {
+    int32_t token;
+    float logprob;
+};
+
+struct dsv32_logprobs {
+    struct dsv32_token_logprob chosen;                   /* the sampled (or given) token */
+    int n_top;
+    struct dsv32_token_logprob top[DSV32_MAX_LOGPROBS];  /* descending */
+};
+
+/* Per-sequence sampling state: the RNG and the token counts the penalties need. */
+struct dsv32_sampler {
+    struct dsv32_sampling_params p;
+    int vocab;
+    uint64_t rng[4];
+    uint32_t *out_count;   /* (vocab) occurrences in the generated tokens */
+    uint8_t *in_prompt;    /* (vocab) 1 if in the prompt (repetition penalty) */
+    float *work;           /* (2 * vocab) scratch */
+    int32_t *idx;          /* (vocab) scratch */
+};
+
+int dsv32_sampler_init(struct dsv32_sampler *s, const struct dsv32_sampling_params *p, int vocab,
+                       const int32_t *prompt, int n_prompt);
+void dsv32_sampler_done(struct dsv32_sampler *s);
+/* Records a generated token (for the penalties); dsv32_sample does it for the tokens it returns. */
+void dsv32_sampler_accept(struct dsv32_sampler *s, int32_t token);
+
+/* Samples the next token from raw logits (not modified). Fills lp when the request wants
+ * logprobs (lp may be NULL). */
+int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_logprobs *lp);
+
+/* Logprob of `token` and the top n under log-softmax(logits): for prompt_logprobs. work holds
+ * vocab floats. */
+void dsv32_logprobs_of(const float *logits, int vocab, int32_t token, int n_top,
+                       struct dsv32_logprobs *out);
+
+#endif

@@ -1,0 +1,173 @@
+/* Unit tests of sampling: greedy, seeds, the empirical distribution at temperature 1, top-k, top-p,
+ * min-p, penalties, logprobs and parameter validation. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <math.h>
+#include <string.h>
+
+#include "sampling.h"
+
+#define V 8
+static const float logits[V] = {1.0f, 2.0f, 0.5f, 3.0f, -1.0f, 2.5f, 0.0f, 1.5f};
+
+static void test_greedy_and_seed(void **state)
+{
+    struct dsv32_sampling_params p;
+    struct dsv32_sampler s;
+    dsv32_sampling_defaults(&p);
+    p.temperature = 0;
+    assert_int_equal(dsv32_sampler_init(&s, &p, V, NULL, 0), 0);
+    assert_int_equal(dsv32_sample(&s, logits, NULL), 3);
+    dsv32_sampler_done(&s);
+    p.temperature = 1.0f;
+    p.seed = 1234;
+    p.has_seed = 1;
+    int32_t a[64], b[64];
+    assert_int_equal(dsv32_sampler_init(&s, &p, V, NULL, 0), 0);
+    for (int i = 0; i < 64; i++)
+        a[i] = dsv32_sample(&s, logits, NULL);
+    dsv32_sampler_done(&s);
+    assert_int_equal(dsv32_sampler_init(&s, &p, V, NULL, 0), 0);
+    for (int i = 0; i < 64; i++)
+        b[i] = dsv32_sample(&s, logits, NULL);
+    dsv32_sampler_done(&s);
+    assert_memory_equal(a, b, sizeof(a));
+    p.seed = 1235;
+    assert_int_equal(dsv32_sampler_init(&s, &p, V, NULL, 0), 0);
+    int differs = 0;
+    for (int i = 0; i < 64; i++)
+        differs |= dsv32_sample(&s, logits, NULL) != a[i];
+    dsv32_sampler_done(&s);
+    assert_true(differs);
+}
+
+static void histogram(struct dsv32_sampling_params *p, int n, double *freq)
+{
+    struct dsv32_sampler s;
+    p->has_seed = 1;
+    p->seed = 99;
+    assert_int_equal(dsv32_sampler_init(&s, p, V, NULL, 0), 0);
+    memset(freq, 0, sizeof(double) * V);
+    for (int i = 0; i < n; i++) {
+        freq[dsv32_sample(&s, logits, NULL)] += 1.0 / n;
+        memset(s.out_count, 0, sizeof(uint32_t) * V); /* no penalties here anyway */
+    }
+    dsv32_sampler_done(&s);
+}
+
+static void test_distribution(void **state)
+{
+    struct dsv32_sampling_params p;
+    dsv32_sampling_defaults(&p);
+    double f[V], z = 0;
+    for (int v = 0; v < V; v++)
+        z += exp(logits[v] / 0.7);
+    p.temperature = 0.7f;
+    histogram(&p, 200000, f);
+    for (int v = 0; v < V; v++)
+        assert_true(fabs(f[v] - exp(logits[v] / 0.7) / z) < 0.005);
+    /* top-k 2: only tokens 3 and 5, in the ratio e^(3-2.5) */
+    dsv32_sampling_defaults(&p);
+    p.top_k = 2;
+    histogram(&p, 100000, f);
+    assert_true(fabs(f[3] - 1 / (1 + exp(-0.5))) < 0.01);
+    assert_true(f[3] + f[5] > 0.999999);
+    /* top-p 0.5: the smallest set holding half the mass is {3, 5} (0.35 + 0.21 = 0.56) */
+    dsv32_sampling_defaults(&p);
+    p.top_p = 0.5f;
+    histogram(&p, 50000, f);
+    assert_true(f[3] + f[5] > 0.999999 && f[5] > 0.3);
+    /* min-p 0.5: tokens with p >= p_max / 2: 3 (e^0) and 5 (e^-0.5 = 0.61) */
+    dsv32_sampling_defaults(&p);
+    p.min_p = 0.5f;
+    histogram(&p, 50000, f);
+    assert_true(f[3] + f[5] > 0.999999);
+}
+
+static void test_penalties(void **state)
+{
+    struct dsv32_sampling_params p;
+    struct dsv32_sampler s;
+    dsv32_sampling_defaults(&p);
+    p.temperature = 0;
+    p.frequency_penalty = 1.0f;
+    assert_int_equal(dsv32_sampler_init(&s, &p, V, NULL, 0), 0);
+    assert_int_equal(dsv32_sample(&s, logits, NULL), 3);   /* 3.0 */
+    assert_int_equal(dsv32_sample(&s, logits, NULL), 5);   /* 3 is now 2.0, 5 is 2.5 */
+    assert_int_equal(dsv32_sample(&s, logits, NULL), 1);   /* 3: 2.0, 1: 2.0: ties go to the lower id */
+    dsv32_sampler_done(&s);
+    /* repetition penalty 2 on prompt tokens {3, 5}: 3 -> 1.5, 5 -> 1.25; 1 (2.0) wins */
+    p.frequency_penalty = 0;
+    p.repetition_penalty = 2.0f;
+    int32_t prompt[2] = {3, 5};
+    assert_int_equal(dsv32_sampler_init(&s, &p, V, prompt, 2), 0);
+    assert_int_equal(dsv32_sample(&s, logits, NULL), 1);
+    dsv32_sampler_done(&s);
+}
+
+static void test_logprobs(void **state)
+{
+    struct dsv32_logprobs lp;
+    dsv32_logprobs_of(logits, V, 2, 3, &lp);
+    double z = 0;
+    for (int v = 0; v < V; v++)
+        z += exp(logits[v]);
+    assert_float_equal(lp.chosen.logprob, 0.5 - log(z), 1e-5);
+    assert_int_equal(lp.n_top, 3);
+    assert_int_equal(lp.top[0].token, 3);
+    assert_int_equal(lp.top[1].token, 5);
+    assert_int_equal(lp.top[2].token, 1);
+    assert_float_equal(lp.top[0].logprob, 3.0 - log(z), 1e-5);
+    struct dsv32_sampling_params p;
+    struct dsv32_sampler s;
+    dsv32_sampling_defaults(&p);
+    p.temperature = 0;
+    p.n_logprobs = 2;
+    p.repetition_penalty = 2.0f;
+    int32_t prompt[1] = {3};
+    assert_int_equal(dsv32_sampler_init(&s, &p, V, prompt, 1), 0);
+    int32_t t = dsv32_sample(&s, logits, &lp);
+    assert_int_equal(t, 5);
+    assert_int_equal(lp.chosen.token, 5);
+    assert_float_equal(lp.chosen.logprob, 2.5 - log(z), 1e-5); /* raw distribution */
+    assert_int_equal(lp.n_top, 2);
+    dsv32_sampler_done(&s);
+}
+
+static void test_validate(void **state)
+{
+    struct dsv32_sampling_params p;
+    char err[128];
+    dsv32_sampling_defaults(&p);
+    assert_int_equal(dsv32_sampling_validate(&p, err, sizeof(err)), 0);
+    p.temperature = -0.5f;
+    assert_int_equal(dsv32_sampling_validate(&p, err, sizeof(err)), -EINVAL);
+    assert_non_null(strstr(err, "temperature"));
+    dsv32_sampling_defaults(&p);
+    p.top_p = 0.0f;
+    assert_int_equal(dsv32_sampling_validate(&p, err, sizeof(err)), -EINVAL);
+    assert_non_null(strstr(err, "top_p"));
+    p.top_p = 1.5f;
+    assert_int_equal(dsv32_sampling_validate(&p, err, sizeof(err)), -EINVAL);
+    dsv32_sampling_defaults(&p);
+    p.n_logprobs = 21;
+    assert_int_equal(dsv32_sampling_validate(&p, err, sizeof(err)), -EINVAL);
+    dsv32_sampling_defaults(&p);
+    p.top_p = NAN;
+    assert_int_equal(dsv32_sampling_validate(&p, err, sizeof(err)), -EINVAL);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_greedy_and_seed), cmocka_unit_test(test_distribution),
+        cmocka_unit_test(test_penalties),       cmocka_unit_test(test_logprobs),
+        cmocka_unit_test(test_validate),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
