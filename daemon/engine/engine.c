@@ -204,7 +204,7 @@ int dsv32_engine_new(struct dsv32_model *m, const struct dsv32_engine_opts *opts
     e->h_slot = malloc(T * sizeof(int64_t));
     e->h_x = malloc(T * D * F);
     e->h_wts = malloc(T * K * F);
-    e->h_old_len = malloc(sizeof(int32_t) * (size_t)max_seqs);
+    e->h_old_len = malloc(sizeof(int32_t) * 2 * (size_t)max_seqs);
     e->h_mha = malloc(T);
     if (!e->h_old_len || !e->h_mha ||!e->h_tokens || !e->h_pos || !e->h_seq || !e->h_blocks || !e->h_logit_rows || !e->h_sel ||
         !e->h_ids || !e->h_slot || !e->h_x || !e->h_wts) {
@@ -356,17 +356,18 @@ int dsv32_engine_step(struct dsv32_engine *e, const struct dsv32_seq_input *in, 
         return -EINVAL;
 
     /* Reserve cache room for every sequence, all or nothing. */
-    int32_t *old_len = e->h_old_len;
+    int32_t *old_len = e->h_old_len, *old_blocks = e->h_old_len + kv->max_seqs;
     int r = 0, reserved = 0;
     for (int i = 0; i < n_in; i++) {
         old_len[i] = kv->seq_tokens[in[i].seq];
+        old_blocks[i] = kv->seq_blocks[in[i].seq];
         if ((r = dsv32_kv_seq_reserve(kv, in[i].seq, old_len[i] + in[i].n_tokens)) < 0)
             break;
         reserved++;
     }
     if (r < 0) {
         for (int i = 0; i < reserved; i++)
-            dsv32_kv_seq_truncate(kv, in[i].seq, old_len[i]);
+            dsv32_kv_seq_rollback(kv, in[i].seq, old_len[i], old_blocks[i]);
         return r;
     }
 
@@ -431,6 +432,6 @@ int dsv32_engine_step(struct dsv32_engine *e, const struct dsv32_seq_input *in, 
     return 0;
 fail:
     for (int i = 0; i < n_in; i++)
-        dsv32_kv_seq_truncate(kv, in[i].seq, old_len[i]);
+        dsv32_kv_seq_rollback(kv, in[i].seq, old_len[i], old_blocks[i]);
     return r;
 }

@@ -112,6 +112,19 @@ int dsv32_kv_seq_reserve(struct dsv32_kvcache *kv, int seq, int n_tokens)
     return 0;
 }
 
+void dsv32_kv_seq_rollback(struct dsv32_kvcache *kv, int seq, int n_tokens, int keep_blocks)
+{
+    if (seq < 0 || seq >= kv->max_seqs || !kv->seq_used[seq])
+        return;
+    int32_t *bt = kv->block_table + (size_t)seq * kv->max_blocks_per_seq;
+    while (kv->seq_blocks[seq] > keep_blocks) {
+        int b = bt[--kv->seq_blocks[seq]];
+        bt[kv->seq_blocks[seq]] = -1;
+        kv->free_blocks[kv->n_free++] = b;
+    }
+    kv->seq_tokens[seq] = n_tokens;
+}
+
 void dsv32_kv_seq_truncate(struct dsv32_kvcache *kv, int seq, int n_tokens)
 {
     if (seq < 0 || seq >= kv->max_seqs || !kv->seq_used[seq])

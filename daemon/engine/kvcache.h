@@ -41,6 +41,9 @@ int dsv32_kv_seq_new(struct dsv32_kvcache *kv);
 int dsv32_kv_seq_reserve(struct dsv32_kvcache *kv, int seq, int n_tokens);
 /* Returns every block of the sequence and its slot. Accepts a free slot id. */
 void dsv32_kv_seq_free(struct dsv32_kvcache *kv, int seq);
+/* Gives back the blocks past the first keep_blocks (undoing a reservation) and sets the length
+ * to n_tokens; blocks reserved earlier stay. */
+void dsv32_kv_seq_rollback(struct dsv32_kvcache *kv, int seq, int n_tokens, int keep_blocks);
 /* Forgets tokens past n_tokens (blocks no longer needed go back to the pool). */
 void dsv32_kv_seq_truncate(struct dsv32_kvcache *kv, int seq, int n_tokens);
 static inline int dsv32_kv_seq_len(const struct dsv32_kvcache *kv, int seq)

@@ -119,6 +119,20 @@ void dsv32_sampler_accept(struct dsv32_sampler *s, int32_t token)
         s->out_count[token]++;
 }
 
+static int sampler_draws(const struct dsv32_sampling_params *p)
+{
+    return !(p->temperature == 0.0f || p->top_k == 1);
+}
+
+void dsv32_sampler_resume(struct dsv32_sampler *s, const int32_t *tokens, int n)
+{
+    for (int i = 0; i < n; i++) {
+        dsv32_sampler_accept(s, tokens[i]);
+        if (sampler_draws(&s->p))
+            (void)rng_next(s->rng);
+    }
+}
+
 /* Keeps the top `n` entries (by value, then lower index) in a descending array of size <= cap. */
 static void top_insert(struct dsv32_token_logprob *top, int *n, int cap, int32_t tok, float v)
 {
@@ -214,7 +228,7 @@ int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_
         }
 
     int32_t tok;
-    if (p->temperature == 0.0f || p->top_k == 1) {
+    if (!sampler_draws(p)) {
         tok = 0;
         for (int v = 1; v < V; v++)
             if (w[v] > w[tok])

@@ -58,6 +58,10 @@ void dsv32_sampler_done(struct dsv32_sampler *s);
 /* Records a generated token (for the penalties); dsv32_sample does it for the tokens it returns. */
 void dsv32_sampler_accept(struct dsv32_sampler *s, int32_t token);
 
+/* Replays tokens generated earlier (failover): counts them for the penalties and advances the
+ * random stream by the draws their sampling took, so the continuation equals an unbroken run. */
+void dsv32_sampler_resume(struct dsv32_sampler *s, const int32_t *tokens, int n);
+
 /* Samples the next token from raw logits (not modified). Fills lp when the request wants
  * logprobs (lp may be NULL). */
 int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_logprobs *lp);
