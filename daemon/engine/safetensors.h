@@ -61,5 +61,12 @@ struct dsv32_st_entry {
     const void *data;
 };
 int dsv32_st_write(const char *path, const struct dsv32_st_entry *entries, int n);
+/* Streaming variant for tensors too large to hold at once: entries' data is NULL and fill(ctx, i,
+ * buf, bytes) produces tensor i's bytes into buf, in pieces of at most `chunk` bytes, in order
+ * (offset tells where the piece starts). */
+int dsv32_st_write_stream(const char *path, const struct dsv32_st_entry *entries, int n,
+                          size_t chunk,
+                          int (*fill)(void *ctx, int i, size_t offset, void *buf, size_t bytes),
+                          void *ctx);
 
 #endif
