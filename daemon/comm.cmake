@@ -8,3 +8,8 @@ if(DSV32_HAVE_CUDA AND NCCL_LIBRARY AND NCCL_INCLUDE_DIR)
     target_include_directories(dsv32_comm PRIVATE ${NCCL_INCLUDE_DIR})
     target_link_libraries(dsv32_comm PUBLIC CUDA::cudart ${NCCL_LIBRARY})
 endif()
+
+# ep: expert parallelism (placement, dispatch/combine, the shard's step loop) over comm.
+add_library(dsv32_ep STATIC ${CMAKE_CURRENT_LIST_DIR}/ep.c)
+target_link_libraries(dsv32_ep PUBLIC dsv32_comm dsv32_engine)
+dsv32_target_warnings(dsv32_ep)

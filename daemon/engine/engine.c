@@ -68,6 +68,19 @@ static void for_each_weight(struct dsv32_model *m,
     }
 }
 
+int dsv32_model_prepare(struct dsv32_model *m, struct dsv32_backend *be)
+{
+    int r = 0;
+    for_each_weight(m, be->ops->prepare_weight, NULL, be, &r);
+    return r;
+}
+
+void dsv32_model_release(struct dsv32_model *m, struct dsv32_backend *be)
+{
+    int dummy = 0;
+    for_each_weight(m, NULL, be->ops->release_weight, be, &dummy);
+}
+
 void dsv32_engine_free(struct dsv32_engine *e)
 {
     if (!e)

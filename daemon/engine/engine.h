@@ -70,6 +70,11 @@ int dsv32_engine_new(struct dsv32_model *m, const struct dsv32_engine_opts *opts
                      struct dsv32_engine **ret);
 void dsv32_engine_free(struct dsv32_engine *e);
 
+/* Prepares every loaded weight of m on be (what dsv32_engine_new does); an expert shard, which
+ * runs no forward, uses this directly. release undoes it. */
+int dsv32_model_prepare(struct dsv32_model *m, struct dsv32_backend *be);
+void dsv32_model_release(struct dsv32_model *m, struct dsv32_backend *be);
+
 /* One forward step. logits (host) receives, for each input in order, the rows it asked for:
  * (sum of rows, vocab). On error nothing is appended to any sequence. */
 int dsv32_engine_step(struct dsv32_engine *e, const struct dsv32_seq_input *in, int n_in,

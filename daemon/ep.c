@@ -1,0 +1,731 @@
+/* Expert parallelism: placement, the attention-side dispatch/combine hook and the shard-side
+ * step loop; see ep.h.
+ *
+ * Wire format (little-endian, host memory on tcp):
+ *   dispatch = struct ep_hdr, rows x dim activations (f32 or bf16), rows x k (expert, weight)
+ *              pairs (int32, f32; expert -1 where the pair goes to another shard)
+ *   combine  = struct ep_hdr, rows x dim weighted partial sums (f32 or bf16) */
+#include "ep.h"
+
+#include "dtype.h"
+#include "error.h"
+#include "log.h"
+#include "safetensors.h" /* dsv32_load_fail */
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define EP_DISPATCH 0x44504531u /* "1EPD" */
+#define EP_COMBINE 0x43504531u
+#define EP_ACTIVE 1u
+
+struct ep_hdr {
+    uint32_t magic, layer, rows, k, dim, wire, flags, pad;
+};
+
+/* ---- placement ---- */
+
+void dsv32_placement_done(struct dsv32_placement *p)
+{
+    if (!p)
+        return;
+    free(p->owner);
+    memset(p, 0, sizeof(*p));
+}
+
+int dsv32_placement_has(const struct dsv32_placement *p, int shard, int layer, int expert)
+{
+    const int16_t *o = dsv32_placement_owners(p, layer, expert);
+    for (int r = 0; r < p->max_replicas; r++)
+        if (o[r] == shard)
+            return 1;
+    return 0;
+}
+
+int dsv32_placement_build(const struct dsv32_config *cfg, int n_shards, int redundant,
+                          const double *load, struct dsv32_placement *ret)
+{
+    const int L = cfg->num_hidden_layers, E = cfg->n_routed_experts;
+    if (n_shards < 1 || n_shards > 32767 || redundant < 0 || redundant > E)
+        return -EINVAL;
+    struct dsv32_placement p = {.n_layers = L, .n_experts = E, .n_shards = n_shards,
+                                .max_replicas = redundant > 0 && n_shards > 1 ? 2 : 1};
+    p.owner = malloc(sizeof(int16_t) * (size_t)L * (size_t)(E ? E : 1) * p.max_replicas);
+    double *sl = calloc((size_t)n_shards, sizeof(double));
+    int *order = malloc(sizeof(int) * (size_t)(E ? E : 1));
+    if (!p.owner || !sl || !order) {
+        free(p.owner);
+        free(sl);
+        free(order);
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < (size_t)L * E * p.max_replicas; i++)
+        p.owner[i] = -1;
+    for (int l = 0; l < L; l++) {
+        if (!dsv32_config_is_moe_layer(cfg, l))
+            continue;
+        const double *ld = load ? load + (size_t)l * E : NULL;
+        /* busiest first, each to the least loaded shard (count breaks ties, then the lower id) */
+        for (int e = 0; e < E; e++)
+            order[e] = e;
+        for (int i = 1; i < E; i++)
+            for (int j = i; j > 0; j--) {
+                double a = ld ? ld[order[j]] : 0, b = ld ? ld[order[j - 1]] : 0;
+                if (a > b) {
+                    int t = order[j];
+                    order[j] = order[j - 1];
+                    order[j - 1] = t;
+                } else {
+                    break;
+                }
+            }
+        int *count = calloc((size_t)n_shards, sizeof(int));
+        if (!count) {
+            free(p.owner);
+            free(sl);
+            free(order);
+            return -ENOMEM;
+        }
+        /* every shard holds ceil(E / n_shards) experts at most (memory stays balanced); among
+         * those with room, the one with the least load so far takes the next busiest expert */
+        const int cap = (E + n_shards - 1) / n_shards;
+        memset(sl, 0, sizeof(double) * (size_t)n_shards);
+        for (int i = 0; i < E; i++) {
+            int e = order[i], best = -1;
+            double w = ld ? ld[e] : 1.0;
+            for (int s = 0; s < n_shards; s++)
+                if (count[s] < cap && (best < 0 || sl[s] < sl[best]))
+                    best = s;
+            p.owner[((size_t)l * E + e) * p.max_replicas] = (int16_t)best;
+            sl[best] += w;
+            count[best]++;
+        }
+        /* redundant copies of the `redundant` busiest experts on the least loaded other shard;
+         * each copy then takes about half of the expert's rows */
+        for (int i = 0; i < redundant && p.max_replicas > 1; i++) {
+            int e = order[i], home = p.owner[((size_t)l * E + e) * p.max_replicas];
+            int best = -1;
+            for (int s = 0; s < n_shards; s++)
+                if (s != home && (best < 0 || sl[s] < sl[best]))
+                    best = s;
+            double w = ld ? ld[e] : 1.0;
+            p.owner[((size_t)l * E + e) * p.max_replicas + 1] = (int16_t)best;
+            sl[home] -= w / 2;
+            sl[best] += w / 2;
+        }
+        free(count);
+    }
+    free(sl);
+    free(order);
+    *ret = p;
+    return 0;
+}
+
+char *dsv32_placement_to_json(const struct dsv32_placement *p)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "layers", p->n_layers);
+    cJSON_AddNumberToObject(o, "experts", p->n_experts);
+    cJSON_AddNumberToObject(o, "shards", p->n_shards);
+    cJSON_AddNumberToObject(o, "replicas", p->max_replicas);
+    cJSON *own = cJSON_AddArrayToObject(o, "owner");
+    for (int l = 0; l < p->n_layers; l++) {
+        cJSON *la = cJSON_CreateArray();
+        for (int e = 0; e < p->n_experts; e++) {
+            cJSON *ea = cJSON_CreateArray();
+            const int16_t *ow = dsv32_placement_owners(p, l, e);
+            for (int r = 0; r < p->max_replicas; r++)
+                if (ow[r] >= 0)
+                    cJSON_AddItemToArray(ea, cJSON_CreateNumber(ow[r]));
+            cJSON_AddItemToArray(la, ea);
+        }
+        cJSON_AddItemToArray(own, la);
+    }
+    char *s = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    return s;
+}
+
+int dsv32_placement_from_json(const char *json, struct dsv32_placement *ret)
+{
+    cJSON *o = cJSON_Parse(json);
+    struct dsv32_placement p = {0};
+    int r = DSV32_EFORMAT;
+    const cJSON *L = cJSON_GetObjectItem(o, "layers"), *E = cJSON_GetObjectItem(o, "experts"),
+                *S = cJSON_GetObjectItem(o, "shards"), *R = cJSON_GetObjectItem(o, "replicas"),
+                *own = cJSON_GetObjectItem(o, "owner");
+    if (!cJSON_IsNumber(L) || !cJSON_IsNumber(E) || !cJSON_IsNumber(S) || !cJSON_IsNumber(R) ||
+        !cJSON_IsArray(own) || L->valueint < 0 || L->valueint > 4096 || E->valueint < 0 ||
+        E->valueint > 65536 || S->valueint < 1 || S->valueint > 32767 || R->valueint < 1 ||
+        R->valueint > 8 || cJSON_GetArraySize(own) != L->valueint)
+        goto out;
+    p = (struct dsv32_placement){.n_layers = L->valueint, .n_experts = E->valueint,
+                                 .n_shards = S->valueint, .max_replicas = R->valueint};
+    p.owner = malloc(sizeof(int16_t) * (size_t)p.n_layers * (size_t)(p.n_experts ? p.n_experts : 1) *
+                     p.max_replicas);
+    if (!p.owner) {
+        r = -ENOMEM;
+        goto out;
+    }
+    for (size_t i = 0; i < (size_t)p.n_layers * p.n_experts * p.max_replicas; i++)
+        p.owner[i] = -1;
+    for (int l = 0; l < p.n_layers; l++) {
+        const cJSON *la = cJSON_GetArrayItem(own, l);
+        if (!cJSON_IsArray(la) || cJSON_GetArraySize(la) != p.n_experts)
+            goto out;
+        for (int e = 0; e < p.n_experts; e++) {
+            const cJSON *ea = cJSON_GetArrayItem(la, e);
+            if (!cJSON_IsArray(ea) || cJSON_GetArraySize(ea) > p.max_replicas)
+                goto out;
+            for (int k = 0; k < cJSON_GetArraySize(ea); k++) {
+                const cJSON *v = cJSON_GetArrayItem(ea, k);
+                if (!cJSON_IsNumber(v) || v->valueint < 0 || v->valueint >= p.n_shards)
+                    goto out;
+                p.owner[((size_t)l * p.n_experts + e) * p.max_replicas + k] = (int16_t)v->valueint;
+            }
+        }
+    }
+    *ret = p;
+    p.owner = NULL;
+    r = 0;
+out:
+    free(p.owner);
+    cJSON_Delete(o);
+    return r;
+}
+
+/* ---- shared helpers ---- */
+
+struct growbuf {
+    uint8_t *p;
+    size_t cap;
+};
+
+static void *grow(struct growbuf *b, size_t n)
+{
+    if (n > b->cap) {
+        void *np = realloc(b->p, n ? n : 1);
+        if (!np)
+            return NULL;
+        b->p = np;
+        b->cap = n;
+    }
+    return b->p;
+}
+
+static size_t wire_elem(enum dsv32_ep_wire w) { return w == DSV32_EP_WIRE_BF16 ? 2 : 4; }
+
+static void put_rows(void *dst, const float *src, size_t n, enum dsv32_ep_wire w)
+{
+    if (w == DSV32_EP_WIRE_F32) {
+        memcpy(dst, src, n * 4);
+        return;
+    }
+    uint16_t *d = dst;
+    for (size_t i = 0; i < n; i++)
+        d[i] = dsv32_f32_to_bf16(src[i]);
+}
+
+static void get_rows(float *dst, const void *src, size_t n, enum dsv32_ep_wire w, int add)
+{
+    if (w == DSV32_EP_WIRE_F32) {
+        const float *s = src;
+        if (add)
+            for (size_t i = 0; i < n; i++)
+                dst[i] += s[i];
+        else
+            memcpy(dst, s, n * 4);
+        return;
+    }
+    const uint16_t *s = src;
+    for (size_t i = 0; i < n; i++)
+        dst[i] = (add ? dst[i] : 0.0f) + dsv32_bf16_to_f32(s[i]);
+}
+
+static int moe_layers(const struct dsv32_config *cfg, int **ret)
+{
+    int n = 0;
+    int *v = malloc(sizeof(int) * (size_t)cfg->num_hidden_layers);
+    if (!v)
+        return -ENOMEM;
+    for (int l = 0; l < cfg->num_hidden_layers; l++)
+        if (dsv32_config_is_moe_layer(cfg, l))
+            v[n++] = l;
+    *ret = v;
+    return n;
+}
+
+/* ---- attention side ---- */
+
+struct dsv32_ep_client {
+    struct dsv32_comm *comm;
+    int n_attn, n_shards;
+    struct dsv32_placement pl;
+    const struct dsv32_config *cfg;
+    struct dsv32_backend *be;
+    enum dsv32_ep_wire wire;
+    int timeout_ms;
+    int *moe;            /* MoE layer ids in order */
+    int n_moe, pos;      /* position of the next MoE layer in the current step */
+    struct growbuf *out; /* (n_shards) dispatch buffers */
+    struct growbuf rows; /* per shard, the local row of each dispatched row */
+    struct growbuf xh, yh;
+    struct dsv32_ep_stats st;
+};
+
+void dsv32_ep_client_free(struct dsv32_ep_client *c)
+{
+    if (!c)
+        return;
+    for (int s = 0; c->out && s < c->n_shards; s++)
+        free(c->out[s].p);
+    free(c->out);
+    free(c->rows.p);
+    free(c->xh.p);
+    free(c->yh.p);
+    free(c->moe);
+    dsv32_placement_done(&c->pl);
+    free(c);
+}
+
+static int copy_placement(struct dsv32_placement *dst, const struct dsv32_placement *src)
+{
+    size_t n = (size_t)src->n_layers * src->n_experts * src->max_replicas;
+    int16_t *o = malloc(sizeof(int16_t) * (n ? n : 1));
+    if (!o)
+        return -ENOMEM;
+    memcpy(o, src->owner, sizeof(int16_t) * n);
+    dsv32_placement_done(dst);
+    *dst = *src;
+    dst->owner = o;
+    return 0;
+}
+
+int dsv32_ep_client_new(struct dsv32_comm *comm, int n_attn, const struct dsv32_placement *pl,
+                        const struct dsv32_config *cfg, struct dsv32_backend *be,
+                        enum dsv32_ep_wire wire, int timeout_ms, struct dsv32_ep_client **ret)
+{
+    if (n_attn < 1 || comm->world <= n_attn || comm->rank >= n_attn ||
+        pl->n_shards != comm->world - n_attn || pl->n_layers != cfg->num_hidden_layers ||
+        pl->n_experts != cfg->n_routed_experts)
+        return -EINVAL;
+    struct dsv32_ep_client *c = calloc(1, sizeof(*c));
+    if (!c)
+        return -ENOMEM;
+    c->comm = comm;
+    c->n_attn = n_attn;
+    c->n_shards = comm->world - n_attn;
+    c->cfg = cfg;
+    c->be = be;
+    c->wire = wire;
+    c->timeout_ms = timeout_ms;
+    c->out = calloc((size_t)c->n_shards, sizeof(*c->out));
+    int r = moe_layers(cfg, &c->moe);
+    if (!c->out || r < 0 || copy_placement(&c->pl, pl) < 0) {
+        dsv32_ep_client_free(c);
+        return -ENOMEM;
+    }
+    c->n_moe = r;
+    *ret = c;
+    return 0;
+}
+
+int dsv32_ep_client_rebind(struct dsv32_ep_client *c, struct dsv32_comm *comm,
+                           const struct dsv32_placement *pl)
+{
+    if (pl && pl->n_shards != comm->world - c->n_attn)
+        return -EINVAL;
+    if (pl) {
+        int r = copy_placement(&c->pl, pl);
+        if (r < 0)
+            return r;
+    }
+    c->comm = comm;
+    c->n_shards = comm->world - c->n_attn;
+    free(c->out);
+    c->out = calloc((size_t)c->n_shards, sizeof(*c->out));
+    c->pos = 0;
+    return c->out ? 0 : -ENOMEM;
+}
+
+/* One MoE layer: dispatch rows (x host memory, may be rows = 0), combine into y (host). Returns
+ * the group-active flag from the combine, or <0. */
+static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const float *x, int rows,
+                        const int32_t *ids, const float *w, int k, int active)
+{
+    const int A = c->n_attn, S = c->n_shards, W = A + S, D = c->cfg->hidden_size;
+    const size_t es = wire_elem(c->wire);
+    if (c->moe[c->pos] != layer)
+        return DSV32_EFORMAT; /* the engine skipped or reordered a MoE layer */
+    /* rows going to each shard: a row goes to s when one of its experts' chosen replica is s */
+    int32_t *rowmap = grow(&c->rows, sizeof(int32_t) * (size_t)(rows ? rows : 1) * S);
+    if (!rowmap)
+        return -ENOMEM;
+    int cnt[DSV32_COMM_MAX_WORLD] = {0};
+    for (int r = 0; r < rows; r++)
+        for (int s = 0; s < S; s++) {
+            int hit = 0;
+            for (int j = 0; j < k && !hit; j++) {
+                if (ids[r * k + j] < 0)
+                    continue;
+                const int16_t *ow = dsv32_placement_owners(&c->pl, layer, ids[r * k + j]);
+                int n_rep = 0;
+                while (n_rep < c->pl.max_replicas && ow[n_rep] >= 0)
+                    n_rep++;
+                if (n_rep == 0)
+                    return DSV32_ECONFIG; /* an expert nobody holds */
+                hit = ow[(r + j) % n_rep] == s;
+            }
+            if (hit)
+                rowmap[(size_t)s * (rows ? rows : 1) + cnt[s]++] = r;
+        }
+    const void *send[DSV32_COMM_MAX_WORLD] = {0};
+    size_t sb[DSV32_COMM_MAX_WORLD] = {0}, rb[DSV32_COMM_MAX_WORLD];
+    uint8_t from[DSV32_COMM_MAX_WORLD] = {0};
+    void *recv[DSV32_COMM_MAX_WORLD];
+    for (int s = 0; s < S; s++) {
+        const int n = cnt[s];
+        size_t bytes = sizeof(struct ep_hdr) + (size_t)n * D * es + (size_t)n * k * 8;
+        uint8_t *b = grow(&c->out[s], bytes);
+        if (!b)
+            return -ENOMEM;
+        struct ep_hdr h = {EP_DISPATCH, (uint32_t)layer, (uint32_t)n, (uint32_t)k, (uint32_t)D,
+                           (uint32_t)c->wire, active ? EP_ACTIVE : 0, 0};
+        memcpy(b, &h, sizeof(h));
+        uint8_t *xr = b + sizeof(h), *pairs = xr + (size_t)n * D * es;
+        for (int i = 0; i < n; i++) {
+            const int r = rowmap[(size_t)s * (rows ? rows : 1) + i];
+            put_rows(xr + (size_t)i * D * es, x + (size_t)r * D, (size_t)D, c->wire);
+            for (int j = 0; j < k; j++) {
+                int32_t e = ids[r * k + j];
+                float wt = w[r * k + j];
+                if (e >= 0) {
+                    const int16_t *ow = dsv32_placement_owners(&c->pl, layer, e);
+                    int n_rep = 0;
+                    while (n_rep < c->pl.max_replicas && ow[n_rep] >= 0)
+                        n_rep++;
+                    if (ow[(r + j) % n_rep] != s)
+                        e = -1;
+                }
+                memcpy(pairs + ((size_t)i * k + j) * 8, &e, 4);
+                memcpy(pairs + ((size_t)i * k + j) * 8 + 4, &wt, 4);
+            }
+        }
+        send[A + s] = b;
+        sb[A + s] = bytes;
+        c->st.rows_sent += (uint64_t)n;
+    }
+    struct dsv32_comm_xchg x1 = {.send = send, .send_bytes = sb, .recv_from = from, .recv = recv,
+                                 .recv_bytes = rb};
+    int r = dsv32_comm_exchange(c->comm, &x1, c->timeout_ms);
+    if (r < 0)
+        return r;
+    const void *none[DSV32_COMM_MAX_WORLD] = {0};
+    for (int s = 0; s < S; s++)
+        from[A + s] = 1;
+    struct dsv32_comm_xchg x2 = {.send = none, .send_bytes = sb, .recv_from = from, .recv = recv,
+                                 .recv_bytes = rb};
+    if ((r = dsv32_comm_exchange(c->comm, &x2, c->timeout_ms)) < 0)
+        return r;
+    c->st.exchanges += 2;
+    if (rows > 0)
+        memset(y, 0, sizeof(float) * (size_t)rows * D);
+    int group_active = 0;
+    for (int s = 0; s < S; s++) {
+        struct ep_hdr h;
+        if (rb[A + s] < sizeof(h))
+            return DSV32_EFORMAT;
+        memcpy(&h, recv[A + s], sizeof(h));
+        if (h.magic != EP_COMBINE || h.layer != (uint32_t)layer || h.rows != (uint32_t)cnt[s] ||
+            h.dim != (uint32_t)D || rb[A + s] != sizeof(h) + (size_t)cnt[s] * D * es)
+            return DSV32_EFORMAT;
+        group_active |= (h.flags & EP_ACTIVE) != 0;
+        const uint8_t *res = (const uint8_t *)recv[A + s] + sizeof(h);
+        for (int i = 0; i < cnt[s]; i++) {
+            const int row = rowmap[(size_t)s * (rows ? rows : 1) + i];
+            get_rows(y + (size_t)row * D, res + (size_t)i * D * es, (size_t)D, c->wire, 1);
+        }
+    }
+    (void)W;
+    return group_active;
+}
+
+static void advance(struct dsv32_ep_client *c)
+{
+    if (++c->pos == c->n_moe) {
+        c->pos = 0;
+        c->st.steps++;
+    }
+}
+
+int dsv32_ep_moe_routed(void *ctx, int layer, float *y, const float *x, int rows,
+                        const int32_t *ids, const float *w, int k)
+{
+    struct dsv32_ep_client *c = ctx;
+    const int D = c->cfg->hidden_size;
+    const struct dsv32_backend_ops *ops = c->be->ops;
+    int host = strcmp(ops->name, "cpu") == 0;
+    float *xh = (float *)x, *yh = y;
+    if (!host) {
+        xh = grow(&c->xh, sizeof(float) * (size_t)rows * D);
+        yh = grow(&c->yh, sizeof(float) * (size_t)rows * D);
+        if (!xh || !yh)
+            return -ENOMEM;
+        int r = ops->to_host(c->be, xh, x, sizeof(float) * (size_t)rows * D);
+        if (r < 0)
+            return r;
+    }
+    int r = client_layer(c, layer, yh, xh, rows, ids, w, k, 1);
+    if (r < 0)
+        return r;
+    advance(c);
+    if (!host)
+        return ops->to_device(c->be, y, yh, sizeof(float) * (size_t)rows * D);
+    return 0;
+}
+
+int dsv32_ep_client_idle_step(struct dsv32_ep_client *c)
+{
+    if (c->n_moe == 0)
+        return 0;
+    const int k = c->cfg->num_experts_per_tok;
+    for (int i = 0; i < c->n_moe; i++) {
+        int r = client_layer(c, c->moe[i], NULL, NULL, 0, NULL, NULL, k, 0);
+        if (r < 0)
+            return r;
+        if (i == 0 && r == 0) {
+            c->st.idle_steps++;
+            return 0; /* nobody was active: the step ends after its first layer */
+        }
+        advance(c);
+    }
+    return 1;
+}
+
+void dsv32_ep_client_step_failed(struct dsv32_ep_client *c)
+{
+    if (c->pos != 0) {
+        log_warn("EP step abandoned after %d of %d MoE layers: aborting epoch %llu", c->pos,
+                 c->n_moe, (unsigned long long)c->comm->epoch);
+        c->comm->ops->abort(c->comm);
+        c->pos = 0;
+    }
+}
+
+void dsv32_ep_client_get_stats(const struct dsv32_ep_client *c, struct dsv32_ep_stats *out)
+{
+    *out = c->st;
+}
+
+/* ---- shard side ---- */
+
+struct dsv32_ep_server {
+    struct dsv32_comm *comm;
+    int n_attn, shard;
+    const struct dsv32_placement *pl;
+    const struct dsv32_model *model;
+    struct dsv32_backend *be;
+    int timeout_ms;
+    int *moe;
+    int n_moe;
+    struct growbuf x, ids, w, y, out, dx, dy, dids, dw;
+    uint64_t *expert_rows; /* (layers, experts) */
+};
+
+void dsv32_ep_server_free(struct dsv32_ep_server *s)
+{
+    if (!s)
+        return;
+    struct growbuf *b[] = {&s->x, &s->ids, &s->w, &s->y, &s->out};
+    for (size_t i = 0; i < sizeof(b) / sizeof(b[0]); i++)
+        free(b[i]->p);
+    if (s->be) {
+        void *d[] = {s->dx.p, s->dy.p, s->dids.p, s->dw.p};
+        for (int i = 0; i < 4; i++)
+            if (d[i])
+                s->be->ops->dealloc(s->be, d[i]);
+    }
+    free(s->moe);
+    free(s->expert_rows);
+    free(s);
+}
+
+int dsv32_ep_server_new(struct dsv32_comm *comm, int n_attn, int shard,
+                        const struct dsv32_placement *pl, const struct dsv32_model *model,
+                        struct dsv32_backend *be, int timeout_ms, struct dsv32_ep_server **ret)
+{
+    const struct dsv32_config *cfg = &model->cfg;
+    if (n_attn < 1 || comm->rank != n_attn + shard || shard < 0 || shard >= pl->n_shards ||
+        pl->n_layers != cfg->num_hidden_layers || pl->n_experts != cfg->n_routed_experts)
+        return -EINVAL;
+    for (int l = 0; l < cfg->num_hidden_layers; l++)
+        for (int e = 0; e < cfg->n_routed_experts; e++)
+            if (dsv32_config_is_moe_layer(cfg, l) && dsv32_placement_has(pl, shard, l, e) &&
+                !dsv32_weight_loaded(&model->layers[l].experts[e].w1))
+                return dsv32_load_fail(DSV32_EMISSING, "expert shard %d: the placement gives it "
+                                       "layer %d expert %d, which is not loaded", shard, l, e);
+    struct dsv32_ep_server *s = calloc(1, sizeof(*s));
+    if (!s)
+        return -ENOMEM;
+    s->comm = comm;
+    s->n_attn = n_attn;
+    s->shard = shard;
+    s->pl = pl;
+    s->model = model;
+    s->be = be;
+    s->timeout_ms = timeout_ms;
+    s->expert_rows = calloc((size_t)cfg->num_hidden_layers * (cfg->n_routed_experts ? cfg->n_routed_experts : 1),
+                            sizeof(uint64_t));
+    int r = moe_layers(cfg, &s->moe);
+    if (r < 0 || !s->expert_rows) {
+        dsv32_ep_server_free(s);
+        return -ENOMEM;
+    }
+    s->n_moe = r;
+    *ret = s;
+    return 0;
+}
+
+int dsv32_ep_server_rebind(struct dsv32_ep_server *s, struct dsv32_comm *comm)
+{
+    if (comm->rank != s->n_attn + s->shard)
+        return -EINVAL;
+    s->comm = comm;
+    return 0;
+}
+
+const uint64_t *dsv32_ep_server_expert_rows(const struct dsv32_ep_server *s) { return s->expert_rows; }
+
+/* device copy of a host buffer for non-cpu backends */
+static void *dev_buf(struct dsv32_ep_server *s, struct growbuf *b, size_t n)
+{
+    if (n <= b->cap)
+        return b->p;
+    if (b->p)
+        s->be->ops->dealloc(s->be, b->p);
+    b->p = s->be->ops->alloc(s->be, n ? n : 64);
+    b->cap = b->p ? n : 0;
+    return b->p;
+}
+
+static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *ret_active)
+{
+    const int A = s->n_attn, W = s->comm->world;
+    const struct dsv32_config *cfg = &s->model->cfg;
+    const int D = cfg->hidden_size, K = cfg->num_experts_per_tok;
+    const void *none[DSV32_COMM_MAX_WORLD] = {0};
+    size_t sb[DSV32_COMM_MAX_WORLD] = {0}, rb[DSV32_COMM_MAX_WORLD];
+    uint8_t from[DSV32_COMM_MAX_WORLD] = {0};
+    void *recv[DSV32_COMM_MAX_WORLD];
+    for (int a = 0; a < A; a++)
+        from[a] = 1;
+    struct dsv32_comm_xchg x1 = {.send = none, .send_bytes = sb, .recv_from = from, .recv = recv,
+                                 .recv_bytes = rb};
+    int r = dsv32_comm_exchange(s->comm, &x1, s->timeout_ms);
+    if (r < 0)
+        return r;
+    /* gather every attention rank's rows: all rows of one expert then go through one GEMM */
+    int total = 0, active = 0, wire = -1, offs[DSV32_COMM_MAX_WORLD];
+    struct ep_hdr h[DSV32_COMM_MAX_WORLD];
+    for (int a = 0; a < A; a++) {
+        if (rb[a] < sizeof(struct ep_hdr))
+            return DSV32_EFORMAT;
+        memcpy(&h[a], recv[a], sizeof(h[a]));
+        size_t es = h[a].wire == DSV32_EP_WIRE_BF16 ? 2 : 4;
+        if (h[a].magic != EP_DISPATCH || h[a].layer != (uint32_t)layer || h[a].dim != (uint32_t)D ||
+            h[a].k != (uint32_t)K || h[a].wire > 1 ||
+            rb[a] != sizeof(struct ep_hdr) + (size_t)h[a].rows * (D * es + (size_t)K * 8) ||
+            (wire >= 0 && (int)h[a].wire != wire))
+            return DSV32_EFORMAT;
+        wire = (int)h[a].wire;
+        active |= (h[a].flags & EP_ACTIVE) != 0;
+        offs[a] = total;
+        total += (int)h[a].rows;
+    }
+    const size_t es = wire_elem((enum dsv32_ep_wire)wire);
+    float *X = grow(&s->x, sizeof(float) * (size_t)(total ? total : 1) * D);
+    int32_t *ids = grow(&s->ids, sizeof(int32_t) * (size_t)(total ? total : 1) * K);
+    float *w = grow(&s->w, sizeof(float) * (size_t)(total ? total : 1) * K);
+    float *Y = grow(&s->y, sizeof(float) * (size_t)(total ? total : 1) * D);
+    if (!X || !ids || !w || !Y)
+        return -ENOMEM;
+    for (int a = 0; a < A; a++) {
+        const uint8_t *p = (const uint8_t *)recv[a] + sizeof(struct ep_hdr);
+        const int n = (int)h[a].rows;
+        get_rows(X + (size_t)offs[a] * D, p, (size_t)n * D, (enum dsv32_ep_wire)wire, 0);
+        const uint8_t *pairs = p + (size_t)n * D * es;
+        for (int i = 0; i < n * K; i++) {
+            int32_t e;
+            memcpy(&e, pairs + (size_t)i * 8, 4);
+            memcpy(&w[(size_t)offs[a] * K + i], pairs + (size_t)i * 8 + 4, 4);
+            if (e >= cfg->n_routed_experts || (e >= 0 && !dsv32_placement_has(s->pl, s->shard, layer, e)))
+                return DSV32_EFORMAT; /* a row for an expert this shard does not hold */
+            if (e >= 0)
+                s->expert_rows[(size_t)layer * cfg->n_routed_experts + e]++;
+            ids[(size_t)offs[a] * K + i] = e;
+        }
+    }
+    if (total > 0) {
+        const struct dsv32_backend_ops *ops = s->be->ops;
+        const struct dsv32_ffn_weights *ex = s->model->layers[layer].experts;
+        if (strcmp(ops->name, "cpu") == 0) {
+            r = ops->moe_experts(s->be, Y, X, total, ids, w, K, ex, cfg->n_routed_experts, cfg->ue8m0);
+        } else {
+            float *dx = dev_buf(s, &s->dx, sizeof(float) * (size_t)total * D);
+            float *dy = dev_buf(s, &s->dy, sizeof(float) * (size_t)total * D);
+            int32_t *di = dev_buf(s, &s->dids, sizeof(int32_t) * (size_t)total * K);
+            float *dw = dev_buf(s, &s->dw, sizeof(float) * (size_t)total * K);
+            if (!dx || !dy || !di || !dw)
+                return -ENOMEM;
+            if ((r = ops->to_device(s->be, dx, X, sizeof(float) * (size_t)total * D)) < 0 ||
+                (r = ops->to_device(s->be, di, ids, sizeof(int32_t) * (size_t)total * K)) < 0 ||
+                (r = ops->to_device(s->be, dw, w, sizeof(float) * (size_t)total * K)) < 0 ||
+                (r = ops->moe_experts(s->be, dy, dx, total, di, dw, K, ex, cfg->n_routed_experts,
+                                      cfg->ue8m0)) < 0 ||
+                (r = ops->to_host(s->be, Y, dy, sizeof(float) * (size_t)total * D)) < 0)
+                return r;
+        }
+        if (r < 0)
+            return r;
+    }
+    int group_active = first ? active : 1;
+    const void *send[DSV32_COMM_MAX_WORLD] = {0};
+    size_t off = 0, need = 0;
+    for (int a = 0; a < A; a++)
+        need += sizeof(struct ep_hdr) + (size_t)h[a].rows * D * es;
+    uint8_t *out = grow(&s->out, need ? need : 1);
+    if (!out)
+        return -ENOMEM;
+    for (int a = 0; a < A; a++) {
+        struct ep_hdr ch = {EP_COMBINE, (uint32_t)layer, h[a].rows, (uint32_t)K, (uint32_t)D,
+                            (uint32_t)wire, group_active ? EP_ACTIVE : 0, 0};
+        memcpy(out + off, &ch, sizeof(ch));
+        put_rows(out + off + sizeof(ch), Y + (size_t)offs[a] * D, (size_t)h[a].rows * D,
+                 (enum dsv32_ep_wire)wire);
+        send[a] = out + off;
+        sb[a] = sizeof(ch) + (size_t)h[a].rows * D * es;
+        off += sb[a];
+    }
+    memset(from, 0, sizeof(from));
+    struct dsv32_comm_xchg x2 = {.send = send, .send_bytes = sb, .recv_from = from, .recv = recv,
+                                 .recv_bytes = rb};
+    if ((r = dsv32_comm_exchange(s->comm, &x2, s->timeout_ms)) < 0)
+        return r;
+    (void)W;
+    *ret_active = group_active;
+    return 0;
+}
+
+int dsv32_ep_server_step(struct dsv32_ep_server *s)
+{
+    for (int i = 0; i < s->n_moe; i++) {
+        int active, r = server_layer(s, s->moe[i], i == 0, &active);
+        if (r < 0)
+            return r;
+        if (i == 0 && !active)
+            return 0;
+    }
+    return 1;
+}

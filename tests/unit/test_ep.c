@@ -1,0 +1,356 @@
+/* The engine path of expert parallelism, with real processes over tcp on 127.0.0.1: the golden
+ * cases run on attention processes whose routed experts live in expert-shard processes (each
+ * loading only the experts its placement gives it) must equal the single-process engine: the
+ * same indexer selections and logits within 1e-5 relative. Groups of 1 attention + 2 shards and
+ * 2 attention + 3 shards (the latter with redundant copies of hot experts), on both tiny models.
+ * Also: a shard killed mid-run makes every attention process fail its step (not hang). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "comm.h"
+#include "engine.h"
+#include "ep.h"
+#include "error.h"
+#include "safetensors.h"
+
+#define MAX_CASES 3
+#define MAX_STEPS 8
+#define MAX_LAYERS 4
+#define TOPK 16
+#define VOCAB 1024
+
+struct ref {
+    int n_cases, steps[MAX_CASES], plen[MAX_CASES];
+    int32_t prompt[MAX_CASES][64], tokens[MAX_CASES][MAX_STEPS];
+    float logits[MAX_CASES][MAX_STEPS][VOCAB];
+    int32_t sel[MAX_CASES][MAX_STEPS][MAX_LAYERS][TOPK];
+};
+
+static struct ref ref; /* computed before fork, inherited by every process */
+
+struct cap {
+    int32_t sel[MAX_LAYERS][TOPK];
+    struct dsv32_ep_client *cl; /* NULL: experts in this process */
+};
+
+static void on_sel(void *ctx, int layer, const int32_t *sel, int rows, int topk)
+{
+    struct cap *c = ctx;
+    memcpy(c->sel[layer], sel + (size_t)(rows - 1) * topk, sizeof(int32_t) * TOPK);
+}
+
+static int on_moe(void *ctx, int layer, float *y, const float *x, int rows, const int32_t *ids,
+                  const float *w, int k)
+{
+    struct cap *c = ctx;
+    return dsv32_ep_moe_routed(c->cl, layer, y, x, rows, ids, w, k);
+}
+
+static const struct dsv32_st_tensor *gt(struct dsv32_st_file *f, const char *name)
+{
+    for (int i = 0; i < dsv32_st_file_count(f); i++)
+        if (strcmp(dsv32_st_file_tensor(f, i)->name, name) == 0)
+            return dsv32_st_file_tensor(f, i);
+    return NULL;
+}
+
+static struct dsv32_engine_opts eng_opts = {.max_seqs = 4, .max_seq_len = 128, .kv_rope_f32 = 1,
+                                            .max_batch_tokens = 128};
+
+/* One case, teacher-forced, with optional hooks; logits and selections of every row. */
+static int run_case(struct dsv32_engine *e, int c, struct dsv32_ep_client *cl,
+                    float (*logits)[VOCAB], int32_t (*sel)[MAX_LAYERS][TOPK])
+{
+    struct cap cap = {.cl = cl};
+    struct dsv32_step_hooks h = {.ctx = &cap, .selection = on_sel, .moe_routed = cl ? on_moe : NULL};
+    int seq = dsv32_kv_seq_new(e->kv), r = 0;
+    if (seq < 0)
+        return seq;
+    for (int s = 0; s < ref.steps[c] && r == 0; s++) {
+        struct dsv32_seq_input in = {.seq = seq, .logits = DSV32_LOGITS_LAST,
+                                     .n_tokens = s == 0 ? ref.plen[c] : 1,
+                                     .tokens = s == 0 ? ref.prompt[c] : &ref.tokens[c][s - 1]};
+        r = dsv32_engine_step(e, &in, 1, logits[s], &h);
+        memcpy(sel[s], cap.sel, sizeof(cap.sel));
+    }
+    dsv32_kv_seq_free(e->kv, seq);
+    return r;
+}
+
+static void compute_reference(const char *model)
+{
+    char path[512];
+    snprintf(path, sizeof(path), "%s/golden.safetensors", model);
+    struct dsv32_st_file *g;
+    assert_int_equal(dsv32_st_file_open(path, &g), 0);
+    memset(&ref, 0, sizeof(ref));
+    for (int c = 0; c < MAX_CASES; c++) {
+        char name[64];
+        snprintf(name, sizeof(name), "case%d.prompt", c);
+        const struct dsv32_st_tensor *t = gt(g, name);
+        if (!t)
+            break;
+        ref.plen[c] = (int)t->numel;
+        memcpy(ref.prompt[c], t->data, t->n_bytes);
+        snprintf(name, sizeof(name), "case%d.tokens", c);
+        t = gt(g, name);
+        ref.steps[c] = (int)t->numel;
+        memcpy(ref.tokens[c], t->data, t->n_bytes);
+        ref.n_cases++;
+    }
+    dsv32_st_file_close(g);
+    struct dsv32_model *m;
+    struct dsv32_engine *e;
+    assert_int_equal(dsv32_model_load(model, NULL, &m), 0);
+    assert_int_equal(dsv32_engine_new(m, &eng_opts, &e), 0);
+    for (int c = 0; c < ref.n_cases; c++)
+        assert_int_equal(run_case(e, c, NULL, ref.logits[c], ref.sel[c]), 0);
+    dsv32_engine_free(e);
+    dsv32_model_free(m);
+}
+
+struct group {
+    const char *model;
+    int n_attn, n_shards, redundant;
+    struct dsv32_comm_listener *lis[16];
+    char addr[16][32];
+    const char *addrs[16];
+    struct dsv32_placement pl;
+    int kill_shard; /* >= 0: this shard dies after its first step */
+};
+
+struct want_ctx {
+    const struct dsv32_placement *pl;
+    int shard;
+};
+
+static int want(void *vctx, int layer, int expert)
+{
+    struct want_ctx *w = vctx;
+    return dsv32_placement_has(w->pl, w->shard, layer, expert);
+}
+
+static int shard_main(struct group *G, int shard)
+{
+    const int rank = G->n_attn + shard, world = G->n_attn + G->n_shards;
+    struct want_ctx wc = {&G->pl, shard};
+    struct dsv32_load_opts lo = {.skip_attention = 1, .want_expert = want, .want_ctx = &wc};
+    struct dsv32_model *m;
+    if (dsv32_model_load(G->model, &lo, &m) < 0)
+        return 10;
+    /* only its experts: 3 tensors each */
+    int mine = 0;
+    for (int l = 1; l < MAX_LAYERS; l++)
+        for (int e = 0; e < m->cfg.n_routed_experts; e++)
+            mine += dsv32_placement_has(&G->pl, shard, l, e);
+    if (m->n_weights_loaded != 3 * mine)
+        return 11;
+    struct dsv32_kv_geom geom;
+    dsv32_kv_geom_init(&geom, &m->cfg, 1);
+    struct dsv32_backend *be;
+    if (dsv32_backend_cpu_new(&m->cfg, &geom, &be) < 0 || dsv32_model_prepare(m, be) < 0)
+        return 12;
+    struct dsv32_comm *c;
+    if (dsv32_comm_tcp_new(G->lis[rank], rank, world, G->addrs, 1, 20000, &c) < 0)
+        return 13;
+    struct dsv32_ep_server *s;
+    if (dsv32_ep_server_new(c, G->n_attn, shard, &G->pl, m, be, 20000, &s) < 0)
+        return 14;
+    int steps = 0, r;
+    while ((r = dsv32_ep_server_step(s)) >= 0) {
+        steps += r;
+        if (G->kill_shard == shard && steps >= 2)
+            raise(SIGKILL);
+    }
+    /* the attention processes hang up when they are done: that ends the loop */
+    dsv32_ep_server_free(s);
+    dsv32_comm_free(c);
+    dsv32_model_release(m, be);
+    dsv32_backend_free(be);
+    dsv32_model_free(m);
+    return r == DSV32_EPEER && steps > 0 ? 0 : 15;
+}
+
+static int attn_main(struct group *G, int a)
+{
+    const int world = G->n_attn + G->n_shards;
+    struct dsv32_load_opts lo = {.skip_experts = 1};
+    struct dsv32_model *m;
+    struct dsv32_engine *e;
+    if (dsv32_model_load(G->model, &lo, &m) < 0 || dsv32_engine_new(m, &eng_opts, &e) < 0)
+        return 20;
+    struct dsv32_comm *c;
+    if (dsv32_comm_tcp_new(G->lis[a], a, world, G->addrs, 1, 20000, &c) < 0)
+        return 21;
+    struct dsv32_ep_client *cl;
+    if (dsv32_ep_client_new(c, G->n_attn, &G->pl, &m->cfg, e->be, DSV32_EP_WIRE_F32, 20000, &cl) < 0)
+        return 22;
+    static float logits[MAX_STEPS][VOCAB];
+    static int32_t sel[MAX_STEPS][MAX_LAYERS][TOPK];
+    int status = 0;
+    for (int c2 = a; c2 < ref.n_cases && status == 0; c2 += G->n_attn) {
+        int r = run_case(e, c2, cl, logits, sel);
+        if (r < 0) {
+            status = (r == DSV32_EPEER || r == DSV32_ETIMEOUT) ? 30 : 23;
+            break;
+        }
+        for (int s = 0; s < ref.steps[c2]; s++) {
+            double num = 0, den = 0;
+            for (int v = 0; v < VOCAB; v++) {
+                double d = (double)logits[s][v] - ref.logits[c2][s][v];
+                num += d * d;
+                den += (double)ref.logits[c2][s][v] * ref.logits[c2][s][v];
+            }
+            if (memcmp(sel[s], ref.sel[c2][s], sizeof(sel[s])) != 0) {
+                fprintf(stderr, "attn %d case %d row %d: selections differ\n", a, c2, s);
+                status = 27;
+            }
+            if (sqrt(num / den) > 1e-5) {
+                fprintf(stderr, "attn %d case %d row %d: rel %.3e\n", a, c2, s, sqrt(num / den));
+                status = 24;
+            }
+        }
+    }
+    /* wait for the others: idle steps until the whole group is idle */
+    while (status == 0) {
+        int r = dsv32_ep_client_idle_step(cl);
+        if (r == 0)
+            break;
+        if (r < 0)
+            status = 25;
+    }
+    struct dsv32_ep_stats st;
+    dsv32_ep_client_get_stats(cl, &st);
+    if (status == 0 && st.steps == 0)
+        status = 26;
+    dsv32_ep_client_free(cl);
+    dsv32_comm_free(c);
+    dsv32_engine_free(e);
+    dsv32_model_free(m);
+    return status;
+}
+
+static void run_group(struct group *G, const int *want_status)
+{
+    const int world = G->n_attn + G->n_shards;
+    for (int r = 0; r < world; r++) {
+        int port;
+        assert_int_equal(dsv32_comm_tcp_listen("127.0.0.1", 0, &G->lis[r], &port), 0);
+        snprintf(G->addr[r], sizeof(G->addr[r]), "127.0.0.1:%d", port);
+        G->addrs[r] = G->addr[r];
+    }
+    struct dsv32_config cfg;
+    assert_int_equal(dsv32_config_load(G->model, &cfg), 0);
+    assert_int_equal(dsv32_placement_build(&cfg, G->n_shards, G->redundant, NULL, &G->pl), 0);
+    pid_t pids[16];
+    for (int r = 0; r < world; r++) {
+        pids[r] = fork();
+        if (pids[r] == 0) {
+            for (int q = 0; q < world; q++)
+                if (q != r)
+                    dsv32_comm_tcp_listener_free(G->lis[q]);
+            alarm(120); /* never outlive a stuck test */
+            _exit(r < G->n_attn ? attn_main(G, r) : shard_main(G, r - G->n_attn));
+        }
+    }
+    for (int r = 0; r < world; r++) {
+        int st;
+        assert_int_equal(waitpid(pids[r], &st, 0), pids[r]);
+        int code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        if (code != want_status[r])
+            fail_msg("rank %d exited with %d, expected %d", r, code, want_status[r]);
+    }
+    for (int r = 0; r < world; r++)
+        dsv32_comm_tcp_listener_free(G->lis[r]);
+    dsv32_placement_done(&G->pl);
+}
+
+static void test_placement(void **state)
+{
+    struct dsv32_config cfg;
+    assert_int_equal(dsv32_config_load(GOLDEN_DIR "/tiny-fp8", &cfg), 0);
+    struct dsv32_placement p, q;
+    assert_int_equal(dsv32_placement_build(&cfg, 3, 2, NULL, &p), 0);
+    for (int l = 1; l < 4; l++) {
+        int per[3] = {0};
+        for (int e = 0; e < 16; e++) {
+            const int16_t *o = dsv32_placement_owners(&p, l, e);
+            assert_true(o[0] >= 0 && o[0] < 3);
+            per[o[0]]++;
+        }
+        for (int s = 0; s < 3; s++)
+            assert_true(per[s] == 5 || per[s] == 6);
+    }
+    /* with a load profile: expert 7 is hot and gets a second copy elsewhere */
+    double load[4 * 16];
+    for (int i = 0; i < 64; i++)
+        load[i] = 1.0;
+    load[1 * 16 + 7] = 50.0;
+    dsv32_placement_done(&p);
+    assert_int_equal(dsv32_placement_build(&cfg, 3, 1, load, &p), 0);
+    const int16_t *o = dsv32_placement_owners(&p, 1, 7);
+    assert_true(o[1] >= 0 && o[1] != o[0]);
+    char *js = dsv32_placement_to_json(&p);
+    assert_int_equal(dsv32_placement_from_json(js, &q), 0);
+    assert_memory_equal(p.owner, q.owner, sizeof(int16_t) * 4 * 16 * 2);
+    assert_int_equal(dsv32_placement_from_json("{\"layers\": 1}", &q), DSV32_EFORMAT);
+    free(js);
+    dsv32_placement_done(&p);
+    dsv32_placement_done(&q);
+}
+
+static void test_1x2(void **state)
+{
+    const char *models[] = {GOLDEN_DIR "/tiny-bf16", GOLDEN_DIR "/tiny-fp8"};
+    for (int i = 0; i < 2; i++) {
+        compute_reference(models[i]);
+        struct group G = {.model = models[i], .n_attn = 1, .n_shards = 2, .kill_shard = -1};
+        const int ok[3] = {0, 0, 0};
+        run_group(&G, ok);
+    }
+}
+
+static void test_2x3_redundant(void **state)
+{
+    const char *models[] = {GOLDEN_DIR "/tiny-bf16", GOLDEN_DIR "/tiny-fp8"};
+    for (int i = 0; i < 2; i++) {
+        compute_reference(models[i]);
+        struct group G = {.model = models[i], .n_attn = 2, .n_shards = 3, .redundant = 2,
+                          .kill_shard = -1};
+        const int ok[5] = {0, 0, 0, 0, 0};
+        run_group(&G, ok);
+    }
+}
+
+static void test_shard_dies(void **state)
+{
+    compute_reference(GOLDEN_DIR "/tiny-fp8");
+    struct group G = {.model = GOLDEN_DIR "/tiny-fp8", .n_attn = 2, .n_shards = 2,
+                      .kill_shard = 1};
+    /* attention ranks fail their step with EPEER (status 30); shard 0 sees the others hang up */
+    const int want[4] = {30, 30, 0, 128 + SIGKILL};
+    run_group(&G, want);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_placement),
+        cmocka_unit_test(test_1x2),
+        cmocka_unit_test(test_2x3_redundant),
+        cmocka_unit_test(test_shard_dies),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
