@@ -79,10 +79,15 @@ int dsv32_comm_tcp_new(struct dsv32_comm_listener *l, int rank, int world, const
 /* ---- nccl (built with CUDA) ---- */
 
 #define DSV32_NCCL_ID_BYTES 128
+/* Number of CUDA devices visible (-DSV32_EUNSUPPORTED without CUDA). */
+int dsv32_comm_nccl_devices(int *ret_n);
 /* The group leader makes the unique id and publishes it under the epoch key. */
 int dsv32_comm_nccl_unique_id(uint8_t id[DSV32_NCCL_ID_BYTES]);
+/* Blocks passed to exchange/send/recv are host memory, staged through device buffers (for
+ * callers that pack on the host); without it they are device memory. */
+#define DSV32_COMM_NCCL_HOST_BUFFERS 1
 /* Non-blocking init on `device` with the leader's id; -DSV32_EUNSUPPORTED without CUDA. */
 int dsv32_comm_nccl_new(const uint8_t id[DSV32_NCCL_ID_BYTES], int rank, int world, int device,
-                        uint64_t epoch, int timeout_ms, struct dsv32_comm **ret);
+                        uint64_t epoch, int timeout_ms, int flags, struct dsv32_comm **ret);
 
 #endif

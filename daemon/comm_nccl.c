@@ -26,7 +26,27 @@ struct nccl_comm {
     void **rbuf;         /* (world) device receive buffers */
     size_t *rcap;
     int aborted;
+    int host;            /* DSV32_COMM_NCCL_HOST_BUFFERS */
+    void **sstage;       /* (world) device copies of host send blocks */
+    size_t *scap;
+    void **hrecv;        /* (world) host copies of received blocks */
+    size_t *hcap;
 };
+
+/* grows a device buffer to n bytes */
+static int dgrow(void **p, size_t *cap, size_t n)
+{
+    if (n <= *cap)
+        return 0;
+    if (*p)
+        cudaFree(*p);
+    *p = NULL;
+    *cap = 0;
+    if (cudaMalloc(p, n) != cudaSuccess)
+        return DSV32_ECUDA;
+    *cap = n;
+    return 0;
+}
 
 static int64_t now_ms(void)
 {
@@ -141,23 +161,52 @@ static int nccl_exchange(struct dsv32_comm *c, struct dsv32_comm_xchg *x, int ti
             n->rcap[p] = want;
         }
     }
+    /* host blocks: copy them to the device first */
+    const void *sendp[DSV32_COMM_MAX_WORLD];
+    for (int p = 0; p < W; p++) {
+        sendp[p] = x->send[p];
+        if (n->host && p != c->rank && x->send[p] && x->send_bytes[p]) {
+            if (dgrow(&n->sstage[p], &n->scap[p], x->send_bytes[p]) < 0)
+                return nccl_fail(n, DSV32_ECUDA, "cudaMalloc", "staging buffer");
+            CUDA_TRY(n, cudaMemcpyAsync(n->sstage[p], x->send[p], x->send_bytes[p],
+                                        cudaMemcpyHostToDevice, n->stream));
+            sendp[p] = n->sstage[p];
+        }
+    }
     /* round 2: the blocks */
     NCCL_TRY(n, ncclGroupStart());
     for (int p = 0; p < W; p++) {
         if (p == c->rank)
             continue;
         if (x->send[p] && x->send_bytes[p])
-            NCCL_TRY(n, ncclSend(x->send[p], x->send_bytes[p], ncclUint8, p, n->comm, n->stream));
+            NCCL_TRY(n, ncclSend(sendp[p], x->send_bytes[p], ncclUint8, p, n->comm, n->stream));
         if (x->recv_from[p] && n->h_sizes[W + p])
             NCCL_TRY(n, ncclRecv(n->rbuf[p], (size_t)n->h_sizes[W + p], ncclUint8, p, n->comm,
                                  n->stream));
     }
     NCCL_TRY(n, ncclGroupEnd());
-    if ((r = wait_comm(n, deadline)) < 0 || (r = wait_stream(n, deadline)) < 0)
+    if ((r = wait_comm(n, deadline)) < 0)
+        return r;
+    if (n->host)
+        for (int p = 0; p < W; p++) {
+            size_t got = (size_t)n->h_sizes[W + p];
+            if (p == c->rank || !x->recv_from[p] || !got)
+                continue;
+            if (got > n->hcap[p]) {
+                void *nb = realloc(n->hrecv[p], got);
+                if (!nb)
+                    return nccl_fail(n, -ENOMEM, "host receive buffer", "out of memory");
+                n->hrecv[p] = nb;
+                n->hcap[p] = got;
+            }
+            CUDA_TRY(n, cudaMemcpyAsync(n->hrecv[p], n->rbuf[p], got, cudaMemcpyDeviceToHost,
+                                        n->stream));
+        }
+    if ((r = wait_stream(n, deadline)) < 0)
         return r;
     for (int p = 0; p < W; p++)
         if (p != c->rank && x->recv_from[p]) {
-            x->recv[p] = n->rbuf[p];
+            x->recv[p] = n->host ? n->hrecv[p] : n->rbuf[p];
             x->recv_bytes[p] = (size_t)n->h_sizes[W + p];
             c->bytes_received += n->h_sizes[W + p];
         } else if (x->send[p]) {
@@ -176,12 +225,24 @@ static int nccl_p2p(struct dsv32_comm *c, int peer, void *buf, size_t bytes, int
         return -EINVAL;
     const int64_t deadline = now_ms() + timeout_ms;
     CUDA_TRY(n, cudaSetDevice(n->device));
+    void *dev = buf;
+    if (n->host) {
+        if (dgrow(&n->sstage[peer], &n->scap[peer], bytes ? bytes : 1) < 0)
+            return nccl_fail(n, DSV32_ECUDA, "cudaMalloc", "staging buffer");
+        dev = n->sstage[peer];
+        if (out)
+            CUDA_TRY(n, cudaMemcpyAsync(dev, buf, bytes, cudaMemcpyHostToDevice, n->stream));
+    }
     if (out)
-        NCCL_TRY(n, ncclSend(buf, bytes, ncclUint8, peer, n->comm, n->stream));
+        NCCL_TRY(n, ncclSend(dev, bytes, ncclUint8, peer, n->comm, n->stream));
     else
-        NCCL_TRY(n, ncclRecv(buf, bytes, ncclUint8, peer, n->comm, n->stream));
+        NCCL_TRY(n, ncclRecv(dev, bytes, ncclUint8, peer, n->comm, n->stream));
     int r;
-    if ((r = wait_comm(n, deadline)) < 0 || (r = wait_stream(n, deadline)) < 0)
+    if ((r = wait_comm(n, deadline)) < 0)
+        return r;
+    if (n->host && !out)
+        CUDA_TRY(n, cudaMemcpyAsync(buf, dev, bytes, cudaMemcpyDeviceToHost, n->stream));
+    if ((r = wait_stream(n, deadline)) < 0)
         return r;
     if (out)
         c->bytes_sent += bytes;
@@ -225,6 +286,15 @@ static void nccl_free(struct dsv32_comm *c)
     for (int p = 0; n->rbuf && p < c->world; p++)
         if (n->rbuf[p])
             cudaFree(n->rbuf[p]);
+    for (int p = 0; n->sstage && p < c->world; p++)
+        if (n->sstage[p])
+            cudaFree(n->sstage[p]);
+    for (int p = 0; n->hrecv && p < c->world; p++)
+        free(n->hrecv[p]);
+    free(n->sstage);
+    free(n->scap);
+    free(n->hrecv);
+    free(n->hcap);
     if (n->d_sizes)
         cudaFree(n->d_sizes);
     if (n->h_sizes)
@@ -245,6 +315,16 @@ static const struct dsv32_comm_ops nccl_ops = {
     .free = nccl_free,
 };
 
+int dsv32_comm_nccl_devices(int *ret_n)
+{
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess)
+        return DSV32_ECUDA;
+    *ret_n = n;
+    return 0;
+}
+
 int dsv32_comm_nccl_unique_id(uint8_t id[DSV32_NCCL_ID_BYTES])
 {
     ncclUniqueId u;
@@ -259,7 +339,7 @@ int dsv32_comm_nccl_unique_id(uint8_t id[DSV32_NCCL_ID_BYTES])
 }
 
 int dsv32_comm_nccl_new(const uint8_t id[DSV32_NCCL_ID_BYTES], int rank, int world, int device,
-                        uint64_t epoch, int timeout_ms, struct dsv32_comm **ret)
+                        uint64_t epoch, int timeout_ms, int flags, struct dsv32_comm **ret)
 {
     if (world < 1 || world > DSV32_COMM_MAX_WORLD || rank < 0 || rank >= world)
         return -EINVAL;
@@ -268,10 +348,15 @@ int dsv32_comm_nccl_new(const uint8_t id[DSV32_NCCL_ID_BYTES], int rank, int wor
         return -ENOMEM;
     n->c = (struct dsv32_comm){.ops = &nccl_ops, .rank = rank, .world = world, .epoch = epoch};
     n->device = device;
+    n->host = (flags & DSV32_COMM_NCCL_HOST_BUFFERS) != 0;
     n->rbuf = calloc((size_t)world, sizeof(void *));
     n->rcap = calloc((size_t)world, sizeof(size_t));
+    n->sstage = calloc((size_t)world, sizeof(void *));
+    n->scap = calloc((size_t)world, sizeof(size_t));
+    n->hrecv = calloc((size_t)world, sizeof(void *));
+    n->hcap = calloc((size_t)world, sizeof(size_t));
     int r = -ENOMEM;
-    if (!n->rbuf || !n->rcap)
+    if (!n->rbuf || !n->rcap || !n->sstage || !n->scap || !n->hrecv || !n->hcap)
         goto fail;
     cudaError_t ce;
     if ((ce = cudaSetDevice(device)) != cudaSuccess ||
@@ -304,6 +389,12 @@ fail:
 
 #else /* no CUDA in this build */
 
+int dsv32_comm_nccl_devices(int *ret_n)
+{
+    (void)ret_n;
+    return DSV32_EUNSUPPORTED;
+}
+
 int dsv32_comm_nccl_unique_id(uint8_t id[DSV32_NCCL_ID_BYTES])
 {
     (void)id;
@@ -311,9 +402,10 @@ int dsv32_comm_nccl_unique_id(uint8_t id[DSV32_NCCL_ID_BYTES])
 }
 
 int dsv32_comm_nccl_new(const uint8_t id[DSV32_NCCL_ID_BYTES], int rank, int world, int device,
-                        uint64_t epoch, int timeout_ms, struct dsv32_comm **ret)
+                        uint64_t epoch, int timeout_ms, int flags, struct dsv32_comm **ret)
 {
-    (void)id, (void)rank, (void)world, (void)device, (void)epoch, (void)timeout_ms, (void)ret;
+    (void)id, (void)rank, (void)world, (void)device, (void)epoch, (void)timeout_ms, (void)flags;
+    (void)ret;
     log_error("this build has no CUDA/NCCL: the nccl transport is not available");
     return DSV32_EUNSUPPORTED;
 }

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -66,6 +67,13 @@ static const struct dsv32_st_tensor *gt(struct dsv32_st_file *f, const char *nam
     return NULL;
 }
 
+/* DSV32_TEST_BACKEND=cuda runs the same checks on the cuda backend */
+static const char *backend_name(void)
+{
+    const char *b = getenv("DSV32_TEST_BACKEND");
+    return b ? b : "cpu";
+}
+
 static struct dsv32_engine_opts eng_opts = {.max_seqs = 4, .max_seq_len = 128, .kv_rope_f32 = 1,
                                             .max_batch_tokens = 128};
 
@@ -111,19 +119,37 @@ static void compute_reference(const char *model)
         ref.n_cases++;
     }
     dsv32_st_file_close(g);
-    struct dsv32_model *m;
-    struct dsv32_engine *e;
-    assert_int_equal(dsv32_model_load(model, NULL, &m), 0);
-    assert_int_equal(dsv32_engine_new(m, &eng_opts, &e), 0);
-    for (int c = 0; c < ref.n_cases; c++)
-        assert_int_equal(run_case(e, c, NULL, ref.logits[c], ref.sel[c]), 0);
-    dsv32_engine_free(e);
-    dsv32_model_free(m);
+    /* in a child process: CUDA must not be initialized in a process that forks afterwards */
+    struct ref *shared = mmap(NULL, sizeof(ref), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    assert_true(shared != MAP_FAILED);
+    memcpy(shared, &ref, sizeof(ref));
+    pid_t pid = fork();
+    if (pid == 0) {
+        struct dsv32_model *m;
+        struct dsv32_engine *e;
+        struct dsv32_engine_opts eo = eng_opts;
+        eo.backend = backend_name();
+        if (dsv32_model_load(model, NULL, &m) < 0 || dsv32_engine_new(m, &eo, &e) < 0)
+            _exit(1);
+        for (int c = 0; c < shared->n_cases; c++)
+            if (run_case(e, c, NULL, shared->logits[c], shared->sel[c]) < 0)
+                _exit(2);
+        dsv32_engine_free(e);
+        dsv32_model_free(m);
+        _exit(0);
+    }
+    int st;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    memcpy(&ref, shared, sizeof(ref));
+    munmap(shared, sizeof(ref));
 }
 
 struct group {
     const char *model;
     int n_attn, n_shards, redundant;
+    int nccl;                 /* transport: tcp, or nccl (one GPU per process) */
+    int id_pipe[16][2];       /* nccl: the unique id, from rank 0 through the parent */
     struct dsv32_comm_listener *lis[16];
     char addr[16][32];
     const char *addrs[16];
@@ -140,6 +166,24 @@ static int want(void *vctx, int layer, int expert)
 {
     struct want_ctx *w = vctx;
     return dsv32_placement_has(w->pl, w->shard, layer, expert);
+}
+
+/* The group's communicator for this rank: tcp over the listeners, or nccl on GPU `rank` with the
+ * unique id made by rank 0 and passed on by the parent. */
+static int make_comm(struct group *G, int rank, struct dsv32_comm **c)
+{
+    const int world = G->n_attn + G->n_shards;
+    if (!G->nccl)
+        return dsv32_comm_tcp_new(G->lis[rank], rank, world, G->addrs, 1, 20000, c);
+    uint8_t id[DSV32_NCCL_ID_BYTES];
+    if (rank == 0) {
+        if (dsv32_comm_nccl_unique_id(id) < 0 ||
+            write(G->id_pipe[0][1], id, sizeof(id)) != (ssize_t)sizeof(id))
+            return -EIO;
+    } else if (read(G->id_pipe[rank][0], id, sizeof(id)) != (ssize_t)sizeof(id)) {
+        return -EIO;
+    }
+    return dsv32_comm_nccl_new(id, rank, world, rank, 1, 60000, DSV32_COMM_NCCL_HOST_BUFFERS, c);
 }
 
 static int shard_main(struct group *G, int shard)
@@ -160,10 +204,11 @@ static int shard_main(struct group *G, int shard)
     struct dsv32_kv_geom geom;
     dsv32_kv_geom_init(&geom, &m->cfg, 1);
     struct dsv32_backend *be;
-    if (dsv32_backend_cpu_new(&m->cfg, &geom, &be) < 0 || dsv32_model_prepare(m, be) < 0)
+    if (dsv32_backend_new(backend_name(), &m->cfg, &geom, &be) < 0 || dsv32_model_prepare(m, be) < 0)
         return 12;
     struct dsv32_comm *c;
-    if (dsv32_comm_tcp_new(G->lis[rank], rank, world, G->addrs, 1, 20000, &c) < 0)
+    (void)world;
+    if (make_comm(G, rank, &c) < 0)
         return 13;
     struct dsv32_ep_server *s;
     if (dsv32_ep_server_new(c, G->n_attn, shard, &G->pl, m, be, 20000, &s) < 0)
@@ -189,10 +234,13 @@ static int attn_main(struct group *G, int a)
     struct dsv32_load_opts lo = {.skip_experts = 1};
     struct dsv32_model *m;
     struct dsv32_engine *e;
-    if (dsv32_model_load(G->model, &lo, &m) < 0 || dsv32_engine_new(m, &eng_opts, &e) < 0)
+    struct dsv32_engine_opts eo = eng_opts;
+    eo.backend = backend_name();
+    if (dsv32_model_load(G->model, &lo, &m) < 0 || dsv32_engine_new(m, &eo, &e) < 0)
         return 20;
     struct dsv32_comm *c;
-    if (dsv32_comm_tcp_new(G->lis[a], a, world, G->addrs, 1, 20000, &c) < 0)
+    (void)world;
+    if (make_comm(G, a, &c) < 0)
         return 21;
     struct dsv32_ep_client *cl;
     if (dsv32_ep_client_new(c, G->n_attn, &G->pl, &m->cfg, e->be, DSV32_EP_WIRE_F32, 20000, &cl) < 0)
@@ -245,6 +293,8 @@ static int attn_main(struct group *G, int a)
 static void run_group(struct group *G, const int *want_status)
 {
     const int world = G->n_attn + G->n_shards;
+    for (int r = 0; G->nccl && r < world; r++)
+        assert_int_equal(pipe(G->id_pipe[r]), 0);
     for (int r = 0; r < world; r++) {
         int port;
         assert_int_equal(dsv32_comm_tcp_listen("127.0.0.1", 0, &G->lis[r], &port), 0);
@@ -263,6 +313,18 @@ static void run_group(struct group *G, const int *want_status)
                     dsv32_comm_tcp_listener_free(G->lis[q]);
             alarm(120); /* never outlive a stuck test */
             _exit(r < G->n_attn ? attn_main(G, r) : shard_main(G, r - G->n_attn));
+        }
+    }
+    if (G->nccl) {
+        /* relay rank 0's unique id to the others */
+        uint8_t id[DSV32_NCCL_ID_BYTES];
+        if (read(G->id_pipe[0][0], id, sizeof(id)) == (ssize_t)sizeof(id))
+            for (int r = 1; r < world; r++)
+                if (write(G->id_pipe[r][1], id, sizeof(id)) != (ssize_t)sizeof(id))
+                    break;
+        for (int r = 0; r < world; r++) {
+            close(G->id_pipe[r][0]);
+            close(G->id_pipe[r][1]);
         }
     }
     for (int r = 0; r < world; r++) {
@@ -344,8 +406,46 @@ static void test_shard_dies(void **state)
     run_group(&G, want);
 }
 
-int main(void)
+/* nccl: one process per GPU; 1 attention + 1 shard on a 2-GPU machine */
+static void test_nccl_1x1(void **state)
 {
+    const char *models[] = {GOLDEN_DIR "/tiny-bf16", GOLDEN_DIR "/tiny-fp8"};
+    for (int i = 0; i < 2; i++) {
+        compute_reference(models[i]);
+        struct group G = {.model = models[i], .n_attn = 1, .n_shards = 1, .nccl = 1,
+                          .kill_shard = -1};
+        const int ok[2] = {0, 0};
+        run_group(&G, ok);
+    }
+}
+
+/* Number of CUDA devices, asked in a child (the parent must not initialize CUDA). */
+static int gpu_count(void)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        int n = 0;
+        if (dsv32_comm_nccl_devices(&n) < 0)
+            _exit(0);
+        _exit(n > 100 ? 100 : n);
+    }
+    int st;
+    if (pid < 0 || waitpid(pid, &st, 0) != pid || !WIFEXITED(st))
+        return 0;
+    return WEXITSTATUS(st);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc > 1 && strcmp(argv[1], "--nccl") == 0) {
+        int n = gpu_count();
+        if (n < 2) {
+            printf("skipped: %d CUDA devices, the nccl test needs 2\n", n);
+            return 77;
+        }
+        const struct CMUnitTest gpu_tests[] = {cmocka_unit_test(test_nccl_1x1)};
+        return cmocka_run_group_tests(gpu_tests, NULL, NULL);
+    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_placement),
         cmocka_unit_test(test_1x2),
