@@ -151,8 +151,11 @@ int main(int argc, char **argv)
     pid_t pid[2];
     for (int r = 0; r < 2; r++) {
         pid[r] = fork();
-        if (pid[r] == 0)
-            _exit(rank_main(r, p[0], p[1], iters));
+        if (pid[r] == 0) {
+            int st = rank_main(r, p[0], p[1], iters);
+            fflush(stdout); /* _exit does not flush stdio */
+            _exit(st);
+        }
     }
     int status = 0;
     for (int r = 0; r < 2; r++) {
