@@ -107,16 +107,21 @@ static int rank_main(int rank, int id_fd_r, int id_fd_w, int iters)
                 }
                 if (dsv32_comm_exchange(c, &x, 60000) < 0)
                     return 5;
-                /* combine: shard -> attention */
+                /* combine: shard -> attention; sizes known from the dispatch (as in ep.c) */
                 memset(from, 0, sizeof(from));
                 send[0] = send[1] = NULL;
+                size_t expect[2] = {0, 0};
                 if (rank == 1) {
                     send[0] = sbuf;
                     sb[0] = cb;
                 } else {
                     from[1] = 1;
+                    expect[1] = cb;
                 }
-                if (dsv32_comm_exchange(c, &x, 60000) < 0)
+                x.recv_expect = expect;
+                int rc = dsv32_comm_exchange(c, &x, 60000);
+                x.recv_expect = NULL;
+                if (rc < 0)
                     return 6;
                 if (i >= 5)
                     t[i - 5] = now_s() - t0;

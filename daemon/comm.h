@@ -24,6 +24,9 @@ struct dsv32_comm_xchg {
     const void *const *send;   /* (world) NULL = send nothing to this peer */
     const size_t *send_bytes;  /* (world) */
     const uint8_t *recv_from;  /* (world) 1 = expect a block from this peer */
+    /* (world) sizes the caller already knows (the combine's, known from the dispatch), or NULL:
+     * with every size known nccl skips its sizes round; a block of another size is an error */
+    const size_t *recv_expect;
     /* filled by the call: pointers into the communicator's receive buffers, valid until the
      * next call on it (backend memory: host for tcp, device for nccl) */
     void **recv;               /* (world) */

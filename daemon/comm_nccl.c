@@ -128,6 +128,13 @@ static int nccl_exchange(struct dsv32_comm *c, struct dsv32_comm_xchg *x, int ti
         x->recv[p] = NULL;
         x->recv_bytes[p] = 0;
     }
+    int r;
+    if (x->recv_expect) {
+        /* every size is known: no sizes round */
+        for (int p = 0; p < W; p++)
+            n->h_sizes[W + p] = x->recv_from[p] ? (uint64_t)x->recv_expect[p] : 0;
+        goto sized;
+    }
     CUDA_TRY(n, cudaMemcpyAsync(n->d_sizes, n->h_sizes, sizeof(uint64_t) * W,
                                 cudaMemcpyHostToDevice, n->stream));
     /* round 1: sizes */
@@ -141,13 +148,13 @@ static int nccl_exchange(struct dsv32_comm *c, struct dsv32_comm_xchg *x, int ti
             NCCL_TRY(n, ncclRecv(n->d_sizes + W + p, 1, ncclUint64, p, n->comm, n->stream));
     }
     NCCL_TRY(n, ncclGroupEnd());
-    int r;
     if ((r = wait_comm(n, deadline)) < 0)
         return r;
     CUDA_TRY(n, cudaMemcpyAsync(n->h_sizes + W, n->d_sizes + W, sizeof(uint64_t) * W,
                                 cudaMemcpyDeviceToHost, n->stream));
     if ((r = wait_stream(n, deadline)) < 0)
         return r;
+sized:
     for (int p = 0; p < W; p++) {
         if (p == c->rank || !x->recv_from[p])
             continue;

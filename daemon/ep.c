@@ -423,10 +423,13 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
     if (r < 0)
         return r;
     const void *none[DSV32_COMM_MAX_WORLD] = {0};
-    for (int s = 0; s < S; s++)
+    size_t expect[DSV32_COMM_MAX_WORLD] = {0};
+    for (int s = 0; s < S; s++) {
         from[A + s] = 1;
+        expect[A + s] = sizeof(struct ep_hdr) + (size_t)cnt[s] * D * es;
+    }
     struct dsv32_comm_xchg x2 = {.send = none, .send_bytes = sb, .recv_from = from, .recv = recv,
-                                 .recv_bytes = rb};
+                                 .recv_bytes = rb, .recv_expect = expect};
     if ((r = dsv32_comm_exchange(c->comm, &x2, c->timeout_ms)) < 0)
         return r;
     c->st.exchanges += 2;
@@ -709,8 +712,10 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
         off += sb[a];
     }
     memset(from, 0, sizeof(from));
+    /* the attention side knows these sizes from its dispatch: no sizes round */
+    static const size_t known[DSV32_COMM_MAX_WORLD];
     struct dsv32_comm_xchg x2 = {.send = send, .send_bytes = sb, .recv_from = from, .recv = recv,
-                                 .recv_bytes = rb};
+                                 .recv_bytes = rb, .recv_expect = known};
     if ((r = dsv32_comm_exchange(s->comm, &x2, s->timeout_ms)) < 0)
         return r;
     (void)W;
