@@ -1,0 +1,8 @@
+# Unit tests of the control-plane layers that need no etcd: the gRPC layer (server and client on
+# 127.0.0.1), generated protobuf messages, systemd notify through a fake NOTIFY_SOCKET.
+if(DSV32_HAVE_GRPC)
+    foreach(t rpc)
+        dsv32_add_test(NAME test_${t} SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_${t}.c
+                       LIBS dsv32_net PkgConfig::CMOCKA LABELS unit TIMEOUT 120)
+    endforeach()
+endif()
