@@ -101,7 +101,12 @@ int dsv32_sched_new(struct dsv32_engine *e, const struct dsv32_sched_opts *o,
         dsv32_sched_free(s);
         return -ENOMEM;
     }
-    pthread_mutex_init(&s->lock, NULL);
+    /* recursive: callbacks run under the lock and may cancel requests (their own included) */
+    pthread_mutexattr_t ma;
+    pthread_mutexattr_init(&ma);
+    pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_RECURSIVE);
+    pthread_mutex_init(&s->lock, &ma);
+    pthread_mutexattr_destroy(&ma);
     pthread_cond_init(&s->wake, NULL);
     *ret = s;
     return 0;

@@ -4,7 +4,9 @@
  * prompts up to a token budget (chunked prefill). Tokens reach the caller (on_token) only after
  * the step that made them has completed; a step that fails (an expert shard died, say) changes
  * nothing and is run again. One thread runs the steps; submit and cancel may be called from any
- * thread. Callbacks run on the scheduler's thread and must not block. */
+ * thread. Callbacks run on the scheduler's thread and must not block; they may call
+ * dsv32_sched_cancel (any request, their own included) but must not take locks that other threads
+ * hold while they call into the scheduler. */
 #ifndef DSV32_SCHED_H
 #define DSV32_SCHED_H
 

@@ -1,0 +1,433 @@
+/* The attention daemon: model, KV cache, scheduler, and the dsv32.cluster.v1.Attn service the
+ * router calls. One Run call = one request; its committed tokens stream back as they come out of
+ * the scheduler's steps. A client that goes away (or passes its deadline) cancels the request and
+ * its KV blocks are freed at the next step boundary. */
+#include "attn.h"
+
+#include "api.h"
+#include "cluster.pb-c.h"
+#include "engine.h"
+#include "error.h"
+#include "log.h"
+#include "notify.h"
+#include "rpc.h"
+#include "safetensors.h"
+#include "sched.h"
+#include "textgen.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_RUNS 4096
+
+struct run {
+    struct attn *a;
+    struct dsv32_rpc_call *call;
+    char rid[132];
+    uint64_t id;
+    int n_sent;
+    int broken; /* the client stopped reading: the request is being cancelled */
+};
+
+struct attn {
+    struct attn_config cfg;
+    struct dsv32_model *model;
+    struct dsv32_engine *engine;
+    struct dsv32_sched *sched;
+    struct dsv32_tok *tok;
+    struct dsv32_rpc_server *server;
+    struct dsv32_rpc_health *health;
+    struct dsv32_notify_watchdog *watchdog;
+    int port;
+    int context;
+    pthread_mutex_t lock; /* runs */
+    struct run *runs[MAX_RUNS];
+    int n_runs;
+    uint64_t next_id;
+    int draining;
+};
+
+/* ---- the live runs, by request id and by call ---- */
+
+static int runs_add(struct attn *a, struct run *r)
+{
+    int rc = 0;
+    pthread_mutex_lock(&a->lock);
+    for (int i = 0; i < a->n_runs && rc == 0; i++)
+        if (strcmp(a->runs[i]->rid, r->rid) == 0)
+            rc = -EEXIST;
+    if (rc == 0 && a->n_runs == MAX_RUNS)
+        rc = DSV32_EOVERLOAD;
+    if (rc == 0)
+        a->runs[a->n_runs++] = r;
+    pthread_mutex_unlock(&a->lock);
+    return rc;
+}
+
+static void runs_remove(struct attn *a, struct run *r)
+{
+    pthread_mutex_lock(&a->lock);
+    for (int i = 0; i < a->n_runs; i++)
+        if (a->runs[i] == r) {
+            a->runs[i] = a->runs[--a->n_runs];
+            break;
+        }
+    pthread_mutex_unlock(&a->lock);
+}
+
+/* ---- scheduler callbacks (on the scheduler's thread) ---- */
+
+static void send_msg(struct run *r, Dsv32__Cluster__V1__RunResponse *m)
+{
+    if (r->broken)
+        return;
+    int rc = dsv32_rpc_call_write_msg(r->call, &m->base);
+    if (rc < 0) {
+        /* the client went away or stopped reading: stop generating for it */
+        r->broken = 1;
+        dsv32_sched_cancel(r->a->sched, r->id);
+    }
+}
+
+static void on_token(void *ctx, int32_t token, const char *text, size_t len,
+                     const struct dsv32_logprobs *lp)
+{
+    struct run *r = ctx;
+    Dsv32__Cluster__V1__RunResponse m = DSV32__CLUSTER__V1__RUN_RESPONSE__INIT;
+    struct dsv32_api_logprobs_store st;
+    Dsv32__V1__Logprobs *lps[1];
+    m.offset = (uint32_t)r->n_sent;
+    m.n_token_ids = 1;
+    m.token_ids = &token;
+    if (lp) {
+        dsv32_api_logprobs_to_pb(r->a->tok, lp, &st);
+        lps[0] = &st.msg;
+        m.n_logprobs = 1;
+        m.logprobs = lps;
+    }
+    send_msg(r, &m);
+    r->n_sent++;
+}
+
+static void on_prompt_logprobs(void *ctx, const struct dsv32_logprobs *lp, int n)
+{
+    struct run *r = ctx;
+    struct dsv32_api_logprobs_store *st = malloc(sizeof(*st) * (size_t)(n > 0 ? n : 1));
+    Dsv32__V1__Logprobs **lps = malloc(sizeof(*lps) * (size_t)(n > 0 ? n : 1));
+    if (!st || !lps) {
+        free(st);
+        free(lps);
+        r->broken = 1;
+        dsv32_sched_cancel(r->a->sched, r->id);
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        dsv32_api_logprobs_to_pb(r->a->tok, &lp[i], &st[i]);
+        lps[i] = &st[i].msg;
+    }
+    Dsv32__Cluster__V1__RunResponse m = DSV32__CLUSTER__V1__RUN_RESPONSE__INIT;
+    m.n_prompt_logprobs = (size_t)n;
+    m.prompt_logprobs = lps;
+    send_msg(r, &m);
+    free(st);
+    free(lps);
+}
+
+static void on_finish(void *ctx, enum dsv32_finish why, const char *text, size_t len,
+                      const struct dsv32_usage *u, int err)
+{
+    struct run *r = ctx;
+    struct attn *a = r->a;
+    runs_remove(a, r);
+    Dsv32__Cluster__V1__RunResponse m = DSV32__CLUSTER__V1__RUN_RESPONSE__INIT;
+    Dsv32__V1__Usage usage = DSV32__V1__USAGE__INIT;
+    usage.prompt_tokens = (uint32_t)u->prompt_tokens;
+    usage.completion_tokens = (uint32_t)u->completion_tokens;
+    m.offset = (uint32_t)r->n_sent;
+    m.finish_reason = dsv32_api_finish_to_pb(why);
+    m.usage = &usage;
+    if (why == DSV32_FINISH_ERROR)
+        m.error_message = (char *)dsv32_strerror(err);
+    if (!r->broken && dsv32_rpc_call_write_msg(r->call, &m.base) == 0)
+        dsv32_rpc_call_finish(r->call, DSV32_RPC_OK, "%s", "");
+    else
+        dsv32_rpc_call_finish(r->call, DSV32_RPC_CANCELLED, "request %s cancelled", r->rid);
+    free(r);
+}
+
+/* Called by the rpc layer when the client cancels or its deadline passes. */
+static void on_call_cancel(void *arg, struct dsv32_rpc_call *call)
+{
+    struct attn *a = arg;
+    uint64_t id = 0;
+    /* never call the scheduler with our lock held: its callbacks take our lock */
+    pthread_mutex_lock(&a->lock);
+    for (int i = 0; i < a->n_runs; i++)
+        if (a->runs[i]->call == call)
+            id = a->runs[i]->id;
+    pthread_mutex_unlock(&a->lock);
+    if (id)
+        dsv32_sched_cancel(a->sched, id);
+}
+
+/* ---- the Attn service ---- */
+
+static void run_handler(void *arg, struct dsv32_rpc_call *call, const uint8_t *req, size_t len)
+{
+    struct attn *a = arg;
+    const struct dsv32_config *c = a->engine->cfg;
+    char err[256];
+    Dsv32__Cluster__V1__RunRequest *m = dsv32__cluster__v1__run_request__unpack(NULL, len, req);
+    if (!m) {
+        dsv32_rpc_call_finish(call, DSV32_RPC_INVALID_ARGUMENT, "malformed RunRequest");
+        return;
+    }
+    struct run *r = NULL;
+    int code = DSV32_RPC_INVALID_ARGUMENT;
+    if (a->draining) {
+        code = DSV32_RPC_UNAVAILABLE;
+        snprintf(err, sizeof(err), "draining: no new requests");
+        goto refuse;
+    }
+    if (dsv32_api_request_id_ok(m->request_id) < 0) {
+        snprintf(err, sizeof(err), "request_id must be 1 to 128 characters of [A-Za-z0-9._:-]");
+        goto refuse;
+    }
+    for (size_t i = 0; i < m->n_prompt_token_ids; i++)
+        if (m->prompt_token_ids[i] < 0 || m->prompt_token_ids[i] >= c->vocab_size) {
+            snprintf(err, sizeof(err), "prompt_token_ids[%zu] = %d is not a token id (vocabulary "
+                     "of %d)", i, m->prompt_token_ids[i], c->vocab_size);
+            goto refuse;
+        }
+    for (size_t i = 0; i < m->n_resume_token_ids; i++)
+        if (m->resume_token_ids[i] < 0 || m->resume_token_ids[i] >= c->vocab_size) {
+            snprintf(err, sizeof(err), "resume_token_ids[%zu] is not a token id", i);
+            goto refuse;
+        }
+    struct dsv32_api_gen g;
+    if (dsv32_api_gen_from_pb(m->sampling, (int)m->n_prompt_token_ids, c->vocab_size, a->context,
+                              &g, err, sizeof(err)) < 0)
+        goto refuse;
+    if ((int)m->n_resume_token_ids >= g.max_tokens) {
+        snprintf(err, sizeof(err), "%zu resumed tokens leave nothing to generate (max_tokens %d)",
+                 m->n_resume_token_ids, g.max_tokens);
+        goto refuse;
+    }
+    r = calloc(1, sizeof(*r));
+    if (!r) {
+        code = DSV32_RPC_RESOURCE_EXHAUSTED;
+        snprintf(err, sizeof(err), "out of memory");
+        goto refuse;
+    }
+    r->a = a;
+    r->call = call;
+    snprintf(r->rid, sizeof(r->rid), "%s", m->request_id);
+    pthread_mutex_lock(&a->lock);
+    r->id = ++a->next_id;
+    pthread_mutex_unlock(&a->lock);
+    int rc = runs_add(a, r);
+    if (rc < 0) {
+        code = dsv32_rpc_code_from_err(rc);
+        snprintf(err, sizeof(err), rc == -EEXIST ? "request %s is already running" : "%s",
+                 rc == -EEXIST ? m->request_id : dsv32_strerror(rc));
+        free(r);
+        r = NULL;
+        goto refuse;
+    }
+    struct dsv32_text_request tr = {.ctx = r, .on_token = on_token,
+                                    .on_prompt_logprobs = on_prompt_logprobs,
+                                    .on_finish = on_finish, .stop_strings = g.stop,
+                                    .n_stop_strings = g.n_stop};
+    tr.r = (struct dsv32_request){.id = r->id, .prompt = m->prompt_token_ids,
+                                  .n_prompt = (int)m->n_prompt_token_ids, .sp = g.sp,
+                                  .max_tokens = g.max_tokens, .n_stop_ids = g.n_stop_ids,
+                                  .ignore_eos = g.ignore_eos, .resume = m->resume_token_ids,
+                                  .n_resume = (int)m->n_resume_token_ids};
+    memcpy(tr.r.stop_ids, g.stop_ids, sizeof(g.stop_ids));
+    r->n_sent = (int)m->n_resume_token_ids;
+    /* on_cancel before submit: it finds the run through the table, so it is safe whenever it
+     * fires; a cancel that comes before the request is queued is answered by the scheduler
+     * (-ENOENT) and the deadline check below */
+    dsv32_rpc_call_on_cancel(call, on_call_cancel, a);
+    rc = dsv32_textgen_submit(a->sched, a->tok, &tr);
+    if (rc < 0) {
+        runs_remove(a, r);
+        free(r);
+        r = NULL;
+        code = dsv32_rpc_code_from_err(rc);
+        snprintf(err, sizeof(err), "%s", rc == DSV32_EOVERLOAD ? "overloaded: the queue is full"
+                                         : rc == DSV32_EFULL ? "the request is larger than the KV cache"
+                                                             : dsv32_strerror(rc));
+        goto refuse;
+    }
+    if (dsv32_rpc_call_cancelled(call))
+        dsv32_sched_cancel(a->sched, r->id);
+    dsv32__cluster__v1__run_request__free_unpacked(m, NULL);
+    return;
+refuse:
+    dsv32__cluster__v1__run_request__free_unpacked(m, NULL);
+    dsv32_rpc_call_finish(call, code, "%s", err);
+}
+
+static void cancel_handler(void *arg, struct dsv32_rpc_call *call, const uint8_t *req, size_t len)
+{
+    struct attn *a = arg;
+    Dsv32__Cluster__V1__CancelRequest *m = dsv32__cluster__v1__cancel_request__unpack(NULL, len, req);
+    if (!m) {
+        dsv32_rpc_call_finish(call, DSV32_RPC_INVALID_ARGUMENT, "malformed CancelRequest");
+        return;
+    }
+    Dsv32__Cluster__V1__CancelResponse resp = DSV32__CLUSTER__V1__CANCEL_RESPONSE__INIT;
+    uint64_t id = 0;
+    pthread_mutex_lock(&a->lock);
+    for (int i = 0; i < a->n_runs; i++)
+        if (strcmp(a->runs[i]->rid, m->request_id) == 0)
+            id = a->runs[i]->id;
+    pthread_mutex_unlock(&a->lock);
+    resp.found = id && dsv32_sched_cancel(a->sched, id) == 0;
+    dsv32__cluster__v1__cancel_request__free_unpacked(m, NULL);
+    dsv32_rpc_call_reply_msg(call, &resp.base);
+}
+
+static void status_handler(void *arg, struct dsv32_rpc_call *call, const uint8_t *req, size_t len)
+{
+    struct attn *a = arg;
+    struct dsv32_sched_stats st;
+    dsv32_sched_get_stats(a->sched, &st);
+    Dsv32__Cluster__V1__StatusResponse resp = DSV32__CLUSTER__V1__STATUS_RESPONSE__INIT;
+    resp.id = (char *)a->cfg.id;
+    resp.role = (char *)a->cfg.role;
+    resp.state = a->draining ? DSV32__V1__NODE_STATE__NODE_STATE_DRAINING
+                             : DSV32__V1__NODE_STATE__NODE_STATE_READY;
+    resp.running = (uint32_t)st.running;
+    resp.waiting = (uint32_t)st.queued;
+    resp.free_kv_blocks = (uint64_t)st.free_blocks;
+    resp.total_kv_blocks = (uint64_t)st.total_blocks;
+    resp.kv_block_tokens = DSV32_KV_BLOCK_TOKENS;
+    dsv32_rpc_call_reply_msg(call, &resp.base);
+}
+
+/* ---- life cycle ---- */
+
+static void load_progress(void *ctx, int64_t done, int64_t total)
+{
+    if (done == total || done % 64 == 0)
+        dsv32_notify_status("loading weights: %lld/%lld tensors", (long long)done, (long long)total);
+}
+
+static bool healthy(void *arg)
+{
+    (void)arg;
+    return true;
+}
+
+void attn_free(struct attn *a)
+{
+    if (!a)
+        return;
+    dsv32_notify_watchdog_stop(a->watchdog);
+    /* the server first: no handler runs after this; then the scheduler finishes what is left */
+    dsv32_rpc_server_free(a->server);
+    dsv32_rpc_health_free(a->health);
+    dsv32_sched_free(a->sched);
+    dsv32_engine_free(a->engine);
+    dsv32_model_free(a->model);
+    dsv32_tok_free(a->tok);
+    pthread_mutex_destroy(&a->lock);
+    free(a);
+}
+
+int attn_new(const struct attn_config *cfg, struct attn **ret)
+{
+    struct attn *a = calloc(1, sizeof(*a));
+    int r;
+    if (!a)
+        return -ENOMEM;
+    a->cfg = *cfg;
+    pthread_mutex_init(&a->lock, NULL);
+    dsv32_notify_status("loading %s", cfg->model_dir);
+    struct dsv32_load_opts lo = {.progress = load_progress};
+    if ((r = dsv32_model_load(cfg->model_dir, &lo, &a->model)) < 0) {
+        log_error("%s", dsv32_load_error());
+        goto fail;
+    }
+    if ((r = dsv32_tok_load(cfg->tokenizer_dir ? cfg->tokenizer_dir : cfg->model_dir, &a->tok)) < 0) {
+        log_error("tokenizer in %s: %s", cfg->tokenizer_dir ? cfg->tokenizer_dir : cfg->model_dir,
+                  dsv32_strerror(r));
+        goto fail;
+    }
+    struct dsv32_engine_opts eo = {.backend = cfg->backend, .max_seqs = cfg->max_seqs,
+                                   .max_batch_tokens = cfg->max_batch_tokens,
+                                   .max_seq_len = cfg->max_seq_len, .kv_blocks = cfg->kv_blocks};
+    if ((r = dsv32_engine_new(a->model, &eo, &a->engine)) < 0) {
+        log_error("%s", dsv32_load_error());
+        goto fail;
+    }
+    a->context = a->engine->kv->max_blocks_per_seq * DSV32_KV_BLOCK_TOKENS;
+    if (a->context > a->model->cfg.max_position_embeddings)
+        a->context = a->model->cfg.max_position_embeddings;
+    struct dsv32_sched_opts so = {.max_queue = cfg->max_queue};
+    if ((r = dsv32_sched_new(a->engine, &so, &a->sched)) < 0 || (r = dsv32_sched_start(a->sched)) < 0)
+        goto fail;
+    struct dsv32_rpc_server_config sc = {.listen = cfg->listen, .max_recv_bytes = 64u << 20,
+                                         .max_send_bytes = 64u << 20, .max_stream_queue = 4096};
+    if ((r = dsv32_rpc_server_new(&sc, &a->server)) < 0 ||
+        (r = dsv32_rpc_health_new(a->server, &a->health)) < 0 ||
+        (r = dsv32_rpc_server_add_method(a->server, "/dsv32.cluster.v1.Attn/Run",
+                                         DSV32_RPC_SERVER_STREAM, 0, run_handler, a)) < 0 ||
+        (r = dsv32_rpc_server_add_method(a->server, "/dsv32.cluster.v1.Attn/Cancel",
+                                         DSV32_RPC_UNARY, 0, cancel_handler, a)) < 0 ||
+        (r = dsv32_rpc_server_add_method(a->server, "/dsv32.cluster.v1.Attn/Status",
+                                         DSV32_RPC_UNARY, 0, status_handler, a)) < 0 ||
+        (r = dsv32_rpc_server_start(a->server, &a->port)) < 0) {
+        log_error("gRPC server on %s: %s", cfg->listen, dsv32_strerror(r));
+        goto fail;
+    }
+    dsv32_rpc_health_set(a->health, "", DSV32_RPC_HEALTH_SERVING);
+    dsv32_rpc_health_set(a->health, "dsv32.cluster.v1.Attn", DSV32_RPC_HEALTH_SERVING);
+    if (cfg->port_file) {
+        FILE *f = fopen(cfg->port_file, "w");
+        if (!f || fprintf(f, "%d\n", a->port) < 0 || fclose(f) != 0) {
+            r = -errno;
+            log_error("%s: cannot write the port", cfg->port_file);
+            goto fail;
+        }
+    }
+    log_info("serving %s (%d layers, %s backend, context %d, %d KV blocks) on port %d",
+             cfg->model_dir, a->model->cfg.num_hidden_layers, a->engine->be->ops->name, a->context,
+             a->engine->kv->n_blocks, a->port);
+    dsv32_notify_watchdog_start(healthy, a, &a->watchdog);
+    *ret = a;
+    return 0;
+fail:
+    attn_free(a);
+    return r;
+}
+
+int attn_run(struct attn *a, volatile int *stop)
+{
+    dsv32_notify_ready();
+    dsv32_notify_status("serving on port %d", a->port);
+    while (!*stop) {
+        struct timespec ts = {0, 100 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    /* drain: refuse new requests, let running ones finish (up to 30 s), then stop */
+    dsv32_notify_stopping();
+    a->draining = 1;
+    dsv32_rpc_health_set(a->health, "", DSV32_RPC_HEALTH_NOT_SERVING);
+    for (int i = 0; i < 300; i++) {
+        struct dsv32_sched_stats st;
+        dsv32_sched_get_stats(a->sched, &st);
+        if (st.running == 0 && st.queued == 0)
+            break;
+        struct timespec ts = {0, 100 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    return 0;
+}

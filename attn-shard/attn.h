@@ -1,0 +1,34 @@
+/* dsv32-attn: the attention daemon. It holds the model except (in expert-parallel mode) the
+ * routed experts, the paged KV cache and a continuous-batching scheduler, and serves the router
+ * through dsv32.cluster.v1.Attn (Run streams one request's committed tokens, Cancel, Status) and
+ * grpc.health.v1.Health. */
+#ifndef DSV32_ATTN_H
+#define DSV32_ATTN_H
+
+#include <stdint.h>
+
+struct attn_config {
+    const char *model_dir;
+    const char *tokenizer_dir; /* default: model_dir */
+    const char *listen;        /* gRPC address; port 0 picks one */
+    const char *id;
+    const char *role;          /* "both", "prefill", "decode" */
+    const char *backend;       /* "cpu", "cuda" */
+    int gpu;
+    int max_seqs, max_batch_tokens, max_seq_len, kv_blocks, max_queue;
+    const char *port_file;     /* the bound port is written here once serving */
+    /* cluster membership */
+    const char *etcd;          /* NULL: standalone */
+    const char *cluster;
+    int lease_ttl_s;
+    const char *advertise;     /* address others use to reach us; default: listen host + port */
+};
+
+struct attn;
+
+int attn_new(const struct attn_config *cfg, struct attn **ret);
+/* Serves until attn_stop (from a signal handler's flag); returns 0 after a clean drain. */
+int attn_run(struct attn *a, volatile int *stop_flag);
+void attn_free(struct attn *a);
+
+#endif
