@@ -5,6 +5,7 @@
 if(DSV32_HAVE_GRPC)
     add_library(dsv32_net STATIC
         ${CMAKE_CURRENT_LIST_DIR}/rpc.c ${CMAKE_CURRENT_LIST_DIR}/rpc_health.c
+        ${CMAKE_CURRENT_LIST_DIR}/etcd.c ${CMAKE_CURRENT_LIST_DIR}/registry.c
         ${CMAKE_CURRENT_LIST_DIR}/notify.c)
     target_include_directories(dsv32_net PUBLIC ${CMAKE_CURRENT_LIST_DIR})
     target_link_libraries(dsv32_net PUBLIC dsv32 dsv32_proto PkgConfig::GRPC PkgConfig::PROTOBUFC

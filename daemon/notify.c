@@ -69,13 +69,17 @@ static void *watchdog_thread(void *arg)
     struct dsv32_notify_watchdog *w = arg;
     struct timespec next;
     clock_gettime(CLOCK_MONOTONIC, &next);
+    bool was_healthy = true;
     pthread_mutex_lock(&w->mu);
     while (!w->stop) {
         pthread_mutex_unlock(&w->mu);
-        if (!w->healthy || w->healthy(w->arg))
+        bool ok = !w->healthy || w->healthy(w->arg);
+        if (ok)
             dsv32_notify_watchdog();
-        else
-            log_warn("notify: unhealthy, watchdog not fed");
+        if (ok != was_healthy)
+            log_warn("notify: %s", ok ? "healthy again, feeding the watchdog"
+                                      : "unhealthy: watchdog not fed (systemd will restart us)");
+        was_healthy = ok;
         pthread_mutex_lock(&w->mu);
         next.tv_sec += (time_t)(w->interval_us / 1000000);
         next.tv_nsec += (long)(w->interval_us % 1000000) * 1000;
