@@ -10,6 +10,7 @@
 #include "error.h"
 #include "log.h"
 #include "notify.h"
+#include "registry.h"
 #include "rpc.h"
 #include "safetensors.h"
 #include "sched.h"
@@ -43,6 +44,9 @@ struct attn {
     struct dsv32_rpc_server *server;
     struct dsv32_rpc_health *health;
     struct dsv32_notify_watchdog *watchdog;
+    struct dsv32_etcd *etcd;
+    struct dsv32_registry *reg;
+    char address[DSV32_NODE_ADDR_MAX];
     int port;
     int context;
     pthread_mutex_t lock; /* runs */
@@ -331,6 +335,8 @@ void attn_free(struct attn *a)
     if (!a)
         return;
     dsv32_notify_watchdog_stop(a->watchdog);
+    dsv32_registry_free(a->reg); /* deregisters: the router stops placing here at once */
+    dsv32_etcd_free(a->etcd);
     /* the server first: no handler runs after this; then the scheduler finishes what is left */
     dsv32_rpc_server_free(a->server);
     dsv32_rpc_health_free(a->health);
@@ -398,6 +404,25 @@ int attn_new(const struct attn_config *cfg, struct attn **ret)
             goto fail;
         }
     }
+    /* the address the router dials: --advertise, else the listen host with the bound port */
+    if (cfg->advertise) {
+        snprintf(a->address, sizeof(a->address), "%s", cfg->advertise);
+    } else {
+        const char *colon = strrchr(cfg->listen, ':');
+        int hl = colon ? (int)(colon - cfg->listen) : (int)strlen(cfg->listen);
+        snprintf(a->address, sizeof(a->address), "%.*s:%d", hl, cfg->listen, a->port);
+    }
+    if (cfg->etcd) {
+        struct dsv32_etcd_config ec = {.endpoint = cfg->etcd};
+        struct dsv32_registry_config rc = {.cluster = cfg->cluster, .kind = "attn", .id = cfg->id,
+                                           .address = a->address, .role = cfg->role,
+                                           .gpu = cfg->gpu, .ttl_s = cfg->lease_ttl_s};
+        if ((r = dsv32_etcd_new(&ec, &a->etcd)) < 0 ||
+            (r = dsv32_registry_new(a->etcd, &rc, &a->reg)) < 0) {
+            log_error("registration with etcd %s: %s", cfg->etcd, dsv32_strerror(r));
+            goto fail;
+        }
+    }
     log_info("serving %s (%d layers, %s backend, context %d, %d KV blocks) on port %d",
              cfg->model_dir, a->model->cfg.num_hidden_layers, a->engine->be->ops->name, a->context,
              a->engine->kv->n_blocks, a->port);
@@ -409,14 +434,35 @@ fail:
     return r;
 }
 
+static void publish_load(struct attn *a)
+{
+    if (!a->reg)
+        return;
+    struct dsv32_sched_stats st;
+    dsv32_sched_get_stats(a->sched, &st);
+    struct dsv32_node_load l = {.running = (uint32_t)st.running, .waiting = (uint32_t)st.queued,
+                                .free_kv_blocks = (uint64_t)st.free_blocks,
+                                .total_kv_blocks = (uint64_t)st.total_blocks};
+    dsv32_registry_set_load(a->reg, &l);
+}
+
 int attn_run(struct attn *a, volatile int *stop)
 {
+    if (a->reg) {
+        publish_load(a);
+        dsv32_registry_set_state(a->reg, DSV32_NODE_READY);
+        /* READY=1 once the router can find us (or after 5 s without etcd: we serve anyway) */
+        dsv32_registry_flush(a->reg, 5000);
+    }
     dsv32_notify_ready();
-    dsv32_notify_status("serving on port %d", a->port);
+    dsv32_notify_status("serving on %s", a->address);
     while (!*stop) {
         struct timespec ts = {0, 100 * 1000 * 1000};
         nanosleep(&ts, NULL);
+        publish_load(a);
     }
+    if (a->reg)
+        dsv32_registry_set_state(a->reg, DSV32_NODE_DRAINING);
     /* drain: refuse new requests, let running ones finish (up to 30 s), then stop */
     dsv32_notify_stopping();
     a->draining = 1;
@@ -426,6 +472,7 @@ int attn_run(struct attn *a, volatile int *stop)
         dsv32_sched_get_stats(a->sched, &st);
         if (st.running == 0 && st.queued == 0)
             break;
+        publish_load(a);
         struct timespec ts = {0, 100 * 1000 * 1000};
         nanosleep(&ts, NULL);
     }

@@ -14,6 +14,7 @@
 int dsv32_stop_init(struct dsv32_stop_matcher *m, const char *const *stops, int n)
 {
     memset(m, 0, sizeof(*m));
+    m->matched = -1;
     if (n < 0 || n > DSV32_MAX_STOP_STRINGS)
         return -EINVAL;
     for (int i = 0; i < n; i++) {
@@ -79,13 +80,17 @@ int dsv32_stop_feed(struct dsv32_stop_matcher *m, const char *text, size_t len,
     m->n_held += len;
     /* the earliest occurrence of any stop string ends the text */
     size_t best = (size_t)-1;
+    int which = -1;
     for (int i = 0; i < m->n_stops; i++) {
         const char *p = memmem(m->held, m->n_held, m->stops[i], strlen(m->stops[i]));
-        if (p && (size_t)(p - m->held) < best)
+        if (p && (size_t)(p - m->held) < best) {
             best = (size_t)(p - m->held);
+            which = i;
+        }
     }
     if (best != (size_t)-1) {
         m->stopped = 1;
+        m->matched = which;
         int r = hand_out(m, best, ret_out, ret_len);
         m->n_held = 0;
         return r < 0 ? r : 1;

@@ -24,6 +24,7 @@ struct dsv32_stop_matcher {
     char *out;       /* what the last call handed out */
     size_t out_cap;
     int stopped;
+    int matched;     /* index of the stop string that ended the text, -1 */
 };
 
 /* -EINVAL for empty strings, too many or too long ones. */
