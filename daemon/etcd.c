@@ -717,10 +717,10 @@ static void *keeper_thread(void *arg)
                 last_ok = t0;
                 uncertain = false;
                 backoff = RETRY_MIN_MS;
-                keeper_set(k, id);
                 log_debug("etcd: lease %lx granted (%llds)", (unsigned long)id, (long long)granted);
-                if (k->fn)
+                if (k->fn) /* before keeper_wait returns it: the owner has seen it first */
                     k->fn(k->arg, DSV32_ETCD_LEASE_GRANTED, id);
+                keeper_set(k, id);
                 next = t0 + period;
             } else {
                 next = now_ms() + backoff;

@@ -248,7 +248,8 @@ static void test_lease(void **state)
     assert_int_equal(dsv32_etcd_lease_grant(E, 0, &id, &ttl), -EINVAL);
 
     /* a kept lease outlives several TTLs; an unkept one of the same TTL expires meanwhile */
-    struct lease_log log = {.mu = PTHREAD_MUTEX_INITIALIZER};
+    static struct lease_log log; /* static: a failed assertion may leave threads behind */
+    log = (struct lease_log){.mu = PTHREAD_MUTEX_INITIALIZER};
     struct dsv32_etcd_keeper *k;
     assert_int_equal(dsv32_etcd_keeper_new(E, 1, on_lease, &log, &k), 0);
     int64_t kl = dsv32_etcd_keeper_wait(k, 3000);
@@ -345,7 +346,7 @@ static void test_watch(void **state)
     int64_t rev;
     put_str("/t/w/old", "0");
     assert_int_equal(dsv32_etcd_put(E, "/t/w/a", "1", 1, 0, &rev), 0);
-    struct watch_log l;
+    static struct watch_log l;
     watch_log_init(&l);
     struct dsv32_etcd_watch *w;
     /* from the next revision: what happens after the put above, nothing before */
@@ -409,7 +410,7 @@ static void test_watch_compacted(void **state)
     assert_int_equal(dsv32_etcd_put(E, "/t/wc/a", "3", 1, 0, &rev), 0);
     assert_int_equal(dsv32_etcd_compact(E, rev), 0);
     /* the history it asks for is gone: it resyncs with a snapshot instead of losing changes */
-    struct watch_log l;
+    static struct watch_log l;
     watch_log_init(&l);
     struct dsv32_etcd_watch *w;
     assert_int_equal(dsv32_etcd_watch_new(E, "/t/wc/", DSV32_ETCD_PREFIX, rev0, on_watch, &l, &w),
@@ -433,13 +434,14 @@ static void test_etcd_restart(void **state)
     struct dsv32_etcd *e = client(1000);
     int64_t rev;
     assert_int_equal(dsv32_etcd_put(e, "/t/rs/start", "0", 1, 0, &rev), 0);
-    struct watch_log l;
+    static struct watch_log l;
     watch_log_init(&l);
     struct dsv32_etcd_watch *w;
     assert_int_equal(dsv32_etcd_watch_new(e, "/t/rs/", DSV32_ETCD_PREFIX, rev + 1, on_watch, &l,
                                           &w),
                      0);
-    struct lease_log ll = {.mu = PTHREAD_MUTEX_INITIALIZER};
+    static struct lease_log ll;
+    ll = (struct lease_log){.mu = PTHREAD_MUTEX_INITIALIZER};
     struct dsv32_etcd_keeper *k;
     assert_int_equal(dsv32_etcd_keeper_new(e, 2, on_lease, &ll, &k), 0);
     int64_t lease = dsv32_etcd_keeper_wait(k, 3000);
@@ -565,7 +567,8 @@ static void test_election(void **state)
 {
     const char *key = "/t/el/leader";
     struct dsv32_etcd *e2 = client(3000);
-    struct leader_log la = {.mu = PTHREAD_MUTEX_INITIALIZER}, lb = la, obs = la;
+    static struct leader_log la, lb, obs;
+    la = lb = obs = (struct leader_log){.mu = PTHREAD_MUTEX_INITIALIZER};
     struct dsv32_etcd_observer *o;
     assert_int_equal(dsv32_etcd_observer_new(E, key, on_observe, &obs, &o), 0);
     int64_t end = now_ms() + 3000;
@@ -591,7 +594,8 @@ static void test_election(void **state)
     assert_false(dsv32_etcd_election_is_leader(b));
 
     /* a resigns: b, campaigning meanwhile, takes over promptly */
-    struct campaign_job j = {.el = b, .timeout_ms = 10000};
+    static struct campaign_job j;
+    j = (struct campaign_job){.el = b, .timeout_ms = 10000};
     pthread_t t;
     assert_int_equal(pthread_create(&t, NULL, campaign_thread, &j), 0);
     usleep(200000);

@@ -241,7 +241,8 @@ static void test_load_rate_limit(void **state)
 {
     int64_t rev;
     assert_int_equal(dsv32_etcd_put(E, "/t/marker", "x", 1, 0, &rev), 0);
-    struct put_count c = {.mu = PTHREAD_MUTEX_INITIALIZER};
+    static struct put_count c; /* static: a failed assertion may leave the watch behind */
+    c = (struct put_count){.mu = PTHREAD_MUTEX_INITIALIZER};
     struct dsv32_etcd_watch *w;
     assert_int_equal(dsv32_etcd_watch_new(E, "/dsv32/c2/nodes/attn/a1", 0, rev + 1, count_puts,
                                           &c, &w),

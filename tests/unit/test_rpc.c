@@ -628,6 +628,62 @@ static void test_shutdown_with_calls(void **state)
     dsv32_rpc_client_free(c);
 }
 
+/* A standard gRPC client (Python's grpcio, another implementation than ours) against our server:
+ * statuses, streams, metadata, deadlines as any gRPC user sees them. Skipped without grpcio. */
+static const char py_client[] =
+    "import sys, grpc\n"
+    "ch = grpc.insecure_channel(sys.argv[1])\n"
+    "grpc.channel_ready_future(ch).result(timeout=10)\n"
+    "def code(f):\n"
+    "    try:\n"
+    "        f()\n"
+    "    except grpc.RpcError as e:\n"
+    "        return e.code()\n"
+    "    return grpc.StatusCode.OK\n"
+    "check = ch.unary_unary('/grpc.health.v1.Health/Check')\n"
+    "assert check(b'', timeout=5) == b'\\x08\\x01'\n"
+    "assert code(lambda: check(b'\\x0a\\x03abc', timeout=5)) == grpc.StatusCode.NOT_FOUND\n"
+    "assert code(lambda: ch.unary_unary('/no.Such/Method')(b'', timeout=5)) == "
+    "grpc.StatusCode.UNIMPLEMENTED\n"
+    "it = ch.unary_stream('/grpc.health.v1.Health/Watch')(b'', timeout=5)\n"
+    "assert next(it) == b'\\x08\\x01'\n"
+    "it.cancel()\n"
+    "msgs = list(ch.unary_stream('/t.T/Stream')(b'100', timeout=10))\n"
+    "assert len(msgs) == 100 and msgs[99] == b'msg-99', len(msgs)\n"
+    "admin = ch.unary_unary('/t.T/Admin')\n"
+    "assert admin(b'x', timeout=5, metadata=[('authorization', 'Bearer s3cret')]) == b'x'\n"
+    "assert code(lambda: admin(b'x', timeout=5)) == grpc.StatusCode.UNAUTHENTICATED\n"
+    "assert code(lambda: ch.unary_unary('/t.T/Hang')(b'x', timeout=0.2)) == "
+    "grpc.StatusCode.DEADLINE_EXCEEDED\n"
+    "e = code(lambda: ch.unary_unary('/t.T/Fail')(b'x', timeout=5))\n"
+    "assert e == grpc.StatusCode.INVALID_ARGUMENT, e\n"
+    "print('python grpcio client: OK')\n";
+
+/* Debian's python3 (the one with python3-grpcio), else whatever python3 is on PATH. */
+static const char *python(void)
+{
+    return access("/usr/bin/python3", X_OK) == 0 ? "/usr/bin/python3" : "python3";
+}
+
+static void test_python_client(void **state)
+{
+    struct fixture *f = *state;
+    char cmd[256];
+    snprintf(cmd, sizeof(cmd), "%s -c 'import grpc' >/dev/null 2>&1", python());
+    if (system(cmd) != 0)
+        skip();
+    assert_int_equal(dsv32_rpc_health_set(f->health, "", DSV32_RPC_HEALTH_SERVING), 0);
+    char path[] = "/tmp/dsv32-rpc-py-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, py_client, sizeof(py_client) - 1), (ssize_t)sizeof(py_client) - 1);
+    close(fd);
+    snprintf(cmd, sizeof(cmd), "%s %s %s", python(), path, f->target);
+    int rc = system(cmd);
+    unlink(path);
+    assert_int_equal(rc, 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -644,6 +700,7 @@ int main(void)
         cmocka_unit_test(test_wait_for_ready),
         cmocka_unit_test_setup_teardown(test_health, setup, teardown),
         cmocka_unit_test(test_shutdown_with_calls),
+        cmocka_unit_test_setup_teardown(test_python_client, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
