@@ -804,7 +804,8 @@ int64_t dsv32_etcd_keeper_wait(struct dsv32_etcd_keeper *k, int64_t timeout_ms)
     struct timespec ts;
     abstime_at_ms(&ts, end == INT64_MAX ? now_ms() + 365LL * 86400 * 1000 : end);
     pthread_mutex_lock(&k->mu);
-    while (k->lease == 0 && !k->stop && pthread_cond_timedwait(&k->cond, &k->mu, &ts) != ETIMEDOUT) {
+    while (k->lease == 0 && !k->stop &&
+           pthread_cond_timedwait(&k->cond, &k->mu, &ts) != ETIMEDOUT) {
     }
     int64_t l = k->lease;
     pthread_mutex_unlock(&k->mu);

@@ -132,8 +132,8 @@ int dsv32_etcd_lease_ttl(struct dsv32_etcd *e, int64_t id, int64_t *ret_ttl_s,
 int dsv32_etcd_lease_keepalive(struct dsv32_etcd *e, int64_t id, int64_t *ret_ttl_s);
 
 enum dsv32_etcd_lease_event {
-    DSV32_ETCD_LEASE_GRANTED,   /* a new lease (the first, or after LOST): keys must be put again */
-    DSV32_ETCD_LEASE_LOST,      /* etcd says the lease is gone (expired, revoked); a new one follows */
+    DSV32_ETCD_LEASE_GRANTED,   /* a new lease (the first, or after LOST): put the keys again */
+    DSV32_ETCD_LEASE_LOST,      /* etcd says it is gone (expired, revoked); a new one follows */
     DSV32_ETCD_LEASE_UNCERTAIN, /* no keepalive answer for a whole TTL: it may have expired */
     DSV32_ETCD_LEASE_CONFIRMED, /* after UNCERTAIN: a keepalive went through, the lease lives */
 };

@@ -4,7 +4,8 @@
 # names in target_link_libraries resolve when the build is generated, so the order is harmless.
 if(DSV32_HAVE_GRPC)
     add_library(dsv32_net STATIC
-        ${CMAKE_CURRENT_LIST_DIR}/rpc.c ${CMAKE_CURRENT_LIST_DIR}/rpc_health.c
+        ${CMAKE_CURRENT_LIST_DIR}/rpc.c ${CMAKE_CURRENT_LIST_DIR}/rpc_client.c
+        ${CMAKE_CURRENT_LIST_DIR}/rpc_health.c
         ${CMAKE_CURRENT_LIST_DIR}/etcd.c ${CMAKE_CURRENT_LIST_DIR}/registry.c
         ${CMAKE_CURRENT_LIST_DIR}/notify.c)
     target_include_directories(dsv32_net PUBLIC ${CMAKE_CURRENT_LIST_DIR})

@@ -53,7 +53,8 @@ bool dsv32_rpc_peer_is_loopback(const char *peer);
 /* ---- Server ------------------------------------------------------------------------------- */
 
 struct dsv32_rpc_server_config {
-    const char *listen;         /* "127.0.0.1:7001", "[::]:7001", "unix:/run/x.sock"; port 0 picks */
+    const char *listen;         /* "127.0.0.1:7001", "[::]:7001", "unix:/run/x.sock"; port 0:
+                                   any free port */
     size_t max_recv_bytes;      /* largest request message accepted; 0: 4 MiB */
     size_t max_send_bytes;      /* largest response message; 0: 4 MiB */
     uint32_t max_calls;         /* calls in progress; more get RESOURCE_EXHAUSTED; 0: 1024 */

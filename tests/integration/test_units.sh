@@ -15,16 +15,21 @@ for u in dsv32-router.service dsv32-attn@.service dsv32-expert@.service; do
     [ -f "$src/$u" ] || { echo "FAIL: $u missing"; fail=1; continue; }
     sed "s#/usr/bin/dsv32-[a-z]*#$tmp/stub#" "$src/$u" > "$tmp/$u"
     for want in '^Type=notify$' '^NotifyAccess=main$' '^WatchdogSec=' '^Restart=on-failure$' \
-                '^EnvironmentFile=/etc/dsv32/' '^ExecStart=/usr/bin/dsv32-' '--etcd \${DSV32_ETCD}' \
-                '--cluster \${DSV32_CLUSTER}' '--listen \${DSV32_LISTEN}' '--id ' \
+                '^EnvironmentFile=/etc/dsv32/' '^ExecStart=/usr/bin/dsv32-' \
+                '--etcd \${DSV32_ETCD}' '--cluster \${DSV32_CLUSTER}' \
+                '--listen \${DSV32_LISTEN}' '--id ' \
                 '^NoNewPrivileges=yes$' '^ProtectSystem=strict$' '^TimeoutStopSec='; do
         grep -qE -e "$want" "$src/$u" || { echo "FAIL: $u lacks $want"; fail=1; }
     done
 done
-grep -q '^EnvironmentFile=/etc/dsv32/router.env$' "$src/dsv32-router.service" || { echo "FAIL: router env"; fail=1; }
-grep -q '^EnvironmentFile=/etc/dsv32/attn-%i.env$' "$src/dsv32-attn@.service" || { echo "FAIL: attn env"; fail=1; }
-grep -q '^EnvironmentFile=/etc/dsv32/expert-%i.env$' "$src/dsv32-expert@.service" || { echo "FAIL: expert env"; fail=1; }
-grep -q -- '--id %i ' "$src/dsv32-attn@.service" || { echo "FAIL: attn id from the instance"; fail=1; }
+check() { # FILE REGEX WHAT
+    grep -qE -e "$2" "$src/$1" || { echo "FAIL: $1: $3"; fail=1; }
+}
+check dsv32-router.service '^EnvironmentFile=/etc/dsv32/router.env$' "environment file"
+check dsv32-attn@.service '^EnvironmentFile=/etc/dsv32/attn-%i.env$' "environment file"
+check dsv32-expert@.service '^EnvironmentFile=/etc/dsv32/expert-%i.env$' "environment file"
+check dsv32-attn@.service '--id %i ' "node id from the instance name"
+check dsv32-expert@.service '--id %i ' "node id from the instance name"
 
 # Instances of the templates, as systemd would start them.
 ln -s dsv32-attn@.service "$tmp/dsv32-attn@0.service"
@@ -43,9 +48,13 @@ fi
 for f in router.env attn-0.env expert-0.env; do
     p="$src/examples/$f"
     [ -f "$p" ] || { echo "FAIL: examples/$f missing"; fail=1; continue; }
-    if grep -vE '^(#.*|[A-Z0-9_]+=.*|)$' "$p"; then echo "FAIL: examples/$f: lines above"; fail=1; fi
-    grep -q '^DSV32_ETCD=' "$p" && grep -q '^DSV32_CLUSTER=' "$p" && grep -q '^DSV32_LISTEN=' "$p" ||
-        { echo "FAIL: examples/$f lacks DSV32_ETCD/CLUSTER/LISTEN"; fail=1; }
+    if grep -vE '^(#.*|[A-Z0-9_]+=.*|)$' "$p"; then
+        echo "FAIL: examples/$f: the lines above are not assignments"
+        fail=1
+    fi
+    for v in DSV32_ETCD DSV32_CLUSTER DSV32_LISTEN; do
+        grep -q "^$v=" "$p" || { echo "FAIL: examples/$f lacks $v"; fail=1; }
+    done
 done
 [ $fail -eq 0 ] && echo "units OK"
 exit $fail
