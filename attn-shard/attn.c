@@ -13,7 +13,7 @@
 #include "registry.h"
 #include "rpc.h"
 #include "safetensors.h"
-#include "sched.h"
+#include "scheduler.h"
 #include "textgen.h"
 
 #include <errno.h>

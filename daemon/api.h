@@ -9,7 +9,7 @@
 
 #include "dsv32.pb-c.h"
 #include "sampling.h"
-#include "sched.h"
+#include "scheduler.h"
 #include "textgen.h"
 #include "tokenizer.h"
 

@@ -8,7 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "sched.h"
+#include "scheduler.h"
 #include "tokenizer.h"
 
 #define DSV32_MAX_STOP_STRINGS 16

@@ -15,7 +15,7 @@
 
 #include "error.h"
 #include "safetensors.h"
-#include "sched.h"
+#include "scheduler.h"
 
 struct out {
     int32_t tok[64];

@@ -1,5 +1,5 @@
 /* Continuous batching scheduler; see sched.h. */
-#include "sched.h"
+#include "scheduler.h"
 
 #include "error.h"
 #include "log.h"
