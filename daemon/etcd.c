@@ -849,6 +849,7 @@ struct dsv32_etcd_watch {
     _Atomic uint64_t reconnects;
     int64_t next_rev; /* start_revision of the next stream (0: now) */
     bool need_snapshot;
+    uint64_t cluster_id; /* of the etcd the revisions belong to (0: not known yet) */
 };
 
 static void deliver(struct dsv32_etcd_watch *w, const struct dsv32_etcd_event *ev, size_t n,
@@ -947,6 +948,22 @@ static bool watch_stream(struct dsv32_etcd_watch *w)
         int64_t hrev = resp->header ? resp->header->revision : 0;
         if (resp->created) {
             created = true;
+            /* Revisions only mean something within one etcd cluster's history: an etcd that
+             * came back empty or from an old backup would leave us waiting for revisions it
+             * has not reached, silently missing everything until then. Resync instead. */
+            uint64_t cid = resp->header ? resp->header->cluster_id : 0;
+            if ((w->cluster_id && cid && cid != w->cluster_id) ||
+                hrev < atomic_load(&w->last_rev)) {
+                log_warn("etcd: watch %s: etcd's history changed (revision %lld, had %lld); "
+                         "resyncing",
+                         w->key, (long long)hrev, (long long)atomic_load(&w->last_rev));
+                w->cluster_id = cid;
+                w->need_snapshot = true;
+                protobuf_c_message_free_unpacked(m, NULL);
+                break;
+            }
+            if (cid)
+                w->cluster_id = cid;
             if (w->next_rev == 0) /* "from now": resume after what etcd had then */
                 w->next_rev = hrev + 1;
         }

@@ -184,9 +184,40 @@ static int spawn(struct etcd_fixture *f)
     return -ETIMEDOUT;
 }
 
+/* A shell that removes the directory once the pipe closes: when the fixture stops (it is gone
+ * already then) or when the test dies, however it dies. */
+static int start_janitor(struct etcd_fixture *f)
+{
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) < 0)
+        return -errno;
+    pid_t pid = fork();
+    if (pid < 0) {
+        int r = -errno;
+        close(p[0]);
+        close(p[1]);
+        return r;
+    }
+    if (pid == 0) {
+        int null = open("/dev/null", O_RDWR);
+        dup2(p[0], 0);
+        if (null >= 0) {
+            dup2(null, 1);
+            dup2(null, 2);
+        }
+        execl("/bin/sh", "sh", "-c", "cat >/dev/null; rm -rf -- \"$0\"", f->dir, (char *)NULL);
+        _exit(127);
+    }
+    close(p[0]);
+    f->janitor_fd = p[1];
+    f->janitor_pid = pid;
+    return 0;
+}
+
 int etcd_fixture_start(struct etcd_fixture *f)
 {
     memset(f, 0, sizeof(*f));
+    f->janitor_fd = -1;
     if (!etcd_fixture_binary())
         return -ENOENT;
     const char *tmp = getenv("TMPDIR");
@@ -194,6 +225,11 @@ int etcd_fixture_start(struct etcd_fixture *f)
     if (!mkdtemp(f->dir)) {
         f->dir[0] = 0;
         return -errno;
+    }
+    int jr = start_janitor(f);
+    if (jr < 0) {
+        etcd_fixture_stop(f);
+        return jr;
     }
     int r = -EINVAL;
     for (int attempt = 0; attempt < 3; attempt++) {
@@ -223,6 +259,21 @@ int etcd_fixture_kill(struct etcd_fixture *f)
     return 0;
 }
 
+static int rm_one(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    remove(path);
+    return 0;
+}
+
+int etcd_fixture_restart_empty(struct etcd_fixture *f)
+{
+    etcd_fixture_kill(f);
+    char data[PATH_MAX + 8];
+    snprintf(data, sizeof(data), "%s/data", f->dir);
+    nftw(data, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    return etcd_fixture_restart(f);
+}
+
 int etcd_fixture_restart(struct etcd_fixture *f)
 {
     etcd_fixture_kill(f);
@@ -239,11 +290,6 @@ int etcd_fixture_restart(struct etcd_fixture *f)
     return r;
 }
 
-static int rm_one(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    remove(path);
-    return 0;
-}
 
 void etcd_fixture_stop(struct etcd_fixture *f)
 {
@@ -251,5 +297,13 @@ void etcd_fixture_stop(struct etcd_fixture *f)
     if (f->dir[0]) {
         nftw(f->dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
         f->dir[0] = 0;
+    }
+    if (f->janitor_pid > 0) {
+        close(f->janitor_fd);
+        int st;
+        while (waitpid(f->janitor_pid, &st, 0) < 0 && errno == EINTR) {
+        }
+        f->janitor_pid = 0;
+        f->janitor_fd = -1;
     }
 }

@@ -13,6 +13,8 @@ struct etcd_fixture {
     int client_port, peer_port;
     char dir[PATH_MAX];  /* data/ and etcd.log inside */
     char endpoint[64];   /* "127.0.0.1:<client_port>" for dsv32_etcd_config.endpoint */
+    int janitor_fd;      /* write end of the janitor's pipe (-1: none) */
+    pid_t janitor_pid;
 };
 
 /* The etcd binary ($DSV32_ETCD or /usr/bin/etcd), NULL when there is none: skip with 77. */
@@ -24,6 +26,9 @@ int etcd_fixture_start(struct etcd_fixture *f);
 int etcd_fixture_kill(struct etcd_fixture *f);
 /* Starts it again on the same ports with the same data and waits until it is healthy. */
 int etcd_fixture_restart(struct etcd_fixture *f);
+/* Starts it again on the same ports with its data gone (a new cluster: revisions restart, leases
+ * are unknown), as after a disaster or a botched restore. */
+int etcd_fixture_restart_empty(struct etcd_fixture *f);
 /* Kills it and removes its directory; safe to call twice or on a fixture never started. */
 void etcd_fixture_stop(struct etcd_fixture *f);
 
