@@ -1,0 +1,554 @@
+/* CUDA kernel benchmarks at DeepSeek-V3.2's real dimensions (hidden 7168, 128 heads, kv_lora 512,
+ * rope 64, indexer 64 heads x 128, top-2048, 256 experts of 2048, 8 per token), on the cuda
+ * backend in its fast numerics mode, with caches and weights drawn directly on the GPU (no model
+ * needed). Every table is printed next to its floor from ceilings measured in the same run:
+ *   - ceilings: device-to-device copy bandwidth, cuBLAS bf16 GEMM rate;
+ *   - DSA decode attention (indexer + top-k + sparse MLA) at batch 64, context 131072, against the
+ *     bytes it must read (132 B of indexer key per cached token + 656 B per selected token), with
+ *     dense MLA over the whole context in the same run;
+ *   - cost against context length (dense vs DSA), also written as CSV for the plot;
+ *   - sparse MLA prefill (and the causal indexer over a prefill) in TFLOP/s next to the bf16 rate;
+ *   - one full decoder layer (MLA + DSA + MoE with all 256 experts) at batch 1, 16, 64, 256:
+ *     the step time of a 2-layer model minus that of a 1-layer model, next to the floor of the
+ *     layer's weight and KV bytes.
+ *   cuda_bench [--only dsa|sweep|prefill|layer] [--csv DIR] [--iters N] [--ctx-layer N] */
+#include "cuda/cuda_backend.h"
+#include "engine.h"
+#include "error.h"
+#include "kvcache.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define MUST(expr)                                                                                 \
+    do {                                                                                           \
+        int r_ = (expr);                                                                           \
+        if (r_ < 0) {                                                                              \
+            fprintf(stderr, "cuda_bench: %s: %s\n", #expr, dsv32_strerror(r_));                    \
+            exit(1);                                                                               \
+        }                                                                                          \
+    } while (0)
+
+static int iters = 10;
+static double copy_gbps, bf16_tflops;
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cmp_d(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof(double), cmp_d);
+    return v[n / 2];
+}
+
+static void cfg_v32(struct dsv32_config *c)
+{
+    memset(c, 0, sizeof(*c));
+    c->vocab_size = 129280;
+    c->hidden_size = 7168;
+    c->intermediate_size = 18432;
+    c->moe_intermediate_size = 2048;
+    c->num_hidden_layers = 1;
+    c->first_k_dense_replace = 0;
+    c->moe_layer_freq = 1;
+    c->num_attention_heads = 128;
+    c->n_routed_experts = 256;
+    c->n_shared_experts = 1;
+    c->num_experts_per_tok = 8;
+    c->n_group = 8;
+    c->topk_group = 4;
+    c->routed_scaling_factor = 2.5f;
+    c->norm_topk_prob = 1;
+    c->scoring_sigmoid = 1;
+    c->q_lora_rank = 1536;
+    c->kv_lora_rank = 512;
+    c->qk_nope_head_dim = 128;
+    c->qk_rope_head_dim = 64;
+    c->v_head_dim = 128;
+    c->index_n_heads = 64;
+    c->index_head_dim = 128;
+    c->index_topk = 2048;
+    c->rms_norm_eps = 1e-6f;
+    c->rope_theta = 10000.0;
+    c->yarn = 1;
+    c->rope_factor = 40;
+    c->original_max_position_embeddings = 4096;
+    c->beta_fast = 32;
+    c->beta_slow = 1;
+    c->mscale = c->mscale_all_dim = 1;
+    c->max_position_embeddings = 163840;
+    c->fp8 = 1;
+    c->fp8_block = 128;
+    c->ue8m0 = 1;
+}
+
+/* ---- the DSA decode setup: one layer's caches for B sequences of up to L tokens ---- */
+
+struct dsa {
+    struct dsv32_backend *be;
+    struct dsv32_config cfg;
+    int B, L, max_blocks;
+    struct dsv32_kv_layer kv;
+    int32_t *h_pos, *h_seq, *h_blocks, *d_pos, *d_seq, *d_blocks;
+    int64_t *h_slot, *d_slot;
+    uint8_t *h_mha, *d_mha;
+    uint8_t *q8;
+    float *qs, *wr, *qlat, *q, *out;
+    int32_t *sel;
+};
+
+static void *dalloc(struct dsv32_backend *be, size_t bytes)
+{
+    void *p = be->ops->alloc(be, bytes);
+    if (!p) {
+        fprintf(stderr, "cuda_bench: out of device memory (%zu bytes)\n", bytes);
+        exit(1);
+    }
+    return p;
+}
+
+static void dsa_init(struct dsa *d, struct dsv32_backend *be, int B, int L, int rows_per_seq)
+{
+    memset(d, 0, sizeof(*d));
+    d->be = be;
+    cfg_v32(&d->cfg);
+    d->B = B;
+    d->L = L;
+    d->max_blocks = L / 64;
+    const size_t n_blocks = (size_t)B * d->max_blocks, rows = (size_t)B * rows_per_seq;
+    d->kv.mla = dalloc(be, n_blocks * 64 * be->geom.mla_rec_bytes);
+    d->kv.idx = dalloc(be, n_blocks * be->geom.idx_block_bytes);
+    MUST(dsv32_cuda_fill(be, d->kv.mla, n_blocks * 64, DSV32_FILL_MLA_CACHE, 1, 1.0f));
+    MUST(dsv32_cuda_fill(be, d->kv.idx, n_blocks, DSV32_FILL_IDX_CACHE, 2, 1.0f));
+    /* block tables: a random permutation, as a paged cache after some churn */
+    d->h_blocks = malloc(sizeof(int32_t) * n_blocks);
+    for (size_t i = 0; i < n_blocks; i++)
+        d->h_blocks[i] = (int32_t)i;
+    srand(12345);
+    for (size_t i = n_blocks - 1; i > 0; i--) {
+        size_t j = ((size_t)rand() * 65536u + (size_t)rand()) % (i + 1);
+        int32_t x = d->h_blocks[i];
+        d->h_blocks[i] = d->h_blocks[j];
+        d->h_blocks[j] = x;
+    }
+    d->h_pos = malloc(sizeof(int32_t) * rows);
+    d->h_seq = malloc(sizeof(int32_t) * rows);
+    d->h_slot = malloc(sizeof(int64_t) * rows);
+    d->h_mha = calloc(rows, 1);
+    d->d_blocks = dalloc(be, sizeof(int32_t) * n_blocks);
+    d->d_pos = dalloc(be, sizeof(int32_t) * rows);
+    d->d_seq = dalloc(be, sizeof(int32_t) * rows);
+    d->d_slot = dalloc(be, sizeof(int64_t) * rows);
+    d->d_mha = dalloc(be, rows);
+    MUST(be->ops->to_device(be, d->d_blocks, d->h_blocks, sizeof(int32_t) * n_blocks));
+    const int H = 128, IH = 64, K = 2048;
+    d->q8 = dalloc(be, rows * IH * 128);
+    d->qs = dalloc(be, sizeof(float) * rows * IH);
+    d->wr = dalloc(be, sizeof(float) * rows * IH);
+    d->qlat = dalloc(be, sizeof(float) * rows * H * 512);
+    d->q = dalloc(be, sizeof(float) * rows * H * 192);
+    d->out = dalloc(be, sizeof(float) * rows * H * 512);
+    d->sel = dalloc(be, sizeof(int32_t) * rows * K);
+    MUST(dsv32_cuda_fill(be, d->q8, rows * IH * 128, DSV32_FILL_E4M3, 3, 64.0f));
+    MUST(dsv32_cuda_fill(be, d->qs, rows * IH, DSV32_FILL_F32_UNIFORM, 4, 0.01f));
+    MUST(dsv32_cuda_fill(be, d->wr, rows * IH, DSV32_FILL_F32_NORMAL, 5, 1.0f));
+    MUST(dsv32_cuda_fill(be, d->qlat, rows * H * 512, DSV32_FILL_F32_NORMAL, 6, 1.0f));
+    MUST(dsv32_cuda_fill(be, d->q, rows * H * 192, DSV32_FILL_F32_NORMAL, 7, 1.0f));
+}
+
+static void dsa_free(struct dsa *d)
+{
+    struct dsv32_backend *be = d->be;
+    void *dev[] = {d->kv.mla, d->kv.idx, d->d_blocks, d->d_pos, d->d_seq, d->d_slot, d->d_mha,
+                   d->q8, d->qs, d->wr, d->qlat, d->q, d->out, d->sel};
+    for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
+        be->ops->dealloc(be, dev[i]);
+    free(d->h_blocks);
+    free(d->h_pos);
+    free(d->h_seq);
+    free(d->h_slot);
+    free(d->h_mha);
+}
+
+/* rows: `per` query rows per sequence for the first nseq sequences, the last at position ctx-1 */
+static struct dsv32_step_meta dsa_meta(struct dsa *d, int nseq, int per, int ctx)
+{
+    const int rows = nseq * per;
+    for (int s = 0; s < nseq; s++)
+        for (int t = 0; t < per; t++) {
+            const int r = s * per + t, pos = ctx - per + t;
+            d->h_pos[r] = pos;
+            d->h_seq[r] = s;
+            d->h_slot[r] = (int64_t)d->h_blocks[(size_t)s * d->max_blocks + pos / 64] * 64 + pos % 64;
+            d->h_mha[r] = 0;
+        }
+    MUST(d->be->ops->to_device(d->be, d->d_pos, d->h_pos, sizeof(int32_t) * rows));
+    MUST(d->be->ops->to_device(d->be, d->d_seq, d->h_seq, sizeof(int32_t) * rows));
+    MUST(d->be->ops->to_device(d->be, d->d_slot, d->h_slot, sizeof(int64_t) * rows));
+    MUST(d->be->ops->to_device(d->be, d->d_mha, d->h_mha, (size_t)rows));
+    struct dsv32_step_meta m = {.n_rows = rows, .n_seqs = nseq, .max_blocks = d->max_blocks, .max_ctx = ctx};
+    m.d_row_pos = d->d_pos;
+    m.h_row_pos = d->h_pos;
+    m.d_row_seq = d->d_seq;
+    m.h_row_seq = d->h_seq;
+    m.d_blocks = d->d_blocks;
+    m.h_blocks = d->h_blocks;
+    m.d_row_slot = d->d_slot;
+    m.h_row_slot = d->h_slot;
+    m.d_row_mha = d->d_mha;
+    m.h_row_mha = d->h_mha;
+    return m;
+}
+
+enum { RUN_INDEXER = 1, RUN_SPARSE = 2, RUN_DENSE = 4 };
+
+/* median milliseconds of the chosen ops, device events around each repetition */
+static double dsa_time(struct dsa *d, const struct dsv32_step_meta *m, int what, int reps)
+{
+    struct dsv32_backend *be = d->be;
+    const float scale = 0.1352f; /* DeepSeek-V3.2's softmax scale: 192^-0.5 * (0.1 ln 40 + 1)^2 */
+    double *t = malloc(sizeof(double) * (size_t)reps);
+    for (int i = -2; i < reps; i++) {
+        MUST(dsv32_cuda_timer_start(be));
+        if (what & RUN_INDEXER)
+            MUST(be->ops->indexer(be, d->sel, d->q8, d->qs, d->wr, &d->kv, m, 2048));
+        if (what & RUN_SPARSE)
+            MUST(be->ops->mla(be, d->out, d->qlat, d->q + 128, 128 * 192, 192, d->sel, 2048, &d->kv, m, scale));
+        if (what & RUN_DENSE)
+            MUST(be->ops->mla(be, d->out, d->qlat, d->q + 128, 128 * 192, 192, NULL, 2048, &d->kv, m, scale));
+        float ms;
+        MUST(dsv32_cuda_timer_stop(be, &ms));
+        if (i >= 0)
+            t[i] = ms;
+    }
+    double r = median(t, reps);
+    free(t);
+    return r;
+}
+
+static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa, int do_sweep)
+{
+    const int B = 64, L = 131072;
+    struct dsa d;
+    dsa_init(&d, be, B, L, 1);
+    const double gb = 1e9;
+    if (do_dsa) {
+        struct dsv32_step_meta m = dsa_meta(&d, B, 1, L);
+        /* the bytes DSA decode must read: indexer keys of every cached token, 656 B per selected */
+        const double bytes = (double)B * L * 132 + (double)B * 2048 * 656;
+        const double floor_ms = bytes / (copy_gbps * gb) * 1e3;
+        const double dense_bytes = (double)B * L * 656;
+        const double t_idx = dsa_time(&d, &m, RUN_INDEXER, iters);
+        dsv32_cuda_set_knob(be, "indexer_fp8", 1);
+        const double t_idx8 = dsa_time(&d, &m, RUN_INDEXER, iters);
+        const double t_all8 = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
+        dsv32_cuda_set_knob(be, "indexer_fp8", 0);
+        const double t_sp = dsa_time(&d, &m, RUN_SPARSE, iters);
+        const double t_all = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
+        const double t_dense = dsa_time(&d, &m, RUN_DENSE, iters > 5 ? 5 : iters);
+        const double idx_flop = (double)B * L * 64 * 128 * 2;
+        const double sp_flop = (double)B * 128 * 2048 * (576 + 512) * 2;
+        printf("\n## DSA decode attention: batch %d, context %d per sequence (fast mode)\n", B, L);
+        printf("floor: %.3f GB (indexer keys %.3f GB + selected latents %.3f GB) at %.0f GB/s = %.3f ms\n",
+               bytes / gb, (double)B * L * 132 / gb, (double)B * 2048 * 656 / gb, copy_gbps, floor_ms);
+        printf("| part | time (ms) | x floor | achieved |\n|---|---|---|---|\n");
+        printf("| indexer scores + top-2048 (f16 mma, exact products) | %.3f | | %.0f GB/s, %.0f TFLOP/s |\n", t_idx,
+               (double)B * L * 132 / (t_idx * 1e-3) / gb, idx_flop / (t_idx * 1e-3) / 1e12);
+        printf("| indexer scores + top-2048 (FP8 mma) | %.3f | | %.0f GB/s, %.0f TFLOP/s |\n", t_idx8,
+               (double)B * L * 132 / (t_idx8 * 1e-3) / gb, idx_flop / (t_idx8 * 1e-3) / 1e12);
+        printf("| sparse MLA decode (bf16 mma, 2048 selected) | %.3f | | %.0f TFLOP/s |\n", t_sp,
+               sp_flop / (t_sp * 1e-3) / 1e12);
+        printf("| **DSA decode total (f16 indexer)** | %.3f | %.2f | |\n", t_all, t_all / floor_ms);
+        printf("| **DSA decode total (FP8 indexer)** | %.3f | %.2f | |\n", t_all8, t_all8 / floor_ms);
+        printf("| dense MLA decode over all %d positions | %.3f | %.1f (own floor %.3f ms) | %.0f GB/s |\n", L,
+               t_dense, t_dense / floor_ms, dense_bytes / (copy_gbps * gb) * 1e3, dense_bytes / (t_dense * 1e-3) / gb);
+        fflush(stdout);
+    }
+    if (do_sweep) {
+        static const int ctxs[] = {4096, 8192, 16384, 32768, 65536, 131072};
+        FILE *csv = NULL;
+        if (csv_dir) {
+            char path[1024];
+            snprintf(path, sizeof(path), "%s/dsa_sweep.csv", csv_dir);
+            csv = fopen(path, "w");
+            if (csv)
+                fprintf(csv, "context,dsa_ms,dsa_fp8idx_ms,dense_ms,dsa_floor_ms,dense_floor_ms\n");
+        }
+        printf("\n## Cost against context length: batch %d decode, dense MLA vs DSA (indexer + top-k + sparse MLA)\n", B);
+        printf("| context | DSA (ms) | DSA, FP8 indexer (ms) | DSA floor (ms) | dense MLA (ms) | dense floor (ms) | dense / DSA |\n");
+        printf("|---|---|---|---|---|---|---|\n");
+        for (size_t i = 0; i < sizeof(ctxs) / sizeof(ctxs[0]); i++) {
+            const int ctx = ctxs[i];
+            struct dsv32_step_meta m = dsa_meta(&d, B, 1, ctx);
+            const double t_dsa = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
+            dsv32_cuda_set_knob(be, "indexer_fp8", 1);
+            const double t_dsa8 = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
+            dsv32_cuda_set_knob(be, "indexer_fp8", 0);
+            const double t_dense = dsa_time(&d, &m, RUN_DENSE, iters > 5 ? 5 : iters);
+            const int sel = ctx < 2048 ? ctx : 2048;
+            const double f_dsa = ((double)B * ctx * 132 + (double)B * sel * 656) / (copy_gbps * gb) * 1e3;
+            const double f_dense = (double)B * ctx * 656 / (copy_gbps * gb) * 1e3;
+            printf("| %d | %.3f | %.3f | %.3f | %.3f | %.3f | %.1f |\n", ctx, t_dsa, t_dsa8, f_dsa, t_dense, f_dense,
+                   t_dense / t_dsa);
+            if (csv)
+                fprintf(csv, "%d,%.5f,%.5f,%.5f,%.5f,%.5f\n", ctx, t_dsa, t_dsa8, t_dense, f_dsa, f_dense);
+            fflush(stdout);
+        }
+        if (csv)
+            fclose(csv);
+    }
+    dsa_free(&d);
+}
+
+static void bench_prefill(struct dsv32_backend *be)
+{
+    /* one sequence of 131072 cached tokens; the last T rows are a prefill chunk */
+    const int L = 131072, T = 4096, H = 128;
+    struct dsa d;
+    dsa_init(&d, be, 1, L, T);
+    struct dsv32_step_meta m = dsa_meta(&d, 1, T, L);
+    MUST(dsv32_cuda_random_selection(be, d.sel, d.d_pos, T, 2048, 99));
+    const double t_sp = dsa_time(&d, &m, RUN_SPARSE, iters);
+    const double flop = (double)T * H * 2048 * (576 + 512) * 2;
+    const double t_idx = dsa_time(&d, &m, RUN_INDEXER, iters > 5 ? 5 : iters);
+    double idx_flop = 0;
+    for (int t = 0; t < T; t++)
+        idx_flop += (double)(L - T + t + 1) * 64 * 128 * 2;
+    printf("\n## Sparse MLA prefill: %d query rows of one sequence at positions %d..%d, top-2048 each\n", T,
+           L - T, L - 1);
+    printf("| kernel | time (ms) | TFLOP/s | x bf16 GEMM rate (%.0f TFLOP/s) |\n|---|---|---|---|\n", bf16_tflops);
+    printf("| sparse MLA prefill, absorbed (bf16 mma; %.2f TFLOP) | %.3f | %.0f | %.2f |\n", flop / 1e12, t_sp,
+           flop / (t_sp * 1e-3) / 1e12, flop / (t_sp * 1e-3) / 1e12 / bf16_tflops);
+    printf("| causal indexer + top-2048 over the chunk (f16 mma; %.2f TFLOP) | %.3f | %.0f | %.2f |\n",
+           idx_flop / 1e12, t_idx, idx_flop / (t_idx * 1e-3) / 1e12, idx_flop / (t_idx * 1e-3) / 1e12 / bf16_tflops);
+    fflush(stdout);
+    dsa_free(&d);
+}
+
+/* ---- one decoder layer ---- */
+
+static void rnd_w(struct dsv32_backend *be, struct dsv32_weight *w, const char *name, enum dsv32_dtype dt,
+                  int64_t rows, int64_t cols, uint64_t *seed, float std)
+{
+    MUST(dsv32_cuda_weight_random(be, w, name, dt, rows, cols, ++*seed, std));
+}
+
+static double weight_bytes(const struct dsv32_weight *w)
+{
+    return (double)w->rows * w->cols * (w->dtype == DSV32_DT_F8_E4M3 ? 1 : w->dtype == DSV32_DT_BF16 ? 2 : 4);
+}
+
+static void make_layer(struct dsv32_backend *be, struct dsv32_layer_weights *L, const struct dsv32_config *c,
+                       uint64_t *seed, double *attn_bytes)
+{
+    const int D = c->hidden_size, H = c->num_attention_heads, E = c->n_routed_experts, I = c->moe_intermediate_size;
+    const enum dsv32_dtype F8 = DSV32_DT_F8_E4M3, BF = DSV32_DT_BF16, F32 = DSV32_DT_F32;
+    memset(L, 0, sizeof(*L));
+    rnd_w(be, &L->attn_norm, "attn_norm", F32, 1, D, seed, -1);
+    rnd_w(be, &L->ffn_norm, "ffn_norm", F32, 1, D, seed, -1);
+    rnd_w(be, &L->wq_a, "wq_a", F8, c->q_lora_rank, D, seed, 0.02f);
+    rnd_w(be, &L->q_norm, "q_norm", F32, 1, c->q_lora_rank, seed, -1);
+    rnd_w(be, &L->wq_b, "wq_b", F8, H * 192, c->q_lora_rank, seed, 0.02f);
+    rnd_w(be, &L->wkv_a, "wkv_a", F8, 576, D, seed, 0.02f);
+    rnd_w(be, &L->kv_norm, "kv_norm", F32, 1, 512, seed, -1);
+    rnd_w(be, &L->wkv_b, "wkv_b", F8, H * 256, 512, seed, 0.02f);
+    rnd_w(be, &L->wo, "wo", F8, D, H * 128, seed, 0.01f);
+    rnd_w(be, &L->idx_wq_b, "idx_wq_b", F8, 64 * 128, c->q_lora_rank, seed, 0.02f);
+    rnd_w(be, &L->idx_wk, "idx_wk", F8, 128, D, seed, 0.02f);
+    rnd_w(be, &L->idx_k_norm_w, "idx_k_norm_w", F32, 1, 128, seed, -1);
+    rnd_w(be, &L->idx_k_norm_b, "idx_k_norm_b", F32, 1, 128, seed, 0.0f);
+    rnd_w(be, &L->idx_weights_proj, "idx_weights_proj", BF, 64, D, seed, 0.02f);
+    L->is_moe = 1;
+    rnd_w(be, &L->gate, "gate", BF, E, D, seed, 0.02f);
+    rnd_w(be, &L->gate_bias, "gate_bias", F32, 1, E, seed, 0.01f);
+    rnd_w(be, &L->shared.w1, "shared.w1", F8, I, D, seed, 0.02f);
+    rnd_w(be, &L->shared.w2, "shared.w2", F8, D, I, seed, 0.02f);
+    rnd_w(be, &L->shared.w3, "shared.w3", F8, I, D, seed, 0.02f);
+    L->experts = calloc((size_t)E, sizeof(*L->experts));
+    for (int e = 0; e < E; e++) {
+        rnd_w(be, &L->experts[e].w1, "expert.w1", F8, I, D, seed, 0.02f);
+        rnd_w(be, &L->experts[e].w2, "expert.w2", F8, D, I, seed, 0.02f);
+        rnd_w(be, &L->experts[e].w3, "expert.w3", F8, I, D, seed, 0.02f);
+    }
+    const struct dsv32_weight *aw[] = {&L->wq_a, &L->wq_b, &L->wkv_a, &L->wkv_b, &L->wo, &L->idx_wq_b, &L->idx_wk,
+                                       &L->idx_weights_proj, &L->gate, &L->shared.w1, &L->shared.w2, &L->shared.w3};
+    *attn_bytes = 0;
+    for (size_t i = 0; i < sizeof(aw) / sizeof(aw[0]); i++)
+        *attn_bytes += weight_bytes(aw[i]);
+}
+
+/* median seconds of decode steps of B sequences at context ctx */
+static double layer_steps(struct dsv32_engine *e, int B, int ctx, int reps, int *experts_hit)
+{
+    int *seqs = malloc(sizeof(int) * B);
+    int32_t *tok = malloc(sizeof(int32_t) * B);
+    struct dsv32_seq_input *in = malloc(sizeof(*in) * B);
+    double *t = malloc(sizeof(double) * reps);
+    for (int i = 0; i < B; i++) {
+        seqs[i] = dsv32_kv_seq_new(e->kv);
+        MUST(seqs[i]);
+        MUST(dsv32_kv_seq_reserve(e->kv, seqs[i], ctx + reps + 8));
+        e->kv->seq_tokens[seqs[i]] = ctx; /* the cache holds random data already */
+        tok[i] = (int32_t)((i * 7919) % e->cfg->vocab_size);
+        in[i] = (struct dsv32_seq_input){.seq = seqs[i], .n_tokens = 1, .tokens = &tok[i], .logits = DSV32_LOGITS_NONE};
+    }
+    for (int s = -3; s < reps; s++) {
+        double t0 = now_s();
+        MUST(dsv32_engine_step(e, in, B, NULL, NULL));
+        if (s >= 0)
+            t[s] = now_s() - t0;
+    }
+    /* distinct routed experts of the last layer in the last step */
+    const int K = e->cfg->num_experts_per_tok;
+    int32_t *ids = malloc(sizeof(int32_t) * B * K);
+    char hit[256] = {0};
+    MUST(e->be->ops->to_host(e->be, ids, e->ids, sizeof(int32_t) * B * K));
+    *experts_hit = 0;
+    for (int i = 0; i < B * K; i++)
+        if (ids[i] >= 0 && ids[i] < 256 && !hit[ids[i]]) {
+            hit[ids[i]] = 1;
+            (*experts_hit)++;
+        }
+    for (int i = 0; i < B; i++)
+        dsv32_kv_seq_free(e->kv, seqs[i]);
+    double r = median(t, reps);
+    free(seqs);
+    free(tok);
+    free(in);
+    free(t);
+    free(ids);
+    return r;
+}
+
+static void bench_layer(struct dsv32_backend *be, int ctx)
+{
+    struct dsv32_config c;
+    cfg_v32(&c);
+    c.num_hidden_layers = 2;
+    struct dsv32_model m2, m1;
+    memset(&m2, 0, sizeof(m2));
+    m2.cfg = c;
+    uint64_t seed = 1000;
+    double attn_bytes = 0;
+    MUST(dsv32_cuda_weight_random(be, &m2.embed, "embed", DSV32_DT_BF16, c.vocab_size, c.hidden_size, ++seed, 1.0f));
+    MUST(dsv32_cuda_weight_random(be, &m2.norm, "norm", DSV32_DT_F32, 1, c.hidden_size, ++seed, -1));
+    MUST(dsv32_cuda_weight_random(be, &m2.head, "head", DSV32_DT_BF16, 1024, c.hidden_size, ++seed, 0.02f));
+    m2.layers = calloc(2, sizeof(*m2.layers));
+    make_layer(be, &m2.layers[0], &c, &seed, &attn_bytes);
+    make_layer(be, &m2.layers[1], &c, &seed, &attn_bytes);
+    m1 = m2;
+    m1.cfg.num_hidden_layers = 1;
+    struct dsv32_engine *e1, *e2;
+    const int max_b = 256, blocks = max_b * ((ctx + 64 + 63) / 64) + 16;
+    struct dsv32_engine_opts o = {.backend = "cuda", .max_batch_tokens = max_b, .max_seqs = max_b,
+                                  .max_seq_len = ctx + 64, .kv_blocks = blocks};
+    MUST(dsv32_engine_new(&m1, &o, &e1));
+    MUST(dsv32_engine_new(&m2, &o, &e2));
+    for (int l = 0; l < 2; l++) {
+        struct dsv32_engine *e = l ? e2 : e1;
+        for (int k = 0; k < e->kv->n_layers; k++) {
+            MUST(dsv32_cuda_fill(e->be, e->kv->layers[k].mla, (size_t)blocks * 64, DSV32_FILL_MLA_CACHE, 50 + k, 1.0f));
+            MUST(dsv32_cuda_fill(e->be, e->kv->layers[k].idx, (size_t)blocks, DSV32_FILL_IDX_CACHE, 60 + k, 1.0f));
+        }
+        MUST(e->be->ops->sync(e->be));
+    }
+    const double expert_bytes = 3.0 * c.moe_intermediate_size * c.hidden_size;
+    printf("\n## One decoder layer (MLA + DSA indexer + MoE, all 256 experts on this GPU), decode at context %d\n",
+           ctx);
+    printf("time per layer = step time of a 2-layer model - step time of a 1-layer model (both: embedding, "
+           "no LM head); attention + shared expert + router weights %.0f MB (FP8 as DeepSeek ships them), "
+           "%.1f MB per routed expert\n",
+           attn_bytes / 1e6, expert_bytes / 1e6);
+    printf("| batch | step, 1 layer (ms) | step, 2 layers (ms) | per layer (ms) | tokens/s (one layer) | experts hit | "
+           "floor bytes (MB) | floor (ms) | x floor |\n|---|---|---|---|---|---|---|---|---|\n");
+    static const int bs[] = {1, 16, 64, 256};
+    for (size_t i = 0; i < sizeof(bs) / sizeof(bs[0]); i++) {
+        const int B = bs[i];
+        int hit1, hit2;
+        const double t1 = layer_steps(e1, B, ctx, iters, &hit1);
+        const double t2 = layer_steps(e2, B, ctx, iters, &hit2);
+        const double per = t2 - t1;
+        const int sel = ctx < 2048 ? ctx : 2048;
+        const double kv_bytes = (double)B * ((double)ctx * 132 + (double)sel * 656);
+        const double bytes = attn_bytes + hit2 * expert_bytes + kv_bytes;
+        const double floor_ms = bytes / (copy_gbps * 1e9) * 1e3;
+        printf("| %d | %.3f | %.3f | %.3f | %.0f | %d | %.0f | %.3f | %.2f |\n", B, t1 * 1e3, t2 * 1e3, per * 1e3,
+               B / per, hit2, bytes / 1e6, floor_ms, per * 1e3 / floor_ms);
+        fflush(stdout);
+    }
+    /* m1 shares m2's layers (the same structs) but holds copies of embed, norm and head: e1's
+     * release frees those and layer 0; e2 then finds layer 0 released and must not see the copies */
+    dsv32_engine_free(e1);
+    m2.embed.be = m2.norm.be = m2.head.be = NULL;
+    dsv32_engine_free(e2);
+    for (int l = 0; l < 2; l++)
+        free(m2.layers[l].experts);
+    free(m2.layers);
+}
+
+int main(int argc, char **argv)
+{
+    const char *only = NULL, *csv_dir = NULL;
+    int ctx_layer = 8192;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--only") && i + 1 < argc)
+            only = argv[++i];
+        else if (!strcmp(argv[i], "--csv") && i + 1 < argc)
+            csv_dir = argv[++i];
+        else if (!strcmp(argv[i], "--iters") && i + 1 < argc)
+            iters = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--ctx-layer") && i + 1 < argc)
+            ctx_layer = atoi(argv[++i]);
+        else {
+            fprintf(stderr, "usage: cuda_bench [--only dsa|sweep|prefill|layer] [--csv DIR] [--iters N] "
+                            "[--ctx-layer N]\n");
+            return 2;
+        }
+    }
+    if (iters < 1)
+        iters = 1;
+    if (dsv32_cuda_device_count() == 0) {
+        fprintf(stderr, "cuda_bench: no GPU\n");
+        return 77;
+    }
+    setenv("DSV32_CUDA_MATH", "fast", 1);
+    struct dsv32_config cfg;
+    cfg_v32(&cfg);
+    struct dsv32_kv_geom g;
+    dsv32_kv_geom_init(&g, &cfg, 0);
+    struct dsv32_backend *be;
+    MUST(dsv32_backend_new("cuda", &cfg, &g, &be));
+    char name[256];
+    int n_sm = 0;
+    MUST(dsv32_cuda_device_info(be, name, sizeof(name), &n_sm));
+    MUST(dsv32_cuda_copy_bandwidth(be, (size_t)2 << 30, 20, &copy_gbps));
+    MUST(dsv32_cuda_bf16_gemm_rate(be, 8192, 8192, 8192, 10, &bf16_tflops));
+    printf("# cuda_bench on %s (%d SMs)\n", name, n_sm);
+    printf("ceilings measured now: device-to-device copy %.0f GB/s (read + write), cuBLAS bf16 GEMM 8192^3 "
+           "%.0f TFLOP/s\n",
+           copy_gbps, bf16_tflops);
+    printf("%s\n", dsv32_cuda_lt_status(be));
+    fflush(stdout);
+    const int all = !only;
+    if (all || !strcmp(only, "dsa") || !strcmp(only, "sweep"))
+        bench_dsa(be, csv_dir, all || !strcmp(only, "dsa"), all || !strcmp(only, "sweep"));
+    if (all || !strcmp(only, "prefill"))
+        bench_prefill(be);
+    if (all || !strcmp(only, "layer"))
+        bench_layer(be, ctx_layer);
+    dsv32_backend_free(be);
+    return 0;
+}

@@ -1,0 +1,284 @@
+/* What every CUDA source of the cuda backend shares: the backend context (stream, cuBLAS handles,
+ * scratch buffers, RoPE tables), the device form of a weight, error checks that map CUDA and cuBLAS
+ * failures to DSV32_ECUDA / DSV32_ECUBLAS and leave a breadcrumb in the log, the FP8 e4m3 and
+ * bf16 conversions of dtype.h as device functions (bit-exact with the host versions), and the
+ * device side of the FP8 tie probe (dtype.h): near-ties are reported into a device buffer and the
+ * probe's flips are applied, only when a probe is installed on the calling host thread. */
+#ifndef DSV32_CUDA_COMMON_CUH
+#define DSV32_CUDA_COMMON_CUH
+
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* The engine headers are C17; dtype.h declares its thread-local probe with _Thread_local, which
+ * is __thread (no dynamic initialization, the same TLS symbol) in GNU C++. */
+#define _Thread_local __thread
+extern "C" {
+#include "../../error.h"
+#include "../../log.h"
+#include "../backend.h"
+#include "../dtype.h"
+}
+#undef _Thread_local
+
+/* ---- error checks: return a dsv32 code and log where it happened ---- */
+
+#define CU_CHECK(call)                                                                             \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (e_ != cudaSuccess) {                                                                   \
+            log_error("cuda: %s failed (%s:%d): %s", #call, __FILE__, __LINE__,                    \
+                      cudaGetErrorString(e_));                                                     \
+            return DSV32_ECUDA;                                                                    \
+        }                                                                                          \
+    } while (0)
+
+/* after every kernel launch: launch-configuration errors surface here */
+#define CU_LAUNCHED(name) CU_CHECK(cudaPeekAtLastError())
+
+#define BLAS_CHECK(call)                                                                           \
+    do {                                                                                           \
+        cublasStatus_t s_ = (call);                                                                \
+        if (s_ != CUBLAS_STATUS_SUCCESS) {                                                         \
+            log_error("cublas: %s failed (%s:%d): status %d", #call, __FILE__, __LINE__, (int)s_); \
+            return DSV32_ECUBLAS;                                                                  \
+        }                                                                                          \
+    } while (0)
+
+/* propagate a dsv32 error code */
+#define CU_TRY(expr)                                                                               \
+    do {                                                                                           \
+        int r_ = (expr);                                                                           \
+        if (r_ < 0)                                                                                \
+            return r_;                                                                             \
+    } while (0)
+
+static inline unsigned cu_blocks(size_t n, unsigned per) { return (unsigned)((n + per - 1) / per); }
+
+/* ---- the device form of a weight ---- */
+
+/* Which forms exist depends on the numerics mode (see backend.cu): `exact` keeps f32 (the cpu
+ * backend's dequantized values, so that GEMMs equal the reference up to summation order); `fast`
+ * keeps FP8 weights as e4m3 + scales and bf16 matrices as bf16. Vectors are always f32. */
+struct cu_weight {
+    enum dsv32_dtype dtype; /* as stored in the checkpoint */
+    int64_t rows, cols;
+    float *f32;             /* (rows, cols) dequantized */
+    __nv_bfloat16 *bf16;    /* (rows, cols) */
+    uint8_t *fp8;           /* (rows, cols) e4m3 */
+    float *scale;           /* (ceil(rows/128), ceil(cols/128)) weight_scale_inv, as stored */
+    float *lt_scale;        /* the scales in the layout cuBLASLt wants (fast mode, made lazily) */
+    __nv_bfloat16 *bf16_lazy; /* dequantized bf16 copy of an FP8 matrix (mla_absorb/expand) */
+};
+
+/* ---- the FP8 tie probe, device side ---- */
+
+struct cu_probe {
+    int on;
+    double near_rel;
+    const int3 *flips; /* (sub, row, col) of this op, sorted */
+    int n_flips;
+    int4 *near;        /* reported near-ties: sub, row, col, bits of the scaled value */
+    int *n_near;
+    int cap;
+};
+
+/* ---- the context ---- */
+
+enum { CU_SCRATCH_SLOTS = 16 };
+
+struct cu_expert_table; /* moe.cu */
+
+struct cu_ctx {
+    int device, n_sm;
+    int fast;                  /* numerics mode: 0 exact, 1 fast */
+    int indexer_fp8;           /* fast indexer variant: FP8 mma instead of f16 mma */
+    int lt_fp8;                /* fast mode may use cuBLASLt block-scaled FP8 (when calibrated) */
+    cudaStream_t st;
+    cublasHandle_t blas;
+    cublasLtHandle_t lt;
+    void *lt_ws;
+    size_t lt_ws_bytes;
+    int lt_state;              /* 0 not calibrated, 1 usable, -1 unusable */
+    int lt_variant;            /* which operand arrangement / scale layout passed calibration */
+    char lt_note[160];
+    float *rope_cos, *rope_sin; /* (n_pos, rope/2) device */
+    int n_pos;
+    void *scratch[CU_SCRATCH_SLOTS];
+    size_t scratch_cap[CU_SCRATCH_SLOTS];
+    /* probe buffers */
+    int3 *probe_flips;
+    int probe_flips_cap;
+    int4 *probe_near;
+    int *probe_n;
+    int probe_cap;
+    int4 *probe_host;
+    /* pinned staging for small host->device uploads of the step (work lists) */
+    void *pinned;
+    size_t pinned_cap;
+    cudaEvent_t pinned_done;
+    struct cu_expert_table *tables;
+    const struct dsv32_config *cfg;
+    struct dsv32_kv_geom geom;
+};
+
+/* scratch slot owners (one op uses a slot at a time; ops run in stream order) */
+enum {
+    SCR_XQ = 0, /* quantized activations */
+    SCR_XS,     /* their scales */
+    SCR_XS_T,   /* scales transposed (cuBLASLt) */
+    SCR_TMP,    /* f32 temporaries */
+    SCR_TMP2,
+    SCR_PART,   /* split-K / split-KV partials */
+    SCR_SCORES, /* indexer scores */
+    SCR_WORK,   /* small work lists */
+    SCR_MOE_A,
+    SCR_MOE_B,
+    SCR_MOE_C,
+    SCR_MOE_D,
+    SCR_PREF_A,
+    SCR_PREF_B,
+    SCR_PREF_C,
+    SCR_BF16,
+};
+
+/* A scratch buffer of at least `bytes` (grows; growing waits for the stream first). */
+void *cu_scratch(struct cu_ctx *c, int slot, size_t bytes);
+/* Copies `bytes` of host data to a device scratch slot through pinned memory, in stream order. */
+void *cu_upload(struct cu_ctx *c, int slot, const void *src, size_t bytes);
+
+/* probe: begin fills p (p->on = 0 without a probe); end copies reports back and hands them to
+ * the probe's on_near (sorted by sub, row, col) */
+int cu_probe_begin(struct cu_ctx *c, struct cu_probe *p);
+int cu_probe_end(struct cu_ctx *c, const struct cu_probe *p);
+
+/* ---- device number formats (bit-exact with dtype.h) ---- */
+
+__device__ __forceinline__ float cu_e4m3_to_f32(uint8_t b)
+{
+    __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)b, __NV_E4M3);
+    return __half2float(__half(h));
+}
+
+/* dsv32_f32_to_fp8: clamp to +-448, round to nearest even, subnormals included, NaN -> 0x7f */
+__device__ __forceinline__ uint8_t cu_f32_to_e4m3(float x)
+{
+    uint32_t u = __float_as_uint(x);
+    uint8_t sign = (uint8_t)((u >> 24) & 0x80);
+    u &= 0x7fffffffu;
+    if (u > 0x7f800000u)
+        return 0x7f;
+    if (u >= 0x43e00000u)
+        return sign | 0x7e;
+    if (u < 0x3c800000u)
+        return sign | (uint8_t)(int)rintf(__uint_as_float(u) * 512.0f);
+    int e = (int)(u >> 23) - 127 + 7;
+    uint32_t man = u & 0x7fffffu, keep = man >> 20, rest = man & 0xfffffu;
+    if (rest > 0x80000u || (rest == 0x80000u && (keep & 1)))
+        keep++;
+    if (keep == 8) {
+        keep = 0;
+        e++;
+    }
+    return sign | (uint8_t)((e << 3) | (int)keep);
+}
+
+/* dsv32_fp8_block_scale */
+__device__ __forceinline__ float cu_block_scale(float amax, int ue8m0)
+{
+    if (amax < 1e-4f)
+        amax = 1e-4f;
+    float s = amax / 448.0f;
+    if (ue8m0) {
+        uint32_t u = __float_as_uint(s);
+        int e = (int)((u >> 23) & 0xff) - 127 + ((u & 0x7fffffu) ? 1 : 0);
+        s = ldexpf(1.0f, e);
+    }
+    return s;
+}
+
+/* dsv32_f32_to_bf16 (NaN kept quiet the same way) */
+__device__ __forceinline__ uint16_t cu_f32_to_bf16_bits(float f)
+{
+    uint32_t u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+__device__ __forceinline__ float cu_bf16_bits_to_f32(uint16_t h) { return __uint_as_float((uint32_t)h << 16); }
+
+/* probed rounding (dtype.c probed_round) */
+__device__ __forceinline__ int cu_probe_is_flip(const struct cu_probe &p, int sub, int row, int col)
+{
+    int lo = 0, hi = p.n_flips - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) >> 1;
+        int3 k = p.flips[mid];
+        int c = k.x != sub ? (k.x < sub ? -1 : 1)
+                : k.y != row ? (k.y < row ? -1 : 1)
+                : k.z != col ? (k.z < col ? -1 : 1) : 0;
+        if (c == 0)
+            return 1;
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid - 1;
+    }
+    return 0;
+}
+
+static __device__ __noinline__ uint8_t cu_probed_round(float v, const struct cu_probe &p, int sub, int row,
+                                                 int col)
+{
+    uint8_t b = cu_f32_to_e4m3(v);
+    float a = fabsf(v), q = fabsf(cu_e4m3_to_f32(b));
+    if (a >= 448.0f || isnan(v))
+        return b;
+    uint8_t mag = b & 0x7f, other = q > a ? mag - 1 : (q < a ? mag + 1 : mag);
+    if (other == mag || (q < a && mag == 0x7e))
+        return b;
+    float o = cu_e4m3_to_f32(other);
+    float mid = 0.5f * (q + o);
+    if ((double)fabsf(a - mid) <= p.near_rel * (double)a) {
+        int i = atomicAdd(p.n_near, 1);
+        if (i < p.cap)
+            p.near[i] = make_int4(sub, row, col, __float_as_int(v));
+        if (p.n_flips && cu_probe_is_flip(p, sub, row, col))
+            return (uint8_t)((b & 0x80) | other);
+    }
+    return b;
+}
+
+/* the quantization of one value: the fast path when no probe is installed */
+__device__ __forceinline__ uint8_t cu_quant(float v, const struct cu_probe &p, int sub, int row, int col)
+{
+    return p.on ? cu_probed_round(v, p, sub, row, col) : cu_f32_to_e4m3(v);
+}
+
+/* ---- warp helpers ---- */
+
+__device__ __forceinline__ float cu_warp_sum(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float cu_warp_max(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+#endif

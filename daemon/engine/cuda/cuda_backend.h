@@ -1,0 +1,74 @@
+/* The cuda backend's C interface beyond backend.h: what tests and benchmarks need to build inputs
+ * on the device (random weights, caches and activations drawn on the GPU), to time device work
+ * and to measure the two ceilings (copy bandwidth, bf16 matrix rate) in the same run. The
+ * backend itself is created with dsv32_backend_cuda_new (backend.h); its numerics mode comes
+ * from the environment at creation:
+ *   DSV32_CUDA_MATH=exact (default): f32 GEMMs on dequantized weights and f32 attention; the
+ *       same function as the cpu backend up to f32 summation order (the golden sets pass).
+ *   DSV32_CUDA_MATH=fast: FP8 weights stay FP8 (tensor-core kernels with exact e4m3 products,
+ *       cuBLASLt block-scaled FP8 for large row counts), bf16 matrices run as bf16 GEMMs, MLA
+ *       decode runs on bf16 tensor cores (DeepSeek's deployment numerics).
+ *   DSV32_CUDA_INDEXER=fp8: the fast indexer uses FP8 mma (default: f16 mma, exact products). */
+#ifndef DSV32_CUDA_BACKEND_H
+#define DSV32_CUDA_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../backend.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Number of usable GPUs; 0 when there is no GPU or driver (tests skip then). */
+int dsv32_cuda_device_count(void);
+
+/* 1 when the backend runs in the fast numerics mode. */
+int dsv32_cuda_is_fast(const struct dsv32_backend *be);
+/* Selects a kernel variant at run time (benchmarks compare them): "indexer_fp8" (0/1),
+ * "lt_fp8" (0/1: let fast FP8 linears use cuBLASLt). Returns 0 or -EINVAL. */
+int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, int value);
+/* What the cuBLASLt block-scaled FP8 calibration found (calibrates on first call). */
+const char *dsv32_cuda_lt_status(struct dsv32_backend *be);
+
+enum dsv32_cuda_fill {
+    DSV32_FILL_F32_NORMAL,  /* n floats ~ N(0, scale^2) */
+    DSV32_FILL_F32_UNIFORM, /* n floats in [0, scale) */
+    DSV32_FILL_E4M3,        /* n bytes: e4m3 of N(0, scale^2) */
+    DSV32_FILL_BF16_NORMAL, /* n bf16 values ~ N(0, scale^2) */
+    DSV32_FILL_MLA_CACHE,   /* n records of the backend's MLA layout: e4m3 latents of N(0, 1)*64,
+                               power-of-two scales around scale/64, rope ~ N(0, 1) */
+    DSV32_FILL_IDX_CACHE,   /* n indexer-key blocks: e4m3 of N(0, 1)*64, scales ~ scale/64 */
+};
+/* Fills device memory with pseudo-random values (a counter-based hash of seed and index). */
+int dsv32_cuda_fill(struct dsv32_backend *be, void *dst, size_t n, enum dsv32_cuda_fill kind,
+                    uint64_t seed, float scale);
+/* Random ascending selections: sel[r, 0:k] distinct positions in [0, pos[r]] (all of them when
+ * pos[r] < k, then -1 padding), pos a device array of rows entries. */
+int dsv32_cuda_random_selection(struct dsv32_backend *be, int32_t *sel, const int32_t *pos, int rows,
+                                int k, uint64_t seed);
+/* A weight made directly in device memory (no host data): name, dtype, shape, random values with
+ * standard deviation std (FP8: e4m3 values with power-of-two block scales; vectors of norms:
+ * pass std < 0 for all ones). The result is prepared (w->be set) and released as usual. */
+int dsv32_cuda_weight_random(struct dsv32_backend *be, struct dsv32_weight *w, const char *name,
+                             enum dsv32_dtype dt, int64_t rows, int64_t cols, uint64_t seed,
+                             float std);
+
+/* Device-event timing on the backend's stream: start, then stop returns the milliseconds. */
+int dsv32_cuda_timer_start(struct dsv32_backend *be);
+int dsv32_cuda_timer_stop(struct dsv32_backend *be, float *ms);
+/* Ceilings measured on this GPU: device-to-device copy bandwidth (bytes read + written per
+ * second, median of iters) and the bf16 GEMM rate of cuBLAS (m x n x k, f32 accumulation,
+ * random data, median of iters). */
+int dsv32_cuda_copy_bandwidth(struct dsv32_backend *be, size_t bytes, int iters, double *gbps);
+int dsv32_cuda_bf16_gemm_rate(struct dsv32_backend *be, int m, int n, int k, int iters,
+                              double *tflops);
+/* The device's name and multiprocessor count. */
+int dsv32_cuda_device_info(struct dsv32_backend *be, char *name, size_t cap, int *n_sm);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

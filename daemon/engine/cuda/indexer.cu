@@ -1,0 +1,400 @@
+/* DSA indexer kernels (see indexer.cuh).
+ *
+ * Scores. The logits q_h . k_j are a small GEMM per cache block: A = 64 keys (4 warps x 16, the
+ * m16 rows of mma), B = the heads of a query row (n8 tiles of 8 heads), K = 128. Default variant:
+ * mma.m16n8k16 in f16 on exact e4m3 -> f16 conversions (products exact, f32 accumulation: the
+ * cpu's result up to summation order). FP8 variant: mma.m16n8k32 on the e4m3 bytes directly
+ * (half the instructions, no conversions; the tensor core's FP8 accumulation is not f32-exact).
+ * As in the FP8 GEMM, lane (g, t) owns bytes [32t, 32t+32) of its key rows and of each head's q,
+ * the K order inside being permuted the same way for A and B. The keys of a block are read once
+ * per CTA (16-byte loads, next block prefetched), q is converted once into fragment order in
+ * shared memory; relu, the per-head weights and the head sum are applied on the accumulator
+ * (quad shuffles), then the key scale.
+ *
+ * Top-k. One CTA of 1024 threads per row: a radix select of the k-th largest score on the
+ * order-preserving 32-bit key (11 + 11 + 10 bits, three passes), then the selected positions are
+ * written in ascending order: each warp owns a contiguous segment, counts what it keeps (ballots),
+ * one scan over the 32 warps gives the output offsets, and a second sweep writes. Among scores
+ * equal to the threshold the lowest positions are kept. */
+#include "indexer.cuh"
+
+#include <errno.h>
+#include <string.h>
+
+#define IDX_QT 4 /* query rows per CTA */
+
+static __device__ __forceinline__ uint32_t cvt_e4m3x2(uint32_t two)
+{
+    uint32_t r;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"((unsigned short)(two & 0xffffu)));
+    return r;
+}
+
+static __device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                               uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                 "{%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+static __device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+static __device__ __forceinline__ uint32_t w32(const uint4 &v, int i)
+{
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+/* work item: rows [x, x + y) of one sequence, cache blocks [z, w) */
+template <bool FP8>
+static __global__ void __launch_bounds__(128) idx_scores_kernel(
+    float *scores, int ld_s, int row_base, const int4 *work, const uint8_t *q, const float *q_scale,
+    const float *w_raw, const uint8_t *cache, int block_bytes, const int32_t *blocks, int max_blocks,
+    const int32_t *row_pos, const int32_t *row_seq, int IH, float wscale, float sscale)
+{
+    constexpr int STEPS = FP8 ? 4 : 8; /* k-steps over the 128 dims */
+    extern __shared__ uint2 qf[];      /* [row][ntile][step][lane] */
+    const int4 wk = work[blockIdx.x];
+    const int r0 = wk.x, nr = wk.y, NT = IH / 8;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    float *wsm = reinterpret_cast<float *>(qf + (size_t)nr * NT * STEPS * 32); /* [row][head] */
+
+    /* q into fragment order; the weights as the cpu forms them */
+    for (int e = threadIdx.x; e < nr * NT * STEPS * 32; e += blockDim.x) {
+        const int ln = e & 31, s = (e >> 5) % STEPS, nt = (e / (32 * STEPS)) % NT, i = e / (32 * STEPS * NT);
+        const int head = nt * 8 + (ln >> 2), tt = ln & 3;
+        const uint8_t *qp = q + ((size_t)(r0 + i) * IH + head) * 128 + 32 * tt;
+        uint2 v;
+        if (FP8) {
+            v.x = *reinterpret_cast<const uint32_t *>(qp + 8 * s);
+            v.y = *reinterpret_cast<const uint32_t *>(qp + 8 * s + 4);
+        } else {
+            const uint32_t wd = *reinterpret_cast<const uint32_t *>(qp + 4 * s);
+            v.x = cvt_e4m3x2(wd);
+            v.y = cvt_e4m3x2(wd >> 16);
+        }
+        qf[e] = v;
+    }
+    for (int e = threadIdx.x; e < nr * IH; e += blockDim.x) {
+        const int i = e / IH, h = e % IH;
+        const size_t ri = (size_t)(r0 + i) * IH + h;
+        wsm[e] = w_raw[ri] * wscale * q_scale[ri] * sscale;
+    }
+    __syncthreads();
+
+    const int seq = row_seq[r0];
+    int pos[IDX_QT];
+#pragma unroll
+    for (int i = 0; i < IDX_QT; i++)
+        pos[i] = i < nr ? row_pos[r0 + i] : -1;
+    const int32_t *bt = blocks + (size_t)seq * max_blocks;
+    const int kr0 = 16 * warp + g, kr1 = kr0 + 8; /* this lane's key rows in a block */
+
+    auto load = [&](int blk, uint4 (&k)[4], float &s0, float &s1) {
+        const uint8_t *b = cache + (size_t)bt[blk] * block_bytes;
+        k[0] = __ldg(reinterpret_cast<const uint4 *>(b + kr0 * 128 + 32 * t));
+        k[1] = __ldg(reinterpret_cast<const uint4 *>(b + kr0 * 128 + 32 * t + 16));
+        k[2] = __ldg(reinterpret_cast<const uint4 *>(b + kr1 * 128 + 32 * t));
+        k[3] = __ldg(reinterpret_cast<const uint4 *>(b + kr1 * 128 + 32 * t + 16));
+        s0 = __ldg(reinterpret_cast<const float *>(b + DSV32_KV_BLOCK_TOKENS * 128) + kr0);
+        s1 = __ldg(reinterpret_cast<const float *>(b + DSV32_KV_BLOCK_TOKENS * 128) + kr1);
+    };
+    uint4 kn[4];
+    float ks0n, ks1n;
+    if (wk.z < wk.w)
+        load(wk.z, kn, ks0n, ks1n);
+    for (int blk = wk.z; blk < wk.w; blk++) {
+        uint4 k[4] = {kn[0], kn[1], kn[2], kn[3]};
+        const float ks0 = ks0n, ks1 = ks1n;
+        if (blk + 1 < wk.w)
+            load(blk + 1, kn, ks0n, ks1n);
+        /* A fragments of the 8 (f16) or 4 (FP8) k-steps */
+        uint32_t a[STEPS][4];
+#pragma unroll
+        for (int s = 0; s < STEPS; s++) {
+            if (FP8) {
+                /* bytes [8s, 8s+8) of the lane's 32: words 2s and 2s+1 */
+                const int wi = 2 * s;
+                a[s][0] = w32(k[wi >> 2], wi & 3);
+                a[s][2] = w32(k[(wi + 1) >> 2], (wi + 1) & 3);
+                a[s][1] = w32(k[2 + (wi >> 2)], wi & 3);
+                a[s][3] = w32(k[2 + ((wi + 1) >> 2)], (wi + 1) & 3);
+            } else {
+                const uint32_t r0w = w32(k[s >> 2], s & 3), r1w = w32(k[2 + (s >> 2)], s & 3);
+                a[s][0] = cvt_e4m3x2(r0w);
+                a[s][2] = cvt_e4m3x2(r0w >> 16);
+                a[s][1] = cvt_e4m3x2(r1w);
+                a[s][3] = cvt_e4m3x2(r1w >> 16);
+            }
+        }
+        const int j0 = blk * DSV32_KV_BLOCK_TOKENS + kr0, j1 = j0 + 8;
+#pragma unroll
+        for (int i = 0; i < IDX_QT; i++) {
+            if (i >= nr)
+                break;
+            if (blk * DSV32_KV_BLOCK_TOKENS > pos[i])
+                continue; /* a row earlier in the causal order: nothing of this block */
+            float sg0 = 0.0f, sg1 = 0.0f;
+            const uint2 *qi = qf + (size_t)i * NT * STEPS * 32 + lane;
+            const float *wi = wsm + i * IH;
+            for (int nt = 0; nt < NT; nt++) {
+                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int s = 0; s < STEPS; s++) {
+                    const uint2 bq = qi[(nt * STEPS + s) * 32];
+                    if (FP8)
+                        mma_e4m3(acc, a[s], bq.x, bq.y);
+                    else
+                        mma_f16(acc, a[s], bq.x, bq.y);
+                }
+                const float w0 = wi[nt * 8 + 2 * t], w1 = wi[nt * 8 + 2 * t + 1];
+                sg0 += fmaxf(acc[0], 0.0f) * w0 + fmaxf(acc[1], 0.0f) * w1;
+                sg1 += fmaxf(acc[2], 0.0f) * w0 + fmaxf(acc[3], 0.0f) * w1;
+            }
+            sg0 += __shfl_xor_sync(0xffffffffu, sg0, 1);
+            sg0 += __shfl_xor_sync(0xffffffffu, sg0, 2);
+            sg1 += __shfl_xor_sync(0xffffffffu, sg1, 1);
+            sg1 += __shfl_xor_sync(0xffffffffu, sg1, 2);
+            float *srow = scores + (size_t)(r0 + i - row_base) * ld_s;
+            if (t == 0 && j0 <= pos[i])
+                srow[j0] = sg0 * ks0;
+            if (t == 1 && j1 <= pos[i])
+                srow[j1] = sg1 * ks1;
+        }
+    }
+}
+
+static __device__ __forceinline__ uint32_t order_key(float f)
+{
+    const uint32_t u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const float *scores, int ld_s,
+                                                          int row_base, const int32_t *row_pos, int topk)
+{
+    __shared__ int hist[2048];
+    __shared__ int warp_sum[32];
+    __shared__ int sh_bin, sh_kk;
+    __shared__ int w_gt[32], w_eq[32], w_eqbase[32], w_outbase[32];
+    const int r = row_base + blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n = row_pos[r] + 1;
+    int32_t *out = sel + (size_t)r * topk;
+    if (n <= topk) {
+        for (int j = tid; j < topk; j += blockDim.x)
+            out[j] = j < n ? j : -1;
+        return;
+    }
+    const float *s = scores + (size_t)blockIdx.x * ld_s;
+    uint32_t prefix = 0, pmask = 0;
+    int kk = topk;
+    for (int pass = 0; pass < 3; pass++) {
+        const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0, bits = pass == 2 ? 10 : 11;
+        const int nb = 1 << bits, per = nb / 1024;
+        for (int i = tid; i < nb; i += blockDim.x)
+            hist[i] = 0;
+        __syncthreads();
+        for (int j = tid; j < n; j += blockDim.x) {
+            const uint32_t u = order_key(s[j]);
+            if ((u & pmask) == prefix)
+                atomicAdd(&hist[(u >> shift) & (nb - 1)], 1);
+        }
+        __syncthreads();
+        /* thread i owns bins [hi - per, hi) counted from the top: hi = nb - i*per */
+        const int top = nb - tid * per;
+        int local = 0;
+        for (int b = top - per; b < top; b++)
+            local += hist[b];
+        /* inclusive scan over threads (thread 0 = the highest bins) */
+        int v = local;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, v, o);
+            if (lane >= o)
+                v += y;
+        }
+        if (lane == 31)
+            warp_sum[warp] = v;
+        __syncthreads();
+        if (warp == 0) {
+            int ws = warp_sum[lane];
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int y = __shfl_up_sync(0xffffffffu, ws, o);
+                if (lane >= o)
+                    ws += y;
+            }
+            warp_sum[lane] = ws; /* inclusive */
+        }
+        __syncthreads();
+        const int above = v - local + (warp ? warp_sum[warp - 1] : 0);
+        if (above < kk && kk <= above + local) {
+            int cum = above;
+            for (int b = top - 1; b >= top - per; b--) {
+                if (cum + hist[b] >= kk) {
+                    sh_bin = b;
+                    sh_kk = kk - cum;
+                    break;
+                }
+                cum += hist[b];
+            }
+        }
+        __syncthreads();
+        prefix |= (uint32_t)sh_bin << shift;
+        pmask |= (uint32_t)(nb - 1) << shift;
+        kk = sh_kk;
+        __syncthreads();
+    }
+    const uint32_t T = prefix;
+    const int need_eq = kk;
+    /* ordered output: warp segments of whole 32-chunks */
+    const int seg = ((n + 31) / 32 + 31) / 32 * 32;
+    const int beg = warp * seg, end = min(n, beg + seg);
+    int cgt = 0, ceq = 0;
+    for (int j0 = beg; j0 < end; j0 += 32) {
+        const int j = j0 + lane;
+        const uint32_t u = j < end ? order_key(s[j]) : 0u;
+        cgt += __popc(__ballot_sync(0xffffffffu, j < end && u > T));
+        ceq += __popc(__ballot_sync(0xffffffffu, j < end && u == T));
+    }
+    if (lane == 0) {
+        w_gt[warp] = cgt;
+        w_eq[warp] = ceq;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        int eb = 0, ob = 0;
+        for (int w = 0; w < 32; w++) {
+            w_eqbase[w] = eb;
+            w_outbase[w] = ob;
+            const int take_eq = min(max(need_eq - eb, 0), w_eq[w]);
+            ob += w_gt[w] + take_eq;
+            eb += w_eq[w];
+        }
+    }
+    __syncthreads();
+    int eqb = w_eqbase[warp], ob = w_outbase[warp];
+    const uint32_t lt = (1u << lane) - 1u;
+    for (int j0 = beg; j0 < end; j0 += 32) {
+        const int j = j0 + lane;
+        const uint32_t u = j < end ? order_key(s[j]) : 0u;
+        const bool gt = j < end && u > T, eq = j < end && u == T;
+        const uint32_t eqm = __ballot_sync(0xffffffffu, eq);
+        const bool take = gt || (eq && eqb + __popc(eqm & lt) < need_eq);
+        const uint32_t tm = __ballot_sync(0xffffffffu, take);
+        if (take)
+            out[ob + __popc(tm & lt)] = j;
+        ob += __popc(tm);
+        eqb += __popc(eqm);
+    }
+}
+
+int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_scale,
+               const float *w_raw, const struct dsv32_kv_layer *kv, const struct dsv32_step_meta *m,
+               int topk)
+{
+    const int IH = c->cfg->index_n_heads, T = m->n_rows;
+    if (T <= 0)
+        return 0;
+    if (IH % 8 || IH > 128 || c->cfg->index_head_dim != 128)
+        return DSV32_ECONFIG;
+    const float wscale = (float)pow((double)IH, -0.5), sscale = (float)pow(128.0, -0.5);
+    const int use_fp8 = c->fast && c->indexer_fp8;
+    const int ld_s = (m->max_ctx + 63) / 64 * 64;
+    /* rows in chunks whose scores fit 1 GiB */
+    const size_t max_chunk_rows = ((size_t)1 << 28) / (size_t)(ld_s > 0 ? ld_s : 1);
+    int4 *work = (int4 *)cu_scratch(c, SCR_WORK, 0); /* host list lives in pinned staging */
+    (void)work;
+    for (int rb = 0; rb < T;) {
+        int re = T;
+        if ((size_t)(re - rb) > max_chunk_rows) {
+            re = rb + (int)(max_chunk_rows > 0 ? max_chunk_rows : 1);
+            /* do not split a sequence's run of rows inside a group of IDX_QT */
+        }
+        /* groups of up to IDX_QT consecutive rows of one sequence that need scores */
+        size_t total_blocks = 0;
+        int n_groups = 0, max_nr = 1;
+        for (int r = rb; r < re;) {
+            int e = r + 1;
+            while (e < re && e - r < IDX_QT && m->h_row_seq[e] == m->h_row_seq[r])
+                e++;
+            int need = 0, maxpos = 0;
+            for (int i = r; i < e; i++) {
+                need |= m->h_row_pos[i] + 1 > topk;
+                if (m->h_row_pos[i] > maxpos)
+                    maxpos = m->h_row_pos[i];
+            }
+            if (need) {
+                total_blocks += (size_t)maxpos / DSV32_KV_BLOCK_TOKENS + 1;
+                n_groups++;
+                if (e - r > max_nr)
+                    max_nr = e - r;
+            }
+            r = e;
+        }
+        if (n_groups > 0) {
+            size_t bpc = (total_blocks + 8 * (size_t)c->n_sm - 1) / (8 * (size_t)c->n_sm);
+            if (bpc < 2)
+                bpc = 2;
+            const size_t max_items = total_blocks / bpc + (size_t)n_groups + 1;
+            int4 *items = (int4 *)malloc(sizeof(int4) * max_items);
+            if (!items)
+                return -ENOMEM;
+            int n_items = 0;
+            for (int r = rb; r < re;) {
+                int e = r + 1;
+                while (e < re && e - r < IDX_QT && m->h_row_seq[e] == m->h_row_seq[r])
+                    e++;
+                int need = 0, maxpos = 0;
+                for (int i = r; i < e; i++) {
+                    need |= m->h_row_pos[i] + 1 > topk;
+                    if (m->h_row_pos[i] > maxpos)
+                        maxpos = m->h_row_pos[i];
+                }
+                if (need) {
+                    const int nblk = maxpos / DSV32_KV_BLOCK_TOKENS + 1;
+                    for (int b = 0; b < nblk; b += (int)bpc)
+                        items[n_items++] = make_int4(r, e - r, b, b + (int)bpc < nblk ? b + (int)bpc : nblk);
+                }
+                r = e;
+            }
+            const int4 *d_items = (const int4 *)cu_upload(c, SCR_WORK, items, sizeof(int4) * (size_t)n_items);
+            free(items);
+            float *scores = (float *)cu_scratch(c, SCR_SCORES, sizeof(float) * (size_t)(re - rb) * ld_s);
+            if (!d_items || !scores)
+                return -ENOMEM;
+            const int steps = use_fp8 ? 4 : 8;
+            const size_t smem = sizeof(uint2) * (size_t)max_nr * (IH / 8) * steps * 32 +
+                                sizeof(float) * (size_t)max_nr * IH;
+            if (use_fp8) {
+                CU_CHECK(cudaFuncSetAttribute(idx_scores_kernel<true>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+                idx_scores_kernel<true><<<n_items, 128, smem, c->st>>>(
+                    scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,
+                    m->d_blocks, m->max_blocks, m->d_row_pos, m->d_row_seq, IH, wscale, sscale);
+            } else {
+                CU_CHECK(cudaFuncSetAttribute(idx_scores_kernel<false>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+                idx_scores_kernel<false><<<n_items, 128, smem, c->st>>>(
+                    scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,
+                    m->d_blocks, m->max_blocks, m->d_row_pos, m->d_row_seq, IH, wscale, sscale);
+            }
+            CU_LAUNCHED("idx_scores");
+        }
+        float *scores = (float *)cu_scratch(c, SCR_SCORES, sizeof(float) * (size_t)(re - rb) * ld_s);
+        if (!scores)
+            return -ENOMEM;
+        topk_kernel<<<re - rb, 1024, 0, c->st>>>(sel, scores, ld_s, rb, m->d_row_pos, topk);
+        CU_LAUNCHED("topk");
+        rb = re;
+    }
+    return 0;
+}

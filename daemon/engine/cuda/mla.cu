@@ -1,0 +1,518 @@
+/* Absorbed MLA kernels (see mla.cuh).
+ *
+ * Fast kernel layout. A CTA of 8 warps takes one row, 64 of its heads and a range of its keys, in
+ * tiles of 64 keys. Shared memory: Q (64 heads x 576 bf16), the current key tile K (64 x 576 bf16,
+ * latent dequantized with its block scale, rope as cached), the raw records of the next tile
+ * (cp.async), the score tile S (64 x 64 f32). Per tile:
+ *   QK^T: warp w computes S for heads 16(w%4).. and keys 32(w/4).. (36 k-steps x 4 n-tiles,
+ *         A = Q and B = K via ldmatrix), writes scale * S (or -inf for an unselected slot);
+ *   PV:   warp w owns heads 16(w%4).. and latent dims 256(w/4)..: online softmax on its S rows
+ *         (the two warps of a head group compute the same statistics), P packed to bf16 as the A
+ *         operand straight from registers, V = the tile's latent part through ldmatrix.trans,
+ *         O (16 x 256 f32) in registers.
+ * Row strides of Q and K are padded by 16 bytes so that ldmatrix's 8 rows hit 8 distinct bank
+ * groups. An invalid key (-1 in the selection, past the row's position) gets zeros in K (so that
+ * 0 * garbage never makes a NaN) and -inf in S. */
+#include "mla.cuh"
+
+#include <errno.h>
+
+#define MLA_C 512
+#define MLA_R 64
+#define MLA_D (MLA_C + MLA_R)
+#define MLA_HG 64   /* heads per CTA */
+#define MLA_KT 64   /* keys per tile */
+#define MLA_QSTR (MLA_D + 8) /* bf16 elements per Q/K row in shared memory */
+#define MLA_SSTR (MLA_KT + 4)
+
+/* ---- exact kernel ---- */
+
+#define EX_MAXC 32 /* C/32 <= 32: kv_lora up to 1024 */
+#define EX_MAXR 4  /* R/32 <= 4 */
+
+static __device__ __forceinline__ int64_t slot_of(const int32_t *blocks, int max_blocks, int seq, int p)
+{
+    return (int64_t)blocks[(size_t)seq * max_blocks + p / DSV32_KV_BLOCK_TOKENS] * DSV32_KV_BLOCK_TOKENS +
+           p % DSV32_KV_BLOCK_TOKENS;
+}
+
+static __global__ void __launch_bounds__(128) mla_exact_kernel(
+    float *out, const float *q_lat, const float *q_pe, int ldr_pe, int ldh_pe, const int32_t *sel,
+    int n_sel, const uint8_t *mla, int rec_bytes, int C, int R, int rope_f32, const int32_t *blocks,
+    int max_blocks, const int32_t *row_pos, const int32_t *row_seq, const uint8_t *row_mha, int H,
+    float scale)
+{
+    __shared__ float sm_m[4], sm_l[4];
+    __shared__ float sm_o[4][EX_MAXC * 32];
+    const int h = blockIdx.x, r = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (row_mha && row_mha[r])
+        return;
+    const int pos = row_pos[r], seq = row_seq[r];
+    const int CL = C / 32, RL = R / 32;
+    const float *ql = q_lat + ((size_t)r * H + h) * C;
+    const float *qp = q_pe + (size_t)r * ldr_pe + (size_t)h * ldh_pe;
+    float qc[EX_MAXC], qr[EX_MAXR], o[EX_MAXC];
+#pragma unroll
+    for (int i = 0; i < EX_MAXC; i++) {
+        qc[i] = i < CL ? ql[lane + 32 * i] : 0.0f;
+        o[i] = 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < EX_MAXR; i++)
+        qr[i] = i < RL ? qp[lane + 32 * i] : 0.0f;
+    float mrun = -INFINITY, lrun = 0.0f;
+    const int n_keys = sel ? n_sel : pos + 1;
+    for (int jj = warp; jj < n_keys; jj += 4) {
+        const int p = sel ? sel[(size_t)r * n_sel + jj] : jj;
+        if (p < 0 || p > pos)
+            continue;
+        const uint8_t *rec = mla + (size_t)slot_of(blocks, max_blocks, seq, p) * rec_bytes;
+        const float *bsc = reinterpret_cast<const float *>(rec + C);
+        const uint8_t *pr = rec + C + 4 * (C / 128);
+        float cv[EX_MAXC], part = 0.0f;
+#pragma unroll
+        for (int i = 0; i < EX_MAXC; i++) {
+            if (i < CL) {
+                const int d = lane + 32 * i;
+                cv[i] = __fmul_rn(cu_e4m3_to_f32(rec[d]), bsc[d / 128]);
+                part += qc[i] * cv[i];
+            } else {
+                cv[i] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < EX_MAXR; i++) {
+            if (i < RL) {
+                const int d = lane + 32 * i;
+                const float pe = rope_f32 ? reinterpret_cast<const float *>(pr)[d]
+                                          : cu_bf16_bits_to_f32(reinterpret_cast<const uint16_t *>(pr)[d]);
+                part += qr[i] * pe;
+            }
+        }
+        const float s = cu_warp_sum(part) * scale;
+        const float mnew = fmaxf(mrun, s);
+        const float alpha = mrun == -INFINITY ? 0.0f : expf(mrun - mnew);
+        const float pj = expf(s - mnew);
+        lrun = lrun * alpha + pj;
+#pragma unroll
+        for (int i = 0; i < EX_MAXC; i++)
+            o[i] = o[i] * alpha + pj * cv[i];
+        mrun = mnew;
+    }
+    if (lane == 0) {
+        sm_m[warp] = mrun;
+        sm_l[warp] = lrun;
+    }
+#pragma unroll
+    for (int i = 0; i < EX_MAXC; i++)
+        if (i < CL)
+            sm_o[warp][lane + 32 * i] = o[i];
+    __syncthreads();
+    float M = fmaxf(fmaxf(sm_m[0], sm_m[1]), fmaxf(sm_m[2], sm_m[3]));
+    float f[4], L = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 4; w++) {
+        f[w] = sm_m[w] == -INFINITY ? 0.0f : expf(sm_m[w] - M);
+        L += sm_l[w] * f[w];
+    }
+    float *orow = out + ((size_t)r * H + h) * C;
+    for (int d = threadIdx.x; d < C; d += blockDim.x) {
+        float acc = 0.0f;
+#pragma unroll
+        for (int w = 0; w < 4; w++)
+            acc += sm_o[w][d] * f[w];
+        orow[d] = M == -INFINITY ? 0.0f : acc / L;
+    }
+}
+
+/* ---- fast kernel ---- */
+
+static __device__ __forceinline__ uint32_t smem_addr(const void *p)
+{
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+static __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+static __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+static __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                 "{%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+static __device__ __forceinline__ void cp_async16(void *dst, const void *src)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src));
+}
+
+static __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi)
+{
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+struct mla_fast_args {
+    float *out;       /* (rows, H, 512) when one split */
+    float *part_o;    /* (splits, rows, H, 512) */
+    float2 *part_ml;  /* (splits, rows, H): running max, sum */
+    const float *q_lat, *q_pe;
+    int ldr_pe, ldh_pe;
+    const int32_t *sel;
+    int n_sel;
+    const uint8_t *mla;
+    int rec_bytes, rope_f32;
+    const int32_t *blocks;
+    int max_blocks;
+    const int32_t *row_pos, *row_seq;
+    const uint8_t *row_mha;
+    int H, rows, splits, keys_per_split;
+    float scale;
+};
+
+static __global__ void __launch_bounds__(256, 1) mla_fast_kernel(const struct mla_fast_args a)
+{
+    extern __shared__ __align__(16) uint8_t smem[];
+    __nv_bfloat16 *Qs = reinterpret_cast<__nv_bfloat16 *>(smem);
+    __nv_bfloat16 *Ks = Qs + MLA_HG * MLA_QSTR;
+    float *Sc = reinterpret_cast<float *>(Ks + MLA_KT * MLA_QSTR);
+    int64_t *kslot = reinterpret_cast<int64_t *>(Sc + MLA_HG * MLA_SSTR);
+    uint8_t *stg = reinterpret_cast<uint8_t *>(kslot + MLA_KT);
+
+    const int z = blockIdx.x, hg = blockIdx.y, r = blockIdx.z;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    if (a.row_mha && a.row_mha[r])
+        return;
+    const int pos = a.row_pos[r], seq = a.row_seq[r];
+    const int n_keys = a.sel ? a.n_sel : pos + 1;
+    const int kbeg = z * a.keys_per_split, kend = min(n_keys, kbeg + a.keys_per_split);
+    const int h0 = hg * MLA_HG;
+    const int recb = a.rec_bytes, chunks = recb / 16;
+
+    /* Q to bf16 */
+    for (int i = tid; i < MLA_HG * MLA_D; i += 256) {
+        const int h = i / MLA_D, d = i % MLA_D;
+        const float v = d < MLA_C ? a.q_lat[((size_t)r * a.H + h0 + h) * MLA_C + d]
+                                  : a.q_pe[(size_t)r * a.ldr_pe + (size_t)(h0 + h) * a.ldh_pe + d - MLA_C];
+        Qs[h * MLA_QSTR + d] = __float2bfloat16_rn(v);
+    }
+
+    auto issue = [&](int ts) {
+        if (tid < MLA_KT) {
+            const int j = ts + tid;
+            int p = -1;
+            if (j < kend)
+                p = a.sel ? a.sel[(size_t)r * a.n_sel + j] : j;
+            kslot[tid] = (p >= 0 && p <= pos) ? slot_of(a.blocks, a.max_blocks, seq, p) : -1;
+        }
+        __syncthreads();
+        for (int i = tid; i < MLA_KT * chunks; i += 256) {
+            const int key = i / chunks, ch = i % chunks;
+            const int64_t s = kslot[key];
+            if (s >= 0)
+                cp_async16(stg + key * recb + 16 * ch, a.mla + (size_t)s * recb + 16 * ch);
+        }
+        asm volatile("cp.async.commit_group;");
+    };
+
+    float mrun[2] = {-INFINITY, -INFINITY}, lrun[2] = {0.0f, 0.0f};
+    float O[32][4];
+#pragma unroll
+    for (int n = 0; n < 32; n++)
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            O[n][i] = 0.0f;
+    const int hq = warp & 3, kh = warp >> 2, dh = warp >> 2;
+
+    if (kbeg < kend)
+        issue(kbeg);
+    for (int ts = kbeg; ts < kend; ts += MLA_KT) {
+        asm volatile("cp.async.wait_all;");
+        __syncthreads();
+        /* the raw tile -> K (bf16): 36 chunks of 16 dims per key */
+        for (int i = tid; i < MLA_KT * 36; i += 256) {
+            const int key = i / 36, ch = i % 36;
+            uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
+            if (kslot[key] >= 0) {
+                const uint8_t *rec = stg + key * recb;
+                if (ch < 32) {
+                    const uint4 b = *reinterpret_cast<const uint4 *>(rec + 16 * ch);
+                    const float sc = reinterpret_cast<const float *>(rec + MLA_C)[ch / 8];
+                    uint32_t wv[8];
+                    const uint32_t in[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+                    for (int k = 0; k < 4; k++) {
+                        const uint32_t x = in[k];
+                        wv[2 * k] = pack_bf16(cu_e4m3_to_f32(x & 0xff) * sc, cu_e4m3_to_f32((x >> 8) & 0xff) * sc);
+                        wv[2 * k + 1] = pack_bf16(cu_e4m3_to_f32((x >> 16) & 0xff) * sc, cu_e4m3_to_f32(x >> 24) * sc);
+                    }
+                    lo = make_uint4(wv[0], wv[1], wv[2], wv[3]);
+                    hi = make_uint4(wv[4], wv[5], wv[6], wv[7]);
+                } else {
+                    const uint8_t *pr = rec + MLA_C + 4 * (MLA_C / 128);
+                    const int d0 = 16 * (ch - 32);
+                    if (a.rope_f32) {
+                        const float *pf = reinterpret_cast<const float *>(pr) + d0;
+                        lo = make_uint4(pack_bf16(pf[0], pf[1]), pack_bf16(pf[2], pf[3]), pack_bf16(pf[4], pf[5]),
+                                        pack_bf16(pf[6], pf[7]));
+                        hi = make_uint4(pack_bf16(pf[8], pf[9]), pack_bf16(pf[10], pf[11]),
+                                        pack_bf16(pf[12], pf[13]), pack_bf16(pf[14], pf[15]));
+                    } else {
+                        lo = *reinterpret_cast<const uint4 *>(pr + 2 * d0);
+                        hi = *reinterpret_cast<const uint4 *>(pr + 2 * d0 + 16);
+                    }
+                }
+            }
+            uint4 *dst = reinterpret_cast<uint4 *>(Ks + key * MLA_QSTR + 16 * ch);
+            dst[0] = lo;
+            dst[1] = hi;
+        }
+        __syncthreads();
+        /* S validity of this tile, read before issue() rewrites kslot */
+        bool kval[4][2];
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+            kval[nt][0] = kslot[32 * kh + 8 * nt + 2 * t] >= 0;
+            kval[nt][1] = kslot[32 * kh + 8 * nt + 2 * t + 1] >= 0;
+        }
+        __syncthreads();
+        if (ts + MLA_KT < kend)
+            issue(ts + MLA_KT);
+
+        /* S = Q K^T for heads 16hq.., keys 32kh.. */
+        float S[4][4];
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                S[nt][i] = 0.0f;
+        const uint32_t qa = smem_addr(Qs + (16 * hq + (lane & 15)) * MLA_QSTR + (lane >> 4) * 8);
+        const int mi = lane >> 3, rr = lane & 7;
+        const uint32_t kb0 = smem_addr(Ks + (32 * kh + (mi >> 1) * 8 + rr) * MLA_QSTR + (mi & 1) * 8);
+#pragma unroll 4
+        for (int ks = 0; ks < MLA_D / 16; ks++) {
+            uint32_t af[4], b01[4], b23[4];
+            ldsm_x4(af, qa + ks * 32);
+            ldsm_x4(b01, kb0 + ks * 32);
+            ldsm_x4(b23, kb0 + 16 * MLA_QSTR * 2 + ks * 32);
+            mma_bf16(S[0], af, b01[0], b01[1]);
+            mma_bf16(S[1], af, b01[2], b01[3]);
+            mma_bf16(S[2], af, b23[0], b23[1]);
+            mma_bf16(S[3], af, b23[2], b23[3]);
+        }
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+            const int key = 32 * kh + 8 * nt + 2 * t;
+            float *s0 = Sc + (16 * hq + g) * MLA_SSTR + key, *s1 = s0 + 8 * MLA_SSTR;
+            s0[0] = kval[nt][0] ? S[nt][0] * a.scale : -INFINITY;
+            s0[1] = kval[nt][1] ? S[nt][1] * a.scale : -INFINITY;
+            s1[0] = kval[nt][0] ? S[nt][2] * a.scale : -INFINITY;
+            s1[1] = kval[nt][1] ? S[nt][3] * a.scale : -INFINITY;
+        }
+        __syncthreads();
+
+        /* online softmax of rows 16hq+g and +8 over this tile */
+        float pv[2][4][4]; /* [row][kk][{2t, 2t+1, 2t+8, 2t+9}] */
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int rw = 0; rw < 2; rw++) {
+            const float *srow = Sc + (16 * hq + g + 8 * rw) * MLA_SSTR;
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                pv[rw][kk][0] = srow[16 * kk + 2 * t];
+                pv[rw][kk][1] = srow[16 * kk + 2 * t + 1];
+                pv[rw][kk][2] = srow[16 * kk + 2 * t + 8];
+                pv[rw][kk][3] = srow[16 * kk + 2 * t + 9];
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    mx[rw] = fmaxf(mx[rw], pv[rw][kk][i]);
+            }
+            mx[rw] = fmaxf(mx[rw], __shfl_xor_sync(0xffffffffu, mx[rw], 1));
+            mx[rw] = fmaxf(mx[rw], __shfl_xor_sync(0xffffffffu, mx[rw], 2));
+        }
+        float alpha[2];
+#pragma unroll
+        for (int rw = 0; rw < 2; rw++) {
+            const float mnew = fmaxf(mrun[rw], mx[rw]);
+            const float mref = mnew == -INFINITY ? 0.0f : mnew;
+            alpha[rw] = mrun[rw] == -INFINITY ? 0.0f : __expf(mrun[rw] - mref);
+            float sum = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    pv[rw][kk][i] = __expf(pv[rw][kk][i] - mref);
+                    sum += pv[rw][kk][i];
+                }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            lrun[rw] = lrun[rw] * alpha[rw] + sum;
+            mrun[rw] = mnew;
+        }
+#pragma unroll
+        for (int n = 0; n < 32; n++) {
+            O[n][0] *= alpha[0];
+            O[n][1] *= alpha[0];
+            O[n][2] *= alpha[1];
+            O[n][3] *= alpha[1];
+        }
+        /* O += P V over this tile's 64 keys, dims 256dh.. */
+        const uint32_t vb = smem_addr(Ks + ((mi & 1) * 8 + rr) * MLA_QSTR + 256 * dh + (mi >> 1) * 8);
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            const uint32_t pa[4] = {pack_bf16(pv[0][kk][0], pv[0][kk][1]), pack_bf16(pv[1][kk][0], pv[1][kk][1]),
+                                    pack_bf16(pv[0][kk][2], pv[0][kk][3]), pack_bf16(pv[1][kk][2], pv[1][kk][3])};
+#pragma unroll
+            for (int np = 0; np < 16; np++) {
+                uint32_t b[4];
+                ldsm_x4_t(b, vb + (16 * kk * MLA_QSTR + 16 * np) * 2);
+                mma_bf16(O[2 * np], pa, b[0], b[1]);
+                mma_bf16(O[2 * np + 1], pa, b[2], b[3]);
+            }
+        }
+        __syncthreads();
+    }
+
+    /* epilogue */
+    const int hr0 = h0 + 16 * hq + g, hr1 = hr0 + 8;
+    if (a.splits == 1) {
+        const float inv0 = lrun[0] > 0.0f ? 1.0f / lrun[0] : 0.0f, inv1 = lrun[1] > 0.0f ? 1.0f / lrun[1] : 0.0f;
+        float *o0 = a.out + ((size_t)r * a.H + hr0) * MLA_C + 256 * dh + 2 * t, *o1 = o0 + 8 * MLA_C;
+#pragma unroll
+        for (int n = 0; n < 32; n++) {
+            *reinterpret_cast<float2 *>(o0 + 8 * n) = make_float2(O[n][0] * inv0, O[n][1] * inv0);
+            *reinterpret_cast<float2 *>(o1 + 8 * n) = make_float2(O[n][2] * inv1, O[n][3] * inv1);
+        }
+    } else {
+        const size_t base = ((size_t)z * a.rows + r) * a.H;
+        float *o0 = a.part_o + (base + hr0) * MLA_C + 256 * dh + 2 * t, *o1 = o0 + 8 * MLA_C;
+#pragma unroll
+        for (int n = 0; n < 32; n++) {
+            *reinterpret_cast<float2 *>(o0 + 8 * n) = make_float2(O[n][0], O[n][1]);
+            *reinterpret_cast<float2 *>(o1 + 8 * n) = make_float2(O[n][2], O[n][3]);
+        }
+        if (dh == 0 && t == 0) {
+            a.part_ml[base + hr0] = make_float2(mrun[0], lrun[0]);
+            a.part_ml[base + hr1] = make_float2(mrun[1], lrun[1]);
+        }
+    }
+}
+
+static __global__ void mla_combine_kernel(float *out, const float *part_o, const float2 *part_ml, int rows,
+                                          int H, int splits, const uint8_t *row_mha)
+{
+    const int h = blockIdx.x, r = blockIdx.y;
+    if (row_mha && row_mha[r])
+        return;
+    float M = -INFINITY;
+    for (int z = 0; z < splits; z++)
+        M = fmaxf(M, part_ml[((size_t)z * rows + r) * H + h].x);
+    float L = 0.0f;
+    for (int z = 0; z < splits; z++) {
+        const float2 ml = part_ml[((size_t)z * rows + r) * H + h];
+        L += ml.x == -INFINITY ? 0.0f : ml.y * __expf(ml.x - M);
+    }
+    float *orow = out + ((size_t)r * H + h) * MLA_C;
+    for (int d = threadIdx.x; d < MLA_C; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int z = 0; z < splits; z++) {
+            const float2 ml = part_ml[((size_t)z * rows + r) * H + h];
+            if (ml.x != -INFINITY)
+                acc += part_o[(((size_t)z * rows + r) * H + h) * MLA_C + d] * __expf(ml.x - M);
+        }
+        orow[d] = L > 0.0f ? acc / L : 0.0f;
+    }
+}
+
+int cu_mla_fast_ok(const struct cu_ctx *c)
+{
+    const struct dsv32_kv_geom *g = &c->geom;
+    return c->fast && g->kv_lora == MLA_C && g->rope == MLA_R && c->cfg->num_attention_heads % MLA_HG == 0 &&
+           g->mla_rec_bytes % 16 == 0 && g->mla_rec_bytes <= 784;
+}
+
+int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, int ldr_pe,
+           int ldh_pe, const int32_t *sel, int n_sel, const struct dsv32_kv_layer *kv,
+           const struct dsv32_step_meta *m, float scale)
+{
+    const struct dsv32_kv_geom *g = &c->geom;
+    const int H = c->cfg->num_attention_heads, rows = m->n_rows;
+    if (rows <= 0)
+        return 0;
+    if (!cu_mla_fast_ok(c)) {
+        if (g->kv_lora % 128 || g->kv_lora > 32 * EX_MAXC || g->rope % 32 || g->rope > 32 * EX_MAXR)
+            return DSV32_ECONFIG;
+        mla_exact_kernel<<<dim3(H, rows), 128, 0, c->st>>>(out, q_lat, q_pe, ldr_pe, ldh_pe, sel, n_sel, kv->mla,
+                                                           g->mla_rec_bytes, g->kv_lora, g->rope, g->rope_f32,
+                                                           m->d_blocks, m->max_blocks, m->d_row_pos,
+                                                           m->d_row_seq, m->d_row_mha, H, scale);
+        CU_LAUNCHED("mla_exact");
+        return 0;
+    }
+    const int max_keys = sel ? n_sel : m->max_ctx;
+    const int tiles = (max_keys + MLA_KT - 1) / MLA_KT;
+    const int ctas = rows * (H / MLA_HG);
+    int splits = c->n_sm / ctas;
+    if (splits < 1)
+        splits = 1;
+    if (splits > tiles)
+        splits = tiles > 0 ? tiles : 1;
+    const int tiles_per = (tiles + splits - 1) / splits;
+    splits = tiles_per > 0 ? (tiles + tiles_per - 1) / tiles_per : 1;
+    if (splits < 1)
+        splits = 1;
+    struct mla_fast_args a;
+    a.out = out;
+    a.part_o = NULL;
+    a.part_ml = NULL;
+    if (splits > 1) {
+        a.part_o = (float *)cu_scratch(c, SCR_PART, sizeof(float) * (size_t)splits * rows * H * MLA_C);
+        a.part_ml = (float2 *)cu_scratch(c, SCR_TMP2, sizeof(float2) * (size_t)splits * rows * H);
+        if (!a.part_o || !a.part_ml)
+            return -ENOMEM;
+    }
+    a.q_lat = q_lat;
+    a.q_pe = q_pe;
+    a.ldr_pe = ldr_pe;
+    a.ldh_pe = ldh_pe;
+    a.sel = sel;
+    a.n_sel = n_sel;
+    a.mla = kv->mla;
+    a.rec_bytes = g->mla_rec_bytes;
+    a.rope_f32 = g->rope_f32;
+    a.blocks = m->d_blocks;
+    a.max_blocks = m->max_blocks;
+    a.row_pos = m->d_row_pos;
+    a.row_seq = m->d_row_seq;
+    a.row_mha = m->d_row_mha;
+    a.H = H;
+    a.rows = rows;
+    a.splits = splits;
+    a.keys_per_split = tiles_per * MLA_KT;
+    a.scale = scale;
+    const size_t smem = sizeof(__nv_bfloat16) * 2 * MLA_HG * MLA_QSTR + sizeof(float) * MLA_HG * MLA_SSTR +
+                        sizeof(int64_t) * MLA_KT + (size_t)MLA_KT * g->mla_rec_bytes;
+    CU_CHECK(cudaFuncSetAttribute(mla_fast_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    mla_fast_kernel<<<dim3(splits, H / MLA_HG, rows), 256, smem, c->st>>>(a);
+    CU_LAUNCHED("mla_fast");
+    if (splits > 1) {
+        mla_combine_kernel<<<dim3(H, rows), 128, 0, c->st>>>(out, a.part_o, a.part_ml, rows, H, splits,
+                                                             m->d_row_mha);
+        CU_LAUNCHED("mla_combine");
+    }
+    return 0;
+}

@@ -1,0 +1,513 @@
+/* MoE kernels of the cuda backend (see moe.cuh). Entries: one per (token, routed expert) pair
+ * whose expert is loaded; the routing kernel groups them by expert (order inside a group does not
+ * matter: every entry's result depends only on its own row) and records, per pair, its entry. */
+#include "moe.cuh"
+
+#include "gemm.cuh"
+#include "quant.cuh"
+#include "small_ops.cuh"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct cu_expert_table {
+    const struct dsv32_ffn_weights *key;
+    int E;
+    int kind; /* 0 f32, 1 bf16, 2 fp8 (fast mode) */
+    const void **d_w[3];
+    const float **d_s[3];
+    uint8_t *d_loaded;
+    struct cu_expert_table *next;
+};
+
+void cu_moe_tables_free(struct cu_ctx *c)
+{
+    while (c->tables) {
+        struct cu_expert_table *t = c->tables;
+        c->tables = t->next;
+        for (int i = 0; i < 3; i++) {
+            cudaFree(t->d_w[i]);
+            cudaFree(t->d_s[i]);
+        }
+        cudaFree(t->d_loaded);
+        free(t);
+    }
+}
+
+static int expert_table(struct cu_ctx *c, const struct dsv32_ffn_weights *experts, int E,
+                        struct cu_expert_table **ret)
+{
+    for (struct cu_expert_table *t = c->tables; t; t = t->next)
+        if (t->key == experts && t->E == E) {
+            *ret = t;
+            return 0;
+        }
+    struct cu_expert_table *t = (struct cu_expert_table *)calloc(1, sizeof(*t));
+    const void **hw = (const void **)calloc((size_t)E * 3, sizeof(void *));
+    const float **hs = (const float **)calloc((size_t)E * 3, sizeof(float *));
+    uint8_t *hl = (uint8_t *)calloc((size_t)E, 1);
+    int r = 0;
+    if (!t || !hw || !hs || !hl) {
+        r = -ENOMEM;
+        goto fail;
+    }
+    t->key = experts;
+    t->E = E;
+    t->kind = -1;
+    for (int e = 0; e < E; e++) {
+        if (!dsv32_weight_loaded(&experts[e].w1))
+            continue;
+        const struct dsv32_weight *ws[3] = {&experts[e].w1, &experts[e].w2, &experts[e].w3};
+        for (int i = 0; i < 3; i++) {
+            const struct cu_weight *cw = (const struct cu_weight *)ws[i]->be;
+            if (!cw) {
+                r = -EINVAL;
+                goto fail;
+            }
+            const int kind = cw->fp8 ? 2 : cw->bf16 ? 1 : 0;
+            if (t->kind >= 0 && kind != t->kind) {
+                r = DSV32_EDTYPE;
+                goto fail;
+            }
+            t->kind = kind;
+            hw[i * E + e] = kind == 2 ? (const void *)cw->fp8 : kind == 1 ? (const void *)cw->bf16 : (const void *)cw->f32;
+            hs[i * E + e] = cw->scale;
+        }
+        hl[e] = 1;
+    }
+    for (int i = 0; i < 3; i++) {
+        if (cudaMalloc(&t->d_w[i], sizeof(void *) * (size_t)E) != cudaSuccess ||
+            cudaMalloc(&t->d_s[i], sizeof(float *) * (size_t)E) != cudaSuccess ||
+            cudaMemcpy(t->d_w[i], hw + (size_t)i * E, sizeof(void *) * (size_t)E, cudaMemcpyHostToDevice) != cudaSuccess ||
+            cudaMemcpy(t->d_s[i], hs + (size_t)i * E, sizeof(float *) * (size_t)E, cudaMemcpyHostToDevice) != cudaSuccess) {
+            r = DSV32_ECUDA;
+            goto fail;
+        }
+    }
+    if (cudaMalloc(&t->d_loaded, (size_t)E) != cudaSuccess ||
+        cudaMemcpy(t->d_loaded, hl, (size_t)E, cudaMemcpyHostToDevice) != cudaSuccess) {
+        r = DSV32_ECUDA;
+        goto fail;
+    }
+    free(hw);
+    free(hs);
+    free(hl);
+    t->next = c->tables;
+    c->tables = t;
+    *ret = t;
+    return 0;
+fail:
+    if (r == DSV32_ECUDA)
+        log_error("cuda: expert table of %d experts: %s", E, cudaGetErrorString(cudaGetLastError()));
+    if (t) {
+        for (int i = 0; i < 3; i++) {
+            cudaFree(t->d_w[i]);
+            cudaFree(t->d_s[i]);
+        }
+        cudaFree(t->d_loaded);
+    }
+    free(t);
+    free(hw);
+    free(hs);
+    free(hl);
+    return r;
+}
+
+/* ---- router ---- */
+
+static __global__ void gate_route_kernel(int32_t *ids, float *wout, const float *logits, const float *bias,
+                                         int rows, int E, int G, int topk_group, int K, int sigmoid, int norm,
+                                         float rsf)
+{
+    extern __shared__ float gsm[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int r = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (r >= rows)
+        return;
+    float *orig = gsm + (size_t)warp * (2 * E + 2 * G + E);
+    float *sel = orig + E, *gs = sel + E, *keep = gs + G, *taken = keep + G;
+    const float *l = logits + (size_t)r * E;
+    if (sigmoid) {
+        for (int e = lane; e < E; e += 32)
+            orig[e] = 1.0f / (1.0f + expf(-l[e]));
+    } else {
+        float mx = -INFINITY;
+        for (int e = lane; e < E; e += 32)
+            mx = fmaxf(mx, l[e]);
+        mx = cu_warp_max(mx);
+        float s = 0.0f;
+        for (int e = lane; e < E; e += 32)
+            s += (orig[e] = expf(l[e] - mx));
+        s = cu_warp_sum(s);
+        for (int e = lane; e < E; e += 32)
+            orig[e] /= s;
+    }
+    for (int e = lane; e < E; e += 32) {
+        sel[e] = bias ? orig[e] + bias[e] : orig[e];
+        taken[e] = 0.0f;
+    }
+    __syncwarp();
+    if (G > 1) {
+        const int per = E / G;
+        for (int gi = lane; gi < G; gi += 32) {
+            float m1 = -INFINITY, m2 = -INFINITY;
+            for (int e = gi * per; e < (gi + 1) * per; e++) {
+                if (sel[e] > m1) {
+                    m2 = m1;
+                    m1 = sel[e];
+                } else if (sel[e] > m2) {
+                    m2 = sel[e];
+                }
+            }
+            gs[gi] = bias ? m1 + m2 : m1;
+            keep[gi] = 0.0f;
+        }
+        __syncwarp();
+        if (lane == 0)
+            for (int tg = 0; tg < topk_group; tg++) {
+                int best = -1;
+                for (int gi = 0; gi < G; gi++)
+                    if (keep[gi] == 0.0f && (best < 0 || gs[gi] > gs[best]))
+                        best = gi;
+                keep[best] = 1.0f;
+            }
+        __syncwarp();
+        for (int e = lane; e < E; e += 32)
+            if (keep[e / per] == 0.0f)
+                sel[e] = -INFINITY;
+        __syncwarp();
+    }
+    float wk[16];
+    int idk[16];
+    for (int kk = 0; kk < K && kk < 16; kk++) {
+        float bv = 0.0f;
+        int bi = -1;
+        for (int e = lane; e < E; e += 32)
+            if (taken[e] == 0.0f && (bi < 0 || sel[e] > bv)) {
+                bv = sel[e];
+                bi = e;
+            }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        idk[kk] = bi;
+        wk[kk] = orig[bi];
+        if (lane == 0)
+            taken[bi] = 1.0f;
+        __syncwarp();
+    }
+    if (lane == 0) {
+        float wsum = 0.0f;
+        for (int kk = 0; kk < K; kk++)
+            wsum += wk[kk];
+        for (int kk = 0; kk < K; kk++) {
+            float v = wk[kk];
+            if (sigmoid && norm)
+                v /= wsum;
+            ids[(size_t)r * K + kk] = idk[kk];
+            wout[(size_t)r * K + kk] = v * rsf;
+        }
+    }
+}
+
+int cu_moe_gate(struct cu_ctx *c, int32_t *ids, float *w, const float *x, int rows,
+                const struct dsv32_weight *gate, const struct dsv32_weight *bias)
+{
+    const struct dsv32_config *cf = c->cfg;
+    const int E = cf->n_routed_experts, G = cf->n_group > 0 ? cf->n_group : 1, K = cf->num_experts_per_tok;
+    const int D = cf->hidden_size;
+    if (rows <= 0)
+        return 0;
+    if (K > 16 || E % G || E > 4096)
+        return DSV32_ECONFIG;
+    const struct cu_weight *gw = (const struct cu_weight *)gate->be;
+    float *logits = (float *)cu_scratch(c, SCR_MOE_A, sizeof(float) * (size_t)rows * E);
+    if (!logits)
+        return -ENOMEM;
+    /* the router's GEMM never quantizes its input (the reference runs it in the weight's type) */
+    if (gw->f32) {
+        CU_TRY(cu_sgemm_xwt(c, logits, E, x, D, rows, gw->f32, E, D));
+    } else if (gw->bf16) {
+        __nv_bfloat16 *xb = (__nv_bfloat16 *)cu_scratch(c, SCR_BF16, sizeof(__nv_bfloat16) * (size_t)rows * D);
+        if (!xb)
+            return -ENOMEM;
+        CU_TRY(cu_to_bf16(c, xb, x, rows, D, D));
+        CU_TRY(cu_bgemm_xwt(c, logits, E, xb, D, rows, gw->bf16, E, D));
+    } else {
+        return DSV32_EUNSUPPORTED;
+    }
+    const struct cu_weight *bw = bias && bias->be ? (const struct cu_weight *)bias->be : NULL;
+    const size_t smem = sizeof(float) * 8 * (size_t)(3 * E + 2 * G);
+    if (smem > 48 * 1024)
+        CU_CHECK(cudaFuncSetAttribute(gate_route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    gate_route_kernel<<<cu_blocks((size_t)rows, 8), 256, smem, c->st>>>(
+        ids, w, logits, bw ? bw->f32 : NULL, rows, E, G, cf->topk_group, K, cf->scoring_sigmoid,
+        cf->norm_topk_prob, cf->routed_scaling_factor);
+    CU_LAUNCHED("gate_route");
+    return 0;
+}
+
+/* ---- experts ---- */
+
+static __global__ void __launch_bounds__(1024) route_kernel(const int32_t *ids, int n_pairs, int k, int E,
+                                                            const uint8_t *loaded, int *grp_off, int *slot_of,
+                                                            int *entry_tok, int *entry_sub, int *entry_e)
+{
+    extern __shared__ int rsm[];
+    int *cnt = rsm, *off = rsm + E, *fill = rsm + 2 * E;
+    for (int e = threadIdx.x; e < E; e += blockDim.x)
+        cnt[e] = fill[e] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < n_pairs; i += blockDim.x) {
+        const int e = ids[i];
+        if (e >= 0 && e < E && loaded[e])
+            atomicAdd(&cnt[e], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int o = 0;
+        for (int e = 0; e < E; e++) {
+            off[e] = o;
+            grp_off[e] = o;
+            o += cnt[e];
+        }
+        grp_off[E] = o;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n_pairs; i += blockDim.x) {
+        const int e = ids[i];
+        if (e >= 0 && e < E && loaded[e]) {
+            const int s = off[e] + atomicAdd(&fill[e], 1);
+            slot_of[i] = s;
+            entry_tok[s] = i / k;
+            entry_sub[s] = 1 + i % k;
+            entry_e[s] = e;
+        } else {
+            slot_of[i] = -1;
+        }
+    }
+}
+
+template <typename WT> static __device__ __forceinline__ float wval(const WT *p, size_t i);
+template <> __device__ __forceinline__ float wval<float>(const float *p, size_t i) { return p[i]; }
+template <> __device__ __forceinline__ float wval<__nv_bfloat16>(const __nv_bfloat16 *p, size_t i)
+{
+    return __bfloat162float(p[i]);
+}
+
+/* h[s, f] = silu(x[tok] . w1[e, f]) * (x[tok] . w3[e, f]); one warp per feature */
+template <typename WT>
+static __global__ void moe_up_kernel(float *h, const float *xin, const int *entry_tok, const int *entry_e,
+                                     const int *grp_off, int E, const void *const *w1, const void *const *w3,
+                                     int D, int I)
+{
+    const int s = blockIdx.y, lane = threadIdx.x & 31, f = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (s >= grp_off[E] || f >= I)
+        return;
+    const int e = entry_e[s];
+    const float *xr = xin + (size_t)entry_tok[s] * D;
+    const WT *a = (const WT *)w1[e] + (size_t)f * D, *b = (const WT *)w3[e] + (size_t)f * D;
+    float ga = 0.0f, ub = 0.0f;
+    for (int d = lane; d < D; d += 32) {
+        ga += xr[d] * wval(a, d);
+        ub += xr[d] * wval(b, d);
+    }
+    ga = cu_warp_sum(ga);
+    ub = cu_warp_sum(ub);
+    if (lane == 0)
+        h[(size_t)s * I + f] = __fmul_rn(__fdiv_rn(ga, 1.0f + expf(-ga)), ub);
+}
+
+/* out[s, d] = h[s] . w2[e, d] */
+template <typename WT>
+static __global__ void moe_down_kernel(float *out, const float *h, const int *entry_e, const int *grp_off, int E,
+                                       const void *const *w2, int D, int I)
+{
+    const int s = blockIdx.y, lane = threadIdx.x & 31, d = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (s >= grp_off[E] || d >= D)
+        return;
+    const WT *wr = (const WT *)w2[entry_e[s]] + (size_t)d * I;
+    const float *hr = h + (size_t)s * I;
+    float acc = 0.0f;
+    for (int i = lane; i < I; i += 32)
+        acc += hr[i] * wval(wr, i);
+    acc = cu_warp_sum(acc);
+    if (lane == 0)
+        out[(size_t)s * D + d] = acc;
+}
+
+/* h <- dequant(quant(h)) per 1x128 block, the probe seeing (1 + slot, token, col) */
+static __global__ void moe_hquant_kernel(float *h, int I, const int *grp_off, int E, const int *entry_sub,
+                                         const int *entry_tok, int ue8m0, struct cu_probe p)
+{
+    const int nb = I / 128, lane = threadIdx.x & 31;
+    const long id = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int s = (int)(id / nb), b = (int)(id % nb);
+    if (s >= grp_off[E])
+        return;
+    float *hr = h + (size_t)s * I + b * 128;
+    float v[4], amax = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        v[j] = hr[lane + 32 * j];
+        amax = fmaxf(amax, fabsf(v[j]));
+    }
+    amax = cu_warp_max(amax);
+    const float sc = cu_block_scale(amax, ue8m0);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int col = b * 128 + lane + 32 * j;
+        hr[lane + 32 * j] = __fmul_rn(cu_e4m3_to_f32(cu_quant(v[j] / sc, p, entry_sub[s], entry_tok[s], col)), sc);
+    }
+}
+
+/* y[r] = sum over the row's experts in ascending id order of w * out[entry] */
+static __global__ void moe_combine_kernel(float *y, const float *out, const int *slot_of, const int32_t *ids,
+                                          const float *w, int k, int D)
+{
+    const int r = blockIdx.x;
+    int order[16], n = 0;
+    for (int kk = 0; kk < k && kk < 16; kk++) {
+        if (slot_of[r * k + kk] < 0)
+            continue;
+        int i = n++;
+        while (i > 0 && ids[r * k + order[i - 1]] > ids[r * k + kk]) {
+            order[i] = order[i - 1];
+            i--;
+        }
+        order[i] = kk;
+    }
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int i = 0; i < n; i++) {
+            const int kk = order[i];
+            acc = __fadd_rn(acc, __fmul_rn(out[(size_t)slot_of[r * k + kk] * D + d], w[r * k + kk]));
+        }
+        y[(size_t)r * D + d] = acc;
+    }
+}
+
+int cu_moe_experts(struct cu_ctx *c, float *y, const float *x, int rows, const int32_t *ids,
+                   const float *w, int k, const struct dsv32_ffn_weights *experts, int n_experts,
+                   int ue8m0)
+{
+    const int D = c->cfg->hidden_size, I = c->cfg->moe_intermediate_size, E = n_experts;
+    if (rows <= 0)
+        return 0;
+    if (k > 16 || E <= 0)
+        return DSV32_ECONFIG;
+    struct cu_expert_table *tab;
+    CU_TRY(expert_table(c, experts, E, &tab));
+    const int n_pairs = rows * k;
+    if (tab->kind < 0) { /* no expert loaded here: y = 0 */
+        CU_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * (size_t)rows * D, c->st));
+        return 0;
+    }
+    const int is_fp8 = experts[0].w1.dtype == DSV32_DT_F8_E4M3;
+    /* routing buffers: grp_off (E+1), slot_of, entry_tok, entry_sub, entry_e (n_pairs each) */
+    int *rb = (int *)cu_scratch(c, SCR_MOE_A, sizeof(int) * ((size_t)E + 1 + 4 * (size_t)n_pairs));
+    if (!rb)
+        return -ENOMEM;
+    int *grp_off = rb, *slot_of = rb + E + 1, *entry_tok = slot_of + n_pairs, *entry_sub = entry_tok + n_pairs;
+    int *entry_e = entry_sub + n_pairs;
+    route_kernel<<<1, 1024, sizeof(int) * 3 * (size_t)E, c->st>>>(ids, n_pairs, k, E, tab->d_loaded, grp_off,
+                                                                   slot_of, entry_tok, entry_sub, entry_e);
+    CU_LAUNCHED("moe_route");
+    float *out = (float *)cu_scratch(c, SCR_MOE_B, sizeof(float) * (size_t)n_pairs * D);
+    if (!out)
+        return -ENOMEM;
+    if (tab->kind == 2) {
+        /* fast FP8: quantize each token once (sub 0), grouped SwiGLU GEMM with fused FP8 output
+         * quantization, grouped down projection */
+        uint8_t *xq = (uint8_t *)cu_scratch(c, SCR_XQ, (size_t)rows * D);
+        float *xs = (float *)cu_scratch(c, SCR_XS, sizeof(float) * (size_t)rows * (D / 128));
+        uint8_t *hq = (uint8_t *)cu_scratch(c, SCR_MOE_C, (size_t)n_pairs * I);
+        float *hs = (float *)cu_scratch(c, SCR_MOE_D, sizeof(float) * (size_t)n_pairs * (I / 128));
+        if (!xq || !xs || !hq || !hs)
+            return -ENOMEM;
+        CU_TRY(cu_act_quant(c, x, D, rows, D, ue8m0, 0, NULL, xq, xs, NULL, 0));
+        struct cu_fp8_gemm a;
+        memset(&a, 0, sizeof(a));
+        a.xq = xq;
+        a.xs = xs;
+        a.K = D;
+        a.N = I;
+        a.n_groups = E;
+        a.w1 = (const uint8_t *const *)tab->d_w[0];
+        a.s1 = tab->d_s[0];
+        a.w3 = (const uint8_t *const *)tab->d_w[2];
+        a.s3 = tab->d_s[2];
+        a.grp_off = grp_off;
+        a.M = n_pairs;
+        a.row_x = entry_tok;
+        a.hq = hq;
+        a.hs = hs;
+        a.entry_sub = entry_sub;
+        a.entry_row = entry_tok;
+        a.ue8m0 = ue8m0;
+        CU_TRY(cu_fp8_gemm_run(c, &a));
+        memset(&a, 0, sizeof(a));
+        a.xq = hq;
+        a.xs = hs;
+        a.K = I;
+        a.N = D;
+        a.n_groups = E;
+        a.w1 = (const uint8_t *const *)tab->d_w[1];
+        a.s1 = tab->d_s[1];
+        a.grp_off = grp_off;
+        a.M = n_pairs;
+        a.y = out;
+        a.ldy = D;
+        CU_TRY(cu_fp8_gemm_run(c, &a));
+    } else {
+        float *h = (float *)cu_scratch(c, SCR_MOE_C, sizeof(float) * (size_t)n_pairs * I);
+        if (!h)
+            return -ENOMEM;
+        const float *xin = x;
+        if (is_fp8) {
+            float *xdq = (float *)cu_scratch(c, SCR_TMP, sizeof(float) * (size_t)rows * D);
+            if (!xdq)
+                return -ENOMEM;
+            CU_TRY(cu_act_quant(c, x, D, rows, D, ue8m0, 0, xdq, NULL, NULL, NULL, 0));
+            xin = xdq;
+        }
+        const dim3 gu(cu_blocks((size_t)I, 8), n_pairs), gd(cu_blocks((size_t)D, 8), n_pairs);
+        if (tab->kind == 1)
+            moe_up_kernel<__nv_bfloat16><<<gu, 256, 0, c->st>>>(h, xin, entry_tok, entry_e, grp_off, E,
+                                                                (const void *const *)tab->d_w[0],
+                                                                (const void *const *)tab->d_w[2], D, I);
+        else
+            moe_up_kernel<float><<<gu, 256, 0, c->st>>>(h, xin, entry_tok, entry_e, grp_off, E,
+                                                        (const void *const *)tab->d_w[0],
+                                                        (const void *const *)tab->d_w[2], D, I);
+        CU_LAUNCHED("moe_up");
+        if (is_fp8) {
+            if (I % 128)
+                return DSV32_ECONFIG;
+            struct cu_probe p;
+            CU_TRY(cu_probe_begin(c, &p));
+            const long warps = (long)n_pairs * (I / 128);
+            moe_hquant_kernel<<<(unsigned)((warps + 7) / 8), 256, 0, c->st>>>(h, I, grp_off, E, entry_sub, entry_tok,
+                                                                             ue8m0, p);
+            CU_LAUNCHED("moe_hquant");
+            CU_TRY(cu_probe_end(c, &p));
+        }
+        if (tab->kind == 1)
+            moe_down_kernel<__nv_bfloat16><<<gd, 256, 0, c->st>>>(out, h, entry_e, grp_off, E,
+                                                                  (const void *const *)tab->d_w[1], D, I);
+        else
+            moe_down_kernel<float><<<gd, 256, 0, c->st>>>(out, h, entry_e, grp_off, E,
+                                                          (const void *const *)tab->d_w[1], D, I);
+        CU_LAUNCHED("moe_down");
+    }
+    moe_combine_kernel<<<rows, 256, 0, c->st>>>(y, out, slot_of, ids, w, k, D);
+    CU_LAUNCHED("moe_combine");
+    return 0;
+}

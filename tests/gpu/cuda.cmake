@@ -1,0 +1,17 @@
+# GPU tests of the cuda backend (label gpu; each exits 77 where there is no GPU): every op against
+# the cpu backend, and the golden sets through dsv32-run --backend cuda. test_cuda_ops --probe
+# answers 77 without a GPU, which the golden wrappers pass on as a skip.
+if(DSV32_HAVE_CUDA)
+    dsv32_add_test(NAME test_cuda_ops SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_ops.c
+                   LIBS dsv32_engine LABELS gpu TIMEOUT 1200)
+    foreach(model tiny-bf16 tiny-fp8)
+        set(_dir ${PROJECT_SOURCE_DIR}/tests/golden/${model})
+        add_test(NAME golden_cuda_${model}
+                 COMMAND sh -c "\"$1\" --probe || exit 77; shift; exec \"$@\"" sh
+                         $<TARGET_FILE:test_cuda_ops> $<TARGET_FILE:dsv32-run> --model ${_dir}
+                         --golden ${_dir}/golden.safetensors --backend cuda --schedule all --quiet)
+        set_tests_properties(golden_cuda_${model} PROPERTIES LABELS gpu TIMEOUT 900
+                             SKIP_RETURN_CODE 77 FAIL_REGULAR_EXPRESSION "FAIL"
+                             ENVIRONMENT "DSV32_CUDA_MATH=exact")
+    endforeach()
+endif()
