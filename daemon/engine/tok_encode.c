@@ -13,7 +13,8 @@
 
 /* Pieces shorter than this merge by rescanning (faster for the usual 1-10 byte words); longer
  * ones use the heap. Tests lower it to check that both give the same ids. */
-int tok_bpe_heap_min = 16;
+int tok_bpe_heap_min = 48;
+bool tok_piece_cache = true;
 
 struct seg {
     uint32_t start, len;
@@ -27,6 +28,8 @@ struct segv {
 
 struct sym {
     int32_t id, prev, next;
+    uint32_t rank;  /* scan path: rank of the pair (this, next), UINT32_MAX if none */
+    int32_t merged; /* scan path: what that pair merges into */
 };
 
 struct heap_ent {
@@ -153,36 +156,105 @@ static void bpe_heap(struct enc *e, size_t n)
 }
 
 /* Short pieces: rescan the adjacent pairs for the lowest rank, merge it, repeat. */
+static void scan_pair(const struct dsv32_tok *t, struct sym *s, int32_t i)
+{
+    if (i < 0)
+        return;
+    if (s[i].next < 0 || !tok_merge_find(t, s[i].id, s[s[i].next].id, &s[i].rank, &s[i].merged))
+        s[i].rank = UINT32_MAX;
+}
+
+/* Short pieces: each pair's rank is looked up once and kept; a merge refreshes the two pairs it
+ * touches, and the next merge is the lowest rank found by walking the list. */
 static void bpe_scan(struct enc *e, size_t n)
 {
     struct sym *s = e->sym;
+    for (size_t i = 0; i < n; i++)
+        scan_pair(e->t, s, (int32_t)i);
     for (;;) {
         uint32_t best_rank = UINT32_MAX;
-        int32_t best = -1, best_id = -1;
-        for (int32_t i = 0; i >= 0 && s[i].next >= 0; i = s[i].next) {
-            uint32_t rank;
-            int32_t id;
-            if (tok_merge_find(e->t, s[i].id, s[s[i].next].id, &rank, &id) && rank < best_rank) {
-                best_rank = rank;
+        int32_t best = -1;
+        for (int32_t i = 0; i >= 0; i = s[i].next) {
+            if (s[i].rank < best_rank) {
+                best_rank = s[i].rank;
                 best = i;
-                best_id = id;
             }
         }
         if (best < 0)
             return;
         int32_t r = s[best].next;
-        s[best].id = best_id;
+        s[best].id = s[best].merged;
         s[best].next = s[r].next;
         if (s[r].next >= 0)
             s[s[r].next].prev = best;
+        scan_pair(e->t, s, s[best].prev);
+        scan_pair(e->t, s, best);
     }
 }
 
+/* Looks p[0..n) up in the piece cache; on a hit its ids are pushed. */
+static int cache_get(struct enc *e, const uint8_t *p, size_t n, uint64_t h, bool *hit)
+{
+    struct tok_cache *c = e->t->cache;
+    uint32_t i = (uint32_t)h & ((1u << TOK_CACHE_BITS) - 1);
+    struct tok_cache_slot *s = &c->slot[i];
+    int32_t ids[TOK_CACHE_MAX_IDS];
+    int n_ids = 0;
+    pthread_mutex_t *lock = &c->lock[i >> (TOK_CACHE_BITS - 6)];
+    pthread_mutex_lock(lock);
+    if (s->len == n && s->hash == (uint32_t)(h >> 32) && memcmp(s->bytes, p, n) == 0) {
+        n_ids = s->n_ids;
+        memcpy(ids, s->ids, (size_t)n_ids * sizeof(*ids));
+    }
+    pthread_mutex_unlock(lock);
+    *hit = n_ids > 0;
+    for (int k = 0; k < n_ids; k++)
+        if (push_id(e, ids[k]) < 0)
+            return -ENOMEM;
+    return 0;
+}
+
+static void cache_put(struct enc *e, const uint8_t *p, size_t n, uint64_t h, const int32_t *ids,
+                      size_t n_ids)
+{
+    if (n_ids > TOK_CACHE_MAX_IDS)
+        return;
+    struct tok_cache *c = e->t->cache;
+    uint32_t i = (uint32_t)h & ((1u << TOK_CACHE_BITS) - 1);
+    struct tok_cache_slot *s = &c->slot[i];
+    pthread_mutex_t *lock = &c->lock[i >> (TOK_CACHE_BITS - 6)];
+    pthread_mutex_lock(lock);
+    s->hash = (uint32_t)(h >> 32);
+    s->len = (uint8_t)n;
+    s->n_ids = (uint8_t)n_ids;
+    memcpy(s->bytes, p, n);
+    memcpy(s->ids, ids, n_ids * sizeof(*ids));
+    pthread_mutex_unlock(lock);
+}
+
+static int bpe_merge(struct enc *e, const uint8_t *p, size_t n);
+
 static int bpe(struct enc *e, const uint8_t *p, size_t n)
 {
-    const struct dsv32_tok *t = e->t;
     if (n == 1)
-        return push_id(e, t->byte_id[p[0]]);
+        return push_id(e, e->t->byte_id[p[0]]);
+    if (n > TOK_CACHE_MAX_BYTES || !tok_piece_cache)
+        return bpe_merge(e, p, n);
+    uint64_t h = tok_hash(p, n);
+    bool hit;
+    int r = cache_get(e, p, n, h, &hit);
+    if (r < 0 || hit)
+        return r;
+    size_t first = e->n;
+    if ((r = bpe_merge(e, p, n)) < 0)
+        return r;
+    cache_put(e, p, n, h, e->ids + first, e->n - first);
+    return 0;
+}
+
+static int bpe_merge(struct enc *e, const uint8_t *p, size_t n)
+{
+    const struct dsv32_tok *t = e->t;
     if (t->ignore_merges) { /* the piece may be a whole token of the vocabulary */
         if (grow((void **)&e->bltext, &e->bltext_cap, 2 * n, 1) < 0)
             return -ENOMEM;
@@ -203,7 +275,8 @@ static int bpe(struct enc *e, const uint8_t *p, size_t n)
     if (grow((void **)&e->sym, &e->sym_cap, n, sizeof(*e->sym)) < 0)
         return -ENOMEM;
     for (size_t i = 0; i < n; i++)
-        e->sym[i] = (struct sym){t->byte_id[p[i]], (int32_t)i - 1, i + 1 < n ? (int32_t)i + 1 : -1};
+        e->sym[i] = (struct sym){.id = t->byte_id[p[i]], .prev = (int32_t)i - 1,
+                                 .next = i + 1 < n ? (int32_t)i + 1 : -1};
     if (n >= (size_t)tok_bpe_heap_min) {
         /* each merge adds at most two entries: n + 2n bounds the heap */
         if (grow((void **)&e->heap, &e->heap_cap, 3 * n, sizeof(*e->heap)) < 0)

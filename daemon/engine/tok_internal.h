@@ -9,11 +9,32 @@
 
 #include "tokenizer.h"
 
+#include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #define TOK_MAX_SPLIT_STEPS 8
+
+/* Cache of BPE results for short pieces ("the", " of", "，"...), which make up most of any text.
+ * Direct-mapped, shared by all threads, one lock per shard; a slot simply gets overwritten. */
+#define TOK_CACHE_BITS 16
+#define TOK_CACHE_SHARDS 64
+#define TOK_CACHE_MAX_BYTES 46
+#define TOK_CACHE_MAX_IDS 12
+
+struct tok_cache_slot {
+    uint32_t hash;           /* high half of the piece's hash */
+    uint8_t len;             /* 0 = empty */
+    uint8_t n_ids;
+    uint8_t bytes[TOK_CACHE_MAX_BYTES];
+    int32_t ids[TOK_CACHE_MAX_IDS];
+};
+
+struct tok_cache {
+    pthread_mutex_t lock[TOK_CACHE_SHARDS];
+    struct tok_cache_slot slot[1 << TOK_CACHE_BITS];
+};
 
 /* How a Split step treats the pieces its pattern matches (tokenizers' SplitDelimiterBehavior). */
 enum tok_split_behavior {
@@ -87,10 +108,13 @@ struct dsv32_tok {
     bool bl_prefix_space;    /* ByteLevel add_prefix_space */
 
     int32_t bos, eos;
+    struct tok_cache *cache; /* the one mutable part, behind its locks */
 };
 
 /* Pieces shorter than this merge by rescanning, longer ones through a heap (tests change it). */
 extern int tok_bpe_heap_min;
+/* Whether encode uses the piece cache (tests turn it off to exercise the merge loops). */
+extern bool tok_piece_cache;
 
 /* The GPT-2 byte <-> character bijection of the ByteLevel pre-tokenizer and decoder. */
 uint32_t tok_byte_to_cp(uint8_t b);

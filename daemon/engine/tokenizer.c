@@ -708,6 +708,12 @@ int dsv32_tok_load(const char *path, struct dsv32_tok **ret_tok)
     }
     if ((r = load_config(t, cfg)) < 0)
         goto fail;
+    if (!(t->cache = calloc(1, sizeof(*t->cache)))) {
+        r = -ENOMEM;
+        goto fail;
+    }
+    for (int i = 0; i < TOK_CACHE_SHARDS; i++)
+        pthread_mutex_init(&t->cache->lock[i], NULL);
     cJSON_Delete(j);
     *ret_tok = t;
     return 0;
@@ -734,6 +740,10 @@ void dsv32_tok_free(struct dsv32_tok *t)
     free(t->added);
     free(t->added_arena);
     free(t->trie);
+    if (t->cache)
+        for (int i = 0; i < TOK_CACHE_SHARDS; i++)
+            pthread_mutex_destroy(&t->cache->lock[i]);
+    free(t->cache);
     free(t);
 }
 

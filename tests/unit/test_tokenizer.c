@@ -160,8 +160,12 @@ static void test_bpe_tiny(void **state)
     /* both BPE paths: force the heap on every piece */
     int saved = tok_bpe_heap_min;
     tok_bpe_heap_min = 2;
+    tok_piece_cache = false;
     check_encode(t, "aaaaa hello world abc", 0, IDS(266, 'a', ' ', 259, 264, ' ', 'a', 268));
     tok_bpe_heap_min = saved;
+    tok_piece_cache = true;
+    check_encode(t, "aaaaa hello world abc", 0, IDS(266, 'a', ' ', 259, 264, ' ', 'a', 268));
+    check_encode(t, "aaaaa hello world abc", 0, IDS(266, 'a', ' ', 259, 264, ' ', 'a', 268));
     dsv32_tok_free(t);
 }
 
@@ -496,7 +500,8 @@ static void test_real_stream(void **state)
     assert_true(split_tokens > 100);
 }
 
-/* The scan path (short pieces) and the heap path give the same ids on the whole corpus. */
+/* The scan path (short pieces), the heap path and the piece cache give the same ids on the whole
+ * corpus. */
 static void test_real_bpe_paths(void **state)
 {
     DIR *d = opendir(CORPUS_DIR);
@@ -512,7 +517,8 @@ static void test_real_bpe_paths(void **state)
         int32_t *a, *b;
         size_t na, nb;
         int saved = tok_bpe_heap_min;
-        assert_int_equal(dsv32_tok_encode(real, text, len, 0, &a, &na), 0);
+        assert_int_equal(dsv32_tok_encode(real, text, len, 0, &a, &na), 0); /* cached */
+        tok_piece_cache = false;
         tok_bpe_heap_min = 2;
         assert_int_equal(dsv32_tok_encode(real, text, len, 0, &b, &nb), 0);
         tok_bpe_heap_min = 1 << 30;
@@ -520,6 +526,7 @@ static void test_real_bpe_paths(void **state)
         size_t nc;
         assert_int_equal(dsv32_tok_encode(real, text, len, 0, &c, &nc), 0);
         tok_bpe_heap_min = saved;
+        tok_piece_cache = true;
         assert_int_equal(na, nb);
         assert_int_equal(na, nc);
         assert_memory_equal(a, b, na * sizeof(*a));
