@@ -6,6 +6,9 @@
 
 #include "api.h"
 #include "cluster.pb-c.h"
+#include "comm.h"
+#include "ep.h"
+#include "group.h"
 #include "engine.h"
 #include "error.h"
 #include "log.h"
@@ -49,6 +52,19 @@ struct attn {
     char address[DSV32_NODE_ADDR_MAX];
     int port;
     int context;
+    /* expert parallelism (cfg.ep_group) */
+    struct dsv32_comm_listener *lis;
+    char comm_addr[128];
+    struct dsv32_group_follower *follower;
+    pthread_mutex_t ep_lock;           /* client and comm: the scheduler's thread uses them */
+    pthread_cond_t ep_wake;
+    struct dsv32_group_epoch *pending; /* newest epoch not applied */
+    struct dsv32_comm *comm;
+    struct dsv32_ep_client *client;
+    uint64_t epoch;
+    pthread_t ep_thread;
+    int ep_thread_started, ep_stop;
+    int64_t joined_lease;
     pthread_mutex_t lock; /* runs */
     struct run *runs[MAX_RUNS];
     int n_runs;
@@ -316,6 +332,206 @@ static void status_handler(void *arg, struct dsv32_rpc_call *call, const uint8_t
     dsv32_rpc_call_reply_msg(call, &resp.base);
 }
 
+/* ---- expert parallelism ---- */
+
+/* The engine's MoE hook: the routed experts of the group's shards. */
+static int ep_moe(void *ctx, int layer, float *y, const float *x, int rows, const int32_t *ids,
+                  const float *w, int k)
+{
+    struct attn *a = ctx;
+    pthread_mutex_lock(&a->ep_lock);
+    /* a->comm is NULL between epochs: the client is not bound to a live communicator then */
+    int r = a->client && a->comm ? dsv32_ep_moe_routed(a->client, layer, y, x, rows, ids, w, k)
+                                 : DSV32_EEPOCH;
+    if (r < 0 && a->client && a->comm)
+        dsv32_ep_client_step_failed(a->client); /* mid-step: the whole group moves on */
+    pthread_mutex_unlock(&a->ep_lock);
+    return r;
+}
+
+/* The scheduler has nothing to do: take part in the group's step with zero rows. */
+static void ep_idle(void *ctx)
+{
+    struct attn *a = ctx;
+    int r = 0;
+    pthread_mutex_lock(&a->ep_lock);
+    if (a->client && a->comm) {
+        r = dsv32_ep_client_idle_step(a->client);
+        if (r < 0)
+            dsv32_ep_client_step_failed(a->client);
+    }
+    pthread_mutex_unlock(&a->ep_lock);
+    if (r <= 0) {
+        /* the whole group is idle (or between epochs): poll again shortly */
+        struct timespec ts = {0, 2 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+static void on_epoch(void *arg, const struct dsv32_group_epoch *e)
+{
+    struct attn *a = arg;
+    struct dsv32_group_epoch *copy = malloc(sizeof(*copy));
+    if (!copy)
+        return;
+    *copy = *e;
+    copy->placement.owner = NULL;
+    if (e->n_shards) {
+        size_t n = (size_t)e->placement.n_layers * e->placement.n_experts * e->placement.max_replicas;
+        if (!(copy->placement.owner = malloc(sizeof(int16_t) * (n ? n : 1)))) {
+            free(copy);
+            return;
+        }
+        memcpy(copy->placement.owner, e->placement.owner, sizeof(int16_t) * n);
+    }
+    pthread_mutex_lock(&a->ep_lock);
+    if (a->pending) {
+        dsv32_group_epoch_done(a->pending);
+        free(a->pending);
+    }
+    a->pending = copy;
+    /* the old epoch is over: a step blocked on it fails now, not at its deadline */
+    if (a->comm)
+        a->comm->ops->abort(a->comm);
+    pthread_cond_signal(&a->ep_wake);
+    pthread_mutex_unlock(&a->ep_lock);
+}
+
+/* Applies epochs as they come: builds the communicator (outside the lock: it waits for the
+ * other members) and hands it to the scheduler's thread through the client. */
+static void *ep_main(void *arg)
+{
+    struct attn *a = arg;
+    for (;;) {
+        pthread_mutex_lock(&a->ep_lock);
+        while (!a->pending && !a->ep_stop) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += 1;
+            pthread_cond_timedwait(&a->ep_wake, &a->ep_lock, &ts);
+            /* (re)join on the registry's lease: a new lease after an etcd outage needs a new key */
+            int64_t lease = a->reg ? dsv32_registry_lease(a->reg) : 0;
+            if (lease && lease != a->joined_lease) {
+                struct dsv32_group_member me = {.kind = "attn", .gpu = a->cfg.gpu};
+                snprintf(me.id, sizeof(me.id), "%s", a->cfg.id);
+                snprintf(me.comm, sizeof(me.comm), "%s", a->comm_addr);
+                pthread_mutex_unlock(&a->ep_lock);
+                int jr = dsv32_group_join(a->etcd, a->cfg.cluster, a->cfg.ep_group, &me, lease);
+                pthread_mutex_lock(&a->ep_lock);
+                if (jr == 0)
+                    a->joined_lease = lease;
+            }
+        }
+        if (a->ep_stop) {
+            pthread_mutex_unlock(&a->ep_lock);
+            return NULL;
+        }
+        struct dsv32_group_epoch *e = a->pending;
+        a->pending = NULL;
+        struct dsv32_comm *old = a->comm;
+        if (a->client && old)
+            dsv32_ep_client_step_failed(a->client);
+        a->comm = NULL; /* from now on the hooks leave the client alone until it is rebound */
+        pthread_mutex_unlock(&a->ep_lock);
+        dsv32_comm_free(old);
+
+        int rank = dsv32_group_rank_of(e, "attn", a->cfg.id), world = e->n_attn + e->n_shards;
+        struct dsv32_comm *c = NULL;
+        int r = -ENOENT;
+        if (rank >= 0 && e->n_shards > 0) {
+            if (strcmp(e->transport, "nccl") == 0) {
+                r = dsv32_comm_nccl_new(e->nccl_id, rank, world, a->cfg.gpu >= 0 ? a->cfg.gpu : 0,
+                                        e->epoch, a->cfg.ep_timeout_ms,
+                                        DSV32_COMM_NCCL_HOST_BUFFERS, &c);
+            } else {
+                const char *addrs[DSV32_GROUP_MAX_MEMBERS];
+                for (int i = 0; i < world; i++)
+                    addrs[i] = e->members[i].comm;
+                r = dsv32_comm_tcp_new(a->lis, rank, world, addrs, e->epoch, a->cfg.ep_timeout_ms, &c);
+            }
+        }
+        pthread_mutex_lock(&a->ep_lock);
+        if (r == 0 && !a->pending) {
+            if (a->client)
+                r = dsv32_ep_client_rebind(a->client, c, &e->placement);
+            else
+                r = dsv32_ep_client_new(c, e->n_attn, &e->placement, a->engine->cfg, a->engine->be,
+                                        DSV32_EP_WIRE_F32, a->cfg.ep_timeout_ms, &a->client);
+            if (r == 0) {
+                a->comm = c;
+                a->epoch = e->epoch;
+                c = NULL;
+                log_info("epoch %llu: attention rank %d of %d, %d expert shards",
+                         (unsigned long long)e->epoch, rank, e->n_attn, e->n_shards);
+            }
+        } else if (rank < 0) {
+            log_info("epoch %llu: not a member", (unsigned long long)e->epoch);
+        } else if (r < 0) {
+            log_warn("epoch %llu: communicator not built: %s", (unsigned long long)e->epoch,
+                     dsv32_strerror(r));
+        }
+        pthread_mutex_unlock(&a->ep_lock);
+        dsv32_comm_free(c);
+        dsv32_group_epoch_done(e);
+        free(e);
+    }
+}
+
+static int ep_start(struct attn *a)
+{
+    int port, r;
+    pthread_mutex_init(&a->ep_lock, NULL);
+    pthread_cond_init(&a->ep_wake, NULL);
+    if (a->cfg.ep_timeout_ms <= 0)
+        a->cfg.ep_timeout_ms = 10000;
+    if ((r = dsv32_comm_tcp_listen(a->cfg.comm_host ? a->cfg.comm_host : "127.0.0.1", 0, &a->lis,
+                                   &port)) < 0)
+        return r;
+    snprintf(a->comm_addr, sizeof(a->comm_addr), "%s:%d",
+             a->cfg.comm_host ? a->cfg.comm_host : "127.0.0.1", port);
+    if ((r = dsv32_group_follow(a->etcd, a->cfg.cluster, a->cfg.ep_group, on_epoch, a,
+                                &a->follower)) < 0)
+        return r;
+    if (pthread_create(&a->ep_thread, NULL, ep_main, a) != 0)
+        return -EAGAIN;
+    a->ep_thread_started = 1;
+    struct dsv32_step_hooks h = {.ctx = a, .moe_routed = ep_moe};
+    dsv32_sched_set_hooks(a->sched, &h);
+    dsv32_sched_set_idle(a->sched, ep_idle, a);
+    return 0;
+}
+
+static void ep_stop(struct attn *a)
+{
+    if (!a->cfg.ep_group)
+        return;
+    dsv32_group_follower_free(a->follower);
+    if (a->ep_thread_started) {
+        pthread_mutex_lock(&a->ep_lock);
+        a->ep_stop = 1;
+        if (a->comm)
+            a->comm->ops->abort(a->comm);
+        pthread_cond_signal(&a->ep_wake);
+        pthread_mutex_unlock(&a->ep_lock);
+        pthread_join(a->ep_thread, NULL);
+    }
+}
+
+static void ep_free(struct attn *a)
+{
+    if (!a->cfg.ep_group)
+        return;
+    dsv32_ep_client_free(a->client);
+    dsv32_comm_free(a->comm);
+    dsv32_comm_tcp_listener_free(a->lis);
+    if (a->pending) {
+        dsv32_group_epoch_done(a->pending);
+        free(a->pending);
+    }
+    pthread_mutex_destroy(&a->ep_lock);
+    pthread_cond_destroy(&a->ep_wake);
+}
+
 /* ---- life cycle ---- */
 
 static void load_progress(void *ctx, int64_t done, int64_t total)
@@ -335,12 +551,16 @@ void attn_free(struct attn *a)
     if (!a)
         return;
     dsv32_notify_watchdog_stop(a->watchdog);
+    ep_stop(a);
     dsv32_registry_free(a->reg); /* deregisters: the router stops placing here at once */
-    dsv32_etcd_free(a->etcd);
     /* the server first: no handler runs after this; then the scheduler finishes what is left */
     dsv32_rpc_server_free(a->server);
     dsv32_rpc_health_free(a->health);
+    if (a->cfg.ep_group && a->comm)
+        a->comm->ops->abort(a->comm); /* a step waiting on the group ends now */
     dsv32_sched_free(a->sched);
+    ep_free(a);
+    dsv32_etcd_free(a->etcd);
     dsv32_engine_free(a->engine);
     dsv32_model_free(a->model);
     dsv32_tok_free(a->tok);
@@ -357,7 +577,13 @@ int attn_new(const struct attn_config *cfg, struct attn **ret)
     a->cfg = *cfg;
     pthread_mutex_init(&a->lock, NULL);
     dsv32_notify_status("loading %s", cfg->model_dir);
-    struct dsv32_load_opts lo = {.progress = load_progress};
+    if (cfg->ep_group && !cfg->etcd) {
+        log_error("--ep-group needs --etcd (the group's epochs live there)");
+        r = -EINVAL;
+        goto fail;
+    }
+    /* in expert-parallel mode the routed experts are the shards' */
+    struct dsv32_load_opts lo = {.progress = load_progress, .skip_experts = cfg->ep_group != NULL};
     if ((r = dsv32_model_load(cfg->model_dir, &lo, &a->model)) < 0) {
         log_error("%s", dsv32_load_error());
         goto fail;
@@ -378,7 +604,7 @@ int attn_new(const struct attn_config *cfg, struct attn **ret)
     if (a->context > a->model->cfg.max_position_embeddings)
         a->context = a->model->cfg.max_position_embeddings;
     struct dsv32_sched_opts so = {.max_queue = cfg->max_queue};
-    if ((r = dsv32_sched_new(a->engine, &so, &a->sched)) < 0 || (r = dsv32_sched_start(a->sched)) < 0)
+    if ((r = dsv32_sched_new(a->engine, &so, &a->sched)) < 0)
         goto fail;
     struct dsv32_rpc_server_config sc = {.listen = cfg->listen, .max_recv_bytes = 64u << 20,
                                          .max_send_bytes = 64u << 20, .max_stream_queue = 4096};
@@ -423,6 +649,12 @@ int attn_new(const struct attn_config *cfg, struct attn **ret)
             goto fail;
         }
     }
+    if (cfg->ep_group && (r = ep_start(a)) < 0) {
+        log_error("EP group %s: %s", cfg->ep_group, dsv32_strerror(r));
+        goto fail;
+    }
+    if ((r = dsv32_sched_start(a->sched)) < 0)
+        goto fail;
     log_info("serving %s (%d layers, %s backend, context %d, %d KV blocks) on port %d",
              cfg->model_dir, a->model->cfg.num_hidden_layers, a->engine->be->ops->name, a->context,
              a->engine->kv->n_blocks, a->port);

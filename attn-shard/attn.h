@@ -22,6 +22,10 @@ struct attn_config {
     const char *cluster;
     int lease_ttl_s;
     const char *advertise;     /* address others use to reach us; default: listen host + port */
+    /* expert parallelism: the routed experts live on the group's expert shards */
+    const char *ep_group;      /* NULL: experts in this process */
+    const char *comm_host;     /* host of the EP transport listener (tcp) */
+    int ep_timeout_ms;         /* an exchange with no answer for this long: the peer failed */
 };
 
 struct attn;

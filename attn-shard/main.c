@@ -25,7 +25,8 @@ static void usage(FILE *f)
             "                  [--backend cpu|cuda] [--gpu N] [--max-seqs N] [--max-batch-tokens N]\n"
             "                  [--max-seq-len N] [--kv-blocks N] [--max-queue N] [--tokenizer DIR]\n"
             "                  [--port-file PATH] [--etcd HOST:PORT --cluster NAME [--lease-ttl S]\n"
-            "                  [--advertise HOST:PORT]] [--log-level error|warn|info|debug]\n");
+            "                  [--advertise HOST:PORT] [--ep-group G [--comm-host HOST]\n"
+            "                  [--ep-timeout-ms N]]] [--log-level error|warn|info|debug]\n");
 }
 
 int main(int argc, char **argv)
@@ -43,6 +44,8 @@ int main(int argc, char **argv)
         {"port-file", required_argument, 0, 7},      {"etcd", required_argument, 0, 8},
         {"cluster", required_argument, 0, 9},        {"lease-ttl", required_argument, 0, 10},
         {"advertise", required_argument, 0, 11},     {"log-level", required_argument, 0, 12},
+        {"ep-group", required_argument, 0, 13},      {"comm-host", required_argument, 0, 14},
+        {"ep-timeout-ms", required_argument, 0, 15},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     int c;
     dsv32_log_set_ident("dsv32-attn");
@@ -74,6 +77,9 @@ int main(int argc, char **argv)
             dsv32_log_set_level(l);
             break;
         }
+        case 13: cfg.ep_group = optarg; break;
+        case 14: cfg.comm_host = optarg; break;
+        case 15: cfg.ep_timeout_ms = atoi(optarg); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }

@@ -277,7 +277,7 @@ static void nccl_abort(struct dsv32_comm *c)
         n->comm = NULL;
     }
     if (!c->failed)
-        c->failed = DSV32_ECANCELLED;
+        c->failed = DSV32_EEPOCH; /* torn down on purpose: the group moves to another epoch */
 }
 
 static void nccl_free(struct dsv32_comm *c)

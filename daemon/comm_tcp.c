@@ -163,7 +163,7 @@ static void tcp_abort(struct dsv32_comm *c)
         if (t->fd[i] >= 0)
             shutdown(t->fd[i], SHUT_RDWR);
     if (!c->failed)
-        c->failed = DSV32_ECANCELLED;
+        c->failed = DSV32_EEPOCH; /* torn down on purpose: the group moves to another epoch */
 }
 
 static int fail(struct dsv32_comm *c, int err)

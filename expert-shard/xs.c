@@ -147,8 +147,9 @@ static int apply_epoch(struct xs *x, struct dsv32_group_epoch *e)
 {
     drop_epoch(x);
     int rank = dsv32_group_rank_of(e, "expert", x->cfg.id);
-    if (rank < 0) {
-        log_info("epoch %llu: not a member", (unsigned long long)e->epoch);
+    if (rank < 0 || e->n_attn == 0) {
+        log_info("epoch %llu: %s", (unsigned long long)e->epoch,
+                 rank < 0 ? "not a member" : "no attention daemon in the group yet");
         goto keep;
     }
     const int shard = rank - e->n_attn, world = e->n_attn + e->n_shards;

@@ -31,6 +31,8 @@ struct dsv32_sched {
     struct dsv32_sched_opts o;
     struct dsv32_step_hooks hooks;
     int have_hooks;
+    void (*idle_fn)(void *ctx);
+    void *idle_ctx;
     pthread_mutex_t lock;
     pthread_cond_t wake;
     pthread_t thread;
@@ -110,6 +112,12 @@ int dsv32_sched_new(struct dsv32_engine *e, const struct dsv32_sched_opts *o,
     pthread_cond_init(&s->wake, NULL);
     *ret = s;
     return 0;
+}
+
+void dsv32_sched_set_idle(struct dsv32_sched *s, void (*fn)(void *ctx), void *ctx)
+{
+    s->idle_fn = fn;
+    s->idle_ctx = ctx;
 }
 
 void dsv32_sched_set_hooks(struct dsv32_sched *s, const struct dsv32_step_hooks *h)
@@ -417,6 +425,11 @@ static void *sched_thread(void *arg)
             for (int i = 0; i < s->n_reqs; i++)
                 runnable |= s->reqs[i] && (s->reqs[i]->phase != PH_WAITING ||
                                            atomic_load(&s->reqs[i]->cancelled));
+            if (!runnable && !s->stopping && s->idle_fn) {
+                pthread_mutex_unlock(&s->lock);
+                s->idle_fn(s->idle_ctx);
+                continue;
+            }
             if (!runnable && !s->stopping) {
                 /* wake on submit/cancel, or after a while to retry admission */
                 struct timespec ts;

@@ -79,6 +79,10 @@ int dsv32_sched_submit(struct dsv32_sched *s, const struct dsv32_request *r);
 /* Cancels a request; its KV blocks are freed at the next step boundary. -ENOENT if unknown. */
 int dsv32_sched_cancel(struct dsv32_sched *s, uint64_t id);
 
+/* What the scheduler's thread does when it has no work (expert parallelism: take part in the
+ * group's step with zero rows). NULL: wait for work. Set before starting. */
+void dsv32_sched_set_idle(struct dsv32_sched *s, void (*fn)(void *ctx), void *ctx);
+
 /* Runs the steps on a thread of its own until dsv32_sched_free. */
 int dsv32_sched_start(struct dsv32_sched *s);
 /* Or inline: one step (0 when there was nothing to do, 1 when a step ran, <0 on error). */
