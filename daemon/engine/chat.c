@@ -52,6 +52,39 @@ static const char tools_intro[] =
     "<function_results>\n...\n</function_results>\n\n" THINK "...thinking about results" THINK_END
     "\n\nHere are the functions available in JSONSchema format:\n<functions>\n";
 
+/* The prompt being written, with the byte ranges the template wrote (as opposed to text that came
+ * from the messages): only there may the tokenizer turn text into added tokens. */
+struct render {
+    struct dsv32_buf b;
+    struct dsv32_tok_span *spans;
+    size_t n_spans, cap;
+};
+
+static void txt(struct render *r, const char *s) { dsv32_buf_puts(&r->b, s); }
+
+static void ctl(struct render *r, const char *s)
+{
+    size_t start = r->b.len, n = strlen(s);
+    dsv32_buf_put(&r->b, s, n);
+    if (r->b.err || n == 0)
+        return;
+    if (r->n_spans && r->spans[r->n_spans - 1].start + r->spans[r->n_spans - 1].len == start) {
+        r->spans[r->n_spans - 1].len += n; /* adjacent template text: one span */
+        return;
+    }
+    if (r->n_spans == r->cap) {
+        size_t cap = r->cap ? 2 * r->cap : 64;
+        struct dsv32_tok_span *p = realloc(r->spans, cap * sizeof(*p));
+        if (!p) {
+            r->b.err = -ENOMEM;
+            return;
+        }
+        r->spans = p;
+        r->cap = cap;
+    }
+    r->spans[r->n_spans++] = (struct dsv32_tok_span){start, n};
+}
+
 static const char *str_field(const cJSON *o, const char *key)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
@@ -59,13 +92,13 @@ static const char *str_field(const cJSON *o, const char *key)
 }
 
 /* content: a string, null, or OpenAI content parts of type "text" (concatenated). */
-static int put_content(struct dsv32_buf *b, const cJSON *msg)
+static int put_content(struct render *b, const cJSON *msg)
 {
     const cJSON *c = cJSON_GetObjectItemCaseSensitive(msg, "content");
     if (!c || cJSON_IsNull(c))
         return 0;
     if (cJSON_IsString(c)) {
-        dsv32_buf_puts(b, c->valuestring);
+        txt(b, c->valuestring);
         return 0;
     }
     if (!cJSON_IsArray(c))
@@ -76,17 +109,17 @@ static int put_content(struct dsv32_buf *b, const cJSON *msg)
             log_error("chat: content parts other than text are not supported");
             return DSV32_EUNSUPPORTED;
         }
-        dsv32_buf_puts(b, text);
+        txt(b, text);
     }
     return 0;
 }
 
 /* The "## Tools" section: one JSON schema (the "function" object) per line. */
-static int put_tools(struct dsv32_buf *b, const cJSON *tools)
+static int put_tools(struct render *b, const cJSON *tools)
 {
     if (!cJSON_IsArray(tools))
         return DSV32_EFORMAT;
-    dsv32_buf_puts(b, tools_intro);
+    ctl(b, tools_intro);
     for (const cJSON *t = tools->child; t; t = t->next) {
         const cJSON *fn = cJSON_GetObjectItemCaseSensitive(t, "function");
         if (!fn)
@@ -94,10 +127,10 @@ static int put_tools(struct dsv32_buf *b, const cJSON *tools)
         if (!cJSON_IsObject(fn))
             return DSV32_EFORMAT;
         if (t != tools->child)
-            dsv32_buf_put(b, "\n", 1);
-        dsv32_json_dump_py(b, fn);
+            ctl(b, "\n");
+        dsv32_json_dump_py(&b->b, fn);
     }
-    dsv32_buf_puts(b, "\n</functions>\n");
+    ctl(b, "\n</functions>\n");
     return 0;
 }
 
@@ -107,7 +140,7 @@ static bool has_tools(const cJSON *tools)
 }
 
 /* One tool call as a DSML invoke: parameters in the order of the arguments object. */
-static int put_invoke(struct dsv32_buf *b, const cJSON *call)
+static int put_invoke(struct render *b, const cJSON *call)
 {
     const cJSON *fn = cJSON_GetObjectItemCaseSensitive(call, "function");
     if (!fn)
@@ -129,32 +162,32 @@ static int put_invoke(struct dsv32_buf *b, const cJSON *call)
         cJSON_Delete(parsed);
         return DSV32_EFORMAT;
     }
-    dsv32_buf_puts(b, INVOKE_OPEN);
-    dsv32_buf_puts(b, name);
-    dsv32_buf_puts(b, "\">\n");
+    ctl(b, INVOKE_OPEN);
+    txt(b, name);
+    ctl(b, "\">\n");
     for (const cJSON *a = args->child; a; a = a->next) {
         if (a != args->child)
-            dsv32_buf_put(b, "\n", 1);
-        dsv32_buf_puts(b, PARAM_OPEN);
-        dsv32_buf_puts(b, a->string);
-        dsv32_buf_puts(b, cJSON_IsString(a) ? "\" string=\"true\">" : "\" string=\"false\">");
+            ctl(b, "\n");
+        ctl(b, PARAM_OPEN);
+        txt(b, a->string);
+        ctl(b, cJSON_IsString(a) ? "\" string=\"true\">" : "\" string=\"false\">");
         if (cJSON_IsString(a))
-            dsv32_buf_puts(b, a->valuestring);
+            txt(b, a->valuestring);
         else
-            dsv32_json_dump_py(b, a);
-        dsv32_buf_puts(b, PARAM_CLOSE);
+            dsv32_json_dump_py(&b->b, a);
+        ctl(b, PARAM_CLOSE);
     }
-    dsv32_buf_puts(b, "\n" INVOKE_CLOSE);
+    ctl(b, "\n" INVOKE_CLOSE);
     cJSON_Delete(parsed);
     return 0;
 }
 
-static int put_assistant(struct dsv32_buf *b, const cJSON *msg, bool with_reasoning)
+static int put_assistant(struct render *b, const cJSON *msg, bool with_reasoning)
 {
     if (with_reasoning) {
         const char *r = str_field(msg, "reasoning_content");
-        dsv32_buf_puts(b, r ? r : "");
-        dsv32_buf_puts(b, THINK_END);
+        txt(b, r ? r : "");
+        ctl(b, THINK_END);
     }
     int r = put_content(b, msg);
     if (r < 0)
@@ -163,21 +196,21 @@ static int put_assistant(struct dsv32_buf *b, const cJSON *msg, bool with_reason
     if (calls && !cJSON_IsNull(calls) && !cJSON_IsArray(calls))
         return DSV32_EFORMAT;
     if (cJSON_GetArraySize(calls) > 0) {
-        dsv32_buf_puts(b, "\n\n" CALLS_OPEN "\n");
+        ctl(b, "\n\n" CALLS_OPEN "\n");
         for (const cJSON *c = calls->child; c; c = c->next) {
             if (c != calls->child)
-                dsv32_buf_put(b, "\n", 1);
+                ctl(b, "\n");
             if ((r = put_invoke(b, c)) < 0)
                 return r;
         }
-        dsv32_buf_puts(b, "\n" CALLS_CLOSE);
+        ctl(b, "\n" CALLS_CLOSE);
     }
-    dsv32_buf_puts(b, EOS);
+    ctl(b, EOS);
     return 0;
 }
 
 /* A tool result: which call of the assistant turn before it this answers decides the frame. */
-static int put_tool(struct dsv32_buf *b, const cJSON *msgs, int i, bool open_thinking)
+static int put_tool(struct render *b, const cJSON *msgs, int i, bool open_thinking)
 {
     int a = i - 1;
     const cJSON *am = NULL;
@@ -195,22 +228,22 @@ static int put_tool(struct dsv32_buf *b, const cJSON *msgs, int i, bool open_thi
         return DSV32_EFORMAT;
     }
     if (order == 1)
-        dsv32_buf_puts(b, "\n\n<function_results>");
-    dsv32_buf_puts(b, "\n<result>");
+        ctl(b, "\n\n<function_results>");
+    ctl(b, "\n<result>");
     const cJSON *m = cJSON_GetArrayItem(msgs, i);
     int r = put_content(b, m);
     if (r < 0)
         return r;
-    dsv32_buf_puts(b, "</result>");
+    ctl(b, "</result>");
     if (order == n_calls) {
-        dsv32_buf_puts(b, "\n</function_results>\n\n");
-        dsv32_buf_puts(b, open_thinking ? THINK : THINK_END);
+        ctl(b, "\n</function_results>\n\n");
+        ctl(b, open_thinking ? THINK : THINK_END);
     }
     return 0;
 }
 
-int dsv32_chat_encode(const cJSON *messages, const struct dsv32_chat_opts *opts, char **ret_prompt,
-                      size_t *ret_len)
+int dsv32_chat_render(const cJSON *messages, const struct dsv32_chat_opts *opts, char **ret_prompt,
+                      size_t *ret_len, struct dsv32_tok_span **ret_spans, size_t *ret_n_spans)
 {
     static const struct dsv32_chat_opts defaults = {0};
     if (!opts)
@@ -232,15 +265,15 @@ int dsv32_chat_encode(const cJSON *messages, const struct dsv32_chat_opts *opts,
         if (strcmp(role, "user") == 0 || strcmp(role, "developer") == 0)
             last_user = i;
     }
-    struct dsv32_buf b = {0};
+    struct render b = {0};
     int r = 0;
     if (opts->add_bos)
-        dsv32_buf_puts(&b, BOS);
+        ctl(&b, BOS);
     const char *first = n ? str_field(messages->child, "role") : "";
     bool tools_to_first = has_tools(opts->tools) &&
                           (strcmp(first, "system") == 0 || strcmp(first, "developer") == 0);
     if (has_tools(opts->tools) && !tools_to_first) { /* an empty system turn carries them */
-        dsv32_buf_puts(&b, "\n\n");
+        ctl(&b, "\n\n");
         r = put_tools(&b, opts->tools);
     }
     int i = 0;
@@ -253,25 +286,25 @@ int dsv32_chat_encode(const cJSON *messages, const struct dsv32_chat_opts *opts,
         if (strcmp(role, "system") == 0) {
             r = put_content(&b, m);
             if (r == 0 && has_tools(tools)) {
-                dsv32_buf_puts(&b, "\n\n");
+                ctl(&b, "\n\n");
                 r = put_tools(&b, tools);
             }
         } else if (strcmp(role, "developer") == 0) {
-            dsv32_buf_puts(&b, USER);
+            ctl(&b, USER);
             if (has_tools(tools)) {
-                dsv32_buf_puts(&b, "\n\n");
+                ctl(&b, "\n\n");
                 r = put_tools(&b, tools);
             }
-            dsv32_buf_puts(&b, "\n\n# The user's message is: ");
+            ctl(&b, "\n\n# The user's message is: ");
             if (r == 0)
                 r = put_content(&b, m);
-            dsv32_buf_puts(&b, ASSISTANT);
-            dsv32_buf_puts(&b, open ? THINK : THINK_END);
+            ctl(&b, ASSISTANT);
+            ctl(&b, open ? THINK : THINK_END);
         } else if (strcmp(role, "user") == 0) {
-            dsv32_buf_puts(&b, USER);
+            ctl(&b, USER);
             r = put_content(&b, m);
-            dsv32_buf_puts(&b, ASSISTANT);
-            dsv32_buf_puts(&b, open ? THINK : THINK_END);
+            ctl(&b, ASSISTANT);
+            ctl(&b, open ? THINK : THINK_END);
         } else if (strcmp(role, "assistant") == 0) {
             /* Reasoning of turns before the last user message is dropped: the model only sees
              * the thinking of the turn it is in. */
@@ -282,17 +315,49 @@ int dsv32_chat_encode(const cJSON *messages, const struct dsv32_chat_opts *opts,
             log_error("chat: message %d has an unknown role '%s'", i, role);
             r = DSV32_EFORMAT;
         }
-        if (r == 0 && b.len > DSV32_CHAT_MAX_PROMPT_BYTES)
+        if (r == 0 && b.b.len > DSV32_CHAT_MAX_PROMPT_BYTES)
             r = -E2BIG;
     }
-    if (r == 0 && b.err)
-        r = b.err;
+    if (r == 0 && b.b.err)
+        r = b.b.err;
+    char *prompt = r == 0 ? dsv32_buf_take(&b.b, ret_len) : NULL;
+    if (r == 0 && !prompt)
+        r = -ENOMEM;
     if (r < 0) {
-        dsv32_buf_done(&b);
+        dsv32_buf_done(&b.b);
+        free(b.spans);
         return r;
     }
-    *ret_prompt = dsv32_buf_take(&b, ret_len);
-    return *ret_prompt ? 0 : -ENOMEM;
+    *ret_prompt = prompt;
+    if (ret_spans) {
+        *ret_spans = b.spans;
+        *ret_n_spans = b.n_spans;
+    } else {
+        free(b.spans);
+    }
+    return 0;
+}
+
+int dsv32_chat_encode(const cJSON *messages, const struct dsv32_chat_opts *opts, char **ret_prompt,
+                      size_t *ret_len)
+{
+    return dsv32_chat_render(messages, opts, ret_prompt, ret_len, NULL, NULL);
+}
+
+int dsv32_chat_tokenize(const struct dsv32_tok *tok, const cJSON *messages,
+                        const struct dsv32_chat_opts *opts, int32_t **ret_ids, size_t *ret_n)
+{
+    char *prompt;
+    size_t len, n_spans;
+    struct dsv32_tok_span *spans;
+    int r = dsv32_chat_render(messages, opts, &prompt, &len, &spans, &n_spans);
+    if (r < 0)
+        return r;
+    r = dsv32_tok_encode_spans(tok, prompt, len, DSV32_TOK_PARSE_SPECIAL, spans, n_spans, ret_ids,
+                               ret_n);
+    free(prompt);
+    free(spans);
+    return r;
 }
 
 /* ---- the reply parser ---- */

@@ -2,7 +2,8 @@
  * rendered into the prompt text the model expects, thinking and non-thinking modes, tools as a
  * "## Tools" section with the DSML calling convention; and the way back: the model's reply split
  * into reasoning, content and DSML tool calls. Held to DeepSeek's own test vectors
- * (tests/chat-format). The prompt is text: encode it with DSV32_TOK_PARSE_SPECIAL. */
+ * (tests/chat-format). dsv32_chat_tokenize() turns the prompt into ids without letting text from the
+ * messages become control tokens. */
 #ifndef DSV32_CHAT_H
 #define DSV32_CHAT_H
 
@@ -10,6 +11,8 @@
 #include <stddef.h>
 
 #include <cjson/cJSON.h>
+
+#include "tokenizer.h"
 
 /* Limits on what a caller controls. */
 #define DSV32_CHAT_MAX_MESSAGES 100000
@@ -37,6 +40,19 @@ struct dsv32_chat_opts {
  * -ENOMEM. */
 int dsv32_chat_encode(const cJSON *messages, const struct dsv32_chat_opts *opts, char **ret_prompt,
                       size_t *ret_len);
+
+/* The same prompt, plus the byte ranges of it that the template wrote (sorted, disjoint; malloc'd,
+ * free() them): role markers, BOS/EOS, think tags, DSML framing. Everything else came from the
+ * messages. ret_spans may be NULL. */
+int dsv32_chat_render(const cJSON *messages, const struct dsv32_chat_opts *opts, char **ret_prompt,
+                      size_t *ret_len, struct dsv32_tok_span **ret_spans, size_t *ret_n_spans);
+
+/* Renders and tokenizes the prompt: added tokens are recognised only in the template's own text,
+ * so a message containing "<｜User｜>" or "<｜end▁of▁sentence｜>" cannot forge a turn. Where the
+ * messages hold no such text, the ids equal encoding the whole prompt with PARSE_SPECIAL (which
+ * is what DeepSeek's reference does). Errors: those of both steps. */
+int dsv32_chat_tokenize(const struct dsv32_tok *tok, const cJSON *messages,
+                        const struct dsv32_chat_opts *opts, int32_t **ret_ids, size_t *ret_n);
 
 struct dsv32_chat_tool_call {
     char *name;

@@ -437,13 +437,13 @@ static bool word_byte(uint8_t c)
     return c >= 0x80 || c == '_' || (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z');
 }
 
-/* The longest added token starting at s[i], or -1. */
-static int match_added(const struct dsv32_tok *t, const uint8_t *s, size_t n, size_t i,
-                       size_t *ret_end)
+/* The longest added token starting at s[i] and ending by limit, or -1. */
+static int match_added(const struct dsv32_tok *t, const uint8_t *s, size_t n, size_t limit,
+                       size_t i, size_t *ret_end)
 {
     int32_t node = 0;
     int best = -1;
-    for (size_t k = i; k < n; k++) {
+    for (size_t k = i; k < limit; k++) {
         int32_t ch = t->trie[node].child;
         while (ch >= 0 && t->trie[ch].byte != s[k])
             ch = t->trie[ch].sibling;
@@ -471,17 +471,32 @@ static size_t prev_char(const uint8_t *s, size_t i)
     return i;
 }
 
-static int encode_special(struct enc *e, const uint8_t *s, size_t n)
+/* Added tokens split the text into sections that are pre-tokenized apart. With spans, a token is
+ * only taken where it lies inside one of them. */
+static int encode_special(struct enc *e, const uint8_t *s, size_t n,
+                          const struct dsv32_tok_span *spans, size_t n_spans)
 {
     const struct dsv32_tok *t = e->t;
-    size_t last = 0, i = 0;
+    size_t last = 0, i = 0, sp = 0;
     while (i < n) {
         if (!t->first_byte[s[i]]) {
             i++;
             continue;
         }
+        size_t limit = n;
+        if (spans) {
+            while (sp < n_spans && spans[sp].start + spans[sp].len <= i)
+                sp++;
+            if (sp == n_spans)
+                break;
+            if (spans[sp].start > i) {
+                i = spans[sp].start;
+                continue;
+            }
+            limit = spans[sp].start + spans[sp].len;
+        }
         size_t end;
-        int a = match_added(t, s, n, i, &end);
+        int a = match_added(t, s, n, limit, i, &end);
         if (a < 0) {
             i++;
             continue;
@@ -505,8 +520,19 @@ static int encode_special(struct enc *e, const uint8_t *s, size_t n)
 int dsv32_tok_encode(const struct dsv32_tok *t, const char *text, size_t len, unsigned flags,
                      int32_t **ret_ids, size_t *ret_n)
 {
+    return dsv32_tok_encode_spans(t, text, len, flags, NULL, 0, ret_ids, ret_n);
+}
+
+int dsv32_tok_encode_spans(const struct dsv32_tok *t, const char *text, size_t len,
+                           unsigned flags, const struct dsv32_tok_span *spans, size_t n_spans,
+                           int32_t **ret_ids, size_t *ret_n)
+{
     if (len > DSV32_TOK_MAX_INPUT_BYTES)
         return -E2BIG;
+    for (size_t i = 0; spans && i < n_spans; i++)
+        if (spans[i].start > len || spans[i].len > len - spans[i].start ||
+            (i > 0 && spans[i].start < spans[i - 1].start + spans[i - 1].len))
+            return -EINVAL;
     if (!dsv32_utf8_valid(text, len))
         return DSV32_EUTF8;
     if ((flags & DSV32_TOK_ADD_BOS) && t->bos < 0)
@@ -520,8 +546,9 @@ int dsv32_tok_encode(const struct dsv32_tok *t, const char *text, size_t len, un
     if ((flags & DSV32_TOK_ADD_BOS) && (r = push_id(&e, t->bos)) < 0)
         goto out;
     const uint8_t *s = (const uint8_t *)text;
-    r = (flags & DSV32_TOK_PARSE_SPECIAL) && t->n_added ? encode_special(&e, s, len)
-                                                        : encode_section(&e, s, len);
+    r = (flags & DSV32_TOK_PARSE_SPECIAL) && t->n_added
+            ? encode_special(&e, s, len, spans, n_spans)
+            : encode_section(&e, s, len);
     if (r < 0)
         goto out;
     *ret_ids = e.ids;

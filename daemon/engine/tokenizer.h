@@ -1,8 +1,8 @@
 /* Byte-level BPE tokenizer read from a Hugging Face tokenizer.json (DeepSeek-V3.2's, GPT-2 style
  * ones): added and special tokens, a pre-tokenizer made of regex Split steps (PCRE2 with JIT) and
  * ByteLevel, rank-ordered BPE merges, the ByteLevel decoder, and a streaming decoder that only ever
- * hands out whole UTF-8 characters. A loaded tokenizer is immutable: encode and decode may run on
- * many threads at once. */
+ * hands out whole UTF-8 characters. A loaded tokenizer may be used from many threads at once (its
+ * only mutable part, a cache of short pieces, has its own locks); a stream belongs to one thread. */
 #ifndef DSV32_TOKENIZER_H
 #define DSV32_TOKENIZER_H
 
@@ -60,6 +60,20 @@ int dsv32_tok_id_bytes(const struct dsv32_tok *tok, int32_t id, const char **ret
  * -E2BIG (len > DSV32_TOK_MAX_INPUT_BYTES), DSV32_EMISSING (ADD_BOS without a BOS), -ENOMEM. */
 int dsv32_tok_encode(const struct dsv32_tok *tok, const char *text, size_t len, unsigned flags,
                      int32_t **ret_ids, size_t *ret_n);
+
+/* A byte range of a text. */
+struct dsv32_tok_span {
+    size_t start, len;
+};
+
+/* dsv32_tok_encode() where, with DSV32_TOK_PARSE_SPECIAL, added tokens are recognised only when
+ * they lie wholly inside one of spans (sorted by start, disjoint): text outside them is ordinary
+ * text even if it spells "<｜User｜>". The chat encoder uses it for prompts mixing its template
+ * with user text. Same errors as dsv32_tok_encode(), plus -EINVAL for spans out of order or out of
+ * the text. */
+int dsv32_tok_encode_spans(const struct dsv32_tok *tok, const char *text, size_t len,
+                           unsigned flags, const struct dsv32_tok_span *spans, size_t n_spans,
+                           int32_t **ret_ids, size_t *ret_n);
 
 /* Decodes ids to text, a malloc'd NUL-terminated string (*ret_len excludes the NUL). Byte
  * sequences that are not valid UTF-8 come out as U+FFFD, one per maximal invalid subpart (what

@@ -180,6 +180,23 @@ static void test_added_tokens(void **state)
     check_encode(t, "x  [M]  y", sp, IDS('x', 303, 'y')); /* lstrip and rstrip eat the spaces */
     /* plain: \s+(?!\S) leaves one space to " [" and one to " y" */
     check_encode(t, "x  [M]  y", 0, IDS('x', ' ', ' ', '[', 'M', ']', ' ', ' ', 'y'));
+    /* with spans, only tokens inside them count */
+    int32_t *ids2;
+    size_t n2;
+    const char *txt = "a<tag>b<tag>";
+    const struct dsv32_tok_span spans[] = {{0, 1}, {7, 5}};
+    assert_int_equal(dsv32_tok_encode_spans(t, txt, strlen(txt), sp, spans, 2, &ids2, &n2), 0);
+    assert_int_equal(n2, 8);
+    assert_int_equal(ids2[1], '<');
+    assert_int_equal(ids2[7], 301);
+    free(ids2);
+    const struct dsv32_tok_span part[] = {{7, 4}}; /* "<tag" only: the token does not fit */
+    assert_int_equal(dsv32_tok_encode_spans(t, txt, strlen(txt), sp, part, 1, &ids2, &n2), 0);
+    assert_int_equal(n2, 12);
+    free(ids2);
+    const struct dsv32_tok_span bad[] = {{7, 5}, {0, 1}}, past[] = {{10, 5}};
+    assert_int_equal(dsv32_tok_encode_spans(t, txt, strlen(txt), sp, bad, 2, &ids2, &n2), -EINVAL);
+    assert_int_equal(dsv32_tok_encode_spans(t, txt, strlen(txt), sp, past, 1, &ids2, &n2), -EINVAL);
     assert_int_equal(dsv32_tok_token_id(t, "<tagx>"), 302);
     assert_int_equal(dsv32_tok_token_id(t, "Ġworld"), 264);
     assert_int_equal(dsv32_tok_token_id(t, "nope"), DSV32_ETOKEN);
