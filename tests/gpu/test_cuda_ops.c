@@ -9,9 +9,11 @@
  * that row, and counted. Indexer selections are checked against scores recomputed in double:
  * a position may differ from the cpu's choice only when its score is within a tolerance of the
  * k-th score.
- *   test_cuda_ops [--seed N] [--only NAME]     exit 77 when no GPU is present
+ * With --model DIR (a tiny golden model), the forward's ops also run op by op on its weights.
+ *   test_cuda_ops [--seed N] [--only NAME] [--model DIR]     exit 77 when no GPU is present
  *   test_cuda_ops --probe                      exit 0 with a GPU, 77 without (ctest wrappers) */
 #include "backend.h"
+#include "engine.h"
 #include "cuda/cuda_backend.h"
 #include "dtype.h"
 #include "error.h"
@@ -446,7 +448,7 @@ static void test_small_ops(void)
     p.cpu->ops->rmsnorm(p.cpu, yc, D, x, D, &g.wc, rows, D, 1e-6f);
     TRY(p.gpu->ops->rmsnorm(p.gpu, dy, D, dx, D, &g.wg, rows, D, 1e-6f));
     dev_get(p.gpu, yg, dy, sizeof(float) * rows * D);
-    report("rmsnorm 37 x 7168", rel_rows(yg, yc, rows, D, NULL), 1e-6);
+    report("rmsnorm 37 x 7168", rel_rows(yg, yc, rows, D, NULL), 3e-6);
     /* layernorm in place over 128 of a wider row (the indexer's k) */
     p.cpu->ops->layernorm(p.cpu, yc, D, x, D, &g.wc, &b.wc, rows, 128, 1e-6f);
     TRY(p.gpu->ops->layernorm(p.gpu, dy, D, dx, D, &g.wg, &b.wg, rows, 128, 1e-6f));
@@ -526,15 +528,16 @@ static void test_small_ops(void)
 
 /* ---- FP8 quantization: Hadamard, cache stores, the tie probe ---- */
 
+#define NEAR_CAP 65536
 struct near_log {
-    struct dsv32_fp8_key k[4096];
+    struct dsv32_fp8_key k[NEAR_CAP];
     int n;
 };
 
 static void on_near(void *ctx, const struct dsv32_fp8_key *k, float v)
 {
     struct near_log *l = ctx;
-    if (l->n < 4096)
+    if (l->n < NEAR_CAP)
         l->k[l->n++] = *k;
 }
 
@@ -653,25 +656,25 @@ static void test_quant(void)
                 lat[r * (C + R) + b * 128 + 40] = -1.0625f;           /* 1.0 | 1.125 */
             }
         float *dl = dev_put(p.gpu, lat, sizeof(float) * rows * (C + R));
-        struct near_log lc = {.n = 0}, lg = {.n = 0};
-        struct dsv32_fp8_probe probe = {.near_rel = 1e-6, .on_near = on_near, .ctx = &lc, .op = 7};
+        struct near_log *lc = calloc(1, sizeof(*lc)), *lg = calloc(1, sizeof(*lg));
+        struct dsv32_fp8_probe probe = {.near_rel = 1e-6, .on_near = on_near, .ctx = lc, .op = 7};
         dsv32_fp8_probe_cur = &probe;
         p.cpu->ops->kv_store(p.cpu, &tc.c, lat, C + R, lat + C, C + R, &tm.hm, 0);
-        probe.ctx = &lg;
+        probe.ctx = lg;
         int r = p.gpu->ops->kv_store(p.gpu, &tc.g, dl, C + R, dl + C, C + R, &tm.dm, 0);
         dsv32_fp8_probe_cur = NULL;
         TRY(r);
-        qsort(lc.k, (size_t)lc.n, sizeof(lc.k[0]), key_cmp_q);
-        qsort(lg.k, (size_t)lg.n, sizeof(lg.k[0]), key_cmp_q);
-        int same = lc.n == lg.n && lc.n >= 24;
-        for (int i = 0; same && i < lc.n; i++)
-            same = dsv32_fp8_key_cmp(&lc.k[i], &lg.k[i]) == 0;
-        printf("  probe: near-ties reported cpu %d, cuda %d (>= 24 planted), same keys: %s\n", lc.n, lg.n,
+        qsort(lc->k, (size_t)lc->n, sizeof(lc->k[0]), key_cmp_q);
+        qsort(lg->k, (size_t)lg->n, sizeof(lg->k[0]), key_cmp_q);
+        int same = lc->n == lg->n && lc->n >= 24;
+        for (int i = 0; same && i < lc->n; i++)
+            same = dsv32_fp8_key_cmp(&lc->k[i], &lg->k[i]) == 0;
+        printf("  probe: near-ties reported cpu %d, cuda %d (>= 24 planted), same keys: %s\n", lc->n, lg->n,
                same ? "ok" : "FAIL");
         CHECK(same, "probe reports differ");
         /* flip every reported tie: both backends must round them the other way */
-        probe.flips = lc.k;
-        probe.n_flips = lc.n;
+        probe.flips = lc->k;
+        probe.n_flips = lc->n;
         probe.on_near = NULL;
         uint8_t *before = malloc(tc.mla_bytes), *hg = malloc(tc.mla_bytes);
         memcpy(before, tc.c.mla, tc.mla_bytes);
@@ -687,8 +690,10 @@ static void test_quant(void)
             differ += hg[i] != tc.c.mla[i];
         }
         printf("  probe flips: %zu cache bytes changed on the cpu (%d flipped), cuda differs in %zu %s\n", changed,
-               lc.n, differ, changed == (size_t)lc.n && !differ ? "ok" : "FAIL");
-        CHECK(changed == (size_t)lc.n && differ == 0, "probe flips differ");
+               lc->n, differ, changed == (size_t)lc->n && !differ ? "ok" : "FAIL");
+        CHECK(changed == (size_t)lc->n && differ == 0, "probe flips differ");
+        free(lc);
+        free(lg);
         free(before);
         free(hg);
         free(lat);
@@ -935,7 +940,7 @@ static void test_indexer(void)
         struct pair p;
         TRY(pair_new(&p, &cfg, 0, variant > 0));
         dsv32_cuda_set_knob(p.gpu, "indexer_fp8", variant == 2);
-        const double tol = variant == 2 ? 3e-3 : 2e-5;
+        const double tol = variant == 2 ? 1e-2 : 2e-5;
         printf(" variant %s\n", variant == 0 ? "exact (f16 mma)" : variant == 1 ? "fast, f16 mma" : "fast, FP8 mma");
         /* decode: 12 sequences, 1 or 2 query rows each, contexts up to 9000 */
         int32_t pos[24], seq[24];
@@ -1181,7 +1186,12 @@ static void test_moe_gate(void)
     }
 }
 
-/* rows whose error exceeds tol are excused only when a near-tie was reported in that row */
+/* Rows whose error exceeds tol are excused only when the probe reported a near-tie (within 1e-5)
+ * of the experts' intermediate FP8 quantization in that row (sub > 0, row = the token), and only
+ * up to MOE_TIE_BOUND: one flipped e4m3 step of one of the row's K x I intermediate values moves
+ * the row by about 1/(12 sqrt(K I)) (7e-4 at DeepSeek's shape); a wrong expert, scale or combine
+ * moves it by O(1). */
+#define MOE_TIE_BOUND 0.05
 static void moe_case(const struct dsv32_config *cfg, int fast, enum dsv32_dtype dt, int rows, int n_loaded,
                      double tol)
 {
@@ -1229,7 +1239,7 @@ static void moe_case(const struct dsv32_config *cfg, int fast, enum dsv32_dtype 
     int32_t *di = dev_put(p.gpu, ids, sizeof(int32_t) * rows * K);
     float *dy = dev_nan(p.gpu, sizeof(float) * rows * D);
     struct near_log *lc = calloc(1, sizeof(*lc)), *lg = calloc(1, sizeof(*lg));
-    struct dsv32_fp8_probe probe = {.near_rel = 2e-6, .on_near = on_near, .ctx = lc, .op = 1};
+    struct dsv32_fp8_probe probe = {.near_rel = 1e-5, .on_near = on_near, .ctx = lc, .op = 1};
     dsv32_fp8_probe_cur = &probe;
     p.cpu->ops->moe_experts(p.cpu, yc, x, rows, ids, w, K, fc, E, 1);
     probe.ctx = lg;
@@ -1250,7 +1260,7 @@ static void moe_case(const struct dsv32_config *cfg, int fast, enum dsv32_dtype 
             tie = lc->k[i].row == row && lc->k[i].sub > 0;
         for (int i = 0; i < lg->n && !tie; i++)
             tie = lg->k[i].row == row && lg->k[i].sub > 0;
-        if (tie && !isnan(e))
+        if (tie && e <= MOE_TIE_BOUND) /* a few e4m3 steps of one intermediate value, not a bug */
             excused++;
         else
             over++;
@@ -1297,9 +1307,327 @@ static void test_moe_experts(void)
     moe_case(&v32, 1, DSV32_DT_F8_E4M3, 64, 16, 1e-5);
 }
 
+
+/* ---- the forward's ops on a real (tiny) model, op by op ---- */
+
+/* Every op of engine.c's layer_forward on both backends with the model's weights, a prefill of
+ * 24 tokens then a decode step; after each op the cuda result is compared with the cpu's and
+ * replaced by it, so that each op is checked on identical inputs (a failing op is named, not
+ * blurred by the ones after it). */
+struct rep {
+    struct pair *p;
+    int fails;
+};
+
+static void rep_f32(struct rep *R, const char *what, int l, const float *c, float *g, int rows, int cols, int ld,
+                    double tol)
+{
+    float *h = malloc(sizeof(float) * (size_t)rows * ld), *a = malloc(sizeof(float) * (size_t)rows * cols),
+          *b = malloc(sizeof(float) * (size_t)rows * cols);
+    dev_get(R->p->gpu, h, g, sizeof(float) * (size_t)rows * ld);
+    for (int r = 0; r < rows; r++) {
+        memcpy(a + (size_t)r * cols, h + (size_t)r * ld, sizeof(float) * cols);
+        memcpy(b + (size_t)r * cols, c + (size_t)r * ld, sizeof(float) * cols);
+    }
+    int worst = 0;
+    double e = rel_rows(a, b, rows, cols, &worst);
+    if (e > tol || isnan(e)) {
+        printf("  layer %d %-22s rel err %.3e at row %d (tol %.0e) FAIL\n", l, what, e, worst, tol);
+        R->fails++;
+    }
+    R->p->gpu->ops->to_device(R->p->gpu, g, c, sizeof(float) * (size_t)rows * ld);
+    free(h);
+    free(a);
+    free(b);
+}
+
+static void rep_bytes(struct rep *R, const char *what, int l, const void *c, void *g, size_t n)
+{
+    uint8_t *h = malloc(n);
+    dev_get(R->p->gpu, h, g, n);
+    size_t d = 0, first = 0;
+    for (size_t i = 0; i < n; i++)
+        if (h[i] != ((const uint8_t *)c)[i] && !d++)
+            first = i;
+    if (d) {
+        printf("  layer %d %-22s %zu of %zu bytes differ (first at %zu) FAIL\n", l, what, d, n, first);
+        R->fails++;
+    }
+    R->p->gpu->ops->to_device(R->p->gpu, g, c, n);
+    free(h);
+}
+
+static int prep_weights(struct dsv32_backend *be, struct dsv32_layer_weights *L, int E)
+{
+    struct dsv32_weight *ws[] = {&L->attn_norm, &L->ffn_norm, &L->wq_a, &L->q_norm, &L->wq_b, &L->wkv_a,
+                                 &L->kv_norm, &L->wkv_b, &L->wo, &L->idx_wq_b, &L->idx_wk, &L->idx_k_norm_w,
+                                 &L->idx_k_norm_b, &L->idx_weights_proj, &L->gate, &L->gate_bias, &L->dense.w1,
+                                 &L->dense.w2, &L->dense.w3, &L->shared.w1, &L->shared.w2, &L->shared.w3};
+    int r = 0;
+    for (size_t i = 0; i < sizeof(ws) / sizeof(ws[0]) && r >= 0; i++)
+        if (dsv32_weight_loaded(ws[i]))
+            r = be->ops->prepare_weight(be, ws[i]);
+    for (int e = 0; L->experts && e < E && r >= 0; e++)
+        if (dsv32_weight_loaded(&L->experts[e].w1)) {
+            r = be->ops->prepare_weight(be, &L->experts[e].w1);
+            if (r >= 0)
+                r = be->ops->prepare_weight(be, &L->experts[e].w2);
+            if (r >= 0)
+                r = be->ops->prepare_weight(be, &L->experts[e].w3);
+        }
+    return r;
+}
+
+static void test_replay(const char *dir)
+{
+    char title[300];
+    snprintf(title, sizeof(title), "forward op by op on %s (exact): prefill 24 tokens, then a decode step", dir);
+    if (!want(title))
+        return;
+    struct dsv32_model *m;
+    if (dsv32_model_load(dir, NULL, &m) < 0) {
+        CHECK(0, "cannot load %s", dir);
+        return;
+    }
+    const struct dsv32_config *c = &m->cfg;
+    struct pair p;
+    TRY(pair_new(&p, c, 1, 0));
+    struct rep R = {.p = &p};
+    const int NL = c->num_hidden_layers, E = c->n_routed_experts, D = c->hidden_size, H = c->num_attention_heads;
+    const int qk = c->qk_nope_head_dim + c->qk_rope_head_dim, nope = c->qk_nope_head_dim, C = c->kv_lora_rank;
+    const int Rr = c->qk_rope_head_dim, IH = c->index_n_heads, V = c->v_head_dim, QL = c->q_lora_rank;
+    const int K = c->num_experts_per_tok ? c->num_experts_per_tok : 1, TK = c->index_topk;
+    const int I = c->intermediate_size > c->moe_intermediate_size ? c->intermediate_size : c->moe_intermediate_size;
+    const int TM = 24, n_blocks = 2;
+    /* per-backend copies of the layer weights */
+    struct dsv32_layer_weights *Lc = calloc((size_t)NL, sizeof(*Lc)), *Lg = calloc((size_t)NL, sizeof(*Lg));
+    for (int l = 0; l < NL; l++) {
+        Lc[l] = m->layers[l];
+        Lg[l] = m->layers[l];
+        if (m->layers[l].experts) {
+            Lc[l].experts = malloc(sizeof(*Lc[l].experts) * E);
+            Lg[l].experts = malloc(sizeof(*Lg[l].experts) * E);
+            memcpy(Lc[l].experts, m->layers[l].experts, sizeof(*Lc[l].experts) * E);
+            memcpy(Lg[l].experts, m->layers[l].experts, sizeof(*Lg[l].experts) * E);
+        }
+        TRY(prep_weights(p.cpu, &Lc[l], E));
+        TRY(prep_weights(p.gpu, &Lg[l], E));
+    }
+    /* buffers: cpu (host) and gpu, sized for TM rows */
+    const struct dsv32_kv_geom *geo = &p.cpu->geom;
+#define BUF(name, bytes)                                                                           \
+    void *name##_c = calloc(1, (bytes)), *name##_g = dev_nan(p.gpu, (bytes));                     \
+    const size_t name##_n = (bytes);                                                               \
+    (void)name##_n
+    BUF(x, sizeof(float) * TM * D);
+    BUF(xn, sizeof(float) * TM * D);
+    BUF(qr, sizeof(float) * TM * QL);
+    BUF(q, sizeof(float) * TM * H * qk);
+    BUF(kva, sizeof(float) * TM * (C + Rr));
+    BUF(kvn, sizeof(float) * TM * C);
+    BUF(qlat, sizeof(float) * TM * H * C);
+    BUF(olat, sizeof(float) * TM * H * C);
+    BUF(ov, sizeof(float) * TM * H * V);
+    BUF(o, sizeof(float) * TM * D);
+    BUF(iq, sizeof(float) * TM * IH * 128);
+    BUF(ik, sizeof(float) * TM * 128);
+    BUF(iw, sizeof(float) * TM * IH);
+    BUF(iq8, (size_t)TM * IH * 128);
+    BUF(ik8, (size_t)TM * 128);
+    BUF(iqs, sizeof(float) * TM * IH);
+    BUF(iks, sizeof(float) * TM);
+    BUF(sel, sizeof(int32_t) * TM * TK);
+    BUF(ids, sizeof(int32_t) * TM * K);
+    BUF(wts, sizeof(float) * TM * K);
+    BUF(g, sizeof(float) * TM * I);
+    BUF(u, sizeof(float) * TM * I);
+    BUF(y, sizeof(float) * TM * D);
+#undef BUF
+    struct dsv32_kv_layer *kvc = calloc((size_t)NL, sizeof(*kvc)), *kvg = calloc((size_t)NL, sizeof(*kvg));
+    const size_t mla_b = (size_t)n_blocks * 64 * geo->mla_rec_bytes, idx_b = (size_t)n_blocks * geo->idx_block_bytes;
+    for (int l = 0; l < NL; l++) {
+        kvc[l].mla = calloc(1, mla_b);
+        kvc[l].idx = calloc(1, idx_b);
+        kvg[l].mla = dev_put(p.gpu, kvc[l].mla, mla_b);
+        kvg[l].idx = dev_put(p.gpu, kvc[l].idx, idx_b);
+    }
+    float *emb = malloc(sizeof(float) * D);
+    const float scale = (float)dsv32_config_softmax_scale(c);
+    for (int step = 0; step < 2; step++) {
+        const int T = step == 0 ? TM : 1;
+        int32_t pos[24], seq[24];
+        uint8_t mha[24];
+        for (int t = 0; t < T; t++) {
+            pos[t] = step == 0 ? t : TM;
+            seq[t] = 0;
+            mha[t] = step == 0;
+        }
+        struct tmeta tm;
+        tmeta_make(&tm, &p, T, pos, seq, 1, 2, n_blocks, mha);
+        /* x = embeddings of random tokens, the same on both sides */
+        for (int t = 0; t < T; t++) {
+            dsv32_weight_rows_to_f32(&m->embed, rnd_int(c->vocab_size), 1, emb);
+            memcpy((float *)x_c + (size_t)t * D, emb, sizeof(float) * D);
+        }
+        p.gpu->ops->to_device(p.gpu, x_g, x_c, sizeof(float) * T * D);
+        struct dsv32_backend *bc = p.cpu, *bg = p.gpu;
+        const int ue = c->ue8m0;
+        for (int l = 0; l < NL; l++) {
+            struct dsv32_layer_weights *A = &Lc[l], *B = &Lg[l];
+#define BOTH(call_c, call_g)                                                                       \
+    do {                                                                                           \
+        int rc_ = (call_c), rg_ = (call_g);                                                        \
+        if (rc_ < 0 || rg_ < 0) {                                                                  \
+            printf("  layer %d: %s: cpu %d cuda %d FAIL\n", l, #call_g, rc_, rg_);                 \
+            R.fails++;                                                                             \
+        }                                                                                          \
+    } while (0)
+#define F(b) ((float *)b)
+            BOTH(bc->ops->rmsnorm(bc, F(xn_c), D, F(x_c), D, &A->attn_norm, T, D, c->rms_norm_eps),
+                 bg->ops->rmsnorm(bg, F(xn_g), D, F(x_g), D, &B->attn_norm, T, D, c->rms_norm_eps));
+            rep_f32(&R, "attn rmsnorm", l, xn_c, xn_g, T, D, D, 3e-6);
+            BOTH(bc->ops->linear(bc, F(qr_c), QL, F(xn_c), D, T, &A->wq_a, ue),
+                 bg->ops->linear(bg, F(qr_g), QL, F(xn_g), D, T, &B->wq_a, ue));
+            rep_f32(&R, "wq_a", l, qr_c, qr_g, T, QL, QL, 1e-5);
+            BOTH(bc->ops->rmsnorm(bc, F(qr_c), QL, F(qr_c), QL, &A->q_norm, T, QL, c->rms_norm_eps),
+                 bg->ops->rmsnorm(bg, F(qr_g), QL, F(qr_g), QL, &B->q_norm, T, QL, c->rms_norm_eps));
+            rep_f32(&R, "q_norm", l, qr_c, qr_g, T, QL, QL, 3e-6);
+            BOTH(bc->ops->linear(bc, F(q_c), H * qk, F(qr_c), QL, T, &A->wq_b, ue),
+                 bg->ops->linear(bg, F(q_g), H * qk, F(qr_g), QL, T, &B->wq_b, ue));
+            rep_f32(&R, "wq_b", l, q_c, q_g, T, H * qk, H * qk, 1e-5);
+            BOTH(bc->ops->rope(bc, F(q_c) + nope, T, H, H * qk, qk, tm.hm.d_row_pos, 1),
+                 bg->ops->rope(bg, F(q_g) + nope, T, H, H * qk, qk, tm.dm.d_row_pos, 1));
+            rep_f32(&R, "q rope", l, q_c, q_g, T, H * qk, H * qk, 0);
+            BOTH(bc->ops->linear(bc, F(kva_c), C + Rr, F(xn_c), D, T, &A->wkv_a, ue),
+                 bg->ops->linear(bg, F(kva_g), C + Rr, F(xn_g), D, T, &B->wkv_a, ue));
+            rep_f32(&R, "wkv_a", l, kva_c, kva_g, T, C + Rr, C + Rr, 1e-5);
+            BOTH(bc->ops->rmsnorm(bc, F(kvn_c), C, F(kva_c), C + Rr, &A->kv_norm, T, C, c->rms_norm_eps),
+                 bg->ops->rmsnorm(bg, F(kvn_g), C, F(kva_g), C + Rr, &B->kv_norm, T, C, c->rms_norm_eps));
+            rep_f32(&R, "kv_norm", l, kvn_c, kvn_g, T, C, C, 3e-6);
+            BOTH(bc->ops->rope(bc, F(kva_c) + C, T, 1, C + Rr, 0, tm.hm.d_row_pos, 1),
+                 bg->ops->rope(bg, F(kva_g) + C, T, 1, C + Rr, 0, tm.dm.d_row_pos, 1));
+            rep_f32(&R, "k rope", l, kva_c, kva_g, T, C + Rr, C + Rr, 0);
+            BOTH(bc->ops->kv_store(bc, &kvc[l], F(kvn_c), C, F(kva_c) + C, C + Rr, &tm.hm, ue),
+                 bg->ops->kv_store(bg, &kvg[l], F(kvn_g), C, F(kva_g) + C, C + Rr, &tm.dm, ue));
+            rep_bytes(&R, "kv_store", l, kvc[l].mla, kvg[l].mla, mla_b);
+            BOTH(bc->ops->linear(bc, F(iq_c), IH * 128, F(qr_c), QL, T, &A->idx_wq_b, ue),
+                 bg->ops->linear(bg, F(iq_g), IH * 128, F(qr_g), QL, T, &B->idx_wq_b, ue));
+            rep_f32(&R, "idx_wq_b", l, iq_c, iq_g, T, IH * 128, IH * 128, 1e-5);
+            BOTH(bc->ops->rope(bc, F(iq_c), T, IH, IH * 128, 128, tm.hm.d_row_pos, 0),
+                 bg->ops->rope(bg, F(iq_g), T, IH, IH * 128, 128, tm.dm.d_row_pos, 0));
+            rep_f32(&R, "idx q rope", l, iq_c, iq_g, T, IH * 128, IH * 128, 0);
+            BOTH(bc->ops->linear(bc, F(ik_c), 128, F(xn_c), D, T, &A->idx_wk, ue),
+                 bg->ops->linear(bg, F(ik_g), 128, F(xn_g), D, T, &B->idx_wk, ue));
+            rep_f32(&R, "idx_wk", l, ik_c, ik_g, T, 128, 128, 1e-5);
+            BOTH(bc->ops->layernorm(bc, F(ik_c), 128, F(ik_c), 128, &A->idx_k_norm_w, &A->idx_k_norm_b, T, 128, 1e-6f),
+                 bg->ops->layernorm(bg, F(ik_g), 128, F(ik_g), 128, &B->idx_k_norm_w, &B->idx_k_norm_b, T, 128, 1e-6f));
+            rep_f32(&R, "idx k layernorm", l, ik_c, ik_g, T, 128, 128, 3e-6);
+            BOTH(bc->ops->rope(bc, F(ik_c), T, 1, 128, 0, tm.hm.d_row_pos, 0),
+                 bg->ops->rope(bg, F(ik_g), T, 1, 128, 0, tm.dm.d_row_pos, 0));
+            rep_f32(&R, "idx k rope", l, ik_c, ik_g, T, 128, 128, 0);
+            BOTH(bc->ops->hadamard_quant(bc, iq8_c, F(iqs_c), F(iq_c), T * IH, ue),
+                 bg->ops->hadamard_quant(bg, iq8_g, F(iqs_g), F(iq_g), T * IH, ue));
+            rep_bytes(&R, "hadamard q", l, iq8_c, iq8_g, (size_t)T * IH * 128);
+            rep_f32(&R, "hadamard q scale", l, iqs_c, iqs_g, T, IH, IH, 0);
+            BOTH(bc->ops->hadamard_quant(bc, ik8_c, F(iks_c), F(ik_c), T, ue),
+                 bg->ops->hadamard_quant(bg, ik8_g, F(iks_g), F(ik_g), T, ue));
+            rep_bytes(&R, "hadamard k", l, ik8_c, ik8_g, (size_t)T * 128);
+            rep_f32(&R, "hadamard k scale", l, iks_c, iks_g, T, 1, 1, 0);
+            BOTH(bc->ops->index_store(bc, &kvc[l], ik8_c, F(iks_c), &tm.hm),
+                 bg->ops->index_store(bg, &kvg[l], ik8_g, F(iks_g), &tm.dm));
+            rep_bytes(&R, "index_store", l, kvc[l].idx, kvg[l].idx, idx_b);
+            BOTH(bc->ops->linear(bc, F(iw_c), IH, F(xn_c), D, T, &A->idx_weights_proj, ue),
+                 bg->ops->linear(bg, F(iw_g), IH, F(xn_g), D, T, &B->idx_weights_proj, ue));
+            rep_f32(&R, "idx weights_proj", l, iw_c, iw_g, T, IH, IH, 1e-5);
+            BOTH(bc->ops->indexer(bc, sel_c, iq8_c, F(iqs_c), F(iw_c), &kvc[l], &tm.hm, TK),
+                 bg->ops->indexer(bg, sel_g, iq8_g, F(iqs_g), F(iw_g), &kvg[l], &tm.dm, TK));
+            rep_bytes(&R, "indexer selection", l, sel_c, sel_g, sizeof(int32_t) * (size_t)T * TK);
+            BOTH(bc->ops->mla_absorb(bc, F(qlat_c), F(q_c), T, &A->wkv_b),
+                 bg->ops->mla_absorb(bg, F(qlat_g), F(q_g), T, &B->wkv_b));
+            rep_f32(&R, "mla_absorb", l, qlat_c, qlat_g, T * H, C, C, 1e-5);
+            BOTH(bc->ops->mla(bc, F(olat_c), F(qlat_c), F(q_c) + nope, H * qk, qk, sel_c, TK, &kvc[l], &tm.hm, scale),
+                 bg->ops->mla(bg, F(olat_g), F(qlat_g), F(q_g) + nope, H * qk, qk, sel_g, TK, &kvg[l], &tm.dm, scale));
+            if (step == 1)
+                rep_f32(&R, "mla (decode)", l, olat_c, olat_g, T * H, C, C, 1e-5);
+            else
+                p.gpu->ops->to_device(p.gpu, olat_g, olat_c, sizeof(float) * T * H * C);
+            BOTH(bc->ops->mla_expand(bc, F(ov_c), F(olat_c), T, &A->wkv_b),
+                 bg->ops->mla_expand(bg, F(ov_g), F(olat_g), T, &B->wkv_b));
+            rep_f32(&R, "mla_expand", l, ov_c, ov_g, T * H, V, V, 1e-5);
+            if (step == 0) {
+                BOTH(bc->ops->mla_prefill(bc, F(ov_c), F(q_c), sel_c, TK, &kvc[l], &tm.hm, scale, &A->wkv_b, ue),
+                     bg->ops->mla_prefill(bg, F(ov_g), F(q_g), sel_g, TK, &kvg[l], &tm.dm, scale, &B->wkv_b, ue));
+                rep_f32(&R, "mla_prefill", l, ov_c, ov_g, T * H, V, V, 1e-5);
+            }
+            BOTH(bc->ops->linear(bc, F(o_c), D, F(ov_c), H * V, T, &A->wo, ue),
+                 bg->ops->linear(bg, F(o_g), D, F(ov_g), H * V, T, &B->wo, ue));
+            rep_f32(&R, "wo", l, o_c, o_g, T, D, D, 1e-5);
+            BOTH(bc->ops->add(bc, F(x_c), F(o_c), (size_t)T * D), bg->ops->add(bg, F(x_g), F(o_g), (size_t)T * D));
+            rep_f32(&R, "residual add", l, x_c, x_g, T, D, D, 0);
+            BOTH(bc->ops->rmsnorm(bc, F(xn_c), D, F(x_c), D, &A->ffn_norm, T, D, c->rms_norm_eps),
+                 bg->ops->rmsnorm(bg, F(xn_g), D, F(x_g), D, &B->ffn_norm, T, D, c->rms_norm_eps));
+            rep_f32(&R, "ffn rmsnorm", l, xn_c, xn_g, T, D, D, 3e-6);
+            const struct dsv32_ffn_weights *fa = A->is_moe ? &A->shared : &A->dense, *fb = B->is_moe ? &B->shared : &B->dense;
+            if (A->is_moe) {
+                BOTH(bc->ops->moe_gate(bc, ids_c, F(wts_c), F(xn_c), T, &A->gate, &A->gate_bias),
+                     bg->ops->moe_gate(bg, ids_g, F(wts_g), F(xn_g), T, &B->gate, &B->gate_bias));
+                rep_bytes(&R, "router ids", l, ids_c, ids_g, sizeof(int32_t) * (size_t)T * K);
+                rep_f32(&R, "router weights", l, wts_c, wts_g, T, K, K, 1e-6);
+                BOTH(bc->ops->moe_experts(bc, F(y_c), F(xn_c), T, ids_c, F(wts_c), K, A->experts, E, ue),
+                     bg->ops->moe_experts(bg, F(y_g), F(xn_g), T, ids_g, F(wts_g), K, B->experts, E, ue));
+                rep_f32(&R, "routed experts", l, y_c, y_g, T, D, D, 1e-5);
+                BOTH(bc->ops->add(bc, F(x_c), F(y_c), (size_t)T * D), bg->ops->add(bg, F(x_g), F(y_g), (size_t)T * D));
+                rep_f32(&R, "residual add (moe)", l, x_c, x_g, T, D, D, 0);
+            }
+            const int Iff = (int)fa->w1.rows;
+            BOTH(bc->ops->linear(bc, F(g_c), Iff, F(xn_c), D, T, &fa->w1, ue),
+                 bg->ops->linear(bg, F(g_g), Iff, F(xn_g), D, T, &fb->w1, ue));
+            rep_f32(&R, "ffn w1", l, g_c, g_g, T, Iff, Iff, 1e-5);
+            BOTH(bc->ops->linear(bc, F(u_c), Iff, F(xn_c), D, T, &fa->w3, ue),
+                 bg->ops->linear(bg, F(u_g), Iff, F(xn_g), D, T, &fb->w3, ue));
+            rep_f32(&R, "ffn w3", l, u_c, u_g, T, Iff, Iff, 1e-5);
+            BOTH(bc->ops->silu_mul(bc, F(g_c), F(g_c), F(u_c), T, Iff), bg->ops->silu_mul(bg, F(g_g), F(g_g), F(u_g), T, Iff));
+            rep_f32(&R, "ffn silu_mul", l, g_c, g_g, T, Iff, Iff, 1e-6);
+            BOTH(bc->ops->linear(bc, F(o_c), D, F(g_c), Iff, T, &fa->w2, ue),
+                 bg->ops->linear(bg, F(o_g), D, F(g_g), Iff, T, &fb->w2, ue));
+            rep_f32(&R, "ffn w2", l, o_c, o_g, T, D, D, 1e-5);
+            BOTH(bc->ops->add(bc, F(x_c), F(o_c), (size_t)T * D), bg->ops->add(bg, F(x_g), F(o_g), (size_t)T * D));
+            rep_f32(&R, "residual add (ffn)", l, x_c, x_g, T, D, D, 0);
+#undef F
+#undef BOTH
+        }
+        tmeta_done(&tm, &p);
+    }
+    printf("  %d ops failed over %d layers and 2 steps %s\n", R.fails, NL, R.fails ? "FAIL" : "ok");
+    CHECK(R.fails == 0, "replay on %s", dir);
+    void *hb[] = {x_c, xn_c, qr_c, q_c, kva_c, kvn_c, qlat_c, olat_c, ov_c, o_c, iq_c, ik_c, iw_c, iq8_c, ik8_c,
+                  iqs_c, iks_c, sel_c, ids_c, wts_c, g_c, u_c, y_c, emb};
+    void *db[] = {x_g, xn_g, qr_g, q_g, kva_g, kvn_g, qlat_g, olat_g, ov_g, o_g, iq_g, ik_g, iw_g, iq8_g, ik8_g,
+                  iqs_g, iks_g, sel_g, ids_g, wts_g, g_g, u_g, y_g};
+    for (size_t i = 0; i < sizeof(hb) / sizeof(hb[0]); i++)
+        free(hb[i]);
+    for (size_t i = 0; i < sizeof(db) / sizeof(db[0]); i++)
+        dev_free(p.gpu, db[i]);
+    for (int l = 0; l < NL; l++) {
+        free(kvc[l].mla);
+        free(kvc[l].idx);
+        dev_free(p.gpu, kvg[l].mla);
+        dev_free(p.gpu, kvg[l].idx);
+        free(Lc[l].experts);
+        free(Lg[l].experts);
+    }
+    free(kvc);
+    free(kvg);
+    free(Lc);
+    free(Lg);
+    pair_free(&p); /* the cpu's and cuda's prepared weights go with the process */
+    dsv32_model_free(m);
+}
+
 int main(int argc, char **argv)
 {
     uint64_t seed = (uint64_t)time(NULL) ^ ((uint64_t)clock() << 32);
+    const char *model_dir = NULL;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--probe") == 0)
             return dsv32_cuda_device_count() > 0 ? 0 : 77;
@@ -1307,6 +1635,8 @@ int main(int argc, char **argv)
             seed = strtoull(argv[++i], NULL, 0);
         else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc)
             only = argv[++i];
+        else if (strcmp(argv[i], "--model") == 0 && i + 1 < argc)
+            model_dir = argv[++i];
     }
     if (dsv32_cuda_device_count() == 0) {
         printf("no GPU: skipped\n");
@@ -1322,6 +1652,8 @@ int main(int argc, char **argv)
     test_mla_prefill();
     test_moe_gate();
     test_moe_experts();
+    if (model_dir)
+        test_replay(model_dir);
     printf("%d checks, %d failed: %s\n", n_checks, n_fail, n_fail ? "FAIL" : "PASS");
     return n_fail ? 1 : 0;
 }

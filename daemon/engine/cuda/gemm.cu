@@ -567,14 +567,17 @@ int cu_lt_calibrate(struct cu_ctx *c)
     if (c->lt_state)
         return 0;
     c->lt_state = -1;
-    const int M = 256, N = 384, K = 640, KB = K / 128, NB = N / 128;
+    const int M = 208, N = 384, K = 640, KB = K / 128, NB = N / 128; /* M: not a multiple of 32 */
     uint8_t *xq = NULL, *w = NULL;
     float *xs = NULL, *xs_t = NULL, *ws = NULL, *wl = NULL, *y = NULL, *yref = NULL;
     double *err = NULL, herr = 0;
     int r = 0;
+    /* scale buffers far larger than any layout needs: a layout guess that reads past what it
+     * should must find memory there, not fault (a fault would end the process's CUDA context) */
+    const size_t pad = 1 << 16;
     if (cudaMalloc(&xq, (size_t)M * K) || cudaMalloc(&w, (size_t)N * K) ||
-        cudaMalloc(&xs, sizeof(float) * M * KB) || cudaMalloc(&xs_t, sizeof(float) * M * KB) ||
-        cudaMalloc(&ws, sizeof(float) * NB * KB) || cudaMalloc(&wl, sizeof(float) * NB * 8) ||
+        cudaMalloc(&xs, sizeof(float) * pad) || cudaMalloc(&xs_t, sizeof(float) * pad) ||
+        cudaMalloc(&ws, sizeof(float) * NB * KB) || cudaMalloc(&wl, sizeof(float) * pad) ||
         cudaMalloc(&y, sizeof(float) * M * N) || cudaMalloc(&yref, sizeof(float) * M * N) ||
         cudaMalloc(&err, sizeof(double))) {
         snprintf(c->lt_note, sizeof(c->lt_note), "calibration: out of device memory");

@@ -33,7 +33,7 @@ static __device__ __forceinline__ uint32_t cvt_e4m3x2(uint32_t two)
 static __device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                                uint32_t b1)
 {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
                  "{%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -42,7 +42,7 @@ static __device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a
 static __device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                                 uint32_t b1)
 {
-    asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, "
+    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, "
                  "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -54,7 +54,7 @@ static __device__ __forceinline__ uint32_t w32(const uint4 &v, int i)
 }
 
 /* work item: rows [x, x + y) of one sequence, cache blocks [z, w) */
-template <bool FP8>
+template <bool FP8, int NT>
 static __global__ void __launch_bounds__(128) idx_scores_kernel(
     float *scores, int ld_s, int row_base, const int4 *work, const uint8_t *q, const float *q_scale,
     const float *w_raw, const uint8_t *cache, int block_bytes, const int32_t *blocks, int max_blocks,
@@ -63,7 +63,7 @@ static __global__ void __launch_bounds__(128) idx_scores_kernel(
     constexpr int STEPS = FP8 ? 4 : 8; /* k-steps over the 128 dims */
     extern __shared__ uint2 qf[];      /* [row][ntile][step][lane] */
     const int4 wk = work[blockIdx.x];
-    const int r0 = wk.x, nr = wk.y, NT = IH / 8;
+    const int r0 = wk.x, nr = wk.y; /* NT = IH / 8 head tiles, a compile-time constant */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     float *wsm = reinterpret_cast<float *>(qf + (size_t)nr * NT * STEPS * 32); /* [row][head] */
 
@@ -107,15 +107,24 @@ static __global__ void __launch_bounds__(128) idx_scores_kernel(
         s0 = __ldg(reinterpret_cast<const float *>(b + DSV32_KV_BLOCK_TOKENS * 128) + kr0);
         s1 = __ldg(reinterpret_cast<const float *>(b + DSV32_KV_BLOCK_TOKENS * 128) + kr1);
     };
-    uint4 kn[4];
-    float ks0n, ks1n;
+    /* keys two blocks ahead in registers: the next block's loads are in flight while this one
+     * computes, and the one after it is requested before this one's math starts */
+    uint4 kn[4], kn2[4];
+    float ks0n = 0.0f, ks1n = 0.0f, ks0n2 = 0.0f, ks1n2 = 0.0f;
     if (wk.z < wk.w)
         load(wk.z, kn, ks0n, ks1n);
+    if (wk.z + 1 < wk.w)
+        load(wk.z + 1, kn2, ks0n2, ks1n2);
     for (int blk = wk.z; blk < wk.w; blk++) {
         uint4 k[4] = {kn[0], kn[1], kn[2], kn[3]};
         const float ks0 = ks0n, ks1 = ks1n;
-        if (blk + 1 < wk.w)
-            load(blk + 1, kn, ks0n, ks1n);
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            kn[i] = kn2[i];
+        ks0n = ks0n2;
+        ks1n = ks1n2;
+        if (blk + 2 < wk.w)
+            load(blk + 2, kn2, ks0n2, ks1n2);
         /* A fragments of the 8 (f16) or 4 (FP8) k-steps */
         uint32_t a[STEPS][4];
 #pragma unroll
@@ -145,19 +154,26 @@ static __global__ void __launch_bounds__(128) idx_scores_kernel(
             float sg0 = 0.0f, sg1 = 0.0f;
             const uint2 *qi = qf + (size_t)i * NT * STEPS * 32 + lane;
             const float *wi = wsm + i * IH;
-            for (int nt = 0; nt < NT; nt++) {
-                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            /* NT independent accumulator chains, k-steps outer: the tensor pipe stays busy */
+            float acc[NT][4];
 #pragma unroll
-                for (int s = 0; s < STEPS; s++) {
+            for (int nt = 0; nt < NT; nt++)
+                acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+#pragma unroll
+            for (int s = 0; s < STEPS; s++)
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
                     const uint2 bq = qi[(nt * STEPS + s) * 32];
                     if (FP8)
-                        mma_e4m3(acc, a[s], bq.x, bq.y);
+                        mma_e4m3(acc[nt], a[s], bq.x, bq.y);
                     else
-                        mma_f16(acc, a[s], bq.x, bq.y);
+                        mma_f16(acc[nt], a[s], bq.x, bq.y);
                 }
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
                 const float w0 = wi[nt * 8 + 2 * t], w1 = wi[nt * 8 + 2 * t + 1];
-                sg0 += fmaxf(acc[0], 0.0f) * w0 + fmaxf(acc[1], 0.0f) * w1;
-                sg1 += fmaxf(acc[2], 0.0f) * w0 + fmaxf(acc[3], 0.0f) * w1;
+                sg0 += fmaxf(acc[nt][0], 0.0f) * w0 + fmaxf(acc[nt][1], 0.0f) * w1;
+                sg1 += fmaxf(acc[nt][2], 0.0f) * w0 + fmaxf(acc[nt][3], 0.0f) * w1;
             }
             sg0 += __shfl_xor_sync(0xffffffffu, sg0, 1);
             sg0 += __shfl_xor_sync(0xffffffffu, sg0, 2);
@@ -304,15 +320,13 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
     const int IH = c->cfg->index_n_heads, T = m->n_rows;
     if (T <= 0)
         return 0;
-    if (IH % 8 || IH > 128 || c->cfg->index_head_dim != 128)
+    if ((IH != 16 && IH != 32 && IH != 64 && IH != 128) || c->cfg->index_head_dim != 128)
         return DSV32_ECONFIG;
     const float wscale = (float)pow((double)IH, -0.5), sscale = (float)pow(128.0, -0.5);
     const int use_fp8 = c->fast && c->indexer_fp8;
     const int ld_s = (m->max_ctx + 63) / 64 * 64;
     /* rows in chunks whose scores fit 1 GiB */
     const size_t max_chunk_rows = ((size_t)1 << 28) / (size_t)(ld_s > 0 ? ld_s : 1);
-    int4 *work = (int4 *)cu_scratch(c, SCR_WORK, 0); /* host list lives in pinned staging */
-    (void)work;
     for (int rb = 0; rb < T;) {
         int re = T;
         if ((size_t)(re - rb) > max_chunk_rows) {
@@ -374,19 +388,32 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             const int steps = use_fp8 ? 4 : 8;
             const size_t smem = sizeof(uint2) * (size_t)max_nr * (IH / 8) * steps * 32 +
                                 sizeof(float) * (size_t)max_nr * IH;
-            if (use_fp8) {
-                CU_CHECK(cudaFuncSetAttribute(idx_scores_kernel<true>,
-                                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-                idx_scores_kernel<true><<<n_items, 128, smem, c->st>>>(
-                    scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,
-                    m->d_blocks, m->max_blocks, m->d_row_pos, m->d_row_seq, IH, wscale, sscale);
-            } else {
-                CU_CHECK(cudaFuncSetAttribute(idx_scores_kernel<false>,
-                                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-                idx_scores_kernel<false><<<n_items, 128, smem, c->st>>>(
-                    scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,
-                    m->d_blocks, m->max_blocks, m->d_row_pos, m->d_row_seq, IH, wscale, sscale);
-            }
+            const int NT = IH / 8;
+#define IDX_LAUNCH(F8, N)                                                                          \
+    do {                                                                                           \
+        CU_CHECK(cudaFuncSetAttribute(idx_scores_kernel<F8, N>,                                    \
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));    \
+        idx_scores_kernel<F8, N><<<n_items, 128, smem, c->st>>>(                                   \
+            scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,        \
+            m->d_blocks, m->max_blocks, m->d_row_pos, m->d_row_seq, IH, wscale, sscale);           \
+    } while (0)
+            if (use_fp8 && NT == 8)
+                IDX_LAUNCH(true, 8);
+            else if (use_fp8 && NT == 2)
+                IDX_LAUNCH(true, 2);
+            else if (use_fp8 && NT == 4)
+                IDX_LAUNCH(true, 4);
+            else if (use_fp8 && NT == 16)
+                IDX_LAUNCH(true, 16);
+            else if (NT == 8)
+                IDX_LAUNCH(false, 8);
+            else if (NT == 2)
+                IDX_LAUNCH(false, 2);
+            else if (NT == 4)
+                IDX_LAUNCH(false, 4);
+            else
+                IDX_LAUNCH(false, 16);
+#undef IDX_LAUNCH
             CU_LAUNCHED("idx_scores");
         }
         float *scores = (float *)cu_scratch(c, SCR_SCORES, sizeof(float) * (size_t)(re - rb) * ld_s);

@@ -24,6 +24,7 @@
 #define MLA_KT 64   /* keys per tile */
 #define MLA_QSTR (MLA_D + 8) /* bf16 elements per Q/K row in shared memory */
 #define MLA_SSTR (MLA_KT + 4)
+#define MLA_MAXSEL 2048 /* selected keys per CTA whose cache slots are resolved up front */
 
 /* ---- exact kernel ---- */
 
@@ -149,7 +150,7 @@ static __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr
 static __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                                 uint32_t b1)
 {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
                  "{%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -190,8 +191,9 @@ static __global__ void __launch_bounds__(256, 1) mla_fast_kernel(const struct ml
     __nv_bfloat16 *Qs = reinterpret_cast<__nv_bfloat16 *>(smem);
     __nv_bfloat16 *Ks = Qs + MLA_HG * MLA_QSTR;
     float *Sc = reinterpret_cast<float *>(Ks + MLA_KT * MLA_QSTR);
-    int64_t *kslot = reinterpret_cast<int64_t *>(Sc + MLA_HG * MLA_SSTR);
-    uint8_t *stg = reinterpret_cast<uint8_t *>(kslot + MLA_KT);
+    int32_t *kslot = reinterpret_cast<int32_t *>(Sc + MLA_HG * MLA_SSTR);
+    int32_t *sslot = kslot + MLA_KT; /* (MLA_MAXSEL) the CTA's selected slots, sparse mode */
+    uint8_t *stg = reinterpret_cast<uint8_t *>(sslot + MLA_MAXSEL);
 
     const int z = blockIdx.x, hg = blockIdx.y, r = blockIdx.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
@@ -211,20 +213,35 @@ static __global__ void __launch_bounds__(256, 1) mla_fast_kernel(const struct ml
         Qs[h * MLA_QSTR + d] = __float2bfloat16_rn(v);
     }
 
+    /* sparse: resolve every selected position of this CTA to its cache slot once, so that a
+     * tile's gather needs no dependent global loads */
+    const bool pre = a.sel && kend - kbeg <= MLA_MAXSEL;
+    if (pre)
+        for (int j = tid; j < kend - kbeg; j += 256) {
+            const int p = a.sel[(size_t)r * a.n_sel + kbeg + j];
+            sslot[j] = (p >= 0 && p <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p) : -1;
+        }
     auto issue = [&](int ts) {
+        __syncthreads(); /* sslot written; kslot no longer read */
         if (tid < MLA_KT) {
             const int j = ts + tid;
-            int p = -1;
-            if (j < kend)
-                p = a.sel ? a.sel[(size_t)r * a.n_sel + j] : j;
-            kslot[tid] = (p >= 0 && p <= pos) ? slot_of(a.blocks, a.max_blocks, seq, p) : -1;
+            int32_t sl = -1;
+            if (j < kend) {
+                if (pre) {
+                    sl = sslot[j - kbeg];
+                } else {
+                    const int p = a.sel ? a.sel[(size_t)r * a.n_sel + j] : j;
+                    sl = (p >= 0 && p <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p) : -1;
+                }
+            }
+            kslot[tid] = sl;
         }
         __syncthreads();
         for (int i = tid; i < MLA_KT * chunks; i += 256) {
             const int key = i / chunks, ch = i % chunks;
-            const int64_t s = kslot[key];
-            if (s >= 0)
-                cp_async16(stg + key * recb + 16 * ch, a.mla + (size_t)s * recb + 16 * ch);
+            const int32_t sl = kslot[key];
+            if (sl >= 0)
+                cp_async16(stg + key * recb + 16 * ch, a.mla + (size_t)sl * recb + 16 * ch);
         }
         asm volatile("cp.async.commit_group;");
     };
@@ -289,7 +306,6 @@ static __global__ void __launch_bounds__(256, 1) mla_fast_kernel(const struct ml
             kval[nt][0] = kslot[32 * kh + 8 * nt + 2 * t] >= 0;
             kval[nt][1] = kslot[32 * kh + 8 * nt + 2 * t + 1] >= 0;
         }
-        __syncthreads();
         if (ts + MLA_KT < kend)
             issue(ts + MLA_KT);
 
@@ -505,7 +521,7 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
     a.keys_per_split = tiles_per * MLA_KT;
     a.scale = scale;
     const size_t smem = sizeof(__nv_bfloat16) * 2 * MLA_HG * MLA_QSTR + sizeof(float) * MLA_HG * MLA_SSTR +
-                        sizeof(int64_t) * MLA_KT + (size_t)MLA_KT * g->mla_rec_bytes;
+                        sizeof(int32_t) * (MLA_KT + MLA_MAXSEL) + (size_t)MLA_KT * g->mla_rec_bytes;
     CU_CHECK(cudaFuncSetAttribute(mla_fast_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     mla_fast_kernel<<<dim3(splits, H / MLA_HG, rows), 256, smem, c->st>>>(a);
     CU_LAUNCHED("mla_fast");

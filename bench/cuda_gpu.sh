@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The cuda backend's checks and benchmarks on a GPU machine, from binaries built elsewhere.
+#   bench/cuda_gpu.sh bundle BUILD_DIR [DEST]   here: test_cuda_ops, dsv32-run and cuda_bench plus the
+#       shared libraries the GPU machine lacks (OpenBLAS, cJSON, gfortran; not libc, libstdc++ or
+#       CUDA's own libraries, which it has) into DEST/bundle.tar.xz (default .gpucuda)
+#   bench/cuda_gpu.sh run [DEST] [STEPS...]     there, from the repository root: unpacks the bundle and
+#       runs the steps (default: ops golden bench torch), logs under $OUT (default /tmp/cuda_gpu)
+# Steps: ops (each op family in its own process), replay (the forward op by op on the tiny models),
+# ncu (Nsight Compute on the DSA kernels), golden (tiny-bf16 and tiny-fp8, exact mode, all
+# schedules; then the fast mode, sequential), bench (cuda_bench, each section in its own process,
+# and the plot), torch (the PyTorch baseline of DSA decode).
+set -uo pipefail
+cmd=${1:-run}
+shift || true
+case "$cmd" in
+bundle)
+    build=$1
+    dest=${2:-.gpucuda}
+    tmp=$(mktemp -d)
+    mkdir -p "$tmp/bin" "$tmp/lib" "$dest"
+    for p in tests/gpu/test_cuda_ops tools/dsv32-run bench/cuda_bench; do
+        cp "$build/$p" "$tmp/bin/"
+        ldd "$build/$p" | awk '/=> \//{print $3}' |
+            grep -vE '/(libc|libm|libstdc\+\+|libgcc_s|libz|libdl|libpthread|librt|ld-linux[^/]*)\.so|/usr/local/cuda' |
+            while read -r lib; do cp -L "$lib" "$tmp/lib/"; done
+    done
+    tar -C "$tmp" -cJf "$dest/bundle.tar.xz" bin lib
+    rm -rf "$tmp"
+    du -sh "$dest/bundle.tar.xz"
+    ;;
+run)
+    dest=${1:-.gpucuda}
+    shift || true
+    steps=${*:-ops golden bench torch}
+    out=${OUT:-/tmp/cuda_gpu}
+    root=/tmp/cuda_gpu_bundle
+    mkdir -p "$out" "$root"
+    tar -C "$root" -xJf "$dest/bundle.tar.xz" || exit 1
+    cudalib=""
+    for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda/targets/x86_64-linux/lib; do
+        [ -d "$d" ] && cudalib="$cudalib:$d"
+    done
+    export LD_LIBRARY_PATH="$root/lib$cudalib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    bin=$root/bin
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,power.limit,temperature.gpu \
+        --format=csv >"$out/gpu.txt" 2>&1
+    ldd "$bin/test_cuda_ops" | grep -E "cublas|cudart|not found" >>"$out/gpu.txt"
+    # run NAME LOG TIMEOUT CMD...: output appended to LOG, its last lines echoed
+    run() {
+        local name=$1 log=$2 t=$3
+        shift 3
+        local t0=$SECONDS
+        echo "==== $name" >>"$log"
+        timeout "$t" "$@" >>"$log" 2>&1
+        local rc=$?
+        echo "==== $name: rc=$rc, $((SECONDS - t0)) s" | tee -a "$log"
+        return 0
+    }
+    for s in $steps; do
+        case "$s" in
+        ops)
+            for part in "small" "FP8 quant" "linear" "indexer" "MLA decode" "MLA prefill" "router" "experts"; do
+                run "ops: $part" "$out/ops.log" 150 "$bin/test_cuda_ops" --only "$part"
+            done
+            grep -E "FAIL|PASS|checks" "$out/ops.log" | tail -n 40
+            ;;
+        replay)
+            for m in tiny-bf16 tiny-fp8; do
+                run "replay $m" "$out/ops.log" 150 "$bin/test_cuda_ops" --only forward --model tests/golden/$m
+            done
+            grep -E "FAIL|ops failed|====" "$out/ops.log" | tail -n 60
+            ;;
+        ncu)
+            ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+            for k in idx_scores topk mla_fast; do
+                run "ncu $k" "$out/ncu.log" 120 "$ncu" --clock-control none --section SpeedOfLight --section Occupancy \
+                    --section WarpStateStats --section LaunchStats --section MemoryWorkloadAnalysis \
+                    -k regex:$k -c 1 "$bin/cuda_bench" --only dsa --iters 1
+            done
+            grep -E "====|Duration|Throughput|Achieved Occupancy|Registers|Stall|Warp Cycles|Issued|Eligible|Block Limit" "$out/ncu.log" | head -n 90
+            ;;
+        golden)
+            for m in tiny-bf16 tiny-fp8; do
+                DSV32_CUDA_MATH=exact run "golden exact $m" "$out/golden.log" 150 "$bin/dsv32-run" --model tests/golden/$m \
+                    --golden tests/golden/$m/golden.safetensors --backend cuda --schedule all --quiet
+            done
+            for m in tiny-bf16 tiny-fp8; do
+                DSV32_CUDA_MATH=fast run "golden fast $m" "$out/golden.log" 100 "$bin/dsv32-run" --model tests/golden/$m \
+                    --golden tests/golden/$m/golden.safetensors --backend cuda --schedule sequential --quiet
+            done
+            grep -E "^(PASS|FAIL)|logit rows|ties resolved|====" "$out/golden.log"
+            ;;
+        bench)
+            for part in dsa sweep prefill layer; do
+                run "bench: $part" "$out/bench.log" 180 "$bin/cuda_bench" --only "$part" --csv "$out"
+            done
+            [ -f "$out/dsa_sweep.csv" ] && python3 bench/plot_dsa.py "$out/dsa_sweep.csv" "$out/dsa-vs-dense.png"
+            cat "$out/bench.log" | grep -vE "^\[" | tail -n 80
+            ;;
+        torch)
+            PYTHONUNBUFFERED=1 run "torch baseline" "$out/torch.log" 150 python3 bench/dsa_torch.py --batch 64 --ctx 131072
+            tail -n 3 "$out/torch.log"
+            ;;
+        *)
+            echo "unknown step $s"
+            ;;
+        esac
+    done
+    ;;
+*)
+    echo "usage: $0 bundle BUILD_DIR [DEST] | run [DEST] [STEPS...]" >&2
+    exit 2
+    ;;
+esac
