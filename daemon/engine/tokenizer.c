@@ -237,8 +237,10 @@ static int parse_split(const cJSON *step, struct tok_split *ret)
         const char *name;
         enum tok_split_behavior b;
     } behaviors[] = {
-        {"Isolated", TOK_SPLIT_ISOLATED},          {"Removed", TOK_SPLIT_REMOVED},
-        {"MergedWithPrevious", TOK_SPLIT_MERGED_PREV}, {"MergedWithNext", TOK_SPLIT_MERGED_NEXT},
+        {"Isolated", TOK_SPLIT_ISOLATED},
+        {"Removed", TOK_SPLIT_REMOVED},
+        {"MergedWithPrevious", TOK_SPLIT_MERGED_PREV},
+        {"MergedWithNext", TOK_SPLIT_MERGED_NEXT},
         {"Contiguous", TOK_SPLIT_CONTIGUOUS},
     };
     const cJSON *b = cJSON_GetObjectItemCaseSensitive(step, "behavior");
@@ -303,7 +305,8 @@ static int parse_pre_tokenizer(struct dsv32_tok *t, const cJSON *pt)
         if (strcmp(st, "ByteLevel") == 0 && i == n - 1)
             return parse_byte_level(t, s);
         if (strcmp(st, "Split") != 0) {
-            log_error("tokenizer: pre-tokenizer step '%s' is not supported (Split... ByteLevel)", st);
+            log_error("tokenizer: pre-tokenizer step '%s' is not supported (Split... ByteLevel)",
+                      st);
             return DSV32_EUNSUPPORTED;
         }
         if (t->n_split == TOK_MAX_SPLIT_STEPS)
@@ -513,8 +516,8 @@ static int parse_merges(struct dsv32_tok *t, const cJSON *merges)
             la = (size_t)(sp - a);
             b = sp + 1;
             lb = strlen(b);
-        } else if (cJSON_IsArray(m) && cJSON_GetArraySize(m) == 2 &&
-                   cJSON_IsString(m->child) && cJSON_IsString(m->child->next)) {
+        } else if (cJSON_IsArray(m) && cJSON_GetArraySize(m) == 2 && cJSON_IsString(m->child) &&
+                   cJSON_IsString(m->child->next)) {
             a = m->child->valuestring;
             b = m->child->next->valuestring;
             la = strlen(a);
@@ -747,9 +750,18 @@ void dsv32_tok_free(struct dsv32_tok *t)
     free(t);
 }
 
-int32_t dsv32_tok_vocab_size(const struct dsv32_tok *t) { return t->n_ids; }
-int32_t dsv32_tok_bos_id(const struct dsv32_tok *t) { return t->bos; }
-int32_t dsv32_tok_eos_id(const struct dsv32_tok *t) { return t->eos; }
+int32_t dsv32_tok_vocab_size(const struct dsv32_tok *t)
+{
+    return t->n_ids;
+}
+int32_t dsv32_tok_bos_id(const struct dsv32_tok *t)
+{
+    return t->bos;
+}
+int32_t dsv32_tok_eos_id(const struct dsv32_tok *t)
+{
+    return t->eos;
+}
 
 int32_t dsv32_tok_token_id(const struct dsv32_tok *t, const char *text)
 {

@@ -2,7 +2,8 @@
  * ones): added and special tokens, a pre-tokenizer made of regex Split steps (PCRE2 with JIT) and
  * ByteLevel, rank-ordered BPE merges, the ByteLevel decoder, and a streaming decoder that only ever
  * hands out whole UTF-8 characters. A loaded tokenizer may be used from many threads at once (its
- * only mutable part, a cache of short pieces, has its own locks); a stream belongs to one thread. */
+ * only mutable part, a cache of short pieces, has its own locks); a stream belongs to one thread.
+ */
 #ifndef DSV32_TOKENIZER_H
 #define DSV32_TOKENIZER_H
 
@@ -14,11 +15,12 @@ struct dsv32_tok;
 
 /* Encode flags. */
 enum {
-    /* Prepend the BOS token (tokenizer_config.json's bos_token); DSV32_EMISSING when there is none. */
+    /* Prepend the BOS token (tokenizer_config.json's bos_token); DSV32_EMISSING when there is none.
+     */
     DSV32_TOK_ADD_BOS = 1 << 0,
-    /* Turn the text of added tokens ("<｜User｜>", "<think>", "<｜end▁of▁sentence｜>"...) into those
-     * tokens. Without it every byte of the input goes through BPE, so user text can never forge
-     * control tokens. Prompts rendered by the chat encoder need it. */
+    /* Turn the text of added tokens ("<｜User｜>", "<think>", "<｜end▁of▁sentence｜>"...) into
+     * those tokens. Without it every byte of the input goes through BPE, so user text can never
+     * forge control tokens. Prompts rendered by the chat encoder need it. */
     DSV32_TOK_PARSE_SPECIAL = 1 << 1,
 };
 
@@ -29,9 +31,9 @@ enum {
 };
 
 /* Limits on what a caller controls. */
-#define DSV32_TOK_MAX_FILE_BYTES (256u << 20)  /* tokenizer.json */
-#define DSV32_TOK_MAX_INPUT_BYTES (64u << 20)  /* one encode call: -E2BIG past it */
-#define DSV32_TOK_MAX_IDS (64u << 20)          /* one decode call: -E2BIG past it */
+#define DSV32_TOK_MAX_FILE_BYTES (256u << 20) /* tokenizer.json */
+#define DSV32_TOK_MAX_INPUT_BYTES (64u << 20) /* one encode call: -E2BIG past it */
+#define DSV32_TOK_MAX_IDS (64u << 20)         /* one decode call: -E2BIG past it */
 
 /* Loads a tokenizer. path is a directory holding tokenizer.json (and, optionally,
  * tokenizer_config.json for the BOS/EOS tokens) or the tokenizer.json file itself (the config is

@@ -55,9 +55,11 @@ static void assert_same_text(const char *got, size_t gn, const char *want, size_
         i++;
     if (i != gn || i != wn) {
         size_t from = i > 80 ? i - 80 : 0;
-        fprintf(stderr, "texts differ at byte %zu (got %zu bytes, want %zu)\n--- want:\n%.*s\n"
-                        "--- got:\n%.*s\n", i, gn, wn, (int)(wn - from < 200 ? wn - from : 200),
-                want + from, (int)(gn - from < 200 ? gn - from : 200), got + from);
+        fprintf(stderr,
+                "texts differ at byte %zu (got %zu bytes, want %zu)\n--- want:\n%.*s\n"
+                "--- got:\n%.*s\n",
+                i, gn, wn, (int)(wn - from < 200 ? wn - from : 200), want + from,
+                (int)(gn - from < 200 ? gn - from : 200), got + from);
         fail();
     }
 }
@@ -122,28 +124,33 @@ static void check_prompt(const char *json, bool thinking, const char *want)
 
 static void test_modes(void **state)
 {
-    const char *conv = "[{\"role\":\"system\",\"content\":\"S\"},{\"role\":\"user\",\"content\":\"hi\"},"
-                       "{\"role\":\"assistant\",\"reasoning_content\":\"R1\",\"content\":\"hello\"},"
-                       "{\"role\":\"user\",\"content\":\"again\"}]";
-    check_prompt(conv, false,
-                 "<｜begin▁of▁sentence｜>S<｜User｜>hi<｜Assistant｜></think>hello<｜end▁of▁sentence｜>"
-                 "<｜User｜>again<｜Assistant｜></think>");
+    const char *conv =
+        "[{\"role\":\"system\",\"content\":\"S\"},{\"role\":\"user\",\"content\":\"hi\"},"
+        "{\"role\":\"assistant\",\"reasoning_content\":\"R1\",\"content\":\"hello\"},"
+        "{\"role\":\"user\",\"content\":\"again\"}]";
+    check_prompt(
+        conv, false,
+        "<｜begin▁of▁sentence｜>S<｜User｜>hi<｜Assistant｜></think>hello<｜end▁of▁sentence｜>"
+        "<｜User｜>again<｜Assistant｜></think>");
     /* thinking: only the last user turn opens <think>; the old reasoning is dropped */
-    check_prompt(conv, true,
-                 "<｜begin▁of▁sentence｜>S<｜User｜>hi<｜Assistant｜></think>hello<｜end▁of▁sentence｜>"
-                 "<｜User｜>again<｜Assistant｜><think>");
+    check_prompt(
+        conv, true,
+        "<｜begin▁of▁sentence｜>S<｜User｜>hi<｜Assistant｜></think>hello<｜end▁of▁sentence｜>"
+        "<｜User｜>again<｜Assistant｜><think>");
     /* an assistant turn after the last user turn keeps its reasoning in thinking mode only */
     const char *tail = "[{\"role\":\"user\",\"content\":\"q\"},"
                        "{\"role\":\"assistant\",\"reasoning_content\":\"R\",\"content\":\"a\"}]";
-    check_prompt(tail, true,
-                 "<｜begin▁of▁sentence｜><｜User｜>q<｜Assistant｜><think>R</think>a<｜end▁of▁sentence｜>");
+    check_prompt(
+        tail, true,
+        "<｜begin▁of▁sentence｜><｜User｜>q<｜Assistant｜><think>R</think>a<｜end▁of▁sentence｜>");
     check_prompt(tail, false,
                  "<｜begin▁of▁sentence｜><｜User｜>q<｜Assistant｜></think>a<｜end▁of▁sentence｜>");
     /* content parts, null content, no BOS */
     int r;
-    char *p = encode("[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"a\"},"
-                     "{\"type\":\"text\",\"text\":\"b\"}]},{\"role\":\"assistant\",\"content\":null}]",
-                     false, false, &r);
+    char *p =
+        encode("[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"a\"},"
+               "{\"type\":\"text\",\"text\":\"b\"}]},{\"role\":\"assistant\",\"content\":null}]",
+               false, false, &r);
     assert_int_equal(r, 0);
     assert_string_equal(p, "<｜User｜>ab<｜Assistant｜></think><｜end▁of▁sentence｜>");
     free(p);
@@ -154,7 +161,8 @@ static void test_modes(void **state)
     size_t n;
     assert_int_equal(dsv32_chat_encode(m, &o, &p, &n), 0);
     assert_true(strncmp(p, "\n\n## Tools\n\n", 12) == 0);
-    assert_non_null(strstr(p, "<functions>\n{\"name\": \"f\"}\n</functions>\n<｜User｜>x<｜Assistant｜>"));
+    assert_non_null(
+        strstr(p, "<functions>\n{\"name\": \"f\"}\n</functions>\n<｜User｜>x<｜Assistant｜>"));
     free(p);
     cJSON_Delete(m);
     cJSON_Delete(tools);
@@ -186,8 +194,9 @@ static void test_python_json(void **state)
     cJSON *msgs = cJSON_Parse("[{\"role\":\"assistant\",\"content\":\"\",\"tool_calls\":"
                               "[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}]}]");
     cJSON *fn = cJSON_GetObjectItemCaseSensitive(msgs->child->child->next->next->child, "function");
-    cJSON_AddStringToObject(fn, "arguments", "{\"n\": 10, \"x\": [1, 2.5], \"o\": {\"k\": \"v\"}, "
-                                             "\"b\": true, \"s\": \"a \\\"q\\\"\"}");
+    cJSON_AddStringToObject(fn, "arguments",
+                            "{\"n\": 10, \"x\": [1, 2.5], \"o\": {\"k\": \"v\"}, "
+                            "\"b\": true, \"s\": \"a \\\"q\\\"\"}");
     char *p;
     size_t pn;
     struct dsv32_chat_opts o = {0};
@@ -231,16 +240,21 @@ static void test_encode_errors(void **state)
     encode("{\"role\":\"user\"}", true, true, &r);
     assert_int_equal(r, DSV32_EFORMAT);
     encode("[{\"role\":\"assistant\",\"tool_calls\":[{\"function\":{\"name\":\"f\","
-           "\"arguments\":\"[1]\"}}]}]", true, true, &r);
+           "\"arguments\":\"[1]\"}}]}]",
+           true, true, &r);
     assert_int_equal(r, DSV32_EFORMAT);
     encode("[{\"role\":\"assistant\",\"tool_calls\":[{\"function\":{\"name\":\"f\","
-           "\"arguments\":\"{oops\"}}]}]", true, true, &r);
+           "\"arguments\":\"{oops\"}}]}]",
+           true, true, &r);
     assert_int_equal(r, DSV32_EFORMAT);
     /* more results than calls */
-    encode("[{\"role\":\"assistant\",\"tool_calls\":[{\"function\":{\"name\":\"f\",\"arguments\":\"{}\"}}]},"
-           "{\"role\":\"tool\",\"content\":\"1\"},{\"role\":\"tool\",\"content\":\"2\"}]", true, true, &r);
+    encode("[{\"role\":\"assistant\",\"tool_calls\":[{\"function\":{\"name\":\"f\",\"arguments\":"
+           "\"{}\"}}]},"
+           "{\"role\":\"tool\",\"content\":\"1\"},{\"role\":\"tool\",\"content\":\"2\"}]",
+           true, true, &r);
     assert_int_equal(r, DSV32_EFORMAT);
-    encode("[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\",\"image_url\":{}}]}]", true, true, &r);
+    encode("[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\",\"image_url\":{}}]}]", true,
+           true, &r);
     assert_int_equal(r, DSV32_EUNSUPPORTED);
 }
 
@@ -280,13 +294,15 @@ static void test_parse_basic(void **state)
     assert_string_equal(r->content, "y");
     dsv32_chat_reply_free(r);
 
-    r = parse("r</think>Checking.\n\n<｜DSML｜function_calls>\n"
-              "<｜DSML｜invoke name=\"now\">\n</｜DSML｜invoke>\n"
-              "<｜DSML｜invoke name=\"w\">\n"
-              "<｜DSML｜parameter name=\"q\" string=\"true\">a \"b\"\nc</x></｜DSML｜parameter>\n"
-              "<｜DSML｜parameter name=\"n\" string=\"false\"> 3.50 </｜DSML｜parameter>\n"
-              "<｜DSML｜parameter name=\"l\" string=\"false\">[1, {\"k\": null}]</｜DSML｜parameter>\n"
-              "</｜DSML｜invoke>\n</｜DSML｜function_calls><｜end▁of▁sentence｜>", true);
+    r = parse(
+        "r</think>Checking.\n\n<｜DSML｜function_calls>\n"
+        "<｜DSML｜invoke name=\"now\">\n</｜DSML｜invoke>\n"
+        "<｜DSML｜invoke name=\"w\">\n"
+        "<｜DSML｜parameter name=\"q\" string=\"true\">a \"b\"\nc</x></｜DSML｜parameter>\n"
+        "<｜DSML｜parameter name=\"n\" string=\"false\"> 3.50 </｜DSML｜parameter>\n"
+        "<｜DSML｜parameter name=\"l\" string=\"false\">[1, {\"k\": null}]</｜DSML｜parameter>\n"
+        "</｜DSML｜invoke>\n</｜DSML｜function_calls><｜end▁of▁sentence｜>",
+        true);
     assert_string_equal(r->content, "Checking.");
     assert_false(r->calls_malformed);
     assert_int_equal(r->n_calls, 2);
@@ -359,8 +375,8 @@ static void test_parse_round_trip(void **state)
                 const cJSON *fn = cJSON_GetObjectItemCaseSensitive(c, "function");
                 assert_string_equal(r->calls[k].name,
                                     cJSON_GetObjectItemCaseSensitive(fn, "name")->valuestring);
-                cJSON *want = cJSON_Parse(
-                    cJSON_GetObjectItemCaseSensitive(fn, "arguments")->valuestring);
+                cJSON *want =
+                    cJSON_Parse(cJSON_GetObjectItemCaseSensitive(fn, "arguments")->valuestring);
                 cJSON *got = cJSON_Parse(r->calls[k].arguments);
                 assert_non_null(got);
                 assert_true(cJSON_Compare(want, got, true));
@@ -435,7 +451,8 @@ static void test_prompt_tokens(void **state)
         snprintf(path, sizeof(path), "%s/%s", CHAT_FORMAT_DIR, inputs[f]);
         char *in = read_all(path, NULL);
         cJSON *doc = cJSON_Parse(in);
-        struct dsv32_chat_opts o = {.thinking = true, .add_bos = true,
+        struct dsv32_chat_opts o = {.thinking = true,
+                                    .add_bos = true,
                                     .tools = cJSON_GetObjectItemCaseSensitive(doc, "tools")};
         const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(doc, "messages");
         char *p;
@@ -459,7 +476,8 @@ static void test_prompt_tokens(void **state)
     int32_t *ids;
     size_t n;
     assert_int_equal(dsv32_chat_tokenize(tok, m, &o, &ids, &n), 0);
-    int32_t user = dsv32_tok_token_id(tok, "<｜User｜>"), as = dsv32_tok_token_id(tok, "<｜Assistant｜>");
+    int32_t user = dsv32_tok_token_id(tok, "<｜User｜>"),
+            as = dsv32_tok_token_id(tok, "<｜Assistant｜>");
     int users = 0, assistants = 0, eos = 0;
     for (size_t i = 0; i < n; i++) {
         users += ids[i] == user;
@@ -479,10 +497,10 @@ static void test_prompt_tokens(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_vectors),          cmocka_unit_test(test_modes),
-        cmocka_unit_test(test_python_json),      cmocka_unit_test(test_encode_errors),
-        cmocka_unit_test(test_parse_basic),      cmocka_unit_test(test_parse_round_trip),
-        cmocka_unit_test(test_parse_fuzz),       cmocka_unit_test(test_prompt_tokens),
+        cmocka_unit_test(test_vectors),     cmocka_unit_test(test_modes),
+        cmocka_unit_test(test_python_json), cmocka_unit_test(test_encode_errors),
+        cmocka_unit_test(test_parse_basic), cmocka_unit_test(test_parse_round_trip),
+        cmocka_unit_test(test_parse_fuzz),  cmocka_unit_test(test_prompt_tokens),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -33,14 +33,13 @@
  * id 267 is an unused vocabulary entry, 272-299 are holes; added tokens 300 <|end|> (special),
  * 301 <tag>, 302 <tagx>, 303 [M] (special, lstrip and rstrip). */
 static const char *const tiny_merges[][3] = {
-    {"h", "e", "he"},         {"l", "l", "ll"},      {"he", "ll", "hell"},
-    {"hell", "o", "hello"},   {"Ġ", "w", "Ġw"},      {"o", "r", "or"},
-    {"Ġw", "or", "Ġwor"},     {"l", "d", "ld"},      {"Ġwor", "ld", "Ġworld"},
-    {"a", "a", "aa"},         {"aa", "aa", "aaaa"},  {"b", "c", "bc"},
-    {"a", "b", "ab"},         {"3", "4", "34"},      {"Ġ", "Ġ", "ĠĠ"},
+    {"h", "e", "he"},         {"l", "l", "ll"}, {"he", "ll", "hell"}, {"hell", "o", "hello"},
+    {"Ġ", "w", "Ġw"},         {"o", "r", "or"}, {"Ġw", "or", "Ġwor"}, {"l", "d", "ld"},
+    {"Ġwor", "ld", "Ġworld"}, {"a", "a", "aa"}, {"aa", "aa", "aaaa"}, {"b", "c", "bc"},
+    {"a", "b", "ab"},         {"3", "4", "34"}, {"Ġ", "Ġ", "ĠĠ"},
 };
-static const int tiny_merge_ids[] = {256, 257, 258, 259, 260, 261, 262, 263, 264,
-                                     265, 266, 268, 269, 270, 271};
+static const int tiny_merge_ids[] = {256, 257, 258, 259, 260, 261, 262, 263,
+                                     264, 265, 266, 268, 269, 270, 271};
 
 static const char tiny_pre_default[] =
     "{\"type\":\"Sequence\",\"pretokenizers\":["
@@ -75,14 +74,15 @@ static const char *write_tiny(const char *name, const char *pre, const char *mod
     snprintf(path, sizeof(path), "%s/tokenizer.json", dir);
     FILE *f = fopen(path, "w");
     assert_non_null(f);
-    fprintf(f, "{\"version\":\"1.0\",\"added_tokens\":["
-               "{\"id\":300,\"content\":\"<|end|>\",\"special\":true},"
-               "{\"id\":301,\"content\":\"<tag>\",\"special\":false},"
-               "{\"id\":302,\"content\":\"<tagx>\",\"special\":false},"
-               "{\"id\":303,\"content\":\"[M]\",\"special\":true,\"lstrip\":true,\"rstrip\":true}],"
-               "\"normalizer\":null,\"pre_tokenizer\":%s,"
-               "\"decoder\":{\"type\":\"ByteLevel\"},"
-               "\"model\":{\"type\":\"BPE\",\"dropout\":null%s,\"vocab\":{",
+    fprintf(f,
+            "{\"version\":\"1.0\",\"added_tokens\":["
+            "{\"id\":300,\"content\":\"<|end|>\",\"special\":true},"
+            "{\"id\":301,\"content\":\"<tag>\",\"special\":false},"
+            "{\"id\":302,\"content\":\"<tagx>\",\"special\":false},"
+            "{\"id\":303,\"content\":\"[M]\",\"special\":true,\"lstrip\":true,\"rstrip\":true}],"
+            "\"normalizer\":null,\"pre_tokenizer\":%s,"
+            "\"decoder\":{\"type\":\"ByteLevel\"},"
+            "\"model\":{\"type\":\"BPE\",\"dropout\":null%s,\"vocab\":{",
             pre, model_extra ? model_extra : "");
     for (int b = 0; b < 256; b++) {
         char s[4];
@@ -144,11 +144,11 @@ static void test_bpe_tiny(void **state)
     assert_int_equal(dsv32_tok_vocab_size(t), 304);
     assert_int_equal(dsv32_tok_bos_id(t), -1);
     check_encode(t, "hello world", 0, IDS(259, 264));
-    check_encode(t, "aaaaa", 0, IDS(266, 'a'));            /* leftmost pair first on ties */
-    check_encode(t, "abc", 0, IDS('a', 268));              /* lower rank first: b c before a b */
+    check_encode(t, "aaaaa", 0, IDS(266, 'a')); /* leftmost pair first on ties */
+    check_encode(t, "abc", 0, IDS('a', 268));   /* lower rank first: b c before a b */
     check_encode(t, "12345", 0, IDS('1', '2', '3', '4', '5')); /* the digit split keeps 3|4 apart */
     check_encode(t, "x34", 0, IDS('x', 270));
-    check_encode(t, "   x", 0, IDS(271, ' ', 'x'));        /* \s+(?!\S) leaves the last space */
+    check_encode(t, "   x", 0, IDS(271, ' ', 'x')); /* \s+(?!\S) leaves the last space */
     check_encode(t, "a<tag>b", 0, IDS('a', '<', 't', 'a', 'g', '>', 'b'));
     check_encode(t, "\xe4\xbd\xa0", 0, IDS(0xe4, 0xbd, 0xa0));
     int32_t *ids;
@@ -174,7 +174,7 @@ static void test_added_tokens(void **state)
     struct dsv32_tok *t = load_tiny("added", tiny_pre_default);
     const unsigned sp = DSV32_TOK_PARSE_SPECIAL;
     check_encode(t, "a<tag>b", sp, IDS('a', 301, 'b'));
-    check_encode(t, "a<tagx>b", sp, IDS('a', 302, 'b'));   /* the longest match wins */
+    check_encode(t, "a<tagx>b", sp, IDS('a', 302, 'b')); /* the longest match wins */
     check_encode(t, "<tag<tag>", sp, IDS('<', 't', 'a', 'g', 301));
     check_encode(t, "<|end|><|end|>", sp, IDS(300, 300));
     check_encode(t, "x  [M]  y", sp, IDS('x', 303, 'y')); /* lstrip and rstrip eat the spaces */
@@ -295,14 +295,15 @@ static void test_errors(void **state)
     struct dsv32_tok *t = load_tiny("errors", tiny_pre_default);
     int32_t *ids = (int32_t *)0x1;
     size_t n = 7;
-    static const char *const bad[] = {"\xff", "a\xc0\x80", "\xed\xa0\x80", "ok\xe4\xbd", "\xf4\x90\x80\x80",
-                                      "\x80"};
+    static const char *const bad[] = {"\xff",       "a\xc0\x80",        "\xed\xa0\x80",
+                                      "ok\xe4\xbd", "\xf4\x90\x80\x80", "\x80"};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
         assert_int_equal(dsv32_tok_encode(t, bad[i], strlen(bad[i]), 0, &ids, &n), DSV32_EUTF8);
     assert_ptr_equal(ids, (int32_t *)0x1); /* out-params untouched on failure */
     assert_int_equal(n, 7);
     assert_int_equal(dsv32_tok_encode(t, "x", 1, DSV32_TOK_ADD_BOS, &ids, &n), DSV32_EMISSING);
-    assert_int_equal(dsv32_tok_encode(t, "x", DSV32_TOK_MAX_INPUT_BYTES + 1ul, 0, &ids, &n), -E2BIG);
+    assert_int_equal(dsv32_tok_encode(t, "x", DSV32_TOK_MAX_INPUT_BYTES + 1ul, 0, &ids, &n),
+                     -E2BIG);
     char *text = NULL;
     size_t len;
     const int32_t gap[] = {104, 280}, neg[] = {-1}, big[] = {304};
@@ -331,9 +332,10 @@ static void test_errors(void **state)
     assert_int_equal(dsv32_tok_load(dir, &x), DSV32_EUNSUPPORTED);
     dir = write_tiny("metaspace", "{\"type\":\"Metaspace\"}", NULL);
     assert_int_equal(dsv32_tok_load(dir, &x), DSV32_EUNSUPPORTED);
-    dir = write_tiny("badregex", "{\"type\":\"Sequence\",\"pretokenizers\":[{\"type\":\"Split\","
-                                 "\"pattern\":{\"Regex\":\"(\"},\"behavior\":\"Isolated\"},"
-                                 "{\"type\":\"ByteLevel\"}]}",
+    dir = write_tiny("badregex",
+                     "{\"type\":\"Sequence\",\"pretokenizers\":[{\"type\":\"Split\","
+                     "\"pattern\":{\"Regex\":\"(\"},\"behavior\":\"Isolated\"},"
+                     "{\"type\":\"ByteLevel\"}]}",
                      NULL);
     assert_int_equal(dsv32_tok_load(dir, &x), DSV32_EFORMAT);
     assert_ptr_equal(x, (struct dsv32_tok *)0x1);
@@ -361,7 +363,8 @@ static void test_stream_tiny(void **state)
     assert_int_equal(len, 0);
     assert_int_equal(dsv32_tok_stream_push(s, 0x9f, &out, &len), 0);
     assert_int_equal(dsv32_tok_stream_push(s, 'A', &out, &len), 0);
-    assert_string_equal(out, "\xef\xbf\xbd" "A");
+    assert_string_equal(out, "\xef\xbf\xbd"
+                             "A");
     assert_int_equal(dsv32_tok_stream_push(s, 280, &out, &len), DSV32_ETOKEN);
     assert_int_equal(dsv32_tok_stream_push(s, 0xe4, &out, &len), 0);
     assert_int_equal(dsv32_tok_stream_flush(s, &out, &len), 0);
@@ -446,7 +449,8 @@ static void test_real_ids(void **state)
     int32_t *ids;
     size_t n;
     assert_int_equal(dsv32_tok_encode(real, text, strlen(text),
-                                      DSV32_TOK_ADD_BOS | DSV32_TOK_PARSE_SPECIAL, &ids, &n), 0);
+                                      DSV32_TOK_ADD_BOS | DSV32_TOK_PARSE_SPECIAL, &ids, &n),
+                     0);
     assert_int_equal(n, 4);
     assert_int_equal(ids[0], 0);
     assert_int_equal(ids[1], user);
@@ -570,7 +574,10 @@ static void test_real_long_pieces(void **state)
     static const struct {
         const char *unit;
         size_t bytes;
-    } cases[] = {{"a", 1 << 20}, {"ab", 1 << 20}, {" ", 256 << 10}, {"\xe9\xbe\x98", 64 * 3 << 10},
+    } cases[] = {{"a", 1 << 20},
+                 {"ab", 1 << 20},
+                 {" ", 256 << 10},
+                 {"\xe9\xbe\x98", 64 * 3 << 10},
                  {"\xf0\x9f\x98\x80", 64 << 10}};
     for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
         size_t ul = strlen(cases[c].unit), len = cases[c].bytes / ul * ul;
@@ -603,7 +610,8 @@ static int setup(void **state)
         return -1;
     int r = dsv32_tok_load(DSV32_TOKENIZER_DIR, &real);
     if (r < 0) {
-        fprintf(stderr, "FAIL: cannot load DeepSeek's tokenizer from %s (%s): run deploy/setup.sh\n",
+        fprintf(stderr,
+                "FAIL: cannot load DeepSeek's tokenizer from %s (%s): run deploy/setup.sh\n",
                 DSV32_TOKENIZER_DIR, dsv32_strerror(r));
         return -1;
     }
@@ -621,10 +629,10 @@ static int teardown(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_bpe_tiny),        cmocka_unit_test(test_added_tokens),
-        cmocka_unit_test(test_split_behaviors), cmocka_unit_test(test_errors),
-        cmocka_unit_test(test_stream_tiny),     cmocka_unit_test(test_real_ids),
-        cmocka_unit_test(test_real_stream),     cmocka_unit_test(test_real_bpe_paths),
+        cmocka_unit_test(test_bpe_tiny),         cmocka_unit_test(test_added_tokens),
+        cmocka_unit_test(test_split_behaviors),  cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_stream_tiny),      cmocka_unit_test(test_real_ids),
+        cmocka_unit_test(test_real_stream),      cmocka_unit_test(test_real_bpe_paths),
         cmocka_unit_test(test_real_long_pieces),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
