@@ -154,7 +154,10 @@ static int put_invoke(struct render *b, const cJSON *call)
     if (!name)
         return DSV32_EFORMAT;
     if (cJSON_IsString(args)) {
-        args = parsed = cJSON_Parse(args->valuestring);
+        /* the arguments text, read as DeepSeek's encoder reads it (json.loads) */
+        if (dsv32_json_parse_py(args->valuestring, strlen(args->valuestring), &parsed) < 0)
+            parsed = NULL;
+        args = parsed;
     } else if (!args || cJSON_IsNull(args)) {
         args = parsed = cJSON_CreateObject();
         if (!parsed)

@@ -247,25 +247,22 @@ static bool json_space(char c)
     return c == ' ' || c == '\t' || c == '\n' || c == '\r';
 }
 
-int dsv32_json_parse_string(const char *s, size_t n, char **ret_text, size_t *ret_len)
+/* Reads the string literal at s[*pos] (which is '"') into a malloc'd buffer (NUL-terminated,
+ * may hold NUL bytes) and moves *pos past it. */
+static int read_string(const char *s, size_t n, size_t *pos, char **ret_text, size_t *ret_len)
 {
-    size_t i = 0;
-    while (i < n && json_space(s[i]))
-        i++;
-    if (i >= n || s[i] != '"')
+    size_t i = *pos + 1, end = i;
+    while (end < n && s[end] != '"') /* the literal's extent bounds the output size */
+        end += s[end] == '\\' ? 2 : 1;
+    if (end >= n)
         return DSV32_EFORMAT;
-    i++;
-    char *out = malloc(n + 1); /* unescaping never grows the text */
+    char *out = malloc(end - i + 1); /* unescaping never grows the text */
     if (!out)
         return -ENOMEM;
     size_t k = 0;
     int r = DSV32_EFORMAT;
-    for (;;) {
-        if (i >= n)
-            goto fail;
+    while (i < end) {
         unsigned char c = (unsigned char)s[i];
-        if (c == '"')
-            break;
         if (c < 0x20)
             goto fail;
         if (c != '\\') {
@@ -273,8 +270,6 @@ int dsv32_json_parse_string(const char *s, size_t n, char **ret_text, size_t *re
             i++;
             continue;
         }
-        if (i + 1 >= n)
-            goto fail;
         char e = s[i + 1];
         i += 2;
         switch (e) {
@@ -304,7 +299,7 @@ int dsv32_json_parse_string(const char *s, size_t n, char **ret_text, size_t *re
             break;
         case 'u': {
             uint32_t cp, lo;
-            if (i + 4 > n || hex4(s + i, &cp) < 0)
+            if (i + 4 > end || hex4(s + i, &cp) < 0)
                 goto fail;
             i += 4;
             if (cp >= 0xDC00 && cp <= 0xDFFF) {
@@ -312,7 +307,7 @@ int dsv32_json_parse_string(const char *s, size_t n, char **ret_text, size_t *re
                 goto fail;
             }
             if (cp >= 0xD800 && cp <= 0xDBFF) {
-                if (i + 6 > n || s[i] != '\\' || s[i + 1] != 'u' || hex4(s + i + 2, &lo) < 0 ||
+                if (i + 6 > end || s[i] != '\\' || s[i + 1] != 'u' || hex4(s + i + 2, &lo) < 0 ||
                     lo < 0xDC00 || lo > 0xDFFF) {
                     r = DSV32_EUTF8;
                     goto fail;
@@ -327,20 +322,221 @@ int dsv32_json_parse_string(const char *s, size_t n, char **ret_text, size_t *re
             goto fail;
         }
     }
-    i++;
-    while (i < n && json_space(s[i]))
-        i++;
-    if (i != n)
-        goto fail;
     if (!dsv32_utf8_valid(out, k)) {
         r = DSV32_EUTF8;
         goto fail;
     }
     out[k] = 0;
+    *pos = end + 1;
     *ret_text = out;
     *ret_len = k;
     return 0;
 fail:
     free(out);
     return r;
+}
+
+int dsv32_json_parse_string(const char *s, size_t n, char **ret_text, size_t *ret_len)
+{
+    size_t i = 0;
+    while (i < n && json_space(s[i]))
+        i++;
+    if (i >= n || s[i] != '"')
+        return DSV32_EFORMAT;
+    char *text;
+    size_t len;
+    int r = read_string(s, n, &i, &text, &len);
+    if (r < 0)
+        return r;
+    while (i < n && json_space(s[i]))
+        i++;
+    if (i != n) {
+        free(text);
+        return DSV32_EFORMAT;
+    }
+    *ret_text = text;
+    *ret_len = len;
+    return 0;
+}
+
+#define PY_MAX_DEPTH 256
+
+/* A number literal as Python's json.loads + json.dumps gives it back: integers exactly as written
+ * ("-0" is 0), anything with a fraction or exponent as the repr of its double. */
+static cJSON *py_number(const char *s, size_t n, size_t *pos)
+{
+    size_t i = *pos, start = i;
+    bool is_float = false;
+    if (i < n && s[i] == '-')
+        i++;
+    if (i >= n || s[i] < '0' || s[i] > '9' ||
+        (s[i] == '0' && i + 1 < n && s[i + 1] >= '0' && s[i + 1] <= '9'))
+        return NULL;
+    while (i < n && s[i] >= '0' && s[i] <= '9')
+        i++;
+    if (i < n && s[i] == '.') {
+        is_float = true;
+        if (++i >= n || s[i] < '0' || s[i] > '9')
+            return NULL;
+        while (i < n && s[i] >= '0' && s[i] <= '9')
+            i++;
+    }
+    if (i < n && (s[i] == 'e' || s[i] == 'E')) {
+        is_float = true;
+        if (++i < n && (s[i] == '+' || s[i] == '-'))
+            i++;
+        if (i >= n || s[i] < '0' || s[i] > '9')
+            return NULL;
+        while (i < n && s[i] >= '0' && s[i] <= '9')
+            i++;
+    }
+    struct dsv32_buf b = {0};
+    if (is_float) {
+        char tmp[512];
+        if (i - start >= sizeof(tmp))
+            return NULL;
+        memcpy(tmp, s + start, i - start);
+        tmp[i - start] = 0;
+        put_py_float(&b, strtod(tmp, NULL));
+    } else {
+        bool zero = true;
+        for (size_t k = start; k < i; k++)
+            zero &= s[k] == '-' || s[k] == '0';
+        if (zero)
+            dsv32_buf_puts(&b, "0");
+        else
+            dsv32_buf_put(&b, s + start, i - start);
+    }
+    char *text = dsv32_buf_take(&b, NULL);
+    cJSON *v = text ? cJSON_CreateRaw(text) : NULL;
+    free(text);
+    *pos = i;
+    return v;
+}
+
+static bool lit(const char *s, size_t n, size_t *pos, const char *word)
+{
+    size_t k = strlen(word);
+    if (n - *pos < k || memcmp(s + *pos, word, k) != 0)
+        return false;
+    *pos += k;
+    return true;
+}
+
+static int py_value(const char *s, size_t n, size_t *pos, int depth, cJSON **ret)
+{
+    size_t i = *pos;
+    while (i < n && json_space(s[i]))
+        i++;
+    if (i >= n || depth > PY_MAX_DEPTH)
+        return DSV32_EFORMAT;
+    cJSON *v = NULL;
+    int r = 0;
+    char c = s[i];
+    if (c == '"') {
+        char *text;
+        size_t len;
+        if ((r = read_string(s, n, &i, &text, &len)) < 0)
+            return r;
+        if (strlen(text) != len) { /* a NUL cannot live in a cJSON string */
+            free(text);
+            return DSV32_EFORMAT;
+        }
+        v = cJSON_CreateString(text);
+        free(text);
+        if (!v)
+            return -ENOMEM;
+    } else if (c == '{' || c == '[') {
+        bool obj = c == '{';
+        v = obj ? cJSON_CreateObject() : cJSON_CreateArray();
+        if (!v)
+            return -ENOMEM;
+        i++;
+        for (bool first = true;; first = false) {
+            while (i < n && json_space(s[i]))
+                i++;
+            if (i < n && s[i] == (obj ? '}' : ']') && first) {
+                i++;
+                break;
+            }
+            char *key = NULL;
+            size_t klen;
+            if (obj) {
+                r = DSV32_EFORMAT;
+                if (i >= n || s[i] != '"' || (r = read_string(s, n, &i, &key, &klen)) < 0)
+                    goto fail_container;
+                while (i < n && json_space(s[i]))
+                    i++;
+                if (i >= n || s[i] != ':' || strlen(key) != klen) {
+                    free(key);
+                    r = DSV32_EFORMAT;
+                    goto fail_container;
+                }
+                i++;
+            }
+            cJSON *item;
+            if ((r = py_value(s, n, &i, depth + 1, &item)) < 0) {
+                free(key);
+                goto fail_container;
+            }
+            if (!obj) {
+                cJSON_AddItemToArray(v, item);
+            } else if (cJSON_GetObjectItemCaseSensitive(v, key)) {
+                /* Python keeps the last value, at the first key's place */
+                cJSON_ReplaceItemInObjectCaseSensitive(v, key, item);
+            } else {
+                cJSON_AddItemToObject(v, key, item);
+            }
+            free(key);
+            while (i < n && json_space(s[i]))
+                i++;
+            if (i < n && s[i] == ',') {
+                i++;
+                continue;
+            }
+            if (i < n && s[i] == (obj ? '}' : ']')) {
+                i++;
+                break;
+            }
+            r = DSV32_EFORMAT;
+            goto fail_container;
+        }
+    } else if (lit(s, n, &i, "true")) {
+        v = cJSON_CreateTrue();
+    } else if (lit(s, n, &i, "false")) {
+        v = cJSON_CreateFalse();
+    } else if (lit(s, n, &i, "null")) {
+        v = cJSON_CreateNull();
+    } else {
+        v = py_number(s, n, &i);
+        if (!v)
+            return DSV32_EFORMAT;
+    }
+    if (!v)
+        return -ENOMEM;
+    *pos = i;
+    *ret = v;
+    return 0;
+fail_container:
+    cJSON_Delete(v);
+    return r;
+}
+
+int dsv32_json_parse_py(const char *s, size_t n, cJSON **ret)
+{
+    if (!dsv32_utf8_valid(s, n))
+        return DSV32_EUTF8;
+    size_t i = 0;
+    cJSON *v;
+    int r = py_value(s, n, &i, 0, &v);
+    if (r < 0)
+        return r;
+    while (i < n && json_space(s[i]))
+        i++;
+    if (i != n) {
+        cJSON_Delete(v);
+        return DSV32_EFORMAT;
+    }
+    *ret = v;
+    return 0;
 }

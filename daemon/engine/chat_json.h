@@ -28,9 +28,9 @@ void dsv32_buf_done(struct dsv32_buf *b);
  * characters as \u00XX, everything else (UTF-8) as is; Python's ensure_ascii=False output. */
 void dsv32_json_put_string(struct dsv32_buf *b, const char *s, size_t n);
 
-/* Writes v as Python's json.dumps(v, ensure_ascii=False) would. cJSON keeps no number literal, so
- * an integral number within +-2^63 is written as an integer ("10", not "10.0") and any other as
- * Python's repr of the double. */
+/* Writes v as Python's json.dumps(v, ensure_ascii=False) would. A cJSON number keeps no literal, so
+ * an integral one within +-2^63 is written as an integer ("10", not "10.0") and any other as
+ * Python's repr of the double; trees from dsv32_json_parse_py carry the exact text instead. */
 void dsv32_json_dump_py(struct dsv32_buf *b, const cJSON *v);
 
 /* Parses the JSON string literal at s[0..n) (optional white space around it, nothing else):
@@ -38,5 +38,12 @@ void dsv32_json_dump_py(struct dsv32_buf *b, const cJSON *v);
  * Errors: DSV32_EFORMAT (not a string literal), DSV32_EUTF8 (invalid UTF-8 or a lone surrogate
  * escape), -ENOMEM. */
 int dsv32_json_parse_string(const char *s, size_t n, char **ret_text, size_t *ret_len);
+
+/* Parses JSON text the way Python's json.loads reads it, for json.dumps to write it back: key order
+ * kept, a repeated key keeps its first place and its last value, and every number becomes a
+ * cJSON_Raw node holding Python's rendering of it ("10", "1.0", "1e-05"), which
+ * dsv32_json_dump_py writes as is. Errors: DSV32_EFORMAT (not JSON, nesting deeper than 256, a
+ * NUL character in a string), DSV32_EUTF8, -ENOMEM. */
+int dsv32_json_parse_py(const char *s, size_t n, cJSON **ret);
 
 #endif

@@ -195,7 +195,7 @@ static void test_python_json(void **state)
                               "[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}]}]");
     cJSON *fn = cJSON_GetObjectItemCaseSensitive(msgs->child->child->next->next->child, "function");
     cJSON_AddStringToObject(fn, "arguments",
-                            "{\"n\": 10, \"x\": [1, 2.5], \"o\": {\"k\": \"v\"}, "
+                            "{\"n\": 10, \"x\": [1, 2.50, 1.0], \"o\": {\"k\": \"v\"}, "
                             "\"b\": true, \"s\": \"a \\\"q\\\"\"}");
     char *p;
     size_t pn;
@@ -206,12 +206,44 @@ static void test_python_json(void **state)
     assert_string_equal(
         p, "\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name=\"f\">\n"
            "<｜DSML｜parameter name=\"n\" string=\"false\">10</｜DSML｜parameter>\n"
-           "<｜DSML｜parameter name=\"x\" string=\"false\">[1, 2.5]</｜DSML｜parameter>\n"
+           "<｜DSML｜parameter name=\"x\" string=\"false\">[1, 2.5, 1.0]</｜DSML｜parameter>\n"
            "<｜DSML｜parameter name=\"o\" string=\"false\">{\"k\": \"v\"}</｜DSML｜parameter>\n"
            "<｜DSML｜parameter name=\"b\" string=\"false\">true</｜DSML｜parameter>\n"
            "<｜DSML｜parameter name=\"s\" string=\"true\">a \"q\"</｜DSML｜parameter>\n"
            "</｜DSML｜invoke>\n</｜DSML｜function_calls><｜end▁of▁sentence｜>");
     free(p);
+
+    /* literal-preserving parse: Python's json.loads + json.dumps */
+    static const char *const py[][2] = {
+        {"{\"a\": 1.0, \"b\": -0, \"c\": 1E5, \"d\": 12345678901234567890123, \"e\": 1e400}",
+         "{\"a\": 1.0, \"b\": 0, \"c\": 100000.0, \"d\": 12345678901234567890123, "
+         "\"e\": Infinity}"},
+        {" {\"k\":1,\"j\":[ ],\"k\" : 2} ", "{\"k\": 2, \"j\": []}"},
+        {"[\"\\u00e9\\n\", {\"x\": {\"y\": [true, false, null, -1.5e-7]}}]",
+         "[\"é\\n\", {\"x\": {\"y\": [true, false, null, -1.5e-07]}}]"},
+    };
+    for (size_t i = 0; i < sizeof(py) / sizeof(py[0]); i++) {
+        cJSON *v;
+        assert_int_equal(dsv32_json_parse_py(py[i][0], strlen(py[i][0]), &v), 0);
+        struct dsv32_buf b = {0};
+        dsv32_json_dump_py(&b, v);
+        char *out = dsv32_buf_take(&b, NULL);
+        assert_string_equal(out, py[i][1]);
+        free(out);
+        cJSON_Delete(v);
+    }
+    static const char *const not_json[] = {"{oops", "[1,]",       "{\"a\" 1}",   "01",
+                                           "1.",    "-",          "\"\\u0000\"", "[1] x",
+                                           "",      "{\"a\":1,}", "tru",         "\"\\x\""};
+    for (size_t i = 0; i < sizeof(not_json) / sizeof(not_json[0]); i++) {
+        cJSON *v = (cJSON *)0x1;
+        assert_int_equal(dsv32_json_parse_py(not_json[i], strlen(not_json[i]), &v), DSV32_EFORMAT);
+        assert_ptr_equal(v, (cJSON *)0x1);
+    }
+    char deep[2000];
+    memset(deep, '[', sizeof(deep));
+    cJSON *dv;
+    assert_int_equal(dsv32_json_parse_py(deep, sizeof(deep), &dv), DSV32_EFORMAT);
 
     char *s;
     size_t n;
