@@ -13,6 +13,7 @@
 #include "error.h"
 #include "log.h"
 #include "notify.h"
+#include "ops.h"
 #include "registry.h"
 #include "rpc.h"
 #include "safetensors.h"
@@ -49,6 +50,7 @@ struct attn {
     struct dsv32_notify_watchdog *watchdog;
     struct dsv32_etcd *etcd;
     struct dsv32_registry *reg;
+    struct dsv32_ops_drain_watch *drain; /* the operator's drain request (ops.h) */
     char address[DSV32_NODE_ADDR_MAX];
     int port;
     int context;
@@ -368,6 +370,17 @@ static void ep_idle(void *ctx)
     }
 }
 
+/* Steps run only with a communicator: between epochs one would fail at its first MoE layer
+ * after computing the layers before it. */
+static int ep_gate(void *ctx)
+{
+    struct attn *a = ctx;
+    pthread_mutex_lock(&a->ep_lock);
+    int ok = a->comm != NULL && a->client != NULL;
+    pthread_mutex_unlock(&a->ep_lock);
+    return ok;
+}
+
 static void on_epoch(void *arg, const struct dsv32_group_epoch *e)
 {
     struct attn *a = arg;
@@ -453,7 +466,7 @@ static void *ep_main(void *arg)
         pthread_mutex_lock(&a->ep_lock);
         if (r == 0 && !a->pending) {
             if (a->client)
-                r = dsv32_ep_client_rebind(a->client, c, &e->placement);
+                r = dsv32_ep_client_rebind(a->client, c, e->n_attn, &e->placement);
             else
                 r = dsv32_ep_client_new(c, e->n_attn, &e->placement, a->engine->cfg, a->engine->be,
                                         DSV32_EP_WIRE_F32, a->cfg.ep_timeout_ms, &a->client);
@@ -463,6 +476,9 @@ static void *ep_main(void *arg)
                 c = NULL;
                 log_info("epoch %llu: attention rank %d of %d, %d expert shards",
                          (unsigned long long)e->epoch, rank, e->n_attn, e->n_shards);
+            } else {
+                log_error("epoch %llu: EP client: %s", (unsigned long long)e->epoch,
+                          dsv32_strerror(r));
             }
         } else if (rank < 0) {
             log_info("epoch %llu: not a member", (unsigned long long)e->epoch);
@@ -498,6 +514,7 @@ static int ep_start(struct attn *a)
     struct dsv32_step_hooks h = {.ctx = a, .moe_routed = ep_moe};
     dsv32_sched_set_hooks(a->sched, &h);
     dsv32_sched_set_idle(a->sched, ep_idle, a);
+    dsv32_sched_set_gate(a->sched, ep_gate, a);
     return 0;
 }
 
@@ -532,6 +549,18 @@ static void ep_free(struct attn *a)
     pthread_cond_destroy(&a->ep_wake);
 }
 
+/* ---- operator drain (Admin.Drain, dsv32ctl drain; ops.h) ---- */
+
+/* On the drain watch's thread: take no new requests (run_handler refuses them, the router places
+ * only READY daemons), let the running ones finish; the daemon stays up, idle, until stopped. */
+static void on_drain(void *arg)
+{
+    struct attn *a = arg;
+    a->draining = 1;
+    dsv32_registry_set_state(a->reg, DSV32_NODE_DRAINING);
+    dsv32_rpc_health_set(a->health, "", DSV32_RPC_HEALTH_NOT_SERVING);
+}
+
 /* ---- life cycle ---- */
 
 static void load_progress(void *ctx, int64_t done, int64_t total)
@@ -551,6 +580,7 @@ void attn_free(struct attn *a)
     if (!a)
         return;
     dsv32_notify_watchdog_stop(a->watchdog);
+    dsv32_ops_drain_watch_free(a->drain); /* before the registry and health it touches */
     ep_stop(a);
     dsv32_registry_free(a->reg); /* deregisters: the router stops placing here at once */
     /* the server first: no handler runs after this; then the scheduler finishes what is left */
@@ -577,6 +607,7 @@ int attn_new(const struct attn_config *cfg, struct attn **ret)
     a->cfg = *cfg;
     pthread_mutex_init(&a->lock, NULL);
     dsv32_notify_status("loading %s", cfg->model_dir);
+    dsv32_backend_cpu_set_threads(cfg->cpu_threads > 0 ? cfg->cpu_threads : 1);
     if (cfg->ep_group && !cfg->etcd) {
         log_error("--ep-group needs --etcd (the group's epochs live there)");
         r = -EINVAL;
@@ -683,6 +714,10 @@ int attn_run(struct attn *a, volatile int *stop)
     if (a->reg) {
         publish_load(a);
         dsv32_registry_set_state(a->reg, DSV32_NODE_READY);
+        /* after READY, so a drain that comes at once is not overwritten by it */
+        if (dsv32_ops_drain_watch_new(a->etcd, a->cfg.cluster, "attn", a->cfg.id, on_drain, a,
+                                      &a->drain) < 0)
+            log_warn("no drain watch: Admin.Drain will not reach this daemon");
         /* READY=1 once the router can find us (or after 5 s without etcd: we serve anyway) */
         dsv32_registry_flush(a->reg, 5000);
     }

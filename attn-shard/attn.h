@@ -15,6 +15,7 @@ struct attn_config {
     const char *role;          /* "both", "prefill", "decode" */
     const char *backend;       /* "cpu", "cuda" */
     int gpu;
+    int cpu_threads;           /* cpu backend matrix threads (default 1) */
     int max_seqs, max_batch_tokens, max_seq_len, kv_blocks, max_queue;
     const char *port_file;     /* the bound port is written here once serving */
     /* cluster membership */

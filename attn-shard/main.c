@@ -26,7 +26,8 @@ static void usage(FILE *f)
             "                  [--max-seq-len N] [--kv-blocks N] [--max-queue N] [--tokenizer DIR]\n"
             "                  [--port-file PATH] [--etcd HOST:PORT --cluster NAME [--lease-ttl S]\n"
             "                  [--advertise HOST:PORT] [--ep-group G [--comm-host HOST]\n"
-            "                  [--ep-timeout-ms N]]] [--log-level error|warn|info|debug]\n");
+            "                  [--ep-timeout-ms N]]] [--cpu-threads N]\n"
+            "                  [--log-level error|warn|info|debug]\n");
 }
 
 int main(int argc, char **argv)
@@ -45,7 +46,7 @@ int main(int argc, char **argv)
         {"cluster", required_argument, 0, 9},        {"lease-ttl", required_argument, 0, 10},
         {"advertise", required_argument, 0, 11},     {"log-level", required_argument, 0, 12},
         {"ep-group", required_argument, 0, 13},      {"comm-host", required_argument, 0, 14},
-        {"ep-timeout-ms", required_argument, 0, 15},
+        {"ep-timeout-ms", required_argument, 0, 15}, {"cpu-threads", required_argument, 0, 16},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     int c;
     dsv32_log_set_ident("dsv32-attn");
@@ -80,6 +81,7 @@ int main(int argc, char **argv)
         case 13: cfg.ep_group = optarg; break;
         case 14: cfg.comm_host = optarg; break;
         case 15: cfg.ep_timeout_ms = atoi(optarg); break;
+        case 16: cfg.cpu_threads = atoi(optarg); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }

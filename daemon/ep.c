@@ -332,10 +332,12 @@ int dsv32_ep_client_new(struct dsv32_comm *comm, int n_attn, const struct dsv32_
     return 0;
 }
 
-int dsv32_ep_client_rebind(struct dsv32_ep_client *c, struct dsv32_comm *comm,
+int dsv32_ep_client_rebind(struct dsv32_ep_client *c, struct dsv32_comm *comm, int n_attn,
                            const struct dsv32_placement *pl)
 {
-    if (pl && pl->n_shards != comm->world - c->n_attn)
+    if (n_attn < 1 || comm->rank >= n_attn || comm->world <= n_attn ||
+        (pl && pl->n_shards != comm->world - n_attn) ||
+        (!pl && c->pl.n_shards != comm->world - n_attn))
         return -EINVAL;
     if (pl) {
         int r = copy_placement(&c->pl, pl);
@@ -343,7 +345,8 @@ int dsv32_ep_client_rebind(struct dsv32_ep_client *c, struct dsv32_comm *comm,
             return r;
     }
     c->comm = comm;
-    c->n_shards = comm->world - c->n_attn;
+    c->n_attn = n_attn;
+    c->n_shards = comm->world - n_attn;
     free(c->out);
     c->out = calloc((size_t)c->n_shards, sizeof(*c->out));
     c->pos = 0;

@@ -57,8 +57,9 @@ int dsv32_ep_client_new(struct dsv32_comm *comm, int n_attn, const struct dsv32_
                         const struct dsv32_config *cfg, struct dsv32_backend *be,
                         enum dsv32_ep_wire wire, int timeout_ms, struct dsv32_ep_client **ret);
 void dsv32_ep_client_free(struct dsv32_ep_client *c);
-/* Replaces the communicator (a new epoch); the placement may change too (NULL keeps it). */
-int dsv32_ep_client_rebind(struct dsv32_ep_client *c, struct dsv32_comm *comm,
+/* Replaces the communicator (a new epoch, with n_attn attention ranks); the placement may change
+ * too (NULL keeps it). */
+int dsv32_ep_client_rebind(struct dsv32_ep_client *c, struct dsv32_comm *comm, int n_attn,
                            const struct dsv32_placement *pl);
 /* The engine hook (struct dsv32_step_hooks.moe_routed) with ctx = the client. */
 int dsv32_ep_moe_routed(void *ctx, int layer, float *y, const float *x, int rows,

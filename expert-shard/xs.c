@@ -9,6 +9,7 @@
 #include "group.h"
 #include "log.h"
 #include "notify.h"
+#include "ops.h"
 #include "registry.h"
 #include "rpc.h"
 #include "safetensors.h"
@@ -17,6 +18,7 @@
 #include <getopt.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,7 +27,7 @@
 struct xs_config {
     const char *model_dir, *id, *listen, *etcd, *cluster, *group, *comm_host, *backend;
     const char *port_file;
-    int gpu, lease_ttl_s, timeout_ms;
+    int gpu, lease_ttl_s, timeout_ms, cpu_threads;
 };
 
 struct xs {
@@ -47,6 +49,10 @@ struct xs {
     struct dsv32_comm *comm;
     struct dsv32_ep_server *srv;
     int64_t joined_lease;
+    /* operator drain (ops.h): the shard leaves its group, the next epoch goes on without it */
+    struct dsv32_ops_drain_watch *drain;
+    atomic_int draining;
+    int withdrawn;
     uint64_t steps;
 };
 
@@ -196,6 +202,30 @@ keep:
     return 0;
 }
 
+/* ---- operator drain (Admin.Drain, dsv32ctl drain; ops.h) ---- */
+
+/* On the drain watch's thread: DRAINING in the registry; xs_loop withdraws the candidacy. */
+static void on_drain(void *arg)
+{
+    struct xs *x = arg;
+    atomic_store(&x->draining, 1);
+    dsv32_registry_set_state(x->reg, DSV32_NODE_DRAINING);
+}
+
+/* Deletes this shard's candidate key: the leader publishes an epoch without it; the step in
+ * progress ends with the old epoch and the attention daemons re-run it on the new one (ep.h). */
+static int xs_withdraw(struct xs *x)
+{
+    char rest[160], key[512];
+    snprintf(rest, sizeof(rest), "candidates/expert/%s", x->cfg.id);
+    int r = dsv32_group_key(x->cfg.cluster, x->cfg.group, rest, key, sizeof(key));
+    if (r == 0)
+        r = dsv32_etcd_delete(x->etcd, key, 0, NULL);
+    if (r == 0)
+        log_info("drained: left EP group %s", x->cfg.group);
+    return r;
+}
+
 static int xs_start(struct xs *x)
 {
     int r;
@@ -206,6 +236,7 @@ static int xs_start(struct xs *x)
     }
     struct dsv32_kv_geom geom;
     dsv32_kv_geom_init(&geom, &x->mcfg, 0);
+    dsv32_backend_cpu_set_threads(x->cfg.cpu_threads > 0 ? x->cfg.cpu_threads : 1);
     if ((r = dsv32_backend_new(x->cfg.backend, &x->mcfg, &geom, &x->be)) < 0) {
         log_error("backend %s: %s", x->cfg.backend, dsv32_strerror(r));
         return r;
@@ -233,6 +264,9 @@ static int xs_start(struct xs *x)
         (r = dsv32_group_follow(x->etcd, x->cfg.cluster, x->cfg.group, on_epoch, x, &x->follower)) < 0)
         return r;
     dsv32_registry_set_state(x->reg, DSV32_NODE_READY);
+    if ((r = dsv32_ops_drain_watch_new(x->etcd, x->cfg.cluster, "expert", x->cfg.id, on_drain, x,
+                                       &x->drain)) < 0)
+        return r;
     if (x->cfg.port_file) {
         FILE *f = fopen(x->cfg.port_file, "w");
         if (!f || fprintf(f, "%d\n", gport) < 0 || fclose(f) != 0)
@@ -245,6 +279,7 @@ static int xs_start(struct xs *x)
 
 static void xs_stop(struct xs *x)
 {
+    dsv32_ops_drain_watch_free(x->drain);
     dsv32_group_follower_free(x->follower);
     drop_epoch(x);
     dsv32_registry_free(x->reg);
@@ -272,8 +307,10 @@ static void xs_loop(struct xs *x)
     dsv32_notify_ready();
     while (!stop_flag) {
         /* (re)join on the registry's lease: a new lease after an etcd outage needs a new key */
+        if (atomic_load(&x->draining) && !x->withdrawn)
+            x->withdrawn = xs_withdraw(x) == 0;
         int64_t lease = dsv32_registry_lease(x->reg);
-        if (lease && lease != x->joined_lease) {
+        if (lease && lease != x->joined_lease && !atomic_load(&x->draining)) {
             struct dsv32_group_member me = {.kind = "expert", .gpu = x->cfg.gpu};
             snprintf(me.id, sizeof(me.id), "%s", x->cfg.id);
             snprintf(me.comm, sizeof(me.comm), "%s", x->comm_addr);
@@ -308,7 +345,8 @@ static void usage(FILE *f)
     fprintf(f, "usage: dsv32-expert --model DIR --etcd HOST:PORT [--cluster NAME] [--group G]\n"
                "                    [--id ID] [--listen HOST:PORT] [--comm-host HOST]\n"
                "                    [--backend cpu|cuda] [--gpu N] [--timeout-ms N]\n"
-               "                    [--lease-ttl S] [--port-file PATH] [--log-level LEVEL]\n");
+               "                    [--lease-ttl S] [--port-file PATH] [--cpu-threads N]\n"
+               "                    [--log-level LEVEL]\n");
 }
 
 int main(int argc, char **argv)
@@ -323,7 +361,8 @@ int main(int argc, char **argv)
         {"comm-host", required_argument, 0, 1},  {"backend", required_argument, 0, 'b'},
         {"gpu", required_argument, 0, 'g'},      {"timeout-ms", required_argument, 0, 2},
         {"lease-ttl", required_argument, 0, 3},  {"port-file", required_argument, 0, 4},
-        {"log-level", required_argument, 0, 5},  {"help", no_argument, 0, 'h'},
+        {"log-level", required_argument, 0, 5},  {"cpu-threads", required_argument, 0, 6},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int c;
     dsv32_log_set_ident("dsv32-expert");
@@ -350,6 +389,7 @@ int main(int argc, char **argv)
             dsv32_log_set_level(l);
             break;
         }
+        case 6: x.cfg.cpu_threads = atoi(optarg); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }

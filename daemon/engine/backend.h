@@ -144,6 +144,9 @@ struct dsv32_backend {
 
 int dsv32_backend_cpu_new(const struct dsv32_config *cfg, const struct dsv32_kv_geom *geom,
                           struct dsv32_backend **ret);
+/* Threads the cpu backend's matrix products use (OpenBLAS; process-wide). Daemons sharing a
+ * machine set 1: OpenBLAS's idle threads spin, and several processes spinning starve the rest. */
+void dsv32_backend_cpu_set_threads(int n);
 #ifdef DSV32_HAVE_CUDA
 int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const struct dsv32_kv_geom *geom,
                            int device, struct dsv32_backend **ret);

@@ -33,6 +33,8 @@ struct dsv32_sched {
     int have_hooks;
     void (*idle_fn)(void *ctx);
     void *idle_ctx;
+    int (*gate_fn)(void *ctx);
+    void *gate_ctx;
     pthread_mutex_t lock;
     pthread_cond_t wake;
     pthread_t thread;
@@ -118,6 +120,12 @@ void dsv32_sched_set_idle(struct dsv32_sched *s, void (*fn)(void *ctx), void *ct
 {
     s->idle_fn = fn;
     s->idle_ctx = ctx;
+}
+
+void dsv32_sched_set_gate(struct dsv32_sched *s, int (*fn)(void *ctx), void *ctx)
+{
+    s->gate_fn = fn;
+    s->gate_ctx = ctx;
 }
 
 void dsv32_sched_set_hooks(struct dsv32_sched *s, const struct dsv32_step_hooks *h)
@@ -412,6 +420,15 @@ static void *sched_thread(void *arg)
             return NULL;
         }
         pthread_mutex_unlock(&s->lock);
+        if (s->gate_fn && !s->gate_fn(s->gate_ctx)) {
+            if (s->idle_fn) {
+                s->idle_fn(s->idle_ctx);
+            } else {
+                struct timespec ts = {0, 10 * 1000 * 1000};
+                nanosleep(&ts, NULL);
+            }
+            continue;
+        }
         int r = dsv32_sched_step(s);
         if (r < 0) {
             /* a failed step (peer died, cache full): back off briefly, then run it again */

@@ -82,6 +82,9 @@ int dsv32_sched_cancel(struct dsv32_sched *s, uint64_t id);
 /* What the scheduler's thread does when it has no work (expert parallelism: take part in the
  * group's step with zero rows). NULL: wait for work. Set before starting. */
 void dsv32_sched_set_idle(struct dsv32_sched *s, void (*fn)(void *ctx), void *ctx);
+/* When set and it returns false, no step is tried (the step could not succeed: an EP group
+ * between epochs) and the thread does what it does when idle. Set before starting. */
+void dsv32_sched_set_gate(struct dsv32_sched *s, int (*fn)(void *ctx), void *ctx);
 
 /* Runs the steps on a thread of its own until dsv32_sched_free. */
 int dsv32_sched_start(struct dsv32_sched *s);

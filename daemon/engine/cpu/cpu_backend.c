@@ -822,6 +822,12 @@ static const struct dsv32_backend_ops cpu_ops = {
     .gather_rows = cpu_gather_rows,
 };
 
+void dsv32_backend_cpu_set_threads(int n)
+{
+    if (n > 0)
+        openblas_set_num_threads(n);
+}
+
 int dsv32_backend_cpu_new(const struct dsv32_config *cfg, const struct dsv32_kv_geom *geom,
                           struct dsv32_backend **ret)
 {
