@@ -67,8 +67,10 @@ run)
         replay)
             for m in tiny-bf16 tiny-fp8; do
                 run "replay $m" "$out/ops.log" 150 "$bin/test_cuda_ops" --only forward --model tests/golden/$m
+                run "drift $m" "$out/ops.log" 150 "$bin/test_cuda_ops" --only drift --model tests/golden/$m \
+                    --golden tests/golden/$m/golden.safetensors
             done
-            grep -E "FAIL|ops failed|====" "$out/ops.log" | tail -n 60
+            awk '/==== (replay|drift)/,0' "$out/ops.log" | grep -vE "^[0-9]{2}:" | tail -n 80
             ;;
         ncu)
             ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
@@ -83,6 +85,11 @@ run)
             for m in tiny-bf16 tiny-fp8; do
                 DSV32_CUDA_MATH=exact run "golden exact $m" "$out/golden.log" 150 "$bin/dsv32-run" --model tests/golden/$m \
                     --golden tests/golden/$m/golden.safetensors --backend cuda --schedule all --quiet
+            done
+            for rel in 1e-5 1e-4; do
+                DSV32_CUDA_MATH=exact run "golden exact tiny-fp8, tie window $rel" "$out/golden.log" 200 "$bin/dsv32-run" \
+                    --model tests/golden/tiny-fp8 --golden tests/golden/tiny-fp8/golden.safetensors --backend cuda \
+                    --schedule all --quiet --tie-rel $rel
             done
             for m in tiny-bf16 tiny-fp8; do
                 DSV32_CUDA_MATH=fast run "golden fast $m" "$out/golden.log" 100 "$bin/dsv32-run" --model tests/golden/$m \

@@ -21,7 +21,8 @@ static void usage(FILE *f)
             "usage: dsv32-run --model DIR --golden FILE [--schedule sequential|batched|staggered|all]\n"
             "       dsv32-run --model DIR --prompt-ids ID,ID,... [--max-tokens N]\n"
             "options: --backend cpu|cuda  --kv-layout production|reference  --quiet  --tol X\n"
-            "         --no-tie-search (do not resolve FP8 rounding ties, see tests/golden/README.md)\n");
+            "         --no-tie-search (do not resolve FP8 rounding ties, see tests/golden/README.md)\n"
+            "         --tie-rel X (how close to a rounding midpoint counts as a tie; default 1e-6)\n");
 }
 
 static int parse_ids(const char *s, int32_t *ids, int cap, int vocab)
@@ -98,11 +99,12 @@ int main(int argc, char **argv)
         {"kv-rope-f32", no_argument, 0, 'f'},     {"quiet", no_argument, 0, 'q'},
         {"tol", required_argument, 0, 't'},       {"help", no_argument, 0, 'h'},
         {"kv-layout", required_argument, 0, 'k'}, {"no-tie-search", no_argument, 0, 'T'},
+        {"tie-rel", required_argument, 0, 'r'},
         {0, 0, 0, 0},
     };
     const char *model = NULL, *golden = NULL, *ids = NULL, *backend = "cpu", *schedule = "sequential";
     int max_tokens = 16, rope_f32 = -1, quiet = 0, resolve_ties = 1, c;
-    double tol = 5e-3;
+    double tol = 5e-3, tie_rel = 0;
     dsv32_log_set_ident("dsv32-run");
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (c) {
@@ -126,6 +128,7 @@ int main(int argc, char **argv)
             break;
         case 'q': quiet = 1; break;
         case 't': tol = atof(optarg); break;
+        case 'r': tie_rel = atof(optarg); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -194,7 +197,7 @@ int main(int argc, char **argv)
             for (int s = sched_first; s <= sched_last; s++) {
                 struct golden_opts go = {.tol = tol, .gap = 0.02, .schedule = (enum golden_schedule)s,
                                          .verbose = !quiet, .out = stdout,
-                                         .resolve_ties = resolve_ties};
+                                         .resolve_ties = resolve_ties, .tie_rel = tie_rel};
                 struct golden_result res;
                 printf("== %s: %d cases, schedule %s, backend %s, KV layout %s (rope %s)\n",
                        golden, g->n_cases, scheds[s], e->be->ops->name,

@@ -3,7 +3,11 @@
 # answers 77 without a GPU, which the golden wrappers pass on as a skip.
 if(DSV32_HAVE_CUDA)
     dsv32_add_test(NAME test_cuda_ops SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_ops.c
-                   LIBS dsv32_engine LABELS gpu TIMEOUT 1200)
+                   LIBS dsv32_golden LABELS gpu TIMEOUT 1200
+                   ARGS --model ${PROJECT_SOURCE_DIR}/tests/golden/tiny-fp8)
+    add_test(NAME test_cuda_replay_bf16
+             COMMAND test_cuda_ops --only forward --model ${PROJECT_SOURCE_DIR}/tests/golden/tiny-bf16)
+    set_tests_properties(test_cuda_replay_bf16 PROPERTIES LABELS gpu TIMEOUT 300 SKIP_RETURN_CODE 77)
     foreach(model tiny-bf16 tiny-fp8)
         set(_dir ${PROJECT_SOURCE_DIR}/tests/golden/${model})
         add_test(NAME golden_cuda_${model}

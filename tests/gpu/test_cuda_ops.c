@@ -9,11 +9,13 @@
  * that row, and counted. Indexer selections are checked against scores recomputed in double:
  * a position may differ from the cpu's choice only when its score is within a tolerance of the
  * k-th score.
- * With --model DIR (a tiny golden model), the forward's ops also run op by op on its weights.
+ * With --model DIR (a tiny golden model), the forward's ops also run op by op on its weights; with
+ * --golden FILE too, the whole forward's drift from DeepSeek's reference is printed per layer.
  *   test_cuda_ops [--seed N] [--only NAME] [--model DIR]     exit 77 when no GPU is present
  *   test_cuda_ops --probe                      exit 0 with a GPU, 77 without (ctest wrappers) */
 #include "backend.h"
 #include "engine.h"
+#include "golden.h"
 #include "cuda/cuda_backend.h"
 #include "dtype.h"
 #include "error.h"
@@ -1317,7 +1319,21 @@ static void test_moe_experts(void)
 struct rep {
     struct pair *p;
     int fails;
+    int n_ops;
+    const char *op[64];
+    double worst[64];
 };
+
+static void rep_note(struct rep *R, const char *what, double e)
+{
+    int i = 0;
+    while (i < R->n_ops && strcmp(R->op[i], what))
+        i++;
+    if (i == R->n_ops && R->n_ops < 64)
+        R->op[R->n_ops++] = what;
+    if (i < 64 && (e > R->worst[i] || isnan(e)))
+        R->worst[i] = e;
+}
 
 static void rep_f32(struct rep *R, const char *what, int l, const float *c, float *g, int rows, int cols, int ld,
                     double tol)
@@ -1331,6 +1347,7 @@ static void rep_f32(struct rep *R, const char *what, int l, const float *c, floa
     }
     int worst = 0;
     double e = rel_rows(a, b, rows, cols, &worst);
+    rep_note(R, what, e);
     if (e > tol || isnan(e)) {
         printf("  layer %d %-22s rel err %.3e at row %d (tol %.0e) FAIL\n", l, what, e, worst, tol);
         R->fails++;
@@ -1349,6 +1366,7 @@ static void rep_bytes(struct rep *R, const char *what, int l, const void *c, voi
     for (size_t i = 0; i < n; i++)
         if (h[i] != ((const uint8_t *)c)[i] && !d++)
             first = i;
+    rep_note(R, what, (double)d);
     if (d) {
         printf("  layer %d %-22s %zu of %zu bytes differ (first at %zu) FAIL\n", l, what, d, n, first);
         R->fails++;
@@ -1598,6 +1616,9 @@ static void test_replay(const char *dir)
         }
         tmeta_done(&tm, &p);
     }
+    printf("  worst over layers and steps (relative L2 per row; bytes: count differing):\n");
+    for (int i = 0; i < R.n_ops; i++)
+        printf("    %-22s %.2e\n", R.op[i], R.worst[i]);
     printf("  %d ops failed over %d layers and 2 steps %s\n", R.fails, NL, R.fails ? "FAIL" : "ok");
     CHECK(R.fails == 0, "replay on %s", dir);
     void *hb[] = {x_c, xn_c, qr_c, q_c, kva_c, kvn_c, qlat_c, olat_c, ov_c, o_c, iq_c, ik_c, iw_c, iq8_c, ik8_c,
@@ -1624,10 +1645,93 @@ static void test_replay(const char *dir)
     dsv32_model_free(m);
 }
 
+/* ---- whole-forward drift against DeepSeek's reference ---- */
+
+struct drift_ctx {
+    const struct golden_case *k;
+    double worst[64];
+    float *keep[64]; /* (layers) this engine's hidden states of the prompt */
+    int dim;
+};
+
+static void drift_hidden(void *vctx, int layer, const float *x, int rows, int dim)
+{
+    struct drift_ctx *d = vctx;
+    if (layer >= 64 || !d->k->hidden || !d->k->hidden[layer] || rows != d->k->prompt_len)
+        return;
+    for (int t = 0; t < rows; t++) {
+        double e = rel_l2(x + (size_t)t * dim, d->k->hidden[layer] + (size_t)t * dim, (size_t)dim);
+        if (e > d->worst[layer])
+            d->worst[layer] = e;
+    }
+    free(d->keep[layer]);
+    d->keep[layer] = malloc(sizeof(float) * (size_t)rows * dim);
+    memcpy(d->keep[layer], x, sizeof(float) * (size_t)rows * dim);
+    d->dim = dim;
+}
+
+/* The prompts of the golden cases through the whole forward on both backends (no tie search):
+ * how far each drifts from the reference's hidden states, layer by layer, and from each other. */
+static void test_drift(const char *dir, const char *golden)
+{
+    char title[300];
+    snprintf(title, sizeof(title), "forward drift on %s: prefill hidden states vs the reference", dir);
+    if (!want(title))
+        return;
+    struct dsv32_model *mc, *mg;
+    if (dsv32_model_load(dir, NULL, &mc) < 0 || dsv32_model_load(dir, NULL, &mg) < 0) {
+        CHECK(0, "cannot load %s", dir);
+        return;
+    }
+    struct golden_set *g;
+    if (golden_open(golden, mc->cfg.num_hidden_layers, mc->cfg.vocab_size, mc->cfg.hidden_size, &g) < 0) {
+        CHECK(0, "cannot open %s", golden);
+        return;
+    }
+    setenv("DSV32_CUDA_MATH", "exact", 1);
+    struct dsv32_engine *ec, *eg;
+    struct dsv32_engine_opts oc = {.backend = "cpu", .kv_rope_f32 = 1, .max_seq_len = 512, .max_seqs = 4,
+                                   .max_batch_tokens = 512};
+    struct dsv32_engine_opts og = oc;
+    og.backend = "cuda";
+    TRY(dsv32_engine_new(mc, &oc, &ec));
+    TRY(dsv32_engine_new(mg, &og, &eg));
+    const int NL = mc->cfg.num_hidden_layers;
+    for (int ci = 0; ci < g->n_cases; ci++) {
+        const struct golden_case *k = &g->cases[ci];
+        struct drift_ctx dc = {.k = k}, dg = {.k = k};
+        struct dsv32_step_hooks hc = {.ctx = &dc, .hidden = drift_hidden}, hg = {.ctx = &dg, .hidden = drift_hidden};
+        int sc = dsv32_kv_seq_new(ec->kv), sg = dsv32_kv_seq_new(eg->kv);
+        struct dsv32_seq_input inc = {.seq = sc, .n_tokens = k->prompt_len, .tokens = k->prompt, .logits = DSV32_LOGITS_NONE};
+        struct dsv32_seq_input ing = inc;
+        ing.seq = sg;
+        TRY(dsv32_engine_step(ec, &inc, 1, NULL, &hc));
+        TRY(dsv32_engine_step(eg, &ing, 1, NULL, &hg));
+        printf("  %s (prompt %d): layer: cpu vs ref / cuda vs ref / cuda vs cpu (max row rel L2)\n", k->name,
+               k->prompt_len);
+        for (int l = 0; l < NL && l < 64; l++) {
+            double cg = 0;
+            if (dc.keep[l] && dg.keep[l])
+                for (int t = 0; t < k->prompt_len; t++)
+                    cg = fmax(cg, rel_l2(dg.keep[l] + (size_t)t * dc.dim, dc.keep[l] + (size_t)t * dc.dim, (size_t)dc.dim));
+            printf("    layer %d: %.2e / %.2e / %.2e\n", l, dc.worst[l], dg.worst[l], cg);
+            free(dc.keep[l]);
+            free(dg.keep[l]);
+        }
+        dsv32_kv_seq_free(ec->kv, sc);
+        dsv32_kv_seq_free(eg->kv, sg);
+    }
+    dsv32_engine_free(ec);
+    dsv32_engine_free(eg);
+    golden_close(g);
+    dsv32_model_free(mc);
+    dsv32_model_free(mg);
+}
+
 int main(int argc, char **argv)
 {
     uint64_t seed = (uint64_t)time(NULL) ^ ((uint64_t)clock() << 32);
-    const char *model_dir = NULL;
+    const char *model_dir = NULL, *golden_path = NULL;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--probe") == 0)
             return dsv32_cuda_device_count() > 0 ? 0 : 77;
@@ -1637,6 +1741,8 @@ int main(int argc, char **argv)
             only = argv[++i];
         else if (strcmp(argv[i], "--model") == 0 && i + 1 < argc)
             model_dir = argv[++i];
+        else if (strcmp(argv[i], "--golden") == 0 && i + 1 < argc)
+            golden_path = argv[++i];
     }
     if (dsv32_cuda_device_count() == 0) {
         printf("no GPU: skipped\n");
@@ -1654,6 +1760,8 @@ int main(int argc, char **argv)
     test_moe_experts();
     if (model_dir)
         test_replay(model_dir);
+    if (model_dir && golden_path)
+        test_drift(model_dir, golden_path);
     printf("%d checks, %d failed: %s\n", n_checks, n_fail, n_fail ? "FAIL" : "PASS");
     return n_fail ? 1 : 0;
 }

@@ -188,10 +188,116 @@ static __global__ void __launch_bounds__(128) idx_scores_kernel(
     }
 }
 
+
+/* Decode rows of DeepSeek-V3.2's shape (64 heads, one query row per work item) with FP8 mma: the
+ * query's B fragments (64 heads x 128 bytes) stay in registers for the whole key range, so the
+ * tensor pipe is fed from registers only and shared memory carries nothing (the smem-fed kernel
+ * above is bound by shared-memory bandwidth at one query row). */
+static __global__ void __launch_bounds__(128, 3) idx_dec_fp8_kernel(
+    float *scores, int ld_s, int row_base, const int4 *work, const uint8_t *q, const float *q_scale,
+    const float *w_raw, const uint8_t *cache, int block_bytes, const int32_t *blocks, int max_blocks,
+    const int32_t *row_pos, const int32_t *row_seq, float wscale, float sscale)
+{
+    constexpr int NT = 8, IH = 64;
+    const int4 wk = work[blockIdx.x];
+    const int r0 = wk.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    uint2 bq[NT][4];
+    float w0[NT], w1[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        const uint8_t *qp = q + ((size_t)r0 * IH + nt * 8 + g) * 128 + 32 * t;
+        const uint4 lo = __ldg(reinterpret_cast<const uint4 *>(qp)), hi = __ldg(reinterpret_cast<const uint4 *>(qp + 16));
+        bq[nt][0] = make_uint2(lo.x, lo.y);
+        bq[nt][1] = make_uint2(lo.z, lo.w);
+        bq[nt][2] = make_uint2(hi.x, hi.y);
+        bq[nt][3] = make_uint2(hi.z, hi.w);
+        const size_t h0 = (size_t)r0 * IH + nt * 8 + 2 * t;
+        w0[nt] = w_raw[h0] * wscale * q_scale[h0] * sscale;
+        w1[nt] = w_raw[h0 + 1] * wscale * q_scale[h0 + 1] * sscale;
+    }
+    const int pos = row_pos[r0];
+    const int32_t *bt = blocks + (size_t)row_seq[r0] * max_blocks;
+    const int kr0 = 16 * warp + g, kr1 = kr0 + 8;
+    auto load = [&](int blk, uint4 (&k)[4], float &s0, float &s1) {
+        const uint8_t *b = cache + (size_t)bt[blk] * block_bytes;
+        k[0] = __ldg(reinterpret_cast<const uint4 *>(b + kr0 * 128 + 32 * t));
+        k[1] = __ldg(reinterpret_cast<const uint4 *>(b + kr0 * 128 + 32 * t + 16));
+        k[2] = __ldg(reinterpret_cast<const uint4 *>(b + kr1 * 128 + 32 * t));
+        k[3] = __ldg(reinterpret_cast<const uint4 *>(b + kr1 * 128 + 32 * t + 16));
+        s0 = __ldg(reinterpret_cast<const float *>(b + DSV32_KV_BLOCK_TOKENS * 128) + kr0);
+        s1 = __ldg(reinterpret_cast<const float *>(b + DSV32_KV_BLOCK_TOKENS * 128) + kr1);
+    };
+    uint4 kn[4];
+    float ks0n = 0.0f, ks1n = 0.0f;
+    if (wk.z < wk.w)
+        load(wk.z, kn, ks0n, ks1n);
+    float *srow = scores + (size_t)(r0 - row_base) * ld_s;
+    for (int blk = wk.z; blk < wk.w; blk++) {
+        const uint4 k[4] = {kn[0], kn[1], kn[2], kn[3]};
+        const float ks0 = ks0n, ks1 = ks1n;
+        if (blk + 1 < wk.w)
+            load(blk + 1, kn, ks0n, ks1n);
+        float acc[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+            acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+#pragma unroll
+        for (int s = 0; s < 4; s++) {
+            const int wi = 2 * s;
+            const uint32_t a[4] = {w32(k[wi >> 2], wi & 3), w32(k[2 + (wi >> 2)], wi & 3),
+                                   w32(k[(wi + 1) >> 2], (wi + 1) & 3), w32(k[2 + ((wi + 1) >> 2)], (wi + 1) & 3)};
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+                mma_e4m3(acc[nt], a, bq[nt][s].x, bq[nt][s].y);
+        }
+        float sg0 = 0.0f, sg1 = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            sg0 += fmaxf(acc[nt][0], 0.0f) * w0[nt] + fmaxf(acc[nt][1], 0.0f) * w1[nt];
+            sg1 += fmaxf(acc[nt][2], 0.0f) * w0[nt] + fmaxf(acc[nt][3], 0.0f) * w1[nt];
+        }
+        sg0 += __shfl_xor_sync(0xffffffffu, sg0, 1);
+        sg0 += __shfl_xor_sync(0xffffffffu, sg0, 2);
+        sg1 += __shfl_xor_sync(0xffffffffu, sg1, 1);
+        sg1 += __shfl_xor_sync(0xffffffffu, sg1, 2);
+        const int j0 = blk * DSV32_KV_BLOCK_TOKENS + kr0, j1 = j0 + 8;
+        if (t == 0 && j0 <= pos)
+            srow[j0] = sg0 * ks0;
+        if (t == 1 && j1 <= pos)
+            srow[j1] = sg1 * ks1;
+    }
+}
+
 static __device__ __forceinline__ uint32_t order_key(float f)
 {
     const uint32_t u = __float_as_uint(f);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* adds one key to the histogram: lanes of the warp with the same bin add once (the scores
+ * concentrate in few top-bit bins, and plain per-lane atomics would serialize on them) */
+static __device__ __forceinline__ void hist_add(int *hist, bool valid, uint32_t u, uint32_t pmask, uint32_t prefix,
+                                                int shift, int nbm)
+{
+    const bool match = valid && (u & pmask) == prefix;
+    const uint32_t bin = (u >> shift) & (uint32_t)nbm;
+    const uint32_t peers = __match_any_sync(0xffffffffu, match ? bin : 0xffffffffu);
+    if (match && (threadIdx.x & 31) == __ffs(peers) - 1)
+        atomicAdd(&hist[bin], __popc(peers));
+}
+
+static __device__ __forceinline__ int warp_excl_scan(int v, int lane, int *total)
+{
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o)
+            x += y;
+    }
+    *total = __shfl_sync(0xffffffffu, x, 31);
+    return x - v;
 }
 
 static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const float *scores, int ld_s,
@@ -209,7 +315,9 @@ static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const f
             out[j] = j < n ? j : -1;
         return;
     }
-    const float *s = scores + (size_t)blockIdx.x * ld_s;
+    const float *s = scores + (size_t)blockIdx.x * ld_s; /* ld_s is a multiple of 64: rows are 16-aligned */
+    const float4 *s4 = reinterpret_cast<const float4 *>(s);
+    const int n4 = (n + 3) / 4; /* float4s covering the row; elements >= n are masked */
     uint32_t prefix = 0, pmask = 0;
     int kk = topk;
     for (int pass = 0; pass < 3; pass++) {
@@ -218,18 +326,22 @@ static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const f
         for (int i = tid; i < nb; i += blockDim.x)
             hist[i] = 0;
         __syncthreads();
-        for (int j = tid; j < n; j += blockDim.x) {
-            const uint32_t u = order_key(s[j]);
-            if ((u & pmask) == prefix)
-                atomicAdd(&hist[(u >> shift) & (nb - 1)], 1);
+        for (int base = warp * 32; base < n4; base += blockDim.x) { /* warp-uniform trip count */
+            const int j4 = base + lane;
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (j4 < n4)
+                v = s4[j4];
+            hist_add(hist, 4 * j4 + 0 < n, order_key(v.x), pmask, prefix, shift, nb - 1);
+            hist_add(hist, 4 * j4 + 1 < n, order_key(v.y), pmask, prefix, shift, nb - 1);
+            hist_add(hist, 4 * j4 + 2 < n, order_key(v.z), pmask, prefix, shift, nb - 1);
+            hist_add(hist, 4 * j4 + 3 < n, order_key(v.w), pmask, prefix, shift, nb - 1);
         }
         __syncthreads();
-        /* thread i owns bins [hi - per, hi) counted from the top: hi = nb - i*per */
+        /* thread i owns bins [top - per, top) counted from the top: top = nb - i * per */
         const int top = nb - tid * per;
         int local = 0;
         for (int b = top - per; b < top; b++)
             local += hist[b];
-        /* inclusive scan over threads (thread 0 = the highest bins) */
         int v = local;
 #pragma unroll
         for (int o = 1; o < 32; o <<= 1) {
@@ -248,7 +360,7 @@ static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const f
                 if (lane >= o)
                     ws += y;
             }
-            warp_sum[lane] = ws; /* inclusive */
+            warp_sum[lane] = ws;
         }
         __syncthreads();
         const int above = v - local + (warp ? warp_sum[warp - 1] : 0);
@@ -271,15 +383,26 @@ static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const f
     }
     const uint32_t T = prefix;
     const int need_eq = kk;
-    /* ordered output: warp segments of whole 32-chunks */
-    const int seg = ((n + 31) / 32 + 31) / 32 * 32;
+    /* ordered output: each warp owns a segment of whole 128-element chunks (a float4 per lane) */
+    const int seg = ((n + 127) / 128 + 31) / 32 * 128;
     const int beg = warp * seg, end = min(n, beg + seg);
     int cgt = 0, ceq = 0;
-    for (int j0 = beg; j0 < end; j0 += 32) {
-        const int j = j0 + lane;
-        const uint32_t u = j < end ? order_key(s[j]) : 0u;
-        cgt += __popc(__ballot_sync(0xffffffffu, j < end && u > T));
-        ceq += __popc(__ballot_sync(0xffffffffu, j < end && u == T));
+    for (int j0 = beg; j0 < end; j0 += 128) {
+        const int j = j0 + 4 * lane;
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (j < end)
+            v = s4[j >> 2];
+        const float e4[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const uint32_t u = order_key(e4[e]);
+            cgt += j + e < end && u > T;
+            ceq += j + e < end && u == T;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        cgt += __shfl_xor_sync(0xffffffffu, cgt, o);
+        ceq += __shfl_xor_sync(0xffffffffu, ceq, o);
     }
     if (lane == 0) {
         w_gt[warp] = cgt;
@@ -291,25 +414,44 @@ static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const f
         for (int w = 0; w < 32; w++) {
             w_eqbase[w] = eb;
             w_outbase[w] = ob;
-            const int take_eq = min(max(need_eq - eb, 0), w_eq[w]);
-            ob += w_gt[w] + take_eq;
+            ob += w_gt[w] + min(max(need_eq - eb, 0), w_eq[w]);
             eb += w_eq[w];
         }
     }
     __syncthreads();
     int eqb = w_eqbase[warp], ob = w_outbase[warp];
-    const uint32_t lt = (1u << lane) - 1u;
-    for (int j0 = beg; j0 < end; j0 += 32) {
-        const int j = j0 + lane;
-        const uint32_t u = j < end ? order_key(s[j]) : 0u;
-        const bool gt = j < end && u > T, eq = j < end && u == T;
-        const uint32_t eqm = __ballot_sync(0xffffffffu, eq);
-        const bool take = gt || (eq && eqb + __popc(eqm & lt) < need_eq);
-        const uint32_t tm = __ballot_sync(0xffffffffu, take);
-        if (take)
-            out[ob + __popc(tm & lt)] = j;
-        ob += __popc(tm);
-        eqb += __popc(eqm);
+    for (int j0 = beg; j0 < end; j0 += 128) {
+        const int j = j0 + 4 * lane;
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (j < end)
+            v = s4[j >> 2];
+        const float e4[4] = {v.x, v.y, v.z, v.w};
+        uint32_t u[4];
+        int neq = 0;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            u[e] = order_key(e4[e]);
+            neq += j + e < end && u[e] == T;
+        }
+        int eq_tot, take_tot;
+        int eq_rank = eqb + warp_excl_scan(neq, lane, &eq_tot);
+        bool take[4];
+        int ntake = 0;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const bool in = j + e < end;
+            const bool eq = in && u[e] == T;
+            take[e] = (in && u[e] > T) || (eq && eq_rank < need_eq);
+            eq_rank += eq;
+            ntake += take[e];
+        }
+        int o = ob + warp_excl_scan(ntake, lane, &take_tot);
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            if (take[e])
+                out[o++] = j + e;
+        ob += take_tot;
+        eqb += eq_tot;
     }
 }
 
@@ -397,7 +539,11 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,        \
             m->d_blocks, m->max_blocks, m->d_row_pos, m->d_row_seq, IH, wscale, sscale);           \
     } while (0)
-            if (use_fp8 && NT == 8)
+            if (use_fp8 && NT == 8 && max_nr == 1) {
+                idx_dec_fp8_kernel<<<n_items, 128, 0, c->st>>>(
+                    scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes, m->d_blocks,
+                    m->max_blocks, m->d_row_pos, m->d_row_seq, wscale, sscale);
+            } else if (use_fp8 && NT == 8)
                 IDX_LAUNCH(true, 8);
             else if (use_fp8 && NT == 2)
                 IDX_LAUNCH(true, 2);

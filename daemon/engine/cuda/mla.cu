@@ -4,12 +4,13 @@
  * tiles of 64 keys. Shared memory: Q (64 heads x 576 bf16), the current key tile K (64 x 576 bf16,
  * latent dequantized with its block scale, rope as cached), the raw records of the next tile
  * (cp.async), the score tile S (64 x 64 f32). Per tile:
- *   QK^T: warp w computes S for heads 16(w%4).. and keys 32(w/4).. (36 k-steps x 4 n-tiles,
- *         A = Q and B = K via ldmatrix), writes scale * S (or -inf for an unselected slot);
- *   PV:   warp w owns heads 16(w%4).. and latent dims 256(w/4)..: online softmax on its S rows
- *         (the two warps of a head group compute the same statistics), P packed to bf16 as the A
+ *   QK^T: warp w (of 16) computes S for heads 16(w%4).. and keys 16(w/4).. (36 k-steps x 2
+ *         n-tiles, A = Q and B = K via ldmatrix), writes scale * S (or -inf for an unselected slot);
+ *   PV:   warp w owns heads 16(w%4).. and latent dims 128(w/4)..: online softmax on its S rows
+ *         (the four warps of a head group compute the same statistics), P packed to bf16 as the A
  *         operand straight from registers, V = the tile's latent part through ldmatrix.trans,
- *         O (16 x 256 f32) in registers.
+ *         O (16 x 128 f32) in registers. 16 warps (not 8) so that each scheduler has four to
+ *         switch between: the kernel is latency-bound, and shared memory allows one CTA per SM.
  * Row strides of Q and K are padded by 16 bytes so that ldmatrix's 8 rows hit 8 distinct bank
  * groups. An invalid key (-1 in the selection, past the row's position) gets zeros in K (so that
  * 0 * garbage never makes a NaN) and -inf in S. */
@@ -21,6 +22,7 @@
 #define MLA_R 64
 #define MLA_D (MLA_C + MLA_R)
 #define MLA_HG 64   /* heads per CTA */
+#define MLA_TH 512  /* threads per CTA */
 #define MLA_KT 64   /* keys per tile */
 #define MLA_QSTR (MLA_D + 8) /* bf16 elements per Q/K row in shared memory */
 #define MLA_SSTR (MLA_KT + 4)
@@ -185,7 +187,7 @@ struct mla_fast_args {
     float scale;
 };
 
-static __global__ void __launch_bounds__(256, 1) mla_fast_kernel(const struct mla_fast_args a)
+static __global__ void __launch_bounds__(MLA_TH, 1) mla_fast_kernel(const struct mla_fast_args a)
 {
     extern __shared__ __align__(16) uint8_t smem[];
     __nv_bfloat16 *Qs = reinterpret_cast<__nv_bfloat16 *>(smem);
@@ -206,7 +208,7 @@ static __global__ void __launch_bounds__(256, 1) mla_fast_kernel(const struct ml
     const int recb = a.rec_bytes, chunks = recb / 16;
 
     /* Q to bf16 */
-    for (int i = tid; i < MLA_HG * MLA_D; i += 256) {
+    for (int i = tid; i < MLA_HG * MLA_D; i += MLA_TH) {
         const int h = i / MLA_D, d = i % MLA_D;
         const float v = d < MLA_C ? a.q_lat[((size_t)r * a.H + h0 + h) * MLA_C + d]
                                   : a.q_pe[(size_t)r * a.ldr_pe + (size_t)(h0 + h) * a.ldh_pe + d - MLA_C];
@@ -217,7 +219,7 @@ static __global__ void __launch_bounds__(256, 1) mla_fast_kernel(const struct ml
      * tile's gather needs no dependent global loads */
     const bool pre = a.sel && kend - kbeg <= MLA_MAXSEL;
     if (pre)
-        for (int j = tid; j < kend - kbeg; j += 256) {
+        for (int j = tid; j < kend - kbeg; j += MLA_TH) {
             const int p = a.sel[(size_t)r * a.n_sel + kbeg + j];
             sslot[j] = (p >= 0 && p <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p) : -1;
         }
@@ -237,7 +239,7 @@ static __global__ void __launch_bounds__(256, 1) mla_fast_kernel(const struct ml
             kslot[tid] = sl;
         }
         __syncthreads();
-        for (int i = tid; i < MLA_KT * chunks; i += 256) {
+        for (int i = tid; i < MLA_KT * chunks; i += MLA_TH) {
             const int key = i / chunks, ch = i % chunks;
             const int32_t sl = kslot[key];
             if (sl >= 0)
@@ -247,13 +249,13 @@ static __global__ void __launch_bounds__(256, 1) mla_fast_kernel(const struct ml
     };
 
     float mrun[2] = {-INFINITY, -INFINITY}, lrun[2] = {0.0f, 0.0f};
-    float O[32][4];
+    float O[16][4];
 #pragma unroll
-    for (int n = 0; n < 32; n++)
+    for (int n = 0; n < 16; n++)
 #pragma unroll
         for (int i = 0; i < 4; i++)
             O[n][i] = 0.0f;
-    const int hq = warp & 3, kh = warp >> 2, dh = warp >> 2;
+    const int hq = warp & 3, kh = warp >> 2, dh = warp >> 2; /* kh: keys 16kh.., dh: dims 128dh.. */
 
     if (kbeg < kend)
         issue(kbeg);
@@ -261,7 +263,7 @@ static __global__ void __launch_bounds__(256, 1) mla_fast_kernel(const struct ml
         asm volatile("cp.async.wait_all;");
         __syncthreads();
         /* the raw tile -> K (bf16): 36 chunks of 16 dims per key */
-        for (int i = tid; i < MLA_KT * 36; i += 256) {
+        for (int i = tid; i < MLA_KT * 36; i += MLA_TH) {
             const int key = i / 36, ch = i % 36;
             uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
             if (kslot[key] >= 0) {
@@ -273,9 +275,12 @@ static __global__ void __launch_bounds__(256, 1) mla_fast_kernel(const struct ml
                     const uint32_t in[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
                     for (int k = 0; k < 4; k++) {
-                        const uint32_t x = in[k];
-                        wv[2 * k] = pack_bf16(cu_e4m3_to_f32(x & 0xff) * sc, cu_e4m3_to_f32((x >> 8) & 0xff) * sc);
-                        wv[2 * k + 1] = pack_bf16(cu_e4m3_to_f32((x >> 16) & 0xff) * sc, cu_e4m3_to_f32(x >> 24) * sc);
+                        /* two bytes at a time: low byte -> low half (dim order kept) */
+                        const __half2_raw h0 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(in[k] & 0xffff), __NV_E4M3);
+                        const __half2_raw h1 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(in[k] >> 16), __NV_E4M3);
+                        const float2 f0 = __half22float2(__half2(h0)), f1 = __half22float2(__half2(h1));
+                        wv[2 * k] = pack_bf16(f0.x * sc, f0.y * sc);
+                        wv[2 * k + 1] = pack_bf16(f1.x * sc, f1.y * sc);
                     }
                     lo = make_uint4(wv[0], wv[1], wv[2], wv[3]);
                     hi = make_uint4(wv[4], wv[5], wv[6], wv[7]);
@@ -300,39 +305,36 @@ static __global__ void __launch_bounds__(256, 1) mla_fast_kernel(const struct ml
         }
         __syncthreads();
         /* S validity of this tile, read before issue() rewrites kslot */
-        bool kval[4][2];
+        bool kval[2][2];
 #pragma unroll
-        for (int nt = 0; nt < 4; nt++) {
-            kval[nt][0] = kslot[32 * kh + 8 * nt + 2 * t] >= 0;
-            kval[nt][1] = kslot[32 * kh + 8 * nt + 2 * t + 1] >= 0;
+        for (int nt = 0; nt < 2; nt++) {
+            kval[nt][0] = kslot[16 * kh + 8 * nt + 2 * t] >= 0;
+            kval[nt][1] = kslot[16 * kh + 8 * nt + 2 * t + 1] >= 0;
         }
         if (ts + MLA_KT < kend)
             issue(ts + MLA_KT);
 
-        /* S = Q K^T for heads 16hq.., keys 32kh.. */
-        float S[4][4];
+        /* S = Q K^T for heads 16hq.., keys 16kh.. */
+        float S[2][4];
 #pragma unroll
-        for (int nt = 0; nt < 4; nt++)
+        for (int nt = 0; nt < 2; nt++)
 #pragma unroll
             for (int i = 0; i < 4; i++)
                 S[nt][i] = 0.0f;
         const uint32_t qa = smem_addr(Qs + (16 * hq + (lane & 15)) * MLA_QSTR + (lane >> 4) * 8);
         const int mi = lane >> 3, rr = lane & 7;
-        const uint32_t kb0 = smem_addr(Ks + (32 * kh + (mi >> 1) * 8 + rr) * MLA_QSTR + (mi & 1) * 8);
-#pragma unroll 4
+        const uint32_t kb0 = smem_addr(Ks + (16 * kh + (mi >> 1) * 8 + rr) * MLA_QSTR + (mi & 1) * 8);
+#pragma unroll 6
         for (int ks = 0; ks < MLA_D / 16; ks++) {
-            uint32_t af[4], b01[4], b23[4];
+            uint32_t af[4], b01[4];
             ldsm_x4(af, qa + ks * 32);
             ldsm_x4(b01, kb0 + ks * 32);
-            ldsm_x4(b23, kb0 + 16 * MLA_QSTR * 2 + ks * 32);
             mma_bf16(S[0], af, b01[0], b01[1]);
             mma_bf16(S[1], af, b01[2], b01[3]);
-            mma_bf16(S[2], af, b23[0], b23[1]);
-            mma_bf16(S[3], af, b23[2], b23[3]);
         }
 #pragma unroll
-        for (int nt = 0; nt < 4; nt++) {
-            const int key = 32 * kh + 8 * nt + 2 * t;
+        for (int nt = 0; nt < 2; nt++) {
+            const int key = 16 * kh + 8 * nt + 2 * t;
             float *s0 = Sc + (16 * hq + g) * MLA_SSTR + key, *s1 = s0 + 8 * MLA_SSTR;
             s0[0] = kval[nt][0] ? S[nt][0] * a.scale : -INFINITY;
             s0[1] = kval[nt][1] ? S[nt][1] * a.scale : -INFINITY;
@@ -380,20 +382,20 @@ static __global__ void __launch_bounds__(256, 1) mla_fast_kernel(const struct ml
             mrun[rw] = mnew;
         }
 #pragma unroll
-        for (int n = 0; n < 32; n++) {
+        for (int n = 0; n < 16; n++) {
             O[n][0] *= alpha[0];
             O[n][1] *= alpha[0];
             O[n][2] *= alpha[1];
             O[n][3] *= alpha[1];
         }
-        /* O += P V over this tile's 64 keys, dims 256dh.. */
-        const uint32_t vb = smem_addr(Ks + ((mi & 1) * 8 + rr) * MLA_QSTR + 256 * dh + (mi >> 1) * 8);
+        /* O += P V over this tile's 64 keys, dims 128dh.. */
+        const uint32_t vb = smem_addr(Ks + ((mi & 1) * 8 + rr) * MLA_QSTR + 128 * dh + (mi >> 1) * 8);
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
             const uint32_t pa[4] = {pack_bf16(pv[0][kk][0], pv[0][kk][1]), pack_bf16(pv[1][kk][0], pv[1][kk][1]),
                                     pack_bf16(pv[0][kk][2], pv[0][kk][3]), pack_bf16(pv[1][kk][2], pv[1][kk][3])};
 #pragma unroll
-            for (int np = 0; np < 16; np++) {
+            for (int np = 0; np < 8; np++) {
                 uint32_t b[4];
                 ldsm_x4_t(b, vb + (16 * kk * MLA_QSTR + 16 * np) * 2);
                 mma_bf16(O[2 * np], pa, b[0], b[1]);
@@ -407,17 +409,17 @@ static __global__ void __launch_bounds__(256, 1) mla_fast_kernel(const struct ml
     const int hr0 = h0 + 16 * hq + g, hr1 = hr0 + 8;
     if (a.splits == 1) {
         const float inv0 = lrun[0] > 0.0f ? 1.0f / lrun[0] : 0.0f, inv1 = lrun[1] > 0.0f ? 1.0f / lrun[1] : 0.0f;
-        float *o0 = a.out + ((size_t)r * a.H + hr0) * MLA_C + 256 * dh + 2 * t, *o1 = o0 + 8 * MLA_C;
+        float *o0 = a.out + ((size_t)r * a.H + hr0) * MLA_C + 128 * dh + 2 * t, *o1 = o0 + 8 * MLA_C;
 #pragma unroll
-        for (int n = 0; n < 32; n++) {
+        for (int n = 0; n < 16; n++) {
             *reinterpret_cast<float2 *>(o0 + 8 * n) = make_float2(O[n][0] * inv0, O[n][1] * inv0);
             *reinterpret_cast<float2 *>(o1 + 8 * n) = make_float2(O[n][2] * inv1, O[n][3] * inv1);
         }
     } else {
         const size_t base = ((size_t)z * a.rows + r) * a.H;
-        float *o0 = a.part_o + (base + hr0) * MLA_C + 256 * dh + 2 * t, *o1 = o0 + 8 * MLA_C;
+        float *o0 = a.part_o + (base + hr0) * MLA_C + 128 * dh + 2 * t, *o1 = o0 + 8 * MLA_C;
 #pragma unroll
-        for (int n = 0; n < 32; n++) {
+        for (int n = 0; n < 16; n++) {
             *reinterpret_cast<float2 *>(o0 + 8 * n) = make_float2(O[n][0], O[n][1]);
             *reinterpret_cast<float2 *>(o1 + 8 * n) = make_float2(O[n][2], O[n][3]);
         }
@@ -523,7 +525,7 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
     const size_t smem = sizeof(__nv_bfloat16) * 2 * MLA_HG * MLA_QSTR + sizeof(float) * MLA_HG * MLA_SSTR +
                         sizeof(int32_t) * (MLA_KT + MLA_MAXSEL) + (size_t)MLA_KT * g->mla_rec_bytes;
     CU_CHECK(cudaFuncSetAttribute(mla_fast_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    mla_fast_kernel<<<dim3(splits, H / MLA_HG, rows), 256, smem, c->st>>>(a);
+    mla_fast_kernel<<<dim3(splits, H / MLA_HG, rows), MLA_TH, smem, c->st>>>(a);
     CU_LAUNCHED("mla_fast");
     if (splits > 1) {
         mla_combine_kernel<<<dim3(H, rows), 128, 0, c->st>>>(out, a.part_o, a.part_ml, rows, H, splits,
