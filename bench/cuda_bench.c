@@ -251,13 +251,13 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         const double bytes = (double)B * L * 132 + (double)B * 2048 * 656;
         const double floor_ms = bytes / (copy_gbps * gb) * 1e3;
         const double dense_bytes = (double)B * L * 656;
+        dsv32_cuda_set_knob(be, "indexer_fp8", 0);
         const double t_idx = dsa_time(&d, &m, RUN_INDEXER, iters);
+        const double t_all = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
         dsv32_cuda_set_knob(be, "indexer_fp8", 1);
         const double t_idx8 = dsa_time(&d, &m, RUN_INDEXER, iters);
         const double t_all8 = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
-        dsv32_cuda_set_knob(be, "indexer_fp8", 0);
         const double t_sp = dsa_time(&d, &m, RUN_SPARSE, iters);
-        const double t_all = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
         const double t_dense = dsa_time(&d, &m, RUN_DENSE, iters > 5 ? 5 : iters);
         const double idx_flop = (double)B * L * 64 * 128 * 2;
         const double sp_flop = (double)B * 128 * 2048 * (576 + 512) * 2;
@@ -293,10 +293,10 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         for (size_t i = 0; i < sizeof(ctxs) / sizeof(ctxs[0]); i++) {
             const int ctx = ctxs[i];
             struct dsv32_step_meta m = dsa_meta(&d, B, 1, ctx);
+            dsv32_cuda_set_knob(be, "indexer_fp8", 0);
             const double t_dsa = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
             dsv32_cuda_set_knob(be, "indexer_fp8", 1);
             const double t_dsa8 = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
-            dsv32_cuda_set_knob(be, "indexer_fp8", 0);
             const double t_dense = dsa_time(&d, &m, RUN_DENSE, iters > 5 ? 5 : iters);
             const int sel = ctx < 2048 ? ctx : 2048;
             const double f_dsa = ((double)B * ctx * 132 + (double)B * sel * 656) / (copy_gbps * gb) * 1e3;
@@ -323,7 +323,10 @@ static void bench_prefill(struct dsv32_backend *be)
     MUST(dsv32_cuda_random_selection(be, d.sel, d.d_pos, T, 2048, 99));
     const double t_sp = dsa_time(&d, &m, RUN_SPARSE, iters);
     const double flop = (double)T * H * 2048 * (576 + 512) * 2;
+    dsv32_cuda_set_knob(be, "indexer_fp8", 0);
     const double t_idx = dsa_time(&d, &m, RUN_INDEXER, iters > 5 ? 5 : iters);
+    dsv32_cuda_set_knob(be, "indexer_fp8", 1);
+    const double t_idx8 = dsa_time(&d, &m, RUN_INDEXER, iters > 5 ? 5 : iters);
     double idx_flop = 0;
     for (int t = 0; t < T; t++)
         idx_flop += (double)(L - T + t + 1) * 64 * 128 * 2;
@@ -334,6 +337,8 @@ static void bench_prefill(struct dsv32_backend *be)
            flop / (t_sp * 1e-3) / 1e12, flop / (t_sp * 1e-3) / 1e12 / bf16_tflops);
     printf("| causal indexer + top-2048 over the chunk (f16 mma; %.2f TFLOP) | %.3f | %.0f | %.2f |\n",
            idx_flop / 1e12, t_idx, idx_flop / (t_idx * 1e-3) / 1e12, idx_flop / (t_idx * 1e-3) / 1e12 / bf16_tflops);
+    printf("| causal indexer + top-2048 over the chunk (FP8 mma; %.2f TFLOP) | %.3f | %.0f | %.2f |\n",
+           idx_flop / 1e12, t_idx8, idx_flop / (t_idx8 * 1e-3) / 1e12, idx_flop / (t_idx8 * 1e-3) / 1e12 / bf16_tflops);
     fflush(stdout);
     dsa_free(&d);
 }

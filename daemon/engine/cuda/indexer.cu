@@ -22,6 +22,7 @@
 #include <string.h>
 
 #define IDX_QT 4 /* query rows per CTA */
+#define IDX_STAGES 6 /* cp.async ring depth of the FP8 decode kernel */
 
 static __device__ __forceinline__ uint32_t cvt_e4m3x2(uint32_t two)
 {
@@ -219,25 +220,38 @@ static __global__ void __launch_bounds__(128, 3) idx_dec_fp8_kernel(
     const int pos = row_pos[r0];
     const int32_t *bt = blocks + (size_t)row_seq[r0] * max_blocks;
     const int kr0 = 16 * warp + g, kr1 = kr0 + 8;
-    auto load = [&](int blk, uint4 (&k)[4], float &s0, float &s1) {
-        const uint8_t *b = cache + (size_t)bt[blk] * block_bytes;
-        k[0] = __ldg(reinterpret_cast<const uint4 *>(b + kr0 * 128 + 32 * t));
-        k[1] = __ldg(reinterpret_cast<const uint4 *>(b + kr0 * 128 + 32 * t + 16));
-        k[2] = __ldg(reinterpret_cast<const uint4 *>(b + kr1 * 128 + 32 * t));
-        k[3] = __ldg(reinterpret_cast<const uint4 *>(b + kr1 * 128 + 32 * t + 16));
-        s0 = __ldg(reinterpret_cast<const float *>(b + DSV32_KV_BLOCK_TOKENS * 128) + kr0);
-        s1 = __ldg(reinterpret_cast<const float *>(b + DSV32_KV_BLOCK_TOKENS * 128) + kr1);
+    /* the cache blocks of this item stream through a ring of IDX_STAGES shared-memory slots filled by
+     * cp.async, IDX_STAGES - 1 blocks ahead of the math: many bytes in flight, no registers held */
+    extern __shared__ __align__(16) uint8_t ring[];
+    const int chunks = block_bytes / 16;
+    auto issue = [&](int blk, int stage) {
+        const uint8_t *src = cache + (size_t)bt[blk] * block_bytes;
+        uint8_t *dst = ring + (size_t)stage * block_bytes;
+        for (int i = threadIdx.x; i < chunks; i += blockDim.x)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((uint32_t)__cvta_generic_to_shared(dst + 16 * i)),
+                         "l"(src + 16 * i));
     };
-    uint4 kn[4];
-    float ks0n = 0.0f, ks1n = 0.0f;
-    if (wk.z < wk.w)
-        load(wk.z, kn, ks0n, ks1n);
+#pragma unroll
+    for (int st = 0; st < IDX_STAGES - 1; st++) {
+        if (wk.z + st < wk.w)
+            issue(wk.z + st, st);
+        asm volatile("cp.async.commit_group;");
+    }
     float *srow = scores + (size_t)(r0 - row_base) * ld_s;
-    for (int blk = wk.z; blk < wk.w; blk++) {
-        const uint4 k[4] = {kn[0], kn[1], kn[2], kn[3]};
-        const float ks0 = ks0n, ks1 = ks1n;
-        if (blk + 1 < wk.w)
-            load(blk + 1, kn, ks0n, ks1n);
+    for (int blk = wk.z, it = 0; blk < wk.w; blk++, it++) {
+        if (blk + IDX_STAGES - 1 < wk.w)
+            issue(blk + IDX_STAGES - 1, (it + IDX_STAGES - 1) % IDX_STAGES);
+        asm volatile("cp.async.commit_group;");
+        asm volatile("cp.async.wait_group %0;" ::"n"(IDX_STAGES - 1));
+        __syncthreads();
+        const uint8_t *b = ring + (size_t)(it % IDX_STAGES) * block_bytes;
+        const uint4 k[4] = {*reinterpret_cast<const uint4 *>(b + kr0 * 128 + 32 * t),
+                            *reinterpret_cast<const uint4 *>(b + kr0 * 128 + 32 * t + 16),
+                            *reinterpret_cast<const uint4 *>(b + kr1 * 128 + 32 * t),
+                            *reinterpret_cast<const uint4 *>(b + kr1 * 128 + 32 * t + 16)};
+        const float ks0 = reinterpret_cast<const float *>(b + DSV32_KV_BLOCK_TOKENS * 128)[kr0];
+        const float ks1 = reinterpret_cast<const float *>(b + DSV32_KV_BLOCK_TOKENS * 128)[kr1];
+        __syncthreads(); /* the slot may be refilled from the next iteration on */
         float acc[NT][4];
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
@@ -540,7 +554,10 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             m->d_blocks, m->max_blocks, m->d_row_pos, m->d_row_seq, IH, wscale, sscale);           \
     } while (0)
             if (use_fp8 && NT == 8 && max_nr == 1) {
-                idx_dec_fp8_kernel<<<n_items, 128, 0, c->st>>>(
+                const size_t ring = (size_t)IDX_STAGES * c->geom.idx_block_bytes;
+                CU_CHECK(cudaFuncSetAttribute(idx_dec_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              (int)ring));
+                idx_dec_fp8_kernel<<<n_items, 128, ring, c->st>>>(
                     scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes, m->d_blocks,
                     m->max_blocks, m->d_row_pos, m->d_row_seq, wscale, sscale);
             } else if (use_fp8 && NT == 8)

@@ -63,69 +63,73 @@ static __global__ void __launch_bounds__(128) mla_exact_kernel(
 #pragma unroll
     for (int i = 0; i < EX_MAXR; i++)
         qr[i] = i < RL ? qp[lane + 32 * i] : 0.0f;
-    float mrun = -INFINITY, lrun = 0.0f;
+    /* three passes over the keys, the cpu's arithmetic: s = (q_lat . c + q_pe . pe) * scale, the
+     * maximum, the sum of exp(s - max), then out = sum_j (p_j / sum) c_j */
     const int n_keys = sel ? n_sel : pos + 1;
-    for (int jj = warp; jj < n_keys; jj += 4) {
-        const int p = sel ? sel[(size_t)r * n_sel + jj] : jj;
-        if (p < 0 || p > pos)
-            continue;
-        const uint8_t *rec = mla + (size_t)slot_of(blocks, max_blocks, seq, p) * rec_bytes;
+    auto key_at = [&](int jj) { return sel ? sel[(size_t)r * n_sel + jj] : jj; };
+    auto rec_of = [&](int p) { return mla + (size_t)slot_of(blocks, max_blocks, seq, p) * rec_bytes; };
+    auto score = [&](const uint8_t *rec) {
         const float *bsc = reinterpret_cast<const float *>(rec + C);
         const uint8_t *pr = rec + C + 4 * (C / 128);
-        float cv[EX_MAXC], part = 0.0f;
+        float dl = 0.0f, dr = 0.0f;
 #pragma unroll
-        for (int i = 0; i < EX_MAXC; i++) {
+        for (int i = 0; i < EX_MAXC; i++)
             if (i < CL) {
                 const int d = lane + 32 * i;
-                cv[i] = __fmul_rn(cu_e4m3_to_f32(rec[d]), bsc[d / 128]);
-                part += qc[i] * cv[i];
-            } else {
-                cv[i] = 0.0f;
+                dl = __fadd_rn(dl, __fmul_rn(qc[i], __fmul_rn(cu_e4m3_to_f32(rec[d]), bsc[d / 128])));
             }
-        }
 #pragma unroll
-        for (int i = 0; i < EX_MAXR; i++) {
+        for (int i = 0; i < EX_MAXR; i++)
             if (i < RL) {
                 const int d = lane + 32 * i;
                 const float pe = rope_f32 ? reinterpret_cast<const float *>(pr)[d]
                                           : cu_bf16_bits_to_f32(reinterpret_cast<const uint16_t *>(pr)[d]);
-                part += qr[i] * pe;
+                dr = __fadd_rn(dr, __fmul_rn(qr[i], pe));
             }
-        }
-        const float s = cu_warp_sum(part) * scale;
-        const float mnew = fmaxf(mrun, s);
-        const float alpha = mrun == -INFINITY ? 0.0f : expf(mrun - mnew);
-        const float pj = expf(s - mnew);
-        lrun = lrun * alpha + pj;
+        return __fmul_rn(__fadd_rn(cu_warp_sum(dl), cu_warp_sum(dr)), scale);
+    };
+    float mx = -INFINITY;
+    for (int jj = warp; jj < n_keys; jj += 4) {
+        const int p = key_at(jj);
+        if (p >= 0 && p <= pos)
+            mx = fmaxf(mx, score(rec_of(p)));
+    }
+    if (lane == 0)
+        sm_m[warp] = mx;
+    __syncthreads();
+    const float M = fmaxf(fmaxf(sm_m[0], sm_m[1]), fmaxf(sm_m[2], sm_m[3]));
+    float sum = 0.0f;
+    for (int jj = warp; jj < n_keys; jj += 4) {
+        const int p = key_at(jj);
+        if (p >= 0 && p <= pos)
+            sum += expf(score(rec_of(p)) - M);
+    }
+    if (lane == 0)
+        sm_l[warp] = sum;
+    __syncthreads();
+    const float L = sm_l[0] + sm_l[1] + sm_l[2] + sm_l[3];
+    for (int jj = warp; jj < n_keys; jj += 4) {
+        const int p = key_at(jj);
+        if (p < 0 || p > pos)
+            continue;
+        const uint8_t *rec = rec_of(p);
+        const float pj = expf(score(rec) - M) / L;
+        const float *bsc = reinterpret_cast<const float *>(rec + C);
 #pragma unroll
         for (int i = 0; i < EX_MAXC; i++)
-            o[i] = o[i] * alpha + pj * cv[i];
-        mrun = mnew;
-    }
-    if (lane == 0) {
-        sm_m[warp] = mrun;
-        sm_l[warp] = lrun;
+            if (i < CL) {
+                const int d = lane + 32 * i;
+                o[i] = __fadd_rn(o[i], __fmul_rn(pj, __fmul_rn(cu_e4m3_to_f32(rec[d]), bsc[d / 128])));
+            }
     }
 #pragma unroll
     for (int i = 0; i < EX_MAXC; i++)
         if (i < CL)
             sm_o[warp][lane + 32 * i] = o[i];
     __syncthreads();
-    float M = fmaxf(fmaxf(sm_m[0], sm_m[1]), fmaxf(sm_m[2], sm_m[3]));
-    float f[4], L = 0.0f;
-#pragma unroll
-    for (int w = 0; w < 4; w++) {
-        f[w] = sm_m[w] == -INFINITY ? 0.0f : expf(sm_m[w] - M);
-        L += sm_l[w] * f[w];
-    }
     float *orow = out + ((size_t)r * H + h) * C;
-    for (int d = threadIdx.x; d < C; d += blockDim.x) {
-        float acc = 0.0f;
-#pragma unroll
-        for (int w = 0; w < 4; w++)
-            acc += sm_o[w][d] * f[w];
-        orow[d] = M == -INFINITY ? 0.0f : acc / L;
-    }
+    for (int d = threadIdx.x; d < C; d += blockDim.x)
+        orow[d] = M == -INFINITY ? 0.0f : ((sm_o[0][d] + sm_o[1][d]) + sm_o[2][d]) + sm_o[3][d];
 }
 
 /* ---- fast kernel ---- */

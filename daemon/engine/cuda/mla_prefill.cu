@@ -44,55 +44,62 @@ static __global__ void __launch_bounds__(128) prefill_attn_kernel(
         qr[i] = lane + 32 * i < R ? qh[nope + lane + 32 * i] : 0.0f;
         acc[i] = 0.0f;
     }
-    float mrun = -INFINITY, lrun = 0.0f;
+    /* the cpu's arithmetic, in three passes over the keys (no running rescale, which would add
+     * roundings): the maximum score, the sum of exp(s - max), then sum_j (p_j / sum) v_j */
     const int n_keys = sel ? n_sel : pos + 1;
-    for (int jj = warp; jj < n_keys; jj += 4) {
-        const int p = sel ? sel[(size_t)t * n_sel + jj] : jj;
-        if (p < 0 || p > pos)
-            continue;
+    auto score = [&](int p) {
         const float *k = kvb + (size_t)p * H * hs + (size_t)h * hs;
         const float *pe = pbuf + (size_t)p * R;
         float part = 0.0f;
 #pragma unroll
-        for (int i = 0; i < PF_MAX; i++) {
+        for (int i = 0; i < PF_MAX; i++)
             if (lane + 32 * i < nope)
-                part += qn[i] * k[lane + 32 * i];
-            if (lane + 32 * i < R)
-                part += qr[i] * pe[lane + 32 * i];
-        }
-        const float s = cu_warp_sum(part) * scale;
-        const float mnew = fmaxf(mrun, s);
-        const float alpha = mrun == -INFINITY ? 0.0f : expf(mrun - mnew);
-        const float pj = expf(s - mnew);
-        lrun = lrun * alpha + pj;
+                part = __fadd_rn(part, __fmul_rn(qn[i], k[lane + 32 * i]));
 #pragma unroll
         for (int i = 0; i < PF_MAX; i++)
-            acc[i] = acc[i] * alpha + (lane + 32 * i < V ? pj * k[nope + lane + 32 * i] : 0.0f);
-        mrun = mnew;
+            if (lane + 32 * i < R)
+                part = __fadd_rn(part, __fmul_rn(qr[i], pe[lane + 32 * i]));
+        return cu_warp_sum(part) * scale;
+    };
+    auto key_at = [&](int jj) { return sel ? sel[(size_t)t * n_sel + jj] : jj; };
+    float mx = -INFINITY;
+    for (int jj = warp; jj < n_keys; jj += 4) {
+        const int p = key_at(jj);
+        if (p >= 0 && p <= pos)
+            mx = fmaxf(mx, score(p));
     }
-    if (lane == 0) {
-        sm_m[warp] = mrun;
-        sm_l[warp] = lrun;
+    if (lane == 0)
+        sm_m[warp] = mx;
+    __syncthreads();
+    const float M = fmaxf(fmaxf(sm_m[0], sm_m[1]), fmaxf(sm_m[2], sm_m[3]));
+    float sum = 0.0f;
+    for (int jj = warp; jj < n_keys; jj += 4) {
+        const int p = key_at(jj);
+        if (p >= 0 && p <= pos)
+            sum += expf(score(p) - M);
+    }
+    if (lane == 0)
+        sm_l[warp] = sum;
+    __syncthreads();
+    const float L = sm_l[0] + sm_l[1] + sm_l[2] + sm_l[3];
+    for (int jj = warp; jj < n_keys; jj += 4) {
+        const int p = key_at(jj);
+        if (p < 0 || p > pos)
+            continue;
+        const float pj = expf(score(p) - M) / L;
+        const float *v = kvb + (size_t)p * H * hs + (size_t)h * hs + nope;
+#pragma unroll
+        for (int i = 0; i < PF_MAX; i++)
+            if (lane + 32 * i < V)
+                acc[i] = __fadd_rn(acc[i], __fmul_rn(pj, v[lane + 32 * i]));
     }
 #pragma unroll
     for (int i = 0; i < PF_MAX; i++)
         sm_o[warp][lane + 32 * i] = acc[i];
     __syncthreads();
-    const float M = fmaxf(fmaxf(sm_m[0], sm_m[1]), fmaxf(sm_m[2], sm_m[3]));
-    float f[4], L = 0.0f;
-#pragma unroll
-    for (int w = 0; w < 4; w++) {
-        f[w] = sm_m[w] == -INFINITY ? 0.0f : expf(sm_m[w] - M);
-        L += sm_l[w] * f[w];
-    }
     float *oh = o + (size_t)t * H * V + (size_t)h * V;
-    for (int d = threadIdx.x; d < V; d += blockDim.x) {
-        float s = 0.0f;
-#pragma unroll
-        for (int w = 0; w < 4; w++)
-            s += sm_o[w][d] * f[w];
-        oh[d] = M == -INFINITY ? 0.0f : s / L;
-    }
+    for (int d = threadIdx.x; d < V; d += blockDim.x)
+        oh[d] = M == -INFINITY ? 0.0f : ((sm_o[0][d] + sm_o[1][d]) + sm_o[2][d]) + sm_o[3][d];
 }
 
 int cu_mla_prefill(struct cu_ctx *c, float *o, const float *q, const int32_t *sel, int n_sel,
