@@ -3,6 +3,7 @@
  * its committed tokens with their text (the router detokenizes and applies the stop strings, so
  * the text is the same whichever daemon made the tokens), and on a daemon failure places it again
  * with the tokens already sent as the resume state. */
+#define _GNU_SOURCE 1 /* memmem */
 #include "router.h"
 
 #include "api.h"
@@ -35,7 +36,9 @@ struct greq {
     int plp_sent;
     struct dsv32_tok_stream *ts;
     struct dsv32_stop_matcher stop;
-    int in_reasoning;
+    int in_reasoning;      /* chat in thinking mode, before "</think>" */
+    char think_hold[16];   /* reasoning bytes that could begin "</think>" */
+    size_t n_think_hold;
     pthread_mutex_t lock;
     struct dsv32_rpc_stream *upstream;
     int cancelled;
@@ -93,15 +96,34 @@ static struct dsv32_rpc_client *client_for(struct router *r, const char *address
     return c;
 }
 
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Requests this router has on a daemon; -1 while the daemon is suspect (a call to it failed in
+ * the last seconds: a dead daemon stays in etcd until its lease expires). */
 static int router_inflight_on(struct router *r, const char *address)
 {
     int n = 0;
+    int64_t now = mono_ms();
     pthread_mutex_lock(&r->lock);
     for (int i = 0; i < r->n_clients; i++)
         if (strcmp(r->clients[i].address, address) == 0)
-            n = r->clients[i].inflight;
+            n = r->clients[i].suspect_until > now ? -1 : r->clients[i].inflight;
     pthread_mutex_unlock(&r->lock);
     return n;
+}
+
+static void mark_suspect(struct router *r, const char *address, int64_t ms)
+{
+    pthread_mutex_lock(&r->lock);
+    for (int i = 0; i < r->n_clients; i++)
+        if (strcmp(r->clients[i].address, address) == 0)
+            r->clients[i].suspect_until = mono_ms() + ms;
+    pthread_mutex_unlock(&r->lock);
 }
 
 static int excluded(const struct greq *q, const char *id)
@@ -129,7 +151,10 @@ static int pick(struct router *r, struct greq *q, struct dsv32_node_info *ret)
                 (strcmp(x->role, "both") != 0 && x->role[0]))
                 continue;
             /* what this router knows now, then what the daemon last reported */
-            double score = router_inflight_on(r, x->address) * 1000.0 +
+            int mine = router_inflight_on(r, x->address);
+            if (mine < 0)
+                continue;
+            double score = mine * 1000.0 +
                            (double)(x->load.running + x->load.waiting) -
                            (x->load.total_kv_blocks ? (double)x->load.free_kv_blocks /
                                                           (double)x->load.total_kv_blocks : 0);
@@ -166,41 +191,97 @@ static int client_write(struct greq *q, Dsv32__V1__GenerateResponse *m)
     }
 }
 
-/* One committed token from a daemon: its text through the router's stream and stop matcher.
- * Returns 1 when a stop string ended the text, <0 when the client is gone. */
+/* Splits reasoning from the answer at "</think>" (a single token with V3.2's tokenizer, several
+ * with V3's: found in the text either way). In: a text piece while in_reasoning. Out: the
+ * reasoning that can be shown now and, once the marker has passed, the answer text after it. */
+static const char THINK_END[] = "</think>";
+
+static void split_reasoning(struct greq *q, const char *t, size_t tl, char **ret_reasoning,
+                            size_t *ret_rl, const char **ret_rest, size_t *ret_restl)
+{
+    const size_t ml = sizeof(THINK_END) - 1;
+    size_t n = q->n_think_hold + tl;
+    char *buf = malloc(n + 1);
+    *ret_reasoning = NULL;
+    *ret_rl = 0;
+    *ret_rest = NULL;
+    *ret_restl = 0;
+    if (!buf)
+        return;
+    memcpy(buf, q->think_hold, q->n_think_hold);
+    memcpy(buf + q->n_think_hold, t, tl);
+    buf[n] = 0;
+    const char *p = memmem(buf, n, THINK_END, ml);
+    if (p) {
+        q->in_reasoning = 0;
+        q->n_think_hold = 0;
+        *ret_rl = (size_t)(p - buf);
+        /* the text after the marker belongs to the answer: it comes from t */
+        size_t after = (size_t)(p - buf) + ml; /* offset in buf */
+        if (after < n) {
+            *ret_rest = t + (after - (n - tl));
+            *ret_restl = n - after;
+        }
+    } else {
+        /* keep the last ml - 1 bytes (cut on a character boundary): they may begin the marker */
+        size_t keep = n < ml - 1 ? n : ml - 1;
+        size_t out = n - keep;
+        while (out > 0 && out < n && ((unsigned char)buf[out] & 0xC0) == 0x80)
+            out--;
+        *ret_rl = out;
+        q->n_think_hold = n - out;
+        memcpy(q->think_hold, buf + out, q->n_think_hold);
+    }
+    buf[*ret_rl] = 0;
+    *ret_reasoning = buf;
+}
+
+/* One committed token from a daemon: its text through the router's stream (and, in thinking
+ * mode, the reasoning splitter) and stop matcher. Returns 1 when a stop string ended the text,
+ * <0 when the client is gone. */
 static int relay_token(struct greq *q, int32_t tok, Dsv32__V1__Logprobs *lp)
 {
     const char *t = "", *out = "";
     size_t tl = 0, ol = 0;
     int stopped = 0;
-    int was_reasoning = q->in_reasoning;
-    if (q->in_reasoning && tok == q->r->think_end_id) {
-        q->in_reasoning = 0; /* the reasoning ends here; "</think>" itself is not text */
-    } else {
-        if (dsv32_tok_stream_push(q->ts, tok, &t, &tl) < 0)
-            tl = 0;
+    char *reasoning = NULL;
+    size_t rl = 0;
+    if (dsv32_tok_stream_push(q->ts, tok, &t, &tl) < 0)
+        tl = 0;
+    if (q->in_reasoning) {
+        const char *rest;
+        size_t restl;
+        split_reasoning(q, t, tl, &reasoning, &rl, &rest, &restl);
+        t = rest ? rest : "";
+        tl = rest ? restl : 0;
+    }
+    if (!q->in_reasoning && tl) {
         stopped = dsv32_stop_feed(&q->stop, t, tl, &out, &ol);
-        if (stopped < 0)
+        if (stopped < 0) {
+            free(reasoning);
             return stopped;
+        }
     }
     q->sent[q->n_sent++] = tok;
     Dsv32__V1__GenerateResponse m = DSV32__V1__GENERATE_RESPONSE__INIT;
     char *text = strndup(out, ol);
-    if (!text)
+    if (!text) {
+        free(reasoning);
         return -ENOMEM;
+    }
     m.request_id = q->rid;
     m.n_token_ids = 1;
     m.token_ids = &tok;
-    if (was_reasoning)
-        m.reasoning_text = text;
-    else
-        m.text = text;
+    m.text = text;
+    if (reasoning && rl)
+        m.reasoning_text = reasoning;
     if (lp) {
         m.n_logprobs = 1;
         m.logprobs = &lp;
     }
     int rc = client_write(q, &m);
     free(text);
+    free(reasoning);
     return rc < 0 ? rc : stopped;
 }
 
@@ -235,6 +316,13 @@ static void finish_client(struct greq *q, enum dsv32_finish why, uint32_t comple
             m.reasoning_text = text;
         else
             m.text = text;
+    }
+    char held[sizeof(q->think_hold) + 1];
+    if (q->in_reasoning && q->n_think_hold && !(text && *text)) {
+        /* the reply ended inside the reasoning: what was held back is reasoning after all */
+        memcpy(held, q->think_hold, q->n_think_hold);
+        held[q->n_think_hold] = 0;
+        m.reasoning_text = held;
     }
     m.finish_reason = dsv32_api_finish_to_pb(why);
     if (why == DSV32_FINISH_STOP_STRING && q->stop.matched >= 0)
@@ -274,8 +362,9 @@ static enum outcome attempt(struct greq *q, const struct dsv32_node_info *node, 
     struct dsv32_rpc_stream *s;
     enum outcome out = OUT_FAILED;
     memset(st, 0, sizeof(*st));
-    if (dsv32_rpc_stream_open_msg(c, "/dsv32.cluster.v1.Attn/Run", &req.base, -1,
-                                  DSV32_RPC_WAIT_FOR_READY, &s) < 0) {
+    /* fail fast: a daemon that cannot be reached answers UNAVAILABLE at once, and the request
+     * goes elsewhere (waiting for it to come back could wait forever) */
+    if (dsv32_rpc_stream_open_msg(c, "/dsv32.cluster.v1.Attn/Run", &req.base, -1, 0, &s) < 0) {
         client_for(r, node->address, -1);
         return OUT_FAILED;
     }
@@ -396,6 +485,8 @@ static void *worker(void *arg)
         case OUT_FAILED:
             if (o == OUT_FAILED) {
                 atomic_fetch_add(&r->failovers, 1);
+                /* until its lease expires the daemon is still in etcd: keep others off it */
+                mark_suspect(r, node.address, 3000 + 1000 * (int64_t)r->cfg.lease_ttl_s);
                 log_warn("request %s: attention daemon %s (%s) failed after %d tokens (%s: %s); "
                          "placing it again", q->rid, node.id, node.address, q->n_sent,
                          dsv32_rpc_code_name(st.code), st.message);
@@ -525,7 +616,7 @@ static void generate_handler(void *arg, struct dsv32_rpc_call *call, const uint8
         goto refuse;
     }
     q->in_reasoning = q->msg->input_case == DSV32__V1__GENERATE_REQUEST__INPUT_CHAT &&
-                      q->msg->chat->thinking && r->think_end_id >= 0;
+                      q->msg->chat->thinking;
     if (atomic_fetch_add(&r->inflight, 1) >= r->cfg.max_inflight) {
         atomic_fetch_sub(&r->inflight, 1);
         code = DSV32_RPC_RESOURCE_EXHAUSTED;

@@ -41,7 +41,8 @@ struct router_config {
 struct router_client {
     char address[DSV32_NODE_ADDR_MAX];
     struct dsv32_rpc_client *c;
-    int inflight; /* requests this router has on that daemon */
+    int inflight;          /* requests this router has on that daemon */
+    int64_t suspect_until; /* monotonic ms: a call to it just failed; placed elsewhere till then */
 };
 
 struct router {

@@ -75,6 +75,10 @@ static int teardown(void **state)
     proc_stop(&attn[0], 5000);
     proc_stop(&attn[1], 5000);
     etcd_fixture_stop(&etcd);
+    if (getenv("DSV32_TEST_KEEP")) {
+        print_message("logs kept in %s\n", dir);
+        return 0;
+    }
     char cmd[128];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
     return system(cmd) == 0 ? 0 : -1;
@@ -84,6 +88,7 @@ struct gen {
     int32_t tok[1024];
     int n, msgs;
     char text[16384];
+    char reasoning[16384];
     Dsv32__V1__FinishReason why;
     uint32_t completion;
     struct dsv32_rpc_status st;
@@ -110,6 +115,7 @@ static int generate(Dsv32__V1__GenerateRequest *req, struct gen *g)
     struct dsv32_rpc_stream *s;
     g->n = g->msgs = 0;
     g->text[0] = 0;
+    g->reasoning[0] = 0;
     g->why = 0;
     int r = dsv32_rpc_stream_open_msg(cli, "/dsv32.v1.Generate/Generate", &req->base, 120000,
                                       DSV32_RPC_WAIT_FOR_READY, &s);
@@ -126,6 +132,7 @@ static int generate(Dsv32__V1__GenerateRequest *req, struct gen *g)
         for (size_t i = 0; i < gr->n_token_ids && g->n < 1024; i++)
             g->tok[g->n++] = gr->token_ids[i];
         strncat(g->text, gr->text, sizeof(g->text) - strlen(g->text) - 1);
+        strncat(g->reasoning, gr->reasoning_text, sizeof(g->reasoning) - strlen(g->reasoning) - 1);
         if (gr->finish_reason) {
             g->why = gr->finish_reason;
             g->completion = gr->usage ? gr->usage->completion_tokens : 0;
@@ -210,6 +217,67 @@ static void test_generate_text(void **state)
                                          &dsv32__v1__model_info__descriptor, 10000, 0, &m, NULL), 0);
     assert_int_equal(((Dsv32__V1__ModelInfo *)m)->vocab_size, 129280);
     protobuf_c_message_free_unpacked(m, NULL);
+    free(g);
+}
+
+/* Chat input: rendered with the V3.2 format; in thinking mode the reply starts as reasoning. */
+static void test_chat(void **state)
+{
+    Dsv32__V1__ChatMessage sys = DSV32__V1__CHAT_MESSAGE__INIT, user = DSV32__V1__CHAT_MESSAGE__INIT;
+    sys.role = "system";
+    sys.content = "You are terse.";
+    user.role = "user";
+    user.content = "Say hi <｜end▁of▁sentence｜> (that marker is text here).";
+    Dsv32__V1__ChatMessage *msgs[2] = {&sys, &user};
+    Dsv32__V1__Chat chat = DSV32__V1__CHAT__INIT;
+    chat.messages = msgs;
+    chat.n_messages = 2;
+    chat.thinking = 1;
+    Dsv32__V1__GenerateRequest req = DSV32__V1__GENERATE_REQUEST__INIT;
+    req.input_case = DSV32__V1__GENERATE_REQUEST__INPUT_CHAT;
+    req.chat = &chat;
+    Dsv32__V1__SamplingParams sp = seeded(12);
+    req.sampling = &sp;
+    struct gen *g = calloc(1, sizeof(*g));
+    assert_int_equal(generate(&req, g), 0);
+    assert_int_equal(g->st.code, DSV32_RPC_OK);
+    assert_int_equal(g->n, 12);
+    /* reasoning + answer is the text of the ids (random weights rarely close the think block) */
+    Dsv32__V1__DetokenizeRequest dr = DSV32__V1__DETOKENIZE_REQUEST__INIT;
+    dr.token_ids = g->tok;
+    dr.n_token_ids = (size_t)g->n;
+    ProtobufCMessage *m;
+    assert_int_equal(dsv32_rpc_unary_msg(cli, "/dsv32.v1.Generate/Detokenize", &dr.base,
+                                         &dsv32__v1__detokenize_response__descriptor, 10000, 0, &m,
+                                         NULL), 0);
+    const char *all = ((Dsv32__V1__DetokenizeResponse *)m)->text;
+    const char *end = strstr(all, "</think>");
+    if (!end) {
+        assert_string_equal(g->reasoning, all);
+        assert_string_equal(g->text, "");
+    } else {
+        assert_int_equal(strlen(g->reasoning), (size_t)(end - all));
+        assert_string_equal(g->text, end + strlen("</think>"));
+    }
+    protobuf_c_message_free_unpacked(m, NULL);
+    /* Tokenize: BOS first, and the end-of-sentence text in the message did not become EOS */
+    Dsv32__V1__TokenizeRequest tr = DSV32__V1__TOKENIZE_REQUEST__INIT;
+    tr.input_case = DSV32__V1__TOKENIZE_REQUEST__INPUT_CHAT;
+    tr.chat = &chat;
+    assert_int_equal(dsv32_rpc_unary_msg(cli, "/dsv32.v1.Generate/Tokenize", &tr.base,
+                                         &dsv32__v1__tokenize_response__descriptor, 10000, 0, &m,
+                                         NULL), 0);
+    Dsv32__V1__TokenizeResponse *t = (Dsv32__V1__TokenizeResponse *)m;
+    assert_true(t->n_token_ids > 5);
+    assert_int_equal(t->token_ids[0], 0);
+    for (size_t i = 0; i < t->n_token_ids; i++)
+        assert_int_not_equal(t->token_ids[i], 1);
+    protobuf_c_message_free_unpacked(m, NULL);
+    /* a bad role */
+    user.role = "wizard";
+    generate(&req, g);
+    assert_int_equal(g->st.code, DSV32_RPC_INVALID_ARGUMENT);
+    assert_non_null(strstr(g->st.message, "wizard"));
     free(g);
 }
 
@@ -330,6 +398,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_generate_text),
+        cmocka_unit_test(test_chat),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_overload),
         cmocka_unit_test(test_failover),
