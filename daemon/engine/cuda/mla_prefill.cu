@@ -1,6 +1,6 @@
 /* MLA prefill in the MHA form (see mla_prefill.cuh): f32 throughout. The expansion GEMM is
  * cu_linear (cuBLAS f32 in exact mode, the FP8 paths in fast mode); the attention is one CTA per
- * (row, head), 4 warps taking keys in turn with an online softmax each, merged at the end. */
+ * (row, head): in the exact mode in the cpu's loop order, else 4 warps taking keys in turn. */
 #include "mla_prefill.cuh"
 
 #include "gemm.cuh"
@@ -102,6 +102,75 @@ static __global__ void __launch_bounds__(128) prefill_attn_kernel(
         oh[d] = M == -INFINITY ? 0.0f : ((sm_o[0][d] + sm_o[1][d]) + sm_o[2][d]) + sm_o[3][d];
 }
 
+#define PF_SEQ_MAX 4096 /* keys per row the cpu-order kernel holds in shared memory */
+
+/* The exact mode's attention: cpu_mla_prefill's loops in its order (the kept positions in
+ * selection order, each score a sequential unfused dot over nope then rope, the maximum, exp,
+ * a sequential sum, then o[d] += (p_j / sum) v_j[d] over j in order): on the cpu's inputs it
+ * gives the cpu's bits up to expf's last place. One CTA per (row, head). */
+static __global__ void __launch_bounds__(128) prefill_attn_seq_kernel(
+    float *o, const float *q, const int32_t *sel, int n_sel, const float *kvb, const float *pbuf,
+    const int32_t *row_pos, int row0, int H, int nope, int R, int V, float scale)
+{
+    __shared__ int list[PF_SEQ_MAX];
+    __shared__ float p[PF_SEQ_MAX];
+    __shared__ int sh_n;
+    __shared__ float sh_mx, sh_sum;
+    const int h = blockIdx.x, t = row0 + blockIdx.y, tid = threadIdx.x;
+    const int qk = nope + R, hs = nope + V, pos = row_pos[t];
+    const float *qh = q + (size_t)t * H * qk + (size_t)h * qk;
+    if (tid == 0) {
+        int n = 0;
+        if (sel) {
+            for (int j = 0; j < n_sel; j++) {
+                const int sp = sel[(size_t)t * n_sel + j];
+                if (sp >= 0 && sp <= pos && n < PF_SEQ_MAX)
+                    list[n++] = sp;
+            }
+        } else {
+            for (int j = 0; j <= pos && n < PF_SEQ_MAX; j++)
+                list[n++] = j;
+        }
+        sh_n = n;
+    }
+    __syncthreads();
+    const int n = sh_n;
+    for (int j = tid; j < n; j += blockDim.x) {
+        const float *k = kvb + (size_t)list[j] * H * hs + (size_t)h * hs, *pe = pbuf + (size_t)list[j] * R;
+        float dot = 0.0f;
+        for (int d = 0; d < nope; d++)
+            dot = __fadd_rn(dot, __fmul_rn(qh[d], k[d]));
+        for (int d = 0; d < R; d++)
+            dot = __fadd_rn(dot, __fmul_rn(qh[nope + d], pe[d]));
+        p[j] = __fmul_rn(dot, scale);
+    }
+    __syncthreads();
+    if (tid == 0) {
+        float mx = -INFINITY;
+        for (int j = 0; j < n; j++)
+            mx = fmaxf(mx, p[j]);
+        sh_mx = mx;
+    }
+    __syncthreads();
+    for (int j = tid; j < n; j += blockDim.x)
+        p[j] = expf(p[j] - sh_mx);
+    __syncthreads();
+    if (tid == 0) {
+        float sum = 0.0f;
+        for (int j = 0; j < n; j++)
+            sum = __fadd_rn(sum, p[j]);
+        sh_sum = sum;
+    }
+    __syncthreads();
+    float *oh = o + (size_t)t * H * V + (size_t)h * V;
+    for (int d = tid; d < V; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < n; j++)
+            acc = __fadd_rn(acc, __fmul_rn(p[j] / sh_sum, kvb[(size_t)list[j] * H * hs + (size_t)h * hs + nope + d]));
+        oh[d] = acc;
+    }
+}
+
 int cu_mla_prefill(struct cu_ctx *c, float *o, const float *q, const int32_t *sel, int n_sel,
                    const struct dsv32_kv_layer *kv, const struct dsv32_step_meta *m, float scale,
                    const struct dsv32_weight *wkv_b, int ue8m0)
@@ -134,8 +203,12 @@ int cu_mla_prefill(struct cu_ctx *c, float *o, const float *q, const int32_t *se
                                                        g->rope_f32, m->d_blocks, m->max_blocks, seq);
         CU_LAUNCHED("decode_cache");
         CU_TRY(cu_linear(c, kvb, H * hs, cbuf, C, n_ctx, wkv_b, ue8m0, seq));
-        prefill_attn_kernel<<<dim3(H, r1 - r0), 128, 0, c->st>>>(o, q, sel, n_sel, kvb, pbuf, m->d_row_pos, r0,
-                                                                 H, nope, R, V, scale);
+        if (!c->fast && (sel ? n_sel : n_ctx) <= PF_SEQ_MAX)
+            prefill_attn_seq_kernel<<<dim3(H, r1 - r0), 128, 0, c->st>>>(o, q, sel, n_sel, kvb, pbuf, m->d_row_pos,
+                                                                         r0, H, nope, R, V, scale);
+        else
+            prefill_attn_kernel<<<dim3(H, r1 - r0), 128, 0, c->st>>>(o, q, sel, n_sel, kvb, pbuf, m->d_row_pos, r0,
+                                                                     H, nope, R, V, scale);
         CU_LAUNCHED("prefill_attn");
         r0 = r1;
     }

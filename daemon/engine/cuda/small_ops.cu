@@ -53,16 +53,52 @@ int cu_embed(struct cu_ctx *c, float *y, const int32_t *ids, int n, const struct
     return 0;
 }
 
+/* sum over the row in the cpu's order (one thread, unfused): the exact mode's norms then give
+ * the cpu's bits on the cpu's inputs, so that FP8 roundings downstream see the same values */
+static __device__ float seq_sum_sq(const float *x, int dim, float mean, float *sh)
+{
+    if (threadIdx.x == 0) {
+        float s = 0.0f;
+        for (int i = 0; i < dim; i++) {
+            const float d = __fsub_rn(x[i], mean);
+            s = __fadd_rn(s, __fmul_rn(d, d));
+        }
+        sh[0] = s;
+    }
+    __syncthreads();
+    const float s = sh[0];
+    __syncthreads();
+    return s;
+}
+
+static __device__ float seq_sum(const float *x, int dim, float *sh)
+{
+    if (threadIdx.x == 0) {
+        float s = 0.0f;
+        for (int i = 0; i < dim; i++)
+            s = __fadd_rn(s, x[i]);
+        sh[0] = s;
+    }
+    __syncthreads();
+    const float s = sh[0];
+    __syncthreads();
+    return s;
+}
+
 static __global__ void rmsnorm_kernel(float *y, int ldy, const float *x, int ldx, const float *g,
-                                      int dim, float eps)
+                                      int dim, float eps, int seq)
 {
     __shared__ float sh[32];
     const float *xr = x + (size_t)blockIdx.x * ldx;
     float *yr = y + (size_t)blockIdx.x * ldy;
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x)
-        ss += xr[i] * xr[i];
-    ss = block_sum(ss, sh);
+    if (seq) {
+        ss = seq_sum_sq(xr, dim, 0.0f, sh);
+    } else {
+        for (int i = threadIdx.x; i < dim; i += blockDim.x)
+            ss += xr[i] * xr[i];
+        ss = block_sum(ss, sh);
+    }
     const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
     for (int i = threadIdx.x; i < dim; i += blockDim.x)
         yr[i] = __fmul_rn(g[i], __fmul_rn(xr[i], inv));
@@ -73,27 +109,33 @@ int cu_rmsnorm(struct cu_ctx *c, float *y, int ldy, const float *x, int ldx, con
 {
     if (rows <= 0)
         return 0;
-    rmsnorm_kernel<<<rows, dim >= 1024 ? 1024 : 256, 0, c->st>>>(y, ldy, x, ldx, g, dim, eps);
+    rmsnorm_kernel<<<rows, dim >= 1024 ? 1024 : 256, 0, c->st>>>(y, ldy, x, ldx, g, dim, eps, !c->fast);
     CU_LAUNCHED("rmsnorm");
     return 0;
 }
 
 static __global__ void layernorm_kernel(float *y, int ldy, const float *x, int ldx, const float *g,
-                                        const float *b, int dim, float eps)
+                                        const float *b, int dim, float eps, int seq)
 {
     __shared__ float sh[32];
     const float *xr = x + (size_t)blockIdx.x * ldx;
     float *yr = y + (size_t)blockIdx.x * ldy;
-    float s = 0.0f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x)
-        s += xr[i];
-    const float mean = block_sum(s, sh) / (float)dim;
-    float v = 0.0f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-        float d = xr[i] - mean;
-        v += d * d;
+    float mean, var;
+    if (seq) {
+        mean = seq_sum(xr, dim, sh) / (float)dim;
+        var = seq_sum_sq(xr, dim, mean, sh) / (float)dim;
+    } else {
+        float s = 0.0f;
+        for (int i = threadIdx.x; i < dim; i += blockDim.x)
+            s += xr[i];
+        mean = block_sum(s, sh) / (float)dim;
+        float v = 0.0f;
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+            float d = xr[i] - mean;
+            v += d * d;
+        }
+        var = block_sum(v, sh) / (float)dim;
     }
-    const float var = block_sum(v, sh) / (float)dim;
     const float inv = 1.0f / sqrtf(var + eps);
     for (int i = threadIdx.x; i < dim; i += blockDim.x)
         yr[i] = __fadd_rn(__fmul_rn(__fmul_rn(xr[i] - mean, inv), g[i]), b[i]);
@@ -104,7 +146,7 @@ int cu_layernorm(struct cu_ctx *c, float *y, int ldy, const float *x, int ldx, c
 {
     if (rows <= 0)
         return 0;
-    layernorm_kernel<<<rows, 256, 0, c->st>>>(y, ldy, x, ldx, g, b, dim, eps);
+    layernorm_kernel<<<rows, 256, 0, c->st>>>(y, ldy, x, ldx, g, b, dim, eps, !c->fast);
     CU_LAUNCHED("layernorm");
     return 0;
 }

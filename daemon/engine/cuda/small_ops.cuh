@@ -2,7 +2,8 @@
  * both RoPE layouts, row gather, and the conversions weights and GEMM inputs need (dequantize a
  * stored tensor to f32 or bf16, f32 activations to bf16). Each computes what cpu_backend.c
  * computes; products that the cpu does without fusing are kept unfused (__fmul_rn) so that the
- * results agree to the bit where the cpu's order of operations is followed. */
+ * results agree to the bit where the cpu's order of operations is followed; in the exact mode the
+ * norms also sum in the cpu's order (one thread per row), in the fast mode as a tree. */
 #ifndef DSV32_CUDA_SMALL_OPS_CUH
 #define DSV32_CUDA_SMALL_OPS_CUH
 
