@@ -18,4 +18,10 @@ done
 state=$(mktemp -d /tmp/dsv32-load-XXXXXX)
 trap '"$build/ctl/dsv32ctl" cluster down --dir "$state" >/dev/null || true; rm -rf "$state"' EXIT
 "$build/ctl/dsv32ctl" cluster up --local --dir "$state" --attn "$attn" --experts "$experts"
-"$build/bench/load_test" --dir "$state" --streams 200 "${args[@]}"
+if ! "$build/bench/load_test" --dir "$state" --streams 200 "${args[@]}"; then
+    for log in "$state"/logs/*.log; do
+        echo "--- $log (last lines)" >&2
+        tail -n 20 "$log" >&2
+    done
+    exit 1
+fi

@@ -29,7 +29,7 @@ static int stream(const struct ctl_opts *o, Dsv32__V1__GenerateRequest *req, boo
     if (ctl_target_resolve(o, CTL_NEED_ROUTER, &t) < 0)
         return 2;
     Dsv32__V1__SamplingParams sp = DSV32__V1__SAMPLING_PARAMS__INIT;
-    sp.max_tokens = (uint32_t)(o->max_tokens > 0 ? o->max_tokens : chat ? 256 : 64);
+    sp.max_tokens = (uint32_t)(o->max_tokens > 0 ? o->max_tokens : chat ? 128 : 64);
     if (o->has_temperature) {
         sp.temperature_opt_case = DSV32__V1__SAMPLING_PARAMS__TEMPERATURE_OPT_TEMPERATURE;
         sp.temperature = o->temperature;
@@ -112,6 +112,8 @@ static int stream(const struct ctl_opts *o, Dsv32__V1__GenerateRequest *req, boo
     dsv32_rpc_stream_status(s, &st);
     dsv32_rpc_stream_free(s);
     dsv32_rpc_client_free(c);
+    if (!o->json && in_reasoning)
+        fputc('\n', stderr); /* the reply ended inside its thinking */
     if (!o->json && any_text && !ends_with_newline)
         fputc('\n', stdout);
     fflush(stdout);
