@@ -606,6 +606,8 @@ int attn_new(const struct attn_config *cfg, struct attn **ret)
         return -ENOMEM;
     a->cfg = *cfg;
     pthread_mutex_init(&a->lock, NULL);
+    /* fed from the start: loading hundreds of GB of weights takes longer than WatchdogSec */
+    dsv32_notify_watchdog_start(healthy, a, &a->watchdog);
     dsv32_notify_status("loading %s", cfg->model_dir);
     dsv32_backend_cpu_set_threads(cfg->cpu_threads > 0 ? cfg->cpu_threads : 1);
     if (cfg->ep_group && !cfg->etcd) {
@@ -689,7 +691,6 @@ int attn_new(const struct attn_config *cfg, struct attn **ret)
     log_info("serving %s (%d layers, %s backend, context %d, %d KV blocks) on port %d",
              cfg->model_dir, a->model->cfg.num_hidden_layers, a->engine->be->ops->name, a->context,
              a->engine->kv->n_blocks, a->port);
-    dsv32_notify_watchdog_start(healthy, a, &a->watchdog);
     *ret = a;
     return 0;
 fail:

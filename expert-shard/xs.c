@@ -37,6 +37,7 @@ struct xs {
     struct dsv32_registry *reg;
     struct dsv32_rpc_server *server;
     struct dsv32_rpc_health *health;
+    struct dsv32_notify_watchdog *watchdog;
     struct dsv32_comm_listener *lis;
     char comm_addr[128];
     struct dsv32_group_follower *follower;
@@ -230,6 +231,7 @@ static int xs_start(struct xs *x)
 {
     int r;
     pthread_mutex_init(&x->lock, NULL);
+    dsv32_notify_watchdog_start(NULL, NULL, &x->watchdog);
     if ((r = dsv32_config_load(x->cfg.model_dir, &x->mcfg)) < 0) {
         log_error("%s", dsv32_load_error());
         return r;
@@ -279,6 +281,7 @@ static int xs_start(struct xs *x)
 
 static void xs_stop(struct xs *x)
 {
+    dsv32_notify_watchdog_stop(x->watchdog);
     dsv32_ops_drain_watch_free(x->drain);
     dsv32_group_follower_free(x->follower);
     drop_epoch(x);

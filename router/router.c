@@ -61,6 +61,7 @@ void router_free(struct router *r)
         dsv32_rpc_client_free(r->clients[i].c);
     dsv32_etcd_free(r->etcd);
     dsv32_tok_free(r->tok);
+    dsv32_notify_watchdog_stop(r->watchdog);
     pthread_mutex_destroy(&r->lock);
     free(r);
 }
@@ -73,6 +74,7 @@ int router_new(const struct router_config *cfg, struct router **ret)
         return -ENOMEM;
     r->cfg = *cfg;
     pthread_mutex_init(&r->lock, NULL);
+    dsv32_notify_watchdog_start(NULL, NULL, &r->watchdog);
     if ((rc = dsv32_config_load(cfg->model_dir, &r->mcfg)) < 0) {
         log_error("%s", dsv32_load_error());
         goto fail;

@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "config.h"
+#include "notify.h"
 #include "registry.h"
 #include "rpc.h"
 #include "tokenizer.h"
@@ -55,6 +56,7 @@ struct router {
     struct dsv32_registry *reg;
     struct dsv32_rpc_server *server;
     struct dsv32_rpc_health *health;
+    struct dsv32_notify_watchdog *watchdog;
     int port;
     pthread_mutex_t lock; /* clients */
     struct router_client clients[ROUTER_MAX_CLIENTS];
