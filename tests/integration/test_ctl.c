@@ -308,6 +308,14 @@ static void check_admin_token(void)
     assert_non_null(strstr(out, "expert-1"));
     assert_int_equal(ctl_nodir("--router %s --admin-token-file %s nodes", router, tp), 0);
     assert_non_null(strstr(out, "expert-1"));
+    /* status with only the router: the nodes, no lease times (those come from etcd) */
+    assert_int_equal(ctl_nodir("--router %s --admin-token-file %s status --json", router, tp), 0);
+    cJSON *j = json_out();
+    assert_string_equal(str(j, "source"), "router");
+    assert_string_equal(str(cJSON_GetObjectItem(j, "router"), "health"), "serving");
+    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(j, "nodes")), 5);
+    assert_null(cJSON_GetObjectItem(node(cJSON_GetObjectItem(j, "nodes"), "attn-0"), "lease_ttl_s"));
+    cJSON_Delete(j);
 }
 
 static void check_cordon(void)
