@@ -64,6 +64,7 @@ struct attn {
     struct dsv32_comm *comm;
     struct dsv32_ep_client *client;
     uint64_t epoch;
+    uint64_t bumped;  /* the epoch we asked the leader to replace */
     pthread_t ep_thread;
     int ep_thread_started, ep_stop;
     int64_t joined_lease;
@@ -336,6 +337,19 @@ static void status_handler(void *arg, struct dsv32_rpc_call *call, const uint8_t
 
 /* ---- expert parallelism ---- */
 
+/* The communicator of the current epoch failed (a peer died, timed out, or restarted). A dead
+ * member's lease expiry brings a new epoch by itself; a failure that leaves the membership as it
+ * is needs the leader to be asked. Called with ep_lock held. */
+static void ep_comm_failed(struct attn *a, int err)
+{
+    if (err == DSV32_EEPOCH || a->bumped == a->epoch)
+        return; /* torn down for a new epoch, or asked already */
+    a->bumped = a->epoch;
+    log_warn("epoch %llu failed (%s): asking for a new one", (unsigned long long)a->epoch,
+             dsv32_strerror(err));
+    dsv32_group_request_new_epoch(a->etcd, a->cfg.cluster, a->cfg.ep_group, a->epoch);
+}
+
 /* The engine's MoE hook: the routed experts of the group's shards. */
 static int ep_moe(void *ctx, int layer, float *y, const float *x, int rows, const int32_t *ids,
                   const float *w, int k)
@@ -345,8 +359,10 @@ static int ep_moe(void *ctx, int layer, float *y, const float *x, int rows, cons
     /* a->comm is NULL between epochs: the client is not bound to a live communicator then */
     int r = a->client && a->comm ? dsv32_ep_moe_routed(a->client, layer, y, x, rows, ids, w, k)
                                  : DSV32_EEPOCH;
-    if (r < 0 && a->client && a->comm)
+    if (r < 0 && a->client && a->comm) {
         dsv32_ep_client_step_failed(a->client); /* mid-step: the whole group moves on */
+        ep_comm_failed(a, r);
+    }
     pthread_mutex_unlock(&a->ep_lock);
     return r;
 }
@@ -359,8 +375,10 @@ static void ep_idle(void *ctx)
     pthread_mutex_lock(&a->ep_lock);
     if (a->client && a->comm) {
         r = dsv32_ep_client_idle_step(a->client);
-        if (r < 0)
+        if (r < 0) {
             dsv32_ep_client_step_failed(a->client);
+            ep_comm_failed(a, r);
+        }
     }
     pthread_mutex_unlock(&a->ep_lock);
     if (r <= 0) {

@@ -162,6 +162,17 @@ int dsv32_group_join(struct dsv32_etcd *e, const char *cluster, const char *grou
     return r;
 }
 
+int dsv32_group_request_new_epoch(struct dsv32_etcd *e, const char *cluster, const char *group,
+                                  uint64_t failed_epoch)
+{
+    char key[512], val[32];
+    int r = dsv32_group_key(cluster, group, "bump", key, sizeof(key));
+    if (r < 0)
+        return r;
+    snprintf(val, sizeof(val), "%llu", (unsigned long long)failed_epoch);
+    return dsv32_etcd_put(e, key, val, strlen(val), 0, NULL);
+}
+
 /* ---- followers ---- */
 
 struct dsv32_group_follower {
@@ -312,8 +323,16 @@ int dsv32_group_lead(struct dsv32_etcd *e, const char *cluster, const char *grou
     } else if (r != -ENOENT) {
         goto out;
     }
+    /* a member asked for a fresh epoch of the current one (its communicator failed) */
+    uint64_t bump = 0;
+    char bkey[512];
+    if (dsv32_group_key(cluster, group, "bump", bkey, sizeof(bkey)) == 0 &&
+        dsv32_etcd_get(e, bkey, &kv, NULL) == 0) {
+        bump = strtoull((const char *)kv.value, NULL, 10);
+        dsv32_etcd_kv_done(&kv);
+    }
     /* the same members (and comm addresses) as now: nothing to publish */
-    int same = cur_n > 0 && cur->n_attn == next->n_attn && cur->n_shards == next->n_shards &&
+    int same = cur_n > 0 && bump < cur_n && cur->n_attn == next->n_attn && cur->n_shards == next->n_shards &&
                strcmp(cur->transport, transport) == 0;
     for (int i = 0; same && i < n; i++)
         same = cmp_member(&cur->members[i], &next->members[i]) == 0 &&

@@ -60,6 +60,12 @@ int dsv32_group_follow(struct dsv32_etcd *e, const char *cluster, const char *gr
                        dsv32_group_epoch_fn fn, void *arg, struct dsv32_group_follower **ret);
 void dsv32_group_follower_free(struct dsv32_group_follower *f);
 
+/* A member whose communicator failed while the membership stayed the same (a timeout, a peer
+ * that restarted) asks the leader for a fresh epoch of the same members: key `bump` = the epoch
+ * that failed. */
+int dsv32_group_request_new_epoch(struct dsv32_etcd *e, const char *cluster, const char *group,
+                                  uint64_t failed_epoch);
+
 /* ---- the leader ---- */
 
 /* Reads the candidates (the live ones: their keys exist) and the current epoch; when they differ

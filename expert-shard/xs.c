@@ -334,6 +334,10 @@ static void xs_loop(struct xs *x)
                 log_warn("epoch %llu ended: %s", (unsigned long long)(x->cur ? x->cur->epoch : 0),
                          dsv32_strerror(r));
                 drop_epoch(x);
+                /* not torn down for a newer epoch: the leader may need asking (see group.h) */
+                if (r != DSV32_EEPOCH && x->cur)
+                    dsv32_group_request_new_epoch(x->etcd, x->cfg.cluster, x->cfg.group,
+                                                  x->cur->epoch);
             }
             continue;
         }

@@ -24,3 +24,11 @@ if(TARGET dsv32-router AND TARGET dsv32-attn AND TARGET dsv32-expert)
         EXPERT="$<TARGET_FILE:dsv32-expert>")
     add_dependencies(test_ep_cluster dsv32-attn dsv32-router dsv32-expert)
 endif()
+
+# EP-group epochs in etcd (daemon/group.c).
+if(TARGET dsv32_group)
+    dsv32_add_test(NAME test_group SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_group.c
+                   LIBS dsv32_group dsv32_etcd_fixture PkgConfig::CMOCKA LABELS integration
+                   TIMEOUT 120)
+    target_compile_definitions(test_group PRIVATE GOLDEN_DIR="${PROJECT_SOURCE_DIR}/tests/golden")
+endif()
