@@ -262,6 +262,7 @@ int ctl_cmd_status(const struct ctl_opts *o)
                    n_shards[g], n_shards[g] == 1 ? "" : "s");
         printf("\n");
         print_table(nodes, n, from_etcd);
+        printf("(load as each daemon last reported it: at most a second old)\n");
         if (!from_etcd)
             printf("(lease time left needs etcd: --etcd HOST:PORT or --dir STATE)\n");
     }
