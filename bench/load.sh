@@ -17,7 +17,8 @@ while [ $# -gt 0 ]; do
 done
 state=$(mktemp -d /tmp/dsv32-load-XXXXXX)
 trap '"$build/ctl/dsv32ctl" cluster down --dir "$state" >/dev/null || true; rm -rf "$state"' EXIT
-"$build/ctl/dsv32ctl" cluster up --local --dir "$state" --attn "$attn" --experts "$experts"
+"$build/ctl/dsv32ctl" cluster up --local --dir "$state" --attn "$attn" --experts "$experts" \
+    --watch-pid $$
 if ! "$build/bench/load_test" --dir "$state" --streams 200 "${args[@]}"; then
     for log in "$state"/logs/*.log; do
         echo "--- $log (last lines)" >&2

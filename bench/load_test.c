@@ -303,6 +303,10 @@ int main(int argc, char **argv)
                pct(b, n_streams, 0.99));
         if (ok != n_streams)
             failed = 1;
+        if (ok == 0) {
+            printf("  no stream went through: is the cluster up?\n");
+            break;
+        }
         if (check_idle(admin) < 0) {
             printf("  LEAK: attention daemons not idle with every KV block free after the round\n");
             failed = 1;
@@ -313,7 +317,7 @@ int main(int argc, char **argv)
         }
     }
     /* warm rounds: the last one must not grow over the one before */
-    for (int p = 0; p < n_procs; p++) {
+    for (int p = 0; !failed && p < n_procs; p++) {
         long growth = procs[p].rss_kb[rounds - 1] - procs[p].rss_kb[rounds - 2];
         printf("%s RSS: %+ld kB from round %d to %d, %+ld kB from round 2 to %d\n", procs[p].name,
                growth, rounds - 1, rounds, procs[p].rss_kb[rounds - 1] - procs[p].rss_kb[1],

@@ -208,12 +208,17 @@ static int read_pids(const char *dir, struct proc_rec *out, int cap)
 }
 
 /* Starts argv[0] detached: a session of its own, stdin /dev/null, stdout and stderr to
- * logs/<name>.log; records pids/<name>. 0 with the pid, or <0. */
-static int spawn(const char *dir, const char *name, char *const argv[], struct proc_rec *ret)
+ * logs/<name>.log; records "pid starttime" in pids/<name> (or in <dir>/<pidfile>). 0 with the pid,
+ * or <0. */
+static int spawn_as(const char *dir, const char *name, const char *pidfile, char *const argv[],
+                    struct proc_rec *ret)
 {
     char logp[PATH_MAX + 96], pidp[PATH_MAX + 96];
     pathf(logp, sizeof(logp), "%s/logs/%s.log", dir, name);
-    pathf(pidp, sizeof(pidp), "%s/pids/%s", dir, name);
+    if (pidfile)
+        pathf(pidp, sizeof(pidp), "%s/%s", dir, pidfile);
+    else
+        pathf(pidp, sizeof(pidp), "%s/pids/%s", dir, name);
     int logfd = open(logp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (logfd < 0)
         return -errno;
@@ -249,6 +254,11 @@ static int spawn(const char *dir, const char *name, char *const argv[], struct p
     ret->pid = pid;
     ret->start = start;
     return 0;
+}
+
+static int spawn(const char *dir, const char *name, char *const argv[], struct proc_rec *ret)
+{
+    return spawn_as(dir, name, NULL, argv, ret);
 }
 
 static void print_log_tail(const char *dir, const char *name, int lines)
@@ -340,7 +350,8 @@ static void rm_tree(const char *path)
 /* The runtime state goes; model/ and logs/ stay. */
 static void clean_runtime(const char *dir)
 {
-    static const char *const items[] = {"pids", "run", "etcd", "cluster.env", "admin-token"};
+    static const char *const items[] = {"pids", "run", "etcd", "cluster.env", "admin-token",
+                                        "watch.pid"};
     for (size_t i = 0; i < sizeof(items) / sizeof(items[0]); i++) {
         char p[PATH_MAX + 32];
         pathf(p, sizeof(p), "%s/%s", dir, items[i]);
@@ -726,6 +737,86 @@ static int still_running(const char *dir)
     return alive;
 }
 
+/* ---- the watcher: a cluster that lives as long as one process (tests) ---- */
+
+/* The watcher of --watch-pid: `dsv32ctl cluster watch` from the same executable, detached, its
+ * "pid starttime" in watch.pid (not in pids/: it is not part of the cluster). */
+static int start_watcher(const char *dir, int pid, unsigned long long start)
+{
+    char self[PATH_MAX], pidarg[16], startarg[32];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+    if (n <= 0)
+        return -errno;
+    self[n] = 0;
+    pathf(pidarg, sizeof(pidarg), "%d", pid);
+    pathf(startarg, sizeof(startarg), "%llu", start);
+    /* the start time from here: the process may be gone before the watcher looks */
+    char *argv[] = {self, "cluster", "watch", "--dir", (char *)dir, "--watch-pid", pidarg,
+                    "--watch-start", startarg, NULL};
+    struct proc_rec p;
+    return spawn_as(dir, "watch", "watch.pid", argv, &p);
+}
+
+/* Stops the watcher (cluster down): SIGTERM, up to 2 s. */
+static void stop_watcher(const char *dir)
+{
+    char path[PATH_MAX + 16];
+    pathf(path, sizeof(path), "%s/watch.pid", dir);
+    FILE *f = fopen(path, "r");
+    int pid = 0;
+    unsigned long long start = 0;
+    if (f) {
+        if (fscanf(f, "%d %llu", &pid, &start) != 2)
+            pid = 0;
+        fclose(f);
+    }
+    if (pid > 0 && proc_alive(pid, start)) {
+        kill(pid, SIGTERM);
+        for (int i = 0; i < 100 && proc_alive(pid, start); i++)
+            sleep_ms(20);
+    }
+    unlink(path);
+}
+
+int ctl_cmd_cluster_watch(const struct ctl_opts *o)
+{
+    char dir[PATH_MAX], path[PATH_MAX + 16];
+    ctl_state_dir(o, dir, sizeof(dir));
+    pathf(path, sizeof(path), "%s/watch.pid", dir);
+    unsigned long long start = o->watch_start;
+    if (o->watch_pid <= 0 || !start) {
+        fprintf(stderr, "usage: dsv32ctl cluster watch --dir STATE --watch-pid PID "
+                        "--watch-start STARTTIME (cluster up --watch-pid starts it)\n");
+        return 2;
+    }
+    fprintf(stderr, "dsv32ctl: the cluster in %s goes down when pid %d ends\n", dir, o->watch_pid);
+    for (;;) {
+        sleep_ms(250);
+        /* down stopped the cluster (and us, normally): nothing left to watch */
+        FILE *f = fopen(path, "r");
+        int me = 0;
+        if (f) {
+            if (fscanf(f, "%d", &me) != 1)
+                me = 0;
+            fclose(f);
+        }
+        if (me != (int)getpid())
+            return 0;
+        if (proc_alive(o->watch_pid, start))
+            continue;
+        fprintf(stderr, "dsv32ctl: pid %d ended: bringing the cluster down\n", o->watch_pid);
+        int lock;
+        while ((lock = lock_dir(dir)) == -EBUSY)
+            sleep_ms(100);
+        stop_all(dir, STOP_GRACE_MS);
+        if (still_running(dir) == 0)
+            clean_runtime(dir);
+        if (lock >= 0)
+            close(lock);
+        return 0;
+    }
+}
+
 int ctl_cmd_cluster_up(const struct ctl_opts *o)
 {
     if (!o->local || o->n_args) {
@@ -765,6 +856,12 @@ int ctl_cmd_cluster_up(const struct ctl_opts *o)
         return 1;
     }
     int rc = 1;
+    unsigned long long watch_start = 0;
+    char wst;
+    if (o->watch_pid > 0 && proc_stat(o->watch_pid, &watch_start, &wst) < 0) {
+        fprintf(stderr, "dsv32ctl: --watch-pid %d: no such process\n", o->watch_pid);
+        goto out;
+    }
     if (still_running(dir) > 0) {
         char router[128] = "?";
         ctl_state_read(dir, "router", router, sizeof(router));
@@ -784,6 +881,12 @@ int ctl_cmd_cluster_up(const struct ctl_opts *o)
         r = write_env(u);
     if (r < 0) {
         fprintf(stderr, "dsv32ctl: stopping what was started\n");
+        stop_all(dir, 5000);
+        clean_runtime(dir);
+        goto out;
+    }
+    if (o->watch_pid > 0 && start_watcher(dir, o->watch_pid, watch_start) < 0) {
+        fprintf(stderr, "dsv32ctl: cannot watch pid %d: stopping the cluster\n", o->watch_pid);
         stop_all(dir, 5000);
         clean_runtime(dir);
         goto out;
@@ -833,6 +936,7 @@ int ctl_cmd_cluster_down(const struct ctl_opts *o)
                                : dsv32_strerror(lock));
         return 1;
     }
+    stop_watcher(dir);
     int n = stop_all(dir, STOP_GRACE_MS);
     int left = still_running(dir);
     if (left == 0)

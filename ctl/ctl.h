@@ -36,6 +36,8 @@ struct ctl_opts {
     bool local;             /* cluster up --local */
     const char *model;      /* cluster up --model */
     int n_attn, n_experts;  /* cluster up --attn --experts */
+    int watch_pid;          /* cluster up --watch-pid: down when that process ends (tests) */
+    unsigned long long watch_start; /* (the watcher) its start time, /proc/<pid>/stat field 22 */
     const char *text;       /* generate --text */
     const char *system;     /* chat --system */
     bool thinking;          /* chat --thinking */
@@ -94,6 +96,7 @@ int ctl_cmd_uncordon(const struct ctl_opts *o);
 int ctl_cmd_placement(const struct ctl_opts *o);
 int ctl_cmd_cluster_up(const struct ctl_opts *o);
 int ctl_cmd_cluster_down(const struct ctl_opts *o);
+int ctl_cmd_cluster_watch(const struct ctl_opts *o); /* started by up --watch-pid */
 int ctl_cmd_generate(const struct ctl_opts *o);
 int ctl_cmd_chat(const struct ctl_opts *o);
 

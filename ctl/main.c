@@ -31,9 +31,11 @@ static void usage(FILE *f)
         "  chat [--thinking] [--system TEXT] [--max-tokens N] [--temperature T] [--seed S] MESSAGE\n"
         "                          streams the reply to stdout as it comes\n"
         "  cluster up --local [--model DIR] [--attn N] [--experts M] [--dir STATE] [--timeout S]\n"
+        "             [--watch-pid PID]\n"
         "                          etcd, dsv32-router, N dsv32-attn, M dsv32-expert on 127.0.0.1,\n"
         "                          in the background; prints the router's address. Without\n"
-        "                          --model: a small random-weight model (meaningless text)\n"
+        "                          --model: a small random-weight model (meaningless text).\n"
+        "                          --watch-pid: down by itself once that process ends (tests)\n"
         "  cluster down [--dir STATE]\n");
 }
 
@@ -48,6 +50,7 @@ static const struct command commands[] = {
     {"uncordon", ctl_cmd_uncordon},   {"placement", ctl_cmd_placement},
     {"generate", ctl_cmd_generate},   {"chat", ctl_cmd_chat},
     {"cluster up", ctl_cmd_cluster_up}, {"cluster down", ctl_cmd_cluster_down},
+    {"cluster watch", ctl_cmd_cluster_watch},
 };
 
 static int parse_int(const char *s, const char *what, int lo, int hi, int *ret)
@@ -81,6 +84,7 @@ int main(int argc, char **argv)
         {"text", required_argument, 0, 10},        {"system", required_argument, 0, 11},
         {"thinking", no_argument, 0, 12},          {"max-tokens", required_argument, 0, 13},
         {"temperature", required_argument, 0, 14}, {"seed", required_argument, 0, 15},
+        {"watch-pid", required_argument, 0, 16},   {"watch-start", required_argument, 0, 17},
         {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
     int c;
     /* options go anywhere (getopt permutes): the command is the first words left */
@@ -136,6 +140,17 @@ int main(int argc, char **argv)
                 return 2;
             }
             o.has_seed = true;
+            break;
+        }
+        case 16:
+            if (parse_int(optarg, "--watch-pid", 1, 1 << 30, &o.watch_pid) < 0)
+                return 2;
+            break;
+        case 17: {
+            char *end;
+            o.watch_start = strtoull(optarg, &end, 10);
+            if (!optarg[0] || *end)
+                return 2;
             break;
         }
         case 'h': usage(stdout); return 0;

@@ -3,7 +3,8 @@
  * status, nodes, cordon/uncordon, placement (router and etcd agree), generate, chat, drain (an
  * attention daemon finishes the request it runs and takes no new one; an expert shard leaves its
  * group's next epoch; the last shard is refused), Admin without the token is refused; `cluster
- * down` leaves no process and no runtime state, and a new up reuses the model. */
+ * down` leaves no process and no runtime state, and a new up reuses the model; a cluster tied to
+ * a process (--watch-pid) goes down by itself when that process ends. */
 #define _GNU_SOURCE 1
 #include <setjmp.h>
 #include <stdarg.h>
@@ -21,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -192,7 +194,10 @@ static const char *const ids[] = {"router-0", "attn-0", "attn-1", "expert-0", "e
 
 static void up(void)
 {
-    int rc = ctl("cluster up --local --attn 2 --experts 2 --timeout 120");
+    /* --watch-pid: if this test dies without its teardown (a timeout's SIGKILL), the cluster
+     * goes down by itself */
+    int rc = ctl("cluster up --local --attn 2 --experts 2 --timeout 120 --watch-pid %d",
+                 (int)getpid());
     if (rc != 0)
         print_error("cluster up: %s\n%s\n", out, err);
     assert_int_equal(rc, 0);
@@ -537,6 +542,16 @@ static void test_ctl_cluster(void **st)
     struct rec r[64];
     int n = recorded(r, 64);
     assert_int_equal(n, 6); /* etcd, router, 2 attn, 2 expert */
+    /* and the watcher of --watch-pid */
+    char wp[192];
+    snprintf(wp, sizeof(wp), "%s/watch.pid", state);
+    FILE *wf = fopen(wp, "r");
+    assert_non_null(wf);
+    assert_int_equal(fscanf(wf, "%d %llu", &r[n].pid, &r[n].start), 2);
+    fclose(wf);
+    snprintf(r[n].name, sizeof(r[n].name), "watcher");
+    assert_true(alive(&r[n]));
+    n++;
     assert_int_equal(ctl("cluster down"), 0);
     assert_non_null(strstr(out, "6 processes stopped"));
     for (int i = 0; i < n; i++)
@@ -554,11 +569,46 @@ static void test_ctl_cluster(void **st)
     assert_int_equal(ctl("cluster down"), 0);
     assert_non_null(strstr(out, "0 processes stopped"));
     /* up again: the model is reused, not made again */
-    assert_int_equal(ctl("cluster up --local --timeout 120"), 0);
+    assert_int_equal(ctl("cluster up --local --timeout 120 --watch-pid %d", (int)getpid()), 0);
     assert_null(strstr(err, "making it"));
     assert_int_equal(ctl("generate --text 'again' --max-tokens 2"), 0);
     assert_int_equal(ctl("cluster down"), 0);
     assert_non_null(strstr(out, "3 processes stopped"));
+}
+
+/* A cluster tied to a process (--watch-pid) goes down by itself when that process ends: what a
+ * test killed at its timeout must not leave behind. */
+static void test_ctl_watch_pid(void **st)
+{
+    pid_t child = fork();
+    if (child == 0) {
+        pause(); /* the process the cluster is tied to */
+        _exit(0);
+    }
+    assert_true(child > 0);
+    int rc = ctl("cluster up --local --timeout 120 --watch-pid %d", (int)child);
+    if (rc != 0)
+        kill(child, SIGKILL);
+    assert_int_equal(rc, 0);
+    struct rec r[64];
+    int n = recorded(r, 64);
+    assert_int_equal(n, 3);
+    kill(child, SIGKILL);
+    waitpid(child, NULL, 0);
+    int left = n;
+    for (int i = 0; i < 200 && left; i++) {
+        sleep_ms(100);
+        left = 0;
+        for (int k = 0; k < n; k++)
+            left += alive(&r[k]);
+    }
+    assert_int_equal(left, 0);
+    char p[256];
+    struct stat sb;
+    snprintf(p, sizeof(p), "%s/cluster.env", state);
+    for (int i = 0; i < 50 && stat(p, &sb) == 0; i++)
+        sleep_ms(100);
+    assert_int_not_equal(stat(p, &sb), 0); /* its runtime state removed too */
 }
 
 int main(void)
@@ -569,6 +619,7 @@ int main(void)
     }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_ctl_cluster, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_ctl_watch_pid, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -40,8 +40,10 @@ def main():
         import health_pb2
         import health_pb2_grpc
 
+        # --watch-pid: killed at a timeout, this test still leaves nothing running
         up = subprocess.run([ctl, "cluster", "up", "--local", "--dir", state, "--json",
-                             "--timeout", "120"], capture_output=True, text=True, cwd=tmp)
+                             "--timeout", "120", "--watch-pid", str(os.getpid())],
+                            capture_output=True, text=True, cwd=tmp)
         assert up.returncode == 0, f"cluster up failed:\n{up.stdout}\n{up.stderr}"
         info = json.loads(up.stdout)
         router = info["router"]
