@@ -19,3 +19,16 @@ if(DSV32_HAVE_CUDA)
                              ENVIRONMENT "DSV32_CUDA_MATH=exact")
     endforeach()
 endif()
+
+# The cuda backend's stream discipline (common.cuh, cu_ctx.st): no synchronous copy or memset,
+# which run on the legacy default stream that the backend's non-blocking stream does not wait for
+# (prepare_weight's cudaMemcpy raced the dequantization reading it). A source check: it runs
+# without a GPU too (label unit).
+file(GLOB _dsv32_cuda_srcs ${PROJECT_SOURCE_DIR}/daemon/engine/cuda/*.cu
+     ${PROJECT_SOURCE_DIR}/daemon/engine/cuda/*.cuh)
+set(_dsv32_sync_calls "Memcpy|Memcpy2D|Memcpy3D|MemcpyPeer|MemcpyToSymbol|MemcpyFromSymbol")
+string(APPEND _dsv32_sync_calls "|Memset|Memset2D|Memset3D")
+add_test(NAME cuda_stream_lint
+         COMMAND sh -c "grep -nE 'cuda(${_dsv32_sync_calls})[[:space:]]*\\(' \"$@\"; test $? -eq 1"
+                 sh ${_dsv32_cuda_srcs})
+set_tests_properties(cuda_stream_lint PROPERTIES LABELS unit TIMEOUT 30)

@@ -429,6 +429,125 @@ static int want(const char *name)
     return 1;
 }
 
+/* ---- weight upload ---- */
+
+/* A weight of random bits (fast to draw at tens of megabytes): finite values, |v| < 2, no f32
+ * subnormals (a flush on either side would be a difference of its own) */
+static void upload_make(struct tw *t, enum dsv32_dtype dt, int64_t rows, int64_t cols)
+{
+    memset(t, 0, sizeof(*t));
+    const size_t n = (size_t)(rows * cols);
+    t->w.name = "upload";
+    t->w.dtype = dt;
+    t->w.rows = rows;
+    t->w.cols = cols;
+    if (dt == DSV32_DT_F8_E4M3) {
+        uint8_t *q = malloc(n);
+        rnd_e4m3_fill(q, n);
+        const size_t ns = (size_t)((rows + 127) / 128) * (size_t)((cols + 127) / 128);
+        t->scale = malloc(sizeof(float) * ns);
+        for (size_t i = 0; i < ns; i++)
+            t->scale[i] = ldexpf(1.0f + (float)rnd_u(), -8 - rnd_int(4));
+        t->data = q;
+        t->w.scale = t->scale;
+    } else if (dt == DSV32_DT_BF16) {
+        uint16_t *h = malloc(2 * n);
+        for (size_t i = 0; i < n; i += 4) {
+            const uint64_t r = rnd64();
+            for (size_t j = 0; j < 4 && i + j < n; j++)
+                h[i + j] = (uint16_t)(r >> (16 * j)) & 0xbfff;
+        }
+        t->data = h;
+    } else {
+        uint32_t *f = malloc(4 * n);
+        for (size_t i = 0; i < n; i++) {
+            const uint64_t r = rnd64();
+            /* exponent 100..127: normal */
+            f[i] = (uint32_t)(r & 0x807fffffu) | (uint32_t)(100 + (r >> 32) % 28) << 23;
+        }
+        t->data = f;
+    }
+    t->w.data = t->data;
+    t->wc = t->w;
+    t->wg = t->w;
+}
+
+/* prepare_weight uploads the host data and (exact mode) dequantizes it on the device. The copy
+ * must be ordered before the dequantization: a copy on the legacy default stream is not ordered
+ * with the backend's non-blocking stream, and cudaMemcpy from pageable memory returns before its
+ * DMA lands, so a dequantization launched right after it could read what the allocation held
+ * before (a previous weight's bytes). With cudaMemcpy there, 21 of 300 uploads of a 2048 x 128
+ * bf16 weight (the tiny models' indexer wq_b) came out corrupted on an H200, and whole golden
+ * runs of tiny-bf16 failed (docs/GPU-NOTES.md, 2026-11-28). Here: the tiny models' weight shapes
+ * thousands of times and a few large ones, each with fresh data, prepared where earlier ones were
+ * just freed (their bytes are what a racing read finds), read back through embed and compared
+ * bit for bit with the cpu's prepared form. */
+static void test_upload(void)
+{
+    if (!want("weight upload (exact): prepared weights equal the cpu's, bit for bit"))
+        return;
+    struct dsv32_config cfg;
+    cfg_tiny(&cfg);
+    struct pair p;
+    TRY(pair_new(&p, &cfg, 1, 0));
+    static const struct {
+        enum dsv32_dtype dt;
+        int rows, cols, uploads;
+    } shapes[] = {
+        {DSV32_DT_BF16, 1, 256, 1500},      {DSV32_DT_F32, 1, 16, 500},
+        {DSV32_DT_BF16, 128, 256, 2000},    {DSV32_DT_BF16, 256, 128, 1000},
+        {DSV32_DT_BF16, 2048, 128, 300},    {DSV32_DT_F8_E4M3, 256, 128, 500},
+        {DSV32_DT_BF16, 1024, 1024, 40},    {DSV32_DT_BF16, 4096, 2048, 4},
+        {DSV32_DT_F8_E4M3, 4096, 4096, 4},  {DSV32_DT_F32, 2048, 4096, 4},
+    };
+    const int n_shapes = (int)(sizeof(shapes) / sizeof(shapes[0]));
+    size_t max_n = 0;
+    for (int s = 0; s < n_shapes; s++)
+        if ((size_t)shapes[s].rows * shapes[s].cols > max_n)
+            max_n = (size_t)shapes[s].rows * shapes[s].cols;
+    float *poison = malloc(sizeof(float) * max_n), *yg = malloc(sizeof(float) * max_n);
+    int32_t *ids = malloc(sizeof(int32_t) * 4096);
+    memset(poison, 0xff, sizeof(float) * max_n);
+    for (int i = 0; i < 4096; i++)
+        ids[i] = i;
+    float *dy = dev_nan(p.gpu, sizeof(float) * max_n);
+    int32_t *dids = dev_put(p.gpu, ids, sizeof(int32_t) * 4096);
+    for (int s = 0; s < n_shapes; s++) {
+        const int rows = shapes[s].rows, cols = shapes[s].cols;
+        const size_t n = (size_t)rows * cols;
+        long bad = 0, bad_weights = 0;
+        for (int u = 0; u < shapes[s].uploads; u++) {
+            struct tw t;
+            upload_make(&t, shapes[s].dt, rows, cols);
+            TRY(tw_prepare(&t, &p));
+            TRY(p.gpu->ops->to_device(p.gpu, dy, poison, sizeof(float) * n));
+            TRY(p.gpu->ops->embed(p.gpu, dy, dids, rows, &t.wg));
+            dev_get(p.gpu, yg, dy, sizeof(float) * n);
+            const float *yc = t.wc.be; /* the cpu backend's prepared form: f32 */
+            long b = 0;
+            if (memcmp(yg, yc, sizeof(float) * n) != 0)
+                for (size_t i = 0; i < n; i++)
+                    b += memcmp(&yg[i], &yc[i], sizeof(float)) != 0;
+            bad += b;
+            bad_weights += b > 0;
+            tw_done(&t, &p);
+        }
+        char what[96];
+        snprintf(what, sizeof(what), "%s %d x %d, %d uploads", dsv32_dtype_name(shapes[s].dt), rows,
+                 cols, shapes[s].uploads);
+        printf("  %-58s %ld elements differ (in %ld uploads) %s\n", what, bad, bad_weights,
+               bad ? "FAIL" : "ok");
+        CHECK(bad == 0, "%s: %ld elements in %ld uploads differ from the host data", what, bad,
+              bad_weights);
+    }
+    dev_free(p.gpu, dy);
+    dev_free(p.gpu, dids);
+    free(poison);
+    free(yg);
+    free(ids);
+    pair_free(&p);
+}
+
 /* ---- small ops ---- */
 
 static void test_small_ops(void)
@@ -1750,6 +1869,7 @@ int main(int argc, char **argv)
     }
     rng_state = seed;
     printf("test_cuda_ops: seed %llu (rerun with --seed to reproduce)\n", (unsigned long long)seed);
+    test_upload();
     test_small_ops();
     test_quant();
     test_gemm();

@@ -120,7 +120,11 @@ int cu_probe_begin(struct cu_ctx *c, struct cu_probe *out)
             return -ENOMEM;
         for (int i = 0; i < n; i++)
             h[i] = make_int3(p->flips[lo + i].sub, p->flips[lo + i].row, p->flips[lo + i].col);
-        cudaError_t e = cudaMemcpy(c->probe_flips, h, sizeof(int3) * (size_t)n, cudaMemcpyHostToDevice);
+        /* in stream order: the op's kernel reads them next; h is read until the copy is done */
+        cudaError_t e = cudaMemcpyAsync(c->probe_flips, h, sizeof(int3) * (size_t)n,
+                                        cudaMemcpyHostToDevice, c->st);
+        if (e == cudaSuccess)
+            e = cudaStreamSynchronize(c->st);
         free(h);
         CU_CHECK(e);
     }
@@ -159,7 +163,9 @@ int cu_probe_end(struct cu_ctx *c, const struct cu_probe *pp)
     }
     if (n <= 0 || !p->on_near)
         return 0;
-    CU_CHECK(cudaMemcpy(c->probe_host, c->probe_near, sizeof(int4) * (size_t)n, cudaMemcpyDeviceToHost));
+    CU_CHECK(cudaMemcpyAsync(c->probe_host, c->probe_near, sizeof(int4) * (size_t)n,
+                             cudaMemcpyDeviceToHost, c->st));
+    CU_CHECK(cudaStreamSynchronize(c->st));
     qsort(c->probe_host, (size_t)n, sizeof(int4), near_cmp);
     for (int i = 0; i < n; i++) {
         const int4 e = c->probe_host[i];
@@ -265,12 +271,15 @@ static int cuda_prepare_weight(struct dsv32_backend *be, struct dsv32_weight *w)
     float *dsc = NULL;
     int r = 0;
     const size_t n_sc = (size_t)((w->rows + 127) / 128) * (size_t)((w->cols + 127) / 128);
+    /* The copies go on c->st, in order before the dequantization that reads them (see
+     * common.cuh: a cudaMemcpy would run on the legacy stream, which c->st does not wait for). */
     if (cudaMalloc(&raw, n * esz) != cudaSuccess ||
-        cudaMemcpy(raw, w->data, n * esz, cudaMemcpyHostToDevice) != cudaSuccess)
+        cudaMemcpyAsync(raw, w->data, n * esz, cudaMemcpyHostToDevice, c->st) != cudaSuccess)
         goto cuda_fail;
     if (w->dtype == DSV32_DT_F8_E4M3 && w->scale &&
         (cudaMalloc(&dsc, sizeof(float) * n_sc) != cudaSuccess ||
-         cudaMemcpy(dsc, w->scale, sizeof(float) * n_sc, cudaMemcpyHostToDevice) != cudaSuccess))
+         cudaMemcpyAsync(dsc, w->scale, sizeof(float) * n_sc, cudaMemcpyHostToDevice, c->st) !=
+             cudaSuccess))
         goto cuda_fail;
     if (c->fast && !is_vec && w->dtype == DSV32_DT_F8_E4M3 && dsc && w->cols % 128 == 0 && w->rows % 16 == 0) {
         cw->fp8 = (uint8_t *)raw;
@@ -282,8 +291,11 @@ static int cuda_prepare_weight(struct dsv32_backend *be, struct dsv32_weight *w)
             goto cuda_fail;
         if ((r = cu_dequant(c, cw->f32, NULL, raw, w->dtype, dsc, w->rows, w->cols)) < 0)
             goto fail;
-        if (cudaStreamSynchronize(c->st) != cudaSuccess)
-            goto cuda_fail;
+    }
+    /* done with the host data and with raw/dsc when the dequantized form was kept */
+    if (cudaStreamSynchronize(c->st) != cudaSuccess)
+        goto cuda_fail;
+    if (cw->f32) {
         cudaFree(raw);
         cudaFree(dsc);
     }
@@ -582,8 +594,9 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
     {
         const size_t tb = sizeof(float) * (size_t)c->n_pos * (size_t)(cfg->qk_rope_head_dim / 2);
         if (cudaMalloc(&c->rope_cos, tb) != cudaSuccess || cudaMalloc(&c->rope_sin, tb) != cudaSuccess ||
-            cudaMemcpy(c->rope_cos, hc, tb, cudaMemcpyHostToDevice) != cudaSuccess ||
-            cudaMemcpy(c->rope_sin, hs, tb, cudaMemcpyHostToDevice) != cudaSuccess) {
+            cudaMemcpyAsync(c->rope_cos, hc, tb, cudaMemcpyHostToDevice, c->st) != cudaSuccess ||
+            cudaMemcpyAsync(c->rope_sin, hs, tb, cudaMemcpyHostToDevice, c->st) != cudaSuccess ||
+            cudaStreamSynchronize(c->st) != cudaSuccess) {
             log_error("cuda: RoPE tables: %s", cudaGetErrorString(cudaGetLastError()));
             goto fail;
         }
@@ -769,7 +782,10 @@ extern "C" int dsv32_cuda_weight_random(struct dsv32_backend *be, struct dsv32_w
             }
             for (size_t i = 0; i < n_sc; i++)
                 h[i] = ldexpf(1.0f, e - 1);
-            cudaError_t ce = cudaMemcpy(cw->scale, h, sizeof(float) * n_sc, cudaMemcpyHostToDevice);
+            cudaError_t ce =
+                cudaMemcpyAsync(cw->scale, h, sizeof(float) * n_sc, cudaMemcpyHostToDevice, c->st);
+            if (ce == cudaSuccess)
+                ce = cudaStreamSynchronize(c->st); /* h is read until then */
             free(h);
             if (ce != cudaSuccess) {
                 r = DSV32_ECUDA;
@@ -795,7 +811,10 @@ extern "C" int dsv32_cuda_weight_random(struct dsv32_backend *be, struct dsv32_w
             }
             for (size_t i = 0; i < n; i++)
                 h[i] = 1.0f;
-            cudaError_t ce = cudaMemcpy(cw->f32, h, sizeof(float) * n, cudaMemcpyHostToDevice);
+            cudaError_t ce =
+                cudaMemcpyAsync(cw->f32, h, sizeof(float) * n, cudaMemcpyHostToDevice, c->st);
+            if (ce == cudaSuccess)
+                ce = cudaStreamSynchronize(c->st); /* h is read until then */
             free(h);
             if (ce != cudaSuccess) {
                 r = DSV32_ECUDA;

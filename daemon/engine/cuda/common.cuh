@@ -100,6 +100,13 @@ struct cu_ctx {
     int fast;                  /* numerics mode: 0 exact, 1 fast */
     int indexer_fp8;           /* fast indexer variant: FP8 mma instead of f16 mma */
     int lt_fp8;                /* fast mode may use cuBLASLt block-scaled FP8 (when calibrated) */
+    /* Every kernel, copy and memset of the backend runs on st, created cudaStreamNonBlocking: it
+     * does not wait for the legacy default stream, where cudaMemcpy and cudaMemset run. A
+     * cudaMemcpy from pageable memory returns before its DMA has landed, so a kernel launched on
+     * st right after it can read the destination's old bytes (the cause of tiny-bf16's
+     * run-to-run golden failures: prepare_weight's upload raced its dequantization). Hence only
+     * *Async copies on st here: the ctest cuda_stream_lint checks the sources for synchronous
+     * ones, test_cuda_ops --only upload checks prepared weights bit for bit. */
     cudaStream_t st;
     cublasHandle_t blas;
     cublasLtHandle_t lt;

@@ -76,17 +76,22 @@ static int expert_table(struct cu_ctx *c, const struct dsv32_ffn_weights *expert
         }
         hl[e] = 1;
     }
+    /* the tables go on c->st, ahead of the kernels that read them (common.cuh), and are in place
+     * before hw, hs and hl are freed */
     for (int i = 0; i < 3; i++) {
         if (cudaMalloc(&t->d_w[i], sizeof(void *) * (size_t)E) != cudaSuccess ||
             cudaMalloc(&t->d_s[i], sizeof(float *) * (size_t)E) != cudaSuccess ||
-            cudaMemcpy(t->d_w[i], hw + (size_t)i * E, sizeof(void *) * (size_t)E, cudaMemcpyHostToDevice) != cudaSuccess ||
-            cudaMemcpy(t->d_s[i], hs + (size_t)i * E, sizeof(float *) * (size_t)E, cudaMemcpyHostToDevice) != cudaSuccess) {
+            cudaMemcpyAsync(t->d_w[i], hw + (size_t)i * E, sizeof(void *) * (size_t)E,
+                            cudaMemcpyHostToDevice, c->st) != cudaSuccess ||
+            cudaMemcpyAsync(t->d_s[i], hs + (size_t)i * E, sizeof(float *) * (size_t)E,
+                            cudaMemcpyHostToDevice, c->st) != cudaSuccess) {
             r = DSV32_ECUDA;
             goto fail;
         }
     }
     if (cudaMalloc(&t->d_loaded, (size_t)E) != cudaSuccess ||
-        cudaMemcpy(t->d_loaded, hl, (size_t)E, cudaMemcpyHostToDevice) != cudaSuccess) {
+        cudaMemcpyAsync(t->d_loaded, hl, (size_t)E, cudaMemcpyHostToDevice, c->st) != cudaSuccess ||
+        cudaStreamSynchronize(c->st) != cudaSuccess) {
         r = DSV32_ECUDA;
         goto fail;
     }
