@@ -552,10 +552,38 @@ static void ep_stop(struct attn *a)
     }
 }
 
+/* --ep-stats: the counters and the routed load, written whole (a temporary file renamed). */
+static void ep_write_stats(struct attn *a)
+{
+    char *json = dsv32_ep_client_stats_json(a->client), tmp[4200];
+    snprintf(tmp, sizeof(tmp), "%s.tmp", a->cfg.ep_stats);
+    FILE *f = json ? fopen(tmp, "w") : NULL;
+    int ok = f && fputs(json, f) >= 0 && fputc('\n', f) != EOF;
+    if (f && fclose(f) != 0)
+        ok = 0;
+    if (ok && rename(tmp, a->cfg.ep_stats) == 0) {
+        log_info("EP stats written to %s", a->cfg.ep_stats);
+    } else {
+        log_error("--ep-stats %s: cannot write it", a->cfg.ep_stats);
+        unlink(tmp);
+    }
+    free(json);
+}
+
 static void ep_free(struct attn *a)
 {
     if (!a->cfg.ep_group)
         return;
+    if (a->client) {
+        struct dsv32_ep_stats st;
+        dsv32_ep_client_get_stats(a->client, &st);
+        log_info("EP: %llu steps (%llu idle), %llu MoE layers with rows, %.1f us each",
+                 (unsigned long long)st.steps, (unsigned long long)st.idle_steps,
+                 (unsigned long long)st.moe_calls,
+                 st.moe_calls ? (double)st.moe_ns / 1e3 / (double)st.moe_calls : 0.0);
+        if (a->cfg.ep_stats)
+            ep_write_stats(a);
+    }
     dsv32_ep_client_free(a->client);
     dsv32_comm_free(a->comm);
     dsv32_comm_tcp_listener_free(a->lis);

@@ -27,6 +27,8 @@ struct attn_config {
     const char *ep_group;      /* NULL: experts in this process */
     const char *comm_host;     /* host of the EP transport listener (tcp) */
     int ep_timeout_ms;         /* an exchange with no answer for this long: the peer failed */
+    const char *ep_stats;      /* at exit, the EP counters and routed load written here as JSON
+                                * (dsv32-router --ep-load reads them) */
 };
 
 struct attn;

@@ -26,7 +26,7 @@ static void usage(FILE *f)
             "                  [--max-seq-len N] [--kv-blocks N] [--max-queue N] [--tokenizer DIR]\n"
             "                  [--port-file PATH] [--etcd HOST:PORT --cluster NAME [--lease-ttl S]\n"
             "                  [--advertise HOST:PORT] [--ep-group G [--comm-host HOST]\n"
-            "                  [--ep-timeout-ms N]]] [--cpu-threads N]\n"
+            "                  [--ep-timeout-ms N] [--ep-stats FILE]]] [--cpu-threads N]\n"
             "                  [--log-level error|warn|info|debug]\n");
 }
 
@@ -47,6 +47,7 @@ int main(int argc, char **argv)
         {"advertise", required_argument, 0, 11},     {"log-level", required_argument, 0, 12},
         {"ep-group", required_argument, 0, 13},      {"comm-host", required_argument, 0, 14},
         {"ep-timeout-ms", required_argument, 0, 15}, {"cpu-threads", required_argument, 0, 16},
+        {"ep-stats", required_argument, 0, 17},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     int c;
     dsv32_log_set_ident("dsv32-attn");
@@ -82,9 +83,14 @@ int main(int argc, char **argv)
         case 14: cfg.comm_host = optarg; break;
         case 15: cfg.ep_timeout_ms = atoi(optarg); break;
         case 16: cfg.cpu_threads = atoi(optarg); break;
+        case 17: cfg.ep_stats = optarg; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
+    }
+    if (cfg.ep_stats && !cfg.ep_group) {
+        fprintf(stderr, "dsv32-attn: --ep-stats needs --ep-group\n");
+        return 2;
     }
     if (!cfg.model_dir || optind != argc || (strcmp(cfg.role, "both") && strcmp(cfg.role, "prefill") &&
                                              strcmp(cfg.role, "decode"))) {

@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define EP_DISPATCH 0x44504531u /* "1EPD" */
 #define EP_COMBINE 0x43504531u
@@ -273,7 +274,16 @@ struct dsv32_ep_client {
     struct growbuf rows; /* per shard, the local row of each dispatched row */
     struct growbuf xh, yh;
     struct dsv32_ep_stats st;
+    uint64_t *expert_pairs;                        /* (n_layers, n_experts) */
+    uint64_t shard_pairs[DSV32_COMM_MAX_WORLD];    /* per shard of the current placement */
 };
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 void dsv32_ep_client_free(struct dsv32_ep_client *c)
 {
@@ -286,6 +296,7 @@ void dsv32_ep_client_free(struct dsv32_ep_client *c)
     free(c->xh.p);
     free(c->yh.p);
     free(c->moe);
+    free(c->expert_pairs);
     dsv32_placement_done(&c->pl);
     free(c);
 }
@@ -322,8 +333,10 @@ int dsv32_ep_client_new(struct dsv32_comm *comm, int n_attn, const struct dsv32_
     c->wire = wire;
     c->timeout_ms = timeout_ms;
     c->out = calloc((size_t)c->n_shards, sizeof(*c->out));
+    c->expert_pairs = calloc((size_t)pl->n_layers * (size_t)(pl->n_experts ? pl->n_experts : 1),
+                             sizeof(uint64_t));
     int r = moe_layers(cfg, &c->moe);
-    if (!c->out || r < 0 || copy_placement(&c->pl, pl) < 0) {
+    if (!c->out || !c->expert_pairs || r < 0 || copy_placement(&c->pl, pl) < 0) {
         dsv32_ep_client_free(c);
         return -ENOMEM;
     }
@@ -344,6 +357,8 @@ int dsv32_ep_client_rebind(struct dsv32_ep_client *c, struct dsv32_comm *comm, i
         if (r < 0)
             return r;
     }
+    if (pl || c->n_shards != comm->world - n_attn) /* other shards: their counts start again */
+        memset(c->shard_pairs, 0, sizeof(c->shard_pairs));
     c->comm = comm;
     c->n_attn = n_attn;
     c->n_shards = comm->world - n_attn;
@@ -409,8 +424,12 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
                     int n_rep = 0;
                     while (n_rep < c->pl.max_replicas && ow[n_rep] >= 0)
                         n_rep++;
-                    if (ow[(r + j) % n_rep] != s)
+                    if (ow[(r + j) % n_rep] != s) {
                         e = -1;
+                    } else {
+                        c->shard_pairs[s]++;
+                        c->expert_pairs[(size_t)layer * c->pl.n_experts + e]++;
+                    }
                 }
                 memcpy(pairs + ((size_t)i * k + j) * 8, &e, 4);
                 memcpy(pairs + ((size_t)i * k + j) * 8 + 4, &wt, 4);
@@ -473,6 +492,7 @@ int dsv32_ep_moe_routed(void *ctx, int layer, float *y, const float *x, int rows
     const int D = c->cfg->hidden_size;
     const struct dsv32_backend_ops *ops = c->be->ops;
     int host = strcmp(ops->name, "cpu") == 0;
+    const uint64_t t0 = mono_ns();
     float *xh = (float *)x, *yh = y;
     if (!host) {
         xh = grow(&c->xh, sizeof(float) * (size_t)rows * D);
@@ -487,8 +507,10 @@ int dsv32_ep_moe_routed(void *ctx, int layer, float *y, const float *x, int rows
     if (r < 0)
         return r;
     advance(c);
-    if (!host)
-        return ops->to_device(c->be, y, yh, sizeof(float) * (size_t)rows * D);
+    if (!host && (r = ops->to_device(c->be, y, yh, sizeof(float) * (size_t)rows * D)) < 0)
+        return r;
+    c->st.moe_calls++;
+    c->st.moe_ns += mono_ns() - t0;
     return 0;
 }
 
@@ -523,6 +545,66 @@ void dsv32_ep_client_step_failed(struct dsv32_ep_client *c)
 void dsv32_ep_client_get_stats(const struct dsv32_ep_client *c, struct dsv32_ep_stats *out)
 {
     *out = c->st;
+}
+
+char *dsv32_ep_client_stats_json(const struct dsv32_ep_client *c)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "steps", (double)c->st.steps);
+    cJSON_AddNumberToObject(o, "idle_steps", (double)c->st.idle_steps);
+    cJSON_AddNumberToObject(o, "rows_sent", (double)c->st.rows_sent);
+    cJSON_AddNumberToObject(o, "exchanges", (double)c->st.exchanges);
+    cJSON_AddNumberToObject(o, "moe_calls", (double)c->st.moe_calls);
+    cJSON_AddNumberToObject(o, "moe_us", (double)(c->st.moe_ns / 1000));
+    cJSON_AddNumberToObject(o, "layers", c->pl.n_layers);
+    cJSON_AddNumberToObject(o, "experts", c->pl.n_experts);
+    cJSON *sp = cJSON_AddArrayToObject(o, "shard_pairs");
+    for (int s = 0; sp && s < c->n_shards; s++)
+        cJSON_AddItemToArray(sp, cJSON_CreateNumber((double)c->shard_pairs[s]));
+    cJSON *ep = cJSON_AddArrayToObject(o, "expert_pairs");
+    for (int l = 0; ep && l < c->pl.n_layers; l++) {
+        cJSON *la = cJSON_CreateArray();
+        int moe = 0;
+        for (int i = 0; i < c->n_moe; i++)
+            moe |= c->moe[i] == l;
+        for (int e = 0; moe && la && e < c->pl.n_experts; e++)
+            cJSON_AddItemToArray(la, cJSON_CreateNumber(
+                                         (double)c->expert_pairs[(size_t)l * c->pl.n_experts + e]));
+        cJSON_AddItemToArray(ep, la);
+    }
+    char *t = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    return t;
+}
+
+int dsv32_ep_load_add_json(const char *json, const struct dsv32_config *cfg, double *load)
+{
+    const int L = cfg->num_hidden_layers, E = cfg->n_routed_experts;
+    cJSON *o = cJSON_Parse(json);
+    const cJSON *ep = cJSON_GetObjectItem(o, "expert_pairs");
+    int r = DSV32_EFORMAT;
+    if (!cJSON_IsArray(ep) || cJSON_GetArraySize(ep) != L)
+        goto out;
+    for (int l = 0; l < L; l++) { /* checked whole before anything is added */
+        const cJSON *la = cJSON_GetArrayItem(ep, l);
+        int n = cJSON_IsArray(la) ? cJSON_GetArraySize(la) : -1;
+        if (n != (dsv32_config_is_moe_layer(cfg, l) ? E : 0))
+            goto out;
+        for (int e = 0; e < n; e++) {
+            const cJSON *v = cJSON_GetArrayItem(la, e);
+            if (!cJSON_IsNumber(v) || v->valuedouble < 0)
+                goto out;
+        }
+    }
+    for (int l = 0; l < L; l++) {
+        const cJSON *la = cJSON_GetArrayItem(ep, l);
+        for (int e = 0; e < cJSON_GetArraySize(la); e++)
+            load[(size_t)l * E + e] += cJSON_GetArrayItem(la, e)->valuedouble;
+    }
+    r = 0;
+out:
+    cJSON_Delete(o);
+    return r;
 }
 
 /* ---- shard side ---- */

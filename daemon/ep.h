@@ -48,6 +48,8 @@ enum dsv32_ep_wire { DSV32_EP_WIRE_F32 = 0, DSV32_EP_WIRE_BF16 = 1 };
 
 struct dsv32_ep_stats {
     uint64_t steps, idle_steps, rows_sent, exchanges;
+    uint64_t moe_calls;   /* MoE layers this member took part in with rows */
+    uint64_t moe_ns;      /* their wall time: pack, dispatch, the shards' compute, combine */
 };
 
 /* ---- the attention side ---- */
@@ -71,6 +73,13 @@ int dsv32_ep_client_idle_step(struct dsv32_ep_client *c);
  * step, so the communicator is aborted (every member fails over to the next epoch). */
 void dsv32_ep_client_step_failed(struct dsv32_ep_client *c);
 void dsv32_ep_client_get_stats(const struct dsv32_ep_client *c, struct dsv32_ep_stats *out);
+/* The counters above plus the routed load since the client was made: (expert, row) pairs sent per
+ * shard of the current placement ("shard_pairs") and per (layer, expert) ("expert_pairs", one
+ * array per layer, empty for dense layers), as JSON text (free()), or NULL without memory. */
+char *dsv32_ep_client_stats_json(const struct dsv32_ep_client *c);
+/* Adds the "expert_pairs" of a stats JSON text into load (n_layers x n_experts of cfg), the input
+ * of dsv32_placement_build; DSV32_EFORMAT when the text is not such a record for this config. */
+int dsv32_ep_load_add_json(const char *json, const struct dsv32_config *cfg, double *load);
 
 /* ---- the expert-shard side ---- */
 struct dsv32_ep_server;

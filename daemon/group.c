@@ -258,7 +258,7 @@ static int cmp_member(const void *a, const void *b)
 
 int dsv32_group_lead(struct dsv32_etcd *e, const char *cluster, const char *group,
                      const struct dsv32_config *cfg, const char *transport, int redundant,
-                     uint64_t *ret_epoch)
+                     const double *load, uint64_t *ret_epoch)
 {
     char key[512], prefix[512];
     struct dsv32_etcd_range cand = {0};
@@ -344,7 +344,7 @@ int dsv32_group_lead(struct dsv32_etcd *e, const char *cluster, const char *grou
     }
     next->epoch = cur_n + 1;
     if (next->n_shards > 0 &&
-        (r = dsv32_placement_build(cfg, next->n_shards, redundant, NULL, &next->placement)) < 0)
+        (r = dsv32_placement_build(cfg, next->n_shards, redundant, load, &next->placement)) < 0)
         goto out;
     if (strcmp(transport, "nccl") == 0 && (r = dsv32_comm_nccl_unique_id(next->nccl_id)) < 0)
         goto out;

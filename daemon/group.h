@@ -70,10 +70,12 @@ int dsv32_group_request_new_epoch(struct dsv32_etcd *e, const char *cluster, con
 
 /* Reads the candidates (the live ones: their keys exist) and the current epoch; when they differ
  * publishes epoch current + 1 with members sorted (attn by id, then expert by id), a balanced
- * placement for the model config (redundant copies of `redundant` experts per layer) and, for
- * nccl, a fresh unique id. Returns the epoch now current (0: none), or <0. */
+ * placement for the model config (redundant copies of `redundant` experts per layer; balanced
+ * by `load`, (n_layers, n_experts) routed pairs as dsv32_ep_load_add_json reads them, when not
+ * NULL, else by count) and, for nccl, a fresh unique id. Returns the epoch now current (0: none),
+ * or <0. */
 int dsv32_group_lead(struct dsv32_etcd *e, const char *cluster, const char *group,
                      const struct dsv32_config *cfg, const char *transport, int redundant,
-                     uint64_t *ret_epoch);
+                     const double *load, uint64_t *ret_epoch);
 
 #endif

@@ -25,7 +25,8 @@ static void usage(FILE *f)
                "                    [--admin-allow-remote] [--max-inflight N] [--max-attempts N]\n"
                "                    [--context N] [--tokenizer DIR] [--port-file PATH]\n"
                "                    [--lease-ttl S] [--log-level error|warn|info|debug]\n"
-               "                    [--ep-group G [--ep-transport tcp|nccl] [--ep-redundant N]]\n");
+               "                    [--ep-group G [--ep-transport tcp|nccl] [--ep-redundant N]\n"
+               "                     [--ep-load STATS[,STATS...]]]\n");
 }
 
 int main(int argc, char **argv)
@@ -42,7 +43,7 @@ int main(int argc, char **argv)
         {"port-file", required_argument, 0, 8},    {"lease-ttl", required_argument, 0, 9},
         {"log-level", required_argument, 0, 10},   {"model-name", required_argument, 0, 11},
         {"ep-group", required_argument, 0, 12},    {"ep-transport", required_argument, 0, 13},
-        {"ep-redundant", required_argument, 0, 14},
+        {"ep-redundant", required_argument, 0, 14}, {"ep-load", required_argument, 0, 15},
         {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
     static char token_buf[256];
     int c;
@@ -92,6 +93,7 @@ int main(int argc, char **argv)
             cfg.ep_transport = optarg;
             break;
         case 14: cfg.ep_redundant = atoi(optarg); break;
+        case 15: cfg.ep_load = optarg; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }

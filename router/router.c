@@ -4,6 +4,7 @@
 #include "router.h"
 
 #include "error.h"
+#include "ep.h"
 #include "group.h"
 #include "log.h"
 #include "notify.h"
@@ -30,7 +31,7 @@ static void *leader_main(void *arg)
         }
         uint64_t ep = 0;
         int rc = dsv32_group_lead(r->etcd, r->cfg.cluster, r->cfg.ep_group, &r->mcfg,
-                                  r->cfg.ep_transport, r->cfg.ep_redundant, &ep);
+                                  r->cfg.ep_transport, r->cfg.ep_redundant, r->ep_load, &ep);
         if (rc == 0)
             atomic_store(&r->epoch, ep);
         else if (rc != DSV32_EEPOCH)
@@ -61,9 +62,46 @@ void router_free(struct router *r)
         dsv32_rpc_client_free(r->clients[i].c);
     dsv32_etcd_free(r->etcd);
     dsv32_tok_free(r->tok);
+    free(r->ep_load);
     dsv32_notify_watchdog_stop(r->watchdog);
     pthread_mutex_destroy(&r->lock);
     free(r);
+}
+
+/* Sums the routed load of the --ep-stats files in `list` (comma-separated) into r->ep_load. */
+static int read_ep_load(struct router *r, const char *list)
+{
+    const size_t n = (size_t)r->mcfg.num_hidden_layers * (size_t)r->mcfg.n_routed_experts;
+    r->ep_load = calloc(n ? n : 1, sizeof(double));
+    char *copy = strdup(list);
+    int rc = r->ep_load && copy ? 0 : -ENOMEM;
+    char *save = NULL;
+    for (char *path = copy ? strtok_r(copy, ",", &save) : NULL; path && rc == 0;
+         path = strtok_r(NULL, ",", &save)) {
+        FILE *f = fopen(path, "rb");
+        char *text = NULL;
+        size_t len = 0;
+        if (f) {
+            fseek(f, 0, SEEK_END);
+            long sz = ftell(f);
+            fseek(f, 0, SEEK_SET);
+            text = sz >= 0 ? malloc((size_t)sz + 1) : NULL;
+            len = text ? fread(text, 1, (size_t)sz, f) : 0;
+            fclose(f);
+        }
+        if (!text) {
+            log_error("--ep-load %s: cannot read it", path);
+            rc = -ENOENT;
+            break;
+        }
+        text[len] = 0;
+        if ((rc = dsv32_ep_load_add_json(text, &r->mcfg, r->ep_load)) < 0)
+            log_error("--ep-load %s: not the routed load (dsv32-attn --ep-stats) of this model",
+                      path);
+        free(text);
+    }
+    free(copy);
+    return rc;
 }
 
 int router_new(const struct router_config *cfg, struct router **ret)
@@ -87,6 +125,8 @@ int router_new(const struct router_config *cfg, struct router **ret)
     r->think_end_id = dsv32_tok_token_id(r->tok, "</think>");
     if (r->think_end_id < 0)
         r->think_end_id = -1;
+    if (cfg->ep_load && (rc = read_ep_load(r, cfg->ep_load)) < 0)
+        goto fail;
     if (r->cfg.context <= 0 || r->cfg.context > r->mcfg.max_position_embeddings)
         r->cfg.context = r->mcfg.max_position_embeddings;
     if (r->cfg.max_inflight <= 0)

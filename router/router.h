@@ -35,6 +35,8 @@ struct router_config {
     const char *ep_group;
     const char *ep_transport;   /* "tcp" (default) or "nccl" */
     int ep_redundant;           /* redundant copies of the busiest experts per layer */
+    const char *ep_load;        /* comma-separated dsv32-attn --ep-stats files: the placement
+                                 * balances their summed routed load (NULL: by expert count) */
 };
 
 #define ROUTER_MAX_CLIENTS 256
@@ -71,6 +73,7 @@ struct router {
     pthread_t leader_thread;
     int leader_started;
     atomic_uint_fast64_t epoch;
+    double *ep_load;      /* (n_layers, n_experts) from cfg.ep_load, or NULL */
 };
 
 int router_new(const struct router_config *cfg, struct router **ret);

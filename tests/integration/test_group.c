@@ -87,7 +87,7 @@ static void test_epochs(void **state)
     join("attn", "a-1", 2001, 0);
     join("expert", "x-a", 3000, lease); /* this one goes with its lease */
     uint64_t ep;
-    assert_int_equal(dsv32_group_lead(etcd, "c", "g", &cfg, "tcp", 1, &ep), 0);
+    assert_int_equal(dsv32_group_lead(etcd, "c", "g", &cfg, "tcp", 1, NULL, &ep), 0);
     assert_int_equal(ep, 1);
     struct dsv32_group_epoch *e = current();
     assert_int_equal(e->n_attn, 1);
@@ -103,19 +103,19 @@ static void test_epochs(void **state)
     dsv32_group_epoch_done(e);
     free(e);
     /* nothing changed: no new epoch */
-    assert_int_equal(dsv32_group_lead(etcd, "c", "g", &cfg, "tcp", 1, &ep), 0);
+    assert_int_equal(dsv32_group_lead(etcd, "c", "g", &cfg, "tcp", 1, NULL, &ep), 0);
     assert_int_equal(ep, 1);
     /* a member asks for a fresh epoch of the same members */
     assert_int_equal(dsv32_group_request_new_epoch(etcd, "c", "g", 1), 0);
-    assert_int_equal(dsv32_group_lead(etcd, "c", "g", &cfg, "tcp", 1, &ep), 0);
+    assert_int_equal(dsv32_group_lead(etcd, "c", "g", &cfg, "tcp", 1, NULL, &ep), 0);
     assert_int_equal(ep, 2);
-    assert_int_equal(dsv32_group_lead(etcd, "c", "g", &cfg, "tcp", 1, &ep), 0);
+    assert_int_equal(dsv32_group_lead(etcd, "c", "g", &cfg, "tcp", 1, NULL, &ep), 0);
     assert_int_equal(ep, 2); /* the request was for epoch 1: answered */
     /* x-a's lease expires: the next epoch is without it */
     for (int i = 0; i < 50 && ep == 2; i++) {
         struct timespec ts = {0, 200 * 1000 * 1000};
         nanosleep(&ts, NULL);
-        assert_int_equal(dsv32_group_lead(etcd, "c", "g", &cfg, "tcp", 1, &ep), 0);
+        assert_int_equal(dsv32_group_lead(etcd, "c", "g", &cfg, "tcp", 1, NULL, &ep), 0);
     }
     assert_int_equal(ep, 3);
     e = current();

@@ -230,6 +230,46 @@ static int shard_main(struct group *G, int shard)
     return (r == DSV32_EPEER || (G->nccl && r == DSV32_ETIMEOUT)) && steps > 0 ? 0 : 15;
 }
 
+/* The routed load the client reports adds up: its pairs per shard are the pairs of the experts
+ * each shard holds (only exact without replicas: a replicated expert's pairs are split), the
+ * per-expert record reads back through dsv32_ep_load_add_json with the same total. */
+static int check_stats(const struct dsv32_ep_client *cl, const struct dsv32_config *cfg,
+                       const struct dsv32_placement *pl)
+{
+    char *js = dsv32_ep_client_stats_json(cl);
+    const size_t LE = (size_t)cfg->num_hidden_layers * cfg->n_routed_experts;
+    double *load = calloc(LE, sizeof(double));
+    int ok = js && load && dsv32_ep_load_add_json(js, cfg, load) == 0;
+    double total = 0, per_shard[16] = {0};
+    for (int l = 0; ok && l < cfg->num_hidden_layers; l++)
+        for (int e = 0; e < cfg->n_routed_experts; e++) {
+            double v = load[(size_t)l * cfg->n_routed_experts + e];
+            total += v;
+            if (v > 0 && !dsv32_config_is_moe_layer(cfg, l))
+                ok = 0;
+            if (pl->max_replicas == 1 && v > 0)
+                per_shard[dsv32_placement_owners(pl, l, e)[0]] += v;
+        }
+    /* shard_pairs from the text itself */
+    const char *sp = js ? strstr(js, "\"shard_pairs\":[") : NULL;
+    double sum = 0;
+    for (int s = 0; ok && sp && s < pl->n_shards; s++) {
+        sp += strcspn(sp, "0123456789");
+        double v = strtod(sp, (char **)&sp);
+        sum += v;
+        if (pl->max_replicas == 1 && v != per_shard[s])
+            ok = 0;
+    }
+    if (!sp || total <= 0 || sum != total)
+        ok = 0;
+    if (!ok)
+        fprintf(stderr, "EP stats do not add up: %.0f pairs by expert, %.0f by shard: %s\n",
+                total, sum, js ? js : "(null)");
+    free(js);
+    free(load);
+    return ok ? 0 : -1;
+}
+
 static int attn_main(struct group *G, int a)
 {
     const int world = G->n_attn + G->n_shards;
@@ -285,6 +325,8 @@ static int attn_main(struct group *G, int a)
     dsv32_ep_client_get_stats(cl, &st);
     if (status == 0 && st.steps == 0)
         status = 26;
+    if (status == 0 && (st.moe_calls == 0 || check_stats(cl, &m->cfg, &G->pl) < 0))
+        status = 28;
     dsv32_ep_client_free(cl);
     dsv32_comm_free(c);
     dsv32_engine_free(e);
@@ -370,6 +412,29 @@ static void test_placement(void **state)
     assert_int_equal(dsv32_placement_from_json(js, &q), 0);
     assert_memory_equal(p.owner, q.owner, sizeof(int16_t) * 4 * 16 * 2);
     assert_int_equal(dsv32_placement_from_json("{\"layers\": 1}", &q), DSV32_EFORMAT);
+    /* a routed-load record: only one of this config's shape is read, and a bad one adds nothing */
+    double acc[4 * 16] = {0};
+    assert_int_equal(dsv32_ep_load_add_json("{\"expert_pairs\":[[],[1],[],[]]}", &cfg, acc),
+                     DSV32_EFORMAT);
+    assert_int_equal(dsv32_ep_load_add_json("not json", &cfg, acc), DSV32_EFORMAT);
+    char rec[1024] = "{\"expert_pairs\":[[]";
+    for (int l = 1; l < 4; l++) {
+        strcat(rec, ",[");
+        for (int e = 0; e < 16; e++)
+            snprintf(rec + strlen(rec), sizeof(rec) - strlen(rec), "%s%d", e ? "," : "",
+                     l == 2 && e == 3 ? -1 : l * 100 + e);
+        strcat(rec, "]");
+    }
+    strcat(rec, "]}");
+    assert_int_equal(dsv32_ep_load_add_json(rec, &cfg, acc), DSV32_EFORMAT); /* negative count */
+    for (int i = 0; i < 64; i++)
+        assert_true(acc[i] == 0.0);
+    char *neg = strstr(rec, "-1");
+    memcpy(neg, "23", 2);
+    assert_int_equal(dsv32_ep_load_add_json(rec, &cfg, acc), 0);
+    assert_int_equal(dsv32_ep_load_add_json(rec, &cfg, acc), 0);
+    assert_true(acc[0] == 0.0 && acc[1 * 16 + 5] == 210.0 && acc[2 * 16 + 3] == 2 * 23.0 &&
+                acc[3 * 16 + 15] == 2 * 315.0);
     free(js);
     dsv32_placement_done(&p);
     dsv32_placement_done(&q);
