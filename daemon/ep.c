@@ -359,10 +359,12 @@ int dsv32_ep_client_rebind(struct dsv32_ep_client *c, struct dsv32_comm *comm, i
     }
     if (pl || c->n_shards != comm->world - n_attn) /* other shards: their counts start again */
         memset(c->shard_pairs, 0, sizeof(c->shard_pairs));
+    for (int s = 0; s < c->n_shards; s++)
+        free(c->out[s].p);
+    free(c->out);
     c->comm = comm;
     c->n_attn = n_attn;
     c->n_shards = comm->world - n_attn;
-    free(c->out);
     c->out = calloc((size_t)c->n_shards, sizeof(*c->out));
     c->pos = 0;
     return c->out ? 0 : -ENOMEM;

@@ -49,16 +49,6 @@ static uint64_t mix(uint64_t z)
     return z ^ (z >> 31);
 }
 
-struct rng {
-    uint64_t s;
-};
-
-static uint64_t rng_next(struct rng *r) { return mix(r->s += 0x9e3779b97f4a7c15ull); }
-static float rng_unit(struct rng *r) /* uniform in [-1, 1) */
-{
-    return (float)((int64_t)(rng_next(r) >> 11) - (1ll << 52)) * 0x1.0p-52f;
-}
-
 static uint64_t hash_name(const char *s, uint64_t seed)
 {
     uint64_t h = 1469598103934665603ull ^ seed;
@@ -169,34 +159,51 @@ static float fp8_scale(float amp) { return ldexpf(1.0f, (int)ceilf(log2f(amp / 4
 struct fill_ctx {
     const struct tensor *t;
     uint64_t seed;
-    struct rng rng;
 };
+
+/* Element k of a tensor is mix(s0 + (k + 1) * golden): a counter-based stream, so a chunk of the
+ * file is computed from its offset alone, split over threads (OpenMP where the build has it), and
+ * the bytes do not depend on the chunking or the thread count. */
+#define GOLDEN_GAMMA 0x9e3779b97f4a7c15ull
+static inline float unit_of(uint64_t z) /* uniform in [-1, 1) */
+{
+    return (float)((int64_t)(z >> 11) - (1ll << 52)) * 0x1.0p-52f;
+}
+static inline float unit_at(uint64_t s0, uint64_t k) { return unit_of(mix(s0 + (k + 1) * GOLDEN_GAMMA)); }
 
 static int fill(void *vctx, int i, size_t offset, void *buf, size_t bytes)
 {
     struct fill_ctx *fc = vctx;
     const struct tensor *t = &fc->t[i];
-    if (offset == 0)
-        fc->rng.s = hash_name(t->name, fc->seed);
+    const uint64_t s0 = hash_name(t->name, fc->seed);
     if (t->is_scale) {
         float s = fp8_scale(t->amp);
         for (size_t k = 0; k < bytes / 4; k++)
             memcpy((uint8_t *)buf + 4 * k, &s, 4);
     } else if (t->fp8) {
-        float lim = t->amp / fp8_scale(t->amp);
+        const float lim = t->amp / fp8_scale(t->amp);
         uint8_t *b = buf;
-        for (size_t k = 0; k < bytes; k++)
-            b[k] = dsv32_f32_to_fp8(rng_unit(&fc->rng) * lim);
+        const int64_t n = (int64_t)bytes;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+#endif
+        for (int64_t k = 0; k < n; k++)
+            b[k] = dsv32_f32_to_fp8(unit_at(s0, offset + (uint64_t)k) * lim);
     } else if (t->kind == K_BIAS) {
         for (size_t k = 0; k < bytes / 4; k++) {
-            float v = rng_unit(&fc->rng) * t->amp;
+            float v = unit_at(s0, offset / 4 + k) * t->amp;
             memcpy((uint8_t *)buf + 4 * k, &v, 4);
         }
     } else {
         uint16_t *h = buf;
-        for (size_t k = 0; k < bytes / 2; k++) {
-            float v = t->kind == K_ONES ? 1.0f : t->kind == K_ZEROS ? 0.0f
-                                                                    : rng_unit(&fc->rng) * t->amp;
+        const int64_t n = (int64_t)(bytes / 2);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+#endif
+        for (int64_t k = 0; k < n; k++) {
+            float v = t->kind == K_ONES    ? 1.0f
+                      : t->kind == K_ZEROS ? 0.0f
+                                           : unit_at(s0, offset / 2 + (uint64_t)k) * t->amp;
             h[k] = dsv32_f32_to_bf16(v);
         }
     }
@@ -227,7 +234,7 @@ static int write_shard(const char *dir, const char *file, const struct plan *p, 
     char path[4096];
     snprintf(path, sizeof(path), "%s/%s", dir, file);
     struct fill_ctx fc = {.t = p->t + from, .seed = seed};
-    int r = dsv32_st_write_stream(path, e, n, 4 << 20, fill, &fc);
+    int r = dsv32_st_write_stream(path, e, n, 32 << 20, fill, &fc);
     free(e);
     return r;
 }

@@ -10,6 +10,7 @@
 #include <cblas.h>
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -19,13 +20,30 @@ struct cpu_ctx {
 };
 
 /* Per-thread scratch that grows to the largest request and then stays: the hot path allocates
- * only while the first steps discover their sizes. */
+ * only while the first steps discover their sizes. A thread-specific key's destructor frees a
+ * thread's set when the thread ends (a scheduler thread that stops gives its scratch back). */
 static _Thread_local float *scratch_buf[4];
 static _Thread_local size_t scratch_cap[4];
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_release(void *unused)
+{
+    (void)unused;
+    for (int i = 0; i < 4; i++) {
+        free(scratch_buf[i]);
+        scratch_buf[i] = NULL;
+        scratch_cap[i] = 0;
+    }
+}
+
+static void scratch_key_make(void) { pthread_key_create(&scratch_key, scratch_release); }
 
 static float *scratch(int slot, size_t n)
 {
     if (n > scratch_cap[slot]) {
+        pthread_once(&scratch_once, scratch_key_make);
+        pthread_setspecific(scratch_key, scratch_buf); /* non-NULL: the destructor runs */
         free(scratch_buf[slot]);
         scratch_buf[slot] = aligned_alloc(64, ((n * sizeof(float)) + 63) & ~(size_t)63);
         scratch_cap[slot] = scratch_buf[slot] ? n : 0;
