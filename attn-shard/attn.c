@@ -487,7 +487,8 @@ static void *ep_main(void *arg)
                 r = dsv32_ep_client_rebind(a->client, c, e->n_attn, &e->placement);
             else
                 r = dsv32_ep_client_new(c, e->n_attn, &e->placement, a->engine->cfg, a->engine->be,
-                                        DSV32_EP_WIRE_F32, a->cfg.ep_timeout_ms, &a->client);
+                                        a->cfg.ep_wire_bf16 ? DSV32_EP_WIRE_BF16 : DSV32_EP_WIRE_F32,
+                                        a->cfg.ep_timeout_ms, &a->client);
             if (r == 0) {
                 a->comm = c;
                 a->epoch = e->epoch;
@@ -756,6 +757,52 @@ static void publish_load(struct attn *a)
     dsv32_registry_set_load(a->reg, &l);
 }
 
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* --stats-interval: what the engine did since the last line (nothing when it was idle), as
+ * operators of vLLM or SGLang read it in their logs. */
+static void log_stats(struct attn *a, struct dsv32_sched_stats *last, struct dsv32_ep_stats *last_ep,
+                      double *last_t)
+{
+    struct dsv32_sched_stats st;
+    dsv32_sched_get_stats(a->sched, &st);
+    const double t = now_s(), dt = t - *last_t;
+    const uint64_t steps = st.steps - last->steps;
+    char moe[96] = "";
+    struct dsv32_ep_stats ep = *last_ep;
+    int have_ep = 0;
+    if (a->cfg.ep_group) {
+        /* the lock is held through a whole exchange: never wait for it (again at the next tick) */
+        if (pthread_mutex_trylock(&a->ep_lock) != 0)
+            return;
+        if (a->client) {
+            dsv32_ep_client_get_stats(a->client, &ep);
+            have_ep = ep.moe_calls >= last_ep->moe_calls; /* a new client counts from 0 */
+        }
+        pthread_mutex_unlock(&a->ep_lock);
+    }
+    if (have_ep && ep.moe_calls > last_ep->moe_calls && steps)
+        snprintf(moe, sizeof(moe), ", MoE %.2f ms of it (%.2f ms per layer)",
+                 (double)(ep.moe_ns - last_ep->moe_ns) / 1e6 / (double)steps,
+                 (double)(ep.moe_ns - last_ep->moe_ns) / 1e6 / (double)(ep.moe_calls - last_ep->moe_calls));
+    if (steps)
+        log_info("engine: %.1f prompt tokens/s, %.1f generated tokens/s; %llu steps, %.2f ms each "
+                 "(%.1f rows)%s; %d running, %d queued, KV blocks %d of %d in use",
+                 (double)(st.prompt_tokens - last->prompt_tokens) / dt,
+                 (double)(st.tokens_generated - last->tokens_generated) / dt, (unsigned long long)steps,
+                 (double)(st.step_ns - last->step_ns) / 1e6 / (double)steps,
+                 (double)(st.step_rows - last->step_rows) / (double)steps, moe, st.running, st.queued,
+                 st.total_blocks - st.free_blocks, st.total_blocks);
+    *last = st;
+    *last_ep = ep;
+    *last_t = t;
+}
+
 int attn_run(struct attn *a, volatile int *stop)
 {
     if (a->reg) {
@@ -770,10 +817,16 @@ int attn_run(struct attn *a, volatile int *stop)
     }
     dsv32_notify_ready();
     dsv32_notify_status("serving on %s", a->address);
+    struct dsv32_sched_stats last;
+    dsv32_sched_get_stats(a->sched, &last);
+    struct dsv32_ep_stats last_ep = {0};
+    double last_t = now_s();
     while (!*stop) {
         struct timespec ts = {0, 100 * 1000 * 1000};
         nanosleep(&ts, NULL);
         publish_load(a);
+        if (a->cfg.stats_interval_s > 0 && now_s() - last_t >= a->cfg.stats_interval_s)
+            log_stats(a, &last, &last_ep, &last_t);
     }
     if (a->reg)
         dsv32_registry_set_state(a->reg, DSV32_NODE_DRAINING);

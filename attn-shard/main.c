@@ -26,7 +26,8 @@ static void usage(FILE *f)
             "                  [--max-seq-len N] [--kv-blocks N] [--max-queue N] [--tokenizer DIR]\n"
             "                  [--port-file PATH] [--etcd HOST:PORT --cluster NAME [--lease-ttl S]\n"
             "                  [--advertise HOST:PORT] [--ep-group G [--comm-host HOST]\n"
-            "                  [--ep-timeout-ms N] [--ep-stats FILE]]] [--cpu-threads N]\n"
+            "                  [--ep-timeout-ms N] [--ep-stats FILE] [--ep-wire f32|bf16]]]\n"
+            "                  [--cpu-threads N] [--stats-interval S (10; 0: off)]\n"
             "                  [--log-level error|warn|info|debug]\n");
 }
 
@@ -34,7 +35,7 @@ int main(int argc, char **argv)
 {
     struct attn_config cfg = {.listen = "127.0.0.1:0", .id = "attn-0", .role = "both",
                               .backend = "cpu", .gpu = -1, .cluster = "default",
-                              .lease_ttl_s = 5};
+                              .lease_ttl_s = 5, .stats_interval_s = 10};
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},        {"listen", required_argument, 0, 'l'},
         {"id", required_argument, 0, 'i'},           {"role", required_argument, 0, 'r'},
@@ -47,7 +48,8 @@ int main(int argc, char **argv)
         {"advertise", required_argument, 0, 11},     {"log-level", required_argument, 0, 12},
         {"ep-group", required_argument, 0, 13},      {"comm-host", required_argument, 0, 14},
         {"ep-timeout-ms", required_argument, 0, 15}, {"cpu-threads", required_argument, 0, 16},
-        {"ep-stats", required_argument, 0, 17},
+        {"ep-stats", required_argument, 0, 17},      {"ep-wire", required_argument, 0, 18},
+        {"stats-interval", required_argument, 0, 19},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     int c;
     dsv32_log_set_ident("dsv32-attn");
@@ -84,6 +86,14 @@ int main(int argc, char **argv)
         case 15: cfg.ep_timeout_ms = atoi(optarg); break;
         case 16: cfg.cpu_threads = atoi(optarg); break;
         case 17: cfg.ep_stats = optarg; break;
+        case 18:
+            if (strcmp(optarg, "f32") && strcmp(optarg, "bf16")) {
+                fprintf(stderr, "dsv32-attn: --ep-wire: f32 or bf16\n");
+                return 2;
+            }
+            cfg.ep_wire_bf16 = strcmp(optarg, "bf16") == 0;
+            break;
+        case 19: cfg.stats_interval_s = atoi(optarg); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }

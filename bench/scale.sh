@@ -12,14 +12,18 @@
 #   bench/scale.sh [--attn A] [--experts E] [--layers L] [--dense D] [--shape v32|small]
 #                  [--model DIR] [--backend cuda|cpu] [--transport nccl|tcp] [--redundant R]
 #                  [--prompt-tokens P] [--max-tokens T] [--streams N,N,..] [--prefill-streams N]
-#                  [--bin DIR] [--tokenizer DIR] [--out DIR]
+#                  [--math fast|exact] [--ep-wire bf16|f32] [--bin DIR] [--tokenizer DIR] [--out DIR]
+# --math: the cuda backend's numerics (DSV32_CUDA_MATH; default fast: FP8 weights stay FP8 and go
+# through the FP8 tensor-core GEMMs, as in production; exact dequantizes them to f32 and matches
+# the cpu backend bit for bit, at CUDA-core speed). --ep-wire: the activations' type between the
+# attention daemons and the shards (default bf16, as DeepSeek's combine; f32 is exact).
 # --bin: where dsv32-router, dsv32-attn, dsv32-expert, dsv32-mkmodel, scale_client (and etcd, if
 # not on PATH) are; default: the build tree. On the GPU machine, a gpu-bundle.sh folder (its lib/
 # goes on LD_LIBRARY_PATH). Results: OUT/summary.txt, OUT/run{1,2}/{client.json,attn-*.json,logs}.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 attn=1 experts=3 layers=4 dense=1 shape=v32 model="" backend=cuda transport=nccl redundant=32
-prompt=4096 max_tokens=128 streams="16,64,128" prefill_streams=8 bin="" tok="" out=""
+prompt=4096 max_tokens=128 streams="16,64,128" prefill_streams=8 bin="" tok="" out="" math=fast wire=bf16
 while [ $# -gt 0 ]; do
     case "$1" in
     --attn) attn=$2 ;;           --experts) experts=$2 ;;     --layers) layers=$2 ;;
@@ -27,8 +31,8 @@ while [ $# -gt 0 ]; do
     --backend) backend=$2 ;;     --transport) transport=$2 ;; --redundant) redundant=$2 ;;
     --prompt-tokens) prompt=$2 ;; --max-tokens) max_tokens=$2 ;; --streams) streams=$2 ;;
     --prefill-streams) prefill_streams=$2 ;; --bin) bin=$2 ;; --tokenizer) tok=$2 ;;
-    --out) out=$2 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    --out) out=$2 ;;             --math) math=$2 ;;           --ep-wire) wire=$2 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "scale.sh: unknown argument $1 (--help)" >&2; exit 2 ;;
     esac
     shift 2
@@ -45,6 +49,7 @@ find_bin() { # NAME: the program from --bin, the build tree, or PATH
 ROUTER=$(find_bin dsv32-router) ATTN=$(find_bin dsv32-attn) EXPERT=$(find_bin dsv32-expert)
 MKMODEL=$(find_bin dsv32-mkmodel) CLIENT=$(find_bin scale_client) ETCD=$(find_bin etcd)
 gpus=$((attn + experts))
+case "$math" in fast|exact) export DSV32_CUDA_MATH=$math ;; *) echo "scale.sh: --math fast or exact" >&2; exit 2 ;; esac
 out=${out:-$(mktemp -d /tmp/dsv32-scale-XXXXXX)}
 mkdir -p "$out"
 work=$(mktemp -d /tmp/dsv32-scale-run-XXXXXX)
@@ -114,13 +119,13 @@ run() { # N EXTRA_ROUTER_ARGS...
     local cluster=scale$n
     "$ROUTER" --model "$model" --etcd "$etcd" --cluster "$cluster" --listen 127.0.0.1:0 \
         --port-file "$d/router.port" --ep-group g0 --ep-transport "$transport" \
-        --max-inflight $((max_streams + 16)) "$@" > "$d/logs/router.log" 2>&1 &
+        --max-inflight $((max_streams + 16)) --daemon-timeout-ms 900000 "$@" > "$d/logs/router.log" 2>&1 &
     pids+=($!)
     for i in $(seq 0 $((attn - 1))); do
         "$ATTN" --model "$model" --etcd "$etcd" --cluster "$cluster" --id "attn-$i" \
             --backend "$backend" --gpu "$i" --ep-group g0 --ep-stats "$d/attn-$i.json" \
             --max-seqs "$per_attn" --max-seq-len "$kv_tokens" --kv-blocks "$kv_blocks" \
-            --ep-timeout-ms 120000 > "$d/logs/attn-$i.log" 2>&1 &
+            --ep-timeout-ms 120000 --ep-wire "$wire" --stats-interval 5 > "$d/logs/attn-$i.log" 2>&1 &
         pids+=($!)
     done
     for i in $(seq 0 $((experts - 1))); do
@@ -164,7 +169,7 @@ print(f"run {n}: expert shards' (token, expert) pairs {shards}: max/mean {max(sh
 EOF
 }
 
-log "$attn attention + $experts expert GPUs, backend $backend, transport $transport, prompt $prompt, $max_tokens new tokens, streams $streams"
+log "$attn attention + $experts expert GPUs, backend $backend (numerics $math), transport $transport (wire $wire), prompt $prompt, $max_tokens new tokens, streams $streams"
 run 1
 summarize 1
 loads=$(ls "$out"/run1/attn-*.json | paste -sd,)

@@ -13,3 +13,8 @@ endif()
 add_library(dsv32_ep STATIC ${CMAKE_CURRENT_LIST_DIR}/ep.c)
 target_link_libraries(dsv32_ep PUBLIC dsv32_comm dsv32_engine)
 dsv32_target_warnings(dsv32_ep)
+# row packing of large blocks on a few threads where the compiler has OpenMP
+find_package(OpenMP COMPONENTS C)
+if(OpenMP_C_FOUND)
+    target_link_libraries(dsv32_ep PRIVATE OpenMP::OpenMP_C)
+endif()

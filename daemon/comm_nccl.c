@@ -199,12 +199,13 @@ sized:
             size_t got = (size_t)n->h_sizes[W + p];
             if (p == c->rank || !x->recv_from[p] || !got)
                 continue;
-            if (got > n->hcap[p]) {
-                void *nb = realloc(n->hrecv[p], got);
-                if (!nb)
-                    return nccl_fail(n, -ENOMEM, "host receive buffer", "out of memory");
-                n->hrecv[p] = nb;
-                n->hcap[p] = got;
+            if (got > n->hcap[p]) { /* page-locked: the copy runs at the link's rate */
+                if (n->hrecv[p])
+                    cudaFreeHost(n->hrecv[p]);
+                n->hrecv[p] = NULL;
+                n->hcap[p] = 0;
+                CUDA_TRY(n, cudaMallocHost(&n->hrecv[p], got + got / 2));
+                n->hcap[p] = got + got / 2;
             }
             CUDA_TRY(n, cudaMemcpyAsync(n->hrecv[p], n->rbuf[p], got, cudaMemcpyDeviceToHost,
                                         n->stream));
@@ -297,7 +298,8 @@ static void nccl_free(struct dsv32_comm *c)
         if (n->sstage[p])
             cudaFree(n->sstage[p]);
     for (int p = 0; n->hrecv && p < c->world; p++)
-        free(n->hrecv[p]);
+        if (n->hrecv[p])
+            cudaFreeHost(n->hrecv[p]);
     free(n->sstage);
     free(n->scap);
     free(n->hrecv);

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #define EP_DISPATCH 0x44504531u /* "1EPD" */
 #define EP_COMBINE 0x43504531u
@@ -199,22 +200,53 @@ out:
 
 /* ---- shared helpers ---- */
 
+/* A buffer that grows to the largest size asked for and then stays (contents not kept across
+ * growth). With a backend that has host_alloc, page-locked: the copies to and from the GPU and
+ * the nccl transport's staging then run at the link's rate. */
 struct growbuf {
     uint8_t *p;
     size_t cap;
+    struct dsv32_backend *be; /* host_alloc's backend, or NULL: malloc */
 };
+
+static void gb_free(struct growbuf *b)
+{
+    if (b->p && b->be && b->be->ops->host_free)
+        b->be->ops->host_free(b->be, b->p);
+    else
+        free(b->p);
+    b->p = NULL;
+    b->cap = 0;
+}
 
 static void *grow(struct growbuf *b, size_t n)
 {
     if (n > b->cap) {
-        void *np = realloc(b->p, n ? n : 1);
-        if (!np)
+        size_t want = n + n / 2;
+        gb_free(b);
+        b->p = b->be && b->be->ops->host_alloc ? b->be->ops->host_alloc(b->be, want) : malloc(want);
+        if (!b->p)
             return NULL;
-        b->p = np;
-        b->cap = n;
+        b->cap = want;
     }
     return b->p;
 }
+
+/* Row packing runs on a few threads when the block is large (prefill: tens of megabytes). */
+static int ep_threads(void)
+{
+#ifdef _OPENMP
+    static int n;
+    if (!n) {
+        long c = sysconf(_SC_NPROCESSORS_ONLN);
+        n = c >= 16 ? 8 : c >= 4 ? (int)(c / 2) : 1;
+    }
+    return n;
+#else
+    return 1;
+#endif
+}
+#define EP_PAR_MIN ((size_t)1 << 18) /* elements below which one thread packs */
 
 static size_t wire_elem(enum dsv32_ep_wire w) { return w == DSV32_EP_WIRE_BF16 ? 2 : 4; }
 
@@ -225,6 +257,7 @@ static void put_rows(void *dst, const float *src, size_t n, enum dsv32_ep_wire w
         return;
     }
     uint16_t *d = dst;
+#pragma omp parallel for if (n >= EP_PAR_MIN) num_threads(ep_threads()) schedule(static)
     for (size_t i = 0; i < n; i++)
         d[i] = dsv32_f32_to_bf16(src[i]);
 }
@@ -233,14 +266,17 @@ static void get_rows(float *dst, const void *src, size_t n, enum dsv32_ep_wire w
 {
     if (w == DSV32_EP_WIRE_F32) {
         const float *s = src;
-        if (add)
+        if (add) {
+#pragma omp parallel for if (n >= EP_PAR_MIN) num_threads(ep_threads()) schedule(static)
             for (size_t i = 0; i < n; i++)
                 dst[i] += s[i];
-        else
+        } else {
             memcpy(dst, s, n * 4);
+        }
         return;
     }
     const uint16_t *s = src;
+#pragma omp parallel for if (n >= EP_PAR_MIN) num_threads(ep_threads()) schedule(static)
     for (size_t i = 0; i < n; i++)
         dst[i] = (add ? dst[i] : 0.0f) + dsv32_bf16_to_f32(s[i]);
 }
@@ -290,11 +326,11 @@ void dsv32_ep_client_free(struct dsv32_ep_client *c)
     if (!c)
         return;
     for (int s = 0; c->out && s < c->n_shards; s++)
-        free(c->out[s].p);
+        gb_free(&c->out[s]);
     free(c->out);
-    free(c->rows.p);
-    free(c->xh.p);
-    free(c->yh.p);
+    gb_free(&c->rows);
+    gb_free(&c->xh);
+    gb_free(&c->yh);
     free(c->moe);
     free(c->expert_pairs);
     dsv32_placement_done(&c->pl);
@@ -341,6 +377,11 @@ int dsv32_ep_client_new(struct dsv32_comm *comm, int n_attn, const struct dsv32_
         return -ENOMEM;
     }
     c->n_moe = r;
+    if (strcmp(be->ops->name, "cpu") != 0) { /* page-locked where the backend copies them */
+        c->xh.be = c->yh.be = be;
+        for (int sh = 0; sh < c->n_shards; sh++)
+            c->out[sh].be = be;
+    }
     *ret = c;
     return 0;
 }
@@ -360,14 +401,18 @@ int dsv32_ep_client_rebind(struct dsv32_ep_client *c, struct dsv32_comm *comm, i
     if (pl || c->n_shards != comm->world - n_attn) /* other shards: their counts start again */
         memset(c->shard_pairs, 0, sizeof(c->shard_pairs));
     for (int s = 0; s < c->n_shards; s++)
-        free(c->out[s].p);
+        gb_free(&c->out[s]);
     free(c->out);
     c->comm = comm;
     c->n_attn = n_attn;
     c->n_shards = comm->world - n_attn;
     c->out = calloc((size_t)c->n_shards, sizeof(*c->out));
     c->pos = 0;
-    return c->out ? 0 : -ENOMEM;
+    if (!c->out)
+        return -ENOMEM;
+    for (int s = 0; s < c->n_shards; s++)
+        c->out[s].be = c->xh.be;
+    return 0;
 }
 
 /* One MoE layer: dispatch rows (x host memory, may be rows = 0), combine into y (host). Returns
@@ -415,9 +460,12 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
                            (uint32_t)c->wire, active ? EP_ACTIVE : 0, 0};
         memcpy(b, &h, sizeof(h));
         uint8_t *xr = b + sizeof(h), *pairs = xr + (size_t)n * D * es;
+        const int32_t *rm = rowmap + (size_t)s * (rows ? rows : 1);
+#pragma omp parallel for if ((size_t)n * D >= EP_PAR_MIN) num_threads(ep_threads()) schedule(static)
+        for (int i = 0; i < n; i++)
+            put_rows(xr + (size_t)i * D * es, x + (size_t)rm[i] * D, (size_t)D, c->wire);
         for (int i = 0; i < n; i++) {
-            const int r = rowmap[(size_t)s * (rows ? rows : 1) + i];
-            put_rows(xr + (size_t)i * D * es, x + (size_t)r * D, (size_t)D, c->wire);
+            const int r = rm[i];
             for (int j = 0; j < k; j++) {
                 int32_t e = ids[r * k + j];
                 float wt = w[r * k + j];
@@ -470,10 +518,11 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
             return DSV32_EFORMAT;
         group_active |= (h.flags & EP_ACTIVE) != 0;
         const uint8_t *res = (const uint8_t *)recv[A + s] + sizeof(h);
-        for (int i = 0; i < cnt[s]; i++) {
-            const int row = rowmap[(size_t)s * (rows ? rows : 1) + i];
-            get_rows(y + (size_t)row * D, res + (size_t)i * D * es, (size_t)D, c->wire, 1);
-        }
+        const int32_t *rm = rowmap + (size_t)s * (rows ? rows : 1);
+        /* a shard's rows are distinct: they add in parallel; shards one after another */
+#pragma omp parallel for if ((size_t)cnt[s] * D >= EP_PAR_MIN) num_threads(ep_threads()) schedule(static)
+        for (int i = 0; i < cnt[s]; i++)
+            get_rows(y + (size_t)rm[i] * D, res + (size_t)i * D * es, (size_t)D, c->wire, 1);
     }
     (void)W;
     return group_active;
@@ -630,7 +679,7 @@ void dsv32_ep_server_free(struct dsv32_ep_server *s)
         return;
     struct growbuf *b[] = {&s->x, &s->ids, &s->w, &s->y, &s->out};
     for (size_t i = 0; i < sizeof(b) / sizeof(b[0]); i++)
-        free(b[i]->p);
+        gb_free(b[i]);
     if (s->be) {
         void *d[] = {s->dx.p, s->dy.p, s->dids.p, s->dw.p};
         for (int i = 0; i < 4; i++)
@@ -674,6 +723,8 @@ int dsv32_ep_server_new(struct dsv32_comm *comm, int n_attn, int shard,
         return -ENOMEM;
     }
     s->n_moe = r;
+    if (strcmp(be->ops->name, "cpu") != 0) /* page-locked where the backend copies them */
+        s->x.be = s->ids.be = s->w.be = s->y.be = s->out.be = be;
     *ret = s;
     return 0;
 }

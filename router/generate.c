@@ -19,7 +19,6 @@
 #include <string.h>
 #include <time.h>
 
-#define READ_TIMEOUT_MS 120000   /* no message from a daemon for this long: it failed */
 #define PLACE_WAIT_MS 10000      /* how long a request waits for a ready daemon */
 #define WORKER_STACK (512u << 10)
 
@@ -377,7 +376,7 @@ static enum outcome attempt(struct greq *q, const struct dsv32_node_info *node, 
     for (;;) {
         ProtobufCMessage *pm;
         int rc = dsv32_rpc_stream_read_msg(s, &dsv32__cluster__v1__run_response__descriptor,
-                                           READ_TIMEOUT_MS, &pm);
+                                           r->cfg.daemon_timeout_ms, &pm);
         if (rc <= 0) {
             dsv32_rpc_stream_status(s, st);
             if (q->cancelled)

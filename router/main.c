@@ -23,6 +23,7 @@ static void usage(FILE *f)
     fprintf(f, "usage: dsv32-router --model DIR --etcd HOST:PORT [--cluster NAME] [--id ID]\n"
                "                    [--listen HOST:PORT] [--admin-token TOKEN | --admin-token-file F]\n"
                "                    [--admin-allow-remote] [--max-inflight N] [--max-attempts N]\n"
+               "                    [--daemon-timeout-ms N]\n"
                "                    [--context N] [--tokenizer DIR] [--port-file PATH]\n"
                "                    [--lease-ttl S] [--log-level error|warn|info|debug]\n"
                "                    [--ep-group G [--ep-transport tcp|nccl] [--ep-redundant N]\n"
@@ -44,6 +45,7 @@ int main(int argc, char **argv)
         {"log-level", required_argument, 0, 10},   {"model-name", required_argument, 0, 11},
         {"ep-group", required_argument, 0, 12},    {"ep-transport", required_argument, 0, 13},
         {"ep-redundant", required_argument, 0, 14}, {"ep-load", required_argument, 0, 15},
+        {"daemon-timeout-ms", required_argument, 0, 16},
         {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
     static char token_buf[256];
     int c;
@@ -94,6 +96,7 @@ int main(int argc, char **argv)
             break;
         case 14: cfg.ep_redundant = atoi(optarg); break;
         case 15: cfg.ep_load = optarg; break;
+        case 16: cfg.daemon_timeout_ms = atoi(optarg); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }

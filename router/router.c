@@ -131,6 +131,8 @@ int router_new(const struct router_config *cfg, struct router **ret)
         r->cfg.context = r->mcfg.max_position_embeddings;
     if (r->cfg.max_inflight <= 0)
         r->cfg.max_inflight = 256;
+    if (r->cfg.daemon_timeout_ms <= 0)
+        r->cfg.daemon_timeout_ms = 120000;
     if (r->cfg.max_attempts <= 0)
         r->cfg.max_attempts = 4;
     if (!r->cfg.model_name) {

@@ -29,6 +29,9 @@ struct router_config {
     const char *port_file;
     int max_inflight;           /* requests in progress; beyond: RESOURCE_EXHAUSTED */
     int max_attempts;           /* placements per request, failovers included */
+    int daemon_timeout_ms;      /* no message from the serving daemon for this long (a request
+                                 * queued behind long prefills included): it failed; default
+                                 * 120000 (a dead daemon is found sooner, by its lease) */
     int context;                /* context length the router allows (default: the model's) */
     int lease_ttl_s;
     /* the group-leader role: publish the epochs of this EP group (NULL: no EP group) */

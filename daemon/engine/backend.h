@@ -133,6 +133,9 @@ struct dsv32_backend_ops {
     /* y[i, :] = x[idx[i], :] */
     int (*gather_rows)(struct dsv32_backend *be, float *y, const float *x, const int32_t *idx,
                        int n, int dim);
+    /* Optional: host memory that to_device/to_host copy fastest (page-locked); NULL: malloc */
+    void *(*host_alloc)(struct dsv32_backend *be, size_t bytes);
+    void (*host_free)(struct dsv32_backend *be, void *p);
 };
 
 struct dsv32_backend {

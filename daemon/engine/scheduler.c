@@ -342,7 +342,10 @@ int dsv32_sched_step(struct dsv32_sched *s)
     if (n == 0)
         return 0;
 
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     int r = dsv32_engine_step(e, s->in, n, s->logits, s->have_hooks ? &s->hooks : NULL);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
     pthread_mutex_lock(&s->lock);
     if (r < 0) {
         s->st.step_retries++;
@@ -359,6 +362,9 @@ int dsv32_sched_step(struct dsv32_sched *s)
         return r;
     }
     s->st.steps++;
+    s->st.step_ns += (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec));
+    for (int i = 0; i < n; i++)
+        s->st.step_rows += (uint64_t)s->in[i].n_tokens;
     for (int i = 0; i < n; i++) {
         struct req *q = s->in_req[i];
         const int first = q->n_fed, chunk = s->in[i].n_tokens;

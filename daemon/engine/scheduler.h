@@ -60,6 +60,7 @@ struct dsv32_sched_stats {
     int queued, running;
     int free_blocks, total_blocks;
     uint64_t steps, tokens_generated, prompt_tokens, step_retries;
+    uint64_t step_ns, step_rows; /* wall time in the engine's steps, token rows they carried */
 };
 
 struct dsv32_sched;

@@ -1230,6 +1230,76 @@ static void test_mla_prefill(void)
     }
 }
 
+/* The fast numerics have no mla_prefill: prefill rows go through mla_absorb, the absorbed
+ * sparse kernel and mla_expand (FlashMLA's form), the same function as the MHA form up to
+ * rounding. Checked against the cpu's MHA form at DeepSeek-V3.2's attention dimensions. */
+static void test_mla_prefill_fast(void)
+{
+    if (!want("MLA prefill rows in the fast (absorbed) form vs the MHA form"))
+        return;
+    for (int dt = 0; dt < 2; dt++) {
+        struct dsv32_config cfg;
+        cfg_v32(&cfg);
+        struct pair p;
+        TRY(pair_new(&p, &cfg, 0, 1));
+        CHECK(p.gpu->ops->mla_prefill == NULL, "fast backend still has mla_prefill");
+        const int H = cfg.num_attention_heads, C = cfg.kv_lora_rank, nope = cfg.qk_nope_head_dim;
+        const int R = cfg.qk_rope_head_dim, V = cfg.v_head_dim, qk = nope + R, K = cfg.index_topk;
+        const int rows = 24, max_blocks = 3100 / 64 + 1, n_blocks = 2 * max_blocks;
+        struct tcache tc;
+        tcache_make(&tc, &p, n_blocks, 1);
+        int32_t pos[24], seq[24];
+        uint8_t mha[24];
+        for (int r = 0; r < rows; r++) {
+            seq[r] = r < 12 ? 0 : 1;
+            pos[r] = r < 12 ? 3000 + r : 5 + r; /* one prompt past the top-k, one inside it */
+            mha[r] = 1;
+        }
+        struct tmeta tm;
+        tmeta_make(&tm, &p, rows, pos, seq, 2, max_blocks, n_blocks, mha);
+        int32_t *sel = malloc(sizeof(int32_t) * rows * K);
+        for (int r = 0; r < rows; r++) {
+            int n = 0;
+            for (int j = 0; j <= pos[r] && n < K; j++)
+                if (pos[r] + 1 <= K || rnd_u() < (double)K / (pos[r] + 1) * 1.2)
+                    sel[(size_t)r * K + n++] = j;
+            for (; n < K; n++)
+                sel[(size_t)r * K + n] = -1;
+        }
+        struct tw wkv;
+        tw_make(&wkv, dt ? DSV32_DT_F8_E4M3 : DSV32_DT_BF16, H * (nope + V), C, 0.05f, 1);
+        TRY(tw_prepare(&wkv, &p));
+        const size_t nq = (size_t)rows * H * qk, no = (size_t)rows * H * V, nl = (size_t)rows * H * C;
+        float *q = rnd_f32(nq, 0.5f), *oc = malloc(sizeof(float) * no), *og = malloc(sizeof(float) * no);
+        float *dq = dev_put(p.gpu, q, sizeof(float) * nq), *dout = dev_nan(p.gpu, sizeof(float) * no);
+        float *dql = dev_nan(p.gpu, sizeof(float) * nl), *dlat = dev_nan(p.gpu, sizeof(float) * nl);
+        int32_t *dsel = dev_put(p.gpu, sel, sizeof(int32_t) * rows * K);
+        p.cpu->ops->mla_prefill(p.cpu, oc, q, sel, K, &tc.c, &tm.hm, 0.07f, &wkv.wc, 1);
+        int r = p.gpu->ops->mla_absorb(p.gpu, dql, dq, rows, &wkv.wg);
+        if (r == 0)
+            r = p.gpu->ops->mla(p.gpu, dlat, dql, dq + nope, H * qk, qk, dsel, K, &tc.g, &tm.dm, 0.07f);
+        if (r == 0)
+            r = p.gpu->ops->mla_expand(p.gpu, dout, dlat, rows, &wkv.wg);
+        CHECK(r == 0, "absorbed prefill: %s", dsv32_strerror(r));
+        dev_get(p.gpu, og, dout, sizeof(float) * no);
+        report(dt ? "absorbed vs MHA, FP8 wkv_b" : "absorbed vs MHA, bf16 wkv_b",
+               rel_rows(og, oc, rows * H, V, NULL), 2e-2);
+        tw_done(&wkv, &p);
+        free(sel);
+        free(q);
+        free(oc);
+        free(og);
+        dev_free(p.gpu, dq);
+        dev_free(p.gpu, dout);
+        dev_free(p.gpu, dql);
+        dev_free(p.gpu, dlat);
+        dev_free(p.gpu, dsel);
+        tmeta_done(&tm, &p);
+        tcache_done(&tc, &p);
+        pair_free(&p);
+    }
+}
+
 /* ---- MoE ---- */
 
 static void test_moe_gate(void)
@@ -1876,6 +1946,7 @@ int main(int argc, char **argv)
     test_indexer();
     test_mla();
     test_mla_prefill();
+    test_mla_prefill_fast();
     test_moe_gate();
     test_moe_experts();
     if (model_dir)

@@ -181,6 +181,28 @@ int cu_probe_end(struct cu_ctx *c, const struct cu_probe *pp)
 
 /* ---- memory ---- */
 
+/* page-locked host memory: copies to and from it run at the link's rate, not through the
+ * driver's staging */
+static void *cuda_host_alloc(struct dsv32_backend *be, size_t bytes)
+{
+    struct cu_ctx *c = ctx_of(be);
+    void *p = NULL;
+    if (cu_enter(c) < 0)
+        return NULL;
+    if (cudaMallocHost(&p, bytes ? bytes : 1) != cudaSuccess) {
+        log_error("cuda: cudaMallocHost(%zu): %s", bytes, cudaGetErrorString(cudaGetLastError()));
+        return NULL;
+    }
+    return p;
+}
+
+static void cuda_host_free(struct dsv32_backend *be, void *p)
+{
+    (void)be;
+    if (p)
+        cudaFreeHost(p);
+}
+
 static void *cuda_alloc(struct dsv32_backend *be, size_t bytes)
 {
     struct cu_ctx *c = ctx_of(be);
@@ -528,7 +550,22 @@ static const struct dsv32_backend_ops cuda_ops = {
     /* .moe_gate = */ cuda_moe_gate,
     /* .moe_experts = */ cuda_moe_experts,
     /* .gather_rows = */ cuda_gather_rows,
+    /* .host_alloc = */ cuda_host_alloc,
+    /* .host_free = */ cuda_host_free,
 };
+
+/* The fast numerics: prefill rows take the absorbed form too (FlashMLA's sparse prefill form,
+ * the same function up to rounding; the MHA form reads the expanded K and V of 2,048 positions
+ * per row and head from memory, 2.6 MB per (row, head)), so there is no mla_prefill. */
+static const struct dsv32_backend_ops *cuda_fast_ops(void)
+{
+    static const struct dsv32_backend_ops fast = [] {
+        struct dsv32_backend_ops o = cuda_ops;
+        o.mla_prefill = NULL;
+        return o;
+    }();
+    return &fast;
+}
 
 extern "C" int dsv32_cuda_device_count(void)
 {
@@ -604,6 +641,10 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
     free(hc);
     free(hs);
     snprintf(c->lt_note, sizeof(c->lt_note), "cuBLASLt block-scaled FP8: not calibrated yet");
+    if (c->fast && cu_mla_fast_ok(c)) {
+        c->absorbed_prefill = 1;
+        be->ops = cuda_fast_ops();
+    }
     log_info("cuda backend on %s (%d SMs), numerics %s", prop.name, c->n_sm, c->fast ? "fast" : "exact");
     *ret = be;
     return 0;

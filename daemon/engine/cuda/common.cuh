@@ -98,6 +98,7 @@ struct cu_expert_table; /* moe.cu */
 struct cu_ctx {
     int device, n_sm;
     int fast;                  /* numerics mode: 0 exact, 1 fast */
+    int absorbed_prefill;      /* fast and the absorbed kernel fits: prefill rows take that form */
     int indexer_fp8;           /* fast indexer variant: FP8 mma instead of f16 mma */
     int lt_fp8;                /* fast mode may use cuBLASLt block-scaled FP8 (when calibrated) */
     /* Every kernel, copy and memset of the backend runs on st, created cudaStreamNonBlocking: it

@@ -481,7 +481,7 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
         mla_exact_kernel<<<dim3(H, rows), 128, 0, c->st>>>(out, q_lat, q_pe, ldr_pe, ldh_pe, sel, n_sel, kv->mla,
                                                            g->mla_rec_bytes, g->kv_lora, g->rope, g->rope_f32,
                                                            m->d_blocks, m->max_blocks, m->d_row_pos,
-                                                           m->d_row_seq, m->d_row_mha, H, scale);
+                                                           m->d_row_seq, c->absorbed_prefill ? NULL : m->d_row_mha, H, scale);
         CU_LAUNCHED("mla_exact");
         return 0;
     }
@@ -520,7 +520,7 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
     a.max_blocks = m->max_blocks;
     a.row_pos = m->d_row_pos;
     a.row_seq = m->d_row_seq;
-    a.row_mha = m->d_row_mha;
+    a.row_mha = c->absorbed_prefill ? NULL : m->d_row_mha; /* prefill rows too (no mla_prefill) */
     a.H = H;
     a.rows = rows;
     a.splits = splits;
@@ -533,7 +533,7 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
     CU_LAUNCHED("mla_fast");
     if (splits > 1) {
         mla_combine_kernel<<<dim3(H, rows), 128, 0, c->st>>>(out, a.part_o, a.part_ml, rows, H, splits,
-                                                             m->d_row_mha);
+                                                             a.row_mha);
         CU_LAUNCHED("mla_combine");
     }
     return 0;
