@@ -773,7 +773,7 @@ static void log_stats(struct attn *a, struct dsv32_sched_stats *last, struct dsv
     dsv32_sched_get_stats(a->sched, &st);
     const double t = now_s(), dt = t - *last_t;
     const uint64_t steps = st.steps - last->steps;
-    char moe[96] = "";
+    char moe[256] = "";
     struct dsv32_ep_stats ep = *last_ep;
     int have_ep = 0;
     if (a->cfg.ep_group) {
@@ -786,10 +786,17 @@ static void log_stats(struct attn *a, struct dsv32_sched_stats *last, struct dsv
         }
         pthread_mutex_unlock(&a->ep_lock);
     }
-    if (have_ep && ep.moe_calls > last_ep->moe_calls && steps)
-        snprintf(moe, sizeof(moe), ", MoE %.2f ms of it (%.2f ms per layer)",
+    if (have_ep && ep.moe_calls > last_ep->moe_calls && steps) {
+        const double k = 1e-6 / (double)(ep.moe_calls - last_ep->moe_calls);
+        snprintf(moe, sizeof(moe), ", MoE %.2f ms of it (per layer %.2f: copies %.2f, pack %.2f, "
+                 "dispatch %.2f, combine %.2f, unpack %.2f)",
                  (double)(ep.moe_ns - last_ep->moe_ns) / 1e6 / (double)steps,
-                 (double)(ep.moe_ns - last_ep->moe_ns) / 1e6 / (double)(ep.moe_calls - last_ep->moe_calls));
+                 (double)(ep.moe_ns - last_ep->moe_ns) * k, (double)(ep.copy_ns - last_ep->copy_ns) * k,
+                 (double)(ep.pack_ns - last_ep->pack_ns) * k,
+                 (double)(ep.dispatch_ns - last_ep->dispatch_ns) * k,
+                 (double)(ep.combine_ns - last_ep->combine_ns) * k,
+                 (double)(ep.unpack_ns - last_ep->unpack_ns) * k);
+    }
     if (steps)
         log_info("engine: %.1f prompt tokens/s, %.1f generated tokens/s; %llu steps, %.2f ms each "
                  "(%.1f rows)%s; %d running, %d queued, KV blocks %d of %d in use",

@@ -130,7 +130,7 @@ run() { # N EXTRA_ROUTER_ARGS...
     done
     for i in $(seq 0 $((experts - 1))); do
         "$EXPERT" --model "$model" --etcd "$etcd" --cluster "$cluster" --id "expert-$i" \
-            --group g0 --backend "$backend" --gpu $((attn + i)) --timeout-ms 120000 \
+            --group g0 --backend "$backend" --gpu $((attn + i)) --timeout-ms 120000 --stats-interval 5 \
             > "$d/logs/expert-$i.log" 2>&1 &
         pids+=($!)
     done

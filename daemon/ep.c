@@ -424,6 +424,7 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
     const size_t es = wire_elem(c->wire);
     if (c->moe[c->pos] != layer)
         return DSV32_EFORMAT; /* the engine skipped or reordered a MoE layer */
+    const uint64_t t_pack = mono_ns();
     /* rows going to each shard: a row goes to s when one of its experts' chosen replica is s */
     int32_t *rowmap = grow(&c->rows, sizeof(int32_t) * (size_t)(rows ? rows : 1) * S);
     if (!rowmap)
@@ -491,9 +492,13 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
     }
     struct dsv32_comm_xchg x1 = {.send = send, .send_bytes = sb, .recv_from = from, .recv = recv,
                                  .recv_bytes = rb};
+    const uint64_t t_dispatch = mono_ns();
+    c->st.pack_ns += t_dispatch - t_pack;
     int r = dsv32_comm_exchange(c->comm, &x1, c->timeout_ms);
     if (r < 0)
         return r;
+    const uint64_t t_combine = mono_ns();
+    c->st.dispatch_ns += t_combine - t_dispatch;
     const void *none[DSV32_COMM_MAX_WORLD] = {0};
     size_t expect[DSV32_COMM_MAX_WORLD] = {0};
     for (int s = 0; s < S; s++) {
@@ -504,6 +509,8 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
                                  .recv_bytes = rb, .recv_expect = expect};
     if ((r = dsv32_comm_exchange(c->comm, &x2, c->timeout_ms)) < 0)
         return r;
+    const uint64_t t_unpack = mono_ns();
+    c->st.combine_ns += t_unpack - t_combine;
     c->st.exchanges += 2;
     if (rows > 0)
         memset(y, 0, sizeof(float) * (size_t)rows * D);
@@ -525,6 +532,7 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
             get_rows(y + (size_t)rm[i] * D, res + (size_t)i * D * es, (size_t)D, c->wire, 1);
     }
     (void)W;
+    c->st.unpack_ns += mono_ns() - t_unpack;
     return group_active;
 }
 
@@ -554,12 +562,15 @@ int dsv32_ep_moe_routed(void *ctx, int layer, float *y, const float *x, int rows
         if (r < 0)
             return r;
     }
+    c->st.copy_ns += mono_ns() - t0;
     int r = client_layer(c, layer, yh, xh, rows, ids, w, k, 1);
     if (r < 0)
         return r;
     advance(c);
+    const uint64_t t1 = mono_ns();
     if (!host && (r = ops->to_device(c->be, y, yh, sizeof(float) * (size_t)rows * D)) < 0)
         return r;
+    c->st.copy_ns += mono_ns() - t1;
     c->st.moe_calls++;
     c->st.moe_ns += mono_ns() - t0;
     return 0;
@@ -607,6 +618,14 @@ char *dsv32_ep_client_stats_json(const struct dsv32_ep_client *c)
     cJSON_AddNumberToObject(o, "exchanges", (double)c->st.exchanges);
     cJSON_AddNumberToObject(o, "moe_calls", (double)c->st.moe_calls);
     cJSON_AddNumberToObject(o, "moe_us", (double)(c->st.moe_ns / 1000));
+    cJSON *ph = cJSON_AddObjectToObject(o, "moe_phase_us");
+    if (ph) {
+        cJSON_AddNumberToObject(ph, "copy", (double)(c->st.copy_ns / 1000));
+        cJSON_AddNumberToObject(ph, "pack", (double)(c->st.pack_ns / 1000));
+        cJSON_AddNumberToObject(ph, "dispatch", (double)(c->st.dispatch_ns / 1000));
+        cJSON_AddNumberToObject(ph, "combine", (double)(c->st.combine_ns / 1000));
+        cJSON_AddNumberToObject(ph, "unpack", (double)(c->st.unpack_ns / 1000));
+    }
     cJSON_AddNumberToObject(o, "layers", c->pl.n_layers);
     cJSON_AddNumberToObject(o, "experts", c->pl.n_experts);
     cJSON *sp = cJSON_AddArrayToObject(o, "shard_pairs");
@@ -671,6 +690,7 @@ struct dsv32_ep_server {
     int n_moe;
     struct growbuf x, ids, w, y, out, dx, dy, dids, dw;
     uint64_t *expert_rows; /* (layers, experts) */
+    struct dsv32_ep_server_stats st;
 };
 
 void dsv32_ep_server_free(struct dsv32_ep_server *s)
@@ -739,6 +759,11 @@ int dsv32_ep_server_rebind(struct dsv32_ep_server *s, struct dsv32_comm *comm)
 
 const uint64_t *dsv32_ep_server_expert_rows(const struct dsv32_ep_server *s) { return s->expert_rows; }
 
+void dsv32_ep_server_get_stats(const struct dsv32_ep_server *s, struct dsv32_ep_server_stats *out)
+{
+    *out = s->st;
+}
+
 /* device copy of a host buffer for non-cpu backends */
 static void *dev_buf(struct dsv32_ep_server *s, struct growbuf *b, size_t n)
 {
@@ -764,9 +789,11 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
         from[a] = 1;
     struct dsv32_comm_xchg x1 = {.send = none, .send_bytes = sb, .recv_from = from, .recv = recv,
                                  .recv_bytes = rb};
+    const uint64_t t_wait = mono_ns();
     int r = dsv32_comm_exchange(s->comm, &x1, s->timeout_ms);
     if (r < 0)
         return r;
+    const uint64_t t_unpack = mono_ns();
     /* gather every attention rank's rows: all rows of one expert then go through one GEMM */
     int total = 0, active = 0, wire = -1, offs[DSV32_COMM_MAX_WORLD];
     struct ep_hdr h[DSV32_COMM_MAX_WORLD];
@@ -808,6 +835,8 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
             ids[(size_t)offs[a] * K + i] = e;
         }
     }
+    const uint64_t t_work = mono_ns();
+    uint64_t t_copy = t_work, copy_ns = 0, compute_ns = 0;
     if (total > 0) {
         const struct dsv32_backend_ops *ops = s->be->ops;
         const struct dsv32_ffn_weights *ex = s->model->layers[layer].experts;
@@ -823,14 +852,26 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
             if ((r = ops->to_device(s->be, dx, X, sizeof(float) * (size_t)total * D)) < 0 ||
                 (r = ops->to_device(s->be, di, ids, sizeof(int32_t) * (size_t)total * K)) < 0 ||
                 (r = ops->to_device(s->be, dw, w, sizeof(float) * (size_t)total * K)) < 0 ||
-                (r = ops->moe_experts(s->be, dy, dx, total, di, dw, K, ex, cfg->n_routed_experts,
-                                      cfg->ue8m0)) < 0 ||
-                (r = ops->to_host(s->be, Y, dy, sizeof(float) * (size_t)total * D)) < 0)
+                (r = ops->sync(s->be)) < 0)
                 return r;
+            const uint64_t t_compute = mono_ns();
+            copy_ns += t_compute - t_copy;
+            if ((r = ops->moe_experts(s->be, dy, dx, total, di, dw, K, ex, cfg->n_routed_experts,
+                                      cfg->ue8m0)) < 0 ||
+                (r = ops->sync(s->be)) < 0)
+                return r;
+            t_copy = mono_ns();
+            compute_ns += t_copy - t_compute;
+            if ((r = ops->to_host(s->be, Y, dy, sizeof(float) * (size_t)total * D)) < 0)
+                return r;
+            copy_ns += mono_ns() - t_copy;
         }
         if (r < 0)
             return r;
     }
+    const uint64_t t_pack = mono_ns();
+    if (strcmp(s->be->ops->name, "cpu") == 0)
+        compute_ns = t_pack - t_work;
     int group_active = first ? active : 1;
     const void *send[DSV32_COMM_MAX_WORLD] = {0};
     size_t off = 0, need = 0;
@@ -854,8 +895,19 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
     static const size_t known[DSV32_COMM_MAX_WORLD];
     struct dsv32_comm_xchg x2 = {.send = send, .send_bytes = sb, .recv_from = from, .recv = recv,
                                  .recv_bytes = rb, .recv_expect = known};
+    const uint64_t t_send = mono_ns();
     if ((r = dsv32_comm_exchange(s->comm, &x2, s->timeout_ms)) < 0)
         return r;
+    if (total > 0) {
+        s->st.layers++;
+        s->st.rows += (uint64_t)total;
+        s->st.wait_ns += t_unpack - t_wait;
+        s->st.unpack_ns += t_work - t_unpack;
+        s->st.copy_ns += copy_ns;
+        s->st.compute_ns += compute_ns;
+        s->st.pack_ns += t_send - t_pack;
+        s->st.send_ns += mono_ns() - t_send;
+    }
     (void)W;
     *ret_active = group_active;
     return 0;

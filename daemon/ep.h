@@ -50,6 +50,10 @@ struct dsv32_ep_stats {
     uint64_t steps, idle_steps, rows_sent, exchanges;
     uint64_t moe_calls;   /* MoE layers this member took part in with rows */
     uint64_t moe_ns;      /* their wall time: pack, dispatch, the shards' compute, combine */
+    /* moe_ns by phase: activations device <-> host (GPU backends), routing and packing, the
+     * dispatch exchange, the combine exchange (which waits for the shards' compute), summing
+     * the shards' results */
+    uint64_t copy_ns, pack_ns, dispatch_ns, combine_ns, unpack_ns;
 };
 
 /* ---- the attention side ---- */
@@ -95,5 +99,16 @@ int dsv32_ep_server_rebind(struct dsv32_ep_server *s, struct dsv32_comm *comm);
 int dsv32_ep_server_step(struct dsv32_ep_server *s);
 /* Rows each local expert processed so far ((n_layers, n_experts)), for load balancing. */
 const uint64_t *dsv32_ep_server_expert_rows(const struct dsv32_ep_server *s);
+/* Where a shard's time goes, over the MoE layers it served with rows. */
+struct dsv32_ep_server_stats {
+    uint64_t layers, rows;
+    uint64_t wait_ns;    /* in the dispatch exchange (mostly waiting for the attention side) */
+    uint64_t unpack_ns;  /* checking and unpacking the rows */
+    uint64_t copy_ns;    /* rows to the device and results back (GPU backends) */
+    uint64_t compute_ns; /* the expert GEMMs, to completion */
+    uint64_t pack_ns;    /* packing the results */
+    uint64_t send_ns;    /* the combine exchange */
+};
+void dsv32_ep_server_get_stats(const struct dsv32_ep_server *s, struct dsv32_ep_server_stats *out);
 
 #endif

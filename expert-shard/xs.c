@@ -28,6 +28,7 @@ struct xs_config {
     const char *model_dir, *id, *listen, *etcd, *cluster, *group, *comm_host, *backend;
     const char *port_file;
     int gpu, lease_ttl_s, timeout_ms, cpu_threads;
+    int stats_interval_s; /* a line on where the shard's time goes this often (0: none) */
 };
 
 struct xs {
@@ -55,7 +56,42 @@ struct xs {
     atomic_int draining;
     int withdrawn;
     uint64_t steps;
+    /* --stats-interval */
+    const struct dsv32_ep_server *stats_srv;
+    struct dsv32_ep_server_stats stats_last;
+    double stats_t;
 };
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Where the time of the MoE layers served since the last line went, per layer. */
+static void log_stats(struct xs *x)
+{
+    struct dsv32_ep_server_stats st = {0}, *l = &x->stats_last;
+    if (x->srv)
+        dsv32_ep_server_get_stats(x->srv, &st);
+    if (x->srv != x->stats_srv) { /* a new epoch's server counts from 0 */
+        memset(l, 0, sizeof(*l));
+        x->stats_srv = x->srv;
+    }
+    const uint64_t n = st.layers - l->layers;
+    if (n) {
+        const double k = 1e-6 / (double)n;
+        log_info("MoE: %llu layers, %.1f rows each; per layer ms: waiting for the dispatch %.2f, "
+                 "unpack %.2f, copies %.2f, expert GEMMs %.2f, pack %.2f, combine exchange %.2f",
+                 (unsigned long long)n, (double)(st.rows - l->rows) / (double)n,
+                 (double)(st.wait_ns - l->wait_ns) * k, (double)(st.unpack_ns - l->unpack_ns) * k,
+                 (double)(st.copy_ns - l->copy_ns) * k, (double)(st.compute_ns - l->compute_ns) * k,
+                 (double)(st.pack_ns - l->pack_ns) * k, (double)(st.send_ns - l->send_ns) * k);
+    }
+    *l = st;
+    x->stats_t = now_s();
+}
 
 static volatile int stop_flag;
 
@@ -326,6 +362,8 @@ static void xs_loop(struct xs *x)
         pthread_mutex_unlock(&x->lock);
         if (e)
             apply_epoch(x, e);
+        if (x->cfg.stats_interval_s > 0 && now_s() - x->stats_t >= x->cfg.stats_interval_s)
+            log_stats(x);
         if (x->srv) {
             int r = dsv32_ep_server_step(x->srv);
             if (r > 0)
@@ -353,14 +391,14 @@ static void usage(FILE *f)
                "                    [--id ID] [--listen HOST:PORT] [--comm-host HOST]\n"
                "                    [--backend cpu|cuda] [--gpu N] [--timeout-ms N]\n"
                "                    [--lease-ttl S] [--port-file PATH] [--cpu-threads N]\n"
-               "                    [--log-level LEVEL]\n");
+               "                    [--log-level LEVEL] [--stats-interval S (10; 0: off)]\n");
 }
 
 int main(int argc, char **argv)
 {
     struct xs x = {.cfg = {.id = "expert-0", .listen = "127.0.0.1:0", .cluster = "default",
                            .group = "g0", .comm_host = "127.0.0.1", .backend = "cpu", .gpu = -1,
-                           .lease_ttl_s = 5, .timeout_ms = 10000}};
+                           .lease_ttl_s = 5, .timeout_ms = 10000, .stats_interval_s = 10}};
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},    {"etcd", required_argument, 0, 'e'},
         {"cluster", required_argument, 0, 'c'},  {"group", required_argument, 0, 'G'},
@@ -369,7 +407,7 @@ int main(int argc, char **argv)
         {"gpu", required_argument, 0, 'g'},      {"timeout-ms", required_argument, 0, 2},
         {"lease-ttl", required_argument, 0, 3},  {"port-file", required_argument, 0, 4},
         {"log-level", required_argument, 0, 5},  {"cpu-threads", required_argument, 0, 6},
-        {"help", no_argument, 0, 'h'},
+        {"stats-interval", required_argument, 0, 7}, {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int c;
     dsv32_log_set_ident("dsv32-expert");
@@ -397,6 +435,7 @@ int main(int argc, char **argv)
             break;
         }
         case 6: x.cfg.cpu_threads = atoi(optarg); break;
+        case 7: x.cfg.stats_interval_s = atoi(optarg); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
