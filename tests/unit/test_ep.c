@@ -155,6 +155,8 @@ struct group {
     const char *addrs[16];
     struct dsv32_placement pl;
     int kill_shard; /* >= 0: this shard dies after its first step */
+    int bf16;       /* bf16 activations on the wire: within bf16 rounding, selections may move */
+    double bf16_tol; /* the logits' rel error allowed then (rows whose selections did not move) */
 };
 
 struct want_ctx {
@@ -285,11 +287,12 @@ static int attn_main(struct group *G, int a)
     if (make_comm(G, a, &c) < 0)
         return 21;
     struct dsv32_ep_client *cl;
-    if (dsv32_ep_client_new(c, G->n_attn, &G->pl, &m->cfg, e->be, DSV32_EP_WIRE_F32, 20000, &cl) < 0)
+    if (dsv32_ep_client_new(c, G->n_attn, &G->pl, &m->cfg, e->be,
+                            G->bf16 ? DSV32_EP_WIRE_BF16 : DSV32_EP_WIRE_F32, 20000, &cl) < 0)
         return 22;
     static float logits[MAX_STEPS][VOCAB];
     static int32_t sel[MAX_STEPS][MAX_LAYERS][TOPK];
-    int status = 0;
+    int status = 0, rows_bf16 = 0, moved_bf16 = 0;
     for (int c2 = a; c2 < ref.n_cases && status == 0; c2 += G->n_attn) {
         int r = run_case(e, c2, cl, logits, sel);
         if (r < 0) {
@@ -303,15 +306,35 @@ static int attn_main(struct group *G, int a)
                 num += d * d;
                 den += (double)ref.logits[c2][s][v] * ref.logits[c2][s][v];
             }
-            if (memcmp(sel[s], ref.sel[c2][s], sizeof(sel[s])) != 0) {
+            const int moved = memcmp(sel[s], ref.sel[c2][s], sizeof(sel[s])) != 0;
+            const double rel = sqrt(num / den);
+            if (G->bf16 && getenv("DSV32_TEST_VERBOSE"))
+                fprintf(stderr, "bf16 wire: attn %d case %d row %d: rel %.3e%s\n", a, c2, s, rel,
+                        moved ? " (selections moved)" : "");
+            if (G->bf16) {
+                /* bf16 rounding may move a near-tie indexer selection, and a moved selection
+                 * moves the logits of a tiny model a lot: those rows are counted, not bounded */
+                rows_bf16++;
+                moved_bf16 += moved;
+                if (!moved && rel > G->bf16_tol) {
+                    fprintf(stderr, "attn %d case %d row %d: rel %.3e (bf16 wire)\n", a, c2, s, rel);
+                    status = 24;
+                }
+                continue;
+            }
+            if (moved) {
                 fprintf(stderr, "attn %d case %d row %d: selections differ\n", a, c2, s);
                 status = 27;
             }
-            if (sqrt(num / den) > 1e-5) {
-                fprintf(stderr, "attn %d case %d row %d: rel %.3e\n", a, c2, s, sqrt(num / den));
+            if (rel > 1e-5) {
+                fprintf(stderr, "attn %d case %d row %d: rel %.3e\n", a, c2, s, rel);
                 status = 24;
             }
         }
+    }
+    if (status == 0 && G->bf16 && (rows_bf16 == 0 || moved_bf16 * 4 > rows_bf16)) {
+        fprintf(stderr, "bf16 wire: selections moved in %d of %d rows\n", moved_bf16, rows_bf16);
+        status = 27;
     }
     /* wait for the others: idle steps until the whole group is idle */
     while (status == 0) {
@@ -463,6 +486,21 @@ static void test_2x3_redundant(void **state)
     }
 }
 
+/* bf16 on the wire (dsv32-attn --ep-wire bf16): the logits stay near the single-process
+ * engine's. On tiny-bf16: 7.6e-3 to 8.1e-3 per row, no selection moved. Not on tiny-fp8: its
+ * experts quantize their input to e4m3 per 1x128 block, a bf16-rounded input crosses about 1 in
+ * 30 of those rounding boundaries, and that random model amplifies it (5e-2 to 7e-2 per row,
+ * indexer selections moved in 15 of 22 rows), so it says nothing about the wire. A broken
+ * conversion gives errors of order 1. */
+static void test_1x2_bf16_wire(void **state)
+{
+    compute_reference(GOLDEN_DIR "/tiny-bf16");
+    struct group G = {.model = GOLDEN_DIR "/tiny-bf16", .n_attn = 1, .n_shards = 2,
+                      .kill_shard = -1, .bf16 = 1, .bf16_tol = 2e-2};
+    const int ok[3] = {0, 0, 0};
+    run_group(&G, ok);
+}
+
 static void test_shard_dies(void **state)
 {
     compute_reference(GOLDEN_DIR "/tiny-fp8");
@@ -517,6 +555,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_placement),
         cmocka_unit_test(test_1x2),
         cmocka_unit_test(test_2x3_redundant),
+        cmocka_unit_test(test_1x2_bf16_wire),
         cmocka_unit_test(test_shard_dies),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
