@@ -136,10 +136,22 @@ run() { # N EXTRA_ROUTER_ARGS...
     done
     for _ in $(seq 600); do [ -s "$d/router.port" ] && break; sleep 0.1; done
     [ -s "$d/router.port" ] || { log "run $n: the router did not start"; tail "$d/logs/router.log" >&2; return 1; }
-    local rc=0
+    local rc=0 client dead=""
+    : > "$d/client.txt"
     "$CLIENT" --router "127.0.0.1:$(cat "$d/router.port")" --prompt-tokens "$prompt" \
         --max-tokens "$max_tokens" --streams "$streams" --prefill-streams "$prefill_streams" \
-        --gpus "$gpus" --vocab "$vocab" --json "$d/client.json" | tee "$d/client.txt" || rc=$?
+        --gpus "$gpus" --vocab "$vocab" --json "$d/client.json" > "$d/client.txt" &
+    client=$!
+    # a daemon that exits (bad option, out of memory, a crash) fails the run at once: the client
+    # would wait for it
+    while kill -0 "$client" 2>/dev/null; do
+        for i in "${pids[@]}"; do kill -0 "$i" 2>/dev/null || dead="$dead $i"; done
+        [ -n "$dead" ] && { kill "$client" 2>/dev/null; break; }
+        sleep 1
+    done
+    wait "$client" || rc=$?
+    cat "$d/client.txt"
+    if [ -n "$dead" ]; then log "run $n: a daemon exited (pid$dead)"; rc=1; fi
     stop_all
     if [ $rc != 0 ]; then
         log "run $n: scale_client failed ($rc); last log lines:"
@@ -166,6 +178,17 @@ print(f"run {n}: MoE layer (dispatch + expert compute + combine, as the attentio
       f"{us / max(calls, 1):.0f} us mean over {calls} layer calls")
 print(f"run {n}: expert shards' (token, expert) pairs {shards}: max/mean {max(shards) / mean:.3f}; "
       f"hottest expert {hot:.2f}x its layer's mean")
+ph = {}
+for s in st:
+    for k, v in s.get("moe_phase_us", {}).items():
+        ph[k] = ph.get(k, 0) + v
+if ph and calls:
+    print(f"run {n}: MoE layer by phase, attention side (us, mean): " +
+          ", ".join(f"{k} {v / calls:.0f}" for k, v in ph.items()))
+for f in sorted(glob.glob(d + "/logs/expert-*.log")):
+    lines = [l for l in open(f, errors="replace") if "MoE:" in l]
+    if lines:
+        print(f"run {n}: {f.rsplit('/', 1)[1]}, last stats line: {lines[-1].split('MoE:', 1)[1].strip()}")
 EOF
 }
 

@@ -5,7 +5,8 @@
 #       the shared libraries the GPU machine lacks (not libc, libstdc++ or CUDA's own, which it has)
 #       and DeepSeek's tokenizer files into DEST/scale.tar.xz (default .gpuscale)
 #   bench/scale_gpu.sh run [DEST] [scale.sh options]   there, from the repository root: unpacks the
-#       bundle and runs bench/scale.sh with it; results under $OUT (default /tmp/scale_gpu)
+#       bundle and runs bench/scale.sh with it; under $OUT (default /tmp/scale_gpu): summary.txt
+#       and results.tgz (logs, stats and client JSON)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cmd=${1:-run}
@@ -43,7 +44,12 @@ run)
     export LD_LIBRARY_PATH="$root/lib$cudalib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     nvidia-smi --query-gpu=index,name,clocks.sm,clocks.mem,power.limit --format=csv > "$out/gpu.txt" 2>&1 || true
     ldd "$root/bin/dsv32-attn" | grep -E "not found" >> "$out/gpu.txt" || true
-    "$here/bench/scale.sh" --bin "$root" --tokenizer "$root/tokenizer" --out "$out" "$@"
+    rc=0
+    "$here/bench/scale.sh" --bin "$root" --tokenizer "$root/tokenizer" --out "$out/scale" "$@" || rc=$?
+    # few files come back from the GPU machine: the summary, and everything else in one archive
+    cp "$out/scale/summary.txt" "$out/summary.txt" 2>/dev/null || true
+    tar -C "$out" -czf "$out/results.tgz" scale && rm -rf "$out/scale"
+    exit $rc
     ;;
 *)
     echo "usage: bench/scale_gpu.sh bundle BUILD_DIR [DEST] | run [DEST] [scale.sh options]" >&2
