@@ -192,7 +192,7 @@ for f in sorted(glob.glob(d + "/logs/expert-*.log")):
 EOF
 }
 
-log "$attn attention + $experts expert GPUs, backend $backend (numerics $math), transport $transport (wire $wire), prompt $prompt, $max_tokens new tokens, streams $streams"
+log "$attn attention + $experts expert GPUs, backend $backend$([ "$backend" = cuda ] && echo " (numerics $math)"), transport $transport (wire $wire), prompt $prompt, $max_tokens new tokens, streams $streams"
 run 1
 summarize 1
 loads=$(ls "$out"/run1/attn-*.json | paste -sd,)
