@@ -12,6 +12,7 @@
 #include "engine.h"
 #include "error.h"
 #include "log.h"
+#include "metrics.h"
 #include "notify.h"
 #include "ops.h"
 #include "registry.h"
@@ -51,6 +52,8 @@ struct attn {
     struct dsv32_etcd *etcd;
     struct dsv32_registry *reg;
     struct dsv32_ops_drain_watch *drain; /* the operator's drain request (ops.h) */
+    struct dsv32_metrics *metrics;       /* --metrics-listen */
+    struct dsv32_ep_stats metrics_ep;    /* the last EP counters a scrape could read */
     char address[DSV32_NODE_ADDR_MAX];
     int port;
     int context;
@@ -622,11 +625,65 @@ static bool healthy(void *arg)
     return true;
 }
 
+/* --metrics-listen: GET /metrics (metrics.h), vLLM's families under dsv32_ names */
+static void fill_metrics(void *ctx, struct dsv32_metrics_text *t)
+{
+    struct attn *a = ctx;
+    struct dsv32_sched_stats st;
+    dsv32_sched_get_stats(a->sched, &st);
+    dsv32_metrics_one(t, "dsv32_requests_running", "gauge", "Requests in the running batch.", st.running);
+    dsv32_metrics_one(t, "dsv32_requests_waiting", "gauge", "Requests queued, not admitted yet.", st.queued);
+    dsv32_metrics_one(t, "dsv32_kv_blocks", "gauge", "KV-cache blocks of 64 tokens.", st.total_blocks);
+    dsv32_metrics_one(t, "dsv32_kv_blocks_free", "gauge", "KV-cache blocks not in use.", st.free_blocks);
+    dsv32_metrics_one(t, "dsv32_prompt_tokens_total", "counter", "Prompt tokens computed.",
+                      (double)st.prompt_tokens);
+    dsv32_metrics_one(t, "dsv32_generation_tokens_total", "counter", "Tokens generated.",
+                      (double)st.tokens_generated);
+    dsv32_metrics_one(t, "dsv32_engine_steps_total", "counter", "Engine steps (batched forward passes).",
+                      (double)st.steps);
+    dsv32_metrics_one(t, "dsv32_engine_step_seconds_total", "counter", "Wall time in engine steps.",
+                      (double)st.step_ns * 1e-9);
+    dsv32_metrics_one(t, "dsv32_engine_step_tokens_total", "counter", "Token rows the engine steps carried.",
+                      (double)st.step_rows);
+    dsv32_metrics_one(t, "dsv32_engine_step_retries_total", "counter",
+                      "Steps that failed and ran again (expert-parallel group changes).",
+                      (double)st.step_retries);
+    if (!a->cfg.ep_group)
+        return;
+    /* the lock is held through a whole exchange: wait for it up to 100 ms (a layer), else serve
+     * the last counters read (an exchange stuck on a dead peer must not hang the scrape) */
+    for (int i = 0; i < 100; i++) {
+        if (pthread_mutex_trylock(&a->ep_lock) == 0) {
+            if (a->client)
+                dsv32_ep_client_get_stats(a->client, &a->metrics_ep);
+            pthread_mutex_unlock(&a->ep_lock);
+            break;
+        }
+        struct timespec ts = {0, 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    const struct dsv32_ep_stats *ep = &a->metrics_ep;
+    dsv32_metrics_one(t, "dsv32_ep_moe_layers_total", "counter",
+                      "MoE layers run on the expert shards with rows from here.", (double)ep->moe_calls);
+    dsv32_metrics_one(t, "dsv32_ep_rows_sent_total", "counter", "Token rows dispatched to the shards.",
+                      (double)ep->rows_sent);
+    dsv32_metrics_family(t, "dsv32_ep_moe_seconds_total", "counter",
+                         "Time in those MoE layers, all and by phase (copy, pack, dispatch, "
+                         "combine (waits for the shards), unpack).");
+    dsv32_metrics_sample(t, "phase=\"all\"", (double)ep->moe_ns * 1e-9);
+    dsv32_metrics_sample(t, "phase=\"copy\"", (double)ep->copy_ns * 1e-9);
+    dsv32_metrics_sample(t, "phase=\"pack\"", (double)ep->pack_ns * 1e-9);
+    dsv32_metrics_sample(t, "phase=\"dispatch\"", (double)ep->dispatch_ns * 1e-9);
+    dsv32_metrics_sample(t, "phase=\"combine\"", (double)ep->combine_ns * 1e-9);
+    dsv32_metrics_sample(t, "phase=\"unpack\"", (double)ep->unpack_ns * 1e-9);
+}
+
 void attn_free(struct attn *a)
 {
     if (!a)
         return;
     dsv32_notify_watchdog_stop(a->watchdog);
+    dsv32_metrics_stop(a->metrics); /* reads the scheduler and the EP client */
     dsv32_ops_drain_watch_free(a->drain); /* before the registry and health it touches */
     ep_stop(a);
     dsv32_registry_free(a->reg); /* deregisters: the router stops placing here at once */
@@ -702,6 +759,17 @@ int attn_new(const struct attn_config *cfg, struct attn **ret)
     }
     dsv32_rpc_health_set(a->health, "", DSV32_RPC_HEALTH_SERVING);
     dsv32_rpc_health_set(a->health, "dsv32.cluster.v1.Attn", DSV32_RPC_HEALTH_SERVING);
+    if (cfg->metrics_listen) { /* before --port-file: whoever reads that finds this too */
+        int mport;
+        if ((r = dsv32_metrics_start(cfg->metrics_listen, fill_metrics, a, &a->metrics, &mport)) < 0)
+            goto fail;
+        FILE *f = cfg->metrics_port_file ? fopen(cfg->metrics_port_file, "w") : NULL;
+        if (cfg->metrics_port_file && (!f || fprintf(f, "%d\n", mport) < 0 || fclose(f) != 0)) {
+            r = -EIO;
+            log_error("%s: cannot write the metrics port", cfg->metrics_port_file);
+            goto fail;
+        }
+    }
     if (cfg->port_file) {
         FILE *f = fopen(cfg->port_file, "w");
         if (!f || fprintf(f, "%d\n", a->port) < 0 || fclose(f) != 0) {

@@ -29,6 +29,8 @@ struct attn_config {
     int ep_timeout_ms;         /* an exchange with no answer for this long: the peer failed */
     const char *ep_stats;      /* at exit, the EP counters and routed load written here as JSON
                                 * (dsv32-router --ep-load reads them) */
+    const char *metrics_listen;    /* HOST:PORT of GET /metrics (NULL: none) */
+    const char *metrics_port_file; /* the bound metrics port is written here */
     int stats_interval_s;      /* an engine throughput line in the log this often (0: none) */
     int ep_wire_bf16;          /* activations to and from the shards in bf16 (default f32: the
                                 * single-process engine's numbers exactly) */

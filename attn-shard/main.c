@@ -28,6 +28,7 @@ static void usage(FILE *f)
             "                  [--advertise HOST:PORT] [--ep-group G [--comm-host HOST]\n"
             "                  [--ep-timeout-ms N] [--ep-stats FILE] [--ep-wire f32|bf16]]]\n"
             "                  [--cpu-threads N] [--stats-interval S (10; 0: off)]\n"
+            "                  [--metrics-listen HOST:PORT [--metrics-port-file PATH]]\n"
             "                  [--log-level error|warn|info|debug]\n");
 }
 
@@ -50,6 +51,7 @@ int main(int argc, char **argv)
         {"ep-timeout-ms", required_argument, 0, 15}, {"cpu-threads", required_argument, 0, 16},
         {"ep-stats", required_argument, 0, 17},      {"ep-wire", required_argument, 0, 18},
         {"stats-interval", required_argument, 0, 19},
+        {"metrics-listen", required_argument, 0, 20}, {"metrics-port-file", required_argument, 0, 21},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     int c;
     dsv32_log_set_ident("dsv32-attn");
@@ -94,6 +96,8 @@ int main(int argc, char **argv)
             cfg.ep_wire_bf16 = strcmp(optarg, "bf16") == 0;
             break;
         case 19: cfg.stats_interval_s = atoi(optarg); break;
+        case 20: cfg.metrics_listen = optarg; break;
+        case 21: cfg.metrics_port_file = optarg; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }

@@ -8,6 +8,7 @@
 #include "error.h"
 #include "group.h"
 #include "log.h"
+#include "metrics.h"
 #include "notify.h"
 #include "ops.h"
 #include "registry.h"
@@ -29,6 +30,7 @@ struct xs_config {
     const char *port_file;
     int gpu, lease_ttl_s, timeout_ms, cpu_threads;
     int stats_interval_s; /* a line on where the shard's time goes this often (0: none) */
+    const char *metrics_listen, *metrics_port_file; /* GET /metrics (metrics.h) */
 };
 
 struct xs {
@@ -60,7 +62,67 @@ struct xs {
     const struct dsv32_ep_server *stats_srv;
     struct dsv32_ep_server_stats stats_last;
     double stats_t;
+    /* --metrics-listen: totals over all epochs, under lock (the endpoint's thread reads them) */
+    struct dsv32_metrics *metrics;
+    const struct dsv32_ep_server *metrics_srv;
+    struct dsv32_ep_server_stats metrics_base, metrics_cur; /* ended epochs' sum; the current one's */
+    uint64_t metrics_epochs;
 };
+
+/* after each step: the totals the endpoint serves */
+static void metrics_note(struct xs *x)
+{
+    if (!x->metrics)
+        return;
+    struct dsv32_ep_server_stats st = {0};
+    if (x->srv)
+        dsv32_ep_server_get_stats(x->srv, &st);
+    pthread_mutex_lock(&x->lock);
+    if (x->srv != x->metrics_srv) { /* the previous epoch's server is gone: fold its counts */
+        struct dsv32_ep_server_stats *b = &x->metrics_base, *c = &x->metrics_cur;
+        b->layers += c->layers;
+        b->rows += c->rows;
+        b->wait_ns += c->wait_ns;
+        b->unpack_ns += c->unpack_ns;
+        b->copy_ns += c->copy_ns;
+        b->compute_ns += c->compute_ns;
+        b->pack_ns += c->pack_ns;
+        b->send_ns += c->send_ns;
+        x->metrics_srv = x->srv;
+        if (x->srv)
+            x->metrics_epochs++;
+    }
+    x->metrics_cur = st;
+    pthread_mutex_unlock(&x->lock);
+}
+
+static void fill_metrics(void *ctx, struct dsv32_metrics_text *t)
+{
+    struct xs *x = ctx;
+    pthread_mutex_lock(&x->lock);
+    struct dsv32_ep_server_stats b = x->metrics_base, c = x->metrics_cur;
+    const uint64_t epochs = x->metrics_epochs, steps = x->steps;
+    const int serving = x->metrics_srv != NULL;
+    pthread_mutex_unlock(&x->lock);
+    dsv32_metrics_one(t, "dsv32_ep_shard_serving", "gauge", "1 while a member of an EP-group epoch.",
+                      serving);
+    dsv32_metrics_one(t, "dsv32_ep_shard_epochs_total", "counter", "EP-group epochs served.",
+                      (double)epochs);
+    dsv32_metrics_one(t, "dsv32_ep_shard_steps_total", "counter", "Group steps with rows.", (double)steps);
+    dsv32_metrics_one(t, "dsv32_ep_shard_layers_total", "counter", "MoE layers served with rows.",
+                      (double)(b.layers + c.layers));
+    dsv32_metrics_one(t, "dsv32_ep_shard_rows_total", "counter", "Token rows received.",
+                      (double)(b.rows + c.rows));
+    dsv32_metrics_family(t, "dsv32_ep_shard_seconds_total", "counter",
+                         "Time in those layers by phase (wait: in the dispatch exchange, mostly "
+                         "waiting for the attention side).");
+    const struct { const char *l; uint64_t v; } ph[] = {
+        {"phase=\"wait\"", b.wait_ns + c.wait_ns},       {"phase=\"unpack\"", b.unpack_ns + c.unpack_ns},
+        {"phase=\"copy\"", b.copy_ns + c.copy_ns},       {"phase=\"compute\"", b.compute_ns + c.compute_ns},
+        {"phase=\"pack\"", b.pack_ns + c.pack_ns},       {"phase=\"send\"", b.send_ns + c.send_ns}};
+    for (size_t i = 0; i < sizeof(ph) / sizeof(ph[0]); i++)
+        dsv32_metrics_sample(t, ph[i].l, (double)ph[i].v * 1e-9);
+}
 
 static double now_s(void)
 {
@@ -305,6 +367,14 @@ static int xs_start(struct xs *x)
     if ((r = dsv32_ops_drain_watch_new(x->etcd, x->cfg.cluster, "expert", x->cfg.id, on_drain, x,
                                        &x->drain)) < 0)
         return r;
+    if (x->cfg.metrics_listen) { /* before --port-file: whoever reads that finds this too */
+        int mport;
+        if ((r = dsv32_metrics_start(x->cfg.metrics_listen, fill_metrics, x, &x->metrics, &mport)) < 0)
+            return r;
+        FILE *f = x->cfg.metrics_port_file ? fopen(x->cfg.metrics_port_file, "w") : NULL;
+        if (x->cfg.metrics_port_file && (!f || fprintf(f, "%d\n", mport) < 0 || fclose(f) != 0))
+            return -EIO;
+    }
     if (x->cfg.port_file) {
         FILE *f = fopen(x->cfg.port_file, "w");
         if (!f || fprintf(f, "%d\n", gport) < 0 || fclose(f) != 0)
@@ -317,6 +387,7 @@ static int xs_start(struct xs *x)
 
 static void xs_stop(struct xs *x)
 {
+    dsv32_metrics_stop(x->metrics);
     dsv32_notify_watchdog_stop(x->watchdog);
     dsv32_ops_drain_watch_free(x->drain);
     dsv32_group_follower_free(x->follower);
@@ -364,10 +435,14 @@ static void xs_loop(struct xs *x)
             apply_epoch(x, e);
         if (x->cfg.stats_interval_s > 0 && now_s() - x->stats_t >= x->cfg.stats_interval_s)
             log_stats(x);
+        metrics_note(x);
         if (x->srv) {
             int r = dsv32_ep_server_step(x->srv);
-            if (r > 0)
+            if (r > 0) {
+                pthread_mutex_lock(&x->lock);
                 x->steps++;
+                pthread_mutex_unlock(&x->lock);
+            }
             if (r < 0) {
                 log_warn("epoch %llu ended: %s", (unsigned long long)(x->cur ? x->cur->epoch : 0),
                          dsv32_strerror(r));
@@ -391,7 +466,8 @@ static void usage(FILE *f)
                "                    [--id ID] [--listen HOST:PORT] [--comm-host HOST]\n"
                "                    [--backend cpu|cuda] [--gpu N] [--timeout-ms N]\n"
                "                    [--lease-ttl S] [--port-file PATH] [--cpu-threads N]\n"
-               "                    [--log-level LEVEL] [--stats-interval S (10; 0: off)]\n");
+               "                    [--log-level LEVEL] [--stats-interval S (10; 0: off)]\n"
+               "                    [--metrics-listen HOST:PORT [--metrics-port-file PATH]]\n");
 }
 
 int main(int argc, char **argv)
@@ -407,7 +483,8 @@ int main(int argc, char **argv)
         {"gpu", required_argument, 0, 'g'},      {"timeout-ms", required_argument, 0, 2},
         {"lease-ttl", required_argument, 0, 3},  {"port-file", required_argument, 0, 4},
         {"log-level", required_argument, 0, 5},  {"cpu-threads", required_argument, 0, 6},
-        {"stats-interval", required_argument, 0, 7}, {"help", no_argument, 0, 'h'},
+        {"stats-interval", required_argument, 0, 7}, {"metrics-listen", required_argument, 0, 8},
+        {"metrics-port-file", required_argument, 0, 9}, {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int c;
     dsv32_log_set_ident("dsv32-expert");
@@ -436,6 +513,8 @@ int main(int argc, char **argv)
         }
         case 6: x.cfg.cpu_threads = atoi(optarg); break;
         case 7: x.cfg.stats_interval_s = atoi(optarg); break;
+        case 8: x.cfg.metrics_listen = optarg; break;
+        case 9: x.cfg.metrics_port_file = optarg; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }

@@ -2,12 +2,15 @@
 #define _GNU_SOURCE 1
 #include "procs.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -115,4 +118,57 @@ void proc_kill(struct proc *p)
     int st;
     waitpid(p->pid, &st, 0);
     p->pid = 0;
+}
+
+int read_port_file(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    int port = 0;
+    if (f && fscanf(f, "%d", &port) != 1)
+        port = 0;
+    if (f)
+        fclose(f);
+    return port;
+}
+
+int http_get(int port, const char *path, char *buf, size_t cap)
+{
+    if (port <= 0 || cap < 2)
+        return -1;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (fd < 0)
+        return -1;
+    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0) {
+        close(fd);
+        return -1;
+    }
+    char req[256];
+    int n = snprintf(req, sizeof(req), "GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", path);
+    if (write(fd, req, (size_t)n) != n) {
+        close(fd);
+        return -1;
+    }
+    size_t len = 0;
+    ssize_t r;
+    while (len < cap - 1 && (r = read(fd, buf + len, cap - 1 - len)) > 0)
+        len += (size_t)r;
+    close(fd);
+    buf[len] = 0;
+    int code = 0;
+    if (sscanf(buf, "HTTP/1.1 %d", &code) != 1)
+        return -1;
+    char *body = strstr(buf, "\r\n\r\n");
+    if (body)
+        memmove(buf, body + 4, strlen(body + 4) + 1);
+    return code;
+}
+
+double metric_value(const char *text, const char *name)
+{
+    char key[160];
+    snprintf(key, sizeof(key), "\n%s ", name);
+    const char *p = strstr(text, key);
+    return p ? strtod(p + strlen(key), NULL) : -1;
 }

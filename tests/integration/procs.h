@@ -4,6 +4,7 @@
 #ifndef DSV32_TEST_PROCS_H
 #define DSV32_TEST_PROCS_H
 
+#include <stddef.h>
 #include <sys/types.h>
 
 struct proc {
@@ -19,5 +20,12 @@ int proc_start(struct proc *p, const char *name, const char *dir, char *const ar
 int proc_stop(struct proc *p, int grace_ms);
 /* SIGKILL now (a crash). */
 void proc_kill(struct proc *p);
+
+/* GET path from http://127.0.0.1:port: the HTTP status (or -1), the body in buf. */
+int http_get(int port, const char *path, char *buf, size_t cap);
+/* The value of an unlabelled sample `name` in Prometheus text, or -1 when absent. */
+double metric_value(const char *text, const char *name);
+/* The port number written in a file, or 0. */
+int read_port_file(const char *path);
 
 #endif

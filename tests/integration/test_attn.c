@@ -21,6 +21,8 @@
 #include "cluster.pb-c.h"
 #include "engine.h"
 #include "error.h"
+#include "procs.h"
+#include "procs.h"
 #include "rpc.h"
 #include "safetensors.h"
 
@@ -49,8 +51,11 @@ static int setup(void **state)
     snprintf(portfile, sizeof(portfile), "%s/port", dir);
     daemon_pid = fork();
     if (daemon_pid == 0) {
+        char mportfile[128];
+        snprintf(mportfile, sizeof(mportfile), "%s/mport", dir);
         execl(ATTN, ATTN, "--model", model, "--port-file", portfile, "--max-seq-len", "512",
-              "--max-seqs", "16", "--max-queue", "64", "--log-level", "warn", (char *)NULL);
+              "--max-seqs", "16", "--max-queue", "64", "--log-level", "warn", "--metrics-listen",
+              "127.0.0.1:0", "--metrics-port-file", mportfile, (char *)NULL);
         _exit(127);
     }
     int port = 0;
@@ -305,6 +310,38 @@ static void test_concurrent_streams(void **state)
     }
 }
 
+static int metrics_get(const char *path, char *buf, size_t cap)
+{
+    char f[128];
+    snprintf(f, sizeof(f), "%s/mport", dir);
+    return http_get(read_port_file(f), path, buf, cap);
+}
+
+static void test_metrics(void **state)
+{
+    static char before[65536], after[65536];
+    assert_int_equal(metrics_get("/metrics", before, sizeof(before)), 200);
+    assert_non_null(strstr(before, "# TYPE dsv32_generation_tokens_total counter"));
+    assert_true(metric_value(before, "dsv32_kv_blocks") > 0);
+    Dsv32__V1__SamplingParams sp = DSV32__V1__SAMPLING_PARAMS__INIT;
+    sp.max_tokens = 7;
+    sp.ignore_eos = 1;
+    struct result res;
+    assert_int_equal(run("metrics-1", prompt, 6, &sp, &res, 0), 0);
+    assert_int_equal(res.st.code, DSV32_RPC_OK);
+    assert_int_equal(metrics_get("/metrics", after, sizeof(after)), 200);
+    assert_true(metric_value(after, "dsv32_generation_tokens_total") >= metric_value(before, "dsv32_generation_tokens_total") + 7);
+    assert_true(metric_value(after, "dsv32_prompt_tokens_total") >= metric_value(before, "dsv32_prompt_tokens_total") + 6);
+    assert_true(metric_value(after, "dsv32_engine_step_seconds_total") > metric_value(before, "dsv32_engine_step_seconds_total"));
+    /* the request's blocks are freed at a step boundary: soon, not necessarily yet */
+    for (int i = 0; i < 100 && metric_value(after, "dsv32_kv_blocks_free") != metric_value(after, "dsv32_kv_blocks"); i++) {
+        sleep_ms(20);
+        assert_int_equal(metrics_get("/metrics", after, sizeof(after)), 200);
+    }
+    assert_true(metric_value(after, "dsv32_kv_blocks_free") == metric_value(after, "dsv32_kv_blocks"));
+    assert_int_equal(metrics_get("/other", after, sizeof(after)), 404);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -312,6 +349,7 @@ int main(void)
         cmocka_unit_test(test_bad_requests),
         cmocka_unit_test(test_client_goes_away),
         cmocka_unit_test(test_concurrent_streams),
+        cmocka_unit_test(test_metrics),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -124,9 +124,12 @@ static int start_attn(int i)
     char id[16], name[16];
     snprintf(id, sizeof(id), "attn-%d", i);
     snprintf(name, sizeof(name), "attn%d", i);
+    char mport[160];
+    snprintf(mport, sizeof(mport), "%s/%s.mport", dir, name);
     char *argv[] = {ATTN, "--model", MODEL, "--tokenizer", TOKENIZER, "--etcd", etcd.endpoint,
                     "--cluster", "ep", "--id", id, "--ep-group", "g0", "--lease-ttl", "3",
-                    "--ep-timeout-ms", "3000", "--max-seq-len", "128", NULL};
+                    "--ep-timeout-ms", "3000", "--max-seq-len", "128", "--metrics-listen",
+                    "127.0.0.1:0", "--metrics-port-file", mport, NULL};
     return proc_start(&attn[i], name, dir, argv, 60000);
 }
 
@@ -135,8 +138,11 @@ static int start_expert(int i)
     char id[16], name[16];
     snprintf(id, sizeof(id), "expert-%d", i);
     snprintf(name, sizeof(name), "xs%d", i);
+    char mport[160];
+    snprintf(mport, sizeof(mport), "%s/%s.mport", dir, name);
     char *argv[] = {EXPERT, "--model", MODEL, "--etcd", etcd.endpoint, "--cluster", "ep",
-                    "--id", id, "--group", "g0", "--lease-ttl", "3", "--timeout-ms", "3000", NULL};
+                    "--id", id, "--group", "g0", "--lease-ttl", "3", "--timeout-ms", "3000",
+                    "--metrics-listen", "127.0.0.1:0", "--metrics-port-file", mport, NULL};
     return proc_start(&xs[i], name, dir, argv, 60000);
 }
 
@@ -276,6 +282,15 @@ static void check_case(int c, const struct got *g)
                      g->plp[i], ref[c].plp[i]);
 }
 
+/* A daemon's metric (GET /metrics of --metrics-listen) */
+static double daemon_metric(const char *name, const char *metric)
+{
+    static char text[65536];
+    char f[160];
+    snprintf(f, sizeof(f), "%s/%s.mport", dir, name);
+    return http_get(read_port_file(f), "/metrics", text, sizeof(text)) == 200 ? metric_value(text, metric) : -1;
+}
+
 static void test_1_attn_2_shards(void **state)
 {
     wait_epoch(1, 2);
@@ -284,6 +299,22 @@ static void test_1_attn_2_shards(void **state)
         run_case(c, &g, -1);
         check_case(c, &g);
     }
+    /* the metrics saw it: MoE layers on both sides, the rows the attention side sent received */
+    const double layers = daemon_metric("attn0", "dsv32_ep_moe_layers_total");
+    const double sent = daemon_metric("attn0", "dsv32_ep_rows_sent_total");
+    assert_true(layers > 0);
+    assert_true(daemon_metric("xs0", "dsv32_ep_shard_layers_total") > 0);
+    assert_true(daemon_metric("xs0", "dsv32_ep_shard_serving") == 1);
+    assert_true(sent > 0);
+    /* the shards count what they served after each step: equal once the group goes idle */
+    double got = -1;
+    for (int i = 0; i < 200 && got != sent; i++) {
+        if (i)
+            usleep(20000);
+        got = daemon_metric("xs0", "dsv32_ep_shard_rows_total") + daemon_metric("xs1", "dsv32_ep_shard_rows_total");
+    }
+    if (got != sent)
+        fail_msg("rows sent %.0f, received by the shards %.0f", sent, got);
 }
 
 struct par {

@@ -1,0 +1,29 @@
+/* Prometheus metrics: a GET /metrics endpoint in the text exposition format (version 0.0.4), on
+ * its own thread, as vLLM, SGLang and Dynamo serve theirs. The daemon fills the text on each
+ * scrape from a callback; nothing is kept between scrapes. */
+#ifndef DSV32_METRICS_H
+#define DSV32_METRICS_H
+
+#include <stddef.h>
+
+struct dsv32_metrics;
+struct dsv32_metrics_text;
+
+/* Called on the endpoint's thread for each scrape: adds the current values. */
+typedef void (*dsv32_metrics_fill_fn)(void *ctx, struct dsv32_metrics_text *t);
+
+/* Listens on HOST:PORT (PORT 0: any free one; *ret_port gets the bound one). 0 or <0. */
+int dsv32_metrics_start(const char *listen, dsv32_metrics_fill_fn fill, void *ctx,
+                        struct dsv32_metrics **ret, int *ret_port);
+void dsv32_metrics_stop(struct dsv32_metrics *m);
+
+/* One family: its # HELP and # TYPE lines (type "counter" or "gauge"), then its samples. */
+void dsv32_metrics_family(struct dsv32_metrics_text *t, const char *name, const char *type,
+                          const char *help);
+/* A sample of the last family; labels like `phase="pack"` or NULL. */
+void dsv32_metrics_sample(struct dsv32_metrics_text *t, const char *labels, double value);
+/* Both at once, for a family of one unlabelled sample. */
+void dsv32_metrics_one(struct dsv32_metrics_text *t, const char *name, const char *type,
+                       const char *help, double value);
+
+#endif
