@@ -80,6 +80,42 @@ void dsv32_metrics_one(struct dsv32_metrics_text *t, const char *name, const cha
     dsv32_metrics_sample(t, NULL, value);
 }
 
+void dsv32_histogram_init(struct dsv32_histogram *h, const double *bounds, int n)
+{
+    h->bounds = bounds;
+    h->n = n < DSV32_HIST_MAX_BUCKETS ? n : DSV32_HIST_MAX_BUCKETS;
+    for (int i = 0; i <= DSV32_HIST_MAX_BUCKETS; i++)
+        atomic_init(&h->counts[i], 0);
+    atomic_init(&h->sum_ns, 0);
+}
+
+void dsv32_histogram_observe(struct dsv32_histogram *h, double seconds)
+{
+    if (!(seconds >= 0)) /* NaN or negative: not a duration */
+        return;
+    int b = 0;
+    while (b < h->n && seconds > h->bounds[b])
+        b++;
+    atomic_fetch_add(&h->counts[b], 1);
+    atomic_fetch_add(&h->sum_ns, (uint_fast64_t)(seconds * 1e9));
+}
+
+void dsv32_metrics_histogram(struct dsv32_metrics_text *t, const char *name, const char *help,
+                             struct dsv32_histogram *h)
+{
+    put(t, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    uint64_t cum = 0;
+    for (int b = 0; b <= h->n; b++) {
+        cum += atomic_load(&h->counts[b]);
+        if (b < h->n)
+            put(t, "%s_bucket{le=\"%.17g\"} %llu\n", name, h->bounds[b], (unsigned long long)cum);
+        else
+            put(t, "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)cum);
+    }
+    put(t, "%s_sum %.17g\n%s_count %llu\n", name, (double)atomic_load(&h->sum_ns) * 1e-9, name,
+        (unsigned long long)cum);
+}
+
 static void send_all(int fd, const char *p, size_t n)
 {
     while (n > 0) {

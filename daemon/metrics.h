@@ -4,7 +4,9 @@
 #ifndef DSV32_METRICS_H
 #define DSV32_METRICS_H
 
+#include <stdatomic.h>
 #include <stddef.h>
+#include <stdint.h>
 
 struct dsv32_metrics;
 struct dsv32_metrics_text;
@@ -25,5 +27,20 @@ void dsv32_metrics_sample(struct dsv32_metrics_text *t, const char *labels, doub
 /* Both at once, for a family of one unlabelled sample. */
 void dsv32_metrics_one(struct dsv32_metrics_text *t, const char *name, const char *type,
                        const char *help, double value);
+
+/* A latency histogram that threads observe into without a lock. */
+#define DSV32_HIST_MAX_BUCKETS 24
+struct dsv32_histogram {
+    const double *bounds; /* upper bounds in seconds, ascending; +Inf implied */
+    int n;
+    atomic_uint_fast64_t counts[DSV32_HIST_MAX_BUCKETS + 1]; /* per bucket, not cumulative */
+    atomic_uint_fast64_t sum_ns;
+};
+/* bounds must outlive h; n <= DSV32_HIST_MAX_BUCKETS */
+void dsv32_histogram_init(struct dsv32_histogram *h, const double *bounds, int n);
+void dsv32_histogram_observe(struct dsv32_histogram *h, double seconds);
+/* A histogram family: _bucket (cumulative, le labels), _sum and _count. */
+void dsv32_metrics_histogram(struct dsv32_metrics_text *t, const char *name, const char *help,
+                             struct dsv32_histogram *h);
 
 #endif

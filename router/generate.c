@@ -43,7 +43,20 @@ struct greq {
     int cancelled;
     char excluded[8][DSV32_NODE_NAME_MAX];
     int n_excluded;
+    double t_start, t_first; /* monotonic seconds: accepted, first token sent */
 };
+
+static double mono_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void count_outcome(struct router *r, enum router_outcome o)
+{
+    atomic_fetch_add(&r->req_outcome[o], 1);
+}
 
 static void greq_free(struct greq *q)
 {
@@ -262,6 +275,8 @@ static int relay_token(struct greq *q, int32_t tok, Dsv32__V1__Logprobs *lp)
         }
     }
     q->sent[q->n_sent++] = tok;
+    if (q->n_sent == 1)
+        q->t_first = mono_s();
     Dsv32__V1__GenerateResponse m = DSV32__V1__GENERATE_RESPONSE__INIT;
     char *text = strndup(out, ol);
     if (!text) {
@@ -452,7 +467,7 @@ static void *worker(void *arg)
 {
     struct greq *q = arg;
     struct router *r = q->r;
-    int done = 0;
+    int done = 0, outcome_ok = 0, outcome_invalid = 0;
     for (int n = 0; !done && n < r->cfg.max_attempts; n++) {
         struct dsv32_node_info node;
         if (pick(r, q, &node) < 0) {
@@ -472,6 +487,7 @@ static void *worker(void *arg)
         switch (o) {
         case OUT_DONE:
             done = 1;
+            outcome_ok = 1;
             break;
         case OUT_CLIENT_GONE:
             done = 2;
@@ -479,6 +495,7 @@ static void *worker(void *arg)
         case OUT_REFUSED:
             dsv32_rpc_call_finish(q->call, DSV32_RPC_INVALID_ARGUMENT, "%s", st.message);
             done = 1;
+            outcome_invalid = 1;
             break;
         case OUT_BUSY:
         case OUT_FAILED:
@@ -500,6 +517,21 @@ static void *worker(void *arg)
     else if (!done)
         finish_client(q, DSV32_FINISH_ERROR, (uint32_t)q->n_sent,
                       "every attempt to place the request failed");
+    /* the metrics: how it ended, and its latencies when it produced tokens */
+    const double t_end = mono_s();
+    count_outcome(r, done == 2 || (!done && q->cancelled) ? RO_CANCELLED
+                     : outcome_ok                          ? RO_OK
+                     : outcome_invalid                     ? RO_INVALID
+                                                           : RO_ERROR);
+    atomic_fetch_add(&r->prompt_tokens, (uint_fast64_t)q->n_prompt);
+    atomic_fetch_add(&r->generated_tokens, (uint_fast64_t)q->n_sent);
+    if (q->n_sent > 0) {
+        dsv32_histogram_observe(&r->ttft, q->t_first - q->t_start);
+        if (q->n_sent > 1)
+            dsv32_histogram_observe(&r->tpot, (t_end - q->t_first) / (q->n_sent - 1));
+    }
+    if (outcome_ok)
+        dsv32_histogram_observe(&r->e2e, t_end - q->t_start);
     atomic_fetch_sub(&r->inflight, 1);
     greq_free(q);
     atomic_fetch_sub(&r->workers, 1);
@@ -616,11 +648,13 @@ static void generate_handler(void *arg, struct dsv32_rpc_call *call, const uint8
     }
     q->in_reasoning = q->msg->input_case == DSV32__V1__GENERATE_REQUEST__INPUT_CHAT &&
                       q->msg->chat->thinking;
+    q->t_start = mono_s();
     if (atomic_fetch_add(&r->inflight, 1) >= r->cfg.max_inflight) {
         atomic_fetch_sub(&r->inflight, 1);
+        count_outcome(r, RO_REJECTED);
         code = DSV32_RPC_RESOURCE_EXHAUSTED;
         snprintf(err, sizeof(err), "overloaded: %d requests in progress", r->cfg.max_inflight);
-        goto refuse;
+        goto refuse_counted;
     }
     dsv32_rpc_call_on_cancel(call, on_client_cancel, q);
     pthread_attr_t at;
@@ -634,13 +668,46 @@ static void generate_handler(void *arg, struct dsv32_rpc_call *call, const uint8
     if (rc != 0) {
         atomic_fetch_sub(&r->workers, 1);
         atomic_fetch_sub(&r->inflight, 1);
+        count_outcome(r, RO_REJECTED);
         dsv32_rpc_call_finish(call, DSV32_RPC_RESOURCE_EXHAUSTED, "cannot start a worker");
         greq_free(q);
     }
     return;
 refuse:
+    count_outcome(r, code == DSV32_RPC_INVALID_ARGUMENT ? RO_INVALID : RO_ERROR);
+refuse_counted:
     dsv32_rpc_call_finish(call, code, "%s", err);
     greq_free(q);
+}
+
+/* --metrics-listen (metrics.h): what the router sees of each request */
+void router_fill_metrics(void *ctx, struct dsv32_metrics_text *t)
+{
+    struct router *r = ctx;
+    dsv32_metrics_one(t, "dsv32_router_requests_running", "gauge", "Generate requests in progress.",
+                      atomic_load(&r->inflight));
+    dsv32_metrics_family(t, "dsv32_router_requests_total", "counter",
+                         "Generate requests by how they ended (rejected: the router was full).");
+    static const char *names[ROUTER_OUTCOMES] = {"outcome=\"ok\"", "outcome=\"cancelled\"",
+                                                 "outcome=\"invalid\"", "outcome=\"rejected\"",
+                                                 "outcome=\"error\""};
+    for (int i = 0; i < ROUTER_OUTCOMES; i++)
+        dsv32_metrics_sample(t, names[i], (double)atomic_load(&r->req_outcome[i]));
+    dsv32_metrics_one(t, "dsv32_router_failovers_total", "counter",
+                      "Requests moved to another attention daemon after one failed.",
+                      (double)atomic_load(&r->failovers));
+    dsv32_metrics_one(t, "dsv32_router_prompt_tokens_total", "counter", "Prompt tokens of ended requests.",
+                      (double)atomic_load(&r->prompt_tokens));
+    dsv32_metrics_one(t, "dsv32_router_generation_tokens_total", "counter",
+                      "Tokens streamed to clients by ended requests.",
+                      (double)atomic_load(&r->generated_tokens));
+    dsv32_metrics_histogram(t, "dsv32_router_time_to_first_token_seconds",
+                            "From accepting a request to sending its first token.", &r->ttft);
+    dsv32_metrics_histogram(t, "dsv32_router_time_per_output_token_seconds",
+                            "After the first token, the mean time per further token of a request.",
+                            &r->tpot);
+    dsv32_metrics_histogram(t, "dsv32_router_request_seconds",
+                            "Whole requests that ended normally, accepted to last message.", &r->e2e);
 }
 
 /* ---- the unary calls ---- */

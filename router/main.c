@@ -23,7 +23,8 @@ static void usage(FILE *f)
     fprintf(f, "usage: dsv32-router --model DIR --etcd HOST:PORT [--cluster NAME] [--id ID]\n"
                "                    [--listen HOST:PORT] [--admin-token TOKEN | --admin-token-file F]\n"
                "                    [--admin-allow-remote] [--max-inflight N] [--max-attempts N]\n"
-               "                    [--daemon-timeout-ms N]\n"
+               "                    [--daemon-timeout-ms N] [--metrics-listen HOST:PORT\n"
+               "                     [--metrics-port-file PATH]]\n"
                "                    [--context N] [--tokenizer DIR] [--port-file PATH]\n"
                "                    [--lease-ttl S] [--log-level error|warn|info|debug]\n"
                "                    [--ep-group G [--ep-transport tcp|nccl] [--ep-redundant N]\n"
@@ -46,6 +47,7 @@ int main(int argc, char **argv)
         {"ep-group", required_argument, 0, 12},    {"ep-transport", required_argument, 0, 13},
         {"ep-redundant", required_argument, 0, 14}, {"ep-load", required_argument, 0, 15},
         {"daemon-timeout-ms", required_argument, 0, 16},
+        {"metrics-listen", required_argument, 0, 17}, {"metrics-port-file", required_argument, 0, 18},
         {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
     static char token_buf[256];
     int c;
@@ -97,6 +99,8 @@ int main(int argc, char **argv)
         case 14: cfg.ep_redundant = atoi(optarg); break;
         case 15: cfg.ep_load = optarg; break;
         case 16: cfg.daemon_timeout_ms = atoi(optarg); break;
+        case 17: cfg.metrics_listen = optarg; break;
+        case 18: cfg.metrics_port_file = optarg; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }

@@ -47,6 +47,7 @@ void router_free(struct router *r)
     if (!r)
         return;
     atomic_store(&r->stopping, 1);
+    dsv32_metrics_stop(r->metrics);
     if (r->leader_started)
         pthread_join(r->leader_thread, NULL);
     dsv32_etcd_election_free(r->election);
@@ -135,6 +136,14 @@ int router_new(const struct router_config *cfg, struct router **ret)
         r->cfg.daemon_timeout_ms = 120000;
     if (r->cfg.max_attempts <= 0)
         r->cfg.max_attempts = 4;
+    /* latency buckets in seconds: first token up to minutes (long prefills queue), per-token
+     * from a millisecond */
+    static const double ttft_b[] = {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300};
+    static const double tpot_b[] = {0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2.5};
+    static const double e2e_b[] = {0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600};
+    dsv32_histogram_init(&r->ttft, ttft_b, (int)(sizeof(ttft_b) / sizeof(ttft_b[0])));
+    dsv32_histogram_init(&r->tpot, tpot_b, (int)(sizeof(tpot_b) / sizeof(tpot_b[0])));
+    dsv32_histogram_init(&r->e2e, e2e_b, (int)(sizeof(e2e_b) / sizeof(e2e_b[0])));
     if (!r->cfg.model_name) {
         const char *slash = strrchr(cfg->model_dir, '/');
         r->cfg.model_name = slash && slash[1] ? slash + 1 : cfg->model_dir;
@@ -185,6 +194,17 @@ int router_new(const struct router_config *cfg, struct router **ret)
     }
     dsv32_rpc_health_set(r->health, "", DSV32_RPC_HEALTH_SERVING);
     dsv32_rpc_health_set(r->health, "dsv32.v1.Generate", DSV32_RPC_HEALTH_SERVING);
+    if (cfg->metrics_listen) { /* before --port-file: whoever reads that finds this too */
+        int mport;
+        if ((rc = dsv32_metrics_start(cfg->metrics_listen, router_fill_metrics, r, &r->metrics, &mport)) < 0)
+            goto fail;
+        FILE *f = cfg->metrics_port_file ? fopen(cfg->metrics_port_file, "w") : NULL;
+        if (cfg->metrics_port_file && (!f || fprintf(f, "%d\n", mport) < 0 || fclose(f) != 0)) {
+            rc = -EIO;
+            log_error("%s: cannot write the metrics port", cfg->metrics_port_file);
+            goto fail;
+        }
+    }
     if (cfg->port_file) {
         FILE *f = fopen(cfg->port_file, "w");
         if (!f || fprintf(f, "%d\n", r->port) < 0 || fclose(f) != 0) {

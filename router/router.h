@@ -13,6 +13,7 @@
 #include "config.h"
 #include "notify.h"
 #include "registry.h"
+#include "metrics.h"
 #include "rpc.h"
 #include "tokenizer.h"
 
@@ -29,6 +30,8 @@ struct router_config {
     const char *port_file;
     int max_inflight;           /* requests in progress; beyond: RESOURCE_EXHAUSTED */
     int max_attempts;           /* placements per request, failovers included */
+    const char *metrics_listen;    /* HOST:PORT of GET /metrics (NULL: none) */
+    const char *metrics_port_file;
     int daemon_timeout_ms;      /* no message from the serving daemon for this long (a request
                                  * queued behind long prefills included): it failed; default
                                  * 120000 (a dead daemon is found sooner, by its lease) */
@@ -50,6 +53,10 @@ struct router_client {
     int inflight;          /* requests this router has on that daemon */
     int64_t suspect_until; /* monotonic ms: a call to it just failed; placed elsewhere till then */
 };
+
+/* how Generate requests ended, for the metrics */
+enum router_outcome { RO_OK, RO_CANCELLED, RO_INVALID, RO_REJECTED, RO_ERROR, ROUTER_OUTCOMES };
+void router_fill_metrics(void *ctx, struct dsv32_metrics_text *t);
 
 struct router {
     struct router_config cfg;
@@ -77,6 +84,11 @@ struct router {
     int leader_started;
     atomic_uint_fast64_t epoch;
     double *ep_load;      /* (n_layers, n_experts) from cfg.ep_load, or NULL */
+    /* --metrics-listen */
+    struct dsv32_metrics *metrics;
+    struct dsv32_histogram ttft, tpot, e2e; /* first token, per output token after it, whole request */
+    atomic_uint_fast64_t req_outcome[ROUTER_OUTCOMES];
+    atomic_uint_fast64_t prompt_tokens, generated_tokens;
 };
 
 int router_new(const struct router_config *cfg, struct router **ret);

@@ -57,9 +57,11 @@ static int setup(void **state)
         return -1;
     if (start_attn(0) < 0 || start_attn(1) < 0)
         return -1;
+    char mport[128];
+    snprintf(mport, sizeof(mport), "%s/router.mport", dir);
     char *argv[] = {ROUTER, "--model", model, "--etcd", etcd.endpoint, "--cluster", "t",
                     "--listen", "127.0.0.1:0", "--max-inflight", "6", "--admin-token", "secret",
-                    NULL};
+                    "--metrics-listen", "127.0.0.1:0", "--metrics-port-file", mport, NULL};
     if (proc_start(&router, "router", dir, argv, 30000) < 0)
         return -1;
     char target[64];
@@ -394,6 +396,28 @@ static void test_failover(void **state)
     free(broken);
 }
 
+/* after the tests above: the router's metrics counted what they did */
+static void test_metrics(void **state)
+{
+    static char m[65536];
+    char f[128];
+    snprintf(f, sizeof(f), "%s/router.mport", dir);
+    assert_int_equal(http_get(read_port_file(f), "/metrics", m, sizeof(m)), 200);
+    assert_true(metric_value(m, "dsv32_router_requests_total{outcome=\"ok\"}") >= 10);
+    assert_true(metric_value(m, "dsv32_router_requests_total{outcome=\"invalid\"}") >= 1); /* test_bad_input */
+    assert_true(metric_value(m, "dsv32_router_failovers_total") >= 1);                       /* test_failover */
+    assert_true(metric_value(m, "dsv32_router_generation_tokens_total") >= 80 * 3);
+    assert_true(metric_value(m, "dsv32_router_requests_running") == 0);
+    /* histograms: the +Inf bucket is the count, every request with tokens is in the first token's */
+    const double n_ttft = metric_value(m, "dsv32_router_time_to_first_token_seconds_count");
+    assert_true(n_ttft >= 10);
+    assert_true(metric_value(m, "dsv32_router_time_to_first_token_seconds_bucket{le=\"+Inf\"}") == n_ttft);
+    assert_true(metric_value(m, "dsv32_router_time_to_first_token_seconds_sum") > 0);
+    assert_true(metric_value(m, "dsv32_router_time_per_output_token_seconds_count") >= 10);
+    assert_true(metric_value(m, "dsv32_router_request_seconds_count") >=
+                metric_value(m, "dsv32_router_requests_total{outcome=\"ok\"}"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -402,6 +426,7 @@ int main(void)
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_overload),
         cmocka_unit_test(test_failover),
+        cmocka_unit_test(test_metrics),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
