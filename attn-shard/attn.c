@@ -645,6 +645,9 @@ static void fill_metrics(void *ctx, struct dsv32_metrics_text *t)
                       (double)st.step_ns * 1e-9);
     dsv32_metrics_one(t, "dsv32_engine_step_tokens_total", "counter", "Token rows the engine steps carried.",
                       (double)st.step_rows);
+    dsv32_metrics_one(t, "dsv32_engine_post_step_seconds_total", "counter",
+                      "Host time after the steps: drawing the tokens, logprobs, streaming them.",
+                      (double)st.post_ns * 1e-9);
     dsv32_metrics_one(t, "dsv32_engine_step_retries_total", "counter",
                       "Steps that failed and ran again (expert-parallel group changes).",
                       (double)st.step_retries);
@@ -867,11 +870,13 @@ static void log_stats(struct attn *a, struct dsv32_sched_stats *last, struct dsv
     }
     if (steps)
         log_info("engine: %.1f prompt tokens/s, %.1f generated tokens/s; %llu steps, %.2f ms each "
-                 "(%.1f rows)%s; %d running, %d queued, KV blocks %d of %d in use",
+                 "(%.1f rows)%s, then %.2f ms drawing and streaming the tokens; %d running, %d "
+                 "queued, KV blocks %d of %d in use",
                  (double)(st.prompt_tokens - last->prompt_tokens) / dt,
                  (double)(st.tokens_generated - last->tokens_generated) / dt, (unsigned long long)steps,
                  (double)(st.step_ns - last->step_ns) / 1e6 / (double)steps,
-                 (double)(st.step_rows - last->step_rows) / (double)steps, moe, st.running, st.queued,
+                 (double)(st.step_rows - last->step_rows) / (double)steps, moe,
+                 (double)(st.post_ns - last->post_ns) / 1e6 / (double)steps, st.running, st.queued,
                  st.total_blocks - st.free_blocks, st.total_blocks);
     *last = st;
     *last_ep = ep;

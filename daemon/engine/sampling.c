@@ -209,16 +209,36 @@ static void sort_desc(int32_t *idx, int n, const float *w)
     qsort_r(idx, (size_t)n, sizeof(int32_t), cmp_desc, (void *)w);
 }
 
+/* the first index of the largest value (the best so far in a register: no reload per element) */
+static int32_t argmax(const float *x, int n)
+{
+    int32_t best = 0;
+    float bv = x[0];
+    for (int v = 1; v < n; v++)
+        if (x[v] > bv) {
+            bv = x[v];
+            best = v;
+        }
+    return best;
+}
+
 int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_logprobs *lp)
 {
     const struct dsv32_sampling_params *p = &s->p;
     const int V = s->vocab;
     float *w = s->work;
-    memcpy(w, logits, sizeof(float) * (size_t)V);
+    const int penalties =
+        p->repetition_penalty != 1.0f || p->frequency_penalty != 0.0f || p->presence_penalty != 0.0f;
 
+    int32_t tok;
+    if (!sampler_draws(p) && !penalties) {
+        tok = argmax(logits, V); /* greedy on the raw logits: no copy */
+        goto done;
+    }
+    memcpy(w, logits, sizeof(float) * (size_t)V);
     /* penalties, as vLLM applies them: repetition over prompt and output, then frequency and
      * presence over the output */
-    if (p->repetition_penalty != 1.0f || p->frequency_penalty != 0.0f || p->presence_penalty != 0.0f)
+    if (penalties)
         for (int v = 0; v < V; v++) {
             uint32_t c = s->out_count[v];
             if (p->repetition_penalty != 1.0f && (c || s->in_prompt[v]))
@@ -227,12 +247,32 @@ int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_
                 w[v] -= p->frequency_penalty * (float)c + p->presence_penalty;
         }
 
-    int32_t tok;
     if (!sampler_draws(p)) {
-        tok = 0;
-        for (int v = 1; v < V; v++)
-            if (w[v] > w[tok])
+        tok = argmax(w, V);
+    } else if (p->top_k <= 0 && p->min_p <= 0.0f && p->top_p >= 1.0f) {
+        /* the whole vocabulary: the same arithmetic as below, in fewer passes over it */
+        const float inv_t = 1.0f / p->temperature;
+        float mx = -INFINITY;
+        for (int v = 0; v < V; v++) {
+            w[v] *= inv_t;
+            mx = w[v] > mx ? w[v] : mx;
+        }
+        float *pr = w + V;
+        double sum = 0.0;
+        for (int v = 0; v < V; v++)
+            sum += (pr[v] = expf(w[v] - mx));
+        double total = 0.0;
+        for (int v = 0; v < V; v++)
+            total += (pr[v] = (float)(pr[v] / sum));
+        double u = rng_uniform(s->rng) * total, acc = 0.0;
+        tok = V - 1;
+        for (int v = 0; v < V; v++) {
+            acc += pr[v];
+            if (u < acc) {
                 tok = v;
+                break;
+            }
+        }
     } else {
         int32_t *idx = s->idx;
         int n = V;
@@ -298,6 +338,7 @@ int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_
             }
         }
     }
+done:
     if (lp)
         dsv32_logprobs_of(logits, V, tok, p->n_logprobs > 0 ? p->n_logprobs : 0, lp);
     dsv32_sampler_accept(s, tok);

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 enum phase { PH_WAITING, PH_PREFILL, PH_DECODE };
 
@@ -46,6 +47,9 @@ struct dsv32_sched {
     struct dsv32_seq_input *in;
     struct req **in_req;
     int *in_logit_row;          /* first logits row of each input, -1 none */
+    const float **draw_lg;      /* per input: the logits row its next token is drawn from, or NULL */
+    int32_t *draw_tok;          /* per input: the token drawn */
+    struct dsv32_logprobs *draw_lp;
     float *logits;
     struct dsv32_sched_stats st;
 };
@@ -100,8 +104,12 @@ int dsv32_sched_new(struct dsv32_engine *e, const struct dsv32_sched_opts *o,
     s->in = calloc((size_t)s->o.max_running, sizeof(*s->in));
     s->in_req = calloc((size_t)s->o.max_running, sizeof(*s->in_req));
     s->in_logit_row = calloc((size_t)s->o.max_running, sizeof(int));
+    s->draw_lg = calloc((size_t)s->o.max_running, sizeof(*s->draw_lg));
+    s->draw_tok = calloc((size_t)s->o.max_running, sizeof(*s->draw_tok));
+    s->draw_lp = calloc((size_t)s->o.max_running, sizeof(*s->draw_lp));
     s->logits = malloc(sizeof(float) * (size_t)e->max_logit_rows * e->cfg->vocab_size);
-    if (!s->reqs || !s->in || !s->in_req || !s->in_logit_row || !s->logits) {
+    if (!s->reqs || !s->in || !s->in_req || !s->in_logit_row || !s->logits || !s->draw_lg ||
+        !s->draw_tok || !s->draw_lp) {
         dsv32_sched_free(s);
         return -ENOMEM;
     }
@@ -158,6 +166,9 @@ void dsv32_sched_free(struct dsv32_sched *s)
     free(s->in);
     free(s->in_req);
     free(s->in_logit_row);
+    free(s->draw_lg);
+    free(s->draw_tok);
+    free(s->draw_lp);
     free(s->logits);
     free(s);
 }
@@ -285,11 +296,10 @@ static int is_stop(const struct dsv32_sched *s, const struct req *q, int32_t t)
 }
 
 /* A token sampled for q: deliver it or finish. Returns 1 when q finished. */
-static int take_token(struct dsv32_sched *s, struct req *q, const float *logits)
+/* A drawn token (and its logprobs when the request wants them) joins the sequence. */
+static int take_token(struct dsv32_sched *s, struct req *q, int32_t t, struct dsv32_logprobs *lp)
 {
-    struct dsv32_logprobs lp;
     int want_lp = q->r.sp.n_logprobs >= 0;
-    int32_t t = dsv32_sample(&q->sampler, logits, want_lp ? &lp : NULL);
     q->n_gen++;
     s->st.tokens_generated++;
     if (is_stop(s, q, t)) {
@@ -297,7 +307,7 @@ static int take_token(struct dsv32_sched *s, struct req *q, const float *logits)
         return 1;
     }
     q->tokens[q->n_known++] = t;
-    if (q->r.on_token && q->r.on_token(q->r.ctx, t, want_lp ? &lp : NULL)) {
+    if (q->r.on_token && q->r.on_token(q->r.ctx, t, want_lp ? lp : NULL)) {
         finish(s, q, DSV32_FINISH_STOP_STRING, 0);
         return 1;
     }
@@ -306,6 +316,21 @@ static int take_token(struct dsv32_sched *s, struct req *q, const float *logits)
         return 1;
     }
     return 0;
+}
+
+static int draw_threads(int n_draw)
+{
+#ifdef _OPENMP
+    static int cores;
+    if (!cores) {
+        long c = sysconf(_SC_NPROCESSORS_ONLN);
+        cores = c > 8 ? 8 : c > 1 ? (int)c : 1;
+    }
+    return n_draw < cores ? n_draw : cores;
+#else
+    (void)n_draw;
+    return 1;
+#endif
 }
 
 int dsv32_sched_step(struct dsv32_sched *s)
@@ -365,6 +390,26 @@ int dsv32_sched_step(struct dsv32_sched *s)
     s->st.step_ns += (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec));
     for (int i = 0; i < n; i++)
         s->st.step_rows += (uint64_t)s->in[i].n_tokens;
+    /* the rows that end in a new token draw it first, on several threads: each request's
+     * sampler is its own, and a draw over the vocabulary costs about a millisecond */
+    int n_draw = 0;
+    for (int i = 0; i < n; i++) {
+        struct req *q = s->in_req[i];
+        const int chunk = s->in[i].n_tokens;
+        s->draw_lg[i] = NULL;
+        if (s->in_logit_row[i] < 0 || q->n_fed + chunk < q->n_known)
+            continue;
+        s->draw_lg[i] = s->logits + ((size_t)s->in_logit_row[i] +
+                                     (s->in[i].logits == DSV32_LOGITS_ALL ? (size_t)chunk - 1 : 0)) * V;
+        n_draw++;
+    }
+#pragma omp parallel for if (n_draw > 1) num_threads(draw_threads(n_draw)) schedule(dynamic, 1)
+    for (int i = 0; i < n; i++)
+        if (s->draw_lg[i]) {
+            struct req *q = s->in_req[i];
+            s->draw_tok[i] = dsv32_sample(&q->sampler, s->draw_lg[i],
+                                          q->r.sp.n_logprobs >= 0 ? &s->draw_lp[i] : NULL);
+        }
     for (int i = 0; i < n; i++) {
         struct req *q = s->in_req[i];
         const int first = q->n_fed, chunk = s->in[i].n_tokens;
@@ -382,7 +427,6 @@ int dsv32_sched_step(struct dsv32_sched *s)
                     dsv32_logprobs_of(lg + (size_t)j * V, V, q->tokens[pos + 1],
                                       q->r.sp.n_prompt_logprobs, &q->plp[pos]);
             }
-            lg += (size_t)(chunk - 1) * V;
         }
         if (q->n_fed < q->n_known)
             continue; /* a middle chunk of the prompt */
@@ -391,8 +435,11 @@ int dsv32_sched_step(struct dsv32_sched *s)
             if (q->plp && q->r.on_prompt_logprobs)
                 q->r.on_prompt_logprobs(q->r.ctx, q->plp, q->r.n_prompt - 1);
         }
-        take_token(s, q, lg);
+        take_token(s, q, s->draw_tok[i], &s->draw_lp[i]);
     }
+    struct timespec t2;
+    clock_gettime(CLOCK_MONOTONIC, &t2);
+    s->st.post_ns += (uint64_t)((t2.tv_sec - t1.tv_sec) * 1000000000LL + (t2.tv_nsec - t1.tv_nsec));
     pthread_mutex_unlock(&s->lock);
     return 1;
 }

@@ -61,6 +61,7 @@ struct dsv32_sched_stats {
     int free_blocks, total_blocks;
     uint64_t steps, tokens_generated, prompt_tokens, step_retries;
     uint64_t step_ns, step_rows; /* wall time in the engine's steps, token rows they carried */
+    uint64_t post_ns;            /* after the steps: drawing tokens, logprobs, streaming them */
 };
 
 struct dsv32_sched;
