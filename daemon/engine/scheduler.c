@@ -107,7 +107,10 @@ int dsv32_sched_new(struct dsv32_engine *e, const struct dsv32_sched_opts *o,
     s->draw_lg = calloc((size_t)s->o.max_running, sizeof(*s->draw_lg));
     s->draw_tok = calloc((size_t)s->o.max_running, sizeof(*s->draw_tok));
     s->draw_lp = calloc((size_t)s->o.max_running, sizeof(*s->draw_lp));
-    s->logits = malloc(sizeof(float) * (size_t)e->max_logit_rows * e->cfg->vocab_size);
+    /* page-locked where the backend has it: a step's logits come back from the GPU at the link's
+     * rate (16 rows of 129,280 are 8 MB) */
+    const size_t lb = sizeof(float) * (size_t)e->max_logit_rows * e->cfg->vocab_size;
+    s->logits = e->be->ops->host_alloc ? e->be->ops->host_alloc(e->be, lb) : malloc(lb);
     if (!s->reqs || !s->in || !s->in_req || !s->in_logit_row || !s->logits || !s->draw_lg ||
         !s->draw_tok || !s->draw_lp) {
         dsv32_sched_free(s);
@@ -169,7 +172,10 @@ void dsv32_sched_free(struct dsv32_sched *s)
     free(s->draw_lg);
     free(s->draw_tok);
     free(s->draw_lp);
-    free(s->logits);
+    if (s->logits && s->e->be->ops->host_free)
+        s->e->be->ops->host_free(s->e->be, s->logits);
+    else
+        free(s->logits);
     free(s);
 }
 
