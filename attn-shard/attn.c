@@ -5,6 +5,7 @@
 #include "attn.h"
 
 #include "api.h"
+#include "clock.h"
 #include "cluster.pb-c.h"
 #include "comm.h"
 #include "ep.h"
@@ -625,6 +626,24 @@ static bool healthy(void *arg)
     return true;
 }
 
+/* The EP client's counters into *out; its lock is held through a whole exchange, so this waits
+ * for it at most wait_ms: 1 when read, 0 when the lock stayed busy (*out untouched). */
+static int ep_stats_try(struct attn *a, int wait_ms, struct dsv32_ep_stats *out)
+{
+    for (int i = 0;; i++) {
+        if (pthread_mutex_trylock(&a->ep_lock) == 0) {
+            if (a->client)
+                dsv32_ep_client_get_stats(a->client, out);
+            pthread_mutex_unlock(&a->ep_lock);
+            return 1;
+        }
+        if (i >= wait_ms)
+            return 0;
+        struct timespec ts = {0, 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+}
+
 /* --metrics-listen: GET /metrics (metrics.h), vLLM's families under dsv32_ names */
 static void fill_metrics(void *ctx, struct dsv32_metrics_text *t)
 {
@@ -653,18 +672,9 @@ static void fill_metrics(void *ctx, struct dsv32_metrics_text *t)
                       (double)st.step_retries);
     if (!a->cfg.ep_group)
         return;
-    /* the lock is held through a whole exchange: wait for it up to 100 ms (a layer), else serve
-     * the last counters read (an exchange stuck on a dead peer must not hang the scrape) */
-    for (int i = 0; i < 100; i++) {
-        if (pthread_mutex_trylock(&a->ep_lock) == 0) {
-            if (a->client)
-                dsv32_ep_client_get_stats(a->client, &a->metrics_ep);
-            pthread_mutex_unlock(&a->ep_lock);
-            break;
-        }
-        struct timespec ts = {0, 1000 * 1000};
-        nanosleep(&ts, NULL);
-    }
+    /* a busy lock for 100 ms (an exchange stuck on a dead peer) must not hang the scrape: then
+     * the counters read last time */
+    ep_stats_try(a, 100, &a->metrics_ep);
     const struct dsv32_ep_stats *ep = &a->metrics_ep;
     dsv32_metrics_one(t, "dsv32_ep_moe_layers_total", "counter",
                       "MoE layers run on the expert shards with rows from here.", (double)ep->moe_calls);
@@ -762,17 +772,10 @@ int attn_new(const struct attn_config *cfg, struct attn **ret)
     }
     dsv32_rpc_health_set(a->health, "", DSV32_RPC_HEALTH_SERVING);
     dsv32_rpc_health_set(a->health, "dsv32.cluster.v1.Attn", DSV32_RPC_HEALTH_SERVING);
-    if (cfg->metrics_listen) { /* before --port-file: whoever reads that finds this too */
-        int mport;
-        if ((r = dsv32_metrics_start(cfg->metrics_listen, fill_metrics, a, &a->metrics, &mport)) < 0)
-            goto fail;
-        FILE *f = cfg->metrics_port_file ? fopen(cfg->metrics_port_file, "w") : NULL;
-        if (cfg->metrics_port_file && (!f || fprintf(f, "%d\n", mport) < 0 || fclose(f) != 0)) {
-            r = -EIO;
-            log_error("%s: cannot write the metrics port", cfg->metrics_port_file);
-            goto fail;
-        }
-    }
+    /* before --port-file: whoever reads that finds this too */
+    if (cfg->metrics_listen && (r = dsv32_metrics_start(cfg->metrics_listen, cfg->metrics_port_file,
+                                                        fill_metrics, a, &a->metrics)) < 0)
+        goto fail;
     if (cfg->port_file) {
         FILE *f = fopen(cfg->port_file, "w");
         if (!f || fprintf(f, "%d\n", a->port) < 0 || fclose(f) != 0) {
@@ -828,13 +831,6 @@ static void publish_load(struct attn *a)
     dsv32_registry_set_load(a->reg, &l);
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 /* --stats-interval: what the engine did since the last line (nothing when it was idle), as
  * operators of vLLM or SGLang read it in their logs. */
 static void log_stats(struct attn *a, struct dsv32_sched_stats *last, struct dsv32_ep_stats *last_ep,
@@ -842,22 +838,13 @@ static void log_stats(struct attn *a, struct dsv32_sched_stats *last, struct dsv
 {
     struct dsv32_sched_stats st;
     dsv32_sched_get_stats(a->sched, &st);
-    const double t = now_s(), dt = t - *last_t;
+    const double t = dsv32_mono_s(), dt = t - *last_t;
     const uint64_t steps = st.steps - last->steps;
     char moe[256] = "";
     struct dsv32_ep_stats ep = *last_ep;
-    int have_ep = 0;
-    if (a->cfg.ep_group) {
-        /* the lock is held through a whole exchange: never wait for it (again at the next tick) */
-        if (pthread_mutex_trylock(&a->ep_lock) != 0)
-            return;
-        if (a->client) {
-            dsv32_ep_client_get_stats(a->client, &ep);
-            have_ep = ep.moe_calls >= last_ep->moe_calls; /* a new client counts from 0 */
-        }
-        pthread_mutex_unlock(&a->ep_lock);
-    }
-    if (have_ep && ep.moe_calls > last_ep->moe_calls && steps) {
+    if (a->cfg.ep_group && !ep_stats_try(a, 0, &ep))
+        return; /* an exchange holds the lock: again at the next tick */
+    if (ep.moe_calls > last_ep->moe_calls && steps) {
         const double k = 1e-6 / (double)(ep.moe_calls - last_ep->moe_calls);
         snprintf(moe, sizeof(moe), ", MoE %.2f ms of it (per layer %.2f: copies %.2f, pack %.2f, "
                  "dispatch %.2f, combine %.2f, unpack %.2f)",
@@ -900,12 +887,12 @@ int attn_run(struct attn *a, volatile int *stop)
     struct dsv32_sched_stats last;
     dsv32_sched_get_stats(a->sched, &last);
     struct dsv32_ep_stats last_ep = {0};
-    double last_t = now_s();
+    double last_t = dsv32_mono_s();
     while (!*stop) {
         struct timespec ts = {0, 100 * 1000 * 1000};
         nanosleep(&ts, NULL);
         publish_load(a);
-        if (a->cfg.stats_interval_s > 0 && now_s() - last_t >= a->cfg.stats_interval_s)
+        if (a->cfg.stats_interval_s > 0 && dsv32_mono_s() - last_t >= a->cfg.stats_interval_s)
             log_stats(a, &last, &last_ep, &last_t);
     }
     if (a->reg)

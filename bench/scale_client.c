@@ -128,8 +128,7 @@ static double pct(double *v, int n, double p)
 struct level {
     int streams, prompt, max_tokens, failed;
     double wall_s, ttft_p50_ms, ttft_p99_ms, user_p50, user_min, steady_tps, steady_s;
-    double steady_user;   /* per stream in the steady window: steady_tps / streams */
-    double steady_step_ms; /* the window over the tokens one stream got in it: the decode step */
+    double steady_user; /* per stream in the steady window: steady_tps / streams */
 };
 
 /* Runs n streams at once; fills lv. */
@@ -188,7 +187,6 @@ static int run_level(struct dsv32_rpc_client *client, int n, int prompt, int max
         lv->steady_s = (double)(win_hi - win_lo) / 1e6;
         lv->steady_tps = (double)count / lv->steady_s;
         lv->steady_user = lv->steady_tps / n_ok;
-        lv->steady_step_ms = lv->steady_user > 0 ? 1e3 / lv->steady_user : 0;
     }
     lv->ttft_p50_ms = pct(ttft, n_ok, 0.5);
     lv->ttft_p99_ms = pct(ttft, n_ok, 0.99);
@@ -290,19 +288,20 @@ int main(int argc, char **argv)
         if (run_level(client, levels[i], prompt, max_tokens, vocab, 100 + (uint64_t)i, &lv) < 0)
             return 1;
         failed += lv.failed;
+        const double step_ms = lv.steady_user > 0 ? 1e3 / lv.steady_user : 0; /* one stream's step */
         printf("decode: %4d streams: %8.1f tokens/s steady (%.1f per GPU, over %.2f s: %.1f tokens/s "
                "per user, step %.1f ms); whole streams per user p50 %.1f min %.1f tokens/s, time "
                "to first token p50 %.0f ms p99 %.0f ms%s\n",
                lv.streams, lv.steady_tps, lv.steady_tps / gpus, lv.steady_s, lv.steady_user,
-               lv.steady_step_ms, lv.user_p50, lv.user_min, lv.ttft_p50_ms, lv.ttft_p99_ms,
+               step_ms, lv.user_p50, lv.user_min, lv.ttft_p50_ms, lv.ttft_p99_ms,
                lv.failed ? " (FAILED streams)" : "");
         fflush(stdout);
         if (jf)
             fprintf(jf, "%s{\"streams\":%d,\"steady_tokens_per_s\":%.1f,\"steady_s\":%.3f,"
                         "\"steady_user\":%.2f,\"steady_step_ms\":%.2f,\"user_p50\":%.2f,\"user_min\":%.2f,\"ttft_p50_ms\":%.1f,"
                         "\"ttft_p99_ms\":%.1f,\"failed\":%d}",
-                    i ? "," : "", lv.streams, lv.steady_tps, lv.steady_s, lv.steady_user,
-                    lv.steady_step_ms, lv.user_p50, lv.user_min,
+                    i ? "," : "", lv.streams, lv.steady_tps, lv.steady_s, lv.steady_user, step_ms,
+                    lv.user_p50, lv.user_min,
                     lv.ttft_p50_ms, lv.ttft_p99_ms, lv.failed);
     }
     if (jf) {

@@ -7,6 +7,7 @@
  *   combine  = struct ep_hdr, rows x dim weighted partial sums (f32 or bf16) */
 #include "ep.h"
 
+#include "clock.h"
 #include "dtype.h"
 #include "error.h"
 #include "log.h"
@@ -314,13 +315,6 @@ struct dsv32_ep_client {
     uint64_t shard_pairs[DSV32_COMM_MAX_WORLD];    /* per shard of the current placement */
 };
 
-static uint64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 void dsv32_ep_client_free(struct dsv32_ep_client *c)
 {
     if (!c)
@@ -424,7 +418,7 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
     const size_t es = wire_elem(c->wire);
     if (c->moe[c->pos] != layer)
         return DSV32_EFORMAT; /* the engine skipped or reordered a MoE layer */
-    const uint64_t t_pack = mono_ns();
+    const uint64_t t_pack = dsv32_mono_ns();
     /* rows going to each shard: a row goes to s when one of its experts' chosen replica is s */
     int32_t *rowmap = grow(&c->rows, sizeof(int32_t) * (size_t)(rows ? rows : 1) * S);
     if (!rowmap)
@@ -492,12 +486,12 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
     }
     struct dsv32_comm_xchg x1 = {.send = send, .send_bytes = sb, .recv_from = from, .recv = recv,
                                  .recv_bytes = rb};
-    const uint64_t t_dispatch = mono_ns();
+    const uint64_t t_dispatch = dsv32_mono_ns();
     c->st.pack_ns += t_dispatch - t_pack;
     int r = dsv32_comm_exchange(c->comm, &x1, c->timeout_ms);
     if (r < 0)
         return r;
-    const uint64_t t_combine = mono_ns();
+    const uint64_t t_combine = dsv32_mono_ns();
     c->st.dispatch_ns += t_combine - t_dispatch;
     const void *none[DSV32_COMM_MAX_WORLD] = {0};
     size_t expect[DSV32_COMM_MAX_WORLD] = {0};
@@ -509,7 +503,7 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
                                  .recv_bytes = rb, .recv_expect = expect};
     if ((r = dsv32_comm_exchange(c->comm, &x2, c->timeout_ms)) < 0)
         return r;
-    const uint64_t t_unpack = mono_ns();
+    const uint64_t t_unpack = dsv32_mono_ns();
     c->st.combine_ns += t_unpack - t_combine;
     c->st.exchanges += 2;
     if (rows > 0)
@@ -532,7 +526,7 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
             get_rows(y + (size_t)rm[i] * D, res + (size_t)i * D * es, (size_t)D, c->wire, 1);
     }
     (void)W;
-    c->st.unpack_ns += mono_ns() - t_unpack;
+    c->st.unpack_ns += dsv32_mono_ns() - t_unpack;
     return group_active;
 }
 
@@ -551,7 +545,7 @@ int dsv32_ep_moe_routed(void *ctx, int layer, float *y, const float *x, int rows
     const int D = c->cfg->hidden_size;
     const struct dsv32_backend_ops *ops = c->be->ops;
     int host = strcmp(ops->name, "cpu") == 0;
-    const uint64_t t0 = mono_ns();
+    const uint64_t t0 = dsv32_mono_ns();
     float *xh = (float *)x, *yh = y;
     if (!host) {
         xh = grow(&c->xh, sizeof(float) * (size_t)rows * D);
@@ -562,17 +556,17 @@ int dsv32_ep_moe_routed(void *ctx, int layer, float *y, const float *x, int rows
         if (r < 0)
             return r;
     }
-    c->st.copy_ns += mono_ns() - t0;
+    c->st.copy_ns += dsv32_mono_ns() - t0;
     int r = client_layer(c, layer, yh, xh, rows, ids, w, k, 1);
     if (r < 0)
         return r;
     advance(c);
-    const uint64_t t1 = mono_ns();
+    const uint64_t t1 = dsv32_mono_ns();
     if (!host && (r = ops->to_device(c->be, y, yh, sizeof(float) * (size_t)rows * D)) < 0)
         return r;
-    c->st.copy_ns += mono_ns() - t1;
+    c->st.copy_ns += dsv32_mono_ns() - t1;
     c->st.moe_calls++;
-    c->st.moe_ns += mono_ns() - t0;
+    c->st.moe_ns += dsv32_mono_ns() - t0;
     return 0;
 }
 
@@ -789,11 +783,11 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
         from[a] = 1;
     struct dsv32_comm_xchg x1 = {.send = none, .send_bytes = sb, .recv_from = from, .recv = recv,
                                  .recv_bytes = rb};
-    const uint64_t t_wait = mono_ns();
+    const uint64_t t_wait = dsv32_mono_ns();
     int r = dsv32_comm_exchange(s->comm, &x1, s->timeout_ms);
     if (r < 0)
         return r;
-    const uint64_t t_unpack = mono_ns();
+    const uint64_t t_unpack = dsv32_mono_ns();
     /* gather every attention rank's rows: all rows of one expert then go through one GEMM */
     int total = 0, active = 0, wire = -1, offs[DSV32_COMM_MAX_WORLD];
     struct ep_hdr h[DSV32_COMM_MAX_WORLD];
@@ -835,7 +829,7 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
             ids[(size_t)offs[a] * K + i] = e;
         }
     }
-    const uint64_t t_work = mono_ns();
+    const uint64_t t_work = dsv32_mono_ns();
     uint64_t t_copy = t_work, copy_ns = 0, compute_ns = 0;
     if (total > 0) {
         const struct dsv32_backend_ops *ops = s->be->ops;
@@ -854,22 +848,22 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
                 (r = ops->to_device(s->be, dw, w, sizeof(float) * (size_t)total * K)) < 0 ||
                 (r = ops->sync(s->be)) < 0)
                 return r;
-            const uint64_t t_compute = mono_ns();
+            const uint64_t t_compute = dsv32_mono_ns();
             copy_ns += t_compute - t_copy;
             if ((r = ops->moe_experts(s->be, dy, dx, total, di, dw, K, ex, cfg->n_routed_experts,
                                       cfg->ue8m0)) < 0 ||
                 (r = ops->sync(s->be)) < 0)
                 return r;
-            t_copy = mono_ns();
+            t_copy = dsv32_mono_ns();
             compute_ns += t_copy - t_compute;
             if ((r = ops->to_host(s->be, Y, dy, sizeof(float) * (size_t)total * D)) < 0)
                 return r;
-            copy_ns += mono_ns() - t_copy;
+            copy_ns += dsv32_mono_ns() - t_copy;
         }
         if (r < 0)
             return r;
     }
-    const uint64_t t_pack = mono_ns();
+    const uint64_t t_pack = dsv32_mono_ns();
     if (strcmp(s->be->ops->name, "cpu") == 0)
         compute_ns = t_pack - t_work;
     int group_active = first ? active : 1;
@@ -895,7 +889,7 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
     static const size_t known[DSV32_COMM_MAX_WORLD];
     struct dsv32_comm_xchg x2 = {.send = send, .send_bytes = sb, .recv_from = from, .recv = recv,
                                  .recv_bytes = rb, .recv_expect = known};
-    const uint64_t t_send = mono_ns();
+    const uint64_t t_send = dsv32_mono_ns();
     if ((r = dsv32_comm_exchange(s->comm, &x2, s->timeout_ms)) < 0)
         return r;
     if (total > 0) {
@@ -906,7 +900,7 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
         s->st.copy_ns += copy_ns;
         s->st.compute_ns += compute_ns;
         s->st.pack_ns += t_send - t_pack;
-        s->st.send_ns += mono_ns() - t_send;
+        s->st.send_ns += dsv32_mono_ns() - t_send;
     }
     (void)W;
     *ret_active = group_active;

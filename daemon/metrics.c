@@ -187,8 +187,8 @@ static void *metrics_main(void *arg)
     return NULL;
 }
 
-int dsv32_metrics_start(const char *listen_addr, dsv32_metrics_fill_fn fill, void *ctx,
-                        struct dsv32_metrics **ret, int *ret_port)
+int dsv32_metrics_start(const char *listen_addr, const char *port_file, dsv32_metrics_fill_fn fill,
+                        void *ctx, struct dsv32_metrics **ret)
 {
     char host[256];
     const char *colon = strrchr(listen_addr, ':');
@@ -223,6 +223,14 @@ int dsv32_metrics_start(const char *listen_addr, dsv32_metrics_fill_fn fill, voi
     if (getsockname(fd, (struct sockaddr *)&sa, &sl) == 0)
         port = sa.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&sa)->sin6_port)
                                         : ntohs(((struct sockaddr_in *)&sa)->sin_port);
+    if (port_file) {
+        FILE *f = fopen(port_file, "w");
+        if (!f || fprintf(f, "%d\n", port) < 0 || fclose(f) != 0) {
+            log_error("%s: cannot write the metrics port", port_file);
+            close(fd);
+            return -EIO;
+        }
+    }
     struct dsv32_metrics *m = calloc(1, sizeof(*m));
     if (!m) {
         close(fd);
@@ -237,8 +245,6 @@ int dsv32_metrics_start(const char *listen_addr, dsv32_metrics_fill_fn fill, voi
         return -EAGAIN;
     }
     log_info("metrics on http://%s:%d/metrics", host, port);
-    if (ret_port)
-        *ret_port = port;
     *ret = m;
     return 0;
 }

@@ -14,9 +14,10 @@ struct dsv32_metrics_text;
 /* Called on the endpoint's thread for each scrape: adds the current values. */
 typedef void (*dsv32_metrics_fill_fn)(void *ctx, struct dsv32_metrics_text *t);
 
-/* Listens on HOST:PORT (PORT 0: any free one; *ret_port gets the bound one). 0 or <0. */
-int dsv32_metrics_start(const char *listen, dsv32_metrics_fill_fn fill, void *ctx,
-                        struct dsv32_metrics **ret, int *ret_port);
+/* Listens on HOST:PORT (PORT 0: any free one) and, when port_file is not NULL, writes the bound
+ * port there. 0 or <0. */
+int dsv32_metrics_start(const char *listen, const char *port_file, dsv32_metrics_fill_fn fill,
+                        void *ctx, struct dsv32_metrics **ret);
 void dsv32_metrics_stop(struct dsv32_metrics *m);
 
 /* One family: its # HELP and # TYPE lines (type "counter" or "gauge"), then its samples. */

@@ -2,6 +2,7 @@
  * the group's epochs: at each one it loads the routed experts the placement gives it (straight
  * from the checkpoint directory: only those tensors are read), builds the communicator of the
  * epoch and serves MoE layers, all rows of one expert in one GEMM, until the epoch ends. */
+#include "clock.h"
 #include "comm.h"
 #include "engine.h"
 #include "ep.h"
@@ -58,51 +59,60 @@ struct xs {
     atomic_int draining;
     int withdrawn;
     uint64_t steps;
-    /* --stats-interval */
-    const struct dsv32_ep_server *stats_srv;
-    struct dsv32_ep_server_stats stats_last;
+    /* the shard's counters over all epochs (a new epoch's server counts from 0): the ended
+     * epochs' sum and the current one's, under lock (the metrics endpoint's thread reads them) */
+    const struct dsv32_ep_server *tot_srv;
+    struct dsv32_ep_server_stats tot_ended, tot_cur;
+    uint64_t epochs;
+    struct dsv32_ep_server_stats stats_last; /* --stats-interval: the totals at the last line */
     double stats_t;
-    /* --metrics-listen: totals over all epochs, under lock (the endpoint's thread reads them) */
-    struct dsv32_metrics *metrics;
-    const struct dsv32_ep_server *metrics_srv;
-    struct dsv32_ep_server_stats metrics_base, metrics_cur; /* ended epochs' sum; the current one's */
-    uint64_t metrics_epochs;
+    struct dsv32_metrics *metrics;           /* --metrics-listen */
 };
 
-/* after each step: the totals the endpoint serves */
-static void metrics_note(struct xs *x)
+static void stats_add(struct dsv32_ep_server_stats *a, const struct dsv32_ep_server_stats *b)
 {
-    if (!x->metrics)
-        return;
+    a->layers += b->layers;
+    a->rows += b->rows;
+    a->wait_ns += b->wait_ns;
+    a->unpack_ns += b->unpack_ns;
+    a->copy_ns += b->copy_ns;
+    a->compute_ns += b->compute_ns;
+    a->pack_ns += b->pack_ns;
+    a->send_ns += b->send_ns;
+}
+
+/* after each step: the current server's counters into the totals */
+static void note_stats(struct xs *x)
+{
     struct dsv32_ep_server_stats st = {0};
     if (x->srv)
         dsv32_ep_server_get_stats(x->srv, &st);
     pthread_mutex_lock(&x->lock);
-    if (x->srv != x->metrics_srv) { /* the previous epoch's server is gone: fold its counts */
-        struct dsv32_ep_server_stats *b = &x->metrics_base, *c = &x->metrics_cur;
-        b->layers += c->layers;
-        b->rows += c->rows;
-        b->wait_ns += c->wait_ns;
-        b->unpack_ns += c->unpack_ns;
-        b->copy_ns += c->copy_ns;
-        b->compute_ns += c->compute_ns;
-        b->pack_ns += c->pack_ns;
-        b->send_ns += c->send_ns;
-        x->metrics_srv = x->srv;
-        if (x->srv)
-            x->metrics_epochs++;
+    if (x->srv != x->tot_srv) { /* the previous epoch's server is gone: keep its counts */
+        stats_add(&x->tot_ended, &x->tot_cur);
+        x->tot_srv = x->srv;
+        x->epochs += x->srv != NULL;
     }
-    x->metrics_cur = st;
+    x->tot_cur = st;
     pthread_mutex_unlock(&x->lock);
+}
+
+static struct dsv32_ep_server_stats totals(struct xs *x)
+{
+    pthread_mutex_lock(&x->lock);
+    struct dsv32_ep_server_stats t = x->tot_ended;
+    stats_add(&t, &x->tot_cur);
+    pthread_mutex_unlock(&x->lock);
+    return t;
 }
 
 static void fill_metrics(void *ctx, struct dsv32_metrics_text *t)
 {
     struct xs *x = ctx;
+    const struct dsv32_ep_server_stats c = totals(x);
     pthread_mutex_lock(&x->lock);
-    struct dsv32_ep_server_stats b = x->metrics_base, c = x->metrics_cur;
-    const uint64_t epochs = x->metrics_epochs, steps = x->steps;
-    const int serving = x->metrics_srv != NULL;
+    const uint64_t epochs = x->epochs, steps = x->steps;
+    const int serving = x->tot_srv != NULL;
     pthread_mutex_unlock(&x->lock);
     dsv32_metrics_one(t, "dsv32_ep_shard_serving", "gauge", "1 while a member of an EP-group epoch.",
                       serving);
@@ -110,37 +120,23 @@ static void fill_metrics(void *ctx, struct dsv32_metrics_text *t)
                       (double)epochs);
     dsv32_metrics_one(t, "dsv32_ep_shard_steps_total", "counter", "Group steps with rows.", (double)steps);
     dsv32_metrics_one(t, "dsv32_ep_shard_layers_total", "counter", "MoE layers served with rows.",
-                      (double)(b.layers + c.layers));
-    dsv32_metrics_one(t, "dsv32_ep_shard_rows_total", "counter", "Token rows received.",
-                      (double)(b.rows + c.rows));
+                      (double)c.layers);
+    dsv32_metrics_one(t, "dsv32_ep_shard_rows_total", "counter", "Token rows received.", (double)c.rows);
     dsv32_metrics_family(t, "dsv32_ep_shard_seconds_total", "counter",
                          "Time in those layers by phase (wait: in the dispatch exchange, mostly "
                          "waiting for the attention side).");
     const struct { const char *l; uint64_t v; } ph[] = {
-        {"phase=\"wait\"", b.wait_ns + c.wait_ns},       {"phase=\"unpack\"", b.unpack_ns + c.unpack_ns},
-        {"phase=\"copy\"", b.copy_ns + c.copy_ns},       {"phase=\"compute\"", b.compute_ns + c.compute_ns},
-        {"phase=\"pack\"", b.pack_ns + c.pack_ns},       {"phase=\"send\"", b.send_ns + c.send_ns}};
+        {"phase=\"wait\"", c.wait_ns},       {"phase=\"unpack\"", c.unpack_ns},
+        {"phase=\"copy\"", c.copy_ns},       {"phase=\"compute\"", c.compute_ns},
+        {"phase=\"pack\"", c.pack_ns},       {"phase=\"send\"", c.send_ns}};
     for (size_t i = 0; i < sizeof(ph) / sizeof(ph[0]); i++)
         dsv32_metrics_sample(t, ph[i].l, (double)ph[i].v * 1e-9);
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-/* Where the time of the MoE layers served since the last line went, per layer. */
+/* --stats-interval: where the time of the MoE layers served since the last line went, per layer */
 static void log_stats(struct xs *x)
 {
-    struct dsv32_ep_server_stats st = {0}, *l = &x->stats_last;
-    if (x->srv)
-        dsv32_ep_server_get_stats(x->srv, &st);
-    if (x->srv != x->stats_srv) { /* a new epoch's server counts from 0 */
-        memset(l, 0, sizeof(*l));
-        x->stats_srv = x->srv;
-    }
+    const struct dsv32_ep_server_stats st = totals(x), *l = &x->stats_last;
     const uint64_t n = st.layers - l->layers;
     if (n) {
         const double k = 1e-6 / (double)n;
@@ -151,8 +147,8 @@ static void log_stats(struct xs *x)
                  (double)(st.copy_ns - l->copy_ns) * k, (double)(st.compute_ns - l->compute_ns) * k,
                  (double)(st.pack_ns - l->pack_ns) * k, (double)(st.send_ns - l->send_ns) * k);
     }
-    *l = st;
-    x->stats_t = now_s();
+    x->stats_last = st;
+    x->stats_t = dsv32_mono_s();
 }
 
 static volatile int stop_flag;
@@ -367,14 +363,10 @@ static int xs_start(struct xs *x)
     if ((r = dsv32_ops_drain_watch_new(x->etcd, x->cfg.cluster, "expert", x->cfg.id, on_drain, x,
                                        &x->drain)) < 0)
         return r;
-    if (x->cfg.metrics_listen) { /* before --port-file: whoever reads that finds this too */
-        int mport;
-        if ((r = dsv32_metrics_start(x->cfg.metrics_listen, fill_metrics, x, &x->metrics, &mport)) < 0)
-            return r;
-        FILE *f = x->cfg.metrics_port_file ? fopen(x->cfg.metrics_port_file, "w") : NULL;
-        if (x->cfg.metrics_port_file && (!f || fprintf(f, "%d\n", mport) < 0 || fclose(f) != 0))
-            return -EIO;
-    }
+    /* before --port-file: whoever reads that finds this too */
+    if (x->cfg.metrics_listen && (r = dsv32_metrics_start(x->cfg.metrics_listen, x->cfg.metrics_port_file,
+                                                          fill_metrics, x, &x->metrics)) < 0)
+        return r;
     if (x->cfg.port_file) {
         FILE *f = fopen(x->cfg.port_file, "w");
         if (!f || fprintf(f, "%d\n", gport) < 0 || fclose(f) != 0)
@@ -433,9 +425,9 @@ static void xs_loop(struct xs *x)
         pthread_mutex_unlock(&x->lock);
         if (e)
             apply_epoch(x, e);
-        if (x->cfg.stats_interval_s > 0 && now_s() - x->stats_t >= x->cfg.stats_interval_s)
+        if (x->cfg.stats_interval_s > 0 && dsv32_mono_s() - x->stats_t >= x->cfg.stats_interval_s)
             log_stats(x);
-        metrics_note(x);
+        note_stats(x);
         if (x->srv) {
             int r = dsv32_ep_server_step(x->srv);
             if (r > 0) {

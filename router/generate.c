@@ -7,6 +7,7 @@
 #include "router.h"
 
 #include "api.h"
+#include "clock.h"
 #include "cluster.pb-c.h"
 #include "dsv32.pb-c.h"
 #include "error.h"
@@ -45,13 +46,6 @@ struct greq {
     int n_excluded;
     double t_start, t_first; /* monotonic seconds: accepted, first token sent */
 };
-
-static double mono_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static void count_outcome(struct router *r, enum router_outcome o)
 {
@@ -276,7 +270,7 @@ static int relay_token(struct greq *q, int32_t tok, Dsv32__V1__Logprobs *lp)
     }
     q->sent[q->n_sent++] = tok;
     if (q->n_sent == 1)
-        q->t_first = mono_s();
+        q->t_first = dsv32_mono_s();
     Dsv32__V1__GenerateResponse m = DSV32__V1__GENERATE_RESPONSE__INIT;
     char *text = strndup(out, ol);
     if (!text) {
@@ -518,7 +512,7 @@ static void *worker(void *arg)
         finish_client(q, DSV32_FINISH_ERROR, (uint32_t)q->n_sent,
                       "every attempt to place the request failed");
     /* the metrics: how it ended, and its latencies when it produced tokens */
-    const double t_end = mono_s();
+    const double t_end = dsv32_mono_s();
     count_outcome(r, done == 2 || (!done && q->cancelled) ? RO_CANCELLED
                      : outcome_ok                          ? RO_OK
                      : outcome_invalid                     ? RO_INVALID
@@ -648,7 +642,7 @@ static void generate_handler(void *arg, struct dsv32_rpc_call *call, const uint8
     }
     q->in_reasoning = q->msg->input_case == DSV32__V1__GENERATE_REQUEST__INPUT_CHAT &&
                       q->msg->chat->thinking;
-    q->t_start = mono_s();
+    q->t_start = dsv32_mono_s();
     if (atomic_fetch_add(&r->inflight, 1) >= r->cfg.max_inflight) {
         atomic_fetch_sub(&r->inflight, 1);
         count_outcome(r, RO_REJECTED);

@@ -194,17 +194,10 @@ int router_new(const struct router_config *cfg, struct router **ret)
     }
     dsv32_rpc_health_set(r->health, "", DSV32_RPC_HEALTH_SERVING);
     dsv32_rpc_health_set(r->health, "dsv32.v1.Generate", DSV32_RPC_HEALTH_SERVING);
-    if (cfg->metrics_listen) { /* before --port-file: whoever reads that finds this too */
-        int mport;
-        if ((rc = dsv32_metrics_start(cfg->metrics_listen, router_fill_metrics, r, &r->metrics, &mport)) < 0)
-            goto fail;
-        FILE *f = cfg->metrics_port_file ? fopen(cfg->metrics_port_file, "w") : NULL;
-        if (cfg->metrics_port_file && (!f || fprintf(f, "%d\n", mport) < 0 || fclose(f) != 0)) {
-            rc = -EIO;
-            log_error("%s: cannot write the metrics port", cfg->metrics_port_file);
-            goto fail;
-        }
-    }
+    /* before --port-file: whoever reads that finds this too */
+    if (cfg->metrics_listen && (rc = dsv32_metrics_start(cfg->metrics_listen, cfg->metrics_port_file,
+                                                         router_fill_metrics, r, &r->metrics)) < 0)
+        goto fail;
     if (cfg->port_file) {
         FILE *f = fopen(cfg->port_file, "w");
         if (!f || fprintf(f, "%d\n", r->port) < 0 || fclose(f) != 0) {

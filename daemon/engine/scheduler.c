@@ -1,6 +1,7 @@
 /* Continuous batching scheduler; see sched.h. */
 #include "scheduler.h"
 
+#include "clock.h"
 #include "error.h"
 #include "log.h"
 
@@ -373,10 +374,9 @@ int dsv32_sched_step(struct dsv32_sched *s)
     if (n == 0)
         return 0;
 
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    const uint64_t t0 = dsv32_mono_ns();
     int r = dsv32_engine_step(e, s->in, n, s->logits, s->have_hooks ? &s->hooks : NULL);
-    clock_gettime(CLOCK_MONOTONIC, &t1);
+    const uint64_t t1 = dsv32_mono_ns();
     pthread_mutex_lock(&s->lock);
     if (r < 0) {
         s->st.step_retries++;
@@ -393,7 +393,7 @@ int dsv32_sched_step(struct dsv32_sched *s)
         return r;
     }
     s->st.steps++;
-    s->st.step_ns += (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec));
+    s->st.step_ns += t1 - t0;
     for (int i = 0; i < n; i++)
         s->st.step_rows += (uint64_t)s->in[i].n_tokens;
     /* the rows that end in a new token draw it first, on several threads: each request's
@@ -443,9 +443,7 @@ int dsv32_sched_step(struct dsv32_sched *s)
         }
         take_token(s, q, s->draw_tok[i], &s->draw_lp[i]);
     }
-    struct timespec t2;
-    clock_gettime(CLOCK_MONOTONIC, &t2);
-    s->st.post_ns += (uint64_t)((t2.tv_sec - t1.tv_sec) * 1000000000LL + (t2.tv_nsec - t1.tv_nsec));
+    s->st.post_ns += dsv32_mono_ns() - t1;
     pthread_mutex_unlock(&s->lock);
     return 1;
 }
