@@ -3,18 +3,11 @@
  * steps"). One thread, the same seeded random logits every run; median of 7 batches of 100 draws.
  * It uses only sampling.h, so it also builds against an older sampling.c for a comparison:
  *   cc -O2 -Idaemon/engine -Idaemon bench/sampling_bench.c OLD/sampling.c -lm */
+#include "clock.h"
 #include "sampling.h"
 
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static int cmp(const void *a, const void *b)
 {
@@ -56,10 +49,10 @@ int main(void)
             return 1;
         double t[BATCHES];
         for (int b = 0; b < BATCHES; b++) {
-            double t0 = now_s();
+            double t0 = dsv32_mono_s();
             for (int i = 0; i < DRAWS; i++)
                 (void)dsv32_sample(&s, logits, NULL);
-            t[b] = (now_s() - t0) / DRAWS * 1e3;
+            t[b] = (dsv32_mono_s() - t0) / DRAWS * 1e3;
         }
         qsort(t, BATCHES, sizeof(t[0]), cmp);
         printf("%-28s %.3f ms per draw\n", cases[c].name, t[BATCHES / 2]);
