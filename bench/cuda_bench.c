@@ -8,10 +8,12 @@
  *     dense MLA over the whole context in the same run;
  *   - cost against context length (dense vs DSA), also written as CSV for the plot;
  *   - sparse MLA prefill (and the causal indexer over a prefill) in TFLOP/s next to the bf16 rate;
+ *   - the routed experts of one MoE layer (moe_experts alone) at 1 to 4096 rows, against the
+ *     bytes of the experts hit and the arithmetic, the previous FP8 kernel in the same run;
  *   - one full decoder layer (MLA + DSA + MoE with all 256 experts) at batch 1, 16, 64, 256:
  *     the step time of a 2-layer model minus that of a 1-layer model, next to the floor of the
  *     layer's weight and KV bytes.
- *   cuda_bench [--only dsa|sweep|prefill|layer] [--csv DIR] [--iters N] [--ctx-layer N] */
+ *   cuda_bench [--only dsa|sweep|prefill|moe|layer] [--csv DIR] [--iters N] [--ctx-layer N] */
 #include "cuda/cuda_backend.h"
 #include "engine.h"
 #include "error.h"
@@ -254,6 +256,21 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         dsv32_cuda_set_knob(be, "indexer_fp8", 0);
         const double t_idx = dsa_time(&d, &m, RUN_INDEXER, iters);
         const double t_all = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
+        dsv32_cuda_set_knob(be, "idx_no_topk", 1);
+        const double t_scores = dsa_time(&d, &m, RUN_INDEXER, iters);
+        dsv32_cuda_set_knob(be, "idx_wgmma", 3);
+        const double t_scores5 = dsa_time(&d, &m, RUN_INDEXER, iters);
+        dsv32_cuda_set_knob(be, "idx_wgmma", 1);
+        dsv32_cuda_set_knob(be, "idx_no_topk", 0);
+        dsv32_cuda_set_knob(be, "topk_global", 1);
+        const double t_idx_gtopk = dsa_time(&d, &m, RUN_INDEXER, iters);
+        dsv32_cuda_set_knob(be, "topk_global", 0);
+        dsv32_cuda_set_knob(be, "idx_no_topk", 1);
+        dsv32_cuda_set_knob(be, "idx_wgmma", 0);
+        const double t_scores_mma = dsa_time(&d, &m, RUN_INDEXER, iters);
+        dsv32_cuda_set_knob(be, "idx_no_topk", 0);
+        const double t_idx_mma = dsa_time(&d, &m, RUN_INDEXER, iters);
+        dsv32_cuda_set_knob(be, "idx_wgmma", 1);
         dsv32_cuda_set_knob(be, "indexer_fp8", 1);
         const double t_idx8 = dsa_time(&d, &m, RUN_INDEXER, iters);
         const double t_all8 = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
@@ -265,8 +282,16 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         printf("floor: %.3f GB (indexer keys %.3f GB + selected latents %.3f GB) at %.0f GB/s = %.3f ms\n",
                bytes / gb, (double)B * L * 132 / gb, (double)B * 2048 * 656 / gb, copy_gbps, floor_ms);
         printf("| part | time (ms) | x floor | achieved |\n|---|---|---|---|\n");
-        printf("| indexer scores + top-2048 (f16 mma, exact products) | %.3f | | %.0f GB/s, %.0f TFLOP/s |\n", t_idx,
-               (double)B * L * 132 / (t_idx * 1e-3) / gb, idx_flop / (t_idx * 1e-3) / 1e12);
+        printf("| indexer scores + top-2048 (f16 wgmma, exact products; the default) | %.3f | | %.0f GB/s, %.0f TFLOP/s |\n",
+               t_idx, (double)B * L * 132 / (t_idx * 1e-3) / gb, idx_flop / (t_idx * 1e-3) / 1e12);
+        printf("| of it: scores alone (f16 wgmma) | %.3f | %.2f of the key bytes' floor | %.0f GB/s, %.0f TFLOP/s |\n",
+               t_scores, t_scores / ((double)B * L * 132 / (copy_gbps * gb) * 1e3),
+               (double)B * L * 132 / (t_scores * 1e-3) / gb, idx_flop / (t_scores * 1e-3) / 1e12);
+        printf("| of it: top-2048 (by difference) | %.3f | | the exact global-memory path alone: %.3f ms |\n",
+               t_idx - t_scores, t_idx_gtopk - t_scores);
+        printf("| scores alone, wgmma kernel held to 102 registers (5 CTAs per SM) | %.3f | | |\n", t_scores5);
+        printf("| indexer scores + top-2048 (f16 mma.sync, the previous kernel) | %.3f | | %.0f GB/s; scores alone %.3f ms |\n",
+               t_idx_mma, (double)B * L * 132 / (t_idx_mma * 1e-3) / gb, t_scores_mma);
         printf("| indexer scores + top-2048 (FP8 mma) | %.3f | | %.0f GB/s, %.0f TFLOP/s |\n", t_idx8,
                (double)B * L * 132 / (t_idx8 * 1e-3) / gb, idx_flop / (t_idx8 * 1e-3) / 1e12);
         printf("| sparse MLA decode (bf16 mma, 2048 selected) | %.3f | | %.0f TFLOP/s |\n", t_sp,
@@ -504,6 +529,112 @@ static void bench_layer(struct dsv32_backend *be, int ctx)
     free(m2.layers);
 }
 
+/* ---- the routed experts alone ---- */
+
+/* Routing as a real router spreads it: each row picks K distinct experts uniformly (a hash of the
+ * row and the draw), weights 1/K. */
+static void moe_routing(int32_t *ids, float *w, int rows, int K, int E, uint64_t seed)
+{
+    for (int r = 0; r < rows; r++)
+        for (int k = 0; k < K; k++) {
+            uint64_t x = seed ^ ((uint64_t)r * 0x9e3779b97f4a7c15ull) ^ ((uint64_t)k << 40);
+            for (;;) {
+                x ^= x >> 31;
+                x *= 0xbf58476d1ce4e5b9ull;
+                x ^= x >> 29;
+                const int32_t e = (int32_t)(x % (uint64_t)E);
+                int dup = 0;
+                for (int j = 0; j < k; j++)
+                    dup |= ids[r * K + j] == e;
+                if (!dup) {
+                    ids[r * K + k] = e;
+                    break;
+                }
+            }
+            w[r * K + k] = 1.0f / (float)K;
+        }
+}
+
+/* One MoE layer's routed experts (all 256 of DeepSeek-V3.2's, FP8) through the backend's
+ * moe_experts: routing tables, activation quantization, the grouped SwiGLU GEMM with fused FP8
+ * output, the grouped down projection and the weighted combine; device events around each call.
+ * Floor: the weights of the distinct experts hit (44 MB each) at the copy bandwidth, or the
+ * arithmetic at the bf16 tensor rate (the kernel runs f16 mma on exact FP8 -> f16 conversions),
+ * whichever is larger. The register-prefetch kernel is timed in the same run as the baseline. */
+static void bench_moe(struct dsv32_backend *be)
+{
+    struct dsv32_config c;
+    cfg_v32(&c);
+    const int D = c.hidden_size, I = c.moe_intermediate_size, E = c.n_routed_experts, K = c.num_experts_per_tok;
+    uint64_t seed = 7000;
+    struct dsv32_ffn_weights *ex = calloc((size_t)E, sizeof(*ex));
+    for (int e = 0; e < E; e++) {
+        rnd_w(be, &ex[e].w1, "expert.w1", DSV32_DT_F8_E4M3, I, D, &seed, 0.02f);
+        rnd_w(be, &ex[e].w2, "expert.w2", DSV32_DT_F8_E4M3, D, I, &seed, 0.02f);
+        rnd_w(be, &ex[e].w3, "expert.w3", DSV32_DT_F8_E4M3, I, D, &seed, 0.02f);
+    }
+    static const int rows_list[] = {1, 16, 64, 256, 1024, 4096};
+    const int max_rows = 4096;
+    float *dx = dalloc(be, sizeof(float) * (size_t)max_rows * D), *dy = dalloc(be, sizeof(float) * (size_t)max_rows * D);
+    int32_t *di = dalloc(be, sizeof(int32_t) * (size_t)max_rows * K);
+    float *dw = dalloc(be, sizeof(float) * (size_t)max_rows * K);
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)max_rows * K);
+    float *w = malloc(sizeof(float) * (size_t)max_rows * K);
+    MUST(dsv32_cuda_fill(be, dx, (size_t)max_rows * D, DSV32_FILL_F32_NORMAL, 71, 1.0f));
+    const double expert_bytes = 3.0 * I * D;
+    printf("\n## Routed experts of one MoE layer (256 FP8 experts of %d x %d, %d per row), moe_experts alone\n", I, D, K);
+    printf("floor = max(bytes of the distinct experts hit / copy bandwidth, FLOP / bf16 rate); "
+           "\"register\" = the register-prefetch FP8 kernel (the previous version), timed in the same run\n");
+    printf("| rows | experts hit | weight bytes (MB) | TFLOP | floor (ms) | register kernel (ms) | x floor | "
+           "pipelined kernel (ms) | x floor | weights read (TB/s) |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for (size_t i = 0; i < sizeof(rows_list) / sizeof(rows_list[0]); i++) {
+        const int rows = rows_list[i];
+        moe_routing(ids, w, rows, K, E, 99 + (uint64_t)rows);
+        char hit[256] = {0};
+        int n_hit = 0;
+        for (int j = 0; j < rows * K; j++)
+            if (!hit[ids[j]]) {
+                hit[ids[j]] = 1;
+                n_hit++;
+            }
+        MUST(be->ops->to_device(be, di, ids, sizeof(int32_t) * (size_t)rows * K));
+        MUST(be->ops->to_device(be, dw, w, sizeof(float) * (size_t)rows * K));
+        const double bytes = n_hit * expert_bytes, flop = 2.0 * rows * K * 3.0 * I * D;
+        const double floor_ms = fmax(bytes / (copy_gbps * 1e9), flop / (bf16_tflops * 1e12)) * 1e3;
+        double tv[2];
+        for (int v = 0; v < 2; v++) {
+            MUST(dsv32_cuda_set_knob(be, "fp8_reg", v == 0));
+            double *t = malloc(sizeof(double) * (size_t)iters);
+            for (int it = -2; it < iters; it++) {
+                MUST(dsv32_cuda_timer_start(be));
+                MUST(be->ops->moe_experts(be, dy, dx, rows, di, dw, K, ex, E, c.ue8m0));
+                float ms;
+                MUST(dsv32_cuda_timer_stop(be, &ms));
+                if (it >= 0)
+                    t[it] = ms;
+            }
+            tv[v] = median(t, iters);
+            free(t);
+        }
+        MUST(dsv32_cuda_set_knob(be, "fp8_reg", 0));
+        printf("| %d | %d | %.0f | %.3f | %.3f | %.3f | %.2f | %.3f | %.2f | %.2f |\n", rows, n_hit, bytes / 1e6,
+               flop / 1e12, floor_ms, tv[0], tv[0] / floor_ms, tv[1], tv[1] / floor_ms, bytes / (tv[1] * 1e-3) / 1e12);
+        fflush(stdout);
+    }
+    for (int e = 0; e < E; e++) {
+        be->ops->release_weight(be, &ex[e].w1);
+        be->ops->release_weight(be, &ex[e].w2);
+        be->ops->release_weight(be, &ex[e].w3);
+    }
+    free(ex);
+    be->ops->dealloc(be, dx);
+    be->ops->dealloc(be, dy);
+    be->ops->dealloc(be, di);
+    be->ops->dealloc(be, dw);
+    free(ids);
+    free(w);
+}
+
 int main(int argc, char **argv)
 {
     const char *only = NULL, *csv_dir = NULL;
@@ -518,7 +649,7 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--ctx-layer") && i + 1 < argc)
             ctx_layer = atoi(argv[++i]);
         else {
-            fprintf(stderr, "usage: cuda_bench [--only dsa|sweep|prefill|layer] [--csv DIR] [--iters N] "
+            fprintf(stderr, "usage: cuda_bench [--only dsa|sweep|prefill|moe|layer] [--csv DIR] [--iters N] "
                             "[--ctx-layer N]\n");
             return 2;
         }
@@ -552,6 +683,8 @@ int main(int argc, char **argv)
         bench_dsa(be, csv_dir, all || !strcmp(only, "dsa"), all || !strcmp(only, "sweep"));
     if (all || !strcmp(only, "prefill"))
         bench_prefill(be);
+    if (all || !strcmp(only, "moe"))
+        bench_moe(be);
     if (all || !strcmp(only, "layer"))
         bench_layer(be, ctx_layer);
     dsv32_backend_free(be);

@@ -6,9 +6,9 @@
 #   bench/cuda_gpu.sh run [DEST] [STEPS...]     there, from the repository root: unpacks the bundle and
 #       runs the steps (default: ops golden bench torch), logs under $OUT (default /tmp/cuda_gpu)
 # Steps: ops (each op family in its own process), replay (the forward op by op on the tiny models),
-# ncu (Nsight Compute on the DSA kernels), golden (tiny-bf16 and tiny-fp8, exact mode, all
+# ncu (Nsight Compute on the DSA kernels; NCU_KERNELS picks them), golden (tiny-bf16 and tiny-fp8, exact mode, all
 # schedules; then the fast mode, sequential), bench (cuda_bench, each section in its own process,
-# and the plot), torch (the PyTorch baseline of DSA decode).
+# and the plot; CUDA_BENCH_PARTS picks sections), torch (the PyTorch baseline of DSA decode).
 set -uo pipefail
 cmd=${1:-run}
 shift || true
@@ -59,7 +59,7 @@ run)
     for s in $steps; do
         case "$s" in
         ops)
-            for part in "upload" "small" "FP8 quant" "linear" "indexer" "MLA decode" "MLA prefill" "router" "experts"; do
+            for part in ${CUDA_OPS_PARTS:-"upload" "small" "FP8 quant" "linear" "indexer" "MLA decode" "MLA prefill" "router" "experts"}; do
                 run "ops: $part" "$out/ops.log" 150 "$bin/test_cuda_ops" --only "$part"
             done
             grep -E "FAIL|PASS|checks" "$out/ops.log" | tail -n 40
@@ -74,7 +74,7 @@ run)
             ;;
         ncu)
             ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-            for k in idx_scores topk mla_fast; do
+            for k in ${NCU_KERNELS:-idx_wgmma topk mla_fast}; do
                 run "ncu $k" "$out/ncu.log" 120 "$ncu" --clock-control none --section SpeedOfLight --section Occupancy \
                     --section WarpStateStats --section LaunchStats --section MemoryWorkloadAnalysis \
                     -k regex:$k -c 1 "$bin/cuda_bench" --only dsa --iters 1
@@ -93,7 +93,7 @@ run)
             grep -E "^(PASS|FAIL)|logit rows|ties resolved|====" "$out/golden.log"
             ;;
         bench)
-            for part in dsa sweep prefill layer; do
+            for part in ${CUDA_BENCH_PARTS:-dsa sweep prefill moe layer}; do
                 run "bench: $part" "$out/bench.log" 180 "$bin/cuda_bench" --only "$part" --csv "$out"
             done
             [ -f "$out/dsa_sweep.csv" ] && python3 bench/plot_dsa.py "$out/dsa_sweep.csv" "$out/dsa-vs-dense.png"

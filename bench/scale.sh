@@ -6,7 +6,7 @@
 #   run 1: placement by expert count: prefill tokens/s, decode tokens/s per GPU at each
 #          concurrency, the time of one MoE exchange and the expert shards' load balance;
 #   run 2: the same cluster placed by run 1's measured load with --redundant copies of the
-#          busiest experts per layer: the load balance (and decode rate) again.
+#          busiest experts per layer: the load balance (and decode rate) again (--redundant 0: no run 2).
 # Everything it starts is stopped when it ends, whatever happens.
 #
 #   bench/scale.sh [--attn A] [--experts E] [--layers L] [--dense D] [--shape v32|small]
@@ -195,7 +195,9 @@ EOF
 log "$attn attention + $experts expert GPUs, backend $backend$([ "$backend" = cuda ] && echo " (numerics $math)"), transport $transport (wire $wire), prompt $prompt, $max_tokens new tokens, streams $streams"
 run 1
 summarize 1
-loads=$(ls "$out"/run1/attn-*.json | paste -sd,)
-run 2 --ep-redundant "$redundant" --ep-load "$loads"
-summarize 2
+if [ "$redundant" -gt 0 ]; then
+    loads=$(ls "$out"/run1/attn-*.json | paste -sd,)
+    run 2 --ep-redundant "$redundant" --ep-load "$loads"
+    summarize 2
+fi
 log "results in $out"

@@ -685,6 +685,8 @@ struct dsv32_ep_server {
     struct growbuf x, ids, w, y, out, dx, dy, dids, dw;
     uint64_t *expert_rows; /* (layers, experts) */
     struct dsv32_ep_server_stats st;
+    int trace; /* DSV32_EP_TRACE: small layers still to log step by step */
+    unsigned trace_seen;
 };
 
 void dsv32_ep_server_free(struct dsv32_ep_server *s)
@@ -729,6 +731,8 @@ int dsv32_ep_server_new(struct dsv32_comm *comm, int n_attn, int shard,
     s->model = model;
     s->be = be;
     s->timeout_ms = timeout_ms;
+    const char *tr = getenv("DSV32_EP_TRACE");
+    s->trace = tr ? atoi(tr) : 0;
     s->expert_rows = calloc((size_t)cfg->num_hidden_layers * (cfg->n_routed_experts ? cfg->n_routed_experts : 1),
                             sizeof(uint64_t));
     int r = moe_layers(cfg, &s->moe);
@@ -830,7 +834,7 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
         }
     }
     const uint64_t t_work = dsv32_mono_ns();
-    uint64_t t_copy = t_work, copy_ns = 0, compute_ns = 0;
+    uint64_t t_copy = t_work, copy_ns = 0, compute_ns = 0, tr[4] = {0};
     if (total > 0) {
         const struct dsv32_backend_ops *ops = s->be->ops;
         const struct dsv32_ffn_weights *ex = s->model->layers[layer].experts;
@@ -845,20 +849,26 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
                 return -ENOMEM;
             if ((r = ops->to_device(s->be, dx, X, sizeof(float) * (size_t)total * D)) < 0 ||
                 (r = ops->to_device(s->be, di, ids, sizeof(int32_t) * (size_t)total * K)) < 0 ||
-                (r = ops->to_device(s->be, dw, w, sizeof(float) * (size_t)total * K)) < 0 ||
-                (r = ops->sync(s->be)) < 0)
+                (r = ops->to_device(s->be, dw, w, sizeof(float) * (size_t)total * K)) < 0)
+                return r;
+            tr[0] = dsv32_mono_ns();
+            if ((r = ops->sync(s->be)) < 0)
                 return r;
             const uint64_t t_compute = dsv32_mono_ns();
             copy_ns += t_compute - t_copy;
             if ((r = ops->moe_experts(s->be, dy, dx, total, di, dw, K, ex, cfg->n_routed_experts,
-                                      cfg->ue8m0)) < 0 ||
-                (r = ops->sync(s->be)) < 0)
+                                      cfg->ue8m0)) < 0)
+                return r;
+            tr[1] = dsv32_mono_ns();
+            if ((r = ops->sync(s->be)) < 0)
                 return r;
             t_copy = dsv32_mono_ns();
             compute_ns += t_copy - t_compute;
             if ((r = ops->to_host(s->be, Y, dy, sizeof(float) * (size_t)total * D)) < 0)
                 return r;
             copy_ns += dsv32_mono_ns() - t_copy;
+            tr[2] = t_compute;
+            tr[3] = t_copy;
         }
         if (r < 0)
             return r;
@@ -892,6 +902,17 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
     const uint64_t t_send = dsv32_mono_ns();
     if ((r = dsv32_comm_exchange(s->comm, &x2, s->timeout_ms)) < 0)
         return r;
+    if (total > 0 && s->trace > 0 && total <= 64 && s->trace_seen++ % 25 == 0) {
+        /* DSV32_EP_TRACE=N: N of the small (decode) layers, one in 25, step by step (microseconds) */
+        const uint64_t t_end = dsv32_mono_ns();
+        s->trace--;
+        log_info("EP trace: layer %d, %d rows: waited %.0f, unpack %.0f, copies enqueued %.0f, copies synced %.0f, "
+                 "experts enqueued %.0f, experts synced %.0f, to host %.0f, pack %.0f, combine %.0f",
+                 layer, total, (t_unpack - t_wait) / 1e3, (t_work - t_unpack) / 1e3,
+                 tr[0] ? (tr[0] - t_work) / 1e3 : 0.0, tr[0] ? (tr[2] - tr[0]) / 1e3 : 0.0,
+                 tr[1] ? (tr[1] - tr[2]) / 1e3 : 0.0, tr[1] ? (tr[3] - tr[1]) / 1e3 : 0.0,
+                 tr[3] ? (t_pack - tr[3]) / 1e3 : 0.0, (t_send - t_pack) / 1e3, (t_end - t_send) / 1e3);
+    }
     if (total > 0) {
         s->st.layers++;
         s->st.rows += (uint64_t)total;

@@ -879,6 +879,10 @@ static void test_gemm(void)
         if (fast) {
             dsv32_cuda_set_knob(p.gpu, "lt_fp8", 0);
             one_linear(&p, "FP8 weight, kernel only", DSV32_DT_F8_E4M3, 2048, 7168, 200, 1, 1e-5);
+            dsv32_cuda_set_knob(p.gpu, "fp8_reg", 1);
+            one_linear(&p, "FP8 weight, register kernel", DSV32_DT_F8_E4M3, 2048, 7168, 200, 1, 1e-5);
+            one_linear(&p, "FP8 weight, register kernel", DSV32_DT_F8_E4M3, 576, 7168, 3, 1, 1e-5);
+            dsv32_cuda_set_knob(p.gpu, "fp8_reg", 0);
             dsv32_cuda_set_knob(p.gpu, "lt_fp8", 1);
         }
         /* absorb / expand with the real wkv_b shape */
@@ -998,8 +1002,11 @@ static int check_sel(const int32_t *sel, const int32_t *other, const double *s, 
     return bad;
 }
 
+/* zero_q: every third row's query is all zeros, so all its scores tie at 0; the cpu keeps the
+ * lowest positions, and so must the cuda top-k, exactly (shared-memory path up to 4096 positions,
+ * the global path beyond) */
 static void indexer_case(struct pair *p, const char *what, int n_rows, const int32_t *pos, const int32_t *seq,
-                         int n_seqs, int max_blocks, int n_blocks, double rel_tol)
+                         int n_seqs, int max_blocks, int n_blocks, double rel_tol, int zero_q)
 {
     const int IH = p->cpu->cfg->index_n_heads, K = p->cpu->cfg->index_topk;
     struct tcache tc;
@@ -1009,7 +1016,7 @@ static void indexer_case(struct pair *p, const char *what, int n_rows, const int
     uint8_t *q = malloc((size_t)n_rows * IH * 128);
     float *qs = malloc(sizeof(float) * n_rows * IH), *wr = rnd_f32((size_t)n_rows * IH, 1.0f);
     for (size_t i = 0; i < (size_t)n_rows * IH * 128; i++)
-        q[i] = rnd_e4m3(64.0f);
+        q[i] = zero_q && i / ((size_t)IH * 128) % 3 == 0 ? 0 : rnd_e4m3(64.0f);
     for (int i = 0; i < n_rows * IH; i++)
         qs[i] = (float)(0.001 + 0.01 * rnd_u());
     int32_t *sc = malloc(sizeof(int32_t) * n_rows * K), *sg = malloc(sizeof(int32_t) * n_rows * K);
@@ -1020,7 +1027,12 @@ static void indexer_case(struct pair *p, const char *what, int n_rows, const int
     int r = p->gpu->ops->indexer(p->gpu, dsel, dq, dqs, dwr, &tc.g, &tm.dm, K);
     CHECK(r == 0, "indexer: %s", dsv32_strerror(r));
     dev_get(p->gpu, sg, dsel, sizeof(int32_t) * n_rows * K);
-    int bad = 0, bad_cpu = 0, band = 0, band_cpu = 0, rows_checked = 0, exact_rows = 0;
+    int bad = 0, bad_cpu = 0, band = 0, band_cpu = 0, rows_checked = 0, exact_rows = 0, tie_rows = 0, tie_bad = 0;
+    for (int i = 0; zero_q && i < n_rows; i++)
+        if (i % 3 == 0) {
+            tie_rows++;
+            tie_bad += memcmp(sg + (size_t)i * K, sc + (size_t)i * K, sizeof(int32_t) * K) != 0;
+        }
     for (int i = 0; i < n_rows; i++) {
         /* rows checked in full: all when few, else a sample (the double recomputation is slow) */
         if (n_rows > 24 && i % (n_rows / 24) != 0)
@@ -1034,9 +1046,13 @@ static void indexer_case(struct pair *p, const char *what, int n_rows, const int
         rows_checked++;
         free(s);
     }
-    printf("  %-44s rows %d checked %d: equal to cpu %d, in-band differences %d, errors %d (cpu %d) %s\n", what,
-           n_rows, rows_checked, exact_rows, band, bad, bad_cpu, bad ? "FAIL" : "ok");
+    printf("  %-44s rows %d checked %d: equal to cpu %d, in-band differences %d, errors %d (cpu %d)", what,
+           n_rows, rows_checked, exact_rows, band, bad, bad_cpu);
+    if (zero_q)
+        printf("; all-tie rows %d, not the cpu's lowest positions %d", tie_rows, tie_bad);
+    printf(" %s\n", bad || tie_bad ? "FAIL" : "ok");
     CHECK(bad == 0, "%s: %d selection errors", what, bad);
+    CHECK(tie_bad == 0, "%s: %d all-tie rows differ from the cpu", what, tie_bad);
     free(q);
     free(qs);
     free(wr);
@@ -1054,15 +1070,23 @@ static void test_indexer(void)
 {
     if (!want("DSA indexer + top-k: decode and causal prefill, tiny and real dims"))
         return;
-    for (int variant = 0; variant < 3; variant++) {
-        /* 0: exact (f16 mma), 1: fast f16 mma, 2: fast FP8 mma */
+    const char *getv = getenv("DSV32_TEST_IDX_WGMMA"); /* 2: the swapped-descriptor diagnostic */
+    const int wg = getv ? atoi(getv) : 1;
+    for (int variant = 0; variant < 4; variant++) {
+        /* 0: exact (f16 wgmma), 1: fast f16 wgmma, 2: fast FP8 mma, 3: exact f16 mma.sync with the
+         * top-k finishing over global memory */
         struct dsv32_config cfg;
         cfg_v32(&cfg);
         struct pair p;
-        TRY(pair_new(&p, &cfg, 0, variant > 0));
+        TRY(pair_new(&p, &cfg, 0, variant == 1 || variant == 2));
         dsv32_cuda_set_knob(p.gpu, "indexer_fp8", variant == 2);
+        dsv32_cuda_set_knob(p.gpu, "idx_wgmma", variant == 3 ? 0 : wg);
+        dsv32_cuda_set_knob(p.gpu, "topk_global", variant == 3); /* the top-k's fallback path */
         const double tol = variant == 2 ? 1e-2 : 2e-5;
-        printf(" variant %s\n", variant == 0 ? "exact (f16 mma)" : variant == 1 ? "fast, f16 mma" : "fast, FP8 mma");
+        printf(" variant %s\n", variant == 0   ? "exact (f16 wgmma)"
+                                : variant == 1 ? "fast, f16 wgmma"
+                                : variant == 2 ? "fast, FP8 mma"
+                                               : "exact (f16 mma.sync, top-k over global memory)");
         /* decode: 12 sequences, 1 or 2 query rows each, contexts up to 9000 */
         int32_t pos[24], seq[24];
         int n = 0;
@@ -1076,14 +1100,22 @@ static void test_indexer(void)
                 seq[n++] = s;
             }
         }
-        indexer_case(&p, "decode, 64 heads, top-2048", n, pos, seq, 12, 9000 / 64 + 1, 12 * (9000 / 64 + 1), tol);
+        indexer_case(&p, "decode, 64 heads, top-2048", n, pos, seq, 12, 9000 / 64 + 1, 12 * (9000 / 64 + 1), tol, 0);
+        indexer_case(&p, "decode, every third query zero (ties)", n, pos, seq, 12, 9000 / 64 + 1,
+                     12 * (9000 / 64 + 1), tol, 1);
+        /* long contexts: the top-k's sampled threshold (rows of 32768+ positions), ties included */
+        int32_t lpos[4] = {33000, 50000, 65535, 70001}, lseq[4] = {0, 1, 2, 3};
+        indexer_case(&p, "decode, contexts 33000..70001 (sampled top-k)", 4, lpos, lseq, 4, 70002 / 64 + 1,
+                     4 * (70002 / 64 + 1), tol, 0);
+        indexer_case(&p, "the same, rows 0 and 3 all ties", 4, lpos, lseq, 4, 70002 / 64 + 1, 4 * (70002 / 64 + 1),
+                     tol, 1);
         /* prefill: one sequence, 300 causal rows at positions 2000..2299 */
         int32_t ppos[300], pseq[300];
         for (int i = 0; i < 300; i++) {
             ppos[i] = 2000 + i;
             pseq[i] = 0;
         }
-        indexer_case(&p, "prefill (causal), 300 rows", 300, ppos, pseq, 1, 40, 40, tol);
+        indexer_case(&p, "prefill (causal), 300 rows", 300, ppos, pseq, 1, 40, 40, tol, 0);
         pair_free(&p);
         if (variant == 0) { /* the tiny model's shape: 16 heads, top-16 */
             struct dsv32_config tc;
@@ -1094,7 +1126,7 @@ static void test_indexer(void)
                 tp[i] = i * 7 % 200;
                 ts[i] = i % 3;
             }
-            indexer_case(&p, "tiny: 16 heads, top-16", 40, tp, ts, 3, 4, 12, tol);
+            indexer_case(&p, "tiny: 16 heads, top-16", 40, tp, ts, 3, 4, 12, tol, 0);
             pair_free(&p);
         }
     }
@@ -1383,11 +1415,13 @@ static void test_moe_gate(void)
  * the row by about 1/(12 sqrt(K I)) (7e-4 at DeepSeek's shape); a wrong expert, scale or combine
  * moves it by O(1). */
 #define MOE_TIE_BOUND 0.05
+/* fp8_reg: the FP8 kernel's register-prefetch variant instead of the shared-memory pipeline */
 static void moe_case(const struct dsv32_config *cfg, int fast, enum dsv32_dtype dt, int rows, int n_loaded,
-                     double tol)
+                     double tol, int fp8_reg)
 {
     struct pair p;
     TRY(pair_new(&p, cfg, 0, fast));
+    TRY(dsv32_cuda_set_knob(p.gpu, "fp8_reg", fp8_reg));
     const int D = cfg->hidden_size, I = cfg->moe_intermediate_size, E = cfg->n_routed_experts;
     const int K = cfg->num_experts_per_tok;
     struct tw *ws = calloc((size_t)E * 3, sizeof(struct tw));
@@ -1457,8 +1491,9 @@ static void moe_case(const struct dsv32_config *cfg, int fast, enum dsv32_dtype 
             over++;
     }
     char buf[200];
-    snprintf(buf, sizeof(buf), "moe_experts %s, %s experts, %d rows, D %d, I %d, %d of %d per row", fast ? "fast" : "exact",
-             dt == DSV32_DT_F8_E4M3 ? "FP8" : "bf16", rows, D, I, K, E);
+    snprintf(buf, sizeof(buf), "moe_experts %s%s, %s experts, %d rows, D %d, I %d, %d of %d per row",
+             fast ? "fast" : "exact", fp8_reg ? " (register kernel)" : "", dt == DSV32_DT_F8_E4M3 ? "FP8" : "bf16", rows,
+             D, I, K, E);
     printf("  %-58s worst row %.2e (tol %.0e), rows over tol: %d excused by reported FP8 ties, %d not %s\n", buf, worst,
            tol, excused, over, over ? "FAIL" : "ok");
     CHECK(over == 0, "%s: %d rows over tolerance", buf, over);
@@ -1491,11 +1526,16 @@ static void test_moe_experts(void)
     struct dsv32_config tiny, v32;
     cfg_tiny(&tiny);
     cfg_v32(&v32);
-    moe_case(&tiny, 0, DSV32_DT_F8_E4M3, 33, 16, 1e-5);
-    moe_case(&tiny, 0, DSV32_DT_BF16, 33, 16, 1e-5);
-    moe_case(&tiny, 1, DSV32_DT_F8_E4M3, 33, 16, 1e-5);
-    moe_case(&tiny, 1, DSV32_DT_BF16, 33, 16, 1e-5);
-    moe_case(&v32, 1, DSV32_DT_F8_E4M3, 64, 16, 1e-5);
+    moe_case(&tiny, 0, DSV32_DT_F8_E4M3, 33, 16, 1e-5, 0);
+    moe_case(&tiny, 0, DSV32_DT_BF16, 33, 16, 1e-5, 0);
+    moe_case(&tiny, 1, DSV32_DT_F8_E4M3, 33, 16, 1e-5, 0);
+    moe_case(&tiny, 1, DSV32_DT_BF16, 33, 16, 1e-5, 0);
+    /* the fast FP8 kernel's three row tilings (8, 16, 32 entries per pass), both variants */
+    for (int reg = 0; reg < 2; reg++) {
+        moe_case(&v32, 1, DSV32_DT_F8_E4M3, 64, 16, 1e-5, reg);
+        moe_case(&v32, 1, DSV32_DT_F8_E4M3, 300, 16, 1e-5, reg);
+        moe_case(&v32, 1, DSV32_DT_F8_E4M3, 420, 16, 1e-5, reg);
+    }
 }
 
 

@@ -607,6 +607,7 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
     c->fast = math && strcmp(math, "fast") == 0;
     c->indexer_fp8 = idx && strcmp(idx, "fp8") == 0; /* f16 mma by default: faster here (BENCHMARKS.md) */
     c->lt_fp8 = 1;
+    c->idx_wgmma = 1;
     cudaDeviceProp prop;
     if (cudaSetDevice(device) != cudaSuccess || cudaGetDeviceProperties(&prop, device) != cudaSuccess ||
         cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking) != cudaSuccess ||
@@ -666,6 +667,14 @@ extern "C" int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, i
         c->indexer_fp8 = value != 0;
     else if (strcmp(name, "lt_fp8") == 0)
         c->lt_fp8 = value != 0;
+    else if (strcmp(name, "fp8_reg") == 0)
+        c->fp8_reg = value != 0;
+    else if (strcmp(name, "idx_wgmma") == 0)
+        c->idx_wgmma = value;
+    else if (strcmp(name, "idx_no_topk") == 0)
+        c->idx_no_topk = value != 0;
+    else if (strcmp(name, "topk_global") == 0)
+        c->topk_global = value != 0;
     else
         return -EINVAL;
     return 0;

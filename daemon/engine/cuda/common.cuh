@@ -101,6 +101,12 @@ struct cu_ctx {
     int absorbed_prefill;      /* fast and the absorbed kernel fits: prefill rows take that form */
     int indexer_fp8;           /* fast indexer variant: FP8 mma instead of f16 mma */
     int lt_fp8;                /* fast mode may use cuBLASLt block-scaled FP8 (when calibrated) */
+    int fp8_reg;               /* the FP8 kernel's register-prefetch variant (the baseline) */
+    int idx_wgmma;             /* f16 indexer scores on wgmma (1; 2: descriptor offsets swapped,
+                                  a diagnostic) or mma.sync (0) */
+    int idx_no_topk;           /* benchmarks: scores only (the top-k's share by difference) */
+    int topk_global;           /* the top-k's last pass and ordered sweeps over global memory even
+                                  when the candidates would fit shared memory (tests, baseline) */
     /* Every kernel, copy and memset of the backend runs on st, created cudaStreamNonBlocking: it
      * does not wait for the legacy default stream, where cudaMemcpy and cudaMemset run. A
      * cudaMemcpy from pageable memory returns before its DMA has landed, so a kernel launched on

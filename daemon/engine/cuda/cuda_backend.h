@@ -28,7 +28,12 @@ int dsv32_cuda_device_count(void);
 /* 1 when the backend runs in the fast numerics mode. */
 int dsv32_cuda_is_fast(const struct dsv32_backend *be);
 /* Selects a kernel variant at run time (benchmarks compare them): "indexer_fp8" (0/1),
- * "lt_fp8" (0/1: let fast FP8 linears use cuBLASLt). Returns 0 or -EINVAL. */
+ * "lt_fp8" (0/1: let fast FP8 linears use cuBLASLt), "fp8_reg" (0/1: the FP8 GEMM kernel that
+ * prefetches into registers instead of the shared-memory pipeline), "idx_wgmma" (1: f16 indexer
+ * scores on wgmma, 0: on mma.sync, 2: wgmma with the descriptor offsets swapped, a diagnostic that
+ * must fail the tests), "idx_no_topk" (1: scores only, for timing), "topk_global" (1: the top-k
+ * finishes over global memory, its fallback when the candidates do not fit shared memory).
+ * Returns 0 or -EINVAL. */
 int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, int value);
 /* What the cuBLASLt block-scaled FP8 calibration found (calibrates on first call). */
 const char *dsv32_cuda_lt_status(struct dsv32_backend *be);

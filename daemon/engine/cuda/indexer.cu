@@ -11,11 +11,17 @@
  * shared memory; relu, the per-head weights and the head sum are applied on the accumulator
  * (quad shuffles), then the key scale.
  *
- * Top-k. One CTA of 1024 threads per row: a radix select of the k-th largest score on the
- * order-preserving 32-bit key (11 + 11 + 10 bits, three passes), then the selected positions are
- * written in ascending order: each warp owns a contiguous segment, counts what it keeps (ballots),
- * one scan over the 32 warps gives the output offsets, and a second sweep writes. Among scores
- * equal to the threshold the lowest positions are kept. */
+ * Top-k. One CTA of 1024 threads per row, a radix select of the k-th largest score on the
+ * order-preserving 32-bit key (11 + 11 + 10 bits). Rows of 16 k positions or more first take a
+ * threshold from a sample of one eighth of the row (two radix passes on it, aimed at 1.25 k + 512
+ * scores' worth), gather every score at or above it into shared memory in one sweep, and finish
+ * there when the gathered hold at least k and fit: the three passes over the candidates, the
+ * selected positions marked in a bitmap and written in ascending order from it. Otherwise (short
+ * rows, or the sample missed) the exact path: two radix passes over the row, then either the
+ * 22-bit bin's few scores gathered and finished in shared memory the same way, or (too many in
+ * that bin) the third pass over the row and two ordered sweeps (each warp owns a segment, counts
+ * what it keeps, a scan over the warps gives the offsets, a second sweep writes). Among scores
+ * equal to the threshold the lowest positions are kept on every path. */
 #include "indexer.cuh"
 
 #include <errno.h>
@@ -23,6 +29,8 @@
 
 #define IDX_QT 4 /* query rows per CTA */
 #define IDX_STAGES 6 /* cp.async ring depth of the FP8 decode kernel */
+#define TOPK_ILP 4     /* float4 loads per lane in flight in the top-k's sweeps */
+#define TOPK_CAP 8192  /* candidates the top-k finishes in shared memory (64 KB) */
 
 static __device__ __forceinline__ uint32_t cvt_e4m3x2(uint32_t two)
 {
@@ -283,6 +291,163 @@ static __global__ void __launch_bounds__(128, 3) idx_dec_fp8_kernel(
     }
 }
 
+/* The f16 scores on Hopper's warpgroup MMA (wgmma), 64-head indexers. One warpgroup (4 warps) per
+ * work item; a cache block of 64 keys is the M = 64 side of m64n64k16, the query row's 64 heads
+ * the N side, K = 128 in 8 steps. The keys are the A operand from registers (each lane loads the
+ * same 2 x 32 bytes of its two key rows as in idx_scores_kernel, converted exactly to f16 once per
+ * block and reused for every query row of the item); the query is the B operand, read by the
+ * tensor core from shared memory, written there once per item in f16 in the no-swizzle K-major
+ * layout: per k-step 8 x 2 core matrices of 8 heads x 8 dims (16 bytes per head), the two core
+ * matrices along K 128 bytes apart (the descriptor's leading byte offset), those along N 256 bytes
+ * apart (its stride byte offset), with the same K permutation as the keys'. Compared with the
+ * mma.sync kernel, which re-reads the query fragments from shared memory for every 16 keys, the
+ * tensor core reads them once per 64 keys. The accumulators have mma.sync's m16n8 layout per
+ * 8-head tile, so relu, weights, head sum and key scale are the same code. */
+static __device__ __forceinline__ uint64_t wg_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo)
+{
+    return (uint64_t)((saddr & 0x3ffffu) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32);
+}
+
+static __device__ __forceinline__ void wg_fence_acc(float (&d)[32])
+{
+#pragma unroll
+    for (int i = 0; i < 32; i++)
+        asm volatile("" : "+f"(d[i])::"memory");
+}
+
+/* d (+)= a . B, m64n64k16, f32 accumulation, A (f16) from registers, B (f16, K-major) in shared memory */
+static __device__ __forceinline__ void wgmma_f16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc, int acc)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+                 "{%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+                   "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+                   "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+                   "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc)
+                 : "memory");
+#else
+    __trap(); /* not reached: the library is built for sm_90a only (cmake/Cuda.cmake) */
+#endif
+}
+
+template <int MINB>
+static __global__ void __launch_bounds__(128, MINB) idx_wgmma_kernel(
+    float *scores, int ld_s, int row_base, const int4 *work, const uint8_t *q, const float *q_scale,
+    const float *w_raw, const uint8_t *cache, int block_bytes, const int32_t *blocks, int max_blocks,
+    const int32_t *row_pos, const int32_t *row_seq, float wscale, float sscale, uint32_t lbo, uint32_t sbo)
+{
+    constexpr int IH = 64, QB = 8 * 2048; /* f16 query bytes per row: 8 k-steps x 2048 */
+    extern __shared__ __align__(128) uint8_t qsm[];
+    const int4 wk = work[blockIdx.x];
+    const int r0 = wk.x, nr = wk.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    float *wsm = reinterpret_cast<float *>(qsm + (size_t)nr * QB); /* [row][head] */
+    /* the query rows: pair (kk, kk+1) of k-step s of head n holds dims 32 tt + 4 s + j0 + {0, 1}
+     * (kk = 2 kk2; kk2 < 4: tt = kk2, j0 = 0; else tt = kk2 - 4, j0 = 2) */
+    for (int e = threadIdx.x; e < nr * IH * 64; e += blockDim.x) {
+        const int kk2 = e & 7, n = (e >> 3) & 63, st = (e >> 9) & 7, i = e >> 12;
+        const int tt = kk2 & 3, j0 = kk2 < 4 ? 0 : 2;
+        const uint8_t *qp = q + ((size_t)(r0 + i) * IH + n) * 128 + 32 * tt + 4 * st + j0;
+        const uint32_t two = (uint32_t)qp[0] | ((uint32_t)qp[1] << 8);
+        *reinterpret_cast<uint32_t *>(qsm + (size_t)i * QB + st * 2048 + (n >> 3) * 256 + (kk2 >> 2) * 128 +
+                                      (n & 7) * 16 + (kk2 & 3) * 4) = cvt_e4m3x2(two);
+    }
+    for (int e = threadIdx.x; e < nr * IH; e += blockDim.x) {
+        const int i = e / IH, h = e % IH;
+        const size_t ri = (size_t)(r0 + i) * IH + h;
+        wsm[e] = w_raw[ri] * wscale * q_scale[ri] * sscale;
+    }
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* the tensor core reads through the async proxy */
+    __syncthreads();
+
+    const int seq = row_seq[r0];
+    int pos[IDX_QT];
+#pragma unroll
+    for (int i = 0; i < IDX_QT; i++)
+        pos[i] = i < nr ? row_pos[r0 + i] : -1;
+    const int32_t *bt = blocks + (size_t)seq * max_blocks;
+    const int kr0 = 16 * warp + g, kr1 = kr0 + 8;
+    const uint32_t qbase = (uint32_t)__cvta_generic_to_shared(qsm);
+    auto load = [&](int blk, uint4 (&k)[4], float &s0, float &s1) {
+        const uint8_t *b = cache + (size_t)bt[blk] * block_bytes;
+        k[0] = __ldg(reinterpret_cast<const uint4 *>(b + kr0 * 128 + 32 * t));
+        k[1] = __ldg(reinterpret_cast<const uint4 *>(b + kr0 * 128 + 32 * t + 16));
+        k[2] = __ldg(reinterpret_cast<const uint4 *>(b + kr1 * 128 + 32 * t));
+        k[3] = __ldg(reinterpret_cast<const uint4 *>(b + kr1 * 128 + 32 * t + 16));
+        s0 = __ldg(reinterpret_cast<const float *>(b + DSV32_KV_BLOCK_TOKENS * 128) + kr0);
+        s1 = __ldg(reinterpret_cast<const float *>(b + DSV32_KV_BLOCK_TOKENS * 128) + kr1);
+    };
+    uint4 kn[4], kn2[4];
+    float ks0n = 0.0f, ks1n = 0.0f, ks0n2 = 0.0f, ks1n2 = 0.0f;
+    if (wk.z < wk.w)
+        load(wk.z, kn, ks0n, ks1n);
+    if (wk.z + 1 < wk.w)
+        load(wk.z + 1, kn2, ks0n2, ks1n2);
+    for (int blk = wk.z; blk < wk.w; blk++) {
+        uint4 k[4] = {kn[0], kn[1], kn[2], kn[3]};
+        const float ks0 = ks0n, ks1 = ks1n;
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            kn[i] = kn2[i];
+        ks0n = ks0n2;
+        ks1n = ks1n2;
+        if (blk + 2 < wk.w)
+            load(blk + 2, kn2, ks0n2, ks1n2);
+        uint32_t a[8][4];
+#pragma unroll
+        for (int st = 0; st < 8; st++) {
+            const uint32_t r0w = w32(k[st >> 2], st & 3), r1w = w32(k[2 + (st >> 2)], st & 3);
+            a[st][0] = cvt_e4m3x2(r0w);
+            a[st][2] = cvt_e4m3x2(r0w >> 16);
+            a[st][1] = cvt_e4m3x2(r1w);
+            a[st][3] = cvt_e4m3x2(r1w >> 16);
+        }
+        const int j0 = blk * DSV32_KV_BLOCK_TOKENS + kr0, j1 = j0 + 8;
+        for (int i = 0; i < nr; i++) {
+            if (blk * DSV32_KV_BLOCK_TOKENS > pos[i])
+                continue; /* the same for the whole warpgroup */
+            float acc[32];
+#pragma unroll
+            for (int x = 0; x < 32; x++)
+                acc[x] = 0.0f;
+            wg_fence_acc(acc);
+            asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+            for (int st = 0; st < 8; st++)
+                wgmma_f16_rs(acc, a[st], wg_desc(qbase + i * QB + st * 2048, lbo, sbo), st > 0);
+            asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+            asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+            wg_fence_acc(acc);
+#pragma unroll
+            for (int st = 0; st < 8; st++)
+                asm volatile("" : "+r"(a[st][0]), "+r"(a[st][1]), "+r"(a[st][2]), "+r"(a[st][3])::"memory");
+            const float *wi = wsm + i * IH;
+            float sg0 = 0.0f, sg1 = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                const float w0 = wi[nt * 8 + 2 * t], w1 = wi[nt * 8 + 2 * t + 1];
+                sg0 += fmaxf(acc[4 * nt + 0], 0.0f) * w0 + fmaxf(acc[4 * nt + 1], 0.0f) * w1;
+                sg1 += fmaxf(acc[4 * nt + 2], 0.0f) * w0 + fmaxf(acc[4 * nt + 3], 0.0f) * w1;
+            }
+            sg0 += __shfl_xor_sync(0xffffffffu, sg0, 1);
+            sg0 += __shfl_xor_sync(0xffffffffu, sg0, 2);
+            sg1 += __shfl_xor_sync(0xffffffffu, sg1, 1);
+            sg1 += __shfl_xor_sync(0xffffffffu, sg1, 2);
+            float *srow = scores + (size_t)(r0 + i - row_base) * ld_s;
+            if (t == 0 && j0 <= pos[i])
+                srow[j0] = sg0 * ks0;
+            if (t == 1 && j1 <= pos[i])
+                srow[j1] = sg1 * ks1;
+        }
+    }
+}
+
 static __device__ __forceinline__ uint32_t order_key(float f)
 {
     const uint32_t u = __float_as_uint(f);
@@ -314,13 +479,210 @@ static __device__ __forceinline__ int warp_excl_scan(int v, int lane, int *total
     return x - v;
 }
 
+/* Block-wide exclusive scan of one int per thread (1024 threads); *total gets the sum. */
+static __device__ __forceinline__ int block_excl_scan(int v, int *warp_sum, int *total)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o)
+            x += y;
+    }
+    __syncthreads();
+    if (lane == 31)
+        warp_sum[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        int ws = warp_sum[lane];
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, ws, o);
+            if (lane >= o)
+                ws += y;
+        }
+        warp_sum[lane] = ws;
+    }
+    __syncthreads();
+    *total = warp_sum[31];
+    return x - v + (warp ? warp_sum[warp - 1] : 0);
+}
+
+/* Block-wide: the bin of the kk-th largest key in hist[0:nb) (1024 threads, nb a multiple of
+ * 1024); sh[0] = the bin, sh[1] = how many are still needed inside it, sh[2] = its count. */
+static __device__ void topk_find(const int *hist, int nb, int kk, int *warp_sum, int *sh)
+{
+    const int tid = threadIdx.x, per = nb / 1024;
+    /* thread i owns bins [top - per, top) counted from the top: top = nb - i * per */
+    const int top = nb - tid * per;
+    int local = 0;
+    for (int b = top - per; b < top; b++)
+        local += hist[b];
+    int total;
+    const int above = block_excl_scan(local, warp_sum, &total);
+    if (above < kk && kk <= above + local) {
+        int cum = above;
+        for (int b = top - 1; b >= top - per; b--) {
+            if (cum + hist[b] >= kk) {
+                sh[0] = b;
+                sh[1] = kk - cum;
+                sh[2] = hist[b];
+                break;
+            }
+            cum += hist[b];
+        }
+    }
+    __syncthreads();
+}
+
+/* One radix pass over the row in global memory: the histogram of bits [shift, shift + bits) of the
+ * keys that match prefix under pmask, over the float4s j4 = stride * i (stride 1: the whole row; 8:
+ * a sample of one eighth), TOPK_ILP float4 loads per lane in flight. */
+static __device__ void topk_hist_global(int *hist, const float4 *s4, int n, int n4, int stride, uint32_t pmask,
+                                        uint32_t prefix, int shift, int nb)
+{
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    for (int i = tid; i < nb; i += blockDim.x)
+        hist[i] = 0;
+    __syncthreads();
+    const int units = (n4 + stride - 1) / stride;
+    for (int base = warp * 32 * TOPK_ILP; base < units; base += blockDim.x * TOPK_ILP) { /* warp-uniform */
+        float4 v[TOPK_ILP];
+#pragma unroll
+        for (int x = 0; x < TOPK_ILP; x++) {
+            const int j4 = (base + 32 * x + lane) * stride;
+            v[x] = j4 < n4 ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int x = 0; x < TOPK_ILP; x++) {
+            const int j4 = (base + 32 * x + lane) * stride;
+            hist_add(hist, 4 * j4 + 0 < n, order_key(v[x].x), pmask, prefix, shift, nb - 1);
+            hist_add(hist, 4 * j4 + 1 < n, order_key(v[x].y), pmask, prefix, shift, nb - 1);
+            hist_add(hist, 4 * j4 + 2 < n, order_key(v[x].z), pmask, prefix, shift, nb - 1);
+            hist_add(hist, 4 * j4 + 3 < n, order_key(v[x].w), pmask, prefix, shift, nb - 1);
+        }
+    }
+    __syncthreads();
+}
+
+/* Gathers the row's keys whose upper 22 bits are >= hi (with their positions) into cu/cj, as many
+ * as fit cap; returns how many there are (all threads). */
+static __device__ int topk_gather(uint32_t *cu, int32_t *cj, int cap, const float4 *s4, int n, int n4, uint32_t hi,
+                                  int *s_n)
+{
+    const int tid = threadIdx.x, lane = tid & 31;
+    if (tid == 0)
+        *s_n = 0;
+    __syncthreads();
+    for (int base = (tid >> 5) * 32 * TOPK_ILP; base < n4; base += blockDim.x * TOPK_ILP) {
+        float4 v[TOPK_ILP];
+#pragma unroll
+        for (int x = 0; x < TOPK_ILP; x++) {
+            const int j4 = base + 32 * x + lane;
+            v[x] = j4 < n4 ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int x = 0; x < TOPK_ILP; x++) {
+            const float e4[4] = {v[x].x, v[x].y, v[x].z, v[x].w};
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = 4 * (base + 32 * x + lane) + e;
+                const uint32_t u = order_key(e4[e]);
+                const bool c = j < n && (u >> 10) >= hi;
+                const uint32_t m = __ballot_sync(0xffffffffu, c);
+                if (m) {
+                    const int leader = __ffs(m) - 1;
+                    int b = 0;
+                    if (lane == leader)
+                        b = atomicAdd(s_n, __popc(m));
+                    b = __shfl_sync(0xffffffffu, b, leader);
+                    const int idx = b + __popc(m & ((1u << lane) - 1u));
+                    if (c && idx < cap) {
+                        cu[idx] = u;
+                        cj[idx] = j;
+                    }
+                }
+            }
+        }
+    }
+    __syncthreads();
+    return *s_n;
+}
+
+/* The top-k among ncand gathered keys (which hold the row's top k), radix passes from first_pass
+ * on in shared memory (prefix, pmask, kk: what earlier passes fixed), then the selected positions
+ * marked in a bitmap and written in ascending order from it; among keys equal to the k-th the
+ * lowest positions are kept, as in the global path. */
+static __device__ void topk_select_smem(int32_t *out, const uint32_t *cu, const int32_t *cj, int ncand, int n,
+                                        int first_pass, uint32_t prefix, uint32_t pmask, int kk, int *hist,
+                                        int *warp_sum, int *sh, uint32_t *bitmap)
+{
+    const int tid = threadIdx.x;
+    const int W = (n + 31) / 32;
+    for (int i = tid; i < W; i += blockDim.x)
+        bitmap[i] = 0;
+    int cnt_eq = 0;
+    for (int pass = first_pass; pass < 3; pass++) {
+        const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0, nb = pass == 2 ? 1024 : 2048;
+        for (int i = tid; i < nb; i += blockDim.x)
+            hist[i] = 0;
+        __syncthreads();
+        for (int i0 = tid - (tid & 31); i0 < ncand; i0 += blockDim.x) { /* warp-uniform */
+            const int i = i0 + (tid & 31);
+            const uint32_t u = i < ncand ? cu[i] : 0u;
+            hist_add(hist, i < ncand, u, pmask, prefix, shift, nb - 1);
+        }
+        __syncthreads();
+        topk_find(hist, nb, kk, warp_sum, sh);
+        prefix |= (uint32_t)sh[0] << shift;
+        pmask |= (uint32_t)(nb - 1) << shift;
+        kk = sh[1];
+        cnt_eq = sh[2];
+        __syncthreads();
+    }
+    const uint32_t T = prefix;
+    const int need_eq = kk;
+    for (int i = tid; i < ncand; i += blockDim.x) {
+        const uint32_t u = cu[i];
+        const int j = cj[i];
+        bool take = u > T;
+        if (u == T) {
+            if (need_eq == cnt_eq) {
+                take = true;
+            } else { /* a split tie: the need_eq lowest positions */
+                int below = 0;
+                for (int x = 0; x < ncand; x++)
+                    below += cu[x] == T && cj[x] < j;
+                take = below < need_eq;
+            }
+        }
+        if (take)
+            atomicOr(&bitmap[j >> 5], 1u << (j & 31));
+    }
+    __syncthreads();
+    const int per = (W + blockDim.x - 1) / blockDim.x, w0 = tid * per, w1 = min(W, w0 + per);
+    int cnt = 0;
+    for (int w = w0; w < w1; w++)
+        cnt += __popc(bitmap[w]);
+    int total;
+    int o = block_excl_scan(cnt, warp_sum, &total);
+    for (int w = w0; w < w1; w++)
+        for (uint32_t b = bitmap[w]; b; b &= b - 1)
+            out[o++] = 32 * w + __ffs(b) - 1;
+}
+
 static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const float *scores, int ld_s,
-                                                          int row_base, const int32_t *row_pos, int topk)
+                                                          int row_base, const int32_t *row_pos, int topk, int cap)
 {
     __shared__ int hist[2048];
     __shared__ int warp_sum[32];
-    __shared__ int sh_bin, sh_kk;
+    __shared__ int sh[3], s_n;
     __shared__ int w_gt[32], w_eq[32], w_eqbase[32], w_outbase[32];
+    /* dynamic: cap candidate keys, cap positions, then a bitmap of the row's positions */
+    extern __shared__ __align__(16) uint32_t dsm[];
+    uint32_t *cu = dsm, *bitmap = dsm + 2 * (size_t)cap;
+    int32_t *cj = reinterpret_cast<int32_t *>(dsm + cap);
     const int r = row_base + blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int n = row_pos[r] + 1;
     int32_t *out = sel + (size_t)r * topk;
@@ -334,65 +696,43 @@ static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const f
     const int n4 = (n + 3) / 4; /* float4s covering the row; elements >= n are masked */
     uint32_t prefix = 0, pmask = 0;
     int kk = topk;
+    if (cap >= 2 * topk && n >= 16 * topk) {
+        /* long rows: a threshold from a sample of one eighth of the scores (two radix passes on
+         * it, aiming at 1.25 k + 512 rows' worth of the row), then one sweep gathers every score
+         * at or above it; when they hold at least k and fit, the rest runs in shared memory */
+        const int sample = 4 * ((n4 + 7) / 8);
+        const int ks = min(sample, (int)((double)topk * sample / n * 1.25) + 64);
+        uint32_t sp = 0, sm = 0;
+        int skk = ks;
+        for (int pass = 0; pass < 2; pass++) {
+            const int shift = pass == 0 ? 21 : 10;
+            topk_hist_global(hist, s4, n, n4, 8, sm, sp, shift, 2048);
+            topk_find(hist, 2048, skk, warp_sum, sh);
+            sp |= (uint32_t)sh[0] << shift;
+            sm |= 2047u << shift;
+            skk = sh[1];
+            __syncthreads();
+        }
+        const int nc = topk_gather(cu, cj, cap, s4, n, n4, sp >> 10, &s_n);
+        if (nc >= topk && nc <= cap) {
+            topk_select_smem(out, cu, cj, nc, n, 0, 0u, 0u, topk, hist, warp_sum, sh, bitmap);
+            return;
+        }
+        /* the sample missed (too few or too many above its threshold): the exact path */
+    }
     for (int pass = 0; pass < 3; pass++) {
-        const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0, bits = pass == 2 ? 10 : 11;
-        const int nb = 1 << bits, per = nb / 1024;
-        for (int i = tid; i < nb; i += blockDim.x)
-            hist[i] = 0;
-        __syncthreads();
-        for (int base = warp * 32; base < n4; base += blockDim.x) { /* warp-uniform trip count */
-            const int j4 = base + lane;
-            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (j4 < n4)
-                v = s4[j4];
-            hist_add(hist, 4 * j4 + 0 < n, order_key(v.x), pmask, prefix, shift, nb - 1);
-            hist_add(hist, 4 * j4 + 1 < n, order_key(v.y), pmask, prefix, shift, nb - 1);
-            hist_add(hist, 4 * j4 + 2 < n, order_key(v.z), pmask, prefix, shift, nb - 1);
-            hist_add(hist, 4 * j4 + 3 < n, order_key(v.w), pmask, prefix, shift, nb - 1);
+        const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0, nb = pass == 2 ? 1024 : 2048;
+        if (pass == 2 && topk - kk + sh[2] <= cap) {
+            /* the 22-bit bin of the k-th score holds few: gather it and finish in shared memory */
+            const int nc = topk_gather(cu, cj, cap, s4, n, n4, prefix >> 10, &s_n);
+            topk_select_smem(out, cu, cj, nc, n, 2, prefix, pmask, kk, hist, warp_sum, sh, bitmap);
+            return;
         }
-        __syncthreads();
-        /* thread i owns bins [top - per, top) counted from the top: top = nb - i * per */
-        const int top = nb - tid * per;
-        int local = 0;
-        for (int b = top - per; b < top; b++)
-            local += hist[b];
-        int v = local;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(0xffffffffu, v, o);
-            if (lane >= o)
-                v += y;
-        }
-        if (lane == 31)
-            warp_sum[warp] = v;
-        __syncthreads();
-        if (warp == 0) {
-            int ws = warp_sum[lane];
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const int y = __shfl_up_sync(0xffffffffu, ws, o);
-                if (lane >= o)
-                    ws += y;
-            }
-            warp_sum[lane] = ws;
-        }
-        __syncthreads();
-        const int above = v - local + (warp ? warp_sum[warp - 1] : 0);
-        if (above < kk && kk <= above + local) {
-            int cum = above;
-            for (int b = top - 1; b >= top - per; b--) {
-                if (cum + hist[b] >= kk) {
-                    sh_bin = b;
-                    sh_kk = kk - cum;
-                    break;
-                }
-                cum += hist[b];
-            }
-        }
-        __syncthreads();
-        prefix |= (uint32_t)sh_bin << shift;
+        topk_hist_global(hist, s4, n, n4, 1, pmask, prefix, shift, nb);
+        topk_find(hist, nb, kk, warp_sum, sh);
+        prefix |= (uint32_t)sh[0] << shift;
         pmask |= (uint32_t)(nb - 1) << shift;
-        kk = sh_kk;
+        kk = sh[1];
         __syncthreads();
     }
     const uint32_t T = prefix;
@@ -553,7 +893,16 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,        \
             m->d_blocks, m->max_blocks, m->d_row_pos, m->d_row_seq, IH, wscale, sscale);           \
     } while (0)
-            if (use_fp8 && NT == 8 && max_nr == 1) {
+            if (!use_fp8 && NT == 8 && c->idx_wgmma) {
+                const size_t qsmem = (size_t)max_nr * (8 * 2048 + sizeof(float) * IH);
+                const uint32_t lbo = c->idx_wgmma == 2 ? 256 : 128, sbo = c->idx_wgmma == 2 ? 128 : 256;
+                /* idx_wgmma 3: at most 102 registers (5 CTAs per SM instead of 4), a tuning probe */
+                auto kern = c->idx_wgmma == 3 ? idx_wgmma_kernel<5> : idx_wgmma_kernel<1>;
+                CU_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qsmem));
+                kern<<<n_items, 128, qsmem, c->st>>>(scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx,
+                                                     c->geom.idx_block_bytes, m->d_blocks, m->max_blocks,
+                                                     m->d_row_pos, m->d_row_seq, wscale, sscale, lbo, sbo);
+            } else if (use_fp8 && NT == 8 && max_nr == 1) {
                 const size_t ring = (size_t)IDX_STAGES * c->geom.idx_block_bytes;
                 CU_CHECK(cudaFuncSetAttribute(idx_dec_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               (int)ring));
@@ -582,8 +931,14 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
         float *scores = (float *)cu_scratch(c, SCR_SCORES, sizeof(float) * (size_t)(re - rb) * ld_s);
         if (!scores)
             return -ENOMEM;
-        topk_kernel<<<re - rb, 1024, 0, c->st>>>(sel, scores, ld_s, rb, m->d_row_pos, topk);
-        CU_LAUNCHED("topk");
+        if (!c->idx_no_topk) {
+            /* dynamic: TOPK_CAP candidates (key, position) and a bitmap of the row's positions */
+            const int cap = c->topk_global ? 0 : TOPK_CAP;
+            const size_t tsm = sizeof(uint32_t) * (2 * (size_t)cap + ((size_t)ld_s + 31) / 32);
+            CU_CHECK(cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tsm));
+            topk_kernel<<<re - rb, 1024, tsm, c->st>>>(sel, scores, ld_s, rb, m->d_row_pos, topk, cap);
+            CU_LAUNCHED("topk");
+        }
         rb = re;
     }
     return 0;
