@@ -605,7 +605,9 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
     if (math && strcmp(math, "fast") && strcmp(math, "exact"))
         log_warn("cuda: DSV32_CUDA_MATH=%s is not exact or fast; using exact", math);
     c->fast = math && strcmp(math, "fast") == 0;
-    c->indexer_fp8 = idx && strcmp(idx, "fp8") == 0; /* f16 mma by default: faster here (BENCHMARKS.md) */
+    /* the fast numerics' indexer: FP8 wgmma (0.34 ms vs 0.44 ms of f16 wgmma for the scores of batch
+     * 64 x 131072, BENCHMARKS.md) unless DSV32_CUDA_INDEXER=f16 */
+    c->indexer_fp8 = c->fast && !(idx && strcmp(idx, "f16") == 0);
     c->lt_fp8 = 1;
     c->idx_wgmma = 1;
     cudaDeviceProp prop;

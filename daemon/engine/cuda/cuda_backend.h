@@ -8,8 +8,9 @@
  *   DSV32_CUDA_MATH=fast: FP8 weights stay FP8 (tensor-core kernels with exact e4m3 products,
  *       cuBLASLt block-scaled FP8 for large row counts), bf16 matrices run as bf16 GEMMs, MLA
  *       decode runs on bf16 tensor cores (DeepSeek's deployment numerics).
- *   DSV32_CUDA_INDEXER=fp8: the indexer's logits on FP8 mma (default: f16 mma on exact e4m3 -> f16
- *       conversions, which measured faster on H200 and keeps the products exact). */
+ *   The indexer's logits: in the exact mode f16 wgmma on exact e4m3 -> f16 conversions (exact
+ *       products, f32 sums); in the fast mode FP8 wgmma on the e4m3 bytes (the tensor core's FP8
+ *       accumulation, as DeepSeek's fp8_index), or the f16 path with DSV32_CUDA_INDEXER=f16. */
 #ifndef DSV32_CUDA_BACKEND_H
 #define DSV32_CUDA_BACKEND_H
 

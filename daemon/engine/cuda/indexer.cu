@@ -336,8 +336,15 @@ static __device__ __forceinline__ void wgmma_f16_rs(float (&d)[32], const uint32
 #endif
 }
 
-template <int MINB>
-static __global__ void __launch_bounds__(128, MINB) idx_wgmma_kernel(
+#define IDX_RING 5      /* cache blocks in the wgmma kernel's shared-memory ring */
+#define IDX_ROWB 144    /* a key row's stride there: 128 bytes + 16 of padding (no bank conflicts) */
+#define IDX_STAGEB (64 * IDX_ROWB + 64 * 4)
+
+/* RING: the cache blocks stream through IDX_RING shared-memory stages filled by cp.async,
+ * IDX_RING - 1 blocks ahead, and the lanes read their A fragments from there; otherwise two blocks
+ * ahead in registers (the first version, kept as the baseline). */
+template <bool RING>
+static __global__ void __launch_bounds__(128) idx_wgmma_kernel(
     float *scores, int ld_s, int row_base, const int4 *work, const uint8_t *q, const float *q_scale,
     const float *w_raw, const uint8_t *cache, int block_bytes, const int32_t *blocks, int max_blocks,
     const int32_t *row_pos, const int32_t *row_seq, float wscale, float sscale, uint32_t lbo, uint32_t sbo)
@@ -385,20 +392,65 @@ static __global__ void __launch_bounds__(128, MINB) idx_wgmma_kernel(
     };
     uint4 kn[4], kn2[4];
     float ks0n = 0.0f, ks1n = 0.0f, ks0n2 = 0.0f, ks1n2 = 0.0f;
-    if (wk.z < wk.w)
-        load(wk.z, kn, ks0n, ks1n);
-    if (wk.z + 1 < wk.w)
-        load(wk.z + 1, kn2, ks0n2, ks1n2);
-    for (int blk = wk.z; blk < wk.w; blk++) {
-        uint4 k[4] = {kn[0], kn[1], kn[2], kn[3]};
-        const float ks0 = ks0n, ks1 = ks1n;
+    uint8_t *ring = qsm + (size_t)nr * (QB + sizeof(float) * IH); /* RING: IDX_RING stages */
+    auto issue = [&](int blk, int stage) {
+        const uint8_t *src = cache + (size_t)bt[blk] * block_bytes;
+        uint8_t *dst = ring + (size_t)stage * IDX_STAGEB;
 #pragma unroll
-        for (int i = 0; i < 4; i++)
-            kn[i] = kn2[i];
-        ks0n = ks0n2;
-        ks1n = ks1n2;
-        if (blk + 2 < wk.w)
-            load(blk + 2, kn2, ks0n2, ks1n2);
+        for (int x = 0; x < 4; x++) { /* 512 key chunks of 16 bytes, row r chunk c at r * IDX_ROWB + 16 c */
+            const int ch = threadIdx.x + 128 * x, r = ch >> 3, cc = ch & 7;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
+                             (uint32_t)__cvta_generic_to_shared(dst + r * IDX_ROWB + 16 * cc)),
+                         "l"(src + 16 * ch));
+        }
+        if (threadIdx.x < 16) /* the 64 key scales */
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
+                             (uint32_t)__cvta_generic_to_shared(dst + 64 * IDX_ROWB + 16 * threadIdx.x)),
+                         "l"(src + DSV32_KV_BLOCK_TOKENS * 128 + 16 * threadIdx.x));
+    };
+    if (RING) {
+#pragma unroll
+        for (int st = 0; st < IDX_RING - 1; st++) {
+            if (wk.z + st < wk.w)
+                issue(wk.z + st, st);
+            asm volatile("cp.async.commit_group;");
+        }
+    } else {
+        if (wk.z < wk.w)
+            load(wk.z, kn, ks0n, ks1n);
+        if (wk.z + 1 < wk.w)
+            load(wk.z + 1, kn2, ks0n2, ks1n2);
+    }
+    for (int blk = wk.z, it = 0; blk < wk.w; blk++, it++) {
+        uint4 k[4];
+        float ks0, ks1;
+        if (RING) {
+            asm volatile("cp.async.wait_group %0;" ::"n"(IDX_RING - 2));
+            __syncthreads(); /* block blk is in; every lane is done with the stage refilled next */
+            if (blk + IDX_RING - 1 < wk.w)
+                issue(blk + IDX_RING - 1, (it + IDX_RING - 1) % IDX_RING);
+            asm volatile("cp.async.commit_group;");
+            const uint8_t *b = ring + (size_t)(it % IDX_RING) * IDX_STAGEB;
+            k[0] = *reinterpret_cast<const uint4 *>(b + kr0 * IDX_ROWB + 32 * t);
+            k[1] = *reinterpret_cast<const uint4 *>(b + kr0 * IDX_ROWB + 32 * t + 16);
+            k[2] = *reinterpret_cast<const uint4 *>(b + kr1 * IDX_ROWB + 32 * t);
+            k[3] = *reinterpret_cast<const uint4 *>(b + kr1 * IDX_ROWB + 32 * t + 16);
+            ks0 = reinterpret_cast<const float *>(b + 64 * IDX_ROWB)[kr0];
+            ks1 = reinterpret_cast<const float *>(b + 64 * IDX_ROWB)[kr1];
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                k[i] = kn[i];
+            ks0 = ks0n;
+            ks1 = ks1n;
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                kn[i] = kn2[i];
+            ks0n = ks0n2;
+            ks1n = ks1n2;
+            if (blk + 2 < wk.w)
+                load(blk + 2, kn2, ks0n2, ks1n2);
+        }
         uint32_t a[8][4];
 #pragma unroll
         for (int st = 0; st < 8; st++) {
@@ -477,6 +529,144 @@ static __device__ __forceinline__ int warp_excl_scan(int v, int lane, int *total
     }
     *total = __shfl_sync(0xffffffffu, x, 31);
     return x - v;
+}
+
+/* The FP8 variant of the scores on wgmma (the fast numerics' default indexer): m64n64k32
+ * with both operands read by the tensor core from shared memory as e4m3, no conversions and no
+ * fragments in registers at all. The cache blocks stream through an IDX_RING-stage cp.async ring;
+ * keys (A, 64 x 128 bytes) and the query (B, 64 heads x 128 bytes) sit in the 128-byte-swizzle
+ * K-major layout (16-byte chunk c of row r at r * 128 + 16 (c ^ (r % 8)), tiles 1024-byte
+ * aligned; descriptor stride byte offset 1024, the leading one unused), k-step s starting 32 s
+ * bytes in. The tensor core's FP8 products are accumulated in its own (not f32-exact) precision,
+ * which is why the exact mode never takes this path. */
+static __device__ __forceinline__ uint64_t wg_desc_sw128(uint32_t saddr)
+{
+    return (uint64_t)((saddr & 0x3ffffu) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
+           ((uint64_t)1 << 62);
+}
+
+static __device__ __forceinline__ void wgmma_e4m3_ss(float (&d)[32], uint64_t da, uint64_t db, int acc)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+                 "%32, %33, p, 1, 1;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+                   "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+                   "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+                   "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "l"(da), "l"(db), "r"(acc)
+                 : "memory");
+#else
+    __trap(); /* not reached: the library is built for sm_90a only (cmake/Cuda.cmake) */
+#endif
+}
+
+#define IDX8_STAGEB 9216 /* 8 KB of keys (1024-aligned) + 256 B of scales, rounded to 1 KB */
+
+static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
+    float *scores, int ld_s, int row_base, const int4 *work, const uint8_t *q, const float *q_scale,
+    const float *w_raw, const uint8_t *cache, int block_bytes, const int32_t *blocks, int max_blocks,
+    const int32_t *row_pos, const int32_t *row_seq, float wscale, float sscale)
+{
+    constexpr int IH = 64;
+    extern __shared__ __align__(1024) uint8_t dyn[];
+    /* 1024-byte alignment for the swizzled tiles, whatever the dynamic base */
+    uint8_t *sm = dyn + ((1024 - ((uint32_t)__cvta_generic_to_shared(dyn) & 1023u)) & 1023u);
+    const int4 wk = work[blockIdx.x];
+    const int r0 = wk.x, nr = wk.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    uint8_t *qsm = sm;                                  /* [row][64 heads x 128 B], swizzled */
+    uint8_t *ring = sm + (size_t)nr * 8192;             /* IDX_RING stages */
+    float *wsm = reinterpret_cast<float *>(ring + (size_t)IDX_RING * IDX8_STAGEB); /* [row][head] */
+    for (int e = threadIdx.x; e < nr * IH * 8; e += blockDim.x) {
+        const int c = e & 7, n = (e >> 3) & 63, i = e >> 9;
+        const uint4 v = *reinterpret_cast<const uint4 *>(q + ((size_t)(r0 + i) * IH + n) * 128 + 16 * c);
+        *reinterpret_cast<uint4 *>(qsm + (size_t)i * 8192 + n * 128 + ((c ^ (n & 7)) << 4)) = v;
+    }
+    for (int e = threadIdx.x; e < nr * IH; e += blockDim.x) {
+        const int i = e / IH, h = e % IH;
+        const size_t ri = (size_t)(r0 + i) * IH + h;
+        wsm[e] = w_raw[ri] * wscale * q_scale[ri] * sscale;
+    }
+    const int seq = row_seq[r0];
+    int pos[IDX_QT];
+#pragma unroll
+    for (int i = 0; i < IDX_QT; i++)
+        pos[i] = i < nr ? row_pos[r0 + i] : -1;
+    const int32_t *bt = blocks + (size_t)seq * max_blocks;
+    const int kr0 = 16 * warp + g, kr1 = kr0 + 8;
+    const uint32_t qbase = (uint32_t)__cvta_generic_to_shared(qsm), rbase = (uint32_t)__cvta_generic_to_shared(ring);
+    auto issue = [&](int blk, int stage) {
+        const uint8_t *src = cache + (size_t)bt[blk] * block_bytes;
+        uint8_t *dst = ring + (size_t)stage * IDX8_STAGEB;
+#pragma unroll
+        for (int x = 0; x < 4; x++) {
+            const int ch = threadIdx.x + 128 * x, r = ch >> 3, c = ch & 7;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
+                             (uint32_t)__cvta_generic_to_shared(dst + r * 128 + ((c ^ (r & 7)) << 4))),
+                         "l"(src + 16 * ch));
+        }
+        if (threadIdx.x < 16)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
+                             (uint32_t)__cvta_generic_to_shared(dst + 8192 + 16 * threadIdx.x)),
+                         "l"(src + DSV32_KV_BLOCK_TOKENS * 128 + 16 * threadIdx.x));
+    };
+#pragma unroll
+    for (int st = 0; st < IDX_RING - 1; st++) {
+        if (wk.z + st < wk.w)
+            issue(wk.z + st, st);
+        asm volatile("cp.async.commit_group;");
+    }
+    for (int blk = wk.z, it = 0; blk < wk.w; blk++, it++) {
+        asm volatile("cp.async.wait_group %0;" ::"n"(IDX_RING - 2));
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* cp.async data (and q) -> wgmma */
+        __syncthreads();
+        if (blk + IDX_RING - 1 < wk.w)
+            issue(blk + IDX_RING - 1, (it + IDX_RING - 1) % IDX_RING);
+        asm volatile("cp.async.commit_group;");
+        const int stage = it % IDX_RING;
+        const float *ksc = reinterpret_cast<const float *>(ring + (size_t)stage * IDX8_STAGEB + 8192);
+        const float ks0 = ksc[kr0], ks1 = ksc[kr1];
+        const uint32_t abase = rbase + stage * IDX8_STAGEB;
+        const int j0 = blk * DSV32_KV_BLOCK_TOKENS + kr0, j1 = j0 + 8;
+        for (int i = 0; i < nr; i++) {
+            if (blk * DSV32_KV_BLOCK_TOKENS > pos[i])
+                continue; /* the same for the whole warpgroup */
+            float acc[32];
+#pragma unroll
+            for (int x = 0; x < 32; x++)
+                acc[x] = 0.0f;
+            wg_fence_acc(acc);
+            asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+            for (int st = 0; st < 4; st++)
+                wgmma_e4m3_ss(acc, wg_desc_sw128(abase + 32 * st), wg_desc_sw128(qbase + i * 8192 + 32 * st), st > 0);
+            asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+            asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+            wg_fence_acc(acc);
+            const float *wi = wsm + i * IH;
+            float sg0 = 0.0f, sg1 = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                const float w0 = wi[nt * 8 + 2 * t], w1 = wi[nt * 8 + 2 * t + 1];
+                sg0 += fmaxf(acc[4 * nt + 0], 0.0f) * w0 + fmaxf(acc[4 * nt + 1], 0.0f) * w1;
+                sg1 += fmaxf(acc[4 * nt + 2], 0.0f) * w0 + fmaxf(acc[4 * nt + 3], 0.0f) * w1;
+            }
+            sg0 += __shfl_xor_sync(0xffffffffu, sg0, 1);
+            sg0 += __shfl_xor_sync(0xffffffffu, sg0, 2);
+            sg1 += __shfl_xor_sync(0xffffffffu, sg1, 1);
+            sg1 += __shfl_xor_sync(0xffffffffu, sg1, 2);
+            float *srow = scores + (size_t)(r0 + i - row_base) * ld_s;
+            if (t == 0 && j0 <= pos[i])
+                srow[j0] = sg0 * ks0;
+            if (t == 1 && j1 <= pos[i])
+                srow[j1] = sg1 * ks1;
+        }
+    }
 }
 
 /* Block-wide exclusive scan of one int per thread (1024 threads); *total gets the sum. */
@@ -894,14 +1084,25 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             m->d_blocks, m->max_blocks, m->d_row_pos, m->d_row_seq, IH, wscale, sscale);           \
     } while (0)
             if (!use_fp8 && NT == 8 && c->idx_wgmma) {
-                const size_t qsmem = (size_t)max_nr * (8 * 2048 + sizeof(float) * IH);
+                size_t qsmem = (size_t)max_nr * (8 * 2048 + sizeof(float) * IH);
                 const uint32_t lbo = c->idx_wgmma == 2 ? 256 : 128, sbo = c->idx_wgmma == 2 ? 128 : 256;
-                /* idx_wgmma 3: at most 102 registers (5 CTAs per SM instead of 4), a tuning probe */
-                auto kern = c->idx_wgmma == 3 ? idx_wgmma_kernel<5> : idx_wgmma_kernel<1>;
+                /* idx_wgmma 3: the register-prefetch version (the baseline) */
+                const bool ring = c->idx_wgmma != 3 && c->geom.idx_block_bytes == 64 * 132;
+                auto kern = ring ? idx_wgmma_kernel<true> : idx_wgmma_kernel<false>;
+                if (ring)
+                    qsmem += (size_t)IDX_RING * IDX_STAGEB;
                 CU_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qsmem));
                 kern<<<n_items, 128, qsmem, c->st>>>(scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx,
                                                      c->geom.idx_block_bytes, m->d_blocks, m->max_blocks,
                                                      m->d_row_pos, m->d_row_seq, wscale, sscale, lbo, sbo);
+            } else if (use_fp8 && NT == 8 && c->idx_wgmma && c->geom.idx_block_bytes == 64 * 132) {
+                const size_t smem8 = 1024 + (size_t)max_nr * 8192 + (size_t)IDX_RING * IDX8_STAGEB +
+                                     sizeof(float) * (size_t)max_nr * IH;
+                CU_CHECK(cudaFuncSetAttribute(idx_wgmma_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              (int)smem8));
+                idx_wgmma_fp8_kernel<<<n_items, 128, smem8, c->st>>>(
+                    scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes, m->d_blocks,
+                    m->max_blocks, m->d_row_pos, m->d_row_seq, wscale, sscale);
             } else if (use_fp8 && NT == 8 && max_nr == 1) {
                 const size_t ring = (size_t)IDX_STAGES * c->geom.idx_block_bytes;
                 CU_CHECK(cudaFuncSetAttribute(idx_dec_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
