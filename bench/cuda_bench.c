@@ -281,6 +281,10 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         const double t_idx8_mma = dsa_time(&d, &m, RUN_INDEXER, iters);
         dsv32_cuda_set_knob(be, "idx_wgmma", 1);
         const double t_sp = dsa_time(&d, &m, RUN_SPARSE, iters);
+        dsv32_cuda_set_knob(be, "mla_wgmma", 0);
+        const double t_sp_mma = dsa_time(&d, &m, RUN_SPARSE, iters);
+        const double t_all8_mma = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
+        dsv32_cuda_set_knob(be, "mla_wgmma", 1);
         const double t_dense = dsa_time(&d, &m, RUN_DENSE, iters > 5 ? 5 : iters);
         const double idx_flop = (double)B * L * 64 * 128 * 2;
         const double sp_flop = (double)B * 128 * 2048 * (576 + 512) * 2;
@@ -303,8 +307,10 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         printf("| of it: scores alone (FP8 wgmma) | %.3f | %.2f of the key bytes' floor | %.0f GB/s |\n", t_scores8,
                t_scores8 / ((double)B * L * 132 / (copy_gbps * gb) * 1e3), (double)B * L * 132 / (t_scores8 * 1e-3) / gb);
         printf("| indexer scores + top-2048 (FP8 mma.sync, the previous FP8 kernel) | %.3f | | |\n", t_idx8_mma);
-        printf("| sparse MLA decode (bf16 mma, 2048 selected) | %.3f | | %.0f TFLOP/s |\n", t_sp,
+        printf("| sparse MLA decode (bf16 wgmma, 2048 selected) | %.3f | | %.0f TFLOP/s |\n", t_sp,
                sp_flop / (t_sp * 1e-3) / 1e12);
+        printf("| sparse MLA decode (bf16 mma.sync, the previous kernel) | %.3f | | %.0f TFLOP/s; with the FP8 indexer %.3f ms in all |\n",
+               t_sp_mma, sp_flop / (t_sp_mma * 1e-3) / 1e12, t_all8_mma);
         printf("| **DSA decode total (f16 wgmma indexer)** | %.3f | %.2f | |\n", t_all, t_all / floor_ms);
         printf("| **DSA decode total (FP8 wgmma indexer, the fast mode default)** | %.3f | %.2f | |\n", t_all8, t_all8 / floor_ms);
         printf("| dense MLA decode over all %d positions | %.3f | %.1f (own floor %.3f ms) | %.0f GB/s |\n", L,
@@ -367,7 +373,7 @@ static void bench_prefill(struct dsv32_backend *be)
     printf("\n## Sparse MLA prefill: %d query rows of one sequence at positions %d..%d, top-2048 each\n", T,
            L - T, L - 1);
     printf("| kernel | time (ms) | TFLOP/s | x bf16 GEMM rate (%.0f TFLOP/s) |\n|---|---|---|---|\n", bf16_tflops);
-    printf("| sparse MLA prefill, absorbed (bf16 mma; %.2f TFLOP) | %.3f | %.0f | %.2f |\n", flop / 1e12, t_sp,
+    printf("| sparse MLA prefill, absorbed (bf16 wgmma; %.2f TFLOP) | %.3f | %.0f | %.2f |\n", flop / 1e12, t_sp,
            flop / (t_sp * 1e-3) / 1e12, flop / (t_sp * 1e-3) / 1e12 / bf16_tflops);
     printf("| causal indexer + top-2048 over the chunk (f16 mma; %.2f TFLOP) | %.3f | %.0f | %.2f |\n",
            idx_flop / 1e12, t_idx, idx_flop / (t_idx * 1e-3) / 1e12, idx_flop / (t_idx * 1e-3) / 1e12 / bf16_tflops);

@@ -1196,9 +1196,17 @@ static void test_mla(void)
     for (int fast = 0; fast < 2; fast++) {
         struct pair p;
         TRY(pair_new(&p, &cfg, 0, fast));
-        /* fast: q and the cache in bf16 (the latents are exact with power-of-two scales) */
-        mla_case(&p, fast ? "fast (bf16 mma)" : "exact (f32)", 1, 6, fast ? 1e-2 : 1e-5);
-        mla_case(&p, fast ? "fast (bf16 mma)" : "exact (f32)", 0, 3, fast ? 1e-2 : 1e-5);
+        /* fast: q and the cache in bf16 (the latents are exact with power-of-two scales); the
+         * wgmma kernel (default) and the mma.sync one; 6 rows split their keys over CTAs, 64 do not */
+        for (int wg = fast; wg >= 0; wg--) {
+            if (fast)
+                TRY(dsv32_cuda_set_knob(p.gpu, "mla_wgmma", wg));
+            const char *name = !fast ? "exact (f32)" : wg ? "fast (bf16 wgmma)" : "fast (bf16 mma.sync)";
+            mla_case(&p, name, 1, 6, fast ? 1e-2 : 1e-5);
+            mla_case(&p, name, 0, 3, fast ? 1e-2 : 1e-5);
+            if (fast)
+                mla_case(&p, name, 1, 64, 1e-2);
+        }
         pair_free(&p);
     }
     struct dsv32_config tc;

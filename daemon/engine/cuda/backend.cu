@@ -610,6 +610,7 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
     c->indexer_fp8 = c->fast && !(idx && strcmp(idx, "f16") == 0);
     c->lt_fp8 = 1;
     c->idx_wgmma = 1;
+    c->mla_wgmma = 1;
     cudaDeviceProp prop;
     if (cudaSetDevice(device) != cudaSuccess || cudaGetDeviceProperties(&prop, device) != cudaSuccess ||
         cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking) != cudaSuccess ||
@@ -677,6 +678,8 @@ extern "C" int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, i
         c->idx_no_topk = value != 0;
     else if (strcmp(name, "topk_global") == 0)
         c->topk_global = value != 0;
+    else if (strcmp(name, "mla_wgmma") == 0)
+        c->mla_wgmma = value != 0;
     else
         return -EINVAL;
     return 0;

@@ -434,6 +434,354 @@ static __global__ void __launch_bounds__(MLA_TH, 1) mla_fast_kernel(const struct
     }
 }
 
+/* ---- fast kernel on wgmma (Hopper) ----
+ *
+ * A CTA of two warpgroups takes one row, 64 of its heads and a range of its keys, in tiles of 64.
+ * Shared memory holds Q (64 heads x 576, bf16) and the current key tile K (64 x 576, bf16, latent
+ * dequantized with its block scale) in the 128-byte-swizzle K-major layout of wgmma (64-column
+ * atoms of 64 rows x 128 bytes, 16-byte chunk c of row r at c ^ (r % 8): wg_off; the no-swizzle
+ * layout measured the same speed as the mma.sync kernel, its shared-memory reads conflicting),
+ * the raw records of the next tile (cp.async) and P (64 heads x 64 keys, bf16, one atom). Per
+ * tile:
+ *   S = Q K^T: warpgroup w computes heads 0..63 x keys 32w..32w+31 (36 x m64n32k16, both
+ *       operands from shared memory);
+ *   softmax: row maxima exchanged between the two warpgroups through shared memory, P written in
+ *       bf16, the running max per head double-buffered by tile parity, the running sum updated
+ *       by one warpgroup;
+ *   O^T += V^T P^T: warpgroup w owns latent dims 256w..256w+255 as the M side (4 x m64), the 64
+ *       heads as N, the 64 keys as K: A = V^T from registers through ldmatrix.trans of the key
+ *       tile, B = P from shared memory (16 x m64n64k16).
+ * Output and split partials as mla_fast_kernel's. */
+#define WG_TH 256
+#define WG_QB (9 * 8192) /* a 64 x 576 bf16 matrix: 9 swizzle atoms */
+
+static __device__ __forceinline__ uint32_t wg_off(int row, int col) /* bytes, 128-byte swizzle K-major */
+{
+    /* 64-column (128-byte) atoms of 64 rows, 8 KB each; 16-byte chunk c of row r at c ^ (r % 8) */
+    return (uint32_t)((col >> 6) * 8192 + row * 128 + ((((col >> 3) & 7) ^ (row & 7)) << 4) + (col & 7) * 2);
+}
+
+static __device__ __forceinline__ uint64_t wg_desc_sw(uint32_t saddr) /* 128-byte swizzle, SBO 1024 */
+{
+    return (uint64_t)((saddr & 0x3ffffu) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
+           ((uint64_t)1 << 62);
+}
+
+template <int N>
+static __device__ __forceinline__ void wg_fence(float (&d)[N])
+{
+#pragma unroll
+    for (int i = 0; i < N; i++)
+        asm volatile("" : "+f"(d[i])::"memory");
+}
+
+/* d (+)= A B, m64n32k16 bf16, both from shared memory (K-major) */
+static __device__ __forceinline__ void wgmma_qk(float (&d)[16], uint64_t da, uint64_t db, int acc)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+                   "+f"(d[15])
+                 : "l"(da), "l"(db), "r"(acc)
+                 : "memory");
+#else
+    __trap(); /* not reached: the library is built for sm_90a only (cmake/Cuda.cmake) */
+#endif
+}
+
+/* d += A B, m64n64k16 bf16, A from registers, B from shared memory (K-major) */
+static __device__ __forceinline__ void wgmma_pv(float (&d)[32], const uint32_t (&a)[4], uint64_t db)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+                 "{%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+                   "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+                   "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+                   "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db)
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+
+static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct mla_fast_args a)
+{
+    extern __shared__ __align__(16) uint8_t dsmem[];
+    /* the swizzle atoms want 1024-byte alignment, whatever the dynamic base */
+    uint8_t *smem = dsmem + ((1024 - (smem_addr(dsmem) & 1023u)) & 1023u);
+    uint8_t *Qb = smem, *Kb = smem + WG_QB, *Pb = smem + 2 * WG_QB;
+    uint8_t *stg = Pb + 8192;
+    int32_t *kslot = reinterpret_cast<int32_t *>(stg + MLA_KT * a.rec_bytes);
+    int32_t *sslot = kslot + MLA_KT;
+    int32_t *kval = sslot + MLA_MAXSEL;
+    float *red_m = reinterpret_cast<float *>(kval + MLA_KT); /* [2][64] */
+    float *red_l = red_m + 2 * MLA_HG;                        /* [2][64] */
+    float *m_run = red_l + 2 * MLA_HG;                        /* [2 parities][64] */
+    float *l_run = m_run + 2 * MLA_HG;                        /* [64] */
+    float *alpha_s = l_run + MLA_HG;                          /* [64] */
+
+    const int z = blockIdx.x, hg = blockIdx.y, r = blockIdx.z;
+    const int tid = threadIdx.x, wg = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    if (a.row_mha && a.row_mha[r])
+        return;
+    const int pos = a.row_pos[r], seq = a.row_seq[r];
+    const int n_keys = a.sel ? a.n_sel : pos + 1;
+    const int kbeg = z * a.keys_per_split, kend = min(n_keys, kbeg + a.keys_per_split);
+    const int h0 = hg * MLA_HG;
+    const int recb = a.rec_bytes, chunks = recb / 16;
+
+    /* Q to bf16, 8 dims (16 bytes) at a time */
+    for (int i = tid; i < MLA_HG * (MLA_D / 8); i += WG_TH) {
+        const int h = i / (MLA_D / 8), d0 = 8 * (i % (MLA_D / 8));
+        const float *src = d0 < MLA_C ? a.q_lat + ((size_t)r * a.H + h0 + h) * MLA_C + d0
+                                      : a.q_pe + (size_t)r * a.ldr_pe + (size_t)(h0 + h) * a.ldh_pe + d0 - MLA_C;
+        const uint4 v = make_uint4(pack_bf16(src[0], src[1]), pack_bf16(src[2], src[3]), pack_bf16(src[4], src[5]),
+                                   pack_bf16(src[6], src[7]));
+        *reinterpret_cast<uint4 *>(Qb + wg_off(h, d0)) = v;
+    }
+    if (tid < MLA_HG) {
+        m_run[tid] = -INFINITY;
+        l_run[tid] = 0.0f;
+    }
+    const bool pre = a.sel && kend - kbeg <= MLA_MAXSEL;
+    if (pre)
+        for (int j = tid; j < kend - kbeg; j += WG_TH) {
+            const int p = a.sel[(size_t)r * a.n_sel + kbeg + j];
+            sslot[j] = (p >= 0 && p <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p) : -1;
+        }
+    auto issue = [&](int ts) {
+        __syncthreads(); /* sslot written; kslot no longer read; the key tile complete */
+        if (tid < MLA_KT) {
+            const int j = ts + tid;
+            int32_t sl = -1;
+            if (j < kend) {
+                if (pre) {
+                    sl = sslot[j - kbeg];
+                } else {
+                    const int p = a.sel ? a.sel[(size_t)r * a.n_sel + j] : j;
+                    sl = (p >= 0 && p <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p) : -1;
+                }
+            }
+            kslot[tid] = sl;
+        }
+        __syncthreads();
+        for (int i = tid; i < MLA_KT * chunks; i += WG_TH) {
+            const int key = i / chunks, ch = i % chunks;
+            const int32_t sl = kslot[key];
+            if (sl >= 0)
+                cp_async16(stg + key * recb + 16 * ch, a.mla + (size_t)sl * recb + 16 * ch);
+        }
+        asm volatile("cp.async.commit_group;");
+    };
+
+    float O[4][32];
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+        for (int i = 0; i < 32; i++)
+            O[mt][i] = 0.0f;
+    const uint32_t qaddr = smem_addr(Qb), kaddr = smem_addr(Kb), paddr = smem_addr(Pb);
+    const int hr0 = 16 * w + g, hr1 = hr0 + 8; /* this lane's S rows (heads) */
+    int it = 0;
+    if (kbeg < kend)
+        issue(kbeg);
+    for (int ts = kbeg; ts < kend; ts += MLA_KT, it++) {
+        asm volatile("cp.async.wait_all;");
+        __syncthreads();
+        /* the raw tile -> K (bf16), 8 dims per chunk: 64 latent chunks + 8 rope chunks per key */
+        for (int i = tid; i < MLA_KT * (MLA_D / 8); i += WG_TH) {
+            const int key = i / (MLA_D / 8), c = i % (MLA_D / 8);
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (kslot[key] >= 0) {
+                const uint8_t *rec = stg + key * recb;
+                if (c < MLA_C / 8) {
+                    const uint2 b = *reinterpret_cast<const uint2 *>(rec + 8 * c);
+                    const float sc = reinterpret_cast<const float *>(rec + MLA_C)[c / 16];
+                    const uint32_t in[2] = {b.x, b.y};
+                    uint32_t wv[4];
+#pragma unroll
+                    for (int k = 0; k < 2; k++) {
+                        const __half2_raw x0 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(in[k] & 0xffff), __NV_E4M3);
+                        const __half2_raw x1 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(in[k] >> 16), __NV_E4M3);
+                        const float2 f0 = __half22float2(__half2(x0)), f1 = __half22float2(__half2(x1));
+                        wv[2 * k] = pack_bf16(f0.x * sc, f0.y * sc);
+                        wv[2 * k + 1] = pack_bf16(f1.x * sc, f1.y * sc);
+                    }
+                    v = make_uint4(wv[0], wv[1], wv[2], wv[3]);
+                } else {
+                    const uint8_t *pr = rec + MLA_C + 4 * (MLA_C / 128);
+                    const int d0 = 8 * (c - MLA_C / 8);
+                    if (a.rope_f32) {
+                        const float *pf = reinterpret_cast<const float *>(pr) + d0;
+                        v = make_uint4(pack_bf16(pf[0], pf[1]), pack_bf16(pf[2], pf[3]), pack_bf16(pf[4], pf[5]),
+                                       pack_bf16(pf[6], pf[7]));
+                    } else {
+                        v = *reinterpret_cast<const uint4 *>(pr + 2 * d0);
+                    }
+                }
+            }
+            *reinterpret_cast<uint4 *>(Kb + wg_off(key, 8 * c)) = v;
+        }
+        if (tid < MLA_KT)
+            kval[tid] = kslot[tid] >= 0;
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* K (and Q) -> the tensor core */
+        if (ts + MLA_KT < kend)
+            issue(ts + MLA_KT); /* its first barrier publishes K and kval */
+        else
+            __syncthreads();
+
+        /* S = Q K^T, heads x keys 32wg.. */
+        float S[16];
+#pragma unroll
+        for (int i = 0; i < 16; i++)
+            S[i] = 0.0f;
+        wg_fence(S);
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+        for (int st = 0; st < MLA_D / 16; st++)
+            wgmma_qk(S, wg_desc_sw(qaddr + (st >> 2) * 8192 + (st & 3) * 32),
+                     wg_desc_sw(kaddr + (st >> 2) * 8192 + wg * 4096 + (st & 3) * 32), st > 0);
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        wg_fence(S);
+        /* S[4j + {0,1,2,3}]: (head hr0, key 8j+2t), (hr0, +1), (hr1, 8j+2t), (hr1, +1), keys of 32wg.. */
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int key = 32 * wg + 8 * j + 2 * t;
+            const bool v0 = kval[key], v1 = kval[key + 1];
+            S[4 * j + 0] = v0 ? S[4 * j + 0] * a.scale : -INFINITY;
+            S[4 * j + 1] = v1 ? S[4 * j + 1] * a.scale : -INFINITY;
+            S[4 * j + 2] = v0 ? S[4 * j + 2] * a.scale : -INFINITY;
+            S[4 * j + 3] = v1 ? S[4 * j + 3] * a.scale : -INFINITY;
+            mx0 = fmaxf(mx0, fmaxf(S[4 * j + 0], S[4 * j + 1]));
+            mx1 = fmaxf(mx1, fmaxf(S[4 * j + 2], S[4 * j + 3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        if (t == 0) {
+            red_m[wg * MLA_HG + hr0] = mx0;
+            red_m[wg * MLA_HG + hr1] = mx1;
+        }
+        __syncthreads();
+        const float *mr = m_run + (it & 1) * MLA_HG;
+        float *mw = m_run + ((it + 1) & 1) * MLA_HG;
+        float sum0 = 0.0f, sum1 = 0.0f;
+        {
+            const float mn0 = fmaxf(mr[hr0], fmaxf(red_m[hr0], red_m[MLA_HG + hr0]));
+            const float mn1 = fmaxf(mr[hr1], fmaxf(red_m[hr1], red_m[MLA_HG + hr1]));
+            const float ref0 = mn0 == -INFINITY ? 0.0f : mn0, ref1 = mn1 == -INFINITY ? 0.0f : mn1;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int key = 32 * wg + 8 * j + 2 * t;
+                const float p0 = __expf(S[4 * j + 0] - ref0), p1 = __expf(S[4 * j + 1] - ref0);
+                const float p2 = __expf(S[4 * j + 2] - ref1), p3 = __expf(S[4 * j + 3] - ref1);
+                sum0 += p0 + p1;
+                sum1 += p2 + p3;
+                *reinterpret_cast<uint32_t *>(Pb + wg_off(hr0, key)) = pack_bf16(p0, p1);
+                *reinterpret_cast<uint32_t *>(Pb + wg_off(hr1, key)) = pack_bf16(p2, p3);
+            }
+            sum0 += __shfl_xor_sync(0xffffffffu, sum0, 1);
+            sum0 += __shfl_xor_sync(0xffffffffu, sum0, 2);
+            sum1 += __shfl_xor_sync(0xffffffffu, sum1, 1);
+            sum1 += __shfl_xor_sync(0xffffffffu, sum1, 2);
+            if (t == 0) {
+                red_l[wg * MLA_HG + hr0] = sum0;
+                red_l[wg * MLA_HG + hr1] = sum1;
+                if (wg == 0) {
+                    alpha_s[hr0] = mr[hr0] == -INFINITY ? 0.0f : __expf(mr[hr0] - ref0);
+                    alpha_s[hr1] = mr[hr1] == -INFINITY ? 0.0f : __expf(mr[hr1] - ref1);
+                    mw[hr0] = mn0;
+                    mw[hr1] = mn1;
+                }
+            }
+        }
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* P -> the tensor core */
+        __syncthreads();
+        if (wg == 0 && t == 0) {
+            l_run[hr0] = l_run[hr0] * alpha_s[hr0] + red_l[hr0] + red_l[MLA_HG + hr0];
+            l_run[hr1] = l_run[hr1] * alpha_s[hr1] + red_l[hr1] + red_l[MLA_HG + hr1];
+        }
+        /* O^T (dims x heads) *= alpha per head: O[mt][4j + {0,1,2,3}] is (dim, head 8j+2t), (dim, +1),
+         * (dim + 8, 8j+2t), (dim + 8, +1) */
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const float al0 = alpha_s[8 * j + 2 * t], al1 = alpha_s[8 * j + 2 * t + 1];
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++) {
+                O[mt][4 * j + 0] *= al0;
+                O[mt][4 * j + 1] *= al1;
+                O[mt][4 * j + 2] *= al0;
+                O[mt][4 * j + 3] *= al1;
+            }
+        }
+        /* O^T += V^T P^T: A = V^T (dims 256wg + 64mt + 16w.., keys 16kk..) via ldmatrix.trans */
+        uint32_t af[4][4][4];
+        {
+            const int kl = (lane & 7) + ((lane >> 4) << 3), dl = ((lane >> 3) & 1) * 8;
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+                for (int kk = 0; kk < 4; kk++)
+                    ldsm_x4_t(af[mt][kk], kaddr + wg_off(16 * kk + kl, 256 * wg + 64 * mt + 16 * w + dl));
+        }
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++)
+            wg_fence(O[mt]);
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+                wgmma_pv(O[mt], af[mt][kk], wg_desc_sw(paddr + kk * 32));
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++) {
+            wg_fence(O[mt]);
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+                asm volatile("" : "+r"(af[mt][kk][0]), "+r"(af[mt][kk][1]), "+r"(af[mt][kk][2]), "+r"(af[mt][kk][3])::"memory");
+        }
+    }
+    __syncthreads(); /* l_run, m_run final */
+    const float *mfin = m_run + (it & 1) * MLA_HG;
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++) {
+        const int d0 = 256 * wg + 64 * mt + 16 * w + g;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const int hA = 8 * j + 2 * t, hB = hA + 1;
+            float sA = 1.0f, sB = 1.0f;
+            float *base;
+            if (a.splits == 1) {
+                sA = l_run[hA] > 0.0f ? 1.0f / l_run[hA] : 0.0f;
+                sB = l_run[hB] > 0.0f ? 1.0f / l_run[hB] : 0.0f;
+                base = a.out + ((size_t)r * a.H + h0) * MLA_C;
+            } else {
+                base = a.part_o + (((size_t)z * a.rows + r) * a.H + h0) * MLA_C;
+            }
+            base[(size_t)hA * MLA_C + d0] = O[mt][4 * j + 0] * sA;
+            base[(size_t)hB * MLA_C + d0] = O[mt][4 * j + 1] * sB;
+            base[(size_t)hA * MLA_C + d0 + 8] = O[mt][4 * j + 2] * sA;
+            base[(size_t)hB * MLA_C + d0 + 8] = O[mt][4 * j + 3] * sB;
+        }
+    }
+    if (a.splits > 1 && tid < MLA_HG)
+        a.part_ml[((size_t)z * a.rows + r) * a.H + h0 + tid] = make_float2(mfin[tid], l_run[tid]);
+}
+
 static __global__ void mla_combine_kernel(float *out, const float *part_o, const float2 *part_ml, int rows,
                                           int H, int splits, const uint8_t *row_mha)
 {
@@ -526,11 +874,19 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
     a.splits = splits;
     a.keys_per_split = tiles_per * MLA_KT;
     a.scale = scale;
-    const size_t smem = sizeof(__nv_bfloat16) * 2 * MLA_HG * MLA_QSTR + sizeof(float) * MLA_HG * MLA_SSTR +
-                        sizeof(int32_t) * (MLA_KT + MLA_MAXSEL) + (size_t)MLA_KT * g->mla_rec_bytes;
-    CU_CHECK(cudaFuncSetAttribute(mla_fast_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    mla_fast_kernel<<<dim3(splits, H / MLA_HG, rows), MLA_TH, smem, c->st>>>(a);
-    CU_LAUNCHED("mla_fast");
+    if (c->mla_wgmma) {
+        const size_t smem = 1024 + 2 * (size_t)WG_QB + 8192 + (size_t)MLA_KT * g->mla_rec_bytes +
+                            sizeof(int32_t) * (2 * MLA_KT + MLA_MAXSEL) + sizeof(float) * 8 * MLA_HG;
+        CU_CHECK(cudaFuncSetAttribute(mla_wg_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        mla_wg_kernel<<<dim3(splits, H / MLA_HG, rows), WG_TH, smem, c->st>>>(a);
+        CU_LAUNCHED("mla_wg");
+    } else {
+        const size_t smem = sizeof(__nv_bfloat16) * 2 * MLA_HG * MLA_QSTR + sizeof(float) * MLA_HG * MLA_SSTR +
+                            sizeof(int32_t) * (MLA_KT + MLA_MAXSEL) + (size_t)MLA_KT * g->mla_rec_bytes;
+        CU_CHECK(cudaFuncSetAttribute(mla_fast_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        mla_fast_kernel<<<dim3(splits, H / MLA_HG, rows), MLA_TH, smem, c->st>>>(a);
+        CU_LAUNCHED("mla_fast");
+    }
     if (splits > 1) {
         mla_combine_kernel<<<dim3(H, rows), 128, 0, c->st>>>(out, a.part_o, a.part_ml, rows, H, splits,
                                                              a.row_mha);
