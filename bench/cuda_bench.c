@@ -375,9 +375,9 @@ static void bench_prefill(struct dsv32_backend *be)
     printf("| kernel | time (ms) | TFLOP/s | x bf16 GEMM rate (%.0f TFLOP/s) |\n|---|---|---|---|\n", bf16_tflops);
     printf("| sparse MLA prefill, absorbed (bf16 wgmma; %.2f TFLOP) | %.3f | %.0f | %.2f |\n", flop / 1e12, t_sp,
            flop / (t_sp * 1e-3) / 1e12, flop / (t_sp * 1e-3) / 1e12 / bf16_tflops);
-    printf("| causal indexer + top-2048 over the chunk (f16 mma; %.2f TFLOP) | %.3f | %.0f | %.2f |\n",
+    printf("| causal indexer + top-2048 over the chunk (f16 wgmma; %.2f TFLOP) | %.3f | %.0f | %.2f |\n",
            idx_flop / 1e12, t_idx, idx_flop / (t_idx * 1e-3) / 1e12, idx_flop / (t_idx * 1e-3) / 1e12 / bf16_tflops);
-    printf("| causal indexer + top-2048 over the chunk (FP8 mma; %.2f TFLOP) | %.3f | %.0f | %.2f |\n",
+    printf("| causal indexer + top-2048 over the chunk (FP8 wgmma; %.2f TFLOP) | %.3f | %.0f | %.2f |\n",
            idx_flop / 1e12, t_idx8, idx_flop / (t_idx8 * 1e-3) / 1e12, idx_flop / (t_idx8 * 1e-3) / 1e12 / bf16_tflops);
     fflush(stdout);
     dsa_free(&d);

@@ -574,11 +574,15 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
             kslot[tid] = sl;
         }
         __syncthreads();
-        for (int i = tid; i < MLA_KT * chunks; i += WG_TH) {
-            const int key = i / chunks, ch = i % chunks;
+        { /* four lanes per key, no division */
+            const int key = tid >> 2;
             const int32_t sl = kslot[key];
-            if (sl >= 0)
-                cp_async16(stg + key * recb + 16 * ch, a.mla + (size_t)sl * recb + 16 * ch);
+            if (sl >= 0) {
+                const uint8_t *src = a.mla + (size_t)sl * recb;
+                uint8_t *dst = stg + key * recb;
+                for (int ch = tid & 3; ch < chunks; ch += 4)
+                    cp_async16(dst + 16 * ch, src + 16 * ch);
+            }
         }
         asm volatile("cp.async.commit_group;");
     };
@@ -597,11 +601,14 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
     for (int ts = kbeg; ts < kend; ts += MLA_KT, it++) {
         asm volatile("cp.async.wait_all;");
         __syncthreads();
-        /* the raw tile -> K (bf16), 8 dims per chunk: 64 latent chunks + 8 rope chunks per key */
-        for (int i = tid; i < MLA_KT * (MLA_D / 8); i += WG_TH) {
-            const int key = i / (MLA_D / 8), c = i % (MLA_D / 8);
+        /* the raw tile -> K (bf16), 8 dims per chunk: 64 latent chunks + 8 rope chunks per key; four
+         * lanes per key */
+        const bool kv_ok = kslot[tid >> 2] >= 0;
+#pragma unroll 6
+        for (int c = tid & 3; c < MLA_D / 8; c += 4) {
+            const int key = tid >> 2;
             uint4 v = make_uint4(0, 0, 0, 0);
-            if (kslot[key] >= 0) {
+            if (kv_ok) {
                 const uint8_t *rec = stg + key * recb;
                 if (c < MLA_C / 8) {
                     const uint2 b = *reinterpret_cast<const uint2 *>(rec + 8 * c);
