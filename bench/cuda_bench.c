@@ -599,9 +599,10 @@ static void bench_moe(struct dsv32_backend *be)
     const double expert_bytes = 3.0 * I * D;
     printf("\n## Routed experts of one MoE layer (256 FP8 experts of %d x %d, %d per row), moe_experts alone\n", I, D, K);
     printf("floor = max(bytes of the distinct experts hit / copy bandwidth, FLOP / bf16 rate); "
-           "\"register\" = the register-prefetch FP8 kernel (the previous version), timed in the same run\n");
+           "the previous kernels (register prefetch; the pipelined mma.sync one for every row count) timed in the same run\n");
     printf("| rows | experts hit | weight bytes (MB) | TFLOP | floor (ms) | register kernel (ms) | x floor | "
-           "pipelined kernel (ms) | x floor | weights read (TB/s) |\n|---|---|---|---|---|---|---|---|---|---|\n");
+           "pipelined mma.sync (ms) | x floor | default: pipelined, or wgmma from %d rows per expert (ms) | x floor | "
+           "weights read (TB/s) | TFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n", 24);
     for (size_t i = 0; i < sizeof(rows_list) / sizeof(rows_list[0]); i++) {
         const int rows = rows_list[i];
         moe_routing(ids, w, rows, K, E, 99 + (uint64_t)rows);
@@ -616,9 +617,10 @@ static void bench_moe(struct dsv32_backend *be)
         MUST(be->ops->to_device(be, dw, w, sizeof(float) * (size_t)rows * K));
         const double bytes = n_hit * expert_bytes, flop = 2.0 * rows * K * 3.0 * I * D;
         const double floor_ms = fmax(bytes / (copy_gbps * 1e9), flop / (bf16_tflops * 1e12)) * 1e3;
-        double tv[2];
-        for (int v = 0; v < 2; v++) {
+        double tv[3];
+        for (int v = 0; v < 3; v++) {
             MUST(dsv32_cuda_set_knob(be, "fp8_reg", v == 0));
+            MUST(dsv32_cuda_set_knob(be, "fp8_no_wg", v == 1));
             double *t = malloc(sizeof(double) * (size_t)iters);
             for (int it = -2; it < iters; it++) {
                 MUST(dsv32_cuda_timer_start(be));
@@ -632,8 +634,10 @@ static void bench_moe(struct dsv32_backend *be)
             free(t);
         }
         MUST(dsv32_cuda_set_knob(be, "fp8_reg", 0));
-        printf("| %d | %d | %.0f | %.3f | %.3f | %.3f | %.2f | %.3f | %.2f | %.2f |\n", rows, n_hit, bytes / 1e6,
-               flop / 1e12, floor_ms, tv[0], tv[0] / floor_ms, tv[1], tv[1] / floor_ms, bytes / (tv[1] * 1e-3) / 1e12);
+        MUST(dsv32_cuda_set_knob(be, "fp8_no_wg", 0));
+        printf("| %d | %d | %.0f | %.3f | %.3f | %.3f | %.2f | %.3f | %.2f | %.3f | %.2f | %.2f | %.0f |\n", rows, n_hit,
+               bytes / 1e6, flop / 1e12, floor_ms, tv[0], tv[0] / floor_ms, tv[1], tv[1] / floor_ms, tv[2],
+               tv[2] / floor_ms, bytes / (tv[2] * 1e-3) / 1e12, flop / (tv[2] * 1e-3) / 1e12);
         fflush(stdout);
     }
     for (int e = 0; e < E; e++) {

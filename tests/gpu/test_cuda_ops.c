@@ -1424,13 +1424,15 @@ static void test_moe_gate(void)
  * the row by about 1/(12 sqrt(K I)) (7e-4 at DeepSeek's shape); a wrong expert, scale or combine
  * moves it by O(1). */
 #define MOE_TIE_BOUND 0.05
-/* fp8_reg: the FP8 kernel's register-prefetch variant instead of the shared-memory pipeline */
+/* fp8_reg: 1 the FP8 kernel's register-prefetch variant instead of the shared-memory pipeline, 2 the
+ * pipeline (mma.sync) also where the wgmma kernel would take many rows per group */
 static void moe_case(const struct dsv32_config *cfg, int fast, enum dsv32_dtype dt, int rows, int n_loaded,
                      double tol, int fp8_reg)
 {
     struct pair p;
     TRY(pair_new(&p, cfg, 0, fast));
-    TRY(dsv32_cuda_set_knob(p.gpu, "fp8_reg", fp8_reg));
+    TRY(dsv32_cuda_set_knob(p.gpu, "fp8_reg", fp8_reg == 1));
+    TRY(dsv32_cuda_set_knob(p.gpu, "fp8_no_wg", fp8_reg == 2));
     const int D = cfg->hidden_size, I = cfg->moe_intermediate_size, E = cfg->n_routed_experts;
     const int K = cfg->num_experts_per_tok;
     struct tw *ws = calloc((size_t)E * 3, sizeof(struct tw));
@@ -1501,7 +1503,7 @@ static void moe_case(const struct dsv32_config *cfg, int fast, enum dsv32_dtype 
     }
     char buf[200];
     snprintf(buf, sizeof(buf), "moe_experts %s%s, %s experts, %d rows, D %d, I %d, %d of %d per row",
-             fast ? "fast" : "exact", fp8_reg ? " (register kernel)" : "", dt == DSV32_DT_F8_E4M3 ? "FP8" : "bf16", rows,
+             fast ? "fast" : "exact", fp8_reg == 1 ? " (register kernel)" : fp8_reg == 2 ? " (no wgmma)" : "", dt == DSV32_DT_F8_E4M3 ? "FP8" : "bf16", rows,
              D, I, K, E);
     printf("  %-58s worst row %.2e (tol %.0e), rows over tol: %d excused by reported FP8 ties, %d not %s\n", buf, worst,
            tol, excused, over, over ? "FAIL" : "ok");
@@ -1545,6 +1547,12 @@ static void test_moe_experts(void)
         moe_case(&v32, 1, DSV32_DT_F8_E4M3, 300, 16, 1e-5, reg);
         moe_case(&v32, 1, DSV32_DT_F8_E4M3, 420, 16, 1e-5, reg);
     }
+    /* 32 expected rows per expert: the wgmma kernel (FP8 tensor-core sums per 128-K block: about
+     * 2e-4 on the GEMM outputs, which flips the FP8 rounding of a few of the 2048 SwiGLU outputs
+     * per row, one e4m3 step each: 5e-3 measured on the worst rows, so 1e-2; a wrong kernel is
+     * off by O(1)), then the same through the mma.sync kernel at the exact-products tolerance */
+    moe_case(&v32, 1, DSV32_DT_F8_E4M3, 1024, 16, 1e-2, 0);
+    moe_case(&v32, 1, DSV32_DT_F8_E4M3, 1024, 16, 1e-5, 2);
 }
 
 

@@ -672,6 +672,8 @@ extern "C" int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, i
         c->lt_fp8 = value != 0;
     else if (strcmp(name, "fp8_reg") == 0)
         c->fp8_reg = value != 0;
+    else if (strcmp(name, "fp8_no_wg") == 0)
+        c->fp8_no_wg = value != 0;
     else if (strcmp(name, "idx_wgmma") == 0)
         c->idx_wgmma = value;
     else if (strcmp(name, "idx_no_topk") == 0)

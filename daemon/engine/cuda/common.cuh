@@ -102,6 +102,7 @@ struct cu_ctx {
     int indexer_fp8;           /* fast indexer variant: FP8 mma instead of f16 mma */
     int lt_fp8;                /* fast mode may use cuBLASLt block-scaled FP8 (when calibrated) */
     int fp8_reg;               /* the FP8 kernel's register-prefetch variant (the baseline) */
+    int fp8_no_wg;             /* grouped GEMMs of many rows per group stay on mma.sync (baseline) */
     int idx_wgmma;             /* f16 indexer scores on wgmma (1; 2: descriptor offsets swapped,
                                   a diagnostic) or mma.sync (0) */
     int idx_no_topk;           /* benchmarks: scores only (the top-k's share by difference) */

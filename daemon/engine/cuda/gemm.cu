@@ -454,6 +454,203 @@ static __global__ void __launch_bounds__(256) fp8_gemm_pipe_kernel(const struct 
     }
 }
 
+/* Many rows per weight (prefill-sized grouped experts): the FP8 tensor core through wgmma. A CTA
+ * of two warpgroups owns 128 weight rows (one scale block; warpgroup w rows 64w..) and passes of
+ * 64 entries; per 128-K block the weight tiles (w1, and w3 for SwiGLU) and the activation tile go
+ * through a cp.async ring in the 128-byte-swizzle K-major layout (chunk c of row r at
+ * c ^ (r % 8), 1024-byte-aligned tiles), four m64n64k32 e4m3 wgmmas (A = weights, B =
+ * activations, both from shared memory) sum the block in the tensor core's FP8 accumulation, and
+ * the block is promoted into f32 with the two scales, DeepSeek's (DeepGEMM's) scheme. The
+ * accumulators have mma.sync's m16n8 layout per 8 entries (warp 4w + warp-in-group owns 16 weight
+ * rows), so fp8_epilogue serves as is. Not f32-exact (2e-4-class, like cuBLASLt's FP8): used
+ * from WG_MIN_ROWS expected rows per group on, where the mma.sync kernels are compute-bound. */
+#define WG_STAGES 3
+#define WG_MIN_ROWS 24
+
+template <bool SWIGLU>
+static constexpr __host__ __device__ int wg_stage_bytes()
+{
+    return (SWIGLU ? 2 : 1) * 128 * 128 + 64 * 128;
+}
+
+static __device__ __forceinline__ uint64_t gemm_desc_sw128(uint32_t saddr)
+{
+    return (uint64_t)((saddr & 0x3ffffu) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
+           ((uint64_t)1 << 62);
+}
+
+static __device__ __forceinline__ void gemm_wgmma_e4m3(float (&d)[32], uint64_t da, uint64_t db, int acc)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+                 "%32, %33, p, 1, 1;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+                   "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+                   "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+                   "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "l"(da), "l"(db), "r"(acc)
+                 : "memory");
+#else
+    __trap(); /* not reached: the library is built for sm_90a only (cmake/Cuda.cmake) */
+#endif
+}
+
+template <int N>
+static __device__ __forceinline__ void gemm_fence(float (&d)[N])
+{
+#pragma unroll
+    for (int i = 0; i < N; i++)
+        asm volatile("" : "+f"(d[i])::"memory");
+}
+
+template <bool SWIGLU>
+static __global__ void __launch_bounds__(256, 1) fp8_gemm_wg_kernel(const struct cu_fp8_gemm a, const struct cu_probe p)
+{
+    constexpr int NT = 8;
+    extern __shared__ __align__(16) uint8_t wg_dsmem[];
+    uint8_t *sm = wg_dsmem + ((1024 - ((uint32_t)__cvta_generic_to_shared(wg_dsmem) & 1023u)) & 1023u);
+    const int lane = threadIdx.x & 31, wgi = threadIdx.x >> 7, wq = (threadIdx.x >> 5) & 3, g = lane >> 2,
+              t = lane & 3;
+    const int warp = 4 * wgi + wq; /* fp8_epilogue's warp: 16 weight rows from fc + 16 warp */
+    const int grp = blockIdx.y;
+    int beg = 0, end = a.M;
+    if (a.grp_off) {
+        beg = a.grp_off[grp];
+        end = a.grp_off[grp + 1];
+    }
+    if (beg >= end)
+        return;
+    const uint8_t *W1 = a.w, *W3 = nullptr;
+    const float *S1 = a.ws, *S3 = nullptr;
+    if (!W1) {
+        W1 = a.w1[grp];
+        S1 = a.s1[grp];
+        if (SWIGLU) {
+            W3 = a.w3[grp];
+            S3 = a.s3[grp];
+        }
+    }
+    if (!W1 || (SWIGLU && !W3))
+        return;
+    const int K = a.K, kbs = K / 128;
+    const int fc = blockIdx.x * 128, f0 = fc + warp * 16, nrows = min(128, a.N - fc);
+    const bool fvalid = f0 < a.N;
+    const float *s1row = S1 + (size_t)blockIdx.x * kbs;
+    const float *s3row = SWIGLU ? S3 + (size_t)blockIdx.x * kbs : nullptr;
+    __shared__ float s_amax[8][NT * 8];
+    constexpr int WT = 128 * 128, ST = wg_stage_bytes<SWIGLU>();
+    const uint32_t sbase = (uint32_t)__cvta_generic_to_shared(sm);
+
+    for (int p0 = beg; p0 < end; p0 += NT * 8) {
+        int xc0[NT], xc1[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const int e0 = p0 + nt * 8 + 2 * t;
+            xc0[nt] = e0 < end ? (a.row_x ? a.row_x[e0] : e0) : -1;
+            xc1[nt] = e0 + 1 < end ? (a.row_x ? a.row_x[e0 + 1] : e0 + 1) : -1;
+        }
+        /* this thread's activation row and chunks: 64 rows x 8 chunks = 2 per thread */
+        const int xj = threadIdx.x >> 2;
+        int xrow = -1;
+        if (p0 + xj < end)
+            xrow = a.row_x ? a.row_x[p0 + xj] : p0 + xj;
+        auto load_stage = [&](int kb, int st) {
+            uint8_t *sb = sm + st * ST;
+            const size_t ko = (size_t)kb * 128;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int piece = threadIdx.x + 256 * i, r = piece >> 3, c = piece & 7;
+                if (r < nrows) {
+                    const int so = r * 128 + ((c ^ (r & 7)) << 4);
+                    cp_async16(sb + so, W1 + (size_t)(fc + r) * K + ko + c * 16);
+                    if (SWIGLU)
+                        cp_async16(sb + WT + so, W3 + (size_t)(fc + r) * K + ko + c * 16);
+                }
+            }
+            uint8_t *xd = sb + (SWIGLU ? 2 : 1) * WT;
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const int c = (threadIdx.x & 3) + 4 * i;
+                uint8_t *dst = xd + xj * 128 + ((c ^ (xj & 7)) << 4);
+                if (xrow >= 0)
+                    cp_async16(dst, a.xq + (size_t)xrow * K + ko + c * 16);
+                else
+                    *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+            }
+        };
+        float acc[NT][4], acc3[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                acc[nt][i] = acc3[nt][i] = 0.0f;
+        const int nkb = kbs;
+#pragma unroll
+        for (int st = 0; st < WG_STAGES - 1; st++) {
+            if (st < nkb)
+                load_stage(st, st);
+            asm volatile("cp.async.commit_group;");
+        }
+        for (int i = 0; i < nkb; i++) {
+            asm volatile("cp.async.wait_group %0;" ::"n"(WG_STAGES - 2));
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            __syncthreads();
+            if (i + WG_STAGES - 1 < nkb)
+                load_stage(i + WG_STAGES - 1, (i + WG_STAGES - 1) % WG_STAGES);
+            asm volatile("cp.async.commit_group;");
+            const uint32_t sb = sbase + (i % WG_STAGES) * ST;
+            const uint32_t xa = sb + (SWIGLU ? 2 : 1) * WT;
+            float tmp[32], tmp3[32];
+#pragma unroll
+            for (int x = 0; x < 32; x++)
+                tmp[x] = tmp3[x] = 0.0f;
+            if (64 * wgi < nrows) { /* the warpgroup's 64 weight rows exist (N is a multiple of 64 here) */
+                gemm_fence(tmp);
+                if (SWIGLU)
+                    gemm_fence(tmp3);
+                asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+                for (int ks = 0; ks < 4; ks++)
+                    gemm_wgmma_e4m3(tmp, gemm_desc_sw128(sb + wgi * 8192 + 32 * ks), gemm_desc_sw128(xa + 32 * ks),
+                                    ks > 0);
+                if (SWIGLU)
+#pragma unroll
+                    for (int ks = 0; ks < 4; ks++)
+                        gemm_wgmma_e4m3(tmp3, gemm_desc_sw128(sb + WT + wgi * 8192 + 32 * ks),
+                                        gemm_desc_sw128(xa + 32 * ks), ks > 0);
+                asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+                asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+                gemm_fence(tmp);
+                if (SWIGLU)
+                    gemm_fence(tmp3);
+            }
+            const float sw = s1row[i], sw3 = SWIGLU ? s3row[i] : 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                const float x0 = xc0[nt] >= 0 ? a.xs[(size_t)xc0[nt] * kbs + i] : 0.0f;
+                const float x1 = xc1[nt] >= 0 ? a.xs[(size_t)xc1[nt] * kbs + i] : 0.0f;
+                acc[nt][0] += tmp[4 * nt + 0] * (sw * x0);
+                acc[nt][1] += tmp[4 * nt + 1] * (sw * x1);
+                acc[nt][2] += tmp[4 * nt + 2] * (sw * x0);
+                acc[nt][3] += tmp[4 * nt + 3] * (sw * x1);
+                if (SWIGLU) {
+                    acc3[nt][0] += tmp3[4 * nt + 0] * (sw3 * x0);
+                    acc3[nt][1] += tmp3[4 * nt + 1] * (sw3 * x1);
+                    acc3[nt][2] += tmp3[4 * nt + 2] * (sw3 * x0);
+                    acc3[nt][3] += tmp3[4 * nt + 3] * (sw3 * x1);
+                }
+            }
+        }
+        asm volatile("cp.async.wait_group 0;");
+        __syncthreads(); /* the ring is reused by the next pass */
+        fp8_epilogue<NT, SWIGLU>(a, acc, acc3, p0, end, f0, fvalid, warp, g, t, a.y, s_amax, p);
+    }
+}
+
 static __global__ void split_reduce_kernel(float *y, int ldy, const float *part, int splits, int M, int N)
 {
     const size_t n = (size_t)M * N;
@@ -528,7 +725,26 @@ int cu_fp8_gemm_run(struct cu_ctx *c, const struct cu_fp8_gemm *a)
         CU_TRY(cu_probe_begin(c, &p));
     dim3 grid(nfb, a->grp_off ? a->n_groups : 1, splits);
     const size_t part_stride = (size_t)a->M * a->N;
-    if (nt == 1)
+    if (a->grp_off && per_group >= WG_MIN_ROWS && !c->fp8_reg && !c->fp8_no_wg && a->N % 64 == 0 && !part) {
+        /* prefill-sized groups: the wgmma kernel (not f32-exact; the fast numerics only reach here) */
+        if (a->hq) {
+            const int bytes = 1024 + WG_STAGES * wg_stage_bytes<true>();
+            static bool attr;
+            if (!attr) {
+                cudaFuncSetAttribute(fp8_gemm_wg_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+                attr = true;
+            }
+            fp8_gemm_wg_kernel<true><<<grid, 256, bytes, c->st>>>(args, p);
+        } else {
+            const int bytes = 1024 + WG_STAGES * wg_stage_bytes<false>();
+            static bool attr;
+            if (!attr) {
+                cudaFuncSetAttribute(fp8_gemm_wg_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+                attr = true;
+            }
+            fp8_gemm_wg_kernel<false><<<grid, 256, bytes, c->st>>>(args, p);
+        }
+    } else if (nt == 1)
         launch_fp8<1>(c, &args, grid, kb_per, part, part_stride, p);
     else if (nt == 2)
         launch_fp8<2>(c, &args, grid, kb_per, part, part_stride, p);
