@@ -1204,8 +1204,10 @@ static void test_mla(void)
             const char *name = !fast ? "exact (f32)" : wg ? "fast (bf16 wgmma)" : "fast (bf16 mma.sync)";
             mla_case(&p, name, 1, 6, fast ? 1e-2 : 1e-5);
             mla_case(&p, name, 0, 3, fast ? 1e-2 : 1e-5);
+            /* 64 rows: the worst of 8192 (row, head) vectors, 7.5e-3 to 1.1e-2 measured with either
+             * kernel (bf16 q, keys and P) */
             if (fast)
-                mla_case(&p, name, 1, 64, 1e-2);
+                mla_case(&p, name, 1, 64, 2e-2);
         }
         pair_free(&p);
     }

@@ -12,6 +12,7 @@
  * by the tensor core in f32, then scaled by (weight scale x activation scale) and added to an f32
  * accumulator: DeepSeek's per-block promotion, with exact products. */
 #include "gemm.cuh"
+#include "wgmma.cuh"
 
 #include "quant.cuh"
 #include "small_ops.cuh"
@@ -96,6 +97,34 @@ static __device__ __forceinline__ void chunk_mma(float (&acc)[NT][4], const uint
     }
 }
 
+/* A group's work: its entries [beg, end) and weights (w1, and w3 for SwiGLU); false when it has
+ * none (no entries, or its expert is not held here). */
+template <bool SWIGLU>
+static __device__ __forceinline__ bool fp8_group(const struct cu_fp8_gemm &a, int grp, int &beg, int &end,
+                                                 const uint8_t *&W1, const uint8_t *&W3, const float *&S1,
+                                                 const float *&S3)
+{
+    beg = 0;
+    end = a.M;
+    if (a.grp_off) {
+        beg = a.grp_off[grp];
+        end = a.grp_off[grp + 1];
+    }
+    W1 = a.w;
+    S1 = a.ws;
+    W3 = nullptr;
+    S3 = nullptr;
+    if (!W1) {
+        W1 = a.w1[grp];
+        S1 = a.s1[grp];
+        if (SWIGLU) {
+            W3 = a.w3[grp];
+            S3 = a.s3[grp];
+        }
+    }
+    return beg < end && W1 && (!SWIGLU || W3);
+}
+
 /* The end of one row-tile pass: the plain output, or SwiGLU + FP8 quantization per (entry, the
  * CTA's 128 features). Every thread of the CTA calls it (it synchronizes in the SwiGLU case). */
 template <int NT, bool SWIGLU>
@@ -173,24 +202,10 @@ static __global__ void __launch_bounds__(256) fp8_gemm_kernel(const struct cu_fp
 {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int grp = blockIdx.y;
-    int beg = 0, end = a.M;
-    if (a.grp_off) {
-        beg = a.grp_off[grp];
-        end = a.grp_off[grp + 1];
-    }
-    if (beg >= end)
-        return;
-    const uint8_t *W1 = a.w, *W3 = nullptr;
-    const float *S1 = a.ws, *S3 = nullptr;
-    if (!W1) {
-        W1 = a.w1[grp];
-        S1 = a.s1[grp];
-        if (SWIGLU) {
-            W3 = a.w3[grp];
-            S3 = a.s3[grp];
-        }
-    }
-    if (!W1 || (SWIGLU && !W3))
+    int beg, end;
+    const uint8_t *W1, *W3;
+    const float *S1, *S3;
+    if (!fp8_group<SWIGLU>(a, grp, beg, end, W1, W3, S1, S3))
         return;
     const int K = a.K, kbs = K / 128;
     const int f0 = blockIdx.x * 128 + warp * 16;
@@ -319,24 +334,10 @@ static __global__ void __launch_bounds__(256) fp8_gemm_pipe_kernel(const struct 
     extern __shared__ __align__(16) uint8_t pipe_smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int grp = blockIdx.y;
-    int beg = 0, end = a.M;
-    if (a.grp_off) {
-        beg = a.grp_off[grp];
-        end = a.grp_off[grp + 1];
-    }
-    if (beg >= end)
-        return;
-    const uint8_t *W1 = a.w, *W3 = nullptr;
-    const float *S1 = a.ws, *S3 = nullptr;
-    if (!W1) {
-        W1 = a.w1[grp];
-        S1 = a.s1[grp];
-        if (SWIGLU) {
-            W3 = a.w3[grp];
-            S3 = a.s3[grp];
-        }
-    }
-    if (!W1 || (SWIGLU && !W3))
+    int beg, end;
+    const uint8_t *W1, *W3;
+    const float *S1, *S3;
+    if (!fp8_group<SWIGLU>(a, grp, beg, end, W1, W3, S1, S3))
         return;
     const int K = a.K, kbs = K / 128;
     const int fc = blockIdx.x * 128, f0 = fc + warp * 16, nrows = min(128, a.N - fc);
@@ -473,40 +474,6 @@ static constexpr __host__ __device__ int wg_stage_bytes()
     return (SWIGLU ? 2 : 1) * 128 * 128 + 64 * 128;
 }
 
-static __device__ __forceinline__ uint64_t gemm_desc_sw128(uint32_t saddr)
-{
-    return (uint64_t)((saddr & 0x3ffffu) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
-           ((uint64_t)1 << 62);
-}
-
-static __device__ __forceinline__ void gemm_wgmma_e4m3(float (&d)[32], uint64_t da, uint64_t db, int acc)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
-                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
-                 "%32, %33, p, 1, 1;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
-                   "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
-                   "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
-                   "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                 : "l"(da), "l"(db), "r"(acc)
-                 : "memory");
-#else
-    __trap(); /* not reached: the library is built for sm_90a only (cmake/Cuda.cmake) */
-#endif
-}
-
-template <int N>
-static __device__ __forceinline__ void gemm_fence(float (&d)[N])
-{
-#pragma unroll
-    for (int i = 0; i < N; i++)
-        asm volatile("" : "+f"(d[i])::"memory");
-}
-
 template <bool SWIGLU>
 static __global__ void __launch_bounds__(256, 1) fp8_gemm_wg_kernel(const struct cu_fp8_gemm a, const struct cu_probe p)
 {
@@ -517,24 +484,10 @@ static __global__ void __launch_bounds__(256, 1) fp8_gemm_wg_kernel(const struct
               t = lane & 3;
     const int warp = 4 * wgi + wq; /* fp8_epilogue's warp: 16 weight rows from fc + 16 warp */
     const int grp = blockIdx.y;
-    int beg = 0, end = a.M;
-    if (a.grp_off) {
-        beg = a.grp_off[grp];
-        end = a.grp_off[grp + 1];
-    }
-    if (beg >= end)
-        return;
-    const uint8_t *W1 = a.w, *W3 = nullptr;
-    const float *S1 = a.ws, *S3 = nullptr;
-    if (!W1) {
-        W1 = a.w1[grp];
-        S1 = a.s1[grp];
-        if (SWIGLU) {
-            W3 = a.w3[grp];
-            S3 = a.s3[grp];
-        }
-    }
-    if (!W1 || (SWIGLU && !W3))
+    int beg, end;
+    const uint8_t *W1, *W3;
+    const float *S1, *S3;
+    if (!fp8_group<SWIGLU>(a, grp, beg, end, W1, W3, S1, S3))
         return;
     const int K = a.K, kbs = K / 128;
     const int fc = blockIdx.x * 128, f0 = fc + warp * 16, nrows = min(128, a.N - fc);
@@ -609,24 +562,23 @@ static __global__ void __launch_bounds__(256, 1) fp8_gemm_wg_kernel(const struct
             for (int x = 0; x < 32; x++)
                 tmp[x] = tmp3[x] = 0.0f;
             if (64 * wgi < nrows) { /* the warpgroup's 64 weight rows exist (N is a multiple of 64 here) */
-                gemm_fence(tmp);
+                wg_fence(tmp);
                 if (SWIGLU)
-                    gemm_fence(tmp3);
-                asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+                    wg_fence(tmp3);
+                wg_begin();
 #pragma unroll
                 for (int ks = 0; ks < 4; ks++)
-                    gemm_wgmma_e4m3(tmp, gemm_desc_sw128(sb + wgi * 8192 + 32 * ks), gemm_desc_sw128(xa + 32 * ks),
+                    wgmma_e4m3_ss_n64(tmp, wg_desc_sw128(sb + wgi * 8192 + 32 * ks), wg_desc_sw128(xa + 32 * ks),
                                     ks > 0);
                 if (SWIGLU)
 #pragma unroll
                     for (int ks = 0; ks < 4; ks++)
-                        gemm_wgmma_e4m3(tmp3, gemm_desc_sw128(sb + WT + wgi * 8192 + 32 * ks),
-                                        gemm_desc_sw128(xa + 32 * ks), ks > 0);
-                asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-                asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-                gemm_fence(tmp);
+                        wgmma_e4m3_ss_n64(tmp3, wg_desc_sw128(sb + WT + wgi * 8192 + 32 * ks),
+                                        wg_desc_sw128(xa + 32 * ks), ks > 0);
+                wg_commit_wait();
+                wg_fence(tmp);
                 if (SWIGLU)
-                    gemm_fence(tmp3);
+                    wg_fence(tmp3);
             }
             const float sw = s1row[i], sw3 = SWIGLU ? s3row[i] : 0.0f;
 #pragma unroll

@@ -23,6 +23,7 @@
  * what it keeps, a scan over the warps gives the offsets, a second sweep writes). Among scores
  * equal to the threshold the lowest positions are kept on every path. */
 #include "indexer.cuh"
+#include "wgmma.cuh"
 
 #include <errno.h>
 #include <string.h>
@@ -60,6 +61,30 @@ static __device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&
 static __device__ __forceinline__ uint32_t w32(const uint4 &v, int i)
 {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+/* One cache block's logits -> scores for this lane's keys j0 and j0 + 8 (lanes t = 0 and t = 1
+ * write them): relu, the per-head weights wi, the head sum (the lane's 2 x NT heads, then the
+ * quad's) and the key scale; acc in the m16n8 accumulator layout per 8 heads. */
+template <int NT>
+static __device__ __forceinline__ void idx_store(const float *acc, const float *wi, int t, float ks0, float ks1,
+                                                 float *srow, int j0, int pos)
+{
+    float sg0 = 0.0f, sg1 = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        const float w0 = wi[nt * 8 + 2 * t], w1 = wi[nt * 8 + 2 * t + 1];
+        sg0 += fmaxf(acc[4 * nt + 0], 0.0f) * w0 + fmaxf(acc[4 * nt + 1], 0.0f) * w1;
+        sg1 += fmaxf(acc[4 * nt + 2], 0.0f) * w0 + fmaxf(acc[4 * nt + 3], 0.0f) * w1;
+    }
+    sg0 += __shfl_xor_sync(0xffffffffu, sg0, 1);
+    sg0 += __shfl_xor_sync(0xffffffffu, sg0, 2);
+    sg1 += __shfl_xor_sync(0xffffffffu, sg1, 1);
+    sg1 += __shfl_xor_sync(0xffffffffu, sg1, 2);
+    if (t == 0 && j0 <= pos)
+        srow[j0] = sg0 * ks0;
+    if (t == 1 && j0 + 8 <= pos)
+        srow[j0 + 8] = sg1 * ks1;
 }
 
 /* work item: rows [x, x + y) of one sequence, cache blocks [z, w) */
@@ -153,14 +178,13 @@ static __global__ void __launch_bounds__(128) idx_scores_kernel(
                 a[s][3] = cvt_e4m3x2(r1w >> 16);
             }
         }
-        const int j0 = blk * DSV32_KV_BLOCK_TOKENS + kr0, j1 = j0 + 8;
+        const int j0 = blk * DSV32_KV_BLOCK_TOKENS + kr0;
 #pragma unroll
         for (int i = 0; i < IDX_QT; i++) {
             if (i >= nr)
                 break;
             if (blk * DSV32_KV_BLOCK_TOKENS > pos[i])
                 continue; /* a row earlier in the causal order: nothing of this block */
-            float sg0 = 0.0f, sg1 = 0.0f;
             const uint2 *qi = qf + (size_t)i * NT * STEPS * 32 + lane;
             const float *wi = wsm + i * IH;
             /* NT independent accumulator chains, k-steps outer: the tensor pipe stays busy */
@@ -178,21 +202,7 @@ static __global__ void __launch_bounds__(128) idx_scores_kernel(
                     else
                         mma_f16(acc[nt], a[s], bq.x, bq.y);
                 }
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-                const float w0 = wi[nt * 8 + 2 * t], w1 = wi[nt * 8 + 2 * t + 1];
-                sg0 += fmaxf(acc[nt][0], 0.0f) * w0 + fmaxf(acc[nt][1], 0.0f) * w1;
-                sg1 += fmaxf(acc[nt][2], 0.0f) * w0 + fmaxf(acc[nt][3], 0.0f) * w1;
-            }
-            sg0 += __shfl_xor_sync(0xffffffffu, sg0, 1);
-            sg0 += __shfl_xor_sync(0xffffffffu, sg0, 2);
-            sg1 += __shfl_xor_sync(0xffffffffu, sg1, 1);
-            sg1 += __shfl_xor_sync(0xffffffffu, sg1, 2);
-            float *srow = scores + (size_t)(r0 + i - row_base) * ld_s;
-            if (t == 0 && j0 <= pos[i])
-                srow[j0] = sg0 * ks0;
-            if (t == 1 && j1 <= pos[i])
-                srow[j1] = sg1 * ks1;
+            idx_store<NT>(&acc[0][0], wi, t, ks0, ks1, scores + (size_t)(r0 + i - row_base) * ld_s, j0, pos[i]);
         }
     }
 }
@@ -303,39 +313,6 @@ static __global__ void __launch_bounds__(128, 3) idx_dec_fp8_kernel(
  * mma.sync kernel, which re-reads the query fragments from shared memory for every 16 keys, the
  * tensor core reads them once per 64 keys. The accumulators have mma.sync's m16n8 layout per
  * 8-head tile, so relu, weights, head sum and key scale are the same code. */
-static __device__ __forceinline__ uint64_t wg_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo)
-{
-    return (uint64_t)((saddr & 0x3ffffu) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32);
-}
-
-static __device__ __forceinline__ void wg_fence_acc(float (&d)[32])
-{
-#pragma unroll
-    for (int i = 0; i < 32; i++)
-        asm volatile("" : "+f"(d[i])::"memory");
-}
-
-/* d (+)= a . B, m64n64k16, f32 accumulation, A (f16) from registers, B (f16, K-major) in shared memory */
-static __device__ __forceinline__ void wgmma_f16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc, int acc)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
-                 "{%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
-                   "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
-                   "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
-                   "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc)
-                 : "memory");
-#else
-    __trap(); /* not reached: the library is built for sm_90a only (cmake/Cuda.cmake) */
-#endif
-}
-
 #define IDX_RING 5      /* cache blocks in the wgmma kernel's shared-memory ring */
 #define IDX_ROWB 144    /* a key row's stride there: 128 bytes + 16 of padding (no bank conflicts) */
 #define IDX_STAGEB (64 * IDX_ROWB + 64 * 4)
@@ -460,7 +437,7 @@ static __global__ void __launch_bounds__(128) idx_wgmma_kernel(
             a[st][1] = cvt_e4m3x2(r1w);
             a[st][3] = cvt_e4m3x2(r1w >> 16);
         }
-        const int j0 = blk * DSV32_KV_BLOCK_TOKENS + kr0, j1 = j0 + 8;
+        const int j0 = blk * DSV32_KV_BLOCK_TOKENS + kr0;
         for (int i = 0; i < nr; i++) {
             if (blk * DSV32_KV_BLOCK_TOKENS > pos[i])
                 continue; /* the same for the whole warpgroup */
@@ -468,34 +445,17 @@ static __global__ void __launch_bounds__(128) idx_wgmma_kernel(
 #pragma unroll
             for (int x = 0; x < 32; x++)
                 acc[x] = 0.0f;
-            wg_fence_acc(acc);
-            asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+            wg_fence(acc);
+            wg_begin();
 #pragma unroll
             for (int st = 0; st < 8; st++)
-                wgmma_f16_rs(acc, a[st], wg_desc(qbase + i * QB + st * 2048, lbo, sbo), st > 0);
-            asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-            asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-            wg_fence_acc(acc);
+                wgmma_f16_rs_n64(acc, a[st], wg_desc(qbase + i * QB + st * 2048, lbo, sbo), st > 0);
+            wg_commit_wait();
+            wg_fence(acc);
 #pragma unroll
             for (int st = 0; st < 8; st++)
-                asm volatile("" : "+r"(a[st][0]), "+r"(a[st][1]), "+r"(a[st][2]), "+r"(a[st][3])::"memory");
-            const float *wi = wsm + i * IH;
-            float sg0 = 0.0f, sg1 = 0.0f;
-#pragma unroll
-            for (int nt = 0; nt < 8; nt++) {
-                const float w0 = wi[nt * 8 + 2 * t], w1 = wi[nt * 8 + 2 * t + 1];
-                sg0 += fmaxf(acc[4 * nt + 0], 0.0f) * w0 + fmaxf(acc[4 * nt + 1], 0.0f) * w1;
-                sg1 += fmaxf(acc[4 * nt + 2], 0.0f) * w0 + fmaxf(acc[4 * nt + 3], 0.0f) * w1;
-            }
-            sg0 += __shfl_xor_sync(0xffffffffu, sg0, 1);
-            sg0 += __shfl_xor_sync(0xffffffffu, sg0, 2);
-            sg1 += __shfl_xor_sync(0xffffffffu, sg1, 1);
-            sg1 += __shfl_xor_sync(0xffffffffu, sg1, 2);
-            float *srow = scores + (size_t)(r0 + i - row_base) * ld_s;
-            if (t == 0 && j0 <= pos[i])
-                srow[j0] = sg0 * ks0;
-            if (t == 1 && j1 <= pos[i])
-                srow[j1] = sg1 * ks1;
+                wg_fence_a(a[st]);
+            idx_store<8>(acc, wsm + i * IH, t, ks0, ks1, scores + (size_t)(r0 + i - row_base) * ld_s, j0, pos[i]);
         }
     }
 }
@@ -539,32 +499,6 @@ static __device__ __forceinline__ int warp_excl_scan(int v, int lane, int *total
  * aligned; descriptor stride byte offset 1024, the leading one unused), k-step s starting 32 s
  * bytes in. The tensor core's FP8 products are accumulated in its own (not f32-exact) precision,
  * which is why the exact mode never takes this path. */
-static __device__ __forceinline__ uint64_t wg_desc_sw128(uint32_t saddr)
-{
-    return (uint64_t)((saddr & 0x3ffffu) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
-           ((uint64_t)1 << 62);
-}
-
-static __device__ __forceinline__ void wgmma_e4m3_ss(float (&d)[32], uint64_t da, uint64_t db, int acc)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
-                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
-                 "%32, %33, p, 1, 1;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
-                   "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
-                   "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
-                   "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                 : "l"(da), "l"(db), "r"(acc)
-                 : "memory");
-#else
-    __trap(); /* not reached: the library is built for sm_90a only (cmake/Cuda.cmake) */
-#endif
-}
-
 #define IDX8_STAGEB 9216 /* 8 KB of keys (1024-aligned) + 256 B of scales, rounded to 1 KB */
 
 static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
@@ -632,7 +566,7 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
         const float *ksc = reinterpret_cast<const float *>(ring + (size_t)stage * IDX8_STAGEB + 8192);
         const float ks0 = ksc[kr0], ks1 = ksc[kr1];
         const uint32_t abase = rbase + stage * IDX8_STAGEB;
-        const int j0 = blk * DSV32_KV_BLOCK_TOKENS + kr0, j1 = j0 + 8;
+        const int j0 = blk * DSV32_KV_BLOCK_TOKENS + kr0;
         for (int i = 0; i < nr; i++) {
             if (blk * DSV32_KV_BLOCK_TOKENS > pos[i])
                 continue; /* the same for the whole warpgroup */
@@ -640,31 +574,14 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
 #pragma unroll
             for (int x = 0; x < 32; x++)
                 acc[x] = 0.0f;
-            wg_fence_acc(acc);
-            asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+            wg_fence(acc);
+            wg_begin();
 #pragma unroll
             for (int st = 0; st < 4; st++)
-                wgmma_e4m3_ss(acc, wg_desc_sw128(abase + 32 * st), wg_desc_sw128(qbase + i * 8192 + 32 * st), st > 0);
-            asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-            asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-            wg_fence_acc(acc);
-            const float *wi = wsm + i * IH;
-            float sg0 = 0.0f, sg1 = 0.0f;
-#pragma unroll
-            for (int nt = 0; nt < 8; nt++) {
-                const float w0 = wi[nt * 8 + 2 * t], w1 = wi[nt * 8 + 2 * t + 1];
-                sg0 += fmaxf(acc[4 * nt + 0], 0.0f) * w0 + fmaxf(acc[4 * nt + 1], 0.0f) * w1;
-                sg1 += fmaxf(acc[4 * nt + 2], 0.0f) * w0 + fmaxf(acc[4 * nt + 3], 0.0f) * w1;
-            }
-            sg0 += __shfl_xor_sync(0xffffffffu, sg0, 1);
-            sg0 += __shfl_xor_sync(0xffffffffu, sg0, 2);
-            sg1 += __shfl_xor_sync(0xffffffffu, sg1, 1);
-            sg1 += __shfl_xor_sync(0xffffffffu, sg1, 2);
-            float *srow = scores + (size_t)(r0 + i - row_base) * ld_s;
-            if (t == 0 && j0 <= pos[i])
-                srow[j0] = sg0 * ks0;
-            if (t == 1 && j1 <= pos[i])
-                srow[j1] = sg1 * ks1;
+                wgmma_e4m3_ss_n64(acc, wg_desc_sw128(abase + 32 * st), wg_desc_sw128(qbase + i * 8192 + 32 * st), st > 0);
+            wg_commit_wait();
+            wg_fence(acc);
+            idx_store<8>(acc, wsm + i * IH, t, ks0, ks1, scores + (size_t)(r0 + i - row_base) * ld_s, j0, pos[i]);
         }
     }
 }

@@ -15,6 +15,7 @@
  * groups. An invalid key (-1 in the selection, past the row's position) gets zeros in K (so that
  * 0 * garbage never makes a NaN) and -inf in S. */
 #include "mla.cuh"
+#include "wgmma.cuh"
 
 #include <errno.h>
 
@@ -461,58 +462,6 @@ static __device__ __forceinline__ uint32_t wg_off(int row, int col) /* bytes, 12
     return (uint32_t)((col >> 6) * 8192 + row * 128 + ((((col >> 3) & 7) ^ (row & 7)) << 4) + (col & 7) * 2);
 }
 
-static __device__ __forceinline__ uint64_t wg_desc_sw(uint32_t saddr) /* 128-byte swizzle, SBO 1024 */
-{
-    return (uint64_t)((saddr & 0x3ffffu) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
-           ((uint64_t)1 << 62);
-}
-
-template <int N>
-static __device__ __forceinline__ void wg_fence(float (&d)[N])
-{
-#pragma unroll
-    for (int i = 0; i < N; i++)
-        asm volatile("" : "+f"(d[i])::"memory");
-}
-
-/* d (+)= A B, m64n32k16 bf16, both from shared memory (K-major) */
-static __device__ __forceinline__ void wgmma_qk(float (&d)[16], uint64_t da, uint64_t db, int acc)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
-                   "+f"(d[15])
-                 : "l"(da), "l"(db), "r"(acc)
-                 : "memory");
-#else
-    __trap(); /* not reached: the library is built for sm_90a only (cmake/Cuda.cmake) */
-#endif
-}
-
-/* d += A B, m64n64k16 bf16, A from registers, B from shared memory (K-major) */
-static __device__ __forceinline__ void wgmma_pv(float (&d)[32], const uint32_t (&a)[4], uint64_t db)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
-                 "{%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
-                   "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
-                   "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
-                   "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db)
-                 : "memory");
-#else
-    __trap();
-#endif
-}
-
 static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct mla_fast_args a)
 {
     extern __shared__ __align__(16) uint8_t dsmem[];
@@ -652,13 +601,12 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
         for (int i = 0; i < 16; i++)
             S[i] = 0.0f;
         wg_fence(S);
-        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+        wg_begin();
 #pragma unroll
         for (int st = 0; st < MLA_D / 16; st++)
-            wgmma_qk(S, wg_desc_sw(qaddr + (st >> 2) * 8192 + (st & 3) * 32),
-                     wg_desc_sw(kaddr + (st >> 2) * 8192 + wg * 4096 + (st & 3) * 32), st > 0);
-        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+            wgmma_bf16_ss_n32(S, wg_desc_sw128(qaddr + (st >> 2) * 8192 + (st & 3) * 32),
+                     wg_desc_sw128(kaddr + (st >> 2) * 8192 + wg * 4096 + (st & 3) * 32), st > 0);
+        wg_commit_wait();
         wg_fence(S);
         /* S[4j + {0,1,2,3}]: (head hr0, key 8j+2t), (hr0, +1), (hr1, 8j+2t), (hr1, +1), keys of 32wg.. */
         float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -746,20 +694,19 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
 #pragma unroll
         for (int mt = 0; mt < 4; mt++)
             wg_fence(O[mt]);
-        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+        wg_begin();
 #pragma unroll
         for (int mt = 0; mt < 4; mt++)
 #pragma unroll
             for (int kk = 0; kk < 4; kk++)
-                wgmma_pv(O[mt], af[mt][kk], wg_desc_sw(paddr + kk * 32));
-        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+                wgmma_bf16_rs_n64(O[mt], af[mt][kk], wg_desc_sw128(paddr + kk * 32), 1);
+        wg_commit_wait();
 #pragma unroll
         for (int mt = 0; mt < 4; mt++) {
             wg_fence(O[mt]);
 #pragma unroll
             for (int kk = 0; kk < 4; kk++)
-                asm volatile("" : "+r"(af[mt][kk][0]), "+r"(af[mt][kk][1]), "+r"(af[mt][kk][2]), "+r"(af[mt][kk][3])::"memory");
+                wg_fence_a(af[mt][kk]);
         }
     }
     __syncthreads(); /* l_run, m_run final */

@@ -1,0 +1,129 @@
+/* Hopper warpgroup MMA (wgmma) for the cuda backend's kernels: shared-memory matrix descriptors
+ * and the few shapes they use, as inline PTX. A warpgroup (4 warps, 128 threads) issues them
+ * together; accumulators of m64nN f32 have, per warp (16 rows of the 64) and per 8 columns, the
+ * m16n8 layout of mma.sync: element 4j + {0, 1, 2, 3} of a thread is (row g, column 8j + 2t),
+ * (g, 8j + 2t + 1), (g + 8, 8j + 2t), (g + 8, 8j + 2t + 1) with g = lane / 4, t = lane % 4.
+ * Descriptors: K-major operands, either without swizzle (core matrices of 8 rows x 16 bytes;
+ * lbo = the byte distance of core matrices adjacent along K, sbo = along M or N) or with the
+ * 128-byte swizzle (rows of 128 bytes, 16-byte chunk c of row r at c ^ (r % 8), 8-row groups
+ * 1024 bytes apart, tiles 1024-byte aligned; a k-step starts its bytes further in the row).
+ * Usage: wg_fence on the accumulators (and the register A operands) around the asynchronous
+ * MMAs so the compiler neither reads them early nor reuses their registers; wg_begin before the
+ * first MMA of a batch; wg_commit_wait after it; fence.proxy.async between generic writes of a
+ * shared-memory operand and the MMAs that read it. The library is built for sm_90a only
+ * (cmake/Cuda.cmake); elsewhere these trap. */
+#ifndef DSV32_CUDA_WGMMA_CUH
+#define DSV32_CUDA_WGMMA_CUH
+
+#include <stdint.h>
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define WG_OK 1
+#else
+#define WG_OK 0
+#endif
+
+static __device__ __forceinline__ uint64_t wg_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo)
+{
+    return (uint64_t)((saddr & 0x3ffffu) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32);
+}
+
+static __device__ __forceinline__ uint64_t wg_desc_sw128(uint32_t saddr)
+{
+    return wg_desc(saddr, 16, 1024) | ((uint64_t)1 << 62);
+}
+
+template <int N>
+static __device__ __forceinline__ void wg_fence(float (&d)[N])
+{
+#pragma unroll
+    for (int i = 0; i < N; i++)
+        asm volatile("" : "+f"(d[i])::"memory");
+}
+
+static __device__ __forceinline__ void wg_fence_a(uint32_t (&a)[4])
+{
+    asm volatile("" : "+r"(a[0]), "+r"(a[1]), "+r"(a[2]), "+r"(a[3])::"memory");
+}
+
+static __device__ __forceinline__ void wg_begin() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+
+static __device__ __forceinline__ void wg_commit_wait()
+{
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
+
+#define WG_D32                                                                                     \
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),       \
+        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),     \
+        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),     \
+        "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define WG_R32                                                                                     \
+    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25," \
+    "%26,%27,%28,%29,%30,%31}"
+
+/* d (+)= A B, m64n64k32, e4m3 x e4m3 -> f32, both from shared memory (acc = 0: d = A B) */
+static __device__ __forceinline__ void wgmma_e4m3_ss_n64(float (&d)[32], uint64_t da, uint64_t db, int acc)
+{
+#if WG_OK
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 " WG_R32 ", %32, %33, p, 1, 1;\n}\n"
+                 : WG_D32
+                 : "l"(da), "l"(db), "r"(acc)
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+
+/* d (+)= A B, m64n64k16, f16: A from registers (the m16n8k16 A fragment per warp), B from shared memory */
+static __device__ __forceinline__ void wgmma_f16_rs_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t db, int acc)
+{
+#if WG_OK
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " WG_R32 ", {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+                 : WG_D32
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc)
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+
+/* d (+)= A B, m64n64k16, bf16: A from registers, B from shared memory */
+static __device__ __forceinline__ void wgmma_bf16_rs_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t db, int acc)
+{
+#if WG_OK
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_R32 ", {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+                 : WG_D32
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc)
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+
+/* d (+)= A B, m64n32k16, bf16, both from shared memory */
+static __device__ __forceinline__ void wgmma_bf16_ss_n32(float (&d)[16], uint64_t da, uint64_t db, int acc)
+{
+#if WG_OK
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+                   "+f"(d[15])
+                 : "l"(da), "l"(db), "r"(acc)
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+
+#undef WG_D32
+#undef WG_R32
+
+#endif
