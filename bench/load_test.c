@@ -11,6 +11,7 @@
 #define _GNU_SOURCE 1
 #include "dsv32.pb-c.h"
 #include "error.h"
+#include "gen_stream.h"
 #include "rpc.h"
 
 #include <dirent.h>
@@ -29,17 +30,9 @@ struct stream {
     pthread_t thread;
     int index, max_tokens;
     struct dsv32_rpc_client *client;
-    int tokens, ok;
-    int64_t start_us, first_us, end_us;
-    char error[320];
+    struct gen_result res;
+    int ok;
 };
-
-static int64_t now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
 
 static void *run_stream(void *arg)
 {
@@ -57,55 +50,13 @@ static void *run_stream(void *arg)
     sp.seed_opt_case = DSV32__V1__SAMPLING_PARAMS__SEED_OPT_SEED;
     sp.seed = (uint64_t)s->index;
     req.sampling = &sp;
-    s->start_us = now_us();
-    struct dsv32_rpc_stream *st;
-    int r = dsv32_rpc_stream_open_msg(s->client, "/dsv32.v1.Generate/Generate", &req.base, 600000,
-                                      DSV32_RPC_WAIT_FOR_READY, &st);
-    if (r < 0) {
-        snprintf(s->error, sizeof(s->error), "open: %s", dsv32_strerror(r));
+    if (gen_stream_run(s->client, &req, 600000, &s->res) < 0)
         return NULL;
-    }
-    Dsv32__V1__FinishReason why = 0;
-    for (;;) {
-        ProtobufCMessage *m;
-        r = dsv32_rpc_stream_read_msg(st, &dsv32__v1__generate_response__descriptor, 600000, &m);
-        if (r <= 0)
-            break;
-        Dsv32__V1__GenerateResponse *g = (Dsv32__V1__GenerateResponse *)m;
-        if (g->n_token_ids && !s->first_us)
-            s->first_us = now_us();
-        s->tokens += (int)g->n_token_ids;
-        if (g->finish_reason)
-            why = g->finish_reason;
-        protobuf_c_message_free_unpacked(m, NULL);
-    }
-    s->end_us = now_us();
-    struct dsv32_rpc_status status;
-    dsv32_rpc_stream_status(st, &status);
-    dsv32_rpc_stream_free(st);
-    if (r < 0)
-        snprintf(s->error, sizeof(s->error), "%s: %.255s", dsv32_rpc_code_name(status.code),
-                 status.message);
-    else if (s->tokens != s->max_tokens || why != DSV32__V1__FINISH_REASON__FINISH_REASON_LENGTH)
-        snprintf(s->error, sizeof(s->error), "%d tokens, finish reason %d", s->tokens, (int)why);
+    if (s->res.tokens != s->max_tokens || s->res.finish != DSV32__V1__FINISH_REASON__FINISH_REASON_LENGTH)
+        snprintf(s->res.error, sizeof(s->res.error), "%d tokens, finish reason %d", s->res.tokens, s->res.finish);
     else
         s->ok = 1;
     return NULL;
-}
-
-static int cmp_i64(const void *a, const void *b)
-{
-    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double pct(int64_t *v, int n, double p)
-{
-    if (n == 0)
-        return 0;
-    qsort(v, (size_t)n, sizeof(*v), cmp_i64);
-    int i = (int)(p * (n - 1) + 0.5);
-    return (double)v[i] / 1000.0; /* ms */
 }
 
 /* ---- the cluster: state directory, Admin, processes ---- */
@@ -263,8 +214,8 @@ int main(int argc, char **argv)
     if (dsv32_rpc_client_new(&cc, &client) < 0 || dsv32_rpc_client_new(&ac, &admin) < 0)
         return 1;
     struct stream *s = calloc((size_t)n_streams, sizeof(*s));
-    int64_t *a = malloc(sizeof(int64_t) * (size_t)n_streams);
-    int64_t *b = malloc(sizeof(int64_t) * (size_t)n_streams);
+    double *a = malloc(sizeof(double) * (size_t)n_streams); /* time to first token, ms */
+    double *b = malloc(sizeof(double) * (size_t)n_streams); /* stream time, ms */
     if (!s || !a || !b)
         return 1;
     printf("load_test: %d concurrent Generate streams x %d tokens, %d rounds, router %s\n",
@@ -272,7 +223,7 @@ int main(int argc, char **argv)
     int failed = 0;
     for (int round = 0; round < rounds; round++) {
         memset(s, 0, sizeof(*s) * (size_t)n_streams);
-        int64_t t0 = now_us();
+        int64_t t0 = gen_now_us();
         for (int i = 0; i < n_streams; i++) {
             s[i].index = i; /* the same requests every round */
             s[i].max_tokens = max_tokens;
@@ -284,23 +235,24 @@ int main(int argc, char **argv)
         }
         for (int i = 0; i < n_streams; i++)
             pthread_join(s[i].thread, NULL);
-        int64_t wall = now_us() - t0;
+        int64_t wall = gen_now_us() - t0;
         int ok = 0, n_first = 0, shown = 0;
         long tokens = 0;
         for (int i = 0; i < n_streams; i++) {
+            const struct gen_result *g = &s[i].res;
             ok += s[i].ok;
-            tokens += s[i].tokens;
-            if (s[i].first_us)
-                a[n_first++] = s[i].first_us - s[i].start_us;
-            b[i] = s[i].end_us - s[i].start_us;
+            tokens += g->tokens;
+            if (g->first_us)
+                a[n_first++] = (double)(g->first_us - g->start_us) / 1e3;
+            b[i] = (double)(g->end_us - g->start_us) / 1e3;
             if (!s[i].ok && shown++ < 5)
-                fprintf(stderr, "load_test: stream %d: %s\n", i, s[i].error);
+                fprintf(stderr, "load_test: stream %d: %s\n", i, g->error);
         }
         printf("round %d: %d/%d streams OK, %ld tokens in %.2f s (%.0f tokens/s); first token "
                "p50 %.0f ms p99 %.0f ms; stream p50 %.0f ms p99 %.0f ms\n",
                round + 1, ok, n_streams, tokens, (double)wall / 1e6, (double)tokens * 1e6 / (double)wall,
-               pct(a, n_first, 0.5), pct(a, n_first, 0.99), pct(b, n_streams, 0.5),
-               pct(b, n_streams, 0.99));
+               gen_pct(a, n_first, 0.5), gen_pct(a, n_first, 0.99), gen_pct(b, n_streams, 0.5),
+               gen_pct(b, n_streams, 0.99));
         if (ok != n_streams)
             failed = 1;
         if (ok == 0) {

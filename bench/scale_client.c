@@ -16,6 +16,7 @@
 #define _GNU_SOURCE 1
 #include "dsv32.pb-c.h"
 #include "error.h"
+#include "gen_stream.h"
 #include "rpc.h"
 
 #include <getopt.h>
@@ -33,18 +34,9 @@ struct stream {
     struct dsv32_rpc_client *client;
     int index, n_prompt, max_tokens, vocab;
     uint64_t seed;
-    int tokens, ok;
-    int64_t start_us, first_us, end_us;
-    int64_t *arrival; /* per token, monotonic us */
-    char error[320];
+    struct gen_result res; /* res.arrival: per token, monotonic us */
+    int ok;
 };
-
-static int64_t now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
 
 static uint64_t mix(uint64_t z)
 {
@@ -59,7 +51,7 @@ static void *run_stream(void *arg)
     struct stream *s = arg;
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)s->n_prompt);
     if (!ids) {
-        snprintf(s->error, sizeof(s->error), "out of memory");
+        snprintf(s->res.error, sizeof(s->res.error), "out of memory");
         return NULL;
     }
     /* ordinary tokens only (ids below the vocabulary's special range), different per stream */
@@ -75,54 +67,15 @@ static void *run_stream(void *arg)
     sp.max_tokens = (uint32_t)s->max_tokens;
     sp.ignore_eos = 1;
     req.sampling = &sp;
-    s->start_us = now_us();
-    struct dsv32_rpc_stream *st;
-    int r = dsv32_rpc_stream_open_msg(s->client, "/dsv32.v1.Generate/Generate", &req.base, 3600000,
-                                      DSV32_RPC_WAIT_FOR_READY, &st);
+    const int rc = gen_stream_run(s->client, &req, 3600000, &s->res);
     free(ids);
-    if (r < 0) {
-        snprintf(s->error, sizeof(s->error), "open: %s", dsv32_strerror(r));
+    if (rc < 0)
         return NULL;
-    }
-    for (;;) {
-        ProtobufCMessage *m;
-        r = dsv32_rpc_stream_read_msg(st, &dsv32__v1__generate_response__descriptor, 3600000, &m);
-        if (r <= 0)
-            break;
-        Dsv32__V1__GenerateResponse *g = (Dsv32__V1__GenerateResponse *)m;
-        const int64_t t = now_us();
-        if (g->n_token_ids && !s->first_us)
-            s->first_us = t;
-        for (size_t i = 0; i < g->n_token_ids && s->tokens < s->max_tokens; i++)
-            s->arrival[s->tokens++] = t;
-        protobuf_c_message_free_unpacked(m, NULL);
-    }
-    s->end_us = now_us();
-    struct dsv32_rpc_status status;
-    dsv32_rpc_stream_status(st, &status);
-    dsv32_rpc_stream_free(st);
-    if (r < 0)
-        snprintf(s->error, sizeof(s->error), "%s: %.255s", dsv32_rpc_code_name(status.code),
-                 status.message);
-    else if (s->tokens != s->max_tokens)
-        snprintf(s->error, sizeof(s->error), "%d of %d tokens", s->tokens, s->max_tokens);
+    if (s->res.tokens != s->max_tokens)
+        snprintf(s->res.error, sizeof(s->res.error), "%d of %d tokens", s->res.tokens, s->max_tokens);
     else
         s->ok = 1;
     return NULL;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double pct(double *v, int n, double p)
-{
-    if (n == 0)
-        return 0;
-    qsort(v, (size_t)n, sizeof(*v), cmp_double);
-    return v[(int)(p * (n - 1) + 0.5)];
 }
 
 struct level {
@@ -143,38 +96,40 @@ static int run_level(struct dsv32_rpc_client *client, int n, int prompt, int max
     lv->streams = n;
     lv->prompt = prompt;
     lv->max_tokens = max_tokens;
-    const int64_t t0 = now_us();
+    const int64_t t0 = gen_now_us();
     int started = 0;
     for (int i = 0; i < n; i++) {
         s[i] = (struct stream){.client = client, .index = i, .n_prompt = prompt,
                                .max_tokens = max_tokens, .vocab = vocab,
                                .seed = seed * 7919u + (uint64_t)i};
-        s[i].arrival = calloc((size_t)max_tokens, sizeof(int64_t));
-        if (!s[i].arrival || pthread_create(&s[i].thread, NULL, run_stream, &s[i]) != 0) {
-            snprintf(s[i].error, sizeof(s[i].error), "could not start the stream");
+        s[i].res.arrival = calloc((size_t)max_tokens, sizeof(int64_t));
+        s[i].res.arrival_cap = max_tokens;
+        if (!s[i].res.arrival || pthread_create(&s[i].thread, NULL, run_stream, &s[i]) != 0) {
+            snprintf(s[i].res.error, sizeof(s[i].res.error), "could not start the stream");
             break;
         }
         started++;
     }
     for (int i = 0; i < started; i++)
         pthread_join(s[i].thread, NULL);
-    const int64_t t1 = now_us();
+    const int64_t t1 = gen_now_us();
     lv->wall_s = (double)(t1 - t0) / 1e6;
     int64_t win_lo = 0, win_hi = INT64_MAX;
     int n_ok = 0;
     for (int i = 0; i < n; i++) {
+        const struct gen_result *g = &s[i].res;
         if (!s[i].ok) {
             if (lv->failed++ < 5)
-                fprintf(stderr, "scale_client: stream %d: %s\n", i, s[i].error);
+                fprintf(stderr, "scale_client: stream %d: %s\n", i, g->error);
             continue;
         }
-        ttft[n_ok] = (double)(s[i].first_us - s[i].start_us) / 1e3;
-        const int64_t last = s[i].arrival[s[i].tokens - 1];
-        user[n_ok] = s[i].tokens > 1 && last > s[i].first_us
-                         ? (double)(s[i].tokens - 1) / ((double)(last - s[i].first_us) / 1e6)
+        ttft[n_ok] = (double)(g->first_us - g->start_us) / 1e3;
+        const int64_t last = g->arrival[g->tokens - 1];
+        user[n_ok] = g->tokens > 1 && last > g->first_us
+                         ? (double)(g->tokens - 1) / ((double)(last - g->first_us) / 1e6)
                          : 0;
-        if (s[i].first_us > win_lo)
-            win_lo = s[i].first_us;
+        if (g->first_us > win_lo)
+            win_lo = g->first_us;
         if (last < win_hi)
             win_hi = last;
         n_ok++;
@@ -182,18 +137,18 @@ static int run_level(struct dsv32_rpc_client *client, int n, int prompt, int max
     if (n_ok > 0 && win_hi > win_lo) {
         int64_t count = 0;
         for (int i = 0; i < n; i++)
-            for (int t = 0; s[i].ok && t < s[i].tokens; t++)
-                count += s[i].arrival[t] > win_lo && s[i].arrival[t] <= win_hi;
+            for (int t = 0; s[i].ok && t < s[i].res.tokens; t++)
+                count += s[i].res.arrival[t] > win_lo && s[i].res.arrival[t] <= win_hi;
         lv->steady_s = (double)(win_hi - win_lo) / 1e6;
         lv->steady_tps = (double)count / lv->steady_s;
         lv->steady_user = lv->steady_tps / n_ok;
     }
-    lv->ttft_p50_ms = pct(ttft, n_ok, 0.5);
-    lv->ttft_p99_ms = pct(ttft, n_ok, 0.99);
-    lv->user_p50 = pct(user, n_ok, 0.5);
-    lv->user_min = n_ok ? user[0] : 0; /* sorted by pct */
+    lv->ttft_p50_ms = gen_pct(ttft, n_ok, 0.5);
+    lv->ttft_p99_ms = gen_pct(ttft, n_ok, 0.99);
+    lv->user_p50 = gen_pct(user, n_ok, 0.5);
+    lv->user_min = n_ok ? user[0] : 0; /* sorted by gen_pct */
     for (int i = 0; i < n; i++)
-        free(s[i].arrival);
+        free(s[i].res.arrival);
     free(s);
     free(ttft);
     free(user);
