@@ -17,6 +17,7 @@ while [ $# -gt 0 ]; do
 done
 state=$(mktemp -d /tmp/dsv32-load-XXXXXX)
 trap '"$build/ctl/dsv32ctl" cluster down --dir "$state" >/dev/null || true; rm -rf "$state"' EXIT
+trap 'exit 143' TERM INT HUP # a killed run still takes its cluster down
 "$build/ctl/dsv32ctl" cluster up --local --dir "$state" --attn "$attn" --experts "$experts" \
     --watch-pid $$
 if ! "$build/bench/load_test" --dir "$state" --streams 200 "${args[@]}"; then

@@ -75,6 +75,7 @@ cleanup() {
     exit $rc
 }
 trap cleanup EXIT
+trap 'exit 143' TERM INT HUP # so that a killed run still stops its daemons and removes its files
 
 log() { echo "scale.sh: $*" | tee -a "$out/summary.txt" >&2; }
 : > "$out/summary.txt"
