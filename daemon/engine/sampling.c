@@ -87,7 +87,8 @@ int dsv32_sampler_init(struct dsv32_sampler *s, const struct dsv32_sampling_para
     s->in_prompt = calloc((size_t)vocab, 1);
     s->work = malloc(sizeof(float) * 2 * (size_t)vocab);
     s->idx = malloc(sizeof(int32_t) * (size_t)vocab);
-    if (!s->out_count || !s->in_prompt || !s->work || !s->idx) {
+    s->bsum = malloc(sizeof(double) * ((size_t)vocab / 1024 + 1));
+    if (!s->out_count || !s->in_prompt || !s->work || !s->idx || !s->bsum) {
         dsv32_sampler_done(s);
         return -ENOMEM;
     }
@@ -110,6 +111,7 @@ void dsv32_sampler_done(struct dsv32_sampler *s)
     free(s->in_prompt);
     free(s->work);
     free(s->idx);
+    free(s->bsum);
     memset(s, 0, sizeof(*s));
 }
 
@@ -222,6 +224,93 @@ static int32_t argmax(const float *x, int n)
     return best;
 }
 
+/* e^x for x <= 0, four at a time in GCC/Clang vector arithmetic (libm's expf is a call per
+ * element, and the compiler does not vectorize the bit tricks of a scalar version): Cody-Waite
+ * reduction x = n ln2 + r, |r| <= ln2/2, Cephes' polynomial for e^r (about 1 ulp), 2^n built in
+ * the exponent bits. x below -87 is taken as -87 (e^-87 ~ 1.6e-38: nothing next to the maximum's
+ * e^0 = 1). The scalar tail goes through the same lanes, so every element gets the same
+ * arithmetic. */
+typedef float v4sf __attribute__((vector_size(16)));
+typedef int32_t v4si __attribute__((vector_size(16)));
+
+static inline v4sf exp_le0_v4(v4sf x)
+{
+    const v4sf lo = {-87.0f, -87.0f, -87.0f, -87.0f};
+    const v4si below = x < lo;
+    x = (v4sf)(((v4si)lo & below) | ((v4si)x & ~below));
+    const v4sf n = (x * 1.44269504089f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    const v4sf r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    v4sf q = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    q = q * r + 8.3334519073e-3f;
+    q = q * r + 4.1665795894e-2f;
+    q = q * r + 1.6666665459e-1f;
+    q = q * r + 5.0000001201e-1f;
+    const v4sf er = q * r * r + r + 1.0f;
+    const v4si ni = __builtin_convertvector(n, v4si);
+    return er * (v4sf)((ni + 127) << 23);
+}
+
+/* A draw from softmax(x / T) over the whole vocabulary in two passes: the maximum, then
+ * e^((x - max) / T) into the work buffer with sums per block of 1024; the cumulative sum is then
+ * walked over the block sums and inside the one block that holds u * total. The same
+ * distribution as the general path below (which normalizes first), not the same float rounding. */
+static int32_t draw_full(struct dsv32_sampler *s, const float *x)
+{
+    enum { BLK = 1024 };
+    const int V = s->vocab;
+    const float inv_t = 1.0f / s->p.temperature;
+    float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+    for (int v = 0; v < V; v++)
+        mx = x[v] > mx ? x[v] : mx;
+    float *e = s->work + V; /* the second half of the work buffer (the first may hold x) */
+    const int nb = (V + BLK - 1) / BLK;
+    double total = 0.0;
+    double *bsum = s->bsum;
+    for (int b = 0; b < nb; b++) {
+        const int v0 = b * BLK, v1 = v0 + BLK < V ? v0 + BLK : V;
+        v4sf acc = {0.0f, 0.0f, 0.0f, 0.0f};
+        int v = v0;
+        for (; v + 4 <= v1; v += 4) {
+            v4sf xv;
+            memcpy(&xv, x + v, sizeof(xv));
+            const v4sf ev = exp_le0_v4((xv - mx) * inv_t);
+            memcpy(e + v, &ev, sizeof(ev));
+            acc += ev;
+        }
+        if (v < v1) { /* the vocabulary's last few: the same lanes, the missing ones without mass */
+            v4sf xv = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+            for (int l = 0; l < v1 - v; l++)
+                xv[l] = x[v + l];
+            v4sf ev = exp_le0_v4((xv - mx) * inv_t);
+            for (int l = 0; l < 4; l++) {
+                ev[l] = l < v1 - v ? ev[l] : 0.0f;
+                if (l < v1 - v)
+                    e[v + l] = ev[l];
+            }
+            acc += ev;
+        }
+        bsum[b] = (double)acc[0] + acc[1] + acc[2] + acc[3];
+        total += bsum[b];
+    }
+    const double u = rng_uniform(s->rng) * total;
+    double cum = 0.0;
+    int b = 0;
+    while (b < nb - 1 && cum + bsum[b] <= u)
+        cum += bsum[b++];
+    const int v0 = b * BLK, v1 = v0 + BLK < V ? v0 + BLK : V;
+    for (int v = v0; v < v1; v++) {
+        cum += e[v];
+        if (u < cum)
+            return v;
+    }
+    /* u fell past the block's float rounding: its last token with mass */
+    for (int v = v1 - 1; v >= v0; v--)
+        if (e[v] > 0.0f)
+            return v;
+    return v1 - 1;
+}
+
 int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_logprobs *lp)
 {
     const struct dsv32_sampling_params *p = &s->p;
@@ -233,6 +322,10 @@ int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_
     int32_t tok;
     if (!sampler_draws(p) && !penalties) {
         tok = argmax(logits, V); /* greedy on the raw logits: no copy */
+        goto done;
+    }
+    if (!penalties && p->top_k <= 0 && p->min_p <= 0.0f && p->top_p >= 1.0f) {
+        tok = draw_full(s, logits); /* the whole vocabulary, straight from the logits */
         goto done;
     }
     memcpy(w, logits, sizeof(float) * (size_t)V);
@@ -250,29 +343,7 @@ int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_
     if (!sampler_draws(p)) {
         tok = argmax(w, V);
     } else if (p->top_k <= 0 && p->min_p <= 0.0f && p->top_p >= 1.0f) {
-        /* the whole vocabulary: the same arithmetic as below, in fewer passes over it */
-        const float inv_t = 1.0f / p->temperature;
-        float mx = -INFINITY;
-        for (int v = 0; v < V; v++) {
-            w[v] *= inv_t;
-            mx = w[v] > mx ? w[v] : mx;
-        }
-        float *pr = w + V;
-        double sum = 0.0;
-        for (int v = 0; v < V; v++)
-            sum += (pr[v] = expf(w[v] - mx));
-        double total = 0.0;
-        for (int v = 0; v < V; v++)
-            total += (pr[v] = (float)(pr[v] / sum));
-        double u = rng_uniform(s->rng) * total, acc = 0.0;
-        tok = V - 1;
-        for (int v = 0; v < V; v++) {
-            acc += pr[v];
-            if (u < acc) {
-                tok = v;
-                break;
-            }
-        }
+        tok = draw_full(s, w);
     } else {
         int32_t *idx = s->idx;
         int n = V;

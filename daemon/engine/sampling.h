@@ -50,6 +50,7 @@ struct dsv32_sampler {
     uint8_t *in_prompt;    /* (vocab) 1 if in the prompt (repetition penalty) */
     float *work;           /* (2 * vocab) scratch */
     int32_t *idx;          /* (vocab) scratch */
+    double *bsum;          /* (vocab / 1024 + 1) block sums of the full-vocabulary draw */
 };
 
 int dsv32_sampler_init(struct dsv32_sampler *s, const struct dsv32_sampling_params *p, int vocab,

@@ -330,8 +330,10 @@ static int draw_threads(int n_draw)
 #ifdef _OPENMP
     static int cores;
     if (!cores) {
+        /* up to 16: a 64-row step draws 4 tokens per thread (the GPU hosts have 16-32 cores per
+         * GPU; the EP packing, the other OpenMP user, does not run at the same time) */
         long c = sysconf(_SC_NPROCESSORS_ONLN);
-        cores = c > 8 ? 8 : c > 1 ? (int)c : 1;
+        cores = c > 16 ? 16 : c > 1 ? (int)c : 1;
     }
     return n_draw < cores ? n_draw : cores;
 #else

@@ -1,5 +1,6 @@
-/* Unit tests of sampling: greedy, seeds, the empirical distribution at temperature 1, top-k, top-p,
- * min-p, penalties, logprobs and parameter validation. */
+/* Unit tests of sampling: greedy, seeds, the empirical distribution at temperature 1 (also over a
+ * vocabulary of 1037: blocks, lanes and tail of the full-vocabulary draw), top-k, top-p, min-p,
+ * penalties, logprobs and parameter validation. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -89,6 +90,50 @@ static void test_distribution(void **state)
     assert_true(f[3] + f[5] > 0.999999);
 }
 
+/* The full-vocabulary draw over a vocabulary that ends inside a group of four and spans two
+ * blocks of 1024 (the block sums, the vector lanes and the tail): every token's frequency
+ * against softmax(x / T) over 400,000 draws, and the mass of the last block. */
+static void test_distribution_long(void **state)
+{
+    (void)state;
+    enum { VL = 1037, N = 400000 };
+    static float lg[VL];
+    static double f[VL], pr[VL];
+    double z = 0;
+    for (int v = 0; v < VL; v++) {
+        lg[v] = (float)((v * 37 % 101) * 0.05 - 2.0) + (v >= 1030 ? 2.0f : 0.0f);
+        z += exp(lg[v] / 1.3);
+    }
+    for (int v = 0; v < VL; v++)
+        pr[v] = exp(lg[v] / 1.3) / z;
+    struct dsv32_sampling_params p;
+    dsv32_sampling_defaults(&p);
+    p.temperature = 1.3f;
+    p.seed = 42;
+    p.has_seed = 1;
+    struct dsv32_sampler s;
+    assert_int_equal(dsv32_sampler_init(&s, &p, VL, NULL, 0), 0);
+    memset(f, 0, sizeof(f));
+    for (int i = 0; i < N; i++) {
+        const int32_t t = dsv32_sample(&s, lg, NULL);
+        assert_true(t >= 0 && t < VL);
+        f[t] += 1.0 / N;
+    }
+    dsv32_sampler_done(&s);
+    double tail = 0, tail_p = 0, worst = 0;
+    for (int v = 0; v < VL; v++) {
+        /* 5 standard deviations of a binomial frequency */
+        const double sd = sqrt(pr[v] * (1 - pr[v]) / N);
+        worst = fmax(worst, fabs(f[v] - pr[v]) / sd);
+        if (v >= 1024) {
+            tail += f[v];
+            tail_p += pr[v];
+        }
+    }
+    assert_true(worst < 5.0);
+    assert_true(fabs(tail - tail_p) < 0.003);
+}
+
 static void test_penalties(void **state)
 {
     struct dsv32_sampling_params p;
@@ -166,6 +211,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_greedy_and_seed), cmocka_unit_test(test_distribution),
+        cmocka_unit_test(test_distribution_long),
         cmocka_unit_test(test_penalties),       cmocka_unit_test(test_logprobs),
         cmocka_unit_test(test_validate),
     };
