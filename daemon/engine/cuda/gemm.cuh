@@ -6,9 +6,11 @@
  *    matmul (VEC128 activations x BLK128x128 weights; used for many rows, once a calibration
  *    run has found the scale layout cuBLASLt accepts and checked its result) or this file's FP8
  *    kernel: mma.sync f16 tensor cores on exact e4m3 -> f16 conversions, per-128-K-block f32
- *    promotion with the two scales, weights streamed once per 32 rows. The same kernel runs the
- *    grouped expert GEMMs of moe.cu (many weights, few rows each; fused SiLU x up + FP8
- *    quantization of the result). */
+ *    promotion with the two scales, weights staged through a cp.async shared-memory pipeline and
+ *    streamed once per 32 rows. The same kernel runs the grouped expert GEMMs of moe.cu (many
+ *    weights, few rows each; fused SiLU x up + FP8 quantization of the result); from 24
+ *    expected rows per group a wgmma kernel on the FP8 tensor core takes them (not f32-exact).
+ *    Knobs fp8_reg and fp8_no_wg select the previous kernels (dsv32_cuda_set_knob). */
 #ifndef DSV32_CUDA_GEMM_CUH
 #define DSV32_CUDA_GEMM_CUH
 

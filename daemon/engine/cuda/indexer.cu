@@ -1,10 +1,13 @@
 /* DSA indexer kernels (see indexer.cuh).
  *
- * Scores. The logits q_h . k_j are a small GEMM per cache block: A = 64 keys (4 warps x 16, the
- * m16 rows of mma), B = the heads of a query row (n8 tiles of 8 heads), K = 128. Default variant:
- * mma.m16n8k16 in f16 on exact e4m3 -> f16 conversions (products exact, f32 accumulation: the
- * cpu's result up to summation order). FP8 variant: mma.m16n8k32 on the e4m3 bytes directly
- * (half the instructions, no conversions; the tensor core's FP8 accumulation is not f32-exact).
+ * Scores. The logits q_h . k_j are a small GEMM per cache block: A = 64 keys, B = the heads of a
+ * query row, K = 128. For DeepSeek-V3.2's 64 heads two wgmma kernels are the defaults (below:
+ * idx_wgmma_kernel, f16 on exact e4m3 -> f16 conversions, the exact mode's; idx_wgmma_fp8_kernel,
+ * e4m3 from shared memory, the fast mode's). The mma.sync kernels here serve the other head
+ * counts and remain as the benchmarks' baselines: A = 4 warps x 16 keys (the m16 rows of mma), B
+ * = n8 tiles of 8 heads; mma.m16n8k16 in f16 on exact conversions (products exact, f32
+ * accumulation: the cpu's result up to summation order), or mma.m16n8k32 on the e4m3 bytes (half
+ * the instructions; the tensor core's FP8 accumulation is not f32-exact).
  * As in the FP8 GEMM, lane (g, t) owns bytes [32t, 32t+32) of its key rows and of each head's q,
  * the K order inside being permuted the same way for A and B. The keys of a block are read once
  * per CTA (16-byte loads, next block prefetched), q is converted once into fragment order in

@@ -1,5 +1,7 @@
 /* Absorbed MLA kernels (see mla.cuh).
  *
+ * The fast mode's default is mla_wg_kernel (wgmma, further down, with its own description); the
+ * mma.sync kernel described here remains the benchmarks' baseline (knob mla_wgmma 0).
  * Fast kernel layout. A CTA of 8 warps takes one row, 64 of its heads and a range of its keys, in
  * tiles of 64 keys. Shared memory: Q (64 heads x 576 bf16), the current key tile K (64 x 576 bf16,
  * latent dequantized with its block scale, rope as cached), the raw records of the next tile
