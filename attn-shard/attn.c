@@ -1,7 +1,7 @@
 /* The attention daemon: model, KV cache, scheduler, and the dsv32.cluster.v1.Attn service the
  * router calls. One Run call = one request; its committed tokens stream back as they come out of
- * the scheduler's steps. A client that goes away (or passes its deadline) cancels the request and
- * its KV blocks are freed at the next step boundary. */
+ * the scheduler's steps (a thread of their own writes them). A client that goes away (or passes
+ * its deadline) cancels the request and its KV blocks are freed at the next step boundary. */
 #include "attn.h"
 
 #include "api.h"
@@ -24,6 +24,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,14 +32,32 @@
 #include <unistd.h>
 
 #define MAX_RUNS 4096
+/* stream messages packed by the scheduler's thread and not yet written, all runs together (the
+ * runs' ends do not count: each has its own slot) */
+#define MAX_OUT_MSGS 65536
+
+struct run;
+
+/* A packed RunResponse waiting for the writer thread. */
+struct out_msg {
+    struct out_msg *next;
+    struct run *r;
+    uint8_t *buf; /* len bytes, allocated with the message; NULL for the run's end */
+    size_t len;
+};
 
 struct run {
     struct attn *a;
     struct dsv32_rpc_call *call;
     char rid[132];
     uint64_t id;
-    int n_sent;
-    int broken; /* the client stopped reading: the request is being cancelled */
+    int n_sent;            /* the scheduler's thread only */
+    atomic_int broken;     /* a write failed (client gone or not reading): the request is being
+                              cancelled; set by the writer thread */
+    struct out_msg end;    /* the last message: finish reason and usage, then the call's status */
+    enum dsv32_finish why; /* for the end, written before it is queued */
+    struct dsv32_usage usage;
+    int err;
 };
 
 struct attn {
@@ -77,6 +96,14 @@ struct attn {
     int n_runs;
     uint64_t next_id;
     int draining;
+    /* the stream writer (out_*): see "the stream writer" below */
+    pthread_mutex_t out_lock;
+    pthread_cond_t out_wake; /* a message was queued, or stop */
+    pthread_cond_t out_done; /* the writer took nothing new and is idle */
+    struct out_msg *out_head, *out_tail;
+    int n_out;               /* queued messages that count against MAX_OUT_MSGS */
+    int out_busy, out_stop, out_started;
+    pthread_t out_thread;
 };
 
 /* ---- the live runs, by request id and by call ---- */
@@ -107,16 +134,143 @@ static void runs_remove(struct attn *a, struct run *r)
     pthread_mutex_unlock(&a->lock);
 }
 
+/* ---- the stream writer ---- */
+
+/* A gRPC write to a stream with nothing in flight runs the HTTP/2 framing and the socket's
+ * sendmsg on the caller's thread: 6-27 us per token with 64 streams and 24-140 us with one on
+ * the 2-core VM (bench/stream_bench, docs/BENCHMARKS.md), while the GPU waits for the next step.
+ * So the scheduler's thread only packs each message and queues it; this thread writes the queue
+ * in order, ends the calls and frees the runs. It never calls the scheduler: a failed write marks
+ * the run broken, and its next token cancels it (on the scheduler's thread). */
+
+/* Queues m (under the limit when `limited`); 0 or DSV32_EOVERLOAD. */
+static int out_push(struct attn *a, struct out_msg *m, int limited)
+{
+    int rc = 0;
+    m->next = NULL;
+    pthread_mutex_lock(&a->out_lock);
+    if (limited && a->n_out >= MAX_OUT_MSGS) {
+        rc = DSV32_EOVERLOAD;
+    } else {
+        if (a->out_tail)
+            a->out_tail->next = m;
+        else
+            a->out_head = m;
+        a->out_tail = m;
+        a->n_out += limited;
+        pthread_cond_signal(&a->out_wake);
+    }
+    pthread_mutex_unlock(&a->out_lock);
+    return rc;
+}
+
+/* The last message of a run and its status; frees the run. */
+static void out_end(struct run *r)
+{
+    Dsv32__Cluster__V1__RunResponse m = DSV32__CLUSTER__V1__RUN_RESPONSE__INIT;
+    Dsv32__V1__Usage usage = DSV32__V1__USAGE__INIT;
+    usage.prompt_tokens = (uint32_t)r->usage.prompt_tokens;
+    usage.completion_tokens = (uint32_t)r->usage.completion_tokens;
+    m.offset = (uint32_t)r->n_sent;
+    m.finish_reason = dsv32_api_finish_to_pb(r->why);
+    m.usage = &usage;
+    if (r->why == DSV32_FINISH_ERROR)
+        m.error_message = (char *)dsv32_strerror(r->err);
+    if (!atomic_load(&r->broken) && dsv32_rpc_call_write_msg(r->call, &m.base) == 0)
+        dsv32_rpc_call_finish(r->call, DSV32_RPC_OK, "%s", "");
+    else
+        dsv32_rpc_call_finish(r->call, DSV32_RPC_CANCELLED, "request %s cancelled", r->rid);
+    free(r);
+}
+
+static void *out_main(void *arg)
+{
+    struct attn *a = arg;
+    pthread_mutex_lock(&a->out_lock);
+    for (;;) {
+        while (!a->out_head && !a->out_stop) {
+            a->out_busy = 0;
+            pthread_cond_broadcast(&a->out_done);
+            pthread_cond_wait(&a->out_wake, &a->out_lock);
+        }
+        struct out_msg *m = a->out_head;
+        if (!m)
+            break; /* stopped, and nothing left */
+        a->out_head = a->out_tail = NULL;
+        a->n_out = 0;
+        a->out_busy = 1;
+        pthread_mutex_unlock(&a->out_lock);
+        while (m) {
+            struct out_msg *next = m->next;
+            struct run *r = m->r;
+            if (m == &r->end) {
+                out_end(r);
+            } else {
+                if (!atomic_load(&r->broken) && dsv32_rpc_call_write(r->call, m->buf, m->len) < 0)
+                    atomic_store(&r->broken, 1); /* the client went away or stopped reading */
+                free(m);
+            }
+            m = next;
+        }
+        pthread_mutex_lock(&a->out_lock);
+    }
+    a->out_busy = 0;
+    pthread_cond_broadcast(&a->out_done);
+    pthread_mutex_unlock(&a->out_lock);
+    return NULL;
+}
+
+/* Waits (up to timeout_ms) until everything queued so far is written. */
+static void out_flush(struct attn *a, int64_t timeout_ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += timeout_ms / 1000;
+    ts.tv_nsec += (timeout_ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&a->out_lock);
+    while (a->out_started && (a->out_head || a->out_busy))
+        if (pthread_cond_timedwait(&a->out_done, &a->out_lock, &ts) == ETIMEDOUT)
+            break;
+    pthread_mutex_unlock(&a->out_lock);
+}
+
+/* Writes what is left, then stops the thread. */
+static void out_stop(struct attn *a)
+{
+    if (!a->out_started)
+        return;
+    pthread_mutex_lock(&a->out_lock);
+    a->out_stop = 1;
+    pthread_cond_signal(&a->out_wake);
+    pthread_mutex_unlock(&a->out_lock);
+    pthread_join(a->out_thread, NULL);
+    a->out_started = 0;
+}
+
 /* ---- scheduler callbacks (on the scheduler's thread) ---- */
 
+/* Packs m for the writer thread. A run whose writes failed, or that would pass the queue's limit,
+ * is cancelled instead (the callbacks run under the scheduler's lock, which is recursive). */
 static void send_msg(struct run *r, Dsv32__Cluster__V1__RunResponse *m)
 {
-    if (r->broken)
+    if (atomic_load(&r->broken)) {
+        dsv32_sched_cancel(r->a->sched, r->id);
         return;
-    int rc = dsv32_rpc_call_write_msg(r->call, &m->base);
-    if (rc < 0) {
-        /* the client went away or stopped reading: stop generating for it */
-        r->broken = 1;
+    }
+    const size_t n = protobuf_c_message_get_packed_size(&m->base);
+    struct out_msg *o = malloc(sizeof(*o) + (n ? n : 1));
+    if (o) {
+        o->r = r;
+        o->buf = (uint8_t *)(o + 1);
+        o->len = protobuf_c_message_pack(&m->base, o->buf);
+    }
+    if (!o || out_push(r->a, o, 1) < 0) {
+        free(o);
+        atomic_store(&r->broken, 1);
         dsv32_sched_cancel(r->a->sched, r->id);
     }
 }
@@ -149,7 +303,7 @@ static void on_prompt_logprobs(void *ctx, const struct dsv32_logprobs *lp, int n
     if (!st || !lps) {
         free(st);
         free(lps);
-        r->broken = 1;
+        atomic_store(&r->broken, 1);
         dsv32_sched_cancel(r->a->sched, r->id);
         return;
     }
@@ -165,26 +319,20 @@ static void on_prompt_logprobs(void *ctx, const struct dsv32_logprobs *lp, int n
     free(lps);
 }
 
+/* The run leaves the table now; the writer thread sends its end after its last tokens. */
 static void on_finish(void *ctx, enum dsv32_finish why, const char *text, size_t len,
                       const struct dsv32_usage *u, int err)
 {
     struct run *r = ctx;
     struct attn *a = r->a;
     runs_remove(a, r);
-    Dsv32__Cluster__V1__RunResponse m = DSV32__CLUSTER__V1__RUN_RESPONSE__INIT;
-    Dsv32__V1__Usage usage = DSV32__V1__USAGE__INIT;
-    usage.prompt_tokens = (uint32_t)u->prompt_tokens;
-    usage.completion_tokens = (uint32_t)u->completion_tokens;
-    m.offset = (uint32_t)r->n_sent;
-    m.finish_reason = dsv32_api_finish_to_pb(why);
-    m.usage = &usage;
-    if (why == DSV32_FINISH_ERROR)
-        m.error_message = (char *)dsv32_strerror(err);
-    if (!r->broken && dsv32_rpc_call_write_msg(r->call, &m.base) == 0)
-        dsv32_rpc_call_finish(r->call, DSV32_RPC_OK, "%s", "");
-    else
-        dsv32_rpc_call_finish(r->call, DSV32_RPC_CANCELLED, "request %s cancelled", r->rid);
-    free(r);
+    r->why = why;
+    r->usage = *u;
+    r->err = err;
+    r->end.r = r;
+    r->end.buf = NULL;
+    r->end.len = 0;
+    (void)out_push(a, &r->end, 0); /* never refused: the end does not count */
 }
 
 /* Called by the rpc layer when the client cancels or its deadline passes. */
@@ -700,18 +848,25 @@ void attn_free(struct attn *a)
     dsv32_ops_drain_watch_free(a->drain); /* before the registry and health it touches */
     ep_stop(a);
     dsv32_registry_free(a->reg); /* deregisters: the router stops placing here at once */
-    /* the server first: no handler runs after this; then the scheduler finishes what is left */
+    /* the streams' last messages out before the server cancels what is still open */
+    out_flush(a, 5000);
+    /* the server first: no handler runs after this; then the scheduler finishes what is left
+     * (the writer thread ends the calls the server waits for, so it stops last) */
     dsv32_rpc_server_free(a->server);
     dsv32_rpc_health_free(a->health);
     if (a->cfg.ep_group && a->comm)
         a->comm->ops->abort(a->comm); /* a step waiting on the group ends now */
     dsv32_sched_free(a->sched);
+    out_stop(a);
     ep_free(a);
     dsv32_etcd_free(a->etcd);
     dsv32_engine_free(a->engine);
     dsv32_model_free(a->model);
     dsv32_tok_free(a->tok);
     pthread_mutex_destroy(&a->lock);
+    pthread_mutex_destroy(&a->out_lock);
+    pthread_cond_destroy(&a->out_wake);
+    pthread_cond_destroy(&a->out_done);
     free(a);
 }
 
@@ -723,6 +878,9 @@ int attn_new(const struct attn_config *cfg, struct attn **ret)
         return -ENOMEM;
     a->cfg = *cfg;
     pthread_mutex_init(&a->lock, NULL);
+    pthread_mutex_init(&a->out_lock, NULL);
+    pthread_cond_init(&a->out_wake, NULL);
+    pthread_cond_init(&a->out_done, NULL);
     /* fed from the start: loading hundreds of GB of weights takes longer than WatchdogSec */
     dsv32_notify_watchdog_start(healthy, a, &a->watchdog);
     dsv32_notify_status("loading %s", cfg->model_dir);
@@ -756,6 +914,11 @@ int attn_new(const struct attn_config *cfg, struct attn **ret)
     struct dsv32_sched_opts so = {.max_queue = cfg->max_queue};
     if ((r = dsv32_sched_new(a->engine, &so, &a->sched)) < 0)
         goto fail;
+    if (pthread_create(&a->out_thread, NULL, out_main, a) != 0) {
+        r = -EAGAIN;
+        goto fail;
+    }
+    a->out_started = 1;
     struct dsv32_rpc_server_config sc = {.listen = cfg->listen, .max_recv_bytes = 64u << 20,
                                          .max_send_bytes = 64u << 20, .max_stream_queue = 4096};
     if ((r = dsv32_rpc_server_new(&sc, &a->server)) < 0 ||

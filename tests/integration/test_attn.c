@@ -104,6 +104,7 @@ struct result {
     int32_t tok[600];
     int n;
     int n_logprobs, n_prompt_logprobs;
+    int out_of_order; /* messages whose offset is not the number of tokens before them */
     Dsv32__V1__FinishReason why;
     uint32_t prompt_tokens, completion_tokens;
     struct dsv32_rpc_status st;
@@ -130,6 +131,8 @@ static int run(const char *rid, const int32_t *prompt, size_t n, Dsv32__V1__Samp
         if (r <= 0)
             break;
         Dsv32__Cluster__V1__RunResponse *rr = (Dsv32__Cluster__V1__RunResponse *)m;
+        if (!rr->n_prompt_logprobs && rr->offset != (uint32_t)res->n)
+            res->out_of_order++;
         for (size_t i = 0; i < rr->n_token_ids && res->n < 600; i++)
             res->tok[res->n++] = rr->token_ids[i];
         res->n_logprobs += (int)rr->n_logprobs;
@@ -184,6 +187,7 @@ static void test_greedy_matches_engine(void **state)
     assert_int_equal(res.completion_tokens, 12);
     assert_int_equal(res.n_logprobs, 12);
     assert_int_equal(res.n_prompt_logprobs, 5);
+    assert_int_equal(res.out_of_order, 0); /* the tokens, then the end, in order */
     /* the same greedy run in this process */
     struct dsv32_model *m;
     struct dsv32_engine *e;
@@ -305,6 +309,7 @@ static void test_concurrent_streams(void **state)
     for (int i = 0; i < 8; i++) {
         assert_int_equal(p[i].res.st.code, DSV32_RPC_OK);
         assert_int_equal(p[i].res.n, 10);
+        assert_int_equal(p[i].res.out_of_order, 0);
         /* same seed, same prompt: same tokens, whatever the batch they ran in */
         assert_memory_equal(p[i].res.tok, p[0].res.tok, 10 * sizeof(int32_t));
     }
