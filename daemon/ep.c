@@ -834,7 +834,9 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
         }
     }
     const uint64_t t_work = dsv32_mono_ns();
-    uint64_t t_copy = t_work, copy_ns = 0, compute_ns = 0, tr[4] = {0};
+    /* a GPU backend's layer: copies enqueued, synced (the GEMMs' start), GEMMs enqueued, synced;
+     * the copy back ends at t_pack. 0 on the cpu backend. */
+    uint64_t t_h2d = 0, t_gemm0 = 0, t_gemm_enq = 0, t_gemm1 = 0;
     if (total > 0) {
         const struct dsv32_backend_ops *ops = s->be->ops;
         const struct dsv32_ffn_weights *ex = s->model->layers[layer].experts;
@@ -851,31 +853,25 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
                 (r = ops->to_device(s->be, di, ids, sizeof(int32_t) * (size_t)total * K)) < 0 ||
                 (r = ops->to_device(s->be, dw, w, sizeof(float) * (size_t)total * K)) < 0)
                 return r;
-            tr[0] = dsv32_mono_ns();
+            t_h2d = dsv32_mono_ns();
             if ((r = ops->sync(s->be)) < 0)
                 return r;
-            const uint64_t t_compute = dsv32_mono_ns();
-            copy_ns += t_compute - t_copy;
+            t_gemm0 = dsv32_mono_ns();
             if ((r = ops->moe_experts(s->be, dy, dx, total, di, dw, K, ex, cfg->n_routed_experts,
                                       cfg->ue8m0)) < 0)
                 return r;
-            tr[1] = dsv32_mono_ns();
+            t_gemm_enq = dsv32_mono_ns();
             if ((r = ops->sync(s->be)) < 0)
                 return r;
-            t_copy = dsv32_mono_ns();
-            compute_ns += t_copy - t_compute;
-            if ((r = ops->to_host(s->be, Y, dy, sizeof(float) * (size_t)total * D)) < 0)
-                return r;
-            copy_ns += dsv32_mono_ns() - t_copy;
-            tr[2] = t_compute;
-            tr[3] = t_copy;
+            t_gemm1 = dsv32_mono_ns();
+            r = ops->to_host(s->be, Y, dy, sizeof(float) * (size_t)total * D);
         }
         if (r < 0)
             return r;
     }
     const uint64_t t_pack = dsv32_mono_ns();
-    if (strcmp(s->be->ops->name, "cpu") == 0)
-        compute_ns = t_pack - t_work;
+    const uint64_t compute_ns = t_gemm1 ? t_gemm1 - t_gemm0 : t_pack - t_work;
+    const uint64_t copy_ns = t_gemm1 ? (t_gemm0 - t_work) + (t_pack - t_gemm1) : 0;
     int group_active = first ? active : 1;
     const void *send[DSV32_COMM_MAX_WORLD] = {0};
     size_t off = 0, need = 0;
@@ -909,9 +905,9 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
         log_info("EP trace: layer %d, %d rows: waited %.0f, unpack %.0f, copies enqueued %.0f, copies synced %.0f, "
                  "experts enqueued %.0f, experts synced %.0f, to host %.0f, pack %.0f, combine %.0f",
                  layer, total, (t_unpack - t_wait) / 1e3, (t_work - t_unpack) / 1e3,
-                 tr[0] ? (tr[0] - t_work) / 1e3 : 0.0, tr[0] ? (tr[2] - tr[0]) / 1e3 : 0.0,
-                 tr[1] ? (tr[1] - tr[2]) / 1e3 : 0.0, tr[1] ? (tr[3] - tr[1]) / 1e3 : 0.0,
-                 tr[3] ? (t_pack - tr[3]) / 1e3 : 0.0, (t_send - t_pack) / 1e3, (t_end - t_send) / 1e3);
+                 t_h2d ? (t_h2d - t_work) / 1e3 : 0.0, t_h2d ? (t_gemm0 - t_h2d) / 1e3 : 0.0,
+                 t_gemm1 ? (t_gemm_enq - t_gemm0) / 1e3 : 0.0, t_gemm1 ? (t_gemm1 - t_gemm_enq) / 1e3 : 0.0,
+                 t_gemm1 ? (t_pack - t_gemm1) / 1e3 : 0.0, (t_send - t_pack) / 1e3, (t_end - t_send) / 1e3);
     }
     if (total > 0) {
         s->st.layers++;

@@ -1135,6 +1135,22 @@ static void test_indexer(void)
 
 /* ---- MLA ---- */
 
+/* Ascending selections of K positions per row: every position when the row has at most K, else a
+ * random ~1.2 K / (pos + 1) share of them, cut at K; -1 padding. */
+static int32_t *rnd_selection(const int32_t *pos, int rows, int K)
+{
+    int32_t *sel = malloc(sizeof(int32_t) * rows * K);
+    for (int r = 0; r < rows; r++) {
+        int n = 0;
+        for (int j = 0; j <= pos[r] && n < K; j++)
+            if (pos[r] + 1 <= K || rnd_u() < (double)K / (pos[r] + 1) * 1.2)
+                sel[(size_t)r * K + n++] = j;
+        for (; n < K; n++)
+            sel[(size_t)r * K + n] = -1;
+    }
+    return sel;
+}
+
 static void mla_case(struct pair *p, const char *what, int sparse, int rows, double tol)
 {
     const struct dsv32_config *cf = p->cpu->cfg;
@@ -1149,15 +1165,7 @@ static void mla_case(struct pair *p, const char *what, int sparse, int rows, dou
     }
     struct tmeta tm;
     tmeta_make(&tm, p, rows, pos, seq, n_seqs, max_blocks, n_blocks, NULL);
-    int32_t *sel = malloc(sizeof(int32_t) * rows * K);
-    for (int r = 0; r < rows; r++) {
-        int n = 0;
-        for (int j = 0; j <= pos[r] && n < K; j++)
-            if (pos[r] + 1 <= K || rnd_u() < (double)K / (pos[r] + 1) * 1.2)
-                sel[(size_t)r * K + n++] = j;
-        for (; n < K; n++)
-            sel[(size_t)r * K + n] = -1;
-    }
+    int32_t *sel = rnd_selection(pos, rows, K);
     const int ldh = 192, ldr = H * ldh; /* q_pe inside q rows of H x (nope + rope) */
     float *ql = rnd_f32((size_t)rows * H * C, 2.0f), *q = rnd_f32((size_t)rows * ldr, 0.3f);
     float *oc = malloc(sizeof(float) * rows * H * C), *og = malloc(sizeof(float) * rows * H * C);
@@ -1300,15 +1308,7 @@ static void test_mla_prefill_fast(void)
         }
         struct tmeta tm;
         tmeta_make(&tm, &p, rows, pos, seq, 2, max_blocks, n_blocks, mha);
-        int32_t *sel = malloc(sizeof(int32_t) * rows * K);
-        for (int r = 0; r < rows; r++) {
-            int n = 0;
-            for (int j = 0; j <= pos[r] && n < K; j++)
-                if (pos[r] + 1 <= K || rnd_u() < (double)K / (pos[r] + 1) * 1.2)
-                    sel[(size_t)r * K + n++] = j;
-            for (; n < K; n++)
-                sel[(size_t)r * K + n] = -1;
-        }
+        int32_t *sel = rnd_selection(pos, rows, K);
         struct tw wkv;
         tw_make(&wkv, dt ? DSV32_DT_F8_E4M3 : DSV32_DT_BF16, H * (nope + V), C, 0.05f, 1);
         TRY(tw_prepare(&wkv, &p));

@@ -42,6 +42,24 @@ extern "C" {
 /* after every kernel launch: launch-configuration errors surface here */
 #define CU_LAUNCHED(name) CU_CHECK(cudaPeekAtLastError())
 
+/* A kernel's dynamic shared memory beyond 48 KB needs an opt-in, a driver call: made once per
+ * kernel and size that grows, not per launch (the indexer and MLA launch per layer and step).
+ * lim is the call site's static for that kernel. */
+static inline cudaError_t cu_smem_optin(const void *func, size_t bytes, int *lim)
+{
+    if ((int)bytes <= __atomic_load_n(lim, __ATOMIC_RELAXED))
+        return cudaSuccess;
+    const cudaError_t e = cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+    if (e == cudaSuccess)
+        __atomic_store_n(lim, (int)bytes, __ATOMIC_RELAXED);
+    return e;
+}
+#define CU_SMEM_OPTIN(kernel, bytes)                                                               \
+    do {                                                                                           \
+        static int lim_;                                                                           \
+        CU_CHECK(cu_smem_optin((const void *)(kernel), (bytes), &lim_));                           \
+    } while (0)
+
 #define BLAS_CHECK(call)                                                                           \
     do {                                                                                           \
         cublasStatus_t s_ = (call);                                                                \

@@ -125,6 +125,44 @@ static __device__ __forceinline__ bool fp8_group(const struct cu_fp8_gemm &a, in
     return beg < end && W1 && (!SWIGLU || W3);
 }
 
+/* The activation rows of this lane's two accumulator columns in each 8 entries of the pass at p0
+ * (-1 past the group's end): their scales promote every 128-K block. */
+template <int NT>
+static __device__ __forceinline__ void fp8_scale_rows(const struct cu_fp8_gemm &a, int p0, int end, int t,
+                                                      int (&xc0)[NT], int (&xc1)[NT])
+{
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        const int e0 = p0 + nt * 8 + 2 * t;
+        xc0[nt] = e0 < end ? (a.row_x ? a.row_x[e0] : e0) : -1;
+        xc1[nt] = e0 + 1 < end ? (a.row_x ? a.row_x[e0 + 1] : e0 + 1) : -1;
+    }
+}
+
+/* acc += (one 128-K block's sums) x (weight scale x activation scale), DeepSeek's promotion; tmp
+ * and tmp3 (w3) in the m16n8 accumulator layout per 8 entries, flat. */
+template <int NT, bool SWIGLU>
+static __device__ __forceinline__ void fp8_promote(const struct cu_fp8_gemm &a, int kb, int kbs, float sw, float sw3,
+                                                   const int (&xc0)[NT], const int (&xc1)[NT], const float *tmp,
+                                                   const float *tmp3, float (&acc)[NT][4], float (&acc3)[NT][4])
+{
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        const float x0 = xc0[nt] >= 0 ? a.xs[(size_t)xc0[nt] * kbs + kb] : 0.0f;
+        const float x1 = xc1[nt] >= 0 ? a.xs[(size_t)xc1[nt] * kbs + kb] : 0.0f;
+        acc[nt][0] += tmp[4 * nt + 0] * (sw * x0);
+        acc[nt][1] += tmp[4 * nt + 1] * (sw * x1);
+        acc[nt][2] += tmp[4 * nt + 2] * (sw * x0);
+        acc[nt][3] += tmp[4 * nt + 3] * (sw * x1);
+        if (SWIGLU) {
+            acc3[nt][0] += tmp3[4 * nt + 0] * (sw3 * x0);
+            acc3[nt][1] += tmp3[4 * nt + 1] * (sw3 * x1);
+            acc3[nt][2] += tmp3[4 * nt + 2] * (sw3 * x0);
+            acc3[nt][3] += tmp3[4 * nt + 3] * (sw3 * x1);
+        }
+    }
+}
+
 /* The end of one row-tile pass: the plain output, or SwiGLU + FP8 quantization per (entry, the
  * CTA's 128 features). Every thread of the CTA calls it (it synchronizes in the SwiGLU case). */
 template <int NT, bool SWIGLU>
@@ -226,12 +264,11 @@ static __global__ void __launch_bounds__(256) fp8_gemm_kernel(const struct cu_fp
 
     for (int p0 = beg; p0 < end; p0 += NT * 8) {
         int xb[NT], xc0[NT], xc1[NT];
+        fp8_scale_rows<NT>(a, p0, end, t, xc0, xc1);
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
-            const int eb = p0 + nt * 8 + g, e0 = p0 + nt * 8 + 2 * t;
+            const int eb = p0 + nt * 8 + g;
             xb[nt] = eb < end ? (a.row_x ? a.row_x[eb] : eb) : -1;
-            xc0[nt] = e0 < end ? (a.row_x ? a.row_x[e0] : e0) : -1;
-            xc1[nt] = e0 + 1 < end ? (a.row_x ? a.row_x[e0 + 1] : e0 + 1) : -1;
         }
         float acc[NT][4], acc3[NT][4];
 #pragma unroll
@@ -277,24 +314,12 @@ static __global__ void __launch_bounds__(256) fp8_gemm_kernel(const struct cu_fp
                 if (ci & 1) { /* end of a 128-K block: promote with the two scales */
                     const int kb = ci >> 1;
                     const float sw = s1row[kb], sw3 = SWIGLU ? s3row[kb] : 0.0f;
+                    fp8_promote<NT, SWIGLU>(a, kb, kbs, sw, sw3, xc0, xc1, &tmp[0][0], &tmp3[0][0], acc, acc3);
 #pragma unroll
-                    for (int nt = 0; nt < NT; nt++) {
-                        const float x0 = xc0[nt] >= 0 ? a.xs[(size_t)xc0[nt] * kbs + kb] : 0.0f;
-                        const float x1 = xc1[nt] >= 0 ? a.xs[(size_t)xc1[nt] * kbs + kb] : 0.0f;
-                        acc[nt][0] += tmp[nt][0] * (sw * x0);
-                        acc[nt][1] += tmp[nt][1] * (sw * x1);
-                        acc[nt][2] += tmp[nt][2] * (sw * x0);
-                        acc[nt][3] += tmp[nt][3] * (sw * x1);
-                        if (SWIGLU) {
-                            acc3[nt][0] += tmp3[nt][0] * (sw3 * x0);
-                            acc3[nt][1] += tmp3[nt][1] * (sw3 * x1);
-                            acc3[nt][2] += tmp3[nt][2] * (sw3 * x0);
-                            acc3[nt][3] += tmp3[nt][3] * (sw3 * x1);
-                        }
+                    for (int nt = 0; nt < NT; nt++)
 #pragma unroll
                         for (int i = 0; i < 4; i++)
                             tmp[nt][i] = tmp3[nt][i] = 0.0f;
-                    }
                 }
             }
         }
@@ -354,12 +379,7 @@ static __global__ void __launch_bounds__(256) fp8_gemm_pipe_kernel(const struct 
 
     for (int p0 = beg; p0 < end; p0 += NT * 8) {
         int xc0[NT], xc1[NT];
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            const int e0 = p0 + nt * 8 + 2 * t;
-            xc0[nt] = e0 < end ? (a.row_x ? a.row_x[e0] : e0) : -1;
-            xc1[nt] = e0 + 1 < end ? (a.row_x ? a.row_x[e0 + 1] : e0 + 1) : -1;
-        }
+        fp8_scale_rows<NT>(a, p0, end, t, xc0, xc1);
         /* this thread's activation piece of every stage (NT*8 rows x 8 pieces of 16 B) */
         const int xj = threadIdx.x >> 3, xp = threadIdx.x & 7;
         int xrow = -1;
@@ -433,21 +453,7 @@ static __global__ void __launch_bounds__(256) fp8_gemm_pipe_kernel(const struct 
             }
             const int kb = kb_beg + i;
             const float sw = s1row[kb], sw3 = SWIGLU ? s3row[kb] : 0.0f;
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-                const float x0 = xc0[nt] >= 0 ? a.xs[(size_t)xc0[nt] * kbs + kb] : 0.0f;
-                const float x1 = xc1[nt] >= 0 ? a.xs[(size_t)xc1[nt] * kbs + kb] : 0.0f;
-                acc[nt][0] += tmp[nt][0] * (sw * x0);
-                acc[nt][1] += tmp[nt][1] * (sw * x1);
-                acc[nt][2] += tmp[nt][2] * (sw * x0);
-                acc[nt][3] += tmp[nt][3] * (sw * x1);
-                if (SWIGLU) {
-                    acc3[nt][0] += tmp3[nt][0] * (sw3 * x0);
-                    acc3[nt][1] += tmp3[nt][1] * (sw3 * x1);
-                    acc3[nt][2] += tmp3[nt][2] * (sw3 * x0);
-                    acc3[nt][3] += tmp3[nt][3] * (sw3 * x1);
-                }
-            }
+            fp8_promote<NT, SWIGLU>(a, kb, kbs, sw, sw3, xc0, xc1, &tmp[0][0], &tmp3[0][0], acc, acc3);
         }
         asm volatile("cp.async.wait_group 0;");
         __syncthreads(); /* the ring is reused by the next pass */
@@ -500,12 +506,7 @@ static __global__ void __launch_bounds__(256, 1) fp8_gemm_wg_kernel(const struct
 
     for (int p0 = beg; p0 < end; p0 += NT * 8) {
         int xc0[NT], xc1[NT];
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            const int e0 = p0 + nt * 8 + 2 * t;
-            xc0[nt] = e0 < end ? (a.row_x ? a.row_x[e0] : e0) : -1;
-            xc1[nt] = e0 + 1 < end ? (a.row_x ? a.row_x[e0 + 1] : e0 + 1) : -1;
-        }
+        fp8_scale_rows<NT>(a, p0, end, t, xc0, xc1);
         /* this thread's activation row and chunks: 64 rows x 8 chunks = 2 per thread */
         const int xj = threadIdx.x >> 2;
         int xrow = -1;
@@ -581,21 +582,7 @@ static __global__ void __launch_bounds__(256, 1) fp8_gemm_wg_kernel(const struct
                     wg_fence(tmp3);
             }
             const float sw = s1row[i], sw3 = SWIGLU ? s3row[i] : 0.0f;
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-                const float x0 = xc0[nt] >= 0 ? a.xs[(size_t)xc0[nt] * kbs + i] : 0.0f;
-                const float x1 = xc1[nt] >= 0 ? a.xs[(size_t)xc1[nt] * kbs + i] : 0.0f;
-                acc[nt][0] += tmp[4 * nt + 0] * (sw * x0);
-                acc[nt][1] += tmp[4 * nt + 1] * (sw * x1);
-                acc[nt][2] += tmp[4 * nt + 2] * (sw * x0);
-                acc[nt][3] += tmp[4 * nt + 3] * (sw * x1);
-                if (SWIGLU) {
-                    acc3[nt][0] += tmp3[4 * nt + 0] * (sw3 * x0);
-                    acc3[nt][1] += tmp3[4 * nt + 1] * (sw3 * x1);
-                    acc3[nt][2] += tmp3[4 * nt + 2] * (sw3 * x0);
-                    acc3[nt][3] += tmp3[4 * nt + 3] * (sw3 * x1);
-                }
-            }
+            fp8_promote<NT, SWIGLU>(a, i, kbs, sw, sw3, xc0, xc1, tmp, tmp3, acc, acc3);
         }
         asm volatile("cp.async.wait_group 0;");
         __syncthreads(); /* the ring is reused by the next pass */
@@ -615,31 +602,27 @@ static __global__ void split_reduce_kernel(float *y, int ldy, const float *part,
 }
 
 template <int NT, bool SWIGLU>
-static void launch_pipe(struct cu_ctx *c, const struct cu_fp8_gemm *a, dim3 grid, int kb_per, float *part,
-                        size_t part_stride, const struct cu_probe &p)
+static int launch_pipe(struct cu_ctx *c, const struct cu_fp8_gemm *a, dim3 grid, int kb_per, float *part,
+                       size_t part_stride, const struct cu_probe &p)
 {
     const int bytes = PIPE_STAGES * pipe_stage_bytes<NT, SWIGLU>();
-    static bool attr; /* per instantiation; the attribute is per device function, any context */
-    if (!attr) {
-        cudaFuncSetAttribute(fp8_gemm_pipe_kernel<NT, SWIGLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-        attr = true;
-    }
+    CU_SMEM_OPTIN((fp8_gemm_pipe_kernel<NT, SWIGLU>), bytes);
     fp8_gemm_pipe_kernel<NT, SWIGLU><<<grid, 256, bytes, c->st>>>(*a, kb_per, part, part_stride, p);
+    return 0;
 }
 
 template <int NT>
-static void launch_fp8(struct cu_ctx *c, const struct cu_fp8_gemm *a, dim3 grid, int kb_per, float *part,
-                       size_t part_stride, const struct cu_probe &p)
+static int launch_fp8(struct cu_ctx *c, const struct cu_fp8_gemm *a, dim3 grid, int kb_per, float *part,
+                      size_t part_stride, const struct cu_probe &p)
 {
-    if (!c->fp8_reg) { /* the knob fp8_reg: the baseline of bench/cuda_bench --only moe */
-        if (a->hq)
-            launch_pipe<NT, true>(c, a, grid, kb_per, part, part_stride, p);
-        else
-            launch_pipe<NT, false>(c, a, grid, kb_per, part, part_stride, p);
-    } else if (a->hq)
+    if (!c->fp8_reg) /* the knob fp8_reg: the baseline of bench/cuda_bench --only moe */
+        return a->hq ? launch_pipe<NT, true>(c, a, grid, kb_per, part, part_stride, p)
+                     : launch_pipe<NT, false>(c, a, grid, kb_per, part, part_stride, p);
+    if (a->hq)
         fp8_gemm_kernel<NT, true><<<grid, 256, 0, c->st>>>(*a, kb_per, part, part_stride, p);
     else
         fp8_gemm_kernel<NT, false><<<grid, 256, 0, c->st>>>(*a, kb_per, part, part_stride, p);
+    return 0;
 }
 
 int cu_fp8_gemm_run(struct cu_ctx *c, const struct cu_fp8_gemm *a)
@@ -681,27 +664,19 @@ int cu_fp8_gemm_run(struct cu_ctx *c, const struct cu_fp8_gemm *a)
         /* prefill-sized groups: the wgmma kernel (not f32-exact; the fast numerics only reach here) */
         if (a->hq) {
             const int bytes = 1024 + WG_STAGES * wg_stage_bytes<true>();
-            static bool attr;
-            if (!attr) {
-                cudaFuncSetAttribute(fp8_gemm_wg_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-                attr = true;
-            }
+            CU_SMEM_OPTIN(fp8_gemm_wg_kernel<true>, bytes);
             fp8_gemm_wg_kernel<true><<<grid, 256, bytes, c->st>>>(args, p);
         } else {
             const int bytes = 1024 + WG_STAGES * wg_stage_bytes<false>();
-            static bool attr;
-            if (!attr) {
-                cudaFuncSetAttribute(fp8_gemm_wg_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-                attr = true;
-            }
+            CU_SMEM_OPTIN(fp8_gemm_wg_kernel<false>, bytes);
             fp8_gemm_wg_kernel<false><<<grid, 256, bytes, c->st>>>(args, p);
         }
     } else if (nt == 1)
-        launch_fp8<1>(c, &args, grid, kb_per, part, part_stride, p);
+        CU_TRY(launch_fp8<1>(c, &args, grid, kb_per, part, part_stride, p));
     else if (nt == 2)
-        launch_fp8<2>(c, &args, grid, kb_per, part, part_stride, p);
+        CU_TRY(launch_fp8<2>(c, &args, grid, kb_per, part, part_stride, p));
     else
-        launch_fp8<4>(c, &args, grid, kb_per, part, part_stride, p);
+        CU_TRY(launch_fp8<4>(c, &args, grid, kb_per, part, part_stride, p));
     CU_LAUNCHED("fp8_gemm");
     if (part) {
         size_t n = (size_t)a->M * a->N;

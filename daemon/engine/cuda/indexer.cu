@@ -66,6 +66,25 @@ static __device__ __forceinline__ uint32_t w32(const uint4 &v, int i)
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+/* The work item's per-(row, head) weights as the cpu forms them (w x q scale x head and dim
+ * scales), into shared memory [row][head]. */
+static __device__ __forceinline__ void idx_stage_weights(float *wsm, const float *w_raw, const float *q_scale, int r0,
+                                                         int nr, int IH, float wscale, float sscale)
+{
+    for (int e = threadIdx.x; e < nr * IH; e += blockDim.x) {
+        const size_t ri = (size_t)r0 * IH + e; /* row r0 + e / IH, head e % IH */
+        wsm[e] = w_raw[ri] * wscale * q_scale[ri] * sscale;
+    }
+}
+
+/* The positions of the item's query rows (-1 past nr). */
+static __device__ __forceinline__ void idx_row_pos(int (&pos)[IDX_QT], const int32_t *row_pos, int r0, int nr)
+{
+#pragma unroll
+    for (int i = 0; i < IDX_QT; i++)
+        pos[i] = i < nr ? row_pos[r0 + i] : -1;
+}
+
 /* One cache block's logits -> scores for this lane's keys j0 and j0 + 8 (lanes t = 0 and t = 1
  * write them): relu, the per-head weights wi, the head sum (the lane's 2 x NT heads, then the
  * quad's) and the key scale; acc in the m16n8 accumulator layout per 8 heads. */
@@ -120,18 +139,12 @@ static __global__ void __launch_bounds__(128) idx_scores_kernel(
         }
         qf[e] = v;
     }
-    for (int e = threadIdx.x; e < nr * IH; e += blockDim.x) {
-        const int i = e / IH, h = e % IH;
-        const size_t ri = (size_t)(r0 + i) * IH + h;
-        wsm[e] = w_raw[ri] * wscale * q_scale[ri] * sscale;
-    }
+    idx_stage_weights(wsm, w_raw, q_scale, r0, nr, IH, wscale, sscale);
     __syncthreads();
 
     const int seq = row_seq[r0];
     int pos[IDX_QT];
-#pragma unroll
-    for (int i = 0; i < IDX_QT; i++)
-        pos[i] = i < nr ? row_pos[r0 + i] : -1;
+    idx_row_pos(pos, row_pos, r0, nr);
     const int32_t *bt = blocks + (size_t)seq * max_blocks;
     const int kr0 = 16 * warp + g, kr1 = kr0 + 8; /* this lane's key rows in a block */
 
@@ -345,19 +358,13 @@ static __global__ void __launch_bounds__(128) idx_wgmma_kernel(
         *reinterpret_cast<uint32_t *>(qsm + (size_t)i * QB + st * 2048 + (n >> 3) * 256 + (kk2 >> 2) * 128 +
                                       (n & 7) * 16 + (kk2 & 3) * 4) = cvt_e4m3x2(two);
     }
-    for (int e = threadIdx.x; e < nr * IH; e += blockDim.x) {
-        const int i = e / IH, h = e % IH;
-        const size_t ri = (size_t)(r0 + i) * IH + h;
-        wsm[e] = w_raw[ri] * wscale * q_scale[ri] * sscale;
-    }
+    idx_stage_weights(wsm, w_raw, q_scale, r0, nr, IH, wscale, sscale);
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* the tensor core reads through the async proxy */
     __syncthreads();
 
     const int seq = row_seq[r0];
     int pos[IDX_QT];
-#pragma unroll
-    for (int i = 0; i < IDX_QT; i++)
-        pos[i] = i < nr ? row_pos[r0 + i] : -1;
+    idx_row_pos(pos, row_pos, r0, nr);
     const int32_t *bt = blocks + (size_t)seq * max_blocks;
     const int kr0 = 16 * warp + g, kr1 = kr0 + 8;
     const uint32_t qbase = (uint32_t)__cvta_generic_to_shared(qsm);
@@ -524,16 +531,10 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
         const uint4 v = *reinterpret_cast<const uint4 *>(q + ((size_t)(r0 + i) * IH + n) * 128 + 16 * c);
         *reinterpret_cast<uint4 *>(qsm + (size_t)i * 8192 + n * 128 + ((c ^ (n & 7)) << 4)) = v;
     }
-    for (int e = threadIdx.x; e < nr * IH; e += blockDim.x) {
-        const int i = e / IH, h = e % IH;
-        const size_t ri = (size_t)(r0 + i) * IH + h;
-        wsm[e] = w_raw[ri] * wscale * q_scale[ri] * sscale;
-    }
+    idx_stage_weights(wsm, w_raw, q_scale, r0, nr, IH, wscale, sscale);
     const int seq = row_seq[r0];
     int pos[IDX_QT];
-#pragma unroll
-    for (int i = 0; i < IDX_QT; i++)
-        pos[i] = i < nr ? row_pos[r0 + i] : -1;
+    idx_row_pos(pos, row_pos, r0, nr);
     const int32_t *bt = blocks + (size_t)seq * max_blocks;
     const int kr0 = 16 * warp + g, kr1 = kr0 + 8;
     const uint32_t qbase = (uint32_t)__cvta_generic_to_shared(qsm), rbase = (uint32_t)__cvta_generic_to_shared(ring);
@@ -997,8 +998,7 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             const int NT = IH / 8;
 #define IDX_LAUNCH(F8, N)                                                                          \
     do {                                                                                           \
-        CU_CHECK(cudaFuncSetAttribute(idx_scores_kernel<F8, N>,                                    \
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));    \
+        CU_SMEM_OPTIN((idx_scores_kernel<F8, N>), smem);                                           \
         idx_scores_kernel<F8, N><<<n_items, 128, smem, c->st>>>(                                   \
             scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,        \
             m->d_blocks, m->max_blocks, m->d_row_pos, m->d_row_seq, IH, wscale, sscale);           \
@@ -1009,24 +1009,25 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 /* idx_wgmma 3: the register-prefetch version (the baseline) */
                 const bool ring = c->idx_wgmma != 3 && c->geom.idx_block_bytes == 64 * 132;
                 auto kern = ring ? idx_wgmma_kernel<true> : idx_wgmma_kernel<false>;
-                if (ring)
+                if (ring) {
                     qsmem += (size_t)IDX_RING * IDX_STAGEB;
-                CU_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qsmem));
+                    CU_SMEM_OPTIN(idx_wgmma_kernel<true>, qsmem);
+                } else {
+                    CU_SMEM_OPTIN(idx_wgmma_kernel<false>, qsmem);
+                }
                 kern<<<n_items, 128, qsmem, c->st>>>(scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx,
                                                      c->geom.idx_block_bytes, m->d_blocks, m->max_blocks,
                                                      m->d_row_pos, m->d_row_seq, wscale, sscale, lbo, sbo);
             } else if (use_fp8 && NT == 8 && c->idx_wgmma && c->geom.idx_block_bytes == 64 * 132) {
                 const size_t smem8 = 1024 + (size_t)max_nr * 8192 + (size_t)IDX_RING * IDX8_STAGEB +
                                      sizeof(float) * (size_t)max_nr * IH;
-                CU_CHECK(cudaFuncSetAttribute(idx_wgmma_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              (int)smem8));
+                CU_SMEM_OPTIN(idx_wgmma_fp8_kernel, smem8);
                 idx_wgmma_fp8_kernel<<<n_items, 128, smem8, c->st>>>(
                     scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes, m->d_blocks,
                     m->max_blocks, m->d_row_pos, m->d_row_seq, wscale, sscale);
             } else if (use_fp8 && NT == 8 && max_nr == 1) {
                 const size_t ring = (size_t)IDX_STAGES * c->geom.idx_block_bytes;
-                CU_CHECK(cudaFuncSetAttribute(idx_dec_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              (int)ring));
+                CU_SMEM_OPTIN(idx_dec_fp8_kernel, ring);
                 idx_dec_fp8_kernel<<<n_items, 128, ring, c->st>>>(
                     scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes, m->d_blocks,
                     m->max_blocks, m->d_row_pos, m->d_row_seq, wscale, sscale);
@@ -1056,7 +1057,7 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             /* dynamic: TOPK_CAP candidates (key, position) and a bitmap of the row's positions */
             const int cap = c->topk_global ? 0 : TOPK_CAP;
             const size_t tsm = sizeof(uint32_t) * (2 * (size_t)cap + ((size_t)ld_s + 31) / 32);
-            CU_CHECK(cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tsm));
+            CU_SMEM_OPTIN(topk_kernel, tsm);
             topk_kernel<<<re - rb, 1024, tsm, c->st>>>(sel, scores, ld_s, rb, m->d_row_pos, topk, cap);
             CU_LAUNCHED("topk");
         }

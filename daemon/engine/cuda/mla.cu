@@ -833,13 +833,13 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
     if (c->mla_wgmma) {
         const size_t smem = 1024 + 2 * (size_t)WG_QB + 8192 + (size_t)MLA_KT * g->mla_rec_bytes +
                             sizeof(int32_t) * (2 * MLA_KT + MLA_MAXSEL) + sizeof(float) * 8 * MLA_HG;
-        CU_CHECK(cudaFuncSetAttribute(mla_wg_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        CU_SMEM_OPTIN(mla_wg_kernel, smem);
         mla_wg_kernel<<<dim3(splits, H / MLA_HG, rows), WG_TH, smem, c->st>>>(a);
         CU_LAUNCHED("mla_wg");
     } else {
         const size_t smem = sizeof(__nv_bfloat16) * 2 * MLA_HG * MLA_QSTR + sizeof(float) * MLA_HG * MLA_SSTR +
                             sizeof(int32_t) * (MLA_KT + MLA_MAXSEL) + (size_t)MLA_KT * g->mla_rec_bytes;
-        CU_CHECK(cudaFuncSetAttribute(mla_fast_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        CU_SMEM_OPTIN(mla_fast_kernel, smem);
         mla_fast_kernel<<<dim3(splits, H / MLA_HG, rows), MLA_TH, smem, c->st>>>(a);
         CU_LAUNCHED("mla_fast");
     }

@@ -251,7 +251,7 @@ int cu_moe_gate(struct cu_ctx *c, int32_t *ids, float *w, const float *x, int ro
     const struct cu_weight *bw = bias && bias->be ? (const struct cu_weight *)bias->be : NULL;
     const size_t smem = sizeof(float) * 8 * (size_t)(3 * E + 2 * G);
     if (smem > 48 * 1024)
-        CU_CHECK(cudaFuncSetAttribute(gate_route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        CU_SMEM_OPTIN(gate_route_kernel, smem);
     gate_route_kernel<<<cu_blocks((size_t)rows, 8), 256, smem, c->st>>>(
         ids, w, logits, bw ? bw->f32 : NULL, rows, E, G, cf->topk_group, K, cf->scoring_sigmoid,
         cf->norm_topk_prob, cf->routed_scaling_factor);
