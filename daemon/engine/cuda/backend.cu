@@ -502,6 +502,7 @@ static void cuda_free(struct dsv32_backend *be)
         cudaFree(c->rope_cos);
         cudaFree(c->rope_sin);
         cudaFree(c->probe_flips);
+        cudaFree(c->mla_prof);
         cudaFree(c->probe_near);
         cudaFree(c->probe_n);
         free(c->probe_host);
@@ -682,8 +683,29 @@ extern "C" int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, i
         c->topk_global = value != 0;
     else if (strcmp(name, "mla_wgmma") == 0)
         c->mla_wgmma = value != 0;
-    else
+    else if (strcmp(name, "mla_prof") == 0) {
+        CU_TRY(cu_enter(c));
+        if (value && !c->mla_prof) {
+            CU_CHECK(cudaMalloc((void **)&c->mla_prof, 20 * sizeof(unsigned long long)));
+            CU_CHECK(cudaMemsetAsync(c->mla_prof, 0, 20 * sizeof(unsigned long long), c->st));
+        } else if (!value && c->mla_prof) {
+            CU_CHECK(cudaStreamSynchronize(c->st));
+            CU_CHECK(cudaFree(c->mla_prof));
+            c->mla_prof = NULL;
+        }
+    } else
         return -EINVAL;
+    return 0;
+}
+
+extern "C" int dsv32_cuda_mla_prof(struct dsv32_backend *be, unsigned long long out[20])
+{
+    ENTER(be);
+    if (!c->mla_prof)
+        return -EINVAL;
+    CU_CHECK(cudaMemcpyAsync(out, c->mla_prof, 20 * sizeof(unsigned long long), cudaMemcpyDeviceToHost, c->st));
+    CU_CHECK(cudaMemsetAsync(c->mla_prof, 0, 20 * sizeof(unsigned long long), c->st));
+    CU_CHECK(cudaStreamSynchronize(c->st));
     return 0;
 }
 

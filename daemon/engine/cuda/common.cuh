@@ -125,6 +125,7 @@ struct cu_ctx {
                                   a diagnostic) or mma.sync (0) */
     int idx_no_topk;           /* benchmarks: scores only (the top-k's share by difference) */
     int mla_wgmma;             /* fast sparse/dense MLA decode on wgmma (1) or mma.sync (0) */
+    unsigned long long *mla_prof; /* benchmarks: the wgmma MLA kernel's cycles per phase (20 counters) */
     int topk_global;           /* the top-k's last pass and ordered sweeps over global memory even
                                   when the candidates would fit shared memory (tests, baseline) */
     /* Every kernel, copy and memset of the backend runs on st, created cudaStreamNonBlocking: it

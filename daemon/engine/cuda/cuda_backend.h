@@ -33,9 +33,17 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * prefetches into registers instead of the shared-memory pipeline), "idx_wgmma" (1: f16 indexer
  * scores on wgmma, 0: on mma.sync, 2: wgmma with the descriptor offsets swapped, a diagnostic that
  * must fail the tests), "idx_no_topk" (1: scores only, for timing), "topk_global" (1: the top-k
- * finishes over global memory, its fallback when the candidates do not fit shared memory).
+ * finishes over global memory, its fallback when the candidates do not fit shared memory),
+ * "mla_wgmma" (1: fast MLA decode on wgmma, 0: on mma.sync), "mla_prof" (1: count the wgmma MLA
+ * kernel's cycles per phase, read by dsv32_cuda_mla_prof).
  * Returns 0 or -EINVAL. */
 int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, int value);
+/* With the knob "mla_prof" 1: the wgmma MLA kernel's cycles per phase since the last call, summed
+ * over the two warpgroups' first threads: out[8 wg + phase] for the phases of mla_wg_kernel's
+ * tile loop (mla.cu names them); out[16] the tiles of warpgroup 0; out[17], out[18] thread 0's
+ * cycles before and after the loop, out[19] the CTAs.
+ * The counters restart at zero. */
+int dsv32_cuda_mla_prof(struct dsv32_backend *be, unsigned long long out[20]);
 /* What the cuBLASLt block-scaled FP8 calibration found (calibrates on first call). */
 const char *dsv32_cuda_lt_status(struct dsv32_backend *be);
 

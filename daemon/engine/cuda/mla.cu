@@ -192,6 +192,7 @@ struct mla_fast_args {
     const uint8_t *row_mha;
     int H, rows, splits, keys_per_split;
     float scale;
+    unsigned long long *prof; /* mla_wg_kernel<true>: cycles per phase (knob mla_prof) */
 };
 
 static __global__ void __launch_bounds__(MLA_TH, 1) mla_fast_kernel(const struct mla_fast_args a)
@@ -464,6 +465,49 @@ static __device__ __forceinline__ uint32_t wg_off(int row, int col) /* bytes, 12
     return (uint32_t)((col >> 6) * 8192 + row * 128 + ((((col >> 3) & 7) ^ (row & 7)) << 4) + (col & 7) * 2);
 }
 
+/* PROF: threads 0 and 128 add their cycles per phase of the tile loop to a.prof[8 wg + phase]
+ * (0 QK^T with the next gather's issue, 1 softmax, 2 O rescale + V^T loads + PV issue, 3 barrier
+ * and gather wait, 7 the next tile's conversion, 4 its proxy fence, 5 PV wait + barrier; 6 unused),
+ * a.prof[16] the tiles of
+ * warpgroup 0: the knob mla_prof's breakdown for the benchmark */
+/* The raw records' row stride in shared memory: 64 bytes past a multiple of 128, so that the
+ * conversion's quarter-warp (two keys, 64 bytes each) reads 128 distinct bytes */
+static __host__ __device__ __forceinline__ int wg_rec_stride(int rec_bytes) { return (rec_bytes + 63) / 128 * 128 + 64; }
+
+/* A scale the bf16 path below takes exactly: a power of two (ue8m0 caches: DeepSeek-V3.2's) in
+ * [2^-100, 2^6], so that scale * 2^120 is a normal bf16 */
+static __device__ __forceinline__ bool pow2_scale(float sc)
+{
+    const uint32_t u = __float_as_uint(sc);
+    return (u & 0x007fffffu) == 0 && sc >= 0x1p-100f && sc <= 64.0f;
+}
+
+/* prmt.b32 with sign replication (a selector nibble's msb; __byte_perm documents only 3 bits) */
+static __device__ __forceinline__ uint32_t prmt_sext(uint32_t x, uint32_t sel)
+{
+    uint32_t d;
+    asm("prmt.b32 %0, %1, 0, %2;" : "=r"(d) : "r"(x), "r"(sel));
+    return d;
+}
+
+/* Two e4m3 values times a power-of-two scale, as bf16x2, without the conversion unit (F2F/F2FP
+ * run at a sixteenth of the ALU rate and were most of the key conversion's time): the input holds
+ * each byte sign-extended to 16 bits (prmt_sext); shifted left
+ * by 4 and masked, sign | exponent | mantissa land in bf16's fields with the exponent bias 7
+ * instead of 127, i.e. the value times 2^-120 exactly (e4m3 subnormals become bf16 subnormals of
+ * the same digits); one bf16 multiply by scale * 2^120 (exact: both powers of two apart from the
+ * value's 4 significant bits) gives bf16(value * scale), the same bits as the f32 path. */
+static __device__ __forceinline__ uint32_t e4m3x2_scaled_pow2(uint32_t sext_pair, float sc)
+{
+    const uint32_t x = (sext_pair << 4) & 0x87f087f0u;
+    const __nv_bfloat162 s2 = __float2bfloat162_rn(sc * 0x1p120f);
+    const uint32_t s = *reinterpret_cast<const uint32_t *>(&s2);
+    uint32_t d;
+    asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(x), "r"(s));
+    return d;
+}
+
+template <bool PROF>
 static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct mla_fast_args a)
 {
     extern __shared__ __align__(16) uint8_t dsmem[];
@@ -471,8 +515,9 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
     uint8_t *smem = dsmem + ((1024 - (smem_addr(dsmem) & 1023u)) & 1023u);
     uint8_t *Qb = smem, *Kb = smem + WG_QB, *Pb = smem + 2 * WG_QB;
     uint8_t *stg = Pb + 8192;
-    int32_t *kslot = reinterpret_cast<int32_t *>(stg + MLA_KT * a.rec_bytes);
-    int32_t *sslot = kslot + MLA_KT;
+    const int srec = wg_rec_stride(a.rec_bytes);
+    uint64_t *gbar = reinterpret_cast<uint64_t *>(stg + MLA_KT * srec);
+    int32_t *sslot = reinterpret_cast<int32_t *>(gbar + 1);
     int32_t *kval = sslot + MLA_MAXSEL;
     float *red_m = reinterpret_cast<float *>(kval + MLA_KT); /* [2][64] */
     float *red_l = red_m + 2 * MLA_HG;                        /* [2][64] */
@@ -480,6 +525,7 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
     float *l_run = m_run + 2 * MLA_HG;                        /* [64] */
     float *alpha_s = l_run + MLA_HG;                          /* [64] */
 
+    const unsigned long long t_start = PROF ? clock64() : 0;
     const int z = blockIdx.x, hg = blockIdx.y, r = blockIdx.z;
     const int tid = threadIdx.x, wg = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
     if (a.row_mha && a.row_mha[r])
@@ -488,54 +534,114 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
     const int n_keys = a.sel ? a.n_sel : pos + 1;
     const int kbeg = z * a.keys_per_split, kend = min(n_keys, kbeg + a.keys_per_split);
     const int h0 = hg * MLA_HG;
-    const int recb = a.rec_bytes, chunks = recb / 16;
+    const int recb = a.rec_bytes;
 
-    /* Q to bf16, 8 dims (16 bytes) at a time */
-    for (int i = tid; i < MLA_HG * (MLA_D / 8); i += WG_TH) {
-        const int h = i / (MLA_D / 8), d0 = 8 * (i % (MLA_D / 8));
-        const float *src = d0 < MLA_C ? a.q_lat + ((size_t)r * a.H + h0 + h) * MLA_C + d0
-                                      : a.q_pe + (size_t)r * a.ldr_pe + (size_t)(h0 + h) * a.ldh_pe + d0 - MLA_C;
-        const uint4 v = make_uint4(pack_bf16(src[0], src[1]), pack_bf16(src[2], src[3]), pack_bf16(src[4], src[5]),
-                                   pack_bf16(src[6], src[7]));
-        *reinterpret_cast<uint4 *>(Qb + wg_off(h, d0)) = v;
-    }
     if (tid < MLA_HG) {
         m_run[tid] = -INFINITY;
         l_run[tid] = 0.0f;
     }
+    /* the selected positions' cache slots, eight per thread: the selections' loads, then the
+     * block tables' */
     const bool pre = a.sel && kend - kbeg <= MLA_MAXSEL;
     if (pre)
-        for (int j = tid; j < kend - kbeg; j += WG_TH) {
-            const int p = a.sel[(size_t)r * a.n_sel + kbeg + j];
-            sslot[j] = (p >= 0 && p <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p) : -1;
+        for (int j0 = 0; j0 < kend - kbeg; j0 += 8 * WG_TH) {
+            int p[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int j = j0 + u * WG_TH + tid;
+                p[u] = j < kend - kbeg ? a.sel[(size_t)r * a.n_sel + kbeg + j] : -1;
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int j = j0 + u * WG_TH + tid;
+                if (j < kend - kbeg)
+                    sslot[j] = (p[u] >= 0 && p[u] <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p[u]) : -1;
+            }
         }
-    auto issue = [&](int ts) {
-        __syncthreads(); /* sslot written; kslot no longer read; the key tile complete */
-        if (tid < MLA_KT) {
-            const int j = ts + tid;
-            int32_t sl = -1;
-            if (j < kend) {
-                if (pre) {
-                    sl = sslot[j - kbeg];
+    if (tid == 0)
+        mbar_init(gbar, WG_TH / 32);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* the barrier -> the copy engine */
+    __syncthreads(); /* sslot, gbar */
+
+    /* Key k of a tile is converted by the four lanes 4k.. (one warp holds eight keys whole); lane
+     * 4k gathers its record with one bulk copy, so the warp alone orders its reads of the raw
+     * records before their next copy, and a lane keeps its key's cache slot in a register. */
+    const int key = tid >> 2;
+    auto slot_at = [&](int j) -> int32_t {
+        if (j >= kend)
+            return -1;
+        if (pre)
+            return sslot[j - kbeg];
+        const int p = a.sel ? a.sel[(size_t)r * a.n_sel + j] : j;
+        return (p >= 0 && p <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p) : -1;
+    };
+    /* one bulk copy per key, from its lane 0; lane 0 of each warp arrives on gbar with the bytes
+     * of the warp's eight keys (8 arrivals a phase: one per key queued on the barrier's word) */
+    auto gather = [&](int32_t sl) {
+        const uint32_t n_ok = __popc(__ballot_sync(0xffffffffu, t == 0 && sl >= 0));
+        if (lane == 0)
+            mbar_arrive_tx(gbar, n_ok * (uint32_t)recb);
+        if (t == 0 && sl >= 0)
+            bulk_g2s(stg + key * srec, a.mla + (size_t)sl * recb, (uint32_t)recb, gbar);
+    };
+    /* the raw record of this lane's key -> K (bf16): lane t converts latent bytes 16(t + 4k)..
+     * (k < 8; scale block k / 2) and rope chunks t, t + 4 (bf16: 8 dims each; f32: 4 dims, lanes
+     * take t + 4k, k < 4); zeros for an invalid key */
+    auto convert = [&](int32_t sl) {
+        const uint8_t *rec = stg + key * srec;
+        const bool ok = sl >= 0;
+        const float4 sc4 = ok ? *reinterpret_cast<const float4 *>(rec + MLA_C) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            uint4 raw[4];
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                raw[k] = ok ? *reinterpret_cast<const uint4 *>(rec + 16 * (t + 4 * (4 * half + k))) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const int kk = 4 * half + k, b = kk >> 1;
+                const float sc = b == 0 ? sc4.x : b == 1 ? sc4.y : b == 2 ? sc4.z : sc4.w;
+                const uint32_t in[4] = {raw[k].x, raw[k].y, raw[k].z, raw[k].w};
+                uint32_t wv[8];
+                if (pow2_scale(sc)) {
+#pragma unroll
+                    for (int q = 0; q < 4; q++) {
+                        wv[2 * q] = e4m3x2_scaled_pow2(prmt_sext(in[q], 0x9180), sc);
+                        wv[2 * q + 1] = e4m3x2_scaled_pow2(prmt_sext(in[q], 0xB3A2), sc);
+                    }
                 } else {
-                    const int p = a.sel ? a.sel[(size_t)r * a.n_sel + j] : j;
-                    sl = (p >= 0 && p <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p) : -1;
+#pragma unroll
+                    for (int q = 0; q < 4; q++) {
+                        const __half2_raw x0 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(in[q] & 0xffff), __NV_E4M3);
+                        const __half2_raw x1 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(in[q] >> 16), __NV_E4M3);
+                        const float2 f0 = __half22float2(__half2(x0)), f1 = __half22float2(__half2(x1));
+                        wv[2 * q] = pack_bf16(f0.x * sc, f0.y * sc);
+                        wv[2 * q + 1] = pack_bf16(f1.x * sc, f1.y * sc);
+                    }
                 }
-            }
-            kslot[tid] = sl;
-        }
-        __syncthreads();
-        { /* four lanes per key, no division */
-            const int key = tid >> 2;
-            const int32_t sl = kslot[key];
-            if (sl >= 0) {
-                const uint8_t *src = a.mla + (size_t)sl * recb;
-                uint8_t *dst = stg + key * recb;
-                for (int ch = tid & 3; ch < chunks; ch += 4)
-                    cp_async16(dst + 16 * ch, src + 16 * ch);
+                const int col = 16 * (t + 4 * kk);
+                *reinterpret_cast<uint4 *>(Kb + wg_off(key, col)) = make_uint4(wv[0], wv[1], wv[2], wv[3]);
+                *reinterpret_cast<uint4 *>(Kb + wg_off(key, col + 8)) = make_uint4(wv[4], wv[5], wv[6], wv[7]);
             }
         }
-        asm volatile("cp.async.commit_group;");
+        const uint8_t *pr = rec + MLA_C + 4 * (MLA_C / 128);
+        if (a.rope_f32) {
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const int d0 = 4 * (t + 4 * k);
+                const float4 f = ok ? *reinterpret_cast<const float4 *>(pr + 4 * d0) : make_float4(0.f, 0.f, 0.f, 0.f);
+                *reinterpret_cast<uint2 *>(Kb + wg_off(key, MLA_C + d0)) = make_uint2(pack_bf16(f.x, f.y), pack_bf16(f.z, f.w));
+            }
+        } else {
+#pragma unroll
+            for (int k = 0; k < 2; k++) {
+                const int d0 = 8 * (t + 4 * k);
+                const uint4 v = ok ? *reinterpret_cast<const uint4 *>(pr + 2 * d0) : make_uint4(0, 0, 0, 0);
+                *reinterpret_cast<uint4 *>(Kb + wg_off(key, MLA_C + d0)) = v;
+            }
+        }
+        if (t == 0)
+            kval[key] = ok;
     };
 
     float O[4][32];
@@ -547,56 +653,56 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
     const uint32_t qaddr = smem_addr(Qb), kaddr = smem_addr(Kb), paddr = smem_addr(Pb);
     const int hr0 = 16 * w + g, hr1 = hr0 + 8; /* this lane's S rows (heads) */
     int it = 0;
-    if (kbeg < kend)
-        issue(kbeg);
-    for (int ts = kbeg; ts < kend; ts += MLA_KT, it++) {
-        asm volatile("cp.async.wait_all;");
-        __syncthreads();
-        /* the raw tile -> K (bf16), 8 dims per chunk: 64 latent chunks + 8 rope chunks per key; four
-         * lanes per key */
-        const bool kv_ok = kslot[tid >> 2] >= 0;
-#pragma unroll 6
-        for (int c = tid & 3; c < MLA_D / 8; c += 4) {
-            const int key = tid >> 2;
-            uint4 v = make_uint4(0, 0, 0, 0);
-            if (kv_ok) {
-                const uint8_t *rec = stg + key * recb;
-                if (c < MLA_C / 8) {
-                    const uint2 b = *reinterpret_cast<const uint2 *>(rec + 8 * c);
-                    const float sc = reinterpret_cast<const float *>(rec + MLA_C)[c / 16];
-                    const uint32_t in[2] = {b.x, b.y};
-                    uint32_t wv[4];
-#pragma unroll
-                    for (int k = 0; k < 2; k++) {
-                        const __half2_raw x0 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(in[k] & 0xffff), __NV_E4M3);
-                        const __half2_raw x1 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(in[k] >> 16), __NV_E4M3);
-                        const float2 f0 = __half22float2(__half2(x0)), f1 = __half22float2(__half2(x1));
-                        wv[2 * k] = pack_bf16(f0.x * sc, f0.y * sc);
-                        wv[2 * k + 1] = pack_bf16(f1.x * sc, f1.y * sc);
-                    }
-                    v = make_uint4(wv[0], wv[1], wv[2], wv[3]);
-                } else {
-                    const uint8_t *pr = rec + MLA_C + 4 * (MLA_C / 128);
-                    const int d0 = 8 * (c - MLA_C / 8);
-                    if (a.rope_f32) {
-                        const float *pf = reinterpret_cast<const float *>(pr) + d0;
-                        v = make_uint4(pack_bf16(pf[0], pf[1]), pack_bf16(pf[2], pf[3]), pack_bf16(pf[4], pf[5]),
-                                       pack_bf16(pf[6], pf[7]));
-                    } else {
-                        v = *reinterpret_cast<const uint4 *>(pr + 2 * d0);
-                    }
-                }
-            }
-            *reinterpret_cast<uint4 *>(Kb + wg_off(key, 8 * c)) = v;
+    unsigned long long ph[8] = {0, 0, 0, 0, 0, 0, 0, 0}, tp = 0;
+    auto mark = [&](int i) {
+        if (PROF && (tid & 127) == 0) {
+            const unsigned long long now = clock64();
+            if (i >= 0)
+                ph[i] += now - tp;
+            tp = now;
         }
-        if (tid < MLA_KT)
-            kval[tid] = kslot[tid] >= 0;
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* K (and Q) -> the tensor core */
-        if (ts + MLA_KT < kend)
-            issue(ts + MLA_KT); /* its first barrier publishes K and kval */
-        else
-            __syncthreads();
-
+    };
+    /* the first tile's records in flight while Q is staged, then converted */
+    int32_t sl = -1;
+    if (kbeg < kend) {
+        sl = slot_at(kbeg + key);
+        gather(sl);
+    }
+    /* Q to bf16, 8 dims (16 bytes) at a time, six of the 18 per thread in flight (the loads,
+     * one after another, were a tenth of the kernel's time) */
+    for (int i0 = 0; i0 < MLA_HG * (MLA_D / 8); i0 += 6 * WG_TH) {
+        float v[6][8];
+#pragma unroll
+        for (int u = 0; u < 6; u++) {
+            const int i = i0 + u * WG_TH + tid, h = i / (MLA_D / 8), d0 = 8 * (i % (MLA_D / 8));
+            const float *src = d0 < MLA_C ? a.q_lat + ((size_t)r * a.H + h0 + h) * MLA_C + d0
+                                          : a.q_pe + (size_t)r * a.ldr_pe + (size_t)(h0 + h) * a.ldh_pe + d0 - MLA_C;
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+                v[u][e] = src[e];
+        }
+#pragma unroll
+        for (int u = 0; u < 6; u++) {
+            const int i = i0 + u * WG_TH + tid, h = i / (MLA_D / 8), d0 = 8 * (i % (MLA_D / 8));
+            *reinterpret_cast<uint4 *>(Qb + wg_off(h, d0)) =
+                make_uint4(pack_bf16(v[u][0], v[u][1]), pack_bf16(v[u][2], v[u][3]), pack_bf16(v[u][4], v[u][5]),
+                           pack_bf16(v[u][6], v[u][7]));
+        }
+    }
+    if (kbeg < kend) {
+        mbar_wait(gbar, 0);
+        convert(sl);
+    }
+    /* Q and K -> the tensor core; the raw records read before the copy engine rewrites them */
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncthreads();
+    const unsigned long long t_loop = PROF ? clock64() : 0;
+    /* Per tile i: S = Q K_i^T issued, tile i + 1's records gathered while the tensor cores run it
+     * (the bulk copies' issue takes ~1000 cycles), softmax, PV_i with V_i^T in registers (its
+     * issue returns when the registers are read: no overlap to gain behind it), then tile i + 1's
+     * records are converted into the key tile. */
+    for (int ts = kbeg; ts < kend; ts += MLA_KT, it++) {
+        mark(-1);
         /* S = Q K^T, heads x keys 32wg.. */
         float S[16];
 #pragma unroll
@@ -608,14 +714,20 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
         for (int st = 0; st < MLA_D / 16; st++)
             wgmma_bf16_ss_n32(S, wg_desc_sw128(qaddr + (st >> 2) * 8192 + (st & 3) * 32),
                      wg_desc_sw128(kaddr + (st >> 2) * 8192 + wg * 4096 + (st & 3) * 32), st > 0);
-        wg_commit_wait();
+        wg_commit();
+        if (ts + MLA_KT < kend) {
+            sl = slot_at(ts + MLA_KT + key);
+            gather(sl);
+        }
+        wg_wait0();
         wg_fence(S);
+        mark(0);
         /* S[4j + {0,1,2,3}]: (head hr0, key 8j+2t), (hr0, +1), (hr1, 8j+2t), (hr1, +1), keys of 32wg.. */
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            const int key = 32 * wg + 8 * j + 2 * t;
-            const bool v0 = kval[key], v1 = kval[key + 1];
+            const int kc = 32 * wg + 8 * j + 2 * t;
+            const bool v0 = kval[kc], v1 = kval[kc + 1];
             S[4 * j + 0] = v0 ? S[4 * j + 0] * a.scale : -INFINITY;
             S[4 * j + 1] = v1 ? S[4 * j + 1] * a.scale : -INFINITY;
             S[4 * j + 2] = v0 ? S[4 * j + 2] * a.scale : -INFINITY;
@@ -641,13 +753,13 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
             const float ref0 = mn0 == -INFINITY ? 0.0f : mn0, ref1 = mn1 == -INFINITY ? 0.0f : mn1;
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                const int key = 32 * wg + 8 * j + 2 * t;
+                const int kc = 32 * wg + 8 * j + 2 * t;
                 const float p0 = __expf(S[4 * j + 0] - ref0), p1 = __expf(S[4 * j + 1] - ref0);
                 const float p2 = __expf(S[4 * j + 2] - ref1), p3 = __expf(S[4 * j + 3] - ref1);
                 sum0 += p0 + p1;
                 sum1 += p2 + p3;
-                *reinterpret_cast<uint32_t *>(Pb + wg_off(hr0, key)) = pack_bf16(p0, p1);
-                *reinterpret_cast<uint32_t *>(Pb + wg_off(hr1, key)) = pack_bf16(p2, p3);
+                *reinterpret_cast<uint32_t *>(Pb + wg_off(hr0, kc)) = pack_bf16(p0, p1);
+                *reinterpret_cast<uint32_t *>(Pb + wg_off(hr1, kc)) = pack_bf16(p2, p3);
             }
             sum0 += __shfl_xor_sync(0xffffffffu, sum0, 1);
             sum0 += __shfl_xor_sync(0xffffffffu, sum0, 2);
@@ -666,6 +778,7 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
         }
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* P -> the tensor core */
         __syncthreads();
+        mark(1);
         if (wg == 0 && t == 0) {
             l_run[hr0] = l_run[hr0] * alpha_s[hr0] + red_l[hr0] + red_l[MLA_HG + hr0];
             l_run[hr1] = l_run[hr1] * alpha_s[hr1] + red_l[hr1] + red_l[MLA_HG + hr1];
@@ -702,7 +815,21 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
 #pragma unroll
             for (int kk = 0; kk < 4; kk++)
                 wgmma_bf16_rs_n64(O[mt], af[mt][kk], wg_desc_sw128(paddr + kk * 32), 1);
-        wg_commit_wait();
+        wg_commit();
+        mark(2);
+        const bool more = ts + MLA_KT < kend;
+        if (more)
+            mbar_wait(gbar, (it + 1) & 1); /* tile i + 1's raw records */
+        __syncthreads(); /* the key tile read (S and V^T), kval read */
+        mark(3);
+        if (more) {
+            convert(sl);
+            mark(7);
+            /* K -> the tensor core; the raw records read before the copy engine rewrites them */
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            mark(4);
+        }
+        wg_wait0();
 #pragma unroll
         for (int mt = 0; mt < 4; mt++) {
             wg_fence(O[mt]);
@@ -710,7 +837,10 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
             for (int kk = 0; kk < 4; kk++)
                 wg_fence_a(af[mt][kk]);
         }
+        __syncthreads(); /* K_{i+1}, kval published; P free */
+        mark(5);
     }
+    const unsigned long long t_end = PROF ? clock64() : 0;
     __syncthreads(); /* l_run, m_run final */
     const float *mfin = m_run + (it & 1) * MLA_HG;
 #pragma unroll
@@ -736,6 +866,16 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
     }
     if (a.splits > 1 && tid < MLA_HG)
         a.part_ml[((size_t)z * a.rows + r) * a.H + h0 + tid] = make_float2(mfin[tid], l_run[tid]);
+    if (PROF && (tid & 127) == 0) {
+        for (int i = 0; i < 8; i++)
+            atomicAdd(a.prof + 8 * wg + i, ph[i]);
+        if (wg == 0) {
+            atomicAdd(a.prof + 16, (unsigned long long)it);
+            atomicAdd(a.prof + 17, t_loop - t_start);
+            atomicAdd(a.prof + 18, clock64() - t_end);
+            atomicAdd(a.prof + 19, 1ull);
+        }
+    }
 }
 
 static __global__ void mla_combine_kernel(float *out, const float *part_o, const float2 *part_ml, int rows,
@@ -830,11 +970,18 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
     a.splits = splits;
     a.keys_per_split = tiles_per * MLA_KT;
     a.scale = scale;
+    a.prof = NULL;
     if (c->mla_wgmma) {
-        const size_t smem = 1024 + 2 * (size_t)WG_QB + 8192 + (size_t)MLA_KT * g->mla_rec_bytes +
-                            sizeof(int32_t) * (2 * MLA_KT + MLA_MAXSEL) + sizeof(float) * 8 * MLA_HG;
-        CU_SMEM_OPTIN(mla_wg_kernel, smem);
-        mla_wg_kernel<<<dim3(splits, H / MLA_HG, rows), WG_TH, smem, c->st>>>(a);
+        const size_t smem = 1024 + 2 * (size_t)WG_QB + 8192 + (size_t)MLA_KT * wg_rec_stride(g->mla_rec_bytes) +
+                            sizeof(uint64_t) + sizeof(int32_t) * (MLA_KT + MLA_MAXSEL) + sizeof(float) * 8 * MLA_HG;
+        a.prof = c->mla_prof;
+        if (a.prof) {
+            CU_SMEM_OPTIN(mla_wg_kernel<true>, smem);
+            mla_wg_kernel<true><<<dim3(splits, H / MLA_HG, rows), WG_TH, smem, c->st>>>(a);
+        } else {
+            CU_SMEM_OPTIN(mla_wg_kernel<false>, smem);
+            mla_wg_kernel<false><<<dim3(splits, H / MLA_HG, rows), WG_TH, smem, c->st>>>(a);
+        }
         CU_LAUNCHED("mla_wg");
     } else {
         const size_t smem = sizeof(__nv_bfloat16) * 2 * MLA_HG * MLA_QSTR + sizeof(float) * MLA_HG * MLA_SSTR +

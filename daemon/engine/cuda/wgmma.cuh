@@ -48,6 +48,10 @@ static __device__ __forceinline__ void wg_fence_a(uint32_t (&a)[4])
 
 static __device__ __forceinline__ void wg_begin() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 
+static __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+
+static __device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+
 static __device__ __forceinline__ void wg_commit_wait()
 {
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
@@ -125,5 +129,45 @@ static __device__ __forceinline__ void wgmma_bf16_ss_n32(float (&d)[16], uint64_
 
 #undef WG_D32
 #undef WG_R32
+
+/* ---- the bulk copy engine (TMA without a tensor map) and its shared-memory barrier ----
+ * A thread arms the barrier with the bytes its copy will bring (mbar_arrive_tx, an arrival
+ * too) and issues the copy (bulk_g2s: global -> shared, 16-byte aligned, a multiple of 16
+ * bytes); the barrier's phase completes when all its expected arrivals have come and every byte
+ * has landed; waiters spin on the phase's parity. Generic-proxy reads of the destination must be
+ * ordered before a new copy into it by fence.proxy.async. */
+static __device__ __forceinline__ void mbar_init(uint64_t *bar, int count)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"((uint32_t)__cvta_generic_to_shared(bar)), "r"(count)
+                 : "memory");
+}
+
+static __device__ __forceinline__ void mbar_arrive_tx(uint64_t *bar, uint32_t bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"((uint32_t)__cvta_generic_to_shared(bar)),
+                 "r"(bytes)
+                 : "memory");
+}
+
+static __device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity)
+{
+    asm volatile("{\n.reg .pred done;\nwait_%=:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra wait_%=;\n}\n" ::"r"((uint32_t)__cvta_generic_to_shared(bar)),
+                 "r"(parity)
+                 : "memory");
+}
+
+static __device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t bytes, uint64_t *bar)
+{
+#if WG_OK
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     (uint32_t)__cvta_generic_to_shared(dst)),
+                 "l"(src), "r"(bytes), "r"((uint32_t)__cvta_generic_to_shared(bar))
+                 : "memory");
+#else
+    __trap();
+#endif
+}
 
 #endif
