@@ -445,16 +445,20 @@ static __global__ void __launch_bounds__(MLA_TH, 1) mla_fast_kernel(const struct
  * dequantized with its block scale) in the 128-byte-swizzle K-major layout of wgmma (64-column
  * atoms of 64 rows x 128 bytes, 16-byte chunk c of row r at c ^ (r % 8): wg_off; the no-swizzle
  * layout measured the same speed as the mma.sync kernel, its shared-memory reads conflicting),
- * the raw records of the next tile (cp.async) and P (64 heads x 64 keys, bf16, one atom). Per
- * tile:
+ * the raw records of the next tile (one bulk copy per record into rows of wg_rec_stride bytes,
+ * completion counted in bytes by an mbarrier) and P (64 heads x 64 keys, bf16, one atom). The
+ * four lanes 4k.. convert key k (power-of-two scales on the ALU: e4m3x2_scaled_pow2). Per tile,
+ * in this order (the PV product's register operand makes its issue return only once the tensor
+ * core has read it, so only the next gather hides under an MMA; docs/GPU-NOTES.md):
  *   S = Q K^T: warpgroup w computes heads 0..63 x keys 32w..32w+31 (36 x m64n32k16, both
- *       operands from shared memory);
+ *       operands from shared memory), the next tile's gather issued while they run;
  *   softmax: row maxima exchanged between the two warpgroups through shared memory, P written in
  *       bf16, the running max per head double-buffered by tile parity, the running sum updated
  *       by one warpgroup;
  *   O^T += V^T P^T: warpgroup w owns latent dims 256w..256w+255 as the M side (4 x m64), the 64
  *       heads as N, the 64 keys as K: A = V^T from registers through ldmatrix.trans of the key
- *       tile, B = P from shared memory (16 x m64n64k16).
+ *       tile, B = P from shared memory (16 x m64n64k16);
+ *   the next tile's records (gathered under this tile's QK^T) converted into the key tile.
  * Output and split partials as mla_fast_kernel's. */
 #define WG_TH 256
 #define WG_QB (9 * 8192) /* a 64 x 576 bf16 matrix: 9 swizzle atoms */
@@ -465,11 +469,6 @@ static __device__ __forceinline__ uint32_t wg_off(int row, int col) /* bytes, 12
     return (uint32_t)((col >> 6) * 8192 + row * 128 + ((((col >> 3) & 7) ^ (row & 7)) << 4) + (col & 7) * 2);
 }
 
-/* PROF: threads 0 and 128 add their cycles per phase of the tile loop to a.prof[8 wg + phase]
- * (0 QK^T with the next gather's issue, 1 softmax, 2 O rescale + V^T loads + PV issue, 3 barrier
- * and gather wait, 7 the next tile's conversion, 4 its proxy fence, 5 PV wait + barrier; 6 unused),
- * a.prof[16] the tiles of
- * warpgroup 0: the knob mla_prof's breakdown for the benchmark */
 /* The raw records' row stride in shared memory: 64 bytes past a multiple of 128, so that the
  * conversion's quarter-warp (two keys, 64 bytes each) reads 128 distinct bytes */
 static __host__ __device__ __forceinline__ int wg_rec_stride(int rec_bytes) { return (rec_bytes + 63) / 128 * 128 + 64; }
@@ -507,6 +506,11 @@ static __device__ __forceinline__ uint32_t e4m3x2_scaled_pow2(uint32_t sext_pair
     return d;
 }
 
+/* PROF: threads 0 and 128 add their cycles per phase of the tile loop to a.prof[8 wg + phase]
+ * (0 QK^T with the next gather's issue, 1 softmax, 2 O rescale + V^T loads + PV issue, 3 barrier
+ * and gather wait, 7 the next tile's conversion, 4 its proxy fence, 5 PV wait + barrier; 6
+ * unused), a.prof[16] the tiles of warpgroup 0, a.prof[17..19] thread 0's cycles before the loop,
+ * after it, and the CTAs: the knob mla_prof's breakdown for the benchmark */
 template <bool PROF>
 static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct mla_fast_args a)
 {
