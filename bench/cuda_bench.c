@@ -323,7 +323,7 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
             dsa_time(&d, &m, RUN_SPARSE, 3);
             if (dsv32_cuda_mla_prof(be, pc) == 0 && pc[16] > 0) {
                 static const char *names[] = {"QK^T (with the next tile's gather issued under it)", "softmax",
-                                              "O rescale, V^T loads, PV issue", "barrier + gather wait",
+                                              "O rescale + PV", "barrier + gather wait",
                                               "proxy fence after the conversion", "PV wait + barrier", NULL,
                                               "next tile's conversion"};
                 unsigned long long tot = 0;

@@ -448,16 +448,18 @@ static __global__ void __launch_bounds__(MLA_TH, 1) mla_fast_kernel(const struct
  * the raw records of the next tile (one bulk copy per record into rows of wg_rec_stride bytes,
  * completion counted in bytes by an mbarrier) and P (64 heads x 64 keys, bf16, one atom). The
  * four lanes 4k.. convert key k (power-of-two scales on the ALU: e4m3x2_scaled_pow2). Per tile,
- * in this order (the PV product's register operand makes its issue return only once the tensor
- * core has read it, so only the next gather hides under an MMA; docs/GPU-NOTES.md):
+ * in this order (only the next gather hides under an MMA; a producer warpgroup converting the
+ * next tile was slower, docs/GPU-NOTES.md):
  *   S = Q K^T: warpgroup w computes heads 0..63 x keys 32w..32w+31 (36 x m64n32k16, both
  *       operands from shared memory), the next tile's gather issued while they run;
  *   softmax: row maxima exchanged between the two warpgroups through shared memory, P written in
  *       bf16, the running max per head double-buffered by tile parity, the running sum updated
  *       by one warpgroup;
  *   O^T += V^T P^T: warpgroup w owns latent dims 256w..256w+255 as the M side (4 x m64), the 64
- *       heads as N, the 64 keys as K: A = V^T from registers through ldmatrix.trans of the key
- *       tile, B = P from shared memory (16 x m64n64k16);
+ *       heads as N, the 64 keys as K: A = V^T read by the tensor core from the key tile itself
+ *       (its rows of 64 dims per key are the transposed, MN-major, layout; 2.5% faster than
+ *       V^T through ldmatrix.trans into registers, and 58 registers fewer), B = P from shared
+ *       memory (16 x m64n64k16);
  *   the next tile's records (gathered under this tile's QK^T) converted into the key tile.
  * Output and split partials as mla_fast_kernel's. */
 #define WG_TH 256
@@ -507,7 +509,7 @@ static __device__ __forceinline__ uint32_t e4m3x2_scaled_pow2(uint32_t sext_pair
 }
 
 /* PROF: threads 0 and 128 add their cycles per phase of the tile loop to a.prof[8 wg + phase]
- * (0 QK^T with the next gather's issue, 1 softmax, 2 O rescale + V^T loads + PV issue, 3 barrier
+ * (0 QK^T with the next gather's issue, 1 softmax, 2 O rescale + PV, 3 barrier
  * and gather wait, 7 the next tile's conversion, 4 its proxy fence, 5 PV wait + barrier; 6
  * unused), a.prof[16] the tiles of warpgroup 0, a.prof[17..19] thread 0's cycles before the loop,
  * after it, and the CTAs: the knob mla_prof's breakdown for the benchmark */
@@ -800,16 +802,9 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
                 O[mt][4 * j + 3] *= al1;
             }
         }
-        /* O^T += V^T P^T: A = V^T (dims 256wg + 64mt + 16w.., keys 16kk..) via ldmatrix.trans */
-        uint32_t af[4][4][4];
-        {
-            const int kl = (lane & 7) + ((lane >> 4) << 3), dl = ((lane >> 3) & 1) * 8;
-#pragma unroll
-            for (int mt = 0; mt < 4; mt++)
-#pragma unroll
-                for (int kk = 0; kk < 4; kk++)
-                    ldsm_x4_t(af[mt][kk], kaddr + wg_off(16 * kk + kl, 256 * wg + 64 * mt + 16 * w + dl));
-        }
+        /* O^T += V^T P^T: A = V^T (dims 256wg + 64mt.., keys 16kk..) straight from the key tile,
+         * whose rows of 64 dims per key are V^T's MN-major layout (both descriptor offsets 1 KB:
+         * the next 8 keys; one 64-dim atom per MMA) */
 #pragma unroll
         for (int mt = 0; mt < 4; mt++)
             wg_fence(O[mt]);
@@ -818,8 +813,13 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
         for (int mt = 0; mt < 4; mt++)
 #pragma unroll
             for (int kk = 0; kk < 4; kk++)
-                wgmma_bf16_rs_n64(O[mt], af[mt][kk], wg_desc_sw128(paddr + kk * 32), 1);
+                wgmma_bf16_ss_n64_ta(O[mt], wg_desc(kaddr + (4 * wg + mt) * 8192 + kk * 2048, 1024, 1024) | ((uint64_t)1 << 62),
+                                     wg_desc_sw128(paddr + kk * 32), 1);
         wg_commit();
+        wg_wait0(); /* the key tile is rewritten next */
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++)
+            wg_fence(O[mt]);
         mark(2);
         const bool more = ts + MLA_KT < kend;
         if (more)
@@ -832,14 +832,6 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
             /* K -> the tensor core; the raw records read before the copy engine rewrites them */
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             mark(4);
-        }
-        wg_wait0();
-#pragma unroll
-        for (int mt = 0; mt < 4; mt++) {
-            wg_fence(O[mt]);
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++)
-                wg_fence_a(af[mt][kk]);
         }
         __syncthreads(); /* K_{i+1}, kval published; P free */
         mark(5);

@@ -7,6 +7,9 @@
  * lbo = the byte distance of core matrices adjacent along K, sbo = along M or N) or with the
  * 128-byte swizzle (rows of 128 bytes, 16-byte chunk c of row r at c ^ (r % 8), 8-row groups
  * 1024 bytes apart, tiles 1024-byte aligned; a k-step starts its bytes further in the row).
+ * A transposed (MN-major) A operand, 16-bit types only: 128-byte rows of 64 M elements, one row per
+ * K index, the same swizzle, 8-row atoms of 1 KB; with M = 64 one atom covers M, and both byte
+ * offsets set to the atom size cover whichever of them the hardware takes as the K stride.
  * Usage: wg_fence on the accumulators (and the register A operands) around the asynchronous
  * MMAs so the compiler neither reads them early nor reuses their registers; wg_begin before the
  * first MMA of a batch; wg_commit_wait after it; fence.proxy.async between generic writes of a
@@ -96,14 +99,15 @@ static __device__ __forceinline__ void wgmma_f16_rs_n64(float (&d)[32], const ui
 #endif
 }
 
-/* d (+)= A B, m64n64k16, bf16: A from registers, B from shared memory */
-static __device__ __forceinline__ void wgmma_bf16_rs_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t db, int acc)
+/* d (+)= A B, m64n64k16, bf16, both from shared memory, A transposed (MN-major: rows of 64 M
+ * elements per K index, 128-byte swizzle, 8-row atoms of 1 KB) */
+static __device__ __forceinline__ void wgmma_bf16_ss_n64_ta(float (&d)[32], uint64_t da, uint64_t db, int acc)
 {
 #if WG_OK
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_R32 ", {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_R32 ", %32, %33, p, 1, 1, 1, 0;\n}\n"
                  : WG_D32
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc)
+                 : "l"(da), "l"(db), "r"(acc)
                  : "memory");
 #else
     __trap();
