@@ -194,7 +194,9 @@ void dsv32_etcd_watch_free(struct dsv32_etcd_watch *w);
 /* ---- Leader election ---- */
 
 /* Called when this candidate becomes leader or stops being one (lease lost or uncertain, key
- * deleted, resigned). On an internal thread; must not block nor free the election. */
+ * deleted, resigned). On an internal thread; must not block nor free the election. A loss is
+ * reported after the state has changed: dsv32_etcd_election_is_leader can return false a moment
+ * before fn(false) runs. */
 typedef void (*dsv32_etcd_leader_fn)(void *arg, bool is_leader);
 
 struct dsv32_etcd_election_config {

@@ -546,6 +546,18 @@ static int leader_field(struct leader_log *l, int *field)
     return v;
 }
 
+/* The callback of a lost leadership runs after the state has flipped (on the thread that saw it:
+ * the watch's or the keeper's), so a test that has seen is_leader false waits for the count; a
+ * count that never comes still fails. */
+static int wait_field(struct leader_log *l, int *field, int want, int64_t ms)
+{
+    int64_t end = now_ms() + ms;
+    int v;
+    while ((v = leader_field(l, field)) < want && now_ms() < end)
+        usleep(5000);
+    return v;
+}
+
 struct campaign_job {
     struct dsv32_etcd_election *el;
     int64_t timeout_ms;
@@ -614,7 +626,7 @@ static void test_election(void **state)
     assert_true(now_ms() - t0 < 2000);
     assert_true(dsv32_etcd_election_is_leader(b));
     assert_false(dsv32_etcd_election_is_leader(a));
-    assert_int_equal(leader_field(&la, &la.n_down), 1);
+    assert_int_equal(wait_field(&la, &la.n_down, 1, 3000), 1);
 
     /* b's lease disappears (a crashed leader's lease expiring): b learns it is no longer leader
      * and a can take over */
@@ -624,7 +636,7 @@ static void test_election(void **state)
     assert_int_equal(dsv32_etcd_lease_revoke(E, kv.lease), 0);
     dsv32_etcd_kv_done(&kv);
     assert_true(wait_not_leader(b, 3000));
-    assert_int_equal(leader_field(&lb, &lb.n_down), 1);
+    assert_int_equal(wait_field(&lb, &lb.n_down, 1, 3000), 1);
     assert_int_equal(dsv32_etcd_election_campaign(a, 5000), 0);
     assert_int_equal(dsv32_etcd_election_leader(E, key, &v), 0);
     assert_string_equal(v, "a");
