@@ -273,6 +273,9 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         dsv32_cuda_set_knob(be, "idx_wgmma", 1);
         dsv32_cuda_set_knob(be, "indexer_fp8", 1);
         const double t_idx8 = dsa_time(&d, &m, RUN_INDEXER, iters);
+        dsv32_cuda_set_knob(be, "topk_no_split", 1);
+        const double t_idx8_1cta = dsa_time(&d, &m, RUN_INDEXER, iters);
+        dsv32_cuda_set_knob(be, "topk_no_split", 0);
         const double t_all8 = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
         dsv32_cuda_set_knob(be, "idx_no_topk", 1);
         const double t_scores8 = dsa_time(&d, &m, RUN_INDEXER, iters);
@@ -306,6 +309,8 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
                t_idx8, (double)B * L * 132 / (t_idx8 * 1e-3) / gb, idx_flop / (t_idx8 * 1e-3) / 1e12);
         printf("| of it: scores alone (FP8 wgmma) | %.3f | %.2f of the key bytes' floor | %.0f GB/s |\n", t_scores8,
                t_scores8 / ((double)B * L * 132 / (copy_gbps * gb) * 1e3), (double)B * L * 132 / (t_scores8 * 1e-3) / gb);
+        printf("| of it: top-2048 (by difference; two CTAs per row, the default below half the SMs' rows) | %.3f | | one CTA per row (knob topk_no_split): %.3f ms |\n",
+               t_idx8 - t_scores8, t_idx8_1cta - t_scores8);
         printf("| indexer scores + top-2048 (FP8 mma.sync, the previous FP8 kernel) | %.3f | | |\n", t_idx8_mma);
         printf("| sparse MLA decode (bf16 wgmma, 2048 selected) | %.3f | | %.0f TFLOP/s |\n", t_sp,
                sp_flop / (t_sp * 1e-3) / 1e12);

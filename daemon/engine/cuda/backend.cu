@@ -503,6 +503,8 @@ static void cuda_free(struct dsv32_backend *be)
         cudaFree(c->rope_sin);
         cudaFree(c->probe_flips);
         cudaFree(c->mla_prof);
+        cudaFree(c->topk_xc);
+        cudaFree(c->topk_tk);
         cudaFree(c->probe_near);
         cudaFree(c->probe_n);
         free(c->probe_host);
@@ -681,6 +683,8 @@ extern "C" int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, i
         c->idx_no_topk = value != 0;
     else if (strcmp(name, "topk_global") == 0)
         c->topk_global = value != 0;
+    else if (strcmp(name, "topk_no_split") == 0)
+        c->topk_no_split = value != 0;
     else if (strcmp(name, "mla_wgmma") == 0)
         c->mla_wgmma = value != 0;
     else if (strcmp(name, "mla_prof") == 0) {

@@ -128,6 +128,11 @@ struct cu_ctx {
     unsigned long long *mla_prof; /* benchmarks: the wgmma MLA kernel's cycles per phase (20 counters) */
     int topk_global;           /* the top-k's last pass and ordered sweeps over global memory even
                                   when the candidates would fit shared memory (tests, baseline) */
+    int topk_no_split;         /* one CTA per row even when rows are fewer than half the SMs (baseline) */
+    uint32_t *topk_xc;         /* the split top-k's candidate exchange (cu_topk_xchg) */
+    int *topk_tk;              /* its tickets, zero between launches */
+    size_t topk_xc_cap;
+    int topk_tk_cap;
     /* Every kernel, copy and memset of the backend runs on st, created cudaStreamNonBlocking: it
      * does not wait for the legacy default stream, where cudaMemcpy and cudaMemset run. A
      * cudaMemcpy from pageable memory returns before its DMA has landed, so a kernel launched on

@@ -34,6 +34,7 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * scores on wgmma, 0: on mma.sync, 2: wgmma with the descriptor offsets swapped, a diagnostic that
  * must fail the tests), "idx_no_topk" (1: scores only, for timing), "topk_global" (1: the top-k
  * finishes over global memory, its fallback when the candidates do not fit shared memory),
+ * "topk_no_split" (1: one top-k CTA per row even for fewer rows than half the SMs),
  * "mla_wgmma" (1: fast MLA decode on wgmma, 0: on mma.sync), "mla_prof" (1: count the wgmma MLA
  * kernel's cycles per phase, read by dsv32_cuda_mla_prof).
  * Returns 0 or -EINVAL. */

@@ -19,7 +19,10 @@
  * threshold from a sample of one eighth of the row (two radix passes on it, aimed at 1.25 k + 512
  * scores' worth), gather every score at or above it into shared memory in one sweep, and finish
  * there when the gathered hold at least k and fit: the three passes over the candidates, the
- * selected positions marked in a bitmap and written in ascending order from it. Otherwise (short
+ * selected positions marked in a bitmap and written in ascending order from it. With fewer rows
+ * than half the SMs a row has two CTAs: both find the same threshold, each sweeps half the row
+ * into a global exchange, and the second to finish (an atomic ticket per row, reset by it)
+ * merges the halves and finishes the row, or takes the exact path for it. Otherwise (short
  * rows, or the sample missed) the exact path: two radix passes over the row, then either the
  * 22-bit bin's few scores gathered and finished in shared memory the same way, or (too many in
  * that bin) the third pass over the row and two ordered sweeps (each warp owns a segment, counts
@@ -680,18 +683,20 @@ static __device__ void topk_hist_global(int *hist, const float4 *s4, int n, int 
 /* Gathers the row's keys whose upper 22 bits are >= hi (with their positions) into cu/cj, as many
  * as fit cap; returns how many there are (all threads). */
 static __device__ int topk_gather(uint32_t *cu, int32_t *cj, int cap, const float4 *s4, int n, int n4, uint32_t hi,
-                                  int *s_n)
+                                  int *s_n, int b4 = 0, int e4 = -1)
 {
     const int tid = threadIdx.x, lane = tid & 31;
+    if (e4 < 0)
+        e4 = n4;
     if (tid == 0)
         *s_n = 0;
     __syncthreads();
-    for (int base = (tid >> 5) * 32 * TOPK_ILP; base < n4; base += blockDim.x * TOPK_ILP) {
+    for (int base = b4 + (tid >> 5) * 32 * TOPK_ILP; base < e4; base += blockDim.x * TOPK_ILP) {
         float4 v[TOPK_ILP];
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++) {
             const int j4 = base + 32 * x + lane;
-            v[x] = j4 < n4 ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            v[x] = j4 < e4 ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++) {
@@ -783,8 +788,11 @@ static __device__ void topk_select_smem(int32_t *out, const uint32_t *cu, const 
             out[o++] = 32 * w + __ffs(b) - 1;
 }
 
+/* xc (split launches, gridDim.y 2): per row, two halves' candidate lists of cap (count, keys,
+ * positions) and a ticket counter, zero between launches (the merging CTA resets it) */
 static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const float *scores, int ld_s,
-                                                          int row_base, const int32_t *row_pos, int topk, int cap)
+                                                          int row_base, const int32_t *row_pos, int topk, int cap,
+                                                          uint32_t *xc, int *tickets)
 {
     __shared__ int hist[2048];
     __shared__ int warp_sum[32];
@@ -795,8 +803,10 @@ static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const f
     uint32_t *cu = dsm, *bitmap = dsm + 2 * (size_t)cap;
     int32_t *cj = reinterpret_cast<int32_t *>(dsm + cap);
     const int r = row_base + blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int n = row_pos[r] + 1;
+    const int n = row_pos[r] + 1, half = blockIdx.y, split = gridDim.y == 2;
     int32_t *out = sel + (size_t)r * topk;
+    if (half == 1 && !(cap >= 2 * topk && n >= 16 * topk))
+        return; /* only the sampled path splits a row */
     if (n <= topk) {
         for (int j = tid; j < topk; j += blockDim.x)
             out[j] = j < n ? j : -1;
@@ -824,10 +834,48 @@ static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const f
             skk = sh[1];
             __syncthreads();
         }
-        const int nc = topk_gather(cu, cj, cap, s4, n, n4, sp >> 10, &s_n);
-        if (nc >= topk && nc <= cap) {
-            topk_select_smem(out, cu, cj, nc, n, 0, 0u, 0u, topk, hist, warp_sum, sh, bitmap);
-            return;
+        if (!split) {
+            const int nc = topk_gather(cu, cj, cap, s4, n, n4, sp >> 10, &s_n);
+            if (nc >= topk && nc <= cap) {
+                topk_select_smem(out, cu, cj, nc, n, 0, 0u, 0u, topk, hist, warp_sum, sh, bitmap);
+                return;
+            }
+        } else {
+            /* two CTAs per row (rows fewer than the SMs): both found the same threshold; each
+             * gathers its half of the row and publishes it; the second to finish merges both and
+             * finishes the row (the exact path below if the sample missed) */
+            const int h4 = (n4 / 2 + 31) & ~31;
+            const int nc = topk_gather(cu, cj, cap, s4, n, n4, sp >> 10, &s_n, half ? h4 : 0, half ? n4 : h4);
+            uint32_t *mine = xc + ((size_t)blockIdx.x * 2 + half) * (2 * (size_t)cap + 1);
+            const int nm = min(nc, cap);
+            for (int i = tid; i < nm; i += blockDim.x) {
+                mine[1 + i] = cu[i];
+                mine[1 + cap + i] = (uint32_t)cj[i];
+            }
+            if (tid == 0)
+                mine[0] = (uint32_t)nc;
+            __threadfence();
+            __syncthreads();
+            if (tid == 0)
+                s_n = atomicAdd(&tickets[blockIdx.x], 1);
+            __syncthreads();
+            if (s_n == 0)
+                return; /* the other half merges */
+            if (tid == 0)
+                tickets[blockIdx.x] = 0; /* for the next launch */
+            __threadfence();
+            const uint32_t *other = xc + ((size_t)blockIdx.x * 2 + (1 - half)) * (2 * (size_t)cap + 1);
+            const int no = (int)__ldcg(other);
+            const int tot = nc + no;
+            if (tot >= topk && tot <= cap) {
+                for (int i = tid; i < no; i += blockDim.x) {
+                    cu[nc + i] = __ldcg(other + 1 + i);
+                    cj[nc + i] = (int32_t)__ldcg(other + 1 + cap + i);
+                }
+                __syncthreads();
+                topk_select_smem(out, cu, cj, tot, n, 0, 0u, 0u, topk, hist, warp_sum, sh, bitmap);
+                return;
+            }
         }
         /* the sample missed (too few or too many above its threshold): the exact path */
     }
@@ -918,6 +966,30 @@ static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const f
         ob += take_tot;
         eqb += eq_tot;
     }
+}
+
+/* The split top-k's exchange: per row two candidate lists of cap and a ticket, the tickets zeroed
+ * when (re)allocated and left zero by every launch. */
+static int cu_topk_xchg(struct cu_ctx *c, int rows, int cap, uint32_t **xc, int **tickets)
+{
+    const size_t need = (size_t)rows * 2 * (2 * (size_t)cap + 1);
+    if (need > c->topk_xc_cap || rows > c->topk_tk_cap) {
+        CU_CHECK(cudaStreamSynchronize(c->st));
+        cudaFree(c->topk_xc);
+        cudaFree(c->topk_tk);
+        c->topk_xc = NULL;
+        c->topk_tk = NULL;
+        c->topk_xc_cap = 0;
+        c->topk_tk_cap = 0;
+        CU_CHECK(cudaMalloc((void **)&c->topk_xc, sizeof(uint32_t) * need));
+        CU_CHECK(cudaMalloc((void **)&c->topk_tk, sizeof(int) * (size_t)rows));
+        CU_CHECK(cudaMemsetAsync(c->topk_tk, 0, sizeof(int) * (size_t)rows, c->st));
+        c->topk_xc_cap = need;
+        c->topk_tk_cap = rows;
+    }
+    *xc = c->topk_xc;
+    *tickets = c->topk_tk;
+    return 0;
 }
 
 int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_scale,
@@ -1057,8 +1129,20 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             /* dynamic: TOPK_CAP candidates (key, position) and a bitmap of the row's positions */
             const int cap = c->topk_global ? 0 : TOPK_CAP;
             const size_t tsm = sizeof(uint32_t) * (2 * (size_t)cap + ((size_t)ld_s + 31) / 32);
+            /* fewer rows than half the SMs: two CTAs per row (the sweep over the row is about half
+             * of the kernel, Nsight Compute: instruction-bound on the SMs it has) */
+            const int nr = re - rb;
+            const bool split = cap > 0 && 2 * nr <= c->n_sm && !c->topk_no_split;
+            uint32_t *xc = NULL;
+            int *tickets = NULL;
+            if (split) {
+                int r = cu_topk_xchg(c, nr, cap, &xc, &tickets);
+                if (r < 0)
+                    return r;
+            }
             CU_SMEM_OPTIN(topk_kernel, tsm);
-            topk_kernel<<<re - rb, 1024, tsm, c->st>>>(sel, scores, ld_s, rb, m->d_row_pos, topk, cap);
+            topk_kernel<<<dim3(nr, split ? 2 : 1), 1024, tsm, c->st>>>(sel, scores, ld_s, rb, m->d_row_pos, topk, cap,
+                                                                       xc, tickets);
             CU_LAUNCHED("topk");
         }
         rb = re;
