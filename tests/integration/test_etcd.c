@@ -582,14 +582,38 @@ static bool wait_not_leader(struct dsv32_etcd_election *el, int64_t ms)
     return !dsv32_etcd_election_is_leader(el);
 }
 
+/* test_election's objects, freed by its teardown when an assertion ends it early (otherwise the
+ * group teardown would free the client under their watches and hang) */
+static struct {
+    struct dsv32_etcd *e2;
+    struct dsv32_etcd_observer *o;
+    struct dsv32_etcd_election *a, *b;
+    pthread_t campaigner; /* joined by the teardown when left running (its campaign times out) */
+    bool campaigning;
+} el_objs;
+
+static int election_teardown(void **state)
+{
+    (void)state;
+    if (el_objs.campaigning)
+        pthread_join(el_objs.campaigner, NULL);
+    dsv32_etcd_election_free(el_objs.a);
+    dsv32_etcd_election_free(el_objs.b);
+    dsv32_etcd_observer_free(el_objs.o);
+    dsv32_etcd_free(el_objs.e2);
+    memset(&el_objs, 0, sizeof(el_objs));
+    return 0;
+}
+
 static void test_election(void **state)
 {
     const char *key = "/t/el/leader";
-    struct dsv32_etcd *e2 = client(3000);
+    struct dsv32_etcd *e2 = el_objs.e2 = client(3000);
     static struct leader_log la, lb, obs;
     la = lb = obs = (struct leader_log){.mu = PTHREAD_MUTEX_INITIALIZER};
     struct dsv32_etcd_observer *o;
     assert_int_equal(dsv32_etcd_observer_new(E, key, on_observe, &obs, &o), 0);
+    el_objs.o = o;
     int64_t end = now_ms() + 3000;
     while (leader_field(&obs, &obs.n_observed) < 1 && now_ms() < end) /* its first snapshot */
         usleep(5000);
@@ -599,7 +623,9 @@ static void test_election(void **state)
         .key = key, .value = "b", .ttl_s = 2, .fn = on_leader, .arg = &lb};
     struct dsv32_etcd_election *a, *b;
     assert_int_equal(dsv32_etcd_election_new(E, &ca, &a), 0);
+    el_objs.a = a;
     assert_int_equal(dsv32_etcd_election_new(e2, &cb, &b), 0);
+    el_objs.b = b;
 
     assert_int_equal(dsv32_etcd_election_campaign(a, 5000), 0);
     assert_true(dsv32_etcd_election_is_leader(a));
@@ -617,11 +643,14 @@ static void test_election(void **state)
     j = (struct campaign_job){.el = b, .timeout_ms = 10000};
     pthread_t t;
     assert_int_equal(pthread_create(&t, NULL, campaign_thread, &j), 0);
+    el_objs.campaigner = t;
+    el_objs.campaigning = true;
     usleep(200000);
     assert_false(dsv32_etcd_election_is_leader(b));
     int64_t t0 = now_ms();
     assert_int_equal(dsv32_etcd_election_resign(a), 0);
     pthread_join(t, NULL);
+    el_objs.campaigning = false;
     assert_int_equal(j.result, 0);
     assert_true(now_ms() - t0 < 2000);
     assert_true(dsv32_etcd_election_is_leader(b));
@@ -650,9 +679,11 @@ static void test_election(void **state)
 
     /* freeing the leader frees the seat */
     dsv32_etcd_election_free(b);
+    el_objs.b = NULL;
     assert_int_equal(dsv32_etcd_election_leader(E, key, &v), -ENOENT);
     assert_int_equal(dsv32_etcd_election_campaign(a, 5000), 0);
     dsv32_etcd_election_free(a);
+    el_objs.a = NULL;
 
     /* the observer saw every change: none, a, (none), b, (none), a, (none), b, none, a, none */
     end = now_ms() + 3000;
@@ -669,7 +700,9 @@ static void test_election(void **state)
     assert_string_equal(obs.observed[7], "b");
     pthread_mutex_unlock(&obs.mu);
     dsv32_etcd_observer_free(o);
+    el_objs.o = NULL;
     dsv32_etcd_free(e2);
+    el_objs.e2 = NULL;
 }
 
 /* etcd comes back empty (a new cluster: revisions start over, leases unknown): the watch does not
@@ -736,7 +769,7 @@ int main(void)
         cmocka_unit_test(test_lease),
         cmocka_unit_test(test_watch),
         cmocka_unit_test(test_watch_compacted),
-        cmocka_unit_test(test_election),
+        cmocka_unit_test_teardown(test_election, election_teardown),
         cmocka_unit_test(test_etcd_restart),
         cmocka_unit_test(test_etcd_wiped),
     };
