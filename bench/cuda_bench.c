@@ -322,26 +322,25 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
                t_dense, t_dense / floor_ms, dense_bytes / (copy_gbps * gb) * 1e3, dense_bytes / (t_dense * 1e-3) / gb);
         /* where the sparse MLA kernel's time goes: cycles per 64-key tile and phase */
         if (dsv32_cuda_set_knob(be, "mla_prof", 1) == 0) {
-            unsigned long long pc[20];
+            unsigned long long pc[20]; /* dsv32_cuda_mla_prof's counters */
             dsa_time(&d, &m, RUN_SPARSE, 3);
             dsv32_cuda_mla_prof(be, pc);
             dsa_time(&d, &m, RUN_SPARSE, 3);
             if (dsv32_cuda_mla_prof(be, pc) == 0 && pc[16] > 0) {
                 static const char *names[] = {"QK^T (with the next tile's gather issued under it)", "softmax",
-                                              "O rescale + PV", "barrier + gather wait",
-                                              "proxy fence after the conversion", "PV wait + barrier", NULL,
-                                              "next tile's conversion"};
+                                              "O rescale + PV", "barrier + gather wait", "next tile's conversion",
+                                              "proxy fence after the conversion", "closing barrier"};
+                const int np = (int)(sizeof(names) / sizeof(names[0]));
                 unsigned long long tot = 0;
-                for (int i = 0; i < 8; i++)
+                for (int i = 0; i < np; i++)
                     tot += pc[i];
                 printf("\nsparse MLA (wgmma) cycles per 64-key tile, warpgroup 0 (1): %.0f in all\n",
                        (double)tot / (double)pc[16]);
                 printf("(and per CTA: %.0f cycles before the loop, %.0f after it)\n", (double)pc[17] / (double)pc[19],
                        (double)pc[18] / (double)pc[19]);
                 printf("| phase | cycles, wg 0 | wg 1 | share |\n|---|---|---|---|\n");
-                for (int i = 0; i < 8; i++)
-                    if (names[i])
-                        printf("| %s | %.0f | %.0f | %.0f%% |\n", names[i], (double)pc[i] / (double)pc[16],
+                for (int i = 0; i < np; i++)
+                    printf("| %s | %.0f | %.0f | %.0f%% |\n", names[i], (double)pc[i] / (double)pc[16],
                            (double)pc[8 + i] / (double)pc[16], 100.0 * (double)pc[i] / (double)tot);
             }
             dsv32_cuda_set_knob(be, "mla_prof", 0);

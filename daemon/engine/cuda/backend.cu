@@ -15,6 +15,7 @@
 #include "small_ops.cuh"
 
 #include <errno.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -666,32 +667,33 @@ fail:
 
 extern "C" int dsv32_cuda_is_fast(const struct dsv32_backend *be) { return ctx_of(be)->fast; }
 
+/* The variant switches: name, field (offset in cu_ctx), whether the value is kept as given (else
+ * as 0/1) */
+#define KNOB(f, given) {#f, offsetof(struct cu_ctx, f), given}
+static const struct {
+    const char *name;
+    size_t off;
+    bool as_given;
+} cu_knobs[] = {
+    KNOB(indexer_fp8, false), KNOB(lt_fp8, false),      KNOB(fp8_reg, false),     KNOB(fp8_no_wg, false),
+    KNOB(idx_wgmma, true),    KNOB(idx_no_topk, false), KNOB(topk_global, false), KNOB(topk_no_split, false),
+    KNOB(mla_wgmma, false),
+};
+#undef KNOB
+
 extern "C" int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, int value)
 {
     struct cu_ctx *c = ctx_of(be);
-    if (strcmp(name, "indexer_fp8") == 0)
-        c->indexer_fp8 = value != 0;
-    else if (strcmp(name, "lt_fp8") == 0)
-        c->lt_fp8 = value != 0;
-    else if (strcmp(name, "fp8_reg") == 0)
-        c->fp8_reg = value != 0;
-    else if (strcmp(name, "fp8_no_wg") == 0)
-        c->fp8_no_wg = value != 0;
-    else if (strcmp(name, "idx_wgmma") == 0)
-        c->idx_wgmma = value;
-    else if (strcmp(name, "idx_no_topk") == 0)
-        c->idx_no_topk = value != 0;
-    else if (strcmp(name, "topk_global") == 0)
-        c->topk_global = value != 0;
-    else if (strcmp(name, "topk_no_split") == 0)
-        c->topk_no_split = value != 0;
-    else if (strcmp(name, "mla_wgmma") == 0)
-        c->mla_wgmma = value != 0;
-    else if (strcmp(name, "mla_prof") == 0) {
+    for (size_t i = 0; i < sizeof(cu_knobs) / sizeof(cu_knobs[0]); i++)
+        if (strcmp(name, cu_knobs[i].name) == 0) {
+            *(int *)((char *)c + cu_knobs[i].off) = cu_knobs[i].as_given ? value : value != 0;
+            return 0;
+        }
+    if (strcmp(name, "mla_prof") == 0) {
         CU_TRY(cu_enter(c));
         if (value && !c->mla_prof) {
-            CU_CHECK(cudaMalloc((void **)&c->mla_prof, 20 * sizeof(unsigned long long)));
-            CU_CHECK(cudaMemsetAsync(c->mla_prof, 0, 20 * sizeof(unsigned long long), c->st));
+            CU_CHECK(cudaMalloc((void **)&c->mla_prof, CU_MLA_PROF_N * sizeof(unsigned long long)));
+            CU_CHECK(cudaMemsetAsync(c->mla_prof, 0, CU_MLA_PROF_N * sizeof(unsigned long long), c->st));
         } else if (!value && c->mla_prof) {
             CU_CHECK(cudaStreamSynchronize(c->st));
             CU_CHECK(cudaFree(c->mla_prof));
@@ -707,8 +709,8 @@ extern "C" int dsv32_cuda_mla_prof(struct dsv32_backend *be, unsigned long long 
     ENTER(be);
     if (!c->mla_prof)
         return -EINVAL;
-    CU_CHECK(cudaMemcpyAsync(out, c->mla_prof, 20 * sizeof(unsigned long long), cudaMemcpyDeviceToHost, c->st));
-    CU_CHECK(cudaMemsetAsync(c->mla_prof, 0, 20 * sizeof(unsigned long long), c->st));
+    CU_CHECK(cudaMemcpyAsync(out, c->mla_prof, CU_MLA_PROF_N * sizeof(unsigned long long), cudaMemcpyDeviceToHost, c->st));
+    CU_CHECK(cudaMemsetAsync(c->mla_prof, 0, CU_MLA_PROF_N * sizeof(unsigned long long), c->st));
     CU_CHECK(cudaStreamSynchronize(c->st));
     return 0;
 }

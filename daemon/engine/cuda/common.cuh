@@ -110,6 +110,7 @@ struct cu_probe {
 /* ---- the context ---- */
 
 enum { CU_SCRATCH_SLOTS = 16 };
+enum { CU_MLA_PROF_N = 20 }; /* counters of the knob mla_prof (cuda_backend.h: dsv32_cuda_mla_prof) */
 
 struct cu_expert_table; /* moe.cu */
 
@@ -125,7 +126,7 @@ struct cu_ctx {
                                   a diagnostic) or mma.sync (0) */
     int idx_no_topk;           /* benchmarks: scores only (the top-k's share by difference) */
     int mla_wgmma;             /* fast sparse/dense MLA decode on wgmma (1) or mma.sync (0) */
-    unsigned long long *mla_prof; /* benchmarks: the wgmma MLA kernel's cycles per phase (20 counters) */
+    unsigned long long *mla_prof; /* benchmarks: the wgmma MLA kernel's cycles per phase (CU_MLA_PROF_N) */
     int topk_global;           /* the top-k's last pass and ordered sweeps over global memory even
                                   when the candidates would fit shared memory (tests, baseline) */
     int topk_no_split;         /* one CTA per row even when rows are fewer than half the SMs (baseline) */

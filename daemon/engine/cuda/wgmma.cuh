@@ -57,8 +57,8 @@ static __device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_gro
 
 static __device__ __forceinline__ void wg_commit_wait()
 {
-    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    wg_commit();
+    wg_wait0();
 }
 
 #define WG_D32                                                                                     \
