@@ -279,6 +279,31 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         const double t_all8 = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
         dsv32_cuda_set_knob(be, "idx_no_topk", 1);
         const double t_scores8 = dsa_time(&d, &m, RUN_INDEXER, iters);
+        /* the cache blocks by TMA (evict-first in L2, and without the hint) instead of cp.async */
+        dsv32_cuda_set_knob(be, "idx_tma", 1);
+        const double t_scores8_tma = dsa_time(&d, &m, RUN_INDEXER, iters);
+        dsv32_cuda_set_knob(be, "idx_no_topk", 0);
+        const double t_idx8_tma = dsa_time(&d, &m, RUN_INDEXER, iters);
+        dsv32_cuda_set_knob(be, "idx_l2_normal", 1);
+        const double t_idx8_l2n = dsa_time(&d, &m, RUN_INDEXER, iters);
+        dsv32_cuda_set_knob(be, "idx_no_topk", 1);
+        const double t_scores8_l2n = dsa_time(&d, &m, RUN_INDEXER, iters);
+        dsv32_cuda_set_knob(be, "idx_l2_normal", 0);
+        dsv32_cuda_set_knob(be, "idx_tma", 0);
+        /* the same reads with nothing computed (the access pattern's rate), and both with the
+         * sequences' blocks contiguous instead of a random permutation */
+        dsv32_cuda_set_knob(be, "idx_no_topk", 1);
+        dsv32_cuda_set_knob(be, "idx_copy_only", 1);
+        const double t_read8 = dsa_time(&d, &m, RUN_INDEXER, iters);
+        int32_t *ident = malloc(sizeof(int32_t) * (size_t)B * d.max_blocks);
+        for (size_t i = 0; i < (size_t)B * d.max_blocks; i++)
+            ident[i] = (int32_t)i;
+        MUST(be->ops->to_device(be, d.d_blocks, ident, sizeof(int32_t) * (size_t)B * d.max_blocks));
+        const double t_read8_seq = dsa_time(&d, &m, RUN_INDEXER, iters);
+        dsv32_cuda_set_knob(be, "idx_copy_only", 0);
+        const double t_scores8_seq = dsa_time(&d, &m, RUN_INDEXER, iters);
+        MUST(be->ops->to_device(be, d.d_blocks, d.h_blocks, sizeof(int32_t) * (size_t)B * d.max_blocks));
+        free(ident);
         dsv32_cuda_set_knob(be, "idx_no_topk", 0);
         dsv32_cuda_set_knob(be, "idx_wgmma", 0);
         const double t_idx8_mma = dsa_time(&d, &m, RUN_INDEXER, iters);
@@ -309,6 +334,15 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
                t_idx8, (double)B * L * 132 / (t_idx8 * 1e-3) / gb, idx_flop / (t_idx8 * 1e-3) / 1e12);
         printf("| of it: scores alone (FP8 wgmma) | %.3f | %.2f of the key bytes' floor | %.0f GB/s |\n", t_scores8,
                t_scores8 / ((double)B * L * 132 / (copy_gbps * gb) * 1e3), (double)B * L * 132 / (t_scores8 * 1e-3) / gb);
+        const double kfloor = (double)B * L * 132 / (copy_gbps * gb) * 1e3;
+        printf("| scores alone, cache blocks by TMA, evict-first in L2 (knob idx_tma) | %.3f | %.2f | with the top-k %.3f ms |\n",
+               t_scores8_tma, t_scores8_tma / kfloor, t_idx8_tma);
+        printf("| the same without the L2 hint (knob idx_l2_normal) | %.3f | %.2f | with the top-k %.3f ms |\n",
+               t_scores8_l2n, t_scores8_l2n / kfloor, t_idx8_l2n);
+        printf("| the FP8 indexer's block reads alone, nothing computed (knob idx_copy_only) | %.3f | %.2f | %.0f GB/s |\n", t_read8,
+               t_read8 / ((double)B * L * 132 / (copy_gbps * gb) * 1e3), (double)B * L * 132 / (t_read8 * 1e-3) / gb);
+        printf("| the same reads with each sequence's blocks contiguous (not permuted) | %.3f | %.2f | scores %.3f ms |\n",
+               t_read8_seq, t_read8_seq / ((double)B * L * 132 / (copy_gbps * gb) * 1e3), t_scores8_seq);
         printf("| of it: top-2048 (by difference; two CTAs per row, the default below half the SMs' rows) | %.3f | | one CTA per row (knob topk_no_split): %.3f ms |\n",
                t_idx8 - t_scores8, t_idx8_1cta - t_scores8);
         printf("| indexer scores + top-2048 (FP8 mma.sync, the previous FP8 kernel) | %.3f | | |\n", t_idx8_mma);

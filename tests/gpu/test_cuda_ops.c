@@ -1072,22 +1072,26 @@ static void test_indexer(void)
         return;
     const char *getv = getenv("DSV32_TEST_IDX_WGMMA"); /* 2: the swapped-descriptor diagnostic */
     const int wg = getv ? atoi(getv) : 1;
-    for (int variant = 0; variant < 5; variant++) {
-        /* 0: exact (f16 wgmma), 1: fast f16 wgmma, 2: fast FP8 wgmma, 3: exact f16 mma.sync with the
-         * top-k finishing over global memory, 4: fast FP8 mma.sync */
+    for (int variant = 0; variant < 6; variant++) {
+        /* 0: exact (f16 wgmma), 1: fast f16 wgmma, 2: fast FP8 wgmma (cache blocks by cp.async), 3:
+         * exact f16 mma.sync with the top-k finishing over global memory, 4: fast FP8 mma.sync, 5:
+         * fast FP8 wgmma with the cache blocks by TMA */
         struct dsv32_config cfg;
         cfg_v32(&cfg);
         struct pair p;
-        TRY(pair_new(&p, &cfg, 0, variant == 1 || variant == 2 || variant == 4));
-        dsv32_cuda_set_knob(p.gpu, "indexer_fp8", variant == 2 || variant == 4);
-        dsv32_cuda_set_knob(p.gpu, "idx_wgmma", variant >= 3 ? 0 : wg);
+        const int fp8 = variant == 2 || variant >= 4;
+        TRY(pair_new(&p, &cfg, 0, variant == 1 || fp8));
+        dsv32_cuda_set_knob(p.gpu, "indexer_fp8", fp8);
+        dsv32_cuda_set_knob(p.gpu, "idx_wgmma", variant == 3 || variant == 4 ? 0 : wg);
         dsv32_cuda_set_knob(p.gpu, "topk_global", variant == 3); /* the top-k's fallback path */
-        const double tol = variant == 2 || variant == 4 ? 1e-2 : 2e-5;
+        dsv32_cuda_set_knob(p.gpu, "idx_tma", variant == 5);
+        const double tol = fp8 ? 1e-2 : 2e-5;
         printf(" variant %s\n", variant == 0   ? "exact (f16 wgmma)"
                                 : variant == 1 ? "fast, f16 wgmma"
                                 : variant == 2 ? "fast, FP8 wgmma"
                                 : variant == 3 ? "exact (f16 mma.sync, top-k over global memory)"
-                                               : "fast, FP8 mma.sync");
+                                : variant == 4 ? "fast, FP8 mma.sync"
+                                               : "fast, FP8 wgmma (cache blocks by TMA)");
         /* decode: 12 sequences, 1 or 2 query rows each, contexts up to 9000 */
         int32_t pos[24], seq[24];
         int n = 0;

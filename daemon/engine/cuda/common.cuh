@@ -111,6 +111,16 @@ struct cu_probe {
 
 enum { CU_SCRATCH_SLOTS = 16 };
 enum { CU_MLA_PROF_N = 20 }; /* counters of the knob mla_prof (cuda_backend.h: dsv32_cuda_mla_prof) */
+enum { CU_TMAPS = 64 };      /* tensor maps kept (indexer caches: one per layer) */
+
+/* An encoded CUtensorMap (128 bytes, kept as words: the context is not 64-byte aligned) for the
+ * cache at ptr, valid while ptr's allocation is [base, base + size) */
+struct cu_tmap {
+    const void *ptr;
+    unsigned long long base;
+    size_t size;
+    uint64_t map[16];
+};
 
 struct cu_expert_table; /* moe.cu */
 
@@ -130,6 +140,11 @@ struct cu_ctx {
     int topk_global;           /* the top-k's last pass and ordered sweeps over global memory even
                                   when the candidates would fit shared memory (tests, baseline) */
     int topk_no_split;         /* one CTA per row even when rows are fewer than half the SMs (baseline) */
+    int idx_tma;               /* the FP8 indexer's cache blocks by TMA (1) or cp.async (0, default) */
+    int idx_l2_normal;         /* its TMA reads without the evict-first L2 hint (benchmarks) */
+    int idx_copy_only;         /* benchmarks: the FP8 indexer reads its blocks and computes nothing */
+    struct cu_tmap tmaps[CU_TMAPS];
+    int n_tmaps;
     uint32_t *topk_xc;         /* the split top-k's candidate exchange (cu_topk_xchg) */
     int *topk_tk;              /* its tickets, zero between launches */
     size_t topk_xc_cap;

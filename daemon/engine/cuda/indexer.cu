@@ -31,6 +31,7 @@
 #include "indexer.cuh"
 #include "wgmma.cuh"
 
+#include <cuda.h>
 #include <errno.h>
 #include <string.h>
 
@@ -88,19 +89,29 @@ static __device__ __forceinline__ void idx_row_pos(int (&pos)[IDX_QT], const int
         pos[i] = i < nr ? row_pos[r0 + i] : -1;
 }
 
-/* One cache block's logits -> scores for this lane's keys j0 and j0 + 8 (lanes t = 0 and t = 1
- * write them): relu, the per-head weights wi, the head sum (the lane's 2 x NT heads, then the
- * quad's) and the key scale; acc in the m16n8 accumulator layout per 8 heads. */
+/* This lane's per-head weights of a row for idx_store_w: heads nt * 8 + 2t, + 1 of each n8 tile */
 template <int NT>
-static __device__ __forceinline__ void idx_store(const float *acc, const float *wi, int t, float ks0, float ks1,
-                                                 float *srow, int j0, int pos)
+static __device__ __forceinline__ void idx_lane_weights(float (&w)[2 * NT], const float *wi, int t)
+{
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        w[2 * nt] = wi[nt * 8 + 2 * t];
+        w[2 * nt + 1] = wi[nt * 8 + 2 * t + 1];
+    }
+}
+
+/* One cache block's logits -> scores for this lane's keys j0 and j0 + 8 (lanes t = 0 and t = 1
+ * write them): relu, the per-head weights w (idx_lane_weights), the head sum (the lane's 2 x NT
+ * heads, then the quad's) and the key scale; acc in the m16n8 accumulator layout per 8 heads. */
+template <int NT>
+static __device__ __forceinline__ void idx_store_w(const float *acc, const float (&w)[2 * NT], int t, float ks0,
+                                                   float ks1, float *srow, int j0, int pos)
 {
     float sg0 = 0.0f, sg1 = 0.0f;
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
-        const float w0 = wi[nt * 8 + 2 * t], w1 = wi[nt * 8 + 2 * t + 1];
-        sg0 += fmaxf(acc[4 * nt + 0], 0.0f) * w0 + fmaxf(acc[4 * nt + 1], 0.0f) * w1;
-        sg1 += fmaxf(acc[4 * nt + 2], 0.0f) * w0 + fmaxf(acc[4 * nt + 3], 0.0f) * w1;
+        sg0 += fmaxf(acc[4 * nt + 0], 0.0f) * w[2 * nt] + fmaxf(acc[4 * nt + 1], 0.0f) * w[2 * nt + 1];
+        sg1 += fmaxf(acc[4 * nt + 2], 0.0f) * w[2 * nt] + fmaxf(acc[4 * nt + 3], 0.0f) * w[2 * nt + 1];
     }
     sg0 += __shfl_xor_sync(0xffffffffu, sg0, 1);
     sg0 += __shfl_xor_sync(0xffffffffu, sg0, 2);
@@ -110,6 +121,16 @@ static __device__ __forceinline__ void idx_store(const float *acc, const float *
         srow[j0] = sg0 * ks0;
     if (t == 1 && j0 + 8 <= pos)
         srow[j0 + 8] = sg1 * ks1;
+}
+
+/* idx_store_w with the weights read from the row's shared-memory weights wi */
+template <int NT>
+static __device__ __forceinline__ void idx_store(const float *acc, const float *wi, int t, float ks0, float ks1,
+                                                 float *srow, int j0, int pos)
+{
+    float w[2 * NT];
+    idx_lane_weights<NT>(w, wi, t);
+    idx_store_w<NT>(acc, w, t, ks0, ks1, srow, j0, pos);
 }
 
 /* work item: rows [x, x + y) of one sequence, cache blocks [z, w) */
@@ -506,18 +527,29 @@ static __device__ __forceinline__ int warp_excl_scan(int v, int lane, int *total
 
 /* The FP8 variant of the scores on wgmma (the fast numerics' default indexer): m64n64k32
  * with both operands read by the tensor core from shared memory as e4m3, no conversions and no
- * fragments in registers at all. The cache blocks stream through an IDX_RING-stage cp.async ring;
- * keys (A, 64 x 128 bytes) and the query (B, 64 heads x 128 bytes) sit in the 128-byte-swizzle
+ * fragments in registers at all. The cache blocks stream through an IDX_RING-stage shared-memory
+ * ring; keys (A, 64 x 128 bytes) and the query (B, 64 heads x 128 bytes) sit in the 128-byte-swizzle
  * K-major layout (16-byte chunk c of row r at r * 128 + 16 (c ^ (r % 8)), tiles 1024-byte
  * aligned; descriptor stride byte offset 1024, the leading one unused), k-step s starting 32 s
- * bytes in. The tensor core's FP8 products are accumulated in its own (not f32-exact) precision,
- * which is why the exact mode never takes this path. */
+ * bytes in. A stage is filled either by TMA (thread 0: the keys as a box of the cache seen as a
+ * tensor of 128-byte rows, a block being 66 of them, swizzled by the copy engine, and the scales
+ * by a bulk copy, on the stage's mbarrier; the block table entry of the next fill loaded an
+ * iteration early; evict-first in L2 when evict_first: the cache is read once, the scores, which
+ * the top-k reads next, stay; knob idx_tma) or, the default, by 516 16-byte cp.async of all
+ * threads (the two measured within 2% of each other; TMA without the L2 hint 6% slower; cp.async
+ * with the hint raised an illegal-instruction error on the H200). The per-head weights sit in
+ * registers and the accumulators are not zeroed per block (the first k-step's scale-d is 0); a
+ * ring of 3 with 6 CTAs per SM instead of 5 with 4 was 10% slower (docs/GPU-NOTES.md). copy_only (a diagnostic, knob idx_copy_only): the blocks are read and nothing computed,
+ * the read rate of the same access pattern. The tensor core's FP8 products are accumulated in its
+ * own (not f32-exact) precision, which is why the exact mode never takes this path. */
 #define IDX8_STAGEB 9216 /* 8 KB of keys (1024-aligned) + 256 B of scales, rounded to 1 KB */
 
+template <bool TMA>
 static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
-    float *scores, int ld_s, int row_base, const int4 *work, const uint8_t *q, const float *q_scale,
-    const float *w_raw, const uint8_t *cache, int block_bytes, const int32_t *blocks, int max_blocks,
-    const int32_t *row_pos, const int32_t *row_seq, float wscale, float sscale)
+    const __grid_constant__ CUtensorMap tm, int evict_first, int copy_only, float *scores, int ld_s, int row_base,
+    const int4 *work, const uint8_t *q, const float *q_scale, const float *w_raw, const uint8_t *cache,
+    int block_bytes, const int32_t *blocks, int max_blocks, const int32_t *row_pos, const int32_t *row_seq,
+    float wscale, float sscale)
 {
     constexpr int IH = 64;
     extern __shared__ __align__(1024) uint8_t dyn[];
@@ -526,22 +558,35 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
     const int4 wk = work[blockIdx.x];
     const int r0 = wk.x, nr = wk.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    uint8_t *qsm = sm;                                  /* [row][64 heads x 128 B], swizzled */
-    uint8_t *ring = sm + (size_t)nr * 8192;             /* IDX_RING stages */
+    uint8_t *qsm = sm;                      /* [row][64 heads x 128 B], swizzled */
+    uint8_t *ring = sm + (size_t)nr * 8192; /* IDX_RING stages */
     float *wsm = reinterpret_cast<float *>(ring + (size_t)IDX_RING * IDX8_STAGEB); /* [row][head] */
-    for (int e = threadIdx.x; e < nr * IH * 8; e += blockDim.x) {
-        const int c = e & 7, n = (e >> 3) & 63, i = e >> 9;
-        const uint4 v = *reinterpret_cast<const uint4 *>(q + ((size_t)(r0 + i) * IH + n) * 128 + 16 * c);
-        *reinterpret_cast<uint4 *>(qsm + (size_t)i * 8192 + n * 128 + ((c ^ (n & 7)) << 4)) = v;
-    }
-    idx_stage_weights(wsm, w_raw, q_scale, r0, nr, IH, wscale, sscale);
+    uint64_t *full = reinterpret_cast<uint64_t *>(wsm + nr * IH); /* TMA: a stage's bytes landed */
     const int seq = row_seq[r0];
-    int pos[IDX_QT];
-    idx_row_pos(pos, row_pos, r0, nr);
     const int32_t *bt = blocks + (size_t)seq * max_blocks;
-    const int kr0 = 16 * warp + g, kr1 = kr0 + 8;
-    const uint32_t qbase = (uint32_t)__cvta_generic_to_shared(qsm), rbase = (uint32_t)__cvta_generic_to_shared(ring);
-    auto issue = [&](int blk, int stage) {
+    const uint64_t pol = TMA ? l2_policy(evict_first) : 0;
+    constexpr int BROWS = 64 * 132 / 128; /* a block's rows of the tensor map (block_bytes = 64 x 132) */
+    auto fill = [&](int id, int stage) { /* TMA, thread 0 */
+        uint8_t *dst = ring + (size_t)stage * IDX8_STAGEB;
+        mbar_arrive_tx(full + stage, 64 * 132);
+        tma_2d_g2s(dst, &tm, 0, id * BROWS, full + stage, pol);
+        bulk_g2s_hint(dst + 8192, cache + (size_t)id * block_bytes + 8192, 256, full + stage, pol);
+    };
+    int nid = 0; /* TMA: the block table entry of the next fill (thread 0) */
+    if (TMA && threadIdx.x == 0) {
+        asm volatile("prefetch.tensormap [%0];" ::"l"(&tm) : "memory");
+#pragma unroll
+        for (int st = 0; st < IDX_RING; st++)
+            mbar_init(full + st, 1);
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* the barriers -> the copy engine */
+#pragma unroll
+        for (int st = 0; st < IDX_RING - 1; st++)
+            if (wk.z + st < wk.w)
+                fill(bt[wk.z + st], st);
+        if (wk.z + IDX_RING - 1 < wk.w)
+            nid = bt[wk.z + IDX_RING - 1];
+    }
+    auto issue = [&](int blk, int stage) { /* cp.async, all threads */
         const uint8_t *src = cache + (size_t)bt[blk] * block_bytes;
         uint8_t *dst = ring + (size_t)stage * IDX8_STAGEB;
 #pragma unroll
@@ -556,31 +601,65 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
                              (uint32_t)__cvta_generic_to_shared(dst + 8192 + 16 * threadIdx.x)),
                          "l"(src + DSV32_KV_BLOCK_TOKENS * 128 + 16 * threadIdx.x));
     };
+    if (!TMA) {
 #pragma unroll
-    for (int st = 0; st < IDX_RING - 1; st++) {
-        if (wk.z + st < wk.w)
-            issue(wk.z + st, st);
-        asm volatile("cp.async.commit_group;");
+        for (int st = 0; st < IDX_RING - 1; st++) {
+            if (wk.z + st < wk.w)
+                issue(wk.z + st, st);
+            asm volatile("cp.async.commit_group;");
+        }
     }
+    for (int e = threadIdx.x; e < nr * IH * 8; e += blockDim.x) {
+        const int c = e & 7, n = (e >> 3) & 63, i = e >> 9;
+        const uint4 v = *reinterpret_cast<const uint4 *>(q + ((size_t)(r0 + i) * IH + n) * 128 + 16 * c);
+        *reinterpret_cast<uint4 *>(qsm + (size_t)i * 8192 + n * 128 + ((c ^ (n & 7)) << 4)) = v;
+    }
+    idx_stage_weights(wsm, w_raw, q_scale, r0, nr, IH, wscale, sscale);
+    int pos[IDX_QT];
+    idx_row_pos(pos, row_pos, r0, nr);
+    const int kr0 = 16 * warp + g, kr1 = kr0 + 8;
+    const uint32_t qbase = (uint32_t)__cvta_generic_to_shared(qsm), rbase = (uint32_t)__cvta_generic_to_shared(ring);
+    __syncthreads(); /* the weights staged: this lane's, per row, into registers */
+    float wv[IDX_QT][16];
+#pragma unroll
+    for (int i = 0; i < IDX_QT; i++)
+        idx_lane_weights<8>(wv[i], wsm + (i < nr ? i : 0) * IH, t);
+    float acc[32];
+#pragma unroll
+    for (int x = 0; x < 32; x++)
+        acc[x] = 0.0f;
     for (int blk = wk.z, it = 0; blk < wk.w; blk++, it++) {
-        asm volatile("cp.async.wait_group %0;" ::"n"(IDX_RING - 2));
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* cp.async data (and q) -> wgmma */
-        __syncthreads();
-        if (blk + IDX_RING - 1 < wk.w)
-            issue(blk + IDX_RING - 1, (it + IDX_RING - 1) % IDX_RING);
-        asm volatile("cp.async.commit_group;");
         const int stage = it % IDX_RING;
+        if (TMA) {
+            mbar_wait(full + stage, (uint32_t)(it / IDX_RING) & 1u);
+            if (it == 0)
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* q -> wgmma */
+            __syncthreads(); /* every lane is done with the stage refilled next */
+            if (threadIdx.x == 0 && blk + IDX_RING - 1 < wk.w) {
+                fill(nid, (it + IDX_RING - 1) % IDX_RING);
+                if (blk + IDX_RING < wk.w)
+                    nid = bt[blk + IDX_RING];
+            }
+        } else {
+            asm volatile("cp.async.wait_group %0;" ::"n"(IDX_RING - 2));
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* cp.async data (and q) -> wgmma */
+            __syncthreads();
+            if (blk + IDX_RING - 1 < wk.w)
+                issue(blk + IDX_RING - 1, (it + IDX_RING - 1) % IDX_RING);
+            asm volatile("cp.async.commit_group;");
+        }
+        if (copy_only)
+            continue;
         const float *ksc = reinterpret_cast<const float *>(ring + (size_t)stage * IDX8_STAGEB + 8192);
         const float ks0 = ksc[kr0], ks1 = ksc[kr1];
         const uint32_t abase = rbase + stage * IDX8_STAGEB;
         const int j0 = blk * DSV32_KV_BLOCK_TOKENS + kr0;
-        for (int i = 0; i < nr; i++) {
+#pragma unroll
+        for (int i = 0; i < IDX_QT; i++) {
+            if (i >= nr)
+                break;
             if (blk * DSV32_KV_BLOCK_TOKENS > pos[i])
                 continue; /* the same for the whole warpgroup */
-            float acc[32];
-#pragma unroll
-            for (int x = 0; x < 32; x++)
-                acc[x] = 0.0f;
             wg_fence(acc);
             wg_begin();
 #pragma unroll
@@ -588,7 +667,7 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
                 wgmma_e4m3_ss_n64(acc, wg_desc_sw128(abase + 32 * st), wg_desc_sw128(qbase + i * 8192 + 32 * st), st > 0);
             wg_commit_wait();
             wg_fence(acc);
-            idx_store<8>(acc, wsm + i * IH, t, ks0, ks1, scores + (size_t)(r0 + i - row_base) * ld_s, j0, pos[i]);
+            idx_store_w<8>(acc, wv[i], t, ks0, ks1, scores + (size_t)(r0 + i - row_base) * ld_s, j0, pos[i]);
         }
     }
 }
@@ -992,6 +1071,75 @@ static int cu_topk_xchg(struct cu_ctx *c, int rows, int cap, uint32_t **xc, int 
     return 0;
 }
 
+/* ---- the indexer cache as a tensor of 128-byte rows for TMA (idx_wgmma_fp8_kernel<true>) ----
+ * The driver's cuTensorMapEncodeTiled and cuMemGetAddressRange through the runtime's entry
+ * points (no link against libcuda); the map spans the cache's allocation from the cache on (its
+ * extent from the driver, checked on every call, so a cache freed and reallocated at the same
+ * address gets a new map), boxes of 64 rows x 128 bytes with the 128-byte swizzle. */
+typedef CUresult (*cu_encode_tiled_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
+                                       const cuuint64_t *, const cuuint32_t *, const cuuint32_t *,
+                                       CUtensorMapInterleave, CUtensorMapSwizzle, CUtensorMapL2promotion,
+                                       CUtensorMapFloatOOBfill);
+typedef CUresult (*cu_addr_range_fn)(CUdeviceptr *, size_t *, CUdeviceptr);
+
+struct cu_driver_fns {
+    cu_encode_tiled_fn encode;
+    cu_addr_range_fn range;
+};
+
+static const struct cu_driver_fns *cu_driver(void)
+{
+    static const struct cu_driver_fns d = [] {
+        struct cu_driver_fns x = {NULL, NULL};
+        void *f = NULL;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) ==
+                cudaSuccess && q == cudaDriverEntryPointSuccess)
+            x.encode = (cu_encode_tiled_fn)f;
+        if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &f, 12000, cudaEnableDefault, &q) ==
+                cudaSuccess && q == cudaDriverEntryPointSuccess)
+            x.range = (cu_addr_range_fn)f;
+        cudaGetLastError();
+        if (!x.encode || !x.range)
+            log_warn("cuda: no tensor-map entry points in the driver; the indexer reads its cache by cp.async");
+        return x;
+    }();
+    return &d;
+}
+
+/* 0 and *out = the map of the FP8 indexer cache at ptr; -1 when TMA cannot serve it */
+static int cu_idx_tmap(struct cu_ctx *c, const uint8_t *ptr, CUtensorMap *out)
+{
+    const struct cu_driver_fns *d = cu_driver();
+    CUdeviceptr base = 0;
+    size_t size = 0;
+    if (!d->encode || !d->range || (uintptr_t)ptr % 16 || d->range(&base, &size, (CUdeviceptr)ptr) != CUDA_SUCCESS)
+        return -1;
+    for (int i = 0; i < c->n_tmaps && i < CU_TMAPS; i++)
+        if (c->tmaps[i].ptr == ptr && c->tmaps[i].base == base && c->tmaps[i].size == size) {
+            memcpy(out, c->tmaps[i].map, sizeof(*out));
+            return 0;
+        }
+    /* rows from ptr to the allocation's end; block coordinates (66 rows a block) stay int32 */
+    const cuuint64_t rows = (cuuint64_t)(base + size - (CUdeviceptr)ptr) / 128;
+    if (rows < 66 || rows > 0x7fffffffull)
+        return -1;
+    const cuuint64_t dims[2] = {128, rows}, strides[1] = {128};
+    const cuuint32_t box[2] = {128, 64}, estr[2] = {1, 1};
+    if (d->encode(out, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, (void *)ptr, dims, strides, box, estr,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
+        log_warn("cuda: cuTensorMapEncodeTiled failed for the indexer cache; using cp.async");
+        return -1;
+    }
+    struct cu_tmap *e = &c->tmaps[c->n_tmaps++ % CU_TMAPS];
+    e->ptr = ptr;
+    e->base = base;
+    e->size = size;
+    memcpy(e->map, out, sizeof(*out));
+    return 0;
+}
+
 int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_scale,
                const float *w_raw, const struct dsv32_kv_layer *kv, const struct dsv32_step_meta *m,
                int topk)
@@ -1092,11 +1240,19 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                                                      m->d_row_pos, m->d_row_seq, wscale, sscale, lbo, sbo);
             } else if (use_fp8 && NT == 8 && c->idx_wgmma && c->geom.idx_block_bytes == 64 * 132) {
                 const size_t smem8 = 1024 + (size_t)max_nr * 8192 + (size_t)IDX_RING * IDX8_STAGEB +
-                                     sizeof(float) * (size_t)max_nr * IH;
-                CU_SMEM_OPTIN(idx_wgmma_fp8_kernel, smem8);
-                idx_wgmma_fp8_kernel<<<n_items, 128, smem8, c->st>>>(
-                    scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes, m->d_blocks,
-                    m->max_blocks, m->d_row_pos, m->d_row_seq, wscale, sscale);
+                                     sizeof(float) * (size_t)max_nr * IH + sizeof(uint64_t) * IDX_RING;
+                CUtensorMap tm;
+                memset(&tm, 0, sizeof(tm));
+                const bool tma = c->idx_tma && cu_idx_tmap(c, kv->idx, &tm) == 0;
+                auto kern = tma ? idx_wgmma_fp8_kernel<true> : idx_wgmma_fp8_kernel<false>;
+                if (tma)
+                    CU_SMEM_OPTIN(idx_wgmma_fp8_kernel<true>, smem8);
+                else
+                    CU_SMEM_OPTIN(idx_wgmma_fp8_kernel<false>, smem8);
+                kern<<<n_items, 128, smem8, c->st>>>(tm, c->idx_l2_normal == 0, c->idx_copy_only, scores, ld_s, rb,
+                                                     d_items, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,
+                                                     m->d_blocks, m->max_blocks, m->d_row_pos, m->d_row_seq, wscale,
+                                                     sscale);
             } else if (use_fp8 && NT == 8 && max_nr == 1) {
                 const size_t ring = (size_t)IDX_STAGES * c->geom.idx_block_bytes;
                 CU_SMEM_OPTIN(idx_dec_fp8_kernel, ring);

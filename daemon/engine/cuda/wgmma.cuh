@@ -174,4 +174,46 @@ static __device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint
 #endif
 }
 
+/* The same with an L2 cache policy (l2_policy(true): evict first, for data read once) */
+static __device__ __forceinline__ void bulk_g2s_hint(void *dst, const void *src, uint32_t bytes, uint64_t *bar,
+                                                     uint64_t policy)
+{
+#if WG_OK
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+                     (uint32_t)__cvta_generic_to_shared(dst)),
+                 "l"(src), "r"(bytes), "r"((uint32_t)__cvta_generic_to_shared(bar)), "l"(policy)
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+
+static __device__ __forceinline__ uint64_t l2_policy(bool evict_first)
+{
+    uint64_t p = 0;
+#if WG_OK
+    if (evict_first)
+        asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+    else
+        asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(p));
+#endif
+    return p;
+}
+
+/* A box of a 2-d tensor map (tmap: the generic address of a __grid_constant__ CUtensorMap
+ * parameter) at element coordinates (x, y) -> shared memory, completing on bar like bulk_g2s;
+ * the map's swizzle is applied by the copy engine (128-byte swizzle: dst 1024-byte aligned) */
+static __device__ __forceinline__ void tma_2d_g2s(void *dst, const void *tmap, int x, int y, uint64_t *bar,
+                                                  uint64_t policy)
+{
+#if WG_OK
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+                 " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"((uint32_t)__cvta_generic_to_shared(dst)),
+                 "l"(tmap), "r"(x), "r"(y), "r"((uint32_t)__cvta_generic_to_shared(bar)), "l"(policy)
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+
 #endif
