@@ -505,7 +505,6 @@ static void cuda_free(struct dsv32_backend *be)
         cudaFree(c->probe_flips);
         cudaFree(c->mla_prof);
         cudaFree(c->topk_xc);
-        cudaFree(c->topk_tk);
         cudaFree(c->probe_near);
         cudaFree(c->probe_n);
         free(c->probe_host);
@@ -678,7 +677,7 @@ static const struct {
     KNOB(indexer_fp8, false), KNOB(lt_fp8, false),      KNOB(fp8_reg, false),     KNOB(fp8_no_wg, false),
     KNOB(idx_wgmma, true),    KNOB(idx_no_topk, false), KNOB(topk_global, false), KNOB(topk_no_split, false),
     KNOB(mla_wgmma, false),   KNOB(idx_tma, true),      KNOB(idx_copy_only, false),
-    KNOB(idx_l2_normal, false),
+    KNOB(idx_l2_normal, false), KNOB(topk_parts, true),
 };
 #undef KNOB
 

@@ -145,10 +145,9 @@ struct cu_ctx {
     int idx_copy_only;         /* benchmarks: the FP8 indexer reads its blocks and computes nothing */
     struct cu_tmap tmaps[CU_TMAPS];
     int n_tmaps;
+    int topk_parts;            /* the top-k's CTAs per row forced (1, 2, 4; 0: by the row count) */
     uint32_t *topk_xc;         /* the split top-k's candidate exchange (cu_topk_xchg) */
-    int *topk_tk;              /* its tickets, zero between launches */
     size_t topk_xc_cap;
-    int topk_tk_cap;
     /* Every kernel, copy and memset of the backend runs on st, created cudaStreamNonBlocking: it
      * does not wait for the legacy default stream, where cudaMemcpy and cudaMemset run. A
      * cudaMemcpy from pageable memory returns before its DMA has landed, so a kernel launched on

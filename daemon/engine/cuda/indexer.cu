@@ -20,9 +20,9 @@
  * scores' worth), gather every score at or above it into shared memory in one sweep, and finish
  * there when the gathered hold at least k and fit: the three passes over the candidates, the
  * selected positions marked in a bitmap and written in ascending order from it. With fewer rows
- * than half the SMs a row has two CTAs: both find the same threshold, each sweeps half the row
- * into a global exchange, and the second to finish (an atomic ticket per row, reset by it)
- * merges the halves and finishes the row, or takes the exact path for it. Otherwise (short
+ * than half the SMs a row has 2 CTAs (4 by a knob), launched as a cluster: each samples its share, the histograms are summed through distributed shared memory so all find the same
+ * threshold, each sweeps its share of the row into a global exchange, and after a cluster barrier
+ * the first merges the shares and finishes the row, or takes the exact path for it. Otherwise (short
  * rows, or the sample missed) the exact path: two radix passes over the row, then either the
  * 22-bit bin's few scores gathered and finished in shared memory the same way, or (too many in
  * that bin) the third pass over the row and two ordered sweeps (each warp owns a segment, counts
@@ -31,6 +31,7 @@
 #include "indexer.cuh"
 #include "wgmma.cuh"
 
+#include <cooperative_groups.h>
 #include <cuda.h>
 #include <errno.h>
 #include <string.h>
@@ -733,27 +734,30 @@ static __device__ void topk_find(const int *hist, int nb, int kk, int *warp_sum,
  * keys that match prefix under pmask, over the float4s j4 = stride * i (stride 1: the whole row; 8:
  * a sample of one eighth), TOPK_ILP float4 loads per lane in flight. */
 static __device__ void topk_hist_global(int *hist, const float4 *s4, int n, int n4, int stride, uint32_t pmask,
-                                        uint32_t prefix, int shift, int nb)
+                                        uint32_t prefix, int shift, int nb, int part = 0, int parts = 1)
 {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     for (int i = tid; i < nb; i += blockDim.x)
         hist[i] = 0;
     __syncthreads();
-    const int units = (n4 + stride - 1) / stride;
-    for (int base = warp * 32 * TOPK_ILP; base < units; base += blockDim.x * TOPK_ILP) { /* warp-uniform */
+    /* units (float4s, or every stride-th) of this part: [u0, u1) of parts equal shares */
+    const int all = (n4 + stride - 1) / stride;
+    const int u0 = (int)((long long)all * part / parts), units = (int)((long long)all * (part + 1) / parts);
+    for (int base = u0 + warp * 32 * TOPK_ILP; base < units; base += blockDim.x * TOPK_ILP) { /* warp-uniform */
         float4 v[TOPK_ILP];
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++) {
-            const int j4 = (base + 32 * x + lane) * stride;
-            v[x] = j4 < n4 ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            const int u = base + 32 * x + lane, j4 = u * stride;
+            v[x] = u < units && j4 < n4 ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++) {
-            const int j4 = (base + 32 * x + lane) * stride;
-            hist_add(hist, 4 * j4 + 0 < n, order_key(v[x].x), pmask, prefix, shift, nb - 1);
-            hist_add(hist, 4 * j4 + 1 < n, order_key(v[x].y), pmask, prefix, shift, nb - 1);
-            hist_add(hist, 4 * j4 + 2 < n, order_key(v[x].z), pmask, prefix, shift, nb - 1);
-            hist_add(hist, 4 * j4 + 3 < n, order_key(v[x].w), pmask, prefix, shift, nb - 1);
+            const int u = base + 32 * x + lane, j4 = u * stride;
+            const bool in = u < units;
+            hist_add(hist, in && 4 * j4 + 0 < n, order_key(v[x].x), pmask, prefix, shift, nb - 1);
+            hist_add(hist, in && 4 * j4 + 1 < n, order_key(v[x].y), pmask, prefix, shift, nb - 1);
+            hist_add(hist, in && 4 * j4 + 2 < n, order_key(v[x].z), pmask, prefix, shift, nb - 1);
+            hist_add(hist, in && 4 * j4 + 3 < n, order_key(v[x].w), pmask, prefix, shift, nb - 1);
         }
     }
     __syncthreads();
@@ -867,13 +871,13 @@ static __device__ void topk_select_smem(int32_t *out, const uint32_t *cu, const 
             out[o++] = 32 * w + __ffs(b) - 1;
 }
 
-/* xc (split launches, gridDim.y 2): per row, two halves' candidate lists of cap (count, keys,
- * positions) and a ticket counter, zero between launches (the merging CTA resets it) */
+/* Split launches (gridDim.y = parts, 2 or 4, launched as clusters of the row's parts): xc holds per
+ * row the parts' candidate lists of cap (count, keys, positions). */
 static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const float *scores, int ld_s,
                                                           int row_base, const int32_t *row_pos, int topk, int cap,
-                                                          uint32_t *xc, int *tickets)
+                                                          uint32_t *xc)
 {
-    __shared__ int hist[2048];
+    __shared__ int hist[2048], hsum[2048];
     __shared__ int warp_sum[32];
     __shared__ int sh[3], s_n;
     __shared__ int w_gt[32], w_eq[32], w_eqbase[32], w_outbase[32];
@@ -882,10 +886,10 @@ static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const f
     uint32_t *cu = dsm, *bitmap = dsm + 2 * (size_t)cap;
     int32_t *cj = reinterpret_cast<int32_t *>(dsm + cap);
     const int r = row_base + blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int n = row_pos[r] + 1, half = blockIdx.y, split = gridDim.y == 2;
+    const int n = row_pos[r] + 1, parts = gridDim.y, part = blockIdx.y; /* part: the rank in the row's cluster */
     int32_t *out = sel + (size_t)r * topk;
-    if (half == 1 && !(cap >= 2 * topk && n >= 16 * topk))
-        return; /* only the sampled path splits a row */
+    if (part > 0 && !(cap >= 2 * topk && n >= 16 * topk))
+        return; /* only the sampled path splits a row (the same for the whole cluster) */
     if (n <= topk) {
         for (int j = tid; j < topk; j += blockDim.x)
             out[j] = j < n ? j : -1;
@@ -906,26 +910,41 @@ static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const f
         int skk = ks;
         for (int pass = 0; pass < 2; pass++) {
             const int shift = pass == 0 ? 21 : 10;
-            topk_hist_global(hist, s4, n, n4, 8, sm, sp, shift, 2048);
-            topk_find(hist, 2048, skk, warp_sum, sh);
+            topk_hist_global(hist, s4, n, n4, 8, sm, sp, shift, 2048, part, parts);
+            if (parts > 1) {
+                /* the parts sampled a share each: every part sums all parts' histograms (distributed
+                 * shared memory), then waits until all have read its own before the next pass */
+                namespace cg = cooperative_groups;
+                cg::cluster_group cl = cg::this_cluster();
+                cl.sync();
+                for (int i = tid; i < 2048; i += blockDim.x) {
+                    int v = 0;
+                    for (int q = 0; q < parts; q++)
+                        v += cl.map_shared_rank(hist, q)[i];
+                    hsum[i] = v;
+                }
+                cl.sync();
+            }
+            topk_find(parts > 1 ? hsum : hist, 2048, skk, warp_sum, sh);
             sp |= (uint32_t)sh[0] << shift;
             sm |= 2047u << shift;
             skk = sh[1];
             __syncthreads();
         }
-        if (!split) {
+        if (parts == 1) {
             const int nc = topk_gather(cu, cj, cap, s4, n, n4, sp >> 10, &s_n);
             if (nc >= topk && nc <= cap) {
                 topk_select_smem(out, cu, cj, nc, n, 0, 0u, 0u, topk, hist, warp_sum, sh, bitmap);
                 return;
             }
         } else {
-            /* two CTAs per row (rows fewer than the SMs): both found the same threshold; each
-             * gathers its half of the row and publishes it; the second to finish merges both and
+            /* parts CTAs per row (rows fewer than the SMs), one cluster: all found the same
+             * threshold; each gathers its share of the row and publishes it; part 0 merges them and
              * finishes the row (the exact path below if the sample missed) */
-            const int h4 = (n4 / 2 + 31) & ~31;
-            const int nc = topk_gather(cu, cj, cap, s4, n, n4, sp >> 10, &s_n, half ? h4 : 0, half ? n4 : h4);
-            uint32_t *mine = xc + ((size_t)blockIdx.x * 2 + half) * (2 * (size_t)cap + 1);
+            const int q4 = ((n4 + parts - 1) / parts + 31) & ~31, b4 = min(n4, part * q4), e4 = min(n4, b4 + q4);
+            const int nc = topk_gather(cu, cj, cap, s4, n, n4, sp >> 10, &s_n, b4, e4);
+            const size_t slot = 2 * (size_t)cap + 1;
+            uint32_t *mine = xc + ((size_t)blockIdx.x * parts + part) * slot;
             const int nm = min(nc, cap);
             for (int i = tid; i < nm; i += blockDim.x) {
                 mine[1 + i] = cu[i];
@@ -934,22 +953,22 @@ static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const f
             if (tid == 0)
                 mine[0] = (uint32_t)nc;
             __threadfence();
-            __syncthreads();
-            if (tid == 0)
-                s_n = atomicAdd(&tickets[blockIdx.x], 1);
-            __syncthreads();
-            if (s_n == 0)
-                return; /* the other half merges */
-            if (tid == 0)
-                tickets[blockIdx.x] = 0; /* for the next launch */
-            __threadfence();
-            const uint32_t *other = xc + ((size_t)blockIdx.x * 2 + (1 - half)) * (2 * (size_t)cap + 1);
-            const int no = (int)__ldcg(other);
-            const int tot = nc + no;
+            cooperative_groups::this_cluster().sync(); /* every part published (no shared memory read after) */
+            if (part > 0)
+                return;
+            int tot = nc;
+            for (int q = 1; q < parts; q++)
+                tot += (int)__ldcg(xc + ((size_t)blockIdx.x * parts + q) * slot);
             if (tot >= topk && tot <= cap) {
-                for (int i = tid; i < no; i += blockDim.x) {
-                    cu[nc + i] = __ldcg(other + 1 + i);
-                    cj[nc + i] = (int32_t)__ldcg(other + 1 + cap + i);
+                int at = nc;
+                for (int q = 1; q < parts; q++) {
+                    const uint32_t *other = xc + ((size_t)blockIdx.x * parts + q) * slot;
+                    const int no = (int)__ldcg(other);
+                    for (int i = tid; i < no; i += blockDim.x) {
+                        cu[at + i] = __ldcg(other + 1 + i);
+                        cj[at + i] = (int32_t)__ldcg(other + 1 + cap + i);
+                    }
+                    at += no;
                 }
                 __syncthreads();
                 topk_select_smem(out, cu, cj, tot, n, 0, 0u, 0u, topk, hist, warp_sum, sh, bitmap);
@@ -1049,25 +1068,18 @@ static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const f
 
 /* The split top-k's exchange: per row two candidate lists of cap and a ticket, the tickets zeroed
  * when (re)allocated and left zero by every launch. */
-static int cu_topk_xchg(struct cu_ctx *c, int rows, int cap, uint32_t **xc, int **tickets)
+static int cu_topk_xchg(struct cu_ctx *c, int rows, int parts, int cap, uint32_t **xc)
 {
-    const size_t need = (size_t)rows * 2 * (2 * (size_t)cap + 1);
-    if (need > c->topk_xc_cap || rows > c->topk_tk_cap) {
+    const size_t need = (size_t)rows * parts * (2 * (size_t)cap + 1);
+    if (need > c->topk_xc_cap) {
         CU_CHECK(cudaStreamSynchronize(c->st));
         cudaFree(c->topk_xc);
-        cudaFree(c->topk_tk);
         c->topk_xc = NULL;
-        c->topk_tk = NULL;
         c->topk_xc_cap = 0;
-        c->topk_tk_cap = 0;
         CU_CHECK(cudaMalloc((void **)&c->topk_xc, sizeof(uint32_t) * need));
-        CU_CHECK(cudaMalloc((void **)&c->topk_tk, sizeof(int) * (size_t)rows));
-        CU_CHECK(cudaMemsetAsync(c->topk_tk, 0, sizeof(int) * (size_t)rows, c->st));
         c->topk_xc_cap = need;
-        c->topk_tk_cap = rows;
     }
     *xc = c->topk_xc;
-    *tickets = c->topk_tk;
     return 0;
 }
 
@@ -1285,20 +1297,37 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             /* dynamic: TOPK_CAP candidates (key, position) and a bitmap of the row's positions */
             const int cap = c->topk_global ? 0 : TOPK_CAP;
             const size_t tsm = sizeof(uint32_t) * (2 * (size_t)cap + ((size_t)ld_s + 31) / 32);
-            /* fewer rows than half the SMs: two CTAs per row (the sweep over the row is about half
-             * of the kernel, Nsight Compute: instruction-bound on the SMs it has) */
+            /* rows fewer than half the SMs: 2 CTAs per row (the sweep over the row and the sampled
+             * passes are most of the kernel, Nsight Compute: instruction-bound on the SMs it has;
+             * 4 per row measured slower, 0.080 against 0.047 ms at 64 rows); knob topk_parts
+             * forces 1, 2 or 4, topk_no_split 1 */
             const int nr = re - rb;
-            const bool split = cap > 0 && 2 * nr <= c->n_sm && !c->topk_no_split;
+            int parts = 2 * nr <= c->n_sm ? 2 : 1;
+            if (c->topk_parts == 1 || c->topk_parts == 2 || c->topk_parts == 4)
+                parts = c->topk_parts;
+            if (cap == 0 || c->topk_no_split)
+                parts = 1;
             uint32_t *xc = NULL;
-            int *tickets = NULL;
-            if (split) {
-                int r = cu_topk_xchg(c, nr, cap, &xc, &tickets);
+            if (parts > 1) {
+                int r = cu_topk_xchg(c, nr, parts, cap, &xc);
                 if (r < 0)
                     return r;
             }
             CU_SMEM_OPTIN(topk_kernel, tsm);
-            topk_kernel<<<dim3(nr, split ? 2 : 1), 1024, tsm, c->st>>>(sel, scores, ld_s, rb, m->d_row_pos, topk, cap,
-                                                                       xc, tickets);
+            cudaLaunchConfig_t lc = {};
+            lc.gridDim = dim3(nr, parts);
+            lc.blockDim = dim3(1024);
+            lc.dynamicSmemBytes = tsm;
+            lc.stream = c->st;
+            cudaLaunchAttribute at = {};
+            at.id = cudaLaunchAttributeClusterDimension;
+            at.val.clusterDim.x = 1;
+            at.val.clusterDim.y = parts;
+            at.val.clusterDim.z = 1;
+            lc.attrs = &at;
+            lc.numAttrs = 1;
+            CU_CHECK(cudaLaunchKernelEx(&lc, topk_kernel, sel, (const float *)scores, ld_s, rb,
+                                        (const int32_t *)m->d_row_pos, topk, cap, xc));
             CU_LAUNCHED("topk");
         }
         rb = re;
