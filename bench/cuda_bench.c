@@ -241,6 +241,32 @@ static double dsa_time(struct dsa *d, const struct dsv32_step_meta *m, int what,
     return r;
 }
 
+/* dsa_time with kernel variants chosen by knobs, each restored afterwards: one measurement, no
+ * knob state carried into the next */
+struct knob {
+    const char *name;
+    int value;
+};
+#define KNOBS(...) (int)(sizeof((struct knob[]){__VA_ARGS__}) / sizeof(struct knob)), (struct knob[]){__VA_ARGS__}
+
+static double dsa_time_with(struct dsa *d, const struct dsv32_step_meta *m, int what, int reps, int n,
+                            const struct knob *k)
+{
+    int old[8];
+    if (n > 8) {
+        fprintf(stderr, "cuda_bench: more than 8 knobs at once\n");
+        exit(1);
+    }
+    for (int i = 0; i < n; i++) {
+        MUST(dsv32_cuda_get_knob(d->be, k[i].name, &old[i]));
+        MUST(dsv32_cuda_set_knob(d->be, k[i].name, k[i].value));
+    }
+    const double t = dsa_time(d, m, what, reps);
+    for (int i = n - 1; i >= 0; i--)
+        MUST(dsv32_cuda_set_knob(d->be, k[i].name, old[i]));
+    return t;
+}
+
 static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa, int do_sweep)
 {
     const int B = 64, L = 131072;
@@ -253,69 +279,48 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         const double bytes = (double)B * L * 132 + (double)B * 2048 * 656;
         const double floor_ms = bytes / (copy_gbps * gb) * 1e3;
         const double dense_bytes = (double)B * L * 656;
-        dsv32_cuda_set_knob(be, "indexer_fp8", 0);
-        const double t_idx = dsa_time(&d, &m, RUN_INDEXER, iters);
-        const double t_all = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
-        dsv32_cuda_set_knob(be, "idx_no_topk", 1);
-        const double t_scores = dsa_time(&d, &m, RUN_INDEXER, iters);
-        dsv32_cuda_set_knob(be, "idx_wgmma", 3);
-        const double t_scores5 = dsa_time(&d, &m, RUN_INDEXER, iters);
-        dsv32_cuda_set_knob(be, "idx_wgmma", 1);
-        dsv32_cuda_set_knob(be, "idx_no_topk", 0);
-        dsv32_cuda_set_knob(be, "topk_global", 1);
-        const double t_idx_gtopk = dsa_time(&d, &m, RUN_INDEXER, iters);
-        dsv32_cuda_set_knob(be, "topk_global", 0);
-        dsv32_cuda_set_knob(be, "idx_no_topk", 1);
-        dsv32_cuda_set_knob(be, "idx_wgmma", 0);
-        const double t_scores_mma = dsa_time(&d, &m, RUN_INDEXER, iters);
-        dsv32_cuda_set_knob(be, "idx_no_topk", 0);
-        const double t_idx_mma = dsa_time(&d, &m, RUN_INDEXER, iters);
-        dsv32_cuda_set_knob(be, "idx_wgmma", 1);
-        dsv32_cuda_set_knob(be, "indexer_fp8", 1);
-        const double t_idx8 = dsa_time(&d, &m, RUN_INDEXER, iters);
-        dsv32_cuda_set_knob(be, "topk_no_split", 1);
-        const double t_idx8_1cta = dsa_time(&d, &m, RUN_INDEXER, iters);
-        dsv32_cuda_set_knob(be, "topk_no_split", 0);
-        dsv32_cuda_set_knob(be, "topk_parts", 4);
-        const double t_idx8_4cta = dsa_time(&d, &m, RUN_INDEXER, iters);
-        dsv32_cuda_set_knob(be, "topk_parts", 0);
-        const double t_all8 = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
-        dsv32_cuda_set_knob(be, "idx_no_topk", 1);
-        const double t_scores8 = dsa_time(&d, &m, RUN_INDEXER, iters);
+        const int I = RUN_INDEXER, IS = RUN_INDEXER | RUN_SPARSE;
+        /* f16 indexer (the exact mode's kernels): with the top-k, scores alone, the register-prefetch
+         * wgmma version, the exact global top-k, mma.sync */
+        const double t_idx = dsa_time_with(&d, &m, I, iters, KNOBS({"indexer_fp8", 0}));
+        const double t_all = dsa_time_with(&d, &m, IS, iters, KNOBS({"indexer_fp8", 0}));
+        const double t_scores = dsa_time_with(&d, &m, I, iters, KNOBS({"indexer_fp8", 0}, {"idx_no_topk", 1}));
+        const double t_scores5 =
+            dsa_time_with(&d, &m, I, iters, KNOBS({"indexer_fp8", 0}, {"idx_no_topk", 1}, {"idx_wgmma", 3}));
+        const double t_idx_gtopk = dsa_time_with(&d, &m, I, iters, KNOBS({"indexer_fp8", 0}, {"topk_global", 1}));
+        const double t_scores_mma =
+            dsa_time_with(&d, &m, I, iters, KNOBS({"indexer_fp8", 0}, {"idx_no_topk", 1}, {"idx_wgmma", 0}));
+        const double t_idx_mma = dsa_time_with(&d, &m, I, iters, KNOBS({"indexer_fp8", 0}, {"idx_wgmma", 0}));
+        /* the FP8 indexer (the fast mode's default) and its variants */
+        MUST(dsv32_cuda_set_knob(be, "indexer_fp8", 1));
+        const double t_idx8 = dsa_time(&d, &m, I, iters);
+        const double t_idx8_1cta = dsa_time_with(&d, &m, I, iters, KNOBS({"topk_no_split", 1}));
+        const double t_idx8_4cta = dsa_time_with(&d, &m, I, iters, KNOBS({"topk_parts", 4}));
+        const double t_all8 = dsa_time(&d, &m, IS, iters);
+        const double t_scores8 = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_no_topk", 1}));
         /* the cache blocks by TMA (evict-first in L2, and without the hint) instead of cp.async */
-        dsv32_cuda_set_knob(be, "idx_tma", 1);
-        const double t_scores8_tma = dsa_time(&d, &m, RUN_INDEXER, iters);
-        dsv32_cuda_set_knob(be, "idx_no_topk", 0);
-        const double t_idx8_tma = dsa_time(&d, &m, RUN_INDEXER, iters);
-        dsv32_cuda_set_knob(be, "idx_l2_normal", 1);
-        const double t_idx8_l2n = dsa_time(&d, &m, RUN_INDEXER, iters);
-        dsv32_cuda_set_knob(be, "idx_no_topk", 1);
-        const double t_scores8_l2n = dsa_time(&d, &m, RUN_INDEXER, iters);
-        dsv32_cuda_set_knob(be, "idx_l2_normal", 0);
-        dsv32_cuda_set_knob(be, "idx_tma", 0);
+        const double t_scores8_tma = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_no_topk", 1}, {"idx_tma", 1}));
+        const double t_idx8_tma = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_tma", 1}));
+        const double t_idx8_l2n = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_tma", 1}, {"idx_l2_normal", 1}));
+        const double t_scores8_l2n =
+            dsa_time_with(&d, &m, I, iters, KNOBS({"idx_no_topk", 1}, {"idx_tma", 1}, {"idx_l2_normal", 1}));
         /* the same reads with nothing computed (the access pattern's rate), and both with the
          * sequences' blocks contiguous instead of a random permutation */
-        dsv32_cuda_set_knob(be, "idx_no_topk", 1);
-        dsv32_cuda_set_knob(be, "idx_copy_only", 1);
-        const double t_read8 = dsa_time(&d, &m, RUN_INDEXER, iters);
+        const double t_read8 = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_no_topk", 1}, {"idx_copy_only", 1}));
         int32_t *ident = malloc(sizeof(int32_t) * (size_t)B * d.max_blocks);
         for (size_t i = 0; i < (size_t)B * d.max_blocks; i++)
             ident[i] = (int32_t)i;
         MUST(be->ops->to_device(be, d.d_blocks, ident, sizeof(int32_t) * (size_t)B * d.max_blocks));
-        const double t_read8_seq = dsa_time(&d, &m, RUN_INDEXER, iters);
-        dsv32_cuda_set_knob(be, "idx_copy_only", 0);
-        const double t_scores8_seq = dsa_time(&d, &m, RUN_INDEXER, iters);
+        const double t_read8_seq =
+            dsa_time_with(&d, &m, I, iters, KNOBS({"idx_no_topk", 1}, {"idx_copy_only", 1}));
+        const double t_scores8_seq = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_no_topk", 1}));
         MUST(be->ops->to_device(be, d.d_blocks, d.h_blocks, sizeof(int32_t) * (size_t)B * d.max_blocks));
         free(ident);
-        dsv32_cuda_set_knob(be, "idx_no_topk", 0);
-        dsv32_cuda_set_knob(be, "idx_wgmma", 0);
-        const double t_idx8_mma = dsa_time(&d, &m, RUN_INDEXER, iters);
-        dsv32_cuda_set_knob(be, "idx_wgmma", 1);
+        const double t_idx8_mma = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_wgmma", 0}));
+        /* sparse MLA: wgmma (default) and mma.sync */
         const double t_sp = dsa_time(&d, &m, RUN_SPARSE, iters);
-        dsv32_cuda_set_knob(be, "mla_wgmma", 0);
-        const double t_sp_mma = dsa_time(&d, &m, RUN_SPARSE, iters);
-        const double t_all8_mma = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
-        dsv32_cuda_set_knob(be, "mla_wgmma", 1);
+        const double t_sp_mma = dsa_time_with(&d, &m, RUN_SPARSE, iters, KNOBS({"mla_wgmma", 0}));
+        const double t_all8_mma = dsa_time_with(&d, &m, IS, iters, KNOBS({"mla_wgmma", 0}));
         const double t_dense = dsa_time(&d, &m, RUN_DENSE, iters > 5 ? 5 : iters);
         const double idx_flop = (double)B * L * 64 * 128 * 2;
         const double sp_flop = (double)B * 128 * 2048 * (576 + 512) * 2;
@@ -400,10 +405,8 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         for (size_t i = 0; i < sizeof(ctxs) / sizeof(ctxs[0]); i++) {
             const int ctx = ctxs[i];
             struct dsv32_step_meta m = dsa_meta(&d, B, 1, ctx);
-            dsv32_cuda_set_knob(be, "indexer_fp8", 0);
-            const double t_dsa = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
-            dsv32_cuda_set_knob(be, "indexer_fp8", 1);
-            const double t_dsa8 = dsa_time(&d, &m, RUN_INDEXER | RUN_SPARSE, iters);
+            const double t_dsa = dsa_time_with(&d, &m, RUN_INDEXER | RUN_SPARSE, iters, KNOBS({"indexer_fp8", 0}));
+            const double t_dsa8 = dsa_time_with(&d, &m, RUN_INDEXER | RUN_SPARSE, iters, KNOBS({"indexer_fp8", 1}));
             const double t_dense = dsa_time(&d, &m, RUN_DENSE, iters > 5 ? 5 : iters);
             const int sel = ctx < 2048 ? ctx : 2048;
             const double f_dsa = ((double)B * ctx * 132 + (double)B * sel * 656) / (copy_gbps * gb) * 1e3;
@@ -430,10 +433,8 @@ static void bench_prefill(struct dsv32_backend *be)
     MUST(dsv32_cuda_random_selection(be, d.sel, d.d_pos, T, 2048, 99));
     const double t_sp = dsa_time(&d, &m, RUN_SPARSE, iters);
     const double flop = (double)T * H * 2048 * (576 + 512) * 2;
-    dsv32_cuda_set_knob(be, "indexer_fp8", 0);
-    const double t_idx = dsa_time(&d, &m, RUN_INDEXER, iters > 5 ? 5 : iters);
-    dsv32_cuda_set_knob(be, "indexer_fp8", 1);
-    const double t_idx8 = dsa_time(&d, &m, RUN_INDEXER, iters > 5 ? 5 : iters);
+    const double t_idx = dsa_time_with(&d, &m, RUN_INDEXER, iters > 5 ? 5 : iters, KNOBS({"indexer_fp8", 0}));
+    const double t_idx8 = dsa_time_with(&d, &m, RUN_INDEXER, iters > 5 ? 5 : iters, KNOBS({"indexer_fp8", 1}));
     double idx_flop = 0;
     for (int t = 0; t < T; t++)
         idx_flop += (double)(L - T + t + 1) * 64 * 128 * 2;

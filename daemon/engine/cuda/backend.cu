@@ -704,6 +704,17 @@ extern "C" int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, i
     return 0;
 }
 
+extern "C" int dsv32_cuda_get_knob(struct dsv32_backend *be, const char *name, int *value)
+{
+    struct cu_ctx *c = ctx_of(be);
+    for (size_t i = 0; i < sizeof(cu_knobs) / sizeof(cu_knobs[0]); i++)
+        if (strcmp(name, cu_knobs[i].name) == 0) {
+            *value = *(const int *)((const char *)c + cu_knobs[i].off);
+            return 0;
+        }
+    return -EINVAL;
+}
+
 extern "C" int dsv32_cuda_mla_prof(struct dsv32_backend *be, unsigned long long out[20])
 {
     ENTER(be);

@@ -42,6 +42,8 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * "idx_copy_only" (1: the FP8 indexer reads its blocks and computes nothing, a diagnostic).
  * Returns 0 or -EINVAL. */
 int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, int value);
+/* The current value of a knob of the table above ("mla_prof" excluded); 0 or -EINVAL. */
+int dsv32_cuda_get_knob(struct dsv32_backend *be, const char *name, int *value);
 /* With the knob "mla_prof" 1: the wgmma MLA kernel's cycles per phase since the last call, summed
  * over the two warpgroups' first threads: out[8 wg + phase] for the phases of mla_wg_kernel's
  * tile loop (mla.cu names them); out[16] the tiles of warpgroup 0; out[17], out[18] thread 0's
