@@ -224,6 +224,36 @@ static bool key_exists(struct dsv32_etcd *e, const char *key)
     return r == 0;
 }
 
+/* The objects with threads of their own that a test makes (watches, keepers, elections, an observer,
+ * clients and a campaign thread), freed by its teardown when an assertion ends it early: the
+ * group teardown would otherwise free the client under their watches and hang. A test clears a
+ * field when it frees the object itself. */
+static struct {
+    struct dsv32_etcd *e, *e2;
+    struct dsv32_etcd_watch *w;
+    struct dsv32_etcd_keeper *k;
+    struct dsv32_etcd_observer *o;
+    struct dsv32_etcd_election *a, *b;
+    pthread_t campaigner; /* joined by the teardown when left running (its campaign times out) */
+    bool campaigning;
+} objs;
+
+static int objs_teardown(void **state)
+{
+    (void)state;
+    if (objs.campaigning)
+        pthread_join(objs.campaigner, NULL);
+    dsv32_etcd_election_free(objs.a);
+    dsv32_etcd_election_free(objs.b);
+    dsv32_etcd_observer_free(objs.o);
+    dsv32_etcd_keeper_free(objs.k, true);
+    dsv32_etcd_watch_free(objs.w);
+    dsv32_etcd_free(objs.e2);
+    dsv32_etcd_free(objs.e);
+    memset(&objs, 0, sizeof(objs));
+    return 0;
+}
+
 static void test_lease(void **state)
 {
     int64_t id, ttl, granted;
@@ -250,8 +280,8 @@ static void test_lease(void **state)
     /* a kept lease outlives several TTLs; an unkept one of the same TTL expires meanwhile */
     static struct lease_log log; /* static: a failed assertion may leave threads behind */
     log = (struct lease_log){.mu = PTHREAD_MUTEX_INITIALIZER};
-    struct dsv32_etcd_keeper *k;
-    assert_int_equal(dsv32_etcd_keeper_new(E, 1, on_lease, &log, &k), 0);
+    assert_int_equal(dsv32_etcd_keeper_new(E, 1, on_lease, &log, &objs.k), 0);
+    struct dsv32_etcd_keeper *k = objs.k;
     int64_t kl = dsv32_etcd_keeper_wait(k, 3000);
     assert_true(kl > 0);
     assert_int_equal(lease_count(&log, &log.n_granted), 1);
@@ -281,6 +311,7 @@ static void test_lease(void **state)
     /* free with revoke: the lease and its keys go */
     assert_int_equal(dsv32_etcd_put(E, "/t/lease/kept", "x", 1, kl2, NULL), 0);
     dsv32_etcd_keeper_free(k, true);
+    objs.k = NULL;
     assert_false(key_exists(E, "/t/lease/kept"));
     assert_int_equal(dsv32_etcd_lease_ttl(E, kl2, &ttl, NULL), -ENOENT);
 }
@@ -348,6 +379,36 @@ static bool wait_lines(struct watch_log *l, int n, int64_t ms)
     return ok;
 }
 
+/* A watch log's line i (a copy), count and resets, each read under its lock: assertions never
+ * run with the lock held, so a failing one cannot leave the watch's thread blocked on it and the
+ * test's teardown waiting for that thread. */
+static const char *log_line(struct watch_log *l, int i)
+{
+    static char buf[4][96];
+    static int next;
+    char *b = buf[next++ % 4];
+    pthread_mutex_lock(&l->mu);
+    snprintf(b, sizeof(buf[0]), "%s", i < l->n ? l->lines[i] : "(none)");
+    pthread_mutex_unlock(&l->mu);
+    return b;
+}
+
+static int log_n(struct watch_log *l)
+{
+    pthread_mutex_lock(&l->mu);
+    int n = l->n;
+    pthread_mutex_unlock(&l->mu);
+    return n;
+}
+
+static int log_resets(struct watch_log *l)
+{
+    pthread_mutex_lock(&l->mu);
+    int n = l->resets;
+    pthread_mutex_unlock(&l->mu);
+    return n;
+}
+
 static void test_watch(void **state)
 {
     int64_t rev;
@@ -355,10 +416,9 @@ static void test_watch(void **state)
     assert_int_equal(dsv32_etcd_put(E, "/t/w/a", "1", 1, 0, &rev), 0);
     static struct watch_log l;
     watch_log_init(&l);
-    struct dsv32_etcd_watch *w;
     /* from the next revision: what happens after the put above, nothing before */
     assert_int_equal(dsv32_etcd_watch_new(E, "/t/w/", DSV32_ETCD_PREFIX, rev + 1, on_watch, &l,
-                                          &w),
+                                          &objs.w),
                      0);
     put_str("/t/w/b", "2");
     put_str("/t/wx", "not watched");
@@ -368,45 +428,42 @@ static void test_watch(void **state)
     assert_int_equal(dsv32_etcd_put(E, "/t/w/c", "4", 1, 0, &last), 0);
     assert_true(wait_lines(&l, 4, 5000));
     usleep(50000);
-    pthread_mutex_lock(&l.mu);
-    assert_int_equal(l.n, 4);
-    assert_string_equal(l.lines[0], "P /t/w/b=2");
-    assert_string_equal(l.lines[1], "P /t/w/a=3");
-    assert_string_equal(l.lines[2], "D /t/w/b");
-    assert_string_equal(l.lines[3], "P /t/w/c=4");
-    pthread_mutex_unlock(&l.mu);
-    assert_int_equal(dsv32_etcd_watch_revision(w), last);
-    dsv32_etcd_watch_free(w);
+    assert_int_equal(log_n(&l), 4);
+    assert_string_equal(log_line(&l, 0), "P /t/w/b=2");
+    assert_string_equal(log_line(&l, 1), "P /t/w/a=3");
+    assert_string_equal(log_line(&l, 2), "D /t/w/b");
+    assert_string_equal(log_line(&l, 3), "P /t/w/c=4");
+    assert_int_equal(dsv32_etcd_watch_revision(objs.w), last);
+    dsv32_etcd_watch_free(objs.w);
+    objs.w = NULL;
 
     /* a snapshot first: the current range as a reset batch, then the changes */
     watch_log_init(&l);
     assert_int_equal(dsv32_etcd_watch_new(E, "/t/w/", DSV32_ETCD_PREFIX | DSV32_ETCD_SNAPSHOT, 0,
-                                          on_watch, &l, &w),
+                                          on_watch, &l, &objs.w),
                      0);
     assert_true(wait_lines(&l, 4, 5000)); /* RESET + old, a, c */
     put_str("/t/w/d", "5");
     assert_true(wait_lines(&l, 5, 5000));
-    pthread_mutex_lock(&l.mu);
-    assert_int_equal(l.resets, 1);
-    assert_string_equal(l.lines[1], "P /t/w/a=3");
-    assert_string_equal(l.lines[2], "P /t/w/c=4");
-    assert_string_equal(l.lines[3], "P /t/w/old=0");
-    assert_string_equal(l.lines[4], "P /t/w/d=5");
-    pthread_mutex_unlock(&l.mu);
-    dsv32_etcd_watch_free(w);
+    assert_int_equal(log_resets(&l), 1);
+    assert_string_equal(log_line(&l, 1), "P /t/w/a=3");
+    assert_string_equal(log_line(&l, 2), "P /t/w/c=4");
+    assert_string_equal(log_line(&l, 3), "P /t/w/old=0");
+    assert_string_equal(log_line(&l, 4), "P /t/w/d=5");
+    dsv32_etcd_watch_free(objs.w);
+    objs.w = NULL;
 
     /* one key, not a prefix */
     watch_log_init(&l);
-    assert_int_equal(dsv32_etcd_watch_new(E, "/t/w/a", 0, last + 1, on_watch, &l, &w), 0);
+    assert_int_equal(dsv32_etcd_watch_new(E, "/t/w/a", 0, last + 1, on_watch, &l, &objs.w), 0);
     put_str("/t/w/ab", "no");
     put_str("/t/w/a", "yes");
     assert_true(wait_lines(&l, 1, 5000));
     usleep(50000);
-    pthread_mutex_lock(&l.mu);
-    assert_int_equal(l.n, 1);
-    assert_string_equal(l.lines[0], "P /t/w/a=yes");
-    pthread_mutex_unlock(&l.mu);
-    dsv32_etcd_watch_free(w);
+    assert_int_equal(log_n(&l), 1);
+    assert_string_equal(log_line(&l, 0), "P /t/w/a=yes");
+    dsv32_etcd_watch_free(objs.w);
+    objs.w = NULL;
 }
 
 static void test_watch_compacted(void **state)
@@ -419,38 +476,36 @@ static void test_watch_compacted(void **state)
     /* the history it asks for is gone: it resyncs with a snapshot instead of losing changes */
     static struct watch_log l;
     watch_log_init(&l);
-    struct dsv32_etcd_watch *w;
-    assert_int_equal(dsv32_etcd_watch_new(E, "/t/wc/", DSV32_ETCD_PREFIX, rev0, on_watch, &l, &w),
+    assert_int_equal(dsv32_etcd_watch_new(E, "/t/wc/", DSV32_ETCD_PREFIX, rev0, on_watch, &l, &objs.w),
                      0);
     assert_true(wait_lines(&l, 3, 5000));
     put_str("/t/wc/c", "4");
     assert_true(wait_lines(&l, 4, 5000));
-    pthread_mutex_lock(&l.mu);
-    assert_int_equal(l.resets, 1);
-    assert_true(strncmp(l.lines[0], "RESET@", 6) == 0);
-    assert_string_equal(l.lines[1], "P /t/wc/a=3");
-    assert_string_equal(l.lines[2], "P /t/wc/b=2");
-    assert_string_equal(l.lines[3], "P /t/wc/c=4");
-    pthread_mutex_unlock(&l.mu);
-    dsv32_etcd_watch_free(w);
+    assert_int_equal(log_resets(&l), 1);
+    assert_true(strncmp(log_line(&l, 0), "RESET@", 6) == 0);
+    assert_string_equal(log_line(&l, 1), "P /t/wc/a=3");
+    assert_string_equal(log_line(&l, 2), "P /t/wc/b=2");
+    assert_string_equal(log_line(&l, 3), "P /t/wc/c=4");
+    dsv32_etcd_watch_free(objs.w);
+    objs.w = NULL;
 }
 
 /* etcd killed and restarted under a watch, a keeper and a client: nothing lost or repeated. */
 static void test_etcd_restart(void **state)
 {
-    struct dsv32_etcd *e = client(1000);
+    struct dsv32_etcd *e = objs.e = client(1000);
     int64_t rev;
     assert_int_equal(dsv32_etcd_put(e, "/t/rs/start", "0", 1, 0, &rev), 0);
     static struct watch_log l;
     watch_log_init(&l);
-    struct dsv32_etcd_watch *w;
     assert_int_equal(dsv32_etcd_watch_new(e, "/t/rs/", DSV32_ETCD_PREFIX, rev + 1, on_watch, &l,
-                                          &w),
+                                          &objs.w),
                      0);
+    struct dsv32_etcd_watch *w = objs.w;
     static struct lease_log ll;
     ll = (struct lease_log){.mu = PTHREAD_MUTEX_INITIALIZER};
-    struct dsv32_etcd_keeper *k;
-    assert_int_equal(dsv32_etcd_keeper_new(e, 2, on_lease, &ll, &k), 0);
+    assert_int_equal(dsv32_etcd_keeper_new(e, 2, on_lease, &ll, &objs.k), 0);
+    struct dsv32_etcd_keeper *k = objs.k;
     int64_t lease = dsv32_etcd_keeper_wait(k, 3000);
     assert_true(lease > 0);
     assert_int_equal(dsv32_etcd_put(e, "/t/rs/leased", "L", 1, lease, NULL), 0);
@@ -475,7 +530,7 @@ static void test_etcd_restart(void **state)
     assert_int_equal(etcd_fixture_restart(&fx), 0);
 
     /* writes from a fresh client right away, while the watch may still be reconnecting */
-    struct dsv32_etcd *e2 = client(5000);
+    struct dsv32_etcd *e2 = objs.e2 = client(5000);
     for (int i = 5; i < 10; i++) {
         snprintf(key, sizeof(key), "/t/rs/k%d", i);
         snprintf(val, sizeof(val), "%d", i);
@@ -483,15 +538,13 @@ static void test_etcd_restart(void **state)
     }
     assert_true(wait_lines(&l, 11, 10000));
     usleep(100000);
-    pthread_mutex_lock(&l.mu);
-    assert_int_equal(l.n, 11);
-    assert_string_equal(l.lines[0], "P /t/rs/leased=L");
+    assert_int_equal(log_n(&l), 11);
+    assert_string_equal(log_line(&l, 0), "P /t/rs/leased=L");
     for (int i = 0; i < 10; i++) {
         char want[64];
         snprintf(want, sizeof(want), "P /t/rs/k%d=%d", i, i);
-        assert_string_equal(l.lines[1 + i], want);
+        assert_string_equal(log_line(&l, 1 + i), want);
     }
-    pthread_mutex_unlock(&l.mu);
     assert_true(dsv32_etcd_watch_reconnects(w) >= 1);
 
     /* the lease survived the restart and is still kept alive past its TTL */
@@ -508,6 +561,7 @@ static void test_etcd_restart(void **state)
     dsv32_etcd_watch_free(w);
     dsv32_etcd_free(e2);
     dsv32_etcd_free(e);
+    memset(&objs, 0, sizeof(objs));
 }
 
 struct leader_log {
@@ -582,38 +636,15 @@ static bool wait_not_leader(struct dsv32_etcd_election *el, int64_t ms)
     return !dsv32_etcd_election_is_leader(el);
 }
 
-/* test_election's objects, freed by its teardown when an assertion ends it early (otherwise the
- * group teardown would free the client under their watches and hang) */
-static struct {
-    struct dsv32_etcd *e2;
-    struct dsv32_etcd_observer *o;
-    struct dsv32_etcd_election *a, *b;
-    pthread_t campaigner; /* joined by the teardown when left running (its campaign times out) */
-    bool campaigning;
-} el_objs;
-
-static int election_teardown(void **state)
-{
-    (void)state;
-    if (el_objs.campaigning)
-        pthread_join(el_objs.campaigner, NULL);
-    dsv32_etcd_election_free(el_objs.a);
-    dsv32_etcd_election_free(el_objs.b);
-    dsv32_etcd_observer_free(el_objs.o);
-    dsv32_etcd_free(el_objs.e2);
-    memset(&el_objs, 0, sizeof(el_objs));
-    return 0;
-}
-
 static void test_election(void **state)
 {
     const char *key = "/t/el/leader";
-    struct dsv32_etcd *e2 = el_objs.e2 = client(3000);
+    struct dsv32_etcd *e2 = objs.e2 = client(3000);
     static struct leader_log la, lb, obs;
     la = lb = obs = (struct leader_log){.mu = PTHREAD_MUTEX_INITIALIZER};
     struct dsv32_etcd_observer *o;
     assert_int_equal(dsv32_etcd_observer_new(E, key, on_observe, &obs, &o), 0);
-    el_objs.o = o;
+    objs.o = o;
     int64_t end = now_ms() + 3000;
     while (leader_field(&obs, &obs.n_observed) < 1 && now_ms() < end) /* its first snapshot */
         usleep(5000);
@@ -623,9 +654,9 @@ static void test_election(void **state)
         .key = key, .value = "b", .ttl_s = 2, .fn = on_leader, .arg = &lb};
     struct dsv32_etcd_election *a, *b;
     assert_int_equal(dsv32_etcd_election_new(E, &ca, &a), 0);
-    el_objs.a = a;
+    objs.a = a;
     assert_int_equal(dsv32_etcd_election_new(e2, &cb, &b), 0);
-    el_objs.b = b;
+    objs.b = b;
 
     assert_int_equal(dsv32_etcd_election_campaign(a, 5000), 0);
     assert_true(dsv32_etcd_election_is_leader(a));
@@ -643,14 +674,14 @@ static void test_election(void **state)
     j = (struct campaign_job){.el = b, .timeout_ms = 10000};
     pthread_t t;
     assert_int_equal(pthread_create(&t, NULL, campaign_thread, &j), 0);
-    el_objs.campaigner = t;
-    el_objs.campaigning = true;
+    objs.campaigner = t;
+    objs.campaigning = true;
     usleep(200000);
     assert_false(dsv32_etcd_election_is_leader(b));
     int64_t t0 = now_ms();
     assert_int_equal(dsv32_etcd_election_resign(a), 0);
     pthread_join(t, NULL);
-    el_objs.campaigning = false;
+    objs.campaigning = false;
     assert_int_equal(j.result, 0);
     assert_true(now_ms() - t0 < 2000);
     assert_true(dsv32_etcd_election_is_leader(b));
@@ -679,11 +710,11 @@ static void test_election(void **state)
 
     /* freeing the leader frees the seat */
     dsv32_etcd_election_free(b);
-    el_objs.b = NULL;
+    objs.b = NULL;
     assert_int_equal(dsv32_etcd_election_leader(E, key, &v), -ENOENT);
     assert_int_equal(dsv32_etcd_election_campaign(a, 5000), 0);
     dsv32_etcd_election_free(a);
-    el_objs.a = NULL;
+    objs.a = NULL;
 
     /* the observer saw every change: none, a, (none), b, (none), a, (none), b, none, a, none */
     end = now_ms() + 3000;
@@ -700,9 +731,9 @@ static void test_election(void **state)
     assert_string_equal(obs.observed[7], "b");
     pthread_mutex_unlock(&obs.mu);
     dsv32_etcd_observer_free(o);
-    el_objs.o = NULL;
+    objs.o = NULL;
     dsv32_etcd_free(e2);
-    el_objs.e2 = NULL;
+    objs.e2 = NULL;
 }
 
 /* etcd comes back empty (a new cluster: revisions start over, leases unknown): the watch does not
@@ -710,38 +741,36 @@ static void test_election(void **state)
  * since it wipes what the other tests wrote. */
 static void test_etcd_wiped(void **state)
 {
-    struct dsv32_etcd *e = client(1000);
+    struct dsv32_etcd *e = objs.e = client(1000);
     int64_t rev;
     for (int i = 0; i < 20; i++) /* revisions well ahead of what a new etcd will have */
         assert_int_equal(dsv32_etcd_put(e, "/t/wipe/old", "x", 1, 0, &rev), 0);
     static struct watch_log l;
     watch_log_init(&l);
-    struct dsv32_etcd_watch *w;
     assert_int_equal(dsv32_etcd_watch_new(e, "/t/wipe/", DSV32_ETCD_PREFIX, rev + 1, on_watch, &l,
-                                          &w),
+                                          &objs.w),
                      0);
+    struct dsv32_etcd_watch *w = objs.w;
     static struct lease_log ll;
     ll = (struct lease_log){.mu = PTHREAD_MUTEX_INITIALIZER};
-    struct dsv32_etcd_keeper *k;
-    assert_int_equal(dsv32_etcd_keeper_new(e, 1, on_lease, &ll, &k), 0);
+    assert_int_equal(dsv32_etcd_keeper_new(e, 1, on_lease, &ll, &objs.k), 0);
+    struct dsv32_etcd_keeper *k = objs.k;
     int64_t lease = dsv32_etcd_keeper_wait(k, 3000);
     assert_true(lease > 0);
     assert_int_equal(dsv32_etcd_put(e, "/t/wipe/a", "1", 1, 0, NULL), 0);
     assert_true(wait_lines(&l, 1, 5000));
 
     assert_int_equal(etcd_fixture_restart_empty(&fx), 0);
-    struct dsv32_etcd *e2 = client(5000);
+    struct dsv32_etcd *e2 = objs.e2 = client(5000);
     assert_int_equal(dsv32_etcd_put(e2, "/t/wipe/b", "2", 1, 0, NULL), 0);
     /* a snapshot of the new etcd (only b), then its changes */
     assert_true(wait_lines(&l, 3, 10000));
     assert_int_equal(dsv32_etcd_put(e2, "/t/wipe/c", "3", 1, 0, NULL), 0);
     assert_true(wait_lines(&l, 4, 5000));
-    pthread_mutex_lock(&l.mu);
-    assert_string_equal(l.lines[0], "P /t/wipe/a=1");
-    assert_true(strncmp(l.lines[1], "RESET@", 6) == 0);
-    assert_string_equal(l.lines[2], "P /t/wipe/b=2");
-    assert_string_equal(l.lines[3], "P /t/wipe/c=3");
-    pthread_mutex_unlock(&l.mu);
+    assert_string_equal(log_line(&l, 0), "P /t/wipe/a=1");
+    assert_true(strncmp(log_line(&l, 1), "RESET@", 6) == 0);
+    assert_string_equal(log_line(&l, 2), "P /t/wipe/b=2");
+    assert_string_equal(log_line(&l, 3), "P /t/wipe/c=3");
     /* the old lease means nothing to the new etcd: a new one */
     int64_t end = now_ms() + 5000;
     while (lease_count(&ll, &ll.n_granted) < 2 && now_ms() < end)
@@ -755,6 +784,7 @@ static void test_etcd_wiped(void **state)
     dsv32_etcd_watch_free(w);
     dsv32_etcd_free(e2);
     dsv32_etcd_free(e);
+    memset(&objs, 0, sizeof(objs));
 }
 
 int main(void)
@@ -766,12 +796,12 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_kv),
         cmocka_unit_test(test_txn),
-        cmocka_unit_test(test_lease),
-        cmocka_unit_test(test_watch),
-        cmocka_unit_test(test_watch_compacted),
-        cmocka_unit_test_teardown(test_election, election_teardown),
-        cmocka_unit_test(test_etcd_restart),
-        cmocka_unit_test(test_etcd_wiped),
+        cmocka_unit_test_teardown(test_lease, objs_teardown),
+        cmocka_unit_test_teardown(test_watch, objs_teardown),
+        cmocka_unit_test_teardown(test_watch_compacted, objs_teardown),
+        cmocka_unit_test_teardown(test_election, objs_teardown),
+        cmocka_unit_test_teardown(test_etcd_restart, objs_teardown),
+        cmocka_unit_test_teardown(test_etcd_wiped, objs_teardown),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
