@@ -540,9 +540,10 @@ static __device__ __forceinline__ int warp_excl_scan(int v, int lane, int *total
  * threads (the two measured within 2% of each other; TMA without the L2 hint 6% slower; cp.async
  * with the hint raised an illegal-instruction error on the H200). The per-head weights sit in
  * registers and the accumulators are not zeroed per block (the first k-step's scale-d is 0); a
- * ring of 3 with 6 CTAs per SM instead of 5 with 4 was 10% slower (docs/GPU-NOTES.md). copy_only (a diagnostic, knob idx_copy_only): the blocks are read and nothing computed,
- * the read rate of the same access pattern. The tensor core's FP8 products are accumulated in its
- * own (not f32-exact) precision, which is why the exact mode never takes this path. */
+ * ring of 3 with 6 CTAs per SM instead of 5 with 4 was 7-13% slower (docs/GPU-NOTES.md).
+ * copy_only (a diagnostic, knob idx_copy_only): the blocks are read and nothing computed, the read
+ * rate of the same access pattern. The tensor core's FP8 products are accumulated in its own (not
+ * f32-exact) precision, which is why the exact mode never takes this path. */
 #define IDX8_STAGEB 9216 /* 8 KB of keys (1024-aligned) + 256 B of scales, rounded to 1 KB */
 
 template <bool TMA>
