@@ -20,12 +20,13 @@
  * scores' worth), gather every score at or above it into shared memory in one sweep, and finish
  * there when the gathered hold at least k and fit: the three passes over the candidates, the
  * selected positions marked in a bitmap and written in ascending order from it. With fewer rows
- * than half the SMs a row has 2 CTAs (4 by a knob), launched as a cluster: each samples its share, the histograms are summed through distributed shared memory so all find the same
- * threshold, each sweeps its share of the row into a global exchange, and after a cluster barrier
- * the first merges the shares and finishes the row, or takes the exact path for it. Otherwise (short
- * rows, or the sample missed) the exact path: two radix passes over the row, then either the
- * 22-bit bin's few scores gathered and finished in shared memory the same way, or (too many in
- * that bin) the third pass over the row and two ordered sweeps (each warp owns a segment, counts
+ * than half the SMs a row has 2 CTAs (4 by a knob), launched as a cluster: each samples its
+ * share, the histograms are summed through distributed shared memory so all find the same
+ * threshold, each sweeps its share of the row into a global exchange, and after a cluster
+ * barrier the first merges the shares and finishes the row, or takes the exact path for it.
+ * Otherwise (short rows, or the sample missed) the exact path: two radix passes over the row,
+ * then either the 22-bit bin's few scores gathered and finished in shared memory the same way, or
+ * (too many in that bin) the third pass over the row and two ordered sweeps (each warp owns a segment, counts
  * what it keeps, a scan over the warps gives the offsets, a second sweep writes). Among scores
  * equal to the threshold the lowest positions are kept on every path. */
 #include "indexer.cuh"
