@@ -26,9 +26,9 @@
  * barrier the first merges the shares and finishes the row, or takes the exact path for it.
  * Otherwise (short rows, or the sample missed) the exact path: two radix passes over the row,
  * then either the 22-bit bin's few scores gathered and finished in shared memory the same way, or
- * (too many in that bin) the third pass over the row and two ordered sweeps (each warp owns a segment, counts
- * what it keeps, a scan over the warps gives the offsets, a second sweep writes). Among scores
- * equal to the threshold the lowest positions are kept on every path. */
+ * (too many in that bin) the third pass over the row and two ordered sweeps (each warp owns a
+ * segment, counts what it keeps, a scan over the warps gives the offsets, a second sweep writes).
+ * Among scores equal to the threshold the lowest positions are kept on every path. */
 #include "indexer.cuh"
 #include "wgmma.cuh"
 
