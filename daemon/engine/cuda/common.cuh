@@ -143,6 +143,8 @@ struct cu_ctx {
     int idx_tma;               /* the FP8 indexer's cache blocks by TMA (1) or cp.async (0, default) */
     int idx_l2_normal;         /* its TMA reads without the evict-first L2 hint (benchmarks) */
     int idx_copy_only;         /* benchmarks: the FP8 indexer reads its blocks and computes nothing */
+    int idx_items;             /* the indexer's work list as floor(blocks / bpc) equal items per row
+                                  group (1; prepared, not yet measured) or ceil (0, default) */
     struct cu_tmap tmaps[CU_TMAPS];
     int n_tmaps;
     int topk_parts;            /* the top-k's CTAs per row forced (1, 2, 4; 0: by the row count) */

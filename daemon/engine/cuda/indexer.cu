@@ -1216,8 +1216,18 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 }
                 if (need) {
                     const int nblk = maxpos / DSV32_KV_BLOCK_TOKENS + 1;
-                    for (int b = 0; b < nblk; b += (int)bpc)
-                        items[n_items++] = make_int4(r, e - r, b, b + (int)bpc < nblk ? b + (int)bpc : nblk);
+                    if (c->idx_items) {
+                        /* floor(nblk / bpc) equal items: at most total / bpc items in all, so no
+                         * partial wave beyond the planned ones (today's rounding up made 17 items
+                         * of a 2048-block row, 1088 for 1056 CTA slots at batch 64 x 131072) */
+                        const int n_it = nblk / (int)bpc > 0 ? nblk / (int)bpc : 1;
+                        for (int i = 0; i < n_it; i++)
+                            items[n_items++] = make_int4(r, e - r, (int)((int64_t)nblk * i / n_it),
+                                                         (int)((int64_t)nblk * (i + 1) / n_it));
+                    } else {
+                        for (int b = 0; b < nblk; b += (int)bpc)
+                            items[n_items++] = make_int4(r, e - r, b, b + (int)bpc < nblk ? b + (int)bpc : nblk);
+                    }
                 }
                 r = e;
             }
