@@ -294,7 +294,7 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         /* the FP8 indexer (the fast mode's default) and its variants */
         MUST(dsv32_cuda_set_knob(be, "indexer_fp8", 1));
         const double t_idx8 = dsa_time(&d, &m, I, iters);
-        const double t_idx8_1cta = dsa_time_with(&d, &m, I, iters, KNOBS({"topk_no_split", 1}));
+        const double t_idx8_1cta = dsa_time_with(&d, &m, I, iters, KNOBS({"topk_parts", 1}));
         const double t_idx8_4cta = dsa_time_with(&d, &m, I, iters, KNOBS({"topk_parts", 4}));
         const double t_all8 = dsa_time(&d, &m, IS, iters);
         const double t_scores8 = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_no_topk", 1}));
@@ -357,7 +357,7 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
                t_read8 / ((double)B * L * 132 / (copy_gbps * gb) * 1e3), (double)B * L * 132 / (t_read8 * 1e-3) / gb);
         printf("| the same reads with each sequence's blocks contiguous (not permuted) | %.3f | %.2f | scores %.3f ms |\n",
                t_read8_seq, t_read8_seq / ((double)B * L * 132 / (copy_gbps * gb) * 1e3), t_scores8_seq);
-        printf("| of it: top-2048 (by difference; a cluster of 2 CTAs per row, the default below half the SMs' rows) | %.3f | | 4 CTAs per row (knob topk_parts 4): %.3f ms; one (topk_no_split): %.3f ms |\n",
+        printf("| of it: top-2048 (by difference; a cluster of 2 CTAs per row, the default below half the SMs' rows) | %.3f | | 4 CTAs per row (knob topk_parts 4): %.3f ms; one (topk_parts 1): %.3f ms |\n",
                t_idx8 - t_scores8, t_idx8_4cta - t_scores8, t_idx8_1cta - t_scores8);
         printf("| indexer scores + top-2048 (FP8 mma.sync, the previous FP8 kernel) | %.3f | | |\n", t_idx8_mma);
         printf("| sparse MLA decode (bf16 wgmma, 2048 selected) | %.3f | | %.0f TFLOP/s |\n", t_sp,

@@ -13,6 +13,7 @@
 #include "clock.h"
 #include "cluster.pb-c.h"
 #include "error.h"
+#include "gen_stream.h"
 #include "rpc.h"
 #include "textgen.h"
 #include "tokenizer.h"
@@ -28,18 +29,6 @@
 #include <unistd.h>
 
 enum { BATCHES = 7, MAX_STREAMS = 256 };
-
-static int cmp(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double *t, int n)
-{
-    qsort(t, (size_t)n, sizeof(t[0]), cmp);
-    return t[n / 2];
-}
 
 static uint64_t splitmix64(uint64_t *x)
 {
@@ -96,7 +85,7 @@ static double time_detok(const struct dsv32_tok *tok, const int32_t *ids, int n,
         dsv32_stop_done(&m);
     }
     *ret_bytes = bytes;
-    return median(t, BATCHES);
+    return gen_pct(t, BATCHES, 0.5);
 }
 
 /* on_token's message for id: one token id at offset i, with lp when given */
@@ -148,7 +137,7 @@ static double time_pack(const struct dsv32_tok *tok, int32_t *ids, int n, int wi
         }
         t[b] = (dsv32_mono_s() - t0) / n * 1e6;
     }
-    return median(t, BATCHES);
+    return gen_pct(t, BATCHES, 0.5);
 }
 
 /* ---- the gRPC stream write ---- */
@@ -266,7 +255,7 @@ static int time_grpc(int32_t *ids, int n, int n_streams, double *ret_us)
     if (r == 0 && rd.failed)
         r = -EIO;
     if (r == 0)
-        *ret_us = median(t, BATCHES);
+        *ret_us = gen_pct(t, BATCHES, 0.5);
     for (int k = 0; k < srv_state.n_calls; k++)
         dsv32_rpc_call_finish(srv_state.calls[k], DSV32_RPC_OK, NULL);
     srv_state.n_calls = 0;

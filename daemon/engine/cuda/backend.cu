@@ -675,9 +675,9 @@ static const struct {
     bool as_given;
 } cu_knobs[] = {
     KNOB(indexer_fp8, false), KNOB(lt_fp8, false),      KNOB(fp8_reg, false),     KNOB(fp8_no_wg, false),
-    KNOB(idx_wgmma, true),    KNOB(idx_no_topk, false), KNOB(topk_global, false), KNOB(topk_no_split, false),
-    KNOB(mla_wgmma, false),   KNOB(idx_tma, true),      KNOB(idx_copy_only, false),
-    KNOB(idx_l2_normal, false), KNOB(topk_parts, true), KNOB(idx_items, false),
+    KNOB(idx_wgmma, true),    KNOB(idx_no_topk, false), KNOB(topk_global, false), KNOB(topk_parts, true),
+    KNOB(mla_wgmma, false),   KNOB(idx_tma, false),     KNOB(idx_copy_only, false), KNOB(idx_l2_normal, false),
+    KNOB(idx_items, false),
 };
 #undef KNOB
 

@@ -139,15 +139,15 @@ struct cu_ctx {
     unsigned long long *mla_prof; /* benchmarks: the wgmma MLA kernel's cycles per phase (CU_MLA_PROF_N) */
     int topk_global;           /* the top-k's last pass and ordered sweeps over global memory even
                                   when the candidates would fit shared memory (tests, baseline) */
-    int topk_no_split;         /* one CTA per row even when rows are fewer than half the SMs (baseline) */
     int idx_tma;               /* the FP8 indexer's cache blocks by TMA (1) or cp.async (0, default) */
     int idx_l2_normal;         /* its TMA reads without the evict-first L2 hint (benchmarks) */
     int idx_copy_only;         /* benchmarks: the FP8 indexer reads its blocks and computes nothing */
     int idx_items;             /* the indexer's work list as floor(blocks / bpc) equal items per row
                                   group (1; prepared, not yet measured) or ceil (0, default) */
+    int topk_parts;            /* the top-k's CTAs per row forced (1: one, the baseline; 2, 4; 0: by
+                                  the row count) */
     struct cu_tmap tmaps[CU_TMAPS];
     int n_tmaps;
-    int topk_parts;            /* the top-k's CTAs per row forced (1, 2, 4; 0: by the row count) */
     uint32_t *topk_xc;         /* the split top-k's candidate exchange (cu_topk_xchg) */
     size_t topk_xc_cap;
     /* Every kernel, copy and memset of the backend runs on st, created cudaStreamNonBlocking: it

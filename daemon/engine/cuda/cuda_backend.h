@@ -34,8 +34,8 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * scores on wgmma, 0: on mma.sync, 2: wgmma with the descriptor offsets swapped, a diagnostic that
  * must fail the tests), "idx_no_topk" (1: scores only, for timing), "topk_global" (1: the top-k
  * finishes over global memory, its fallback when the candidates do not fit shared memory),
- * "topk_no_split" (1: one top-k CTA per row even for fewer rows than half the SMs),
- * "topk_parts" (1, 2 or 4 top-k CTAs per row, a cluster; 0: by the row count),
+ * "topk_parts" (1, 2 or 4 top-k CTAs per row, a cluster; 0: by the row count: 2 for fewer rows
+ * than half the SMs, else 1),
  * "mla_wgmma" (1: fast MLA decode on wgmma, 0: on mma.sync), "mla_prof" (1: count the wgmma MLA
  * kernel's cycles per phase, read by dsv32_cuda_mla_prof), "idx_tma" (1: the FP8 indexer's cache
  * blocks by TMA), "idx_l2_normal" (1: those TMA reads without the evict-first L2 hint),

@@ -1068,8 +1068,8 @@ static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const f
     }
 }
 
-/* The split top-k's exchange: per row two candidate lists of cap and a ticket, the tickets zeroed
- * when (re)allocated and left zero by every launch. */
+/* The split top-k's exchange: per row, each part's candidate list of cap (count, keys, positions);
+ * grown when a launch needs more. */
 static int cu_topk_xchg(struct cu_ctx *c, int rows, int parts, int cap, uint32_t **xc)
 {
     const size_t need = (size_t)rows * parts * (2 * (size_t)cap + 1);
@@ -1312,12 +1312,12 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             /* rows fewer than half the SMs: 2 CTAs per row (the sweep over the row and the sampled
              * passes are most of the kernel, Nsight Compute: instruction-bound on the SMs it has;
              * 4 per row measured slower, 0.080 against 0.047 ms at 64 rows); knob topk_parts
-             * forces 1, 2 or 4, topk_no_split 1 */
+             * forces 1, 2 or 4 */
             const int nr = re - rb;
             int parts = 2 * nr <= c->n_sm ? 2 : 1;
             if (c->topk_parts == 1 || c->topk_parts == 2 || c->topk_parts == 4)
                 parts = c->topk_parts;
-            if (cap == 0 || c->topk_no_split)
+            if (cap == 0)
                 parts = 1;
             uint32_t *xc = NULL;
             if (parts > 1) {
