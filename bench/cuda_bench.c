@@ -324,6 +324,7 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         const double t_idx8_mma = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_wgmma", 0}));
         /* sparse MLA: wgmma (default) and mma.sync */
         const double t_sp = dsa_time(&d, &m, RUN_SPARSE, iters);
+        const double t_sp_ws = dsa_time_with(&d, &m, RUN_SPARSE, iters, KNOBS({"mla_ws", 1}));
         const double t_sp_mma = dsa_time_with(&d, &m, RUN_SPARSE, iters, KNOBS({"mla_wgmma", 0}));
         const double t_all8_mma = dsa_time_with(&d, &m, IS, iters, KNOBS({"mla_wgmma", 0}));
         const double t_dense = dsa_time(&d, &m, RUN_DENSE, iters > 5 ? 5 : iters);
@@ -363,6 +364,8 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         printf("| indexer scores + top-2048 (FP8 mma.sync, the previous FP8 kernel) | %.3f | | |\n", t_idx8_mma);
         printf("| sparse MLA decode (bf16 wgmma, 2048 selected) | %.3f | | %.0f TFLOP/s |\n", t_sp,
                sp_flop / (t_sp * 1e-3) / 1e12);
+        printf("| sparse MLA decode (warp-specialized, 32-key tiles: knob mla_ws 1) | %.3f | | %.0f TFLOP/s |\n",
+               t_sp_ws, sp_flop / (t_sp_ws * 1e-3) / 1e12);
         printf("| sparse MLA decode (bf16 mma.sync, the previous kernel) | %.3f | | %.0f TFLOP/s; with the FP8 indexer %.3f ms in all |\n",
                t_sp_mma, sp_flop / (t_sp_mma * 1e-3) / 1e12, t_all8_mma);
         printf("| **DSA decode total (f16 wgmma indexer)** | %.3f | %.2f | |\n", t_all, t_all / floor_ms);
@@ -372,25 +375,37 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         /* where the sparse MLA kernel's time goes: cycles per 64-key tile and phase */
         if (dsv32_cuda_set_knob(be, "mla_prof", 1) == 0) {
             unsigned long long pc[20]; /* dsv32_cuda_mla_prof's counters */
-            dsa_time(&d, &m, RUN_SPARSE, 3);
-            dsv32_cuda_mla_prof(be, pc);
-            dsa_time(&d, &m, RUN_SPARSE, 3);
-            if (dsv32_cuda_mla_prof(be, pc) == 0 && pc[16] > 0) {
-                static const char *names[] = {"QK^T (with the next tile's gather issued under it)", "softmax",
-                                              "O rescale + PV", "barrier + gather wait", "next tile's conversion",
-                                              "proxy fence after the conversion", "closing barrier"};
-                const int np = (int)(sizeof(names) / sizeof(names[0]));
-                unsigned long long tot = 0;
-                for (int i = 0; i < np; i++)
+            for (int ws = 1; ws >= 0; ws--) {
+                MUST(dsv32_cuda_set_knob(be, "mla_ws", ws));
+                dsa_time(&d, &m, RUN_SPARSE, 3);
+                dsv32_cuda_mla_prof(be, pc);
+                dsa_time(&d, &m, RUN_SPARSE, 3);
+                if (dsv32_cuda_mla_prof(be, pc) != 0 || pc[16] == 0)
+                    continue;
+                /* each kernel's phases (mla.cu: mla_ws_kernel's per warpgroup, mla_wg_kernel's the same
+                 * for both) */
+                static const char *names_wg[] = {"QK^T (with the next tile's gather issued under it)", "softmax",
+                                                 "O rescale + PV", "barrier + gather wait", "next tile's conversion",
+                                                 "proxy fence after the conversion", "closing barrier"};
+                static const char *names_ws0[] = {"wait for the key tile", "QK^T", "softmax", "wait for P's buffer + handover",
+                                                  "O rescale + PV", "-", "-"};
+                static const char *names_ws1[] = {"wait for the records", "wait for the key tile's buffer", "conversion",
+                                                  "next gather's issue", "wait for P", "O rescale + PV", "-"};
+                const int np = 7;
+                unsigned long long tot = 0, tot1 = 0;
+                for (int i = 0; i < np; i++) {
                     tot += pc[i];
-                printf("\nsparse MLA (wgmma) cycles per 64-key tile, warpgroup 0 (1): %.0f in all\n",
-                       (double)tot / (double)pc[16]);
+                    tot1 += pc[8 + i];
+                }
+                printf("\nsparse MLA (%s) cycles per %d-key tile: warpgroup 0 %.0f, warpgroup 1 %.0f in all\n",
+                       ws ? "warp-specialized" : "both warpgroups per step", ws ? 32 : 64, (double)tot / (double)pc[16],
+                       (double)tot1 / (double)pc[16]);
                 printf("(and per CTA: %.0f cycles before the loop, %.0f after it)\n", (double)pc[17] / (double)pc[19],
                        (double)pc[18] / (double)pc[19]);
-                printf("| phase | cycles, wg 0 | wg 1 | share |\n|---|---|---|---|\n");
+                printf("| phase (wg 0) | cycles | phase (wg 1) | cycles |\n|---|---|---|---|\n");
                 for (int i = 0; i < np; i++)
-                    printf("| %s | %.0f | %.0f | %.0f%% |\n", names[i], (double)pc[i] / (double)pc[16],
-                           (double)pc[8 + i] / (double)pc[16], 100.0 * (double)pc[i] / (double)tot);
+                    printf("| %s | %.0f | %s | %.0f |\n", ws ? names_ws0[i] : names_wg[i], (double)pc[i] / (double)pc[16],
+                           ws ? names_ws1[i] : names_wg[i], (double)pc[8 + i] / (double)pc[16]);
             }
             dsv32_cuda_set_knob(be, "mla_prof", 0);
         }

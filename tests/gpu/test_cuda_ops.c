@@ -1216,12 +1216,18 @@ static void test_mla(void)
         TRY(pair_new(&p, &cfg, 0, fast));
         /* fast: q and the cache in bf16 (the latents are exact with power-of-two scales, which the
          * wgmma kernel converts on the ALU: the dense case has arbitrary scales, its other path);
-         * the wgmma kernel (default) and the mma.sync one; 6 rows split their keys over CTAs, 64
-         * do not */
-        for (int wg = fast; wg >= 0; wg--) {
-            if (fast)
+         * the wgmma kernels (both warpgroups in every step, the default, and warp-specialized) and
+         * the mma.sync one; 6 rows split their keys over CTAs (1 to 3 64-key tiles each), 64 do not */
+        for (int v = fast ? 2 : 0; v >= 0; v--) {
+            const int wg = v > 0;
+            if (fast) {
                 TRY(dsv32_cuda_set_knob(p.gpu, "mla_wgmma", wg));
-            const char *name = !fast ? "exact (f32)" : wg ? "fast (bf16 wgmma)" : "fast (bf16 mma.sync)";
+                TRY(dsv32_cuda_set_knob(p.gpu, "mla_ws", v == 2));
+            }
+            const char *name = !fast    ? "exact (f32)"
+                               : v == 2 ? "fast (bf16 wgmma, warp-specialized)"
+                               : v == 1 ? "fast (bf16 wgmma, both warpgroups in every step)"
+                                        : "fast (bf16 mma.sync)";
             mla_case(&p, name, 1, 6, 1, fast ? 1e-2 : 1e-5);
             /* arbitrary scales round the keys to bf16 too: 1.2e-2 (mma.sync) and 1.5e-2 (wgmma)
              * measured on the worst of 384 vectors */

@@ -513,6 +513,59 @@ static __device__ __forceinline__ uint32_t e4m3x2_scaled_pow2(uint32_t sext_pair
     return d;
 }
 
+/* The selected positions' cache slots of keys kbeg..kend - 1 into sslot, eight per thread of
+ * WG_TH: the selections' loads, then the block tables' */
+static __device__ __forceinline__ void mla_resolve_slots(const struct mla_fast_args &a, int32_t *sslot, int r,
+                                                         int pos, int seq, int kbeg, int kend, int tid)
+{
+    for (int j0 = 0; j0 < kend - kbeg; j0 += 8 * WG_TH) {
+        int p[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int j = j0 + u * WG_TH + tid;
+            p[u] = j < kend - kbeg ? a.sel[(size_t)r * a.n_sel + kbeg + j] : -1;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int j = j0 + u * WG_TH + tid;
+            if (j < kend - kbeg)
+                sslot[j] = (p[u] >= 0 && p[u] <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p[u]) : -1;
+        }
+    }
+}
+
+/* O out (normalized when one split, else a split's partial with its running max and sum):
+ * O[mt][4j + {0,1,2,3}] is (dim, head 8j+2t), (dim, +1), (dim + 8, 8j+2t), (dim + 8, +1) of
+ * warpgroup wg's latent dims 256wg..; l_run and mfin per head, published */
+static __device__ __forceinline__ void mla_store_o(const struct mla_fast_args &a, const float (&O)[4][32],
+                                                   const float *l_run, const float *mfin, int z, int r, int h0,
+                                                   int tid, int wg, int w, int g, int t)
+{
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++) {
+        const int d0 = 256 * wg + 64 * mt + 16 * w + g;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const int hA = 8 * j + 2 * t, hB = hA + 1;
+            float sA = 1.0f, sB = 1.0f;
+            float *base;
+            if (a.splits == 1) {
+                sA = l_run[hA] > 0.0f ? 1.0f / l_run[hA] : 0.0f;
+                sB = l_run[hB] > 0.0f ? 1.0f / l_run[hB] : 0.0f;
+                base = a.out + ((size_t)r * a.H + h0) * MLA_C;
+            } else {
+                base = a.part_o + (((size_t)z * a.rows + r) * a.H + h0) * MLA_C;
+            }
+            base[(size_t)hA * MLA_C + d0] = O[mt][4 * j + 0] * sA;
+            base[(size_t)hB * MLA_C + d0] = O[mt][4 * j + 1] * sB;
+            base[(size_t)hA * MLA_C + d0 + 8] = O[mt][4 * j + 2] * sA;
+            base[(size_t)hB * MLA_C + d0 + 8] = O[mt][4 * j + 3] * sB;
+        }
+    }
+    if (a.splits > 1 && tid < MLA_HG)
+        a.part_ml[((size_t)z * a.rows + r) * a.H + h0 + tid] = make_float2(mfin[tid], l_run[tid]);
+}
+
 /* PROF: threads 0 and 128 add their cycles per phase of the tile loop to a.prof[8 wg + phase]
  * (0 QK^T with the next gather's issue, 1 softmax, 2 O rescale + PV, 3 barrier and gather wait,
  * 4 the next tile's conversion, 5 its proxy fence, 6 the closing barrier), a.prof[16] the tiles
@@ -552,24 +605,9 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
         m_run[tid] = -INFINITY;
         l_run[tid] = 0.0f;
     }
-    /* the selected positions' cache slots, eight per thread: the selections' loads, then the
-     * block tables' */
     const bool pre = a.sel && kend - kbeg <= MLA_MAXSEL;
     if (pre)
-        for (int j0 = 0; j0 < kend - kbeg; j0 += 8 * WG_TH) {
-            int p[8];
-#pragma unroll
-            for (int u = 0; u < 8; u++) {
-                const int j = j0 + u * WG_TH + tid;
-                p[u] = j < kend - kbeg ? a.sel[(size_t)r * a.n_sel + kbeg + j] : -1;
-            }
-#pragma unroll
-            for (int u = 0; u < 8; u++) {
-                const int j = j0 + u * WG_TH + tid;
-                if (j < kend - kbeg)
-                    sslot[j] = (p[u] >= 0 && p[u] <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p[u]) : -1;
-            }
-        }
+        mla_resolve_slots(a, sslot, r, pos, seq, kbeg, kend, tid);
     if (tid == 0)
         mbar_init(gbar, WG_TH / 32);
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* the barrier -> the copy engine */
@@ -839,35 +877,368 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
     }
     const unsigned long long t_end = PROF ? clock64() : 0;
     __syncthreads(); /* l_run, m_run final */
-    const float *mfin = m_run + (it & 1) * MLA_HG;
-#pragma unroll
-    for (int mt = 0; mt < 4; mt++) {
-        const int d0 = 256 * wg + 64 * mt + 16 * w + g;
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const int hA = 8 * j + 2 * t, hB = hA + 1;
-            float sA = 1.0f, sB = 1.0f;
-            float *base;
-            if (a.splits == 1) {
-                sA = l_run[hA] > 0.0f ? 1.0f / l_run[hA] : 0.0f;
-                sB = l_run[hB] > 0.0f ? 1.0f / l_run[hB] : 0.0f;
-                base = a.out + ((size_t)r * a.H + h0) * MLA_C;
-            } else {
-                base = a.part_o + (((size_t)z * a.rows + r) * a.H + h0) * MLA_C;
-            }
-            base[(size_t)hA * MLA_C + d0] = O[mt][4 * j + 0] * sA;
-            base[(size_t)hB * MLA_C + d0] = O[mt][4 * j + 1] * sB;
-            base[(size_t)hA * MLA_C + d0 + 8] = O[mt][4 * j + 2] * sA;
-            base[(size_t)hB * MLA_C + d0 + 8] = O[mt][4 * j + 3] * sB;
-        }
-    }
-    if (a.splits > 1 && tid < MLA_HG)
-        a.part_ml[((size_t)z * a.rows + r) * a.H + h0 + tid] = make_float2(mfin[tid], l_run[tid]);
+    mla_store_o(a, O, l_run, m_run + (it & 1) * MLA_HG, z, r, h0, tid, wg, w, g, t);
     if (PROF && (tid & 127) == 0) {
         for (int i = 0; i < MLA_PROF_PHASES; i++)
             atomicAdd(a.prof + 8 * wg + i, ph[i]);
         if (wg == 0) {
             atomicAdd(a.prof + 16, (unsigned long long)it);
+            atomicAdd(a.prof + 17, t_loop - t_start);
+            atomicAdd(a.prof + 18, clock64() - t_end);
+            atomicAdd(a.prof + 19, 1ull);
+        }
+    }
+}
+
+/* ---- the warp-specialized wgmma kernel (knob mla_ws; 0.173 against mla_wg_kernel's 0.164 ms) ----
+ *
+ * mla_wg_kernel runs its steps one after another, both warpgroups in each (QK^T 2,760 cycles of a
+ * 64-key tile, softmax 1,260, PV 1,580, conversion 1,690-1,810: 7,440 in all, GPU-NOTES). Here the
+ * keys come in tiles of 32 and the two warpgroups take different steps at once:
+ *   warpgroup 0: S = Q K^T of tile i (all 32 keys: 36 x m64n32k16, Q read once per tile instead of
+ *       once per warpgroup), the online softmax alone (no exchange of row maxima), P; then PV for
+ *       latent dims 0..255;
+ *   warpgroup 1: the conversion of tile i + 1 into the other key tile and the gather of tile
+ *       i + 1 + MLA_WS_NS into the staging buffer just read (three buffers: a record is asked for
+ *       ~3 tiles before its conversion), then PV for latent dims 256..511.
+ * Shared memory: Q (72 KB), two key tiles of 32 x 576 bf16 (36 KB each, 4 KB swizzle atoms), P
+ * (64 heads x 32 keys in a 64-column atom), three staging buffers of 32 records, the slot table,
+ * kval per key tile, alpha, the final statistics. Named barriers (count 256: one warpgroup arrives,
+ * the other waits) hand tiles over: K_FULL[b] (warpgroup 1 converted key tile b), K_FREE[b]
+ * (warpgroup 0's PV of the tile in b is done: b may be rewritten), P_READY (P and alpha written;
+ * both wait, which also orders warpgroup 0's own P for its MMA), P_FREE (warpgroup 1's PV read P).
+ * An arrival is made only where the matching wait will come, so none is left pending. bf16 rope
+ * only (the f32 rope's records do not fit three staging buffers). */
+#define MLA_WS_KT 32
+#define MLA_WS_KB (9 * 4096) /* a 32 x 576 bf16 key tile: 9 atoms of 32 rows x 128 bytes */
+#define MLA_WS_NS 3
+enum { WS_K_FULL = 1, WS_K_FREE = 3, WS_P_READY = 5, WS_P_FREE = 6 };
+
+static __device__ __forceinline__ void nbar_sync(int id) { asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(WG_TH) : "memory"); }
+static __device__ __forceinline__ void nbar_arrive(int id) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "n"(WG_TH) : "memory"); }
+
+/* bytes of (row, col) in a key tile of 32 rows (wg_off's layout with 4 KB atoms) */
+static __device__ __forceinline__ uint32_t ws_off(int row, int col)
+{
+    return (uint32_t)((col >> 6) * 4096 + row * 128 + ((((col >> 3) & 7) ^ (row & 7)) << 4) + (col & 7) * 2);
+}
+
+/* mla_ws_kernel's shared memory beyond Q, the key tiles and P, for a record size */
+static __host__ __device__ __forceinline__ size_t ws_smem(int rec_bytes)
+{
+    return (size_t)WG_QB + 2 * MLA_WS_KB + 8192 + (size_t)MLA_WS_NS * MLA_WS_KT * wg_rec_stride(rec_bytes) +
+           MLA_WS_NS * sizeof(uint64_t) + sizeof(int32_t) * MLA_MAXSEL + 2 * MLA_WS_KT + sizeof(float) * 3 * MLA_HG;
+}
+
+/* PROF phases (a.prof[8 wg + i]): warpgroup 0: 0 wait for the key tile, 1 QK^T, 2 softmax, 3 wait
+ * for P's buffer and the handover, 4 O rescale + PV; warpgroup 1: 0 wait for the records, 1 wait
+ * for the key tile's buffer, 2 conversion, 3 the next gather's issue, 4 wait for P, 5 O rescale +
+ * PV */
+template <bool PROF>
+static __global__ void __launch_bounds__(WG_TH, 1) mla_ws_kernel(const struct mla_fast_args a, int slack)
+{
+    extern __shared__ __align__(16) uint8_t dsmem[];
+    /* the swizzle atoms want 1024-byte alignment; the host gives what the opt-in limit leaves for
+     * it (slack), so a base further off stops the kernel (not seen: the base is aligned) */
+    const uint32_t pad = (1024 - (smem_addr(dsmem) & 1023u)) & 1023u;
+    if ((int)pad > slack)
+        __trap();
+    uint8_t *smem = dsmem + pad;
+    uint8_t *Qb = smem, *Kb = smem + WG_QB, *Pb = Kb + 2 * MLA_WS_KB, *stg = Pb + 8192;
+    const int srec = wg_rec_stride(a.rec_bytes);
+    uint64_t *full = reinterpret_cast<uint64_t *>(stg + MLA_WS_NS * MLA_WS_KT * srec);
+    int32_t *sslot = reinterpret_cast<int32_t *>(full + MLA_WS_NS);
+    uint8_t *kval = reinterpret_cast<uint8_t *>(sslot + MLA_MAXSEL); /* [2][32] */
+    float *alpha_s = reinterpret_cast<float *>(kval + 2 * MLA_WS_KT); /* [64] */
+    float *l_fin = alpha_s + MLA_HG, *m_fin = l_fin + MLA_HG;
+
+    const unsigned long long t_start = PROF ? clock64() : 0;
+    unsigned long long t_loop = t_start;
+    const int z = blockIdx.x, hg = blockIdx.y, r = blockIdx.z;
+    const int tid = threadIdx.x, wg = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    if (a.row_mha && a.row_mha[r])
+        return;
+    const int pos = a.row_pos[r], seq = a.row_seq[r];
+    const int n_keys = a.sel ? a.n_sel : pos + 1;
+    const int kbeg = z * a.keys_per_split, kend = min(n_keys, kbeg + a.keys_per_split);
+    const int ntiles = kend > kbeg ? (kend - kbeg + MLA_WS_KT - 1) / MLA_WS_KT : 0;
+    const int h0 = hg * MLA_HG;
+    const int recb = a.rec_bytes;
+    const bool pre = a.sel && kend - kbeg <= MLA_MAXSEL;
+    if (pre)
+        mla_resolve_slots(a, sslot, r, pos, seq, kbeg, kend, tid);
+    if (tid == 0)
+        for (int s = 0; s < MLA_WS_NS; s++)
+            mbar_init(full + s, 4); /* warpgroup 1's four warps arrive */
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* the barriers -> the copy engine */
+    __syncthreads(); /* sslot, full */
+
+    float O[4][32];
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+        for (int i = 0; i < 32; i++)
+            O[mt][i] = 0.0f;
+    const uint32_t kaddr = smem_addr(Kb), paddr = smem_addr(Pb);
+    unsigned long long ph[MLA_PROF_PHASES] = {}, tp = 0;
+    /* O^T (dims x heads) *= alpha per head, then O^T += V^T P^T for this warpgroup's 256 latent
+     * dims over the 32 keys of key tile b (mla_wg_kernel's PV with K = 32) */
+    auto pv = [&](int b) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const float al0 = alpha_s[8 * j + 2 * t], al1 = alpha_s[8 * j + 2 * t + 1];
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++) {
+                O[mt][4 * j + 0] *= al0;
+                O[mt][4 * j + 1] *= al1;
+                O[mt][4 * j + 2] *= al0;
+                O[mt][4 * j + 3] *= al1;
+            }
+        }
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++)
+            wg_fence(O[mt]);
+        wg_begin();
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+            for (int kk = 0; kk < 2; kk++)
+                wgmma_bf16_ss_n64_ta(O[mt],
+                                     wg_desc(kaddr + b * MLA_WS_KB + (4 * wg + mt) * 4096 + kk * 2048, 1024, 1024) |
+                                         ((uint64_t)1 << 62),
+                                     wg_desc_sw128(paddr + kk * 32), 1);
+        wg_commit();
+        wg_wait0();
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++)
+            wg_fence(O[mt]);
+    };
+    auto mark = [&](int i) {
+        if (PROF && (tid & 127) == 0) {
+            const unsigned long long now = clock64();
+            if (i >= 0)
+                ph[i] += now - tp;
+            tp = now;
+        }
+    };
+
+    if (wg == 0) {
+        /* Q to bf16 (warpgroup 0's 128 threads; warpgroup 1 gathers meanwhile) */
+        for (int i0 = 0; i0 < MLA_HG * (MLA_D / 8); i0 += 6 * 128) {
+            float v[6][8];
+#pragma unroll
+            for (int u = 0; u < 6; u++) {
+                const int i = i0 + u * 128 + tid, h = i / (MLA_D / 8), d0 = 8 * (i % (MLA_D / 8));
+                const float *src = d0 < MLA_C ? a.q_lat + ((size_t)r * a.H + h0 + h) * MLA_C + d0
+                                              : a.q_pe + (size_t)r * a.ldr_pe + (size_t)(h0 + h) * a.ldh_pe + d0 - MLA_C;
+#pragma unroll
+                for (int e = 0; e < 8; e++)
+                    v[u][e] = src[e];
+            }
+#pragma unroll
+            for (int u = 0; u < 6; u++) {
+                const int i = i0 + u * 128 + tid, h = i / (MLA_D / 8), d0 = 8 * (i % (MLA_D / 8));
+                *reinterpret_cast<uint4 *>(Qb + wg_off(h, d0)) =
+                    make_uint4(pack_bf16(v[u][0], v[u][1]), pack_bf16(v[u][2], v[u][3]),
+                               pack_bf16(v[u][4], v[u][5]), pack_bf16(v[u][6], v[u][7]));
+            }
+        }
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* Q -> the tensor core */
+        asm volatile("bar.sync 7, 128;" ::: "memory");                 /* all of Q */
+        const uint32_t qaddr = smem_addr(Qb);
+        const int hr0 = 16 * w + g, hr1 = hr0 + 8; /* this lane's S rows (heads) */
+        float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+        t_loop = PROF ? clock64() : 0;
+        mark(-1);
+        for (int i = 0; i < ntiles; i++) {
+            const int b = i & 1;
+            nbar_sync(WS_K_FULL + b);
+            mark(0);
+            float S[16];
+#pragma unroll
+            for (int k = 0; k < 16; k++)
+                S[k] = 0.0f;
+            wg_fence(S);
+            wg_begin();
+#pragma unroll
+            for (int st = 0; st < MLA_D / 16; st++)
+                wgmma_bf16_ss_n32(S, wg_desc_sw128(qaddr + (st >> 2) * 8192 + (st & 3) * 32),
+                                  wg_desc_sw128(kaddr + b * MLA_WS_KB + (st >> 2) * 4096 + (st & 3) * 32), st > 0);
+            wg_commit();
+            wg_wait0();
+            wg_fence(S);
+            mark(1);
+            /* S[4j + {0,1,2,3}]: (head hr0, key 8j+2t), (hr0, +1), (hr1, 8j+2t), (hr1, +1) */
+            const uint8_t *kv = kval + b * MLA_WS_KT;
+            float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int kc = 8 * j + 2 * t;
+                const bool v0 = kv[kc], v1 = kv[kc + 1];
+                S[4 * j + 0] = v0 ? S[4 * j + 0] * a.scale : -INFINITY;
+                S[4 * j + 1] = v1 ? S[4 * j + 1] * a.scale : -INFINITY;
+                S[4 * j + 2] = v0 ? S[4 * j + 2] * a.scale : -INFINITY;
+                S[4 * j + 3] = v1 ? S[4 * j + 3] * a.scale : -INFINITY;
+                mx0 = fmaxf(mx0, fmaxf(S[4 * j + 0], S[4 * j + 1]));
+                mx1 = fmaxf(mx1, fmaxf(S[4 * j + 2], S[4 * j + 3]));
+            }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+            const float ref0 = mn0 == -INFINITY ? 0.0f : mn0, ref1 = mn1 == -INFINITY ? 0.0f : mn1;
+            const float al0 = m0 == -INFINITY ? 0.0f : __expf(m0 - ref0), al1 = m1 == -INFINITY ? 0.0f : __expf(m1 - ref1);
+            uint32_t pk[8];
+            float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float p0 = __expf(S[4 * j + 0] - ref0), p1 = __expf(S[4 * j + 1] - ref0);
+                const float p2 = __expf(S[4 * j + 2] - ref1), p3 = __expf(S[4 * j + 3] - ref1);
+                sum0 += p0 + p1;
+                sum1 += p2 + p3;
+                pk[2 * j] = pack_bf16(p0, p1);
+                pk[2 * j + 1] = pack_bf16(p2, p3);
+            }
+            sum0 += __shfl_xor_sync(0xffffffffu, sum0, 1);
+            sum0 += __shfl_xor_sync(0xffffffffu, sum0, 2);
+            sum1 += __shfl_xor_sync(0xffffffffu, sum1, 1);
+            sum1 += __shfl_xor_sync(0xffffffffu, sum1, 2);
+            l0 = l0 * al0 + sum0;
+            l1 = l1 * al1 + sum1;
+            m0 = mn0;
+            m1 = mn1;
+            mark(2);
+            if (i > 0)
+                nbar_sync(WS_P_FREE); /* warpgroup 1's PV of the last tile read P and alpha */
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int kc = 8 * j + 2 * t;
+                *reinterpret_cast<uint32_t *>(Pb + wg_off(hr0, kc)) = pk[2 * j];
+                *reinterpret_cast<uint32_t *>(Pb + wg_off(hr1, kc)) = pk[2 * j + 1];
+            }
+            if (t == 0) {
+                alpha_s[hr0] = al0;
+                alpha_s[hr1] = al1;
+            }
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* P -> the tensor core */
+            nbar_sync(WS_P_READY);
+            mark(3);
+            pv(b);
+            if (i + 2 < ntiles)
+                nbar_arrive(WS_K_FREE + b); /* key tile b read (S and V^T): tile i + 2 may go there */
+            mark(4);
+        }
+        if (t == 0) {
+            l_fin[hr0] = l0;
+            l_fin[hr1] = l1;
+            m_fin[hr0] = m0;
+            m_fin[hr1] = m1;
+        }
+    } else {
+        /* warpgroup 1: key k of a tile is gathered and converted by its lanes 4k.. (lane 4k issues
+         * the record's bulk copy; the warp alone orders its reads of the records before their next
+         * copy) */
+        const int key = (tid - 128) >> 2;
+        auto slot_at = [&](int j) -> int32_t {
+            if (j >= kend)
+                return -1;
+            if (pre)
+                return sslot[j - kbeg];
+            const int p = a.sel ? a.sel[(size_t)r * a.n_sel + j] : j;
+            return (p >= 0 && p <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p) : -1;
+        };
+        auto gather = [&](int i) { /* tile i into staging buffer i % MLA_WS_NS */
+            const int s = i % MLA_WS_NS;
+            const int32_t sl = slot_at(kbeg + i * MLA_WS_KT + key);
+            const uint32_t n_ok = __popc(__ballot_sync(0xffffffffu, t == 0 && sl >= 0));
+            if (lane == 0)
+                mbar_arrive_tx(full + s, n_ok * (uint32_t)recb);
+            if (t == 0 && sl >= 0)
+                bulk_g2s(stg + (s * MLA_WS_KT + key) * srec, a.mla + (size_t)sl * recb, (uint32_t)recb, full + s);
+        };
+        /* tile i's records (waited for) -> key tile i & 1 (bf16); zeros for an invalid key */
+        auto convert = [&](int i) {
+            const int s = i % MLA_WS_NS, b = i & 1;
+            mbar_wait(full + s, (uint32_t)(i / MLA_WS_NS) & 1u);
+            mark(0);
+            if (i >= 2)
+                nbar_sync(WS_K_FREE + b); /* warpgroup 0's PV of tile i - 2 is done */
+            mark(1);
+            const uint8_t *rec = stg + (s * MLA_WS_KT + key) * srec;
+            uint8_t *K = Kb + b * MLA_WS_KB;
+            const bool ok = slot_at(kbeg + i * MLA_WS_KT + key) >= 0;
+            const float4 sc4 = ok ? *reinterpret_cast<const float4 *>(rec + MLA_C) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                uint4 raw[4];
+#pragma unroll
+                for (int k = 0; k < 4; k++)
+                    raw[k] = ok ? *reinterpret_cast<const uint4 *>(rec + 16 * (t + 4 * (4 * half + k))) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const int kk = 4 * half + k, bk = kk >> 1;
+                    const float sc = bk == 0 ? sc4.x : bk == 1 ? sc4.y : bk == 2 ? sc4.z : sc4.w;
+                    const uint32_t in[4] = {raw[k].x, raw[k].y, raw[k].z, raw[k].w};
+                    uint32_t wv[8];
+                    if (pow2_scale(sc)) {
+#pragma unroll
+                        for (int q = 0; q < 4; q++) {
+                            wv[2 * q] = e4m3x2_scaled_pow2(prmt_sext(in[q], 0x9180), sc);
+                            wv[2 * q + 1] = e4m3x2_scaled_pow2(prmt_sext(in[q], 0xB3A2), sc);
+                        }
+                    } else {
+#pragma unroll
+                        for (int q = 0; q < 4; q++)
+                            e4m3x4_bf16_f32(in[q], sc, wv[2 * q], wv[2 * q + 1]);
+                    }
+                    const int col = 16 * (t + 4 * kk);
+                    *reinterpret_cast<uint4 *>(K + ws_off(key, col)) = make_uint4(wv[0], wv[1], wv[2], wv[3]);
+                    *reinterpret_cast<uint4 *>(K + ws_off(key, col + 8)) = make_uint4(wv[4], wv[5], wv[6], wv[7]);
+                }
+            }
+            const uint8_t *pr = rec + MLA_C + 4 * (MLA_C / 128); /* bf16 rope: chunks t, t + 4 */
+#pragma unroll
+            for (int k = 0; k < 2; k++) {
+                const int d0 = 8 * (t + 4 * k);
+                const uint4 v = ok ? *reinterpret_cast<const uint4 *>(pr + 2 * d0) : make_uint4(0, 0, 0, 0);
+                *reinterpret_cast<uint4 *>(K + ws_off(key, MLA_C + d0)) = v;
+            }
+            if (t == 0)
+                kval[b * MLA_WS_KT + key] = ok;
+            /* K -> the tensor core; the records read before the copy engine rewrites them */
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            __syncwarp();
+            nbar_arrive(WS_K_FULL + b);
+            mark(2);
+            if (i + MLA_WS_NS < ntiles)
+                gather(i + MLA_WS_NS);
+            mark(3);
+        };
+        for (int i = 0; i < MLA_WS_NS && i < ntiles; i++)
+            gather(i);
+        mark(-1);
+        if (ntiles > 0)
+            convert(0);
+        for (int i = 0; i < ntiles; i++) {
+            if (i + 1 < ntiles)
+                convert(i + 1);
+            nbar_sync(WS_P_READY);
+            mark(4);
+            pv(i & 1);
+            if (i + 1 < ntiles)
+                nbar_arrive(WS_P_FREE);
+            mark(5);
+        }
+    }
+    const unsigned long long t_end = PROF ? clock64() : 0;
+    __syncthreads(); /* l_fin, m_fin */
+    mla_store_o(a, O, l_fin, m_fin, z, r, h0, tid, wg, w, g, t);
+    if (PROF && (tid & 127) == 0) {
+        for (int i = 0; i < MLA_PROF_PHASES; i++)
+            atomicAdd(a.prof + 8 * wg + i, ph[i]);
+        if (wg == 0) {
+            atomicAdd(a.prof + 16, (unsigned long long)ntiles);
             atomicAdd(a.prof + 17, t_loop - t_start);
             atomicAdd(a.prof + 18, clock64() - t_end);
             atomicAdd(a.prof + 19, 1ull);
@@ -967,11 +1338,27 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
     a.splits = splits;
     a.keys_per_split = tiles_per * MLA_KT;
     a.scale = scale;
-    a.prof = NULL;
-    if (c->mla_wgmma) {
+    a.prof = c->mla_prof;
+    static int optin = -1; /* the device's opt-in limit (one device per process) */
+    if (optin < 0)
+        CU_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c->device));
+    const size_t ws_need = ws_smem(g->mla_rec_bytes);
+    if (c->mla_wgmma && c->mla_ws && !g->rope_f32 && ws_need <= (size_t)optin) {
+        /* what the limit leaves of the 1 KB alignment slack (168 bytes for 656-byte records) */
+        const int slack = (int)((size_t)optin - ws_need < 1023 ? (size_t)optin - ws_need : 1023);
+        const size_t smem = ws_need + (size_t)slack;
+        const dim3 grid(splits, H / MLA_HG, rows);
+        if (a.prof) {
+            CU_SMEM_OPTIN(mla_ws_kernel<true>, smem);
+            mla_ws_kernel<true><<<grid, WG_TH, smem, c->st>>>(a, slack);
+        } else {
+            CU_SMEM_OPTIN(mla_ws_kernel<false>, smem);
+            mla_ws_kernel<false><<<grid, WG_TH, smem, c->st>>>(a, slack);
+        }
+        CU_LAUNCHED("mla_ws");
+    } else if (c->mla_wgmma) {
         const size_t smem = 1024 + 2 * (size_t)WG_QB + 8192 + (size_t)MLA_KT * wg_rec_stride(g->mla_rec_bytes) +
                             sizeof(uint64_t) + sizeof(int32_t) * (MLA_KT + MLA_MAXSEL) + sizeof(float) * 8 * MLA_HG;
-        a.prof = c->mla_prof;
         if (a.prof) {
             CU_SMEM_OPTIN(mla_wg_kernel<true>, smem);
             mla_wg_kernel<true><<<dim3(splits, H / MLA_HG, rows), WG_TH, smem, c->st>>>(a);
