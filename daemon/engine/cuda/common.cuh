@@ -136,8 +136,8 @@ struct cu_ctx {
                                   a diagnostic) or mma.sync (0) */
     int idx_no_topk;           /* benchmarks: scores only (the top-k's share by difference) */
     int mla_wgmma;             /* fast sparse/dense MLA decode on wgmma (1) or mma.sync (0) */
-    int mla_ws;                /* the wgmma MLA warp-specialized (1; measured 0.173 against 0.164 ms)
-                                  or both warpgroups in every step (0, default) */
+    int mla_ws;                /* the wgmma MLA warp-specialized in three warpgroups (1, default
+                                  where its shared memory fits) or both warpgroups in every step (0) */
     unsigned long long *mla_prof; /* benchmarks: the wgmma MLA kernel's cycles per phase (CU_MLA_PROF_N) */
     int topk_global;           /* the top-k's last pass and ordered sweeps over global memory even
                                   when the candidates would fit shared memory (tests, baseline) */

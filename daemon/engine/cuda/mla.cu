@@ -514,20 +514,21 @@ static __device__ __forceinline__ uint32_t e4m3x2_scaled_pow2(uint32_t sext_pair
 }
 
 /* The selected positions' cache slots of keys kbeg..kend - 1 into sslot, eight per thread of
- * WG_TH: the selections' loads, then the block tables' */
+ * nth: the selections' loads, then the block tables' */
 static __device__ __forceinline__ void mla_resolve_slots(const struct mla_fast_args &a, int32_t *sslot, int r,
-                                                         int pos, int seq, int kbeg, int kend, int tid)
+                                                         int pos, int seq, int kbeg, int kend, int tid,
+                                                         int nth = WG_TH)
 {
-    for (int j0 = 0; j0 < kend - kbeg; j0 += 8 * WG_TH) {
+    for (int j0 = 0; j0 < kend - kbeg; j0 += 8 * nth) {
         int p[8];
 #pragma unroll
         for (int u = 0; u < 8; u++) {
-            const int j = j0 + u * WG_TH + tid;
+            const int j = j0 + u * nth + tid;
             p[u] = j < kend - kbeg ? a.sel[(size_t)r * a.n_sel + kbeg + j] : -1;
         }
 #pragma unroll
         for (int u = 0; u < 8; u++) {
-            const int j = j0 + u * WG_TH + tid;
+            const int j = j0 + u * nth + tid;
             if (j < kend - kbeg)
                 sslot[j] = (p[u] >= 0 && p[u] <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p[u]) : -1;
         }
@@ -890,32 +891,36 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
     }
 }
 
-/* ---- the warp-specialized wgmma kernel (knob mla_ws; 0.173 against mla_wg_kernel's 0.164 ms) ----
+/* ---- the warp-specialized wgmma kernel (knob mla_ws, the default where its shared memory fits) ----
  *
  * mla_wg_kernel runs its steps one after another, both warpgroups in each (QK^T 2,760 cycles of a
  * 64-key tile, softmax 1,260, PV 1,580, conversion 1,690-1,810: 7,440 in all, GPU-NOTES). Here the
- * keys come in tiles of 32 and the two warpgroups take different steps at once:
+ * keys come in tiles of 32 and three warpgroups take different steps at once:
  *   warpgroup 0: S = Q K^T of tile i (all 32 keys: 36 x m64n32k16, Q read once per tile instead of
- *       once per warpgroup), the online softmax alone (no exchange of row maxima), P; then PV for
- *       latent dims 0..255;
- *   warpgroup 1: the conversion of tile i + 1 into the other key tile and the gather of tile
- *       i + 1 + MLA_WS_NS into the staging buffer just read (three buffers: a record is asked for
- *       ~3 tiles before its conversion), then PV for latent dims 256..511.
+ *       once per warpgroup), the online softmax alone (no exchange of row maxima), P and alpha (QK^T
+ *       of tile i + 1 issued before this softmax, FlashAttention-3's order, was slower: 0.185
+ *       against 0.176 ms, the converters' PV waiting on the tensor cores);
+ *   warpgroups 1 and 2 (c = 0, 1): the conversion of keys 16c.. of tile i + 1 into the other key
+ *       tile (eight lanes a key: a quarter-warp reads 128 contiguous bytes of a record) and their
+ *       gather for tile i + 1 + MLA_WS_NS into the staging buffer just read (three buffers: a
+ *       record is asked for ~3 tiles before its conversion), then PV of tile i for latent dims
+ *       256c.. (O in their registers: none in warpgroup 0, so 168 registers a thread suffice).
  * Shared memory: Q (72 KB), two key tiles of 32 x 576 bf16 (36 KB each, 4 KB swizzle atoms), P
  * (64 heads x 32 keys in a 64-column atom), three staging buffers of 32 records, the slot table,
- * kval per key tile, alpha, the final statistics. Named barriers (count 256: one warpgroup arrives,
- * the other waits) hand tiles over: K_FULL[b] (warpgroup 1 converted key tile b), K_FREE[b]
- * (warpgroup 0's PV of the tile in b is done: b may be rewritten), P_READY (P and alpha written;
- * both wait, which also orders warpgroup 0's own P for its MMA), P_FREE (warpgroup 1's PV read P).
- * An arrival is made only where the matching wait will come, so none is left pending. bf16 rope
- * only (the f32 rope's records do not fit three staging buffers). */
+ * kval per key tile, alpha, the final statistics. Named barriers (count 384) hand tiles over:
+ * K_FULL[b] (warpgroups 1 and 2 arrive: key tile b converted; 0 waits), K_FREE[b] (0 arrives when
+ * its QK^T of the tile in b is done, 1 and 2 wait, so also for each other's PV of it: b may be
+ * rewritten), P_READY (0 arrives: P and alpha written; 1 and 2 wait), P_FREE (1 and 2 arrive after
+ * their PV; 0 waits before the next P). An arrival is made only where the matching wait will come,
+ * so none is left pending. bf16 rope only. */
 #define MLA_WS_KT 32
 #define MLA_WS_KB (9 * 4096) /* a 32 x 576 bf16 key tile: 9 atoms of 32 rows x 128 bytes */
 #define MLA_WS_NS 3
+#define MLA_WS_TH 384
 enum { WS_K_FULL = 1, WS_K_FREE = 3, WS_P_READY = 5, WS_P_FREE = 6 };
 
-static __device__ __forceinline__ void nbar_sync(int id) { asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(WG_TH) : "memory"); }
-static __device__ __forceinline__ void nbar_arrive(int id) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "n"(WG_TH) : "memory"); }
+static __device__ __forceinline__ void nbar_sync(int id) { asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(MLA_WS_TH) : "memory"); }
+static __device__ __forceinline__ void nbar_arrive(int id) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "n"(MLA_WS_TH) : "memory"); }
 
 /* bytes of (row, col) in a key tile of 32 rows (wg_off's layout with 4 KB atoms) */
 static __device__ __forceinline__ uint32_t ws_off(int row, int col)
@@ -923,19 +928,23 @@ static __device__ __forceinline__ uint32_t ws_off(int row, int col)
     return (uint32_t)((col >> 6) * 4096 + row * 128 + ((((col >> 3) & 7) ^ (row & 7)) << 4) + (col & 7) * 2);
 }
 
-/* mla_ws_kernel's shared memory beyond Q, the key tiles and P, for a record size */
+/* a staging row: the record rounded up to 16 bytes (no padding needed: a quarter-warp reads one
+ * record's 128 contiguous bytes) */
+static __host__ __device__ __forceinline__ int ws_rec_stride(int rec_bytes) { return (rec_bytes + 15) / 16 * 16; }
+
+/* mla_ws_kernel's shared memory, for a record size */
 static __host__ __device__ __forceinline__ size_t ws_smem(int rec_bytes)
 {
-    return (size_t)WG_QB + 2 * MLA_WS_KB + 8192 + (size_t)MLA_WS_NS * MLA_WS_KT * wg_rec_stride(rec_bytes) +
+    return (size_t)WG_QB + 2 * MLA_WS_KB + 8192 + (size_t)MLA_WS_NS * MLA_WS_KT * ws_rec_stride(rec_bytes) +
            MLA_WS_NS * sizeof(uint64_t) + sizeof(int32_t) * MLA_MAXSEL + 2 * MLA_WS_KT + sizeof(float) * 3 * MLA_HG;
 }
 
-/* PROF phases (a.prof[8 wg + i]): warpgroup 0: 0 wait for the key tile, 1 QK^T, 2 softmax, 3 wait
- * for P's buffer and the handover, 4 O rescale + PV; warpgroup 1: 0 wait for the records, 1 wait
- * for the key tile's buffer, 2 conversion, 3 the next gather's issue, 4 wait for P, 5 O rescale +
- * PV */
+/* PROF phases (a.prof[8 wg + i], threads 0 and 128): warpgroup 0: 0 wait for the key tile, 1
+ * QK^T, 2 softmax, 3 wait for P's buffer and the handover; warpgroup 1: 0 wait for the records, 1
+ * wait for the key tile's buffer, 2 conversion, 3 the next gather's issue, 4 wait for P, 5 O
+ * rescale + PV */
 template <bool PROF>
-static __global__ void __launch_bounds__(WG_TH, 1) mla_ws_kernel(const struct mla_fast_args a, int slack)
+static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struct mla_fast_args a, int slack)
 {
     extern __shared__ __align__(16) uint8_t dsmem[];
     /* the swizzle atoms want 1024-byte alignment; the host gives what the opt-in limit leaves for
@@ -945,7 +954,7 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_ws_kernel(const struct ml
         __trap();
     uint8_t *smem = dsmem + pad;
     uint8_t *Qb = smem, *Kb = smem + WG_QB, *Pb = Kb + 2 * MLA_WS_KB, *stg = Pb + 8192;
-    const int srec = wg_rec_stride(a.rec_bytes);
+    const int srec = ws_rec_stride(a.rec_bytes);
     uint64_t *full = reinterpret_cast<uint64_t *>(stg + MLA_WS_NS * MLA_WS_KT * srec);
     int32_t *sslot = reinterpret_cast<int32_t *>(full + MLA_WS_NS);
     uint8_t *kval = reinterpret_cast<uint8_t *>(sslot + MLA_MAXSEL); /* [2][32] */
@@ -966,55 +975,17 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_ws_kernel(const struct ml
     const int recb = a.rec_bytes;
     const bool pre = a.sel && kend - kbeg <= MLA_MAXSEL;
     if (pre)
-        mla_resolve_slots(a, sslot, r, pos, seq, kbeg, kend, tid);
+        mla_resolve_slots(a, sslot, r, pos, seq, kbeg, kend, tid, MLA_WS_TH);
     if (tid == 0)
         for (int s = 0; s < MLA_WS_NS; s++)
-            mbar_init(full + s, 4); /* warpgroup 1's four warps arrive */
+            mbar_init(full + s, 8); /* warpgroups 1 and 2: eight warps arrive */
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* the barriers -> the copy engine */
     __syncthreads(); /* sslot, full */
 
-    float O[4][32];
-#pragma unroll
-    for (int mt = 0; mt < 4; mt++)
-#pragma unroll
-        for (int i = 0; i < 32; i++)
-            O[mt][i] = 0.0f;
     const uint32_t kaddr = smem_addr(Kb), paddr = smem_addr(Pb);
     unsigned long long ph[MLA_PROF_PHASES] = {}, tp = 0;
-    /* O^T (dims x heads) *= alpha per head, then O^T += V^T P^T for this warpgroup's 256 latent
-     * dims over the 32 keys of key tile b (mla_wg_kernel's PV with K = 32) */
-    auto pv = [&](int b) {
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const float al0 = alpha_s[8 * j + 2 * t], al1 = alpha_s[8 * j + 2 * t + 1];
-#pragma unroll
-            for (int mt = 0; mt < 4; mt++) {
-                O[mt][4 * j + 0] *= al0;
-                O[mt][4 * j + 1] *= al1;
-                O[mt][4 * j + 2] *= al0;
-                O[mt][4 * j + 3] *= al1;
-            }
-        }
-#pragma unroll
-        for (int mt = 0; mt < 4; mt++)
-            wg_fence(O[mt]);
-        wg_begin();
-#pragma unroll
-        for (int mt = 0; mt < 4; mt++)
-#pragma unroll
-            for (int kk = 0; kk < 2; kk++)
-                wgmma_bf16_ss_n64_ta(O[mt],
-                                     wg_desc(kaddr + b * MLA_WS_KB + (4 * wg + mt) * 4096 + kk * 2048, 1024, 1024) |
-                                         ((uint64_t)1 << 62),
-                                     wg_desc_sw128(paddr + kk * 32), 1);
-        wg_commit();
-        wg_wait0();
-#pragma unroll
-        for (int mt = 0; mt < 4; mt++)
-            wg_fence(O[mt]);
-    };
     auto mark = [&](int i) {
-        if (PROF && (tid & 127) == 0) {
+        if (PROF && (tid == 0 || tid == 128)) {
             const unsigned long long now = clock64();
             if (i >= 0)
                 ph[i] += now - tp;
@@ -1023,11 +994,11 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_ws_kernel(const struct ml
     };
 
     if (wg == 0) {
-        /* Q to bf16 (warpgroup 0's 128 threads; warpgroup 1 gathers meanwhile) */
-        for (int i0 = 0; i0 < MLA_HG * (MLA_D / 8); i0 += 6 * 128) {
-            float v[6][8];
+        /* Q to bf16 (the other warpgroups gather and convert meanwhile) */
+        for (int i0 = 0; i0 < MLA_HG * (MLA_D / 8); i0 += 4 * 128) {
+            float v[4][8];
 #pragma unroll
-            for (int u = 0; u < 6; u++) {
+            for (int u = 0; u < 4; u++) {
                 const int i = i0 + u * 128 + tid, h = i / (MLA_D / 8), d0 = 8 * (i % (MLA_D / 8));
                 const float *src = d0 < MLA_C ? a.q_lat + ((size_t)r * a.H + h0 + h) * MLA_C + d0
                                               : a.q_pe + (size_t)r * a.ldr_pe + (size_t)(h0 + h) * a.ldh_pe + d0 - MLA_C;
@@ -1036,7 +1007,7 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_ws_kernel(const struct ml
                     v[u][e] = src[e];
             }
 #pragma unroll
-            for (int u = 0; u < 6; u++) {
+            for (int u = 0; u < 4; u++) {
                 const int i = i0 + u * 128 + tid, h = i / (MLA_D / 8), d0 = 8 * (i % (MLA_D / 8));
                 *reinterpret_cast<uint4 *>(Qb + wg_off(h, d0)) =
                     make_uint4(pack_bf16(v[u][0], v[u][1]), pack_bf16(v[u][2], v[u][3]),
@@ -1067,18 +1038,24 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_ws_kernel(const struct ml
             wg_commit();
             wg_wait0();
             wg_fence(S);
-            mark(1);
             /* S[4j + {0,1,2,3}]: (head hr0, key 8j+2t), (hr0, +1), (hr1, 8j+2t), (hr1, +1) */
             const uint8_t *kv = kval + b * MLA_WS_KT;
+            bool v[8];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                v[2 * j] = kv[8 * j + 2 * t];
+                v[2 * j + 1] = kv[8 * j + 2 * t + 1];
+            }
+            if (i + 2 < ntiles)
+                nbar_arrive(WS_K_FREE + b); /* S and kval read: tile i + 2 may go to key tile b */
+            mark(1);
             float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                const int kc = 8 * j + 2 * t;
-                const bool v0 = kv[kc], v1 = kv[kc + 1];
-                S[4 * j + 0] = v0 ? S[4 * j + 0] * a.scale : -INFINITY;
-                S[4 * j + 1] = v1 ? S[4 * j + 1] * a.scale : -INFINITY;
-                S[4 * j + 2] = v0 ? S[4 * j + 2] * a.scale : -INFINITY;
-                S[4 * j + 3] = v1 ? S[4 * j + 3] * a.scale : -INFINITY;
+                S[4 * j + 0] = v[2 * j] ? S[4 * j + 0] * a.scale : -INFINITY;
+                S[4 * j + 1] = v[2 * j + 1] ? S[4 * j + 1] * a.scale : -INFINITY;
+                S[4 * j + 2] = v[2 * j] ? S[4 * j + 2] * a.scale : -INFINITY;
+                S[4 * j + 3] = v[2 * j + 1] ? S[4 * j + 3] * a.scale : -INFINITY;
                 mx0 = fmaxf(mx0, fmaxf(S[4 * j + 0], S[4 * j + 1]));
                 mx1 = fmaxf(mx1, fmaxf(S[4 * j + 2], S[4 * j + 3]));
             }
@@ -1110,7 +1087,7 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_ws_kernel(const struct ml
             m1 = mn1;
             mark(2);
             if (i > 0)
-                nbar_sync(WS_P_FREE); /* warpgroup 1's PV of the last tile read P and alpha */
+                nbar_sync(WS_P_FREE); /* warpgroups 1 and 2's PV of the last tile read P and alpha */
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 const int kc = 8 * j + 2 * t;
@@ -1122,12 +1099,8 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_ws_kernel(const struct ml
                 alpha_s[hr1] = al1;
             }
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* P -> the tensor core */
-            nbar_sync(WS_P_READY);
+            nbar_arrive(WS_P_READY);
             mark(3);
-            pv(b);
-            if (i + 2 < ntiles)
-                nbar_arrive(WS_K_FREE + b); /* key tile b read (S and V^T): tile i + 2 may go there */
-            mark(4);
         }
         if (t == 0) {
             l_fin[hr0] = l0;
@@ -1135,11 +1108,18 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_ws_kernel(const struct ml
             m_fin[hr0] = m0;
             m_fin[hr1] = m1;
         }
+        __syncthreads(); /* l_fin, m_fin (warpgroup 0 has no O to store) */
     } else {
-        /* warpgroup 1: key k of a tile is gathered and converted by its lanes 4k.. (lane 4k issues
-         * the record's bulk copy; the warp alone orders its reads of the records before their next
-         * copy) */
-        const int key = (tid - 128) >> 2;
+        /* warpgroups 1 and 2 (c = wg - 1): key k of a tile (16c <= k < 16c + 16) is gathered and
+         * converted by the eight lanes 8k.. of the pair (lane 8k issues the record's bulk copy; the
+         * warp alone orders its reads of the records before their next copy) */
+        const int c = wg - 1, ctid = tid - 128, key = ctid >> 3, t8 = ctid & 7;
+        float O[4][32];
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+            for (int i = 0; i < 32; i++)
+                O[mt][i] = 0.0f;
         auto slot_at = [&](int j) -> int32_t {
             if (j >= kend)
                 return -1;
@@ -1151,60 +1131,53 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_ws_kernel(const struct ml
         auto gather = [&](int i) { /* tile i into staging buffer i % MLA_WS_NS */
             const int s = i % MLA_WS_NS;
             const int32_t sl = slot_at(kbeg + i * MLA_WS_KT + key);
-            const uint32_t n_ok = __popc(__ballot_sync(0xffffffffu, t == 0 && sl >= 0));
+            const uint32_t n_ok = __popc(__ballot_sync(0xffffffffu, t8 == 0 && sl >= 0));
             if (lane == 0)
                 mbar_arrive_tx(full + s, n_ok * (uint32_t)recb);
-            if (t == 0 && sl >= 0)
+            if (t8 == 0 && sl >= 0)
                 bulk_g2s(stg + (s * MLA_WS_KT + key) * srec, a.mla + (size_t)sl * recb, (uint32_t)recb, full + s);
         };
-        /* tile i's records (waited for) -> key tile i & 1 (bf16); zeros for an invalid key */
+        /* this lane's part of tile i's record (waited for) -> key tile i & 1 (bf16): latent chunks
+         * t8 + 8k (16 dims each, scale block k) and rope chunk t8; zeros for an invalid key */
         auto convert = [&](int i) {
             const int s = i % MLA_WS_NS, b = i & 1;
             mbar_wait(full + s, (uint32_t)(i / MLA_WS_NS) & 1u);
             mark(0);
             if (i >= 2)
-                nbar_sync(WS_K_FREE + b); /* warpgroup 0's PV of tile i - 2 is done */
+                nbar_sync(WS_K_FREE + b); /* tile i - 2's QK^T and both PVs of it are done */
             mark(1);
             const uint8_t *rec = stg + (s * MLA_WS_KT + key) * srec;
             uint8_t *K = Kb + b * MLA_WS_KB;
             const bool ok = slot_at(kbeg + i * MLA_WS_KT + key) >= 0;
             const float4 sc4 = ok ? *reinterpret_cast<const float4 *>(rec + MLA_C) : make_float4(0.f, 0.f, 0.f, 0.f);
+            uint4 raw[4];
 #pragma unroll
-            for (int half = 0; half < 2; half++) {
-                uint4 raw[4];
+            for (int k = 0; k < 4; k++)
+                raw[k] = ok ? *reinterpret_cast<const uint4 *>(rec + 16 * (t8 + 8 * k)) : make_uint4(0, 0, 0, 0);
+            const uint4 pe = ok ? *reinterpret_cast<const uint4 *>(rec + MLA_C + 4 * (MLA_C / 128) + 16 * t8)
+                                : make_uint4(0, 0, 0, 0);
 #pragma unroll
-                for (int k = 0; k < 4; k++)
-                    raw[k] = ok ? *reinterpret_cast<const uint4 *>(rec + 16 * (t + 4 * (4 * half + k))) : make_uint4(0, 0, 0, 0);
+            for (int k = 0; k < 4; k++) {
+                const float sc = k == 0 ? sc4.x : k == 1 ? sc4.y : k == 2 ? sc4.z : sc4.w;
+                const uint32_t in[4] = {raw[k].x, raw[k].y, raw[k].z, raw[k].w};
+                uint32_t wv[8];
+                if (pow2_scale(sc)) {
 #pragma unroll
-                for (int k = 0; k < 4; k++) {
-                    const int kk = 4 * half + k, bk = kk >> 1;
-                    const float sc = bk == 0 ? sc4.x : bk == 1 ? sc4.y : bk == 2 ? sc4.z : sc4.w;
-                    const uint32_t in[4] = {raw[k].x, raw[k].y, raw[k].z, raw[k].w};
-                    uint32_t wv[8];
-                    if (pow2_scale(sc)) {
-#pragma unroll
-                        for (int q = 0; q < 4; q++) {
-                            wv[2 * q] = e4m3x2_scaled_pow2(prmt_sext(in[q], 0x9180), sc);
-                            wv[2 * q + 1] = e4m3x2_scaled_pow2(prmt_sext(in[q], 0xB3A2), sc);
-                        }
-                    } else {
-#pragma unroll
-                        for (int q = 0; q < 4; q++)
-                            e4m3x4_bf16_f32(in[q], sc, wv[2 * q], wv[2 * q + 1]);
+                    for (int q = 0; q < 4; q++) {
+                        wv[2 * q] = e4m3x2_scaled_pow2(prmt_sext(in[q], 0x9180), sc);
+                        wv[2 * q + 1] = e4m3x2_scaled_pow2(prmt_sext(in[q], 0xB3A2), sc);
                     }
-                    const int col = 16 * (t + 4 * kk);
-                    *reinterpret_cast<uint4 *>(K + ws_off(key, col)) = make_uint4(wv[0], wv[1], wv[2], wv[3]);
-                    *reinterpret_cast<uint4 *>(K + ws_off(key, col + 8)) = make_uint4(wv[4], wv[5], wv[6], wv[7]);
-                }
-            }
-            const uint8_t *pr = rec + MLA_C + 4 * (MLA_C / 128); /* bf16 rope: chunks t, t + 4 */
+                } else {
 #pragma unroll
-            for (int k = 0; k < 2; k++) {
-                const int d0 = 8 * (t + 4 * k);
-                const uint4 v = ok ? *reinterpret_cast<const uint4 *>(pr + 2 * d0) : make_uint4(0, 0, 0, 0);
-                *reinterpret_cast<uint4 *>(K + ws_off(key, MLA_C + d0)) = v;
+                    for (int q = 0; q < 4; q++)
+                        e4m3x4_bf16_f32(in[q], sc, wv[2 * q], wv[2 * q + 1]);
+                }
+                const int col = 16 * (t8 + 8 * k);
+                *reinterpret_cast<uint4 *>(K + ws_off(key, col)) = make_uint4(wv[0], wv[1], wv[2], wv[3]);
+                *reinterpret_cast<uint4 *>(K + ws_off(key, col + 8)) = make_uint4(wv[4], wv[5], wv[6], wv[7]);
             }
-            if (t == 0)
+            *reinterpret_cast<uint4 *>(K + ws_off(key, MLA_C + 8 * t8)) = pe; /* bf16 rope */
+            if (t8 == 0)
                 kval[b * MLA_WS_KT + key] = ok;
             /* K -> the tensor core; the records read before the copy engine rewrites them */
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -1214,6 +1187,38 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_ws_kernel(const struct ml
             if (i + MLA_WS_NS < ntiles)
                 gather(i + MLA_WS_NS);
             mark(3);
+        };
+        /* O^T (dims x heads) *= alpha per head, then O^T += V^T P^T for latent dims 256c.. over
+         * the 32 keys of key tile b (mla_wg_kernel's PV with K = 32) */
+        auto pv = [&](int b) {
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const float al0 = alpha_s[8 * j + 2 * t], al1 = alpha_s[8 * j + 2 * t + 1];
+#pragma unroll
+                for (int mt = 0; mt < 4; mt++) {
+                    O[mt][4 * j + 0] *= al0;
+                    O[mt][4 * j + 1] *= al1;
+                    O[mt][4 * j + 2] *= al0;
+                    O[mt][4 * j + 3] *= al1;
+                }
+            }
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++)
+                wg_fence(O[mt]);
+            wg_begin();
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+                for (int kk = 0; kk < 2; kk++)
+                    wgmma_bf16_ss_n64_ta(O[mt],
+                                         wg_desc(kaddr + b * MLA_WS_KB + (4 * c + mt) * 4096 + kk * 2048, 1024, 1024) |
+                                             ((uint64_t)1 << 62),
+                                         wg_desc_sw128(paddr + kk * 32), 1);
+            wg_commit();
+            wg_wait0();
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++)
+                wg_fence(O[mt]);
         };
         for (int i = 0; i < MLA_WS_NS && i < ntiles; i++)
             gather(i);
@@ -1230,17 +1235,16 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_ws_kernel(const struct ml
                 nbar_arrive(WS_P_FREE);
             mark(5);
         }
+        __syncthreads(); /* l_fin, m_fin */
+        mla_store_o(a, O, l_fin, m_fin, z, r, h0, tid - 128 * c - 128, c, w, g, t);
     }
-    const unsigned long long t_end = PROF ? clock64() : 0;
-    __syncthreads(); /* l_fin, m_fin */
-    mla_store_o(a, O, l_fin, m_fin, z, r, h0, tid, wg, w, g, t);
-    if (PROF && (tid & 127) == 0) {
+    if (PROF && (tid == 0 || tid == 128)) {
         for (int i = 0; i < MLA_PROF_PHASES; i++)
             atomicAdd(a.prof + 8 * wg + i, ph[i]);
         if (wg == 0) {
             atomicAdd(a.prof + 16, (unsigned long long)ntiles);
             atomicAdd(a.prof + 17, t_loop - t_start);
-            atomicAdd(a.prof + 18, clock64() - t_end);
+            atomicAdd(a.prof + 18, 0ull);
             atomicAdd(a.prof + 19, 1ull);
         }
     }
@@ -1344,16 +1348,16 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
         CU_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c->device));
     const size_t ws_need = ws_smem(g->mla_rec_bytes);
     if (c->mla_wgmma && c->mla_ws && !g->rope_f32 && ws_need <= (size_t)optin) {
-        /* what the limit leaves of the 1 KB alignment slack (168 bytes for 656-byte records) */
+        /* what the limit leaves of the 1 KB alignment slack (all of it for 656-byte records) */
         const int slack = (int)((size_t)optin - ws_need < 1023 ? (size_t)optin - ws_need : 1023);
         const size_t smem = ws_need + (size_t)slack;
         const dim3 grid(splits, H / MLA_HG, rows);
         if (a.prof) {
             CU_SMEM_OPTIN(mla_ws_kernel<true>, smem);
-            mla_ws_kernel<true><<<grid, WG_TH, smem, c->st>>>(a, slack);
+            mla_ws_kernel<true><<<grid, MLA_WS_TH, smem, c->st>>>(a, slack);
         } else {
             CU_SMEM_OPTIN(mla_ws_kernel<false>, smem);
-            mla_ws_kernel<false><<<grid, WG_TH, smem, c->st>>>(a, slack);
+            mla_ws_kernel<false><<<grid, MLA_WS_TH, smem, c->st>>>(a, slack);
         }
         CU_LAUNCHED("mla_ws");
     } else if (c->mla_wgmma) {
