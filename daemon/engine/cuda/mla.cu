@@ -1,7 +1,9 @@
 /* Absorbed MLA kernels (see mla.cuh).
  *
- * The fast mode's default is mla_wg_kernel (wgmma, further down, with its own description); the
- * mma.sync kernel described here remains the benchmarks' baseline (knob mla_wgmma 0).
+ * The fast mode's default is mla_ws_kernel (wgmma, warp-specialized, at the end with its own
+ * description), for bf16-rope caches; mla_wg_kernel (wgmma, all warps in every step) takes the
+ * rest (knob mla_ws 0); the mma.sync kernel described here remains the benchmarks' baseline (knob
+ * mla_wgmma 0).
  * Fast kernel layout. A CTA of 8 warps takes one row, 64 of its heads and a range of its keys, in
  * tiles of 64 keys. Shared memory: Q (64 heads x 576 bf16), the current key tile K (64 x 576 bf16,
  * latent dequantized with its block scale, rope as cached), the raw records of the next tile
@@ -912,7 +914,9 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
  * its QK^T of the tile in b is done, 1 and 2 wait, so also for each other's PV of it: b may be
  * rewritten), P_READY (0 arrives: P and alpha written; 1 and 2 wait), P_FREE (1 and 2 arrive after
  * their PV; 0 waits before the next P). An arrival is made only where the matching wait will come,
- * so none is left pending. bf16 rope only. */
+ * so none is left pending. bf16 rope only. At batch 64 x 2048 selected: 0.155-0.163 ms against
+ * mla_wg_kernel's 0.162-0.170 timed beside it (five calls; GPU-NOTES, third session of 2026-11-29,
+ * also for the variants measured and not kept). */
 #define MLA_WS_KT 32
 #define MLA_WS_KB (9 * 4096) /* a 32 x 576 bf16 key tile: 9 atoms of 32 rows x 128 bytes */
 #define MLA_WS_NS 3
