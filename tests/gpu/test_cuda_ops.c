@@ -1228,7 +1228,10 @@ static void test_mla(void)
                                : v == 2 ? "fast (bf16 wgmma, warp-specialized)"
                                : v == 1 ? "fast (bf16 wgmma, both warpgroups in every step)"
                                         : "fast (bf16 mma.sync)";
-            mla_case(&p, name, 1, 6, 1, fast ? 1e-2 : 1e-5);
+            /* the worst of 768 (row, head) vectors: 5.4e-3 to 9.3e-3 in most runs, 1.01e-2 and 1.01e-2
+             * once each in ~20 (wgmma, both warpgroups per step: bf16 q, keys and P, as the
+             * 64-row case below); 1e-2 made the test fail on a draw */
+            mla_case(&p, name, 1, 6, 1, fast ? 2e-2 : 1e-5);
             /* arbitrary scales round the keys to bf16 too: 1.2e-2 (mma.sync) and 1.5e-2 (wgmma)
              * measured on the worst of 384 vectors */
             mla_case(&p, name, 0, 3, 0, fast ? 3e-2 : 1e-5);

@@ -515,6 +515,85 @@ static __device__ __forceinline__ uint32_t e4m3x2_scaled_pow2(uint32_t sext_pair
     return d;
 }
 
+/* Q of row r, heads h0.., to bf16 in Qb (wg_off's layout), 8 dims (16 bytes) at a time by NTH
+ * threads, U of a thread's chunks in flight (the loads, one after another, were a tenth of the
+ * kernel's time) */
+template <int NTH, int U>
+static __device__ __forceinline__ void mla_stage_q(const struct mla_fast_args &a, uint8_t *Qb, int r, int h0, int tid)
+{
+    static_assert(MLA_HG * (MLA_D / 8) % (NTH * U) == 0, "whole rounds");
+    for (int i0 = 0; i0 < MLA_HG * (MLA_D / 8); i0 += U * NTH) {
+        float v[U][8];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int i = i0 + u * NTH + tid, h = i / (MLA_D / 8), d0 = 8 * (i % (MLA_D / 8));
+            const float *src = d0 < MLA_C ? a.q_lat + ((size_t)r * a.H + h0 + h) * MLA_C + d0
+                                          : a.q_pe + (size_t)r * a.ldr_pe + (size_t)(h0 + h) * a.ldh_pe + d0 - MLA_C;
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+                v[u][e] = src[e];
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int i = i0 + u * NTH + tid, h = i / (MLA_D / 8), d0 = 8 * (i % (MLA_D / 8));
+            *reinterpret_cast<uint4 *>(Qb + wg_off(h, d0)) =
+                make_uint4(pack_bf16(v[u][0], v[u][1]), pack_bf16(v[u][2], v[u][3]), pack_bf16(v[u][4], v[u][5]),
+                           pack_bf16(v[u][6], v[u][7]));
+        }
+    }
+}
+
+/* 16 e4m3 values times their block scale as 16 bf16 (wv, in order): on the ALU for a
+ * power-of-two scale, else through f32 */
+static __device__ __forceinline__ void e4m3x16_bf16(const uint4 raw, float sc, uint32_t (&wv)[8])
+{
+    const uint32_t in[4] = {raw.x, raw.y, raw.z, raw.w};
+    if (pow2_scale(sc)) {
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            wv[2 * q] = e4m3x2_scaled_pow2(prmt_sext(in[q], 0x9180), sc);
+            wv[2 * q + 1] = e4m3x2_scaled_pow2(prmt_sext(in[q], 0xB3A2), sc);
+        }
+    } else {
+#pragma unroll
+        for (int q = 0; q < 4; q++)
+            e4m3x4_bf16_f32(in[q], sc, wv[2 * q], wv[2 * q + 1]);
+    }
+}
+
+/* O^T (dims x heads) *= alpha per head (O[mt][4j + {0,1,2,3}] is (dim, head 8j+2t), (dim, +1),
+ * (dim + 8, 8j+2t), (dim + 8, +1)), then O^T += V^T P^T over KK x 16 keys, issued and committed:
+ * A = V^T (the warpgroup's 4 x 64 dims, keys 16kk..) straight from a key tile whose atoms of 64
+ * dims start at vaddr, atom bytes apart (rows of 64 dims per key are V^T's MN-major layout: both
+ * descriptor offsets 1 KB, the next 8 keys; one 64-dim atom per MMA), B = P at paddr */
+template <int KK>
+static __device__ __forceinline__ void mla_pv_issue(float (&O)[4][32], const float *alpha_s, int t, uint32_t vaddr,
+                                                    uint32_t atom, uint32_t paddr)
+{
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const float al0 = alpha_s[8 * j + 2 * t], al1 = alpha_s[8 * j + 2 * t + 1];
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++) {
+            O[mt][4 * j + 0] *= al0;
+            O[mt][4 * j + 1] *= al1;
+            O[mt][4 * j + 2] *= al0;
+            O[mt][4 * j + 3] *= al1;
+        }
+    }
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++)
+        wg_fence(O[mt]);
+    wg_begin();
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+        for (int kk = 0; kk < KK; kk++)
+            wgmma_bf16_ss_n64_ta(O[mt], wg_desc(vaddr + mt * atom + kk * 2048, 1024, 1024) | ((uint64_t)1 << 62),
+                                 wg_desc_sw128(paddr + kk * 32), 1);
+    wg_commit();
+}
+
 /* The selected positions' cache slots of keys kbeg..kend - 1 into sslot, eight per thread of
  * nth: the selections' loads, then the block tables' */
 static __device__ __forceinline__ void mla_resolve_slots(const struct mla_fast_args &a, int32_t *sslot, int r,
@@ -654,19 +733,8 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
             for (int k = 0; k < 4; k++) {
                 const int kk = 4 * half + k, b = kk >> 1;
                 const float sc = b == 0 ? sc4.x : b == 1 ? sc4.y : b == 2 ? sc4.z : sc4.w;
-                const uint32_t in[4] = {raw[k].x, raw[k].y, raw[k].z, raw[k].w};
                 uint32_t wv[8];
-                if (pow2_scale(sc)) {
-#pragma unroll
-                    for (int q = 0; q < 4; q++) {
-                        wv[2 * q] = e4m3x2_scaled_pow2(prmt_sext(in[q], 0x9180), sc);
-                        wv[2 * q + 1] = e4m3x2_scaled_pow2(prmt_sext(in[q], 0xB3A2), sc);
-                    }
-                } else {
-#pragma unroll
-                    for (int q = 0; q < 4; q++)
-                        e4m3x4_bf16_f32(in[q], sc, wv[2 * q], wv[2 * q + 1]);
-                }
+                e4m3x16_bf16(raw[k], sc, wv);
                 const int col = 16 * (t + 4 * kk);
                 *reinterpret_cast<uint4 *>(Kb + wg_off(key, col)) = make_uint4(wv[0], wv[1], wv[2], wv[3]);
                 *reinterpret_cast<uint4 *>(Kb + wg_off(key, col + 8)) = make_uint4(wv[4], wv[5], wv[6], wv[7]);
@@ -716,27 +784,7 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
         sl = slot_at(kbeg + key);
         gather(sl);
     }
-    /* Q to bf16, 8 dims (16 bytes) at a time, six of the 18 per thread in flight (the loads,
-     * one after another, were a tenth of the kernel's time) */
-    for (int i0 = 0; i0 < MLA_HG * (MLA_D / 8); i0 += 6 * WG_TH) {
-        float v[6][8];
-#pragma unroll
-        for (int u = 0; u < 6; u++) {
-            const int i = i0 + u * WG_TH + tid, h = i / (MLA_D / 8), d0 = 8 * (i % (MLA_D / 8));
-            const float *src = d0 < MLA_C ? a.q_lat + ((size_t)r * a.H + h0 + h) * MLA_C + d0
-                                          : a.q_pe + (size_t)r * a.ldr_pe + (size_t)(h0 + h) * a.ldh_pe + d0 - MLA_C;
-#pragma unroll
-            for (int e = 0; e < 8; e++)
-                v[u][e] = src[e];
-        }
-#pragma unroll
-        for (int u = 0; u < 6; u++) {
-            const int i = i0 + u * WG_TH + tid, h = i / (MLA_D / 8), d0 = 8 * (i % (MLA_D / 8));
-            *reinterpret_cast<uint4 *>(Qb + wg_off(h, d0)) =
-                make_uint4(pack_bf16(v[u][0], v[u][1]), pack_bf16(v[u][2], v[u][3]), pack_bf16(v[u][4], v[u][5]),
-                           pack_bf16(v[u][6], v[u][7]));
-        }
-    }
+    mla_stage_q<WG_TH, 6>(a, Qb, r, h0, tid);
     if (kbeg < kend) {
         mbar_wait(gbar, 0);
         convert(sl);
@@ -831,33 +879,7 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
             l_run[hr0] = l_run[hr0] * alpha_s[hr0] + red_l[hr0] + red_l[MLA_HG + hr0];
             l_run[hr1] = l_run[hr1] * alpha_s[hr1] + red_l[hr1] + red_l[MLA_HG + hr1];
         }
-        /* O^T (dims x heads) *= alpha per head: O[mt][4j + {0,1,2,3}] is (dim, head 8j+2t), (dim, +1),
-         * (dim + 8, 8j+2t), (dim + 8, +1) */
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const float al0 = alpha_s[8 * j + 2 * t], al1 = alpha_s[8 * j + 2 * t + 1];
-#pragma unroll
-            for (int mt = 0; mt < 4; mt++) {
-                O[mt][4 * j + 0] *= al0;
-                O[mt][4 * j + 1] *= al1;
-                O[mt][4 * j + 2] *= al0;
-                O[mt][4 * j + 3] *= al1;
-            }
-        }
-        /* O^T += V^T P^T: A = V^T (dims 256wg + 64mt.., keys 16kk..) straight from the key tile,
-         * whose rows of 64 dims per key are V^T's MN-major layout (both descriptor offsets 1 KB:
-         * the next 8 keys; one 64-dim atom per MMA) */
-#pragma unroll
-        for (int mt = 0; mt < 4; mt++)
-            wg_fence(O[mt]);
-        wg_begin();
-#pragma unroll
-        for (int mt = 0; mt < 4; mt++)
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++)
-                wgmma_bf16_ss_n64_ta(O[mt], wg_desc(kaddr + (4 * wg + mt) * 8192 + kk * 2048, 1024, 1024) | ((uint64_t)1 << 62),
-                                     wg_desc_sw128(paddr + kk * 32), 1);
-        wg_commit();
+        mla_pv_issue<4>(O, alpha_s, t, kaddr + 4 * wg * 8192, 8192, paddr);
         wg_wait0(); /* the key tile is rewritten next */
 #pragma unroll
         for (int mt = 0; mt < 4; mt++)
@@ -999,25 +1021,7 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
 
     if (wg == 0) {
         /* Q to bf16 (the other warpgroups gather and convert meanwhile) */
-        for (int i0 = 0; i0 < MLA_HG * (MLA_D / 8); i0 += 4 * 128) {
-            float v[4][8];
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int i = i0 + u * 128 + tid, h = i / (MLA_D / 8), d0 = 8 * (i % (MLA_D / 8));
-                const float *src = d0 < MLA_C ? a.q_lat + ((size_t)r * a.H + h0 + h) * MLA_C + d0
-                                              : a.q_pe + (size_t)r * a.ldr_pe + (size_t)(h0 + h) * a.ldh_pe + d0 - MLA_C;
-#pragma unroll
-                for (int e = 0; e < 8; e++)
-                    v[u][e] = src[e];
-            }
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int i = i0 + u * 128 + tid, h = i / (MLA_D / 8), d0 = 8 * (i % (MLA_D / 8));
-                *reinterpret_cast<uint4 *>(Qb + wg_off(h, d0)) =
-                    make_uint4(pack_bf16(v[u][0], v[u][1]), pack_bf16(v[u][2], v[u][3]),
-                               pack_bf16(v[u][4], v[u][5]), pack_bf16(v[u][6], v[u][7]));
-            }
-        }
+        mla_stage_q<128, 4>(a, Qb, r, h0, tid);
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* Q -> the tensor core */
         asm volatile("bar.sync 7, 128;" ::: "memory");                 /* all of Q */
         const uint32_t qaddr = smem_addr(Qb);
@@ -1163,19 +1167,8 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
 #pragma unroll
             for (int k = 0; k < 4; k++) {
                 const float sc = k == 0 ? sc4.x : k == 1 ? sc4.y : k == 2 ? sc4.z : sc4.w;
-                const uint32_t in[4] = {raw[k].x, raw[k].y, raw[k].z, raw[k].w};
                 uint32_t wv[8];
-                if (pow2_scale(sc)) {
-#pragma unroll
-                    for (int q = 0; q < 4; q++) {
-                        wv[2 * q] = e4m3x2_scaled_pow2(prmt_sext(in[q], 0x9180), sc);
-                        wv[2 * q + 1] = e4m3x2_scaled_pow2(prmt_sext(in[q], 0xB3A2), sc);
-                    }
-                } else {
-#pragma unroll
-                    for (int q = 0; q < 4; q++)
-                        e4m3x4_bf16_f32(in[q], sc, wv[2 * q], wv[2 * q + 1]);
-                }
+                e4m3x16_bf16(raw[k], sc, wv);
                 const int col = 16 * (t8 + 8 * k);
                 *reinterpret_cast<uint4 *>(K + ws_off(key, col)) = make_uint4(wv[0], wv[1], wv[2], wv[3]);
                 *reinterpret_cast<uint4 *>(K + ws_off(key, col + 8)) = make_uint4(wv[4], wv[5], wv[6], wv[7]);
@@ -1195,30 +1188,7 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
         /* O^T (dims x heads) *= alpha per head, then O^T += V^T P^T for latent dims 256c.. over
          * the 32 keys of key tile b (mla_wg_kernel's PV with K = 32) */
         auto pv = [&](int b) {
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                const float al0 = alpha_s[8 * j + 2 * t], al1 = alpha_s[8 * j + 2 * t + 1];
-#pragma unroll
-                for (int mt = 0; mt < 4; mt++) {
-                    O[mt][4 * j + 0] *= al0;
-                    O[mt][4 * j + 1] *= al1;
-                    O[mt][4 * j + 2] *= al0;
-                    O[mt][4 * j + 3] *= al1;
-                }
-            }
-#pragma unroll
-            for (int mt = 0; mt < 4; mt++)
-                wg_fence(O[mt]);
-            wg_begin();
-#pragma unroll
-            for (int mt = 0; mt < 4; mt++)
-#pragma unroll
-                for (int kk = 0; kk < 2; kk++)
-                    wgmma_bf16_ss_n64_ta(O[mt],
-                                         wg_desc(kaddr + b * MLA_WS_KB + (4 * c + mt) * 4096 + kk * 2048, 1024, 1024) |
-                                             ((uint64_t)1 << 62),
-                                         wg_desc_sw128(paddr + kk * 32), 1);
-            wg_commit();
+            mla_pv_issue<2>(O, alpha_s, t, kaddr + b * MLA_WS_KB + 4 * c * 4096, 4096, paddr);
             wg_wait0();
 #pragma unroll
             for (int mt = 0; mt < 4; mt++)
