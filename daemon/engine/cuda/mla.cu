@@ -1020,6 +1020,9 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
     };
 
     if (wg == 0) {
+        /* registers to the converters, which hold O: 120 + 2 x 192 = the launch's 3 x 168 (an
+         * unbalanced pair waits forever in setmaxnreg.inc); without it they spilled 28 bytes */
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 120;");
         /* Q to bf16 (the other warpgroups gather and convert meanwhile) */
         mla_stage_q<128, 4>(a, Qb, r, h0, tid);
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* Q -> the tensor core */
@@ -1121,6 +1124,7 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
         /* warpgroups 1 and 2 (c = wg - 1): key k of a tile (16c <= k < 16c + 16) is gathered and
          * converted by the eight lanes 8k.. of the pair (lane 8k issues the record's bulk copy; the
          * warp alone orders its reads of the records before their next copy) */
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 192;");
         const int c = wg - 1, ctid = tid - 128, key = ctid >> 3, t8 = ctid & 7;
         float O[4][32];
 #pragma unroll
