@@ -928,7 +928,8 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
  *       tile (eight lanes a key: a quarter-warp reads 128 contiguous bytes of a record) and their
  *       gather for tile i + 1 + MLA_WS_NS into the staging buffer just read (three buffers: a
  *       record is asked for ~3 tiles before its conversion), then PV of tile i for latent dims
- *       256c.. (O in their registers: none in warpgroup 0, so 168 registers a thread suffice).
+ *       256c.. (O in their registers, none in warpgroup 0: setmaxnreg moves registers from
+ *       warpgroup 0, 120, to them, 192 each; at the launch's 168 they spilled).
  * Shared memory: Q (72 KB), two key tiles of 32 x 576 bf16 (36 KB each, 4 KB swizzle atoms), P
  * (64 heads x 32 keys in a 64-column atom), three staging buffers of 32 records, the slot table,
  * kval per key tile, alpha, the final statistics. Named barriers (count 384) hand tiles over:
@@ -936,9 +937,9 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
  * its QK^T of the tile in b is done, 1 and 2 wait, so also for each other's PV of it: b may be
  * rewritten), P_READY (0 arrives: P and alpha written; 1 and 2 wait), P_FREE (1 and 2 arrive after
  * their PV; 0 waits before the next P). An arrival is made only where the matching wait will come,
- * so none is left pending. bf16 rope only. At batch 64 x 2048 selected: 0.155-0.163 ms against
- * mla_wg_kernel's 0.162-0.170 timed beside it (five calls; GPU-NOTES, third session of 2026-11-29,
- * also for the variants measured and not kept). */
+ * so none is left pending. bf16 rope only. At batch 64 x 2048 selected: 0.144-0.146 ms against
+ * mla_wg_kernel's 0.163-0.165 timed beside it (GPU-NOTES, third session of 2026-11-29, also for
+ * the variants measured and not kept). */
 #define MLA_WS_KT 32
 #define MLA_WS_KB (9 * 4096) /* a 32 x 576 bf16 key tile: 9 atoms of 32 rows x 128 bytes */
 #define MLA_WS_NS 3
