@@ -624,6 +624,7 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
         goto fail;
     }
     c->n_sm = prop.multiProcessorCount;
+    c->smem_optin = (int)prop.sharedMemPerBlockOptin;
     if (cublasCreate(&c->blas) != CUBLAS_STATUS_SUCCESS || cublasSetStream(c->blas, c->st) != CUBLAS_STATUS_SUCCESS ||
         cublasLtCreate(&c->lt) != CUBLAS_STATUS_SUCCESS) {
         log_error("cuda: cuBLAS handles could not be created");

@@ -126,6 +126,7 @@ struct cu_expert_table; /* moe.cu */
 
 struct cu_ctx {
     int device, n_sm;
+    int smem_optin; /* the device's opt-in limit of dynamic shared memory per CTA (bytes) */
     int fast;                  /* numerics mode: 0 exact, 1 fast */
     int absorbed_prefill;      /* fast and the absorbed kernel fits: prefill rows take that form */
     int indexer_fp8;           /* fast indexer variant: FP8 mma instead of f16 mma */

@@ -1322,13 +1322,10 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
     a.keys_per_split = tiles_per * MLA_KT;
     a.scale = scale;
     a.prof = c->mla_prof;
-    static int optin = -1; /* the device's opt-in limit (one device per process) */
-    if (optin < 0)
-        CU_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c->device));
-    const size_t ws_need = ws_smem(g->mla_rec_bytes);
-    if (c->mla_wgmma && c->mla_ws && !g->rope_f32 && ws_need <= (size_t)optin) {
+    const size_t optin = (size_t)c->smem_optin, ws_need = ws_smem(g->mla_rec_bytes);
+    if (c->mla_wgmma && c->mla_ws && !g->rope_f32 && ws_need <= optin) {
         /* what the limit leaves of the 1 KB alignment slack (all of it for 656-byte records) */
-        const int slack = (int)((size_t)optin - ws_need < 1023 ? (size_t)optin - ws_need : 1023);
+        const int slack = (int)(optin - ws_need < 1023 ? optin - ws_need : 1023);
         const size_t smem = ws_need + (size_t)slack;
         const dim3 grid(splits, H / MLA_HG, rows);
         if (a.prof) {
