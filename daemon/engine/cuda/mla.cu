@@ -928,7 +928,7 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
  *       tile (eight lanes a key: a quarter-warp reads 128 contiguous bytes of a record) and their
  *       gather for tile i + 1 + MLA_WS_NS into the staging buffer just read (three buffers: a
  *       record is asked for ~3 tiles before its conversion), then PV of tile i for latent dims
- *       256c.. (O in their registers, none in warpgroup 0: setmaxnreg moves registers from
+ *       256c.. as O += P V, one m64n256k16 a k-step (O in their registers, none in warpgroup 0: setmaxnreg moves registers from
  *       warpgroup 0, 120, to them, 192 each; at the launch's 168 they spilled).
  * Shared memory: Q (72 KB), two key tiles of 32 x 576 bf16 (36 KB each, 4 KB swizzle atoms), P
  * (64 heads x 32 keys in a 64-column atom), three staging buffers of 32 records, the slot table,
@@ -937,8 +937,8 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
  * its QK^T of the tile in b is done, 1 and 2 wait, so also for each other's PV of it: b may be
  * rewritten), P_READY (0 arrives: P and alpha written; 1 and 2 wait), P_FREE (1 and 2 arrive after
  * their PV; 0 waits before the next P). An arrival is made only where the matching wait will come,
- * so none is left pending. bf16 rope only. At batch 64 x 2048 selected: 0.144-0.146 ms against
- * mla_wg_kernel's 0.163-0.165 timed beside it (GPU-NOTES, third session of 2026-11-29, also for
+ * so none is left pending. bf16 rope only. At batch 64 x 2048 selected: 0.141-0.144 ms against
+ * mla_wg_kernel's 0.165-0.166 timed beside it (GPU-NOTES, third session of 2026-11-29, also for
  * the variants measured and not kept). */
 #define MLA_WS_KT 32
 #define MLA_WS_KB (9 * 4096) /* a 32 x 576 bf16 key tile: 9 atoms of 32 rows x 128 bytes */
@@ -1127,12 +1127,13 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
          * warp alone orders its reads of the records before their next copy) */
         asm volatile("setmaxnreg.inc.sync.aligned.u32 192;");
         const int c = wg - 1, ctid = tid - 128, key = ctid >> 3, t8 = ctid & 7;
-        float O[4][32];
+        /* O (heads x this warpgroup's 256 latent dims, m64n256): O[4j + {0,1,2,3}] is (head hr0,
+         * dim 8j+2t), (hr0, +1), (hr1, 8j+2t), (hr1, +1) */
+        float O[128];
 #pragma unroll
-        for (int mt = 0; mt < 4; mt++)
-#pragma unroll
-            for (int i = 0; i < 32; i++)
-                O[mt][i] = 0.0f;
+        for (int i = 0; i < 128; i++)
+            O[i] = 0.0f;
+        const int hr0 = 16 * w + g, hr1 = hr0 + 8;
         auto slot_at = [&](int j) -> int32_t {
             if (j >= kend)
                 return -1;
@@ -1190,14 +1191,30 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
                 gather(i + MLA_WS_NS);
             mark(3);
         };
-        /* O^T (dims x heads) *= alpha per head, then O^T += V^T P^T for latent dims 256c.. over
-         * the 32 keys of key tile b (mla_wg_kernel's PV with K = 32) */
+        /* O *= alpha per head, then O += P V over the 32 keys of key tile b: A = P (read once per
+         * k-step, not once per 64 dims as mla_wg_kernel's O^T += V^T P^T), B = V, the tile's rows
+         * of 64 dims per key being V's MN-major layout (leading offset 4 KB: the next 64 dims'
+         * atom; stride 1 KB: the next 8 keys) */
         auto pv = [&](int b) {
-            mla_pv_issue<2>(O, alpha_s, t, kaddr + b * MLA_WS_KB + 4 * c * 4096, 4096, paddr);
-            wg_wait0();
+            const float al0 = alpha_s[hr0], al1 = alpha_s[hr1];
 #pragma unroll
-            for (int mt = 0; mt < 4; mt++)
-                wg_fence(O[mt]);
+            for (int j = 0; j < 32; j++) {
+                O[4 * j + 0] *= al0;
+                O[4 * j + 1] *= al0;
+                O[4 * j + 2] *= al1;
+                O[4 * j + 3] *= al1;
+            }
+            wg_fence(O);
+            wg_begin();
+#pragma unroll
+            for (int kk = 0; kk < 2; kk++)
+                wgmma_bf16_ss_n256_tb(O, wg_desc_sw128(paddr + kk * 32),
+                                      wg_desc(kaddr + b * MLA_WS_KB + 4 * c * 4096 + kk * 2048, 4096, 1024) |
+                                          ((uint64_t)1 << 62),
+                                      1);
+            wg_commit();
+            wg_wait0();
+            wg_fence(O);
         };
         for (int i = 0; i < MLA_WS_NS && i < ntiles; i++)
             gather(i);
@@ -1215,7 +1232,20 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
             mark(5);
         }
         __syncthreads(); /* l_fin, m_fin */
-        mla_store_o(a, O, l_fin, m_fin, z, r, h0, tid - 128 * c - 128, c, w, g, t);
+        /* O out: normalized when one split, else a split's partial with its running max and sum */
+        const float sA = a.splits == 1 ? (l_fin[hr0] > 0.0f ? 1.0f / l_fin[hr0] : 0.0f) : 1.0f;
+        const float sB = a.splits == 1 ? (l_fin[hr1] > 0.0f ? 1.0f / l_fin[hr1] : 0.0f) : 1.0f;
+        float *base = a.splits == 1 ? a.out + ((size_t)r * a.H + h0) * MLA_C
+                                    : a.part_o + (((size_t)z * a.rows + r) * a.H + h0) * MLA_C;
+        base += 256 * c + 2 * t;
+#pragma unroll
+        for (int j = 0; j < 32; j++) {
+            *reinterpret_cast<float2 *>(base + (size_t)hr0 * MLA_C + 8 * j) = make_float2(O[4 * j] * sA, O[4 * j + 1] * sA);
+            *reinterpret_cast<float2 *>(base + (size_t)hr1 * MLA_C + 8 * j) =
+                make_float2(O[4 * j + 2] * sB, O[4 * j + 3] * sB);
+        }
+        if (a.splits > 1 && c == 0 && tid - 128 < MLA_HG)
+            a.part_ml[((size_t)z * a.rows + r) * a.H + h0 + tid - 128] = make_float2(m_fin[tid - 128], l_fin[tid - 128]);
     }
     if (PROF && (tid == 0 || tid == 128)) {
         for (int i = 0; i < MLA_PROF_PHASES; i++)
