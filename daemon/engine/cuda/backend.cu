@@ -614,7 +614,6 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
     c->lt_fp8 = 1;
     c->idx_wgmma = 1;
     c->mla_wgmma = 1;
-    c->idx_items = 1;
     c->mla_ws = 1;
     cudaDeviceProp prop;
     if (cudaSetDevice(device) != cudaSuccess || cudaGetDeviceProperties(&prop, device) != cudaSuccess ||
