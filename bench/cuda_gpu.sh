@@ -8,7 +8,9 @@
 # Steps: ops (each op family in its own process), replay (the forward op by op on the tiny models),
 # ncu (Nsight Compute on the DSA kernels; NCU_KERNELS picks them), golden (tiny-bf16 and tiny-fp8, exact mode, all
 # schedules; then the fast mode, sequential), bench (cuda_bench, each section in its own process,
-# and the plot; CUDA_BENCH_PARTS picks sections), torch (the PyTorch baseline of DSA decode).
+# and the plot; CUDA_BENCH_PARTS picks sections), torch (the PyTorch baseline of DSA decode),
+# repeat (one op family REPEAT_N times: REPEAT_ONLY, REPEAT_ARGS), sanitize (compute-sanitizer's
+# SAN_TOOL on one op family: SAN_ONLY, SAN_ARGS).
 set -uo pipefail
 cmd=${1:-run}
 shift || true
@@ -98,6 +100,25 @@ run)
             done
             [ -f "$out/dsa_sweep.csv" ] && python3 bench/plot_dsa.py "$out/dsa_sweep.csv" "$out/dsa-vs-dense.png"
             cat "$out/bench.log" | grep -vE "^\[" | tail -n 80
+            ;;
+        repeat)
+            # REPEAT_N runs of one op family (REPEAT_ONLY, default indexer) with REPEAT_ARGS (e.g.
+            # "--seed 356703124831175 --idx-items 1"): each run's seed and failures
+            for i in $(seq 1 "${REPEAT_N:-10}"); do
+                # shellcheck disable=SC2086 # REPEAT_ARGS is a list of arguments
+                run "repeat $i: ${REPEAT_ONLY:-indexer} ${REPEAT_ARGS:-}" "$out/repeat.log" 150 \
+                    "$bin/test_cuda_ops" --only "${REPEAT_ONLY:-indexer}" ${REPEAT_ARGS:-}
+            done
+            grep -E "seed|FAIL|checks" "$out/repeat.log" | tail -n 60
+            ;;
+        sanitize)
+            # compute-sanitizer (SAN_TOOL: racecheck, synccheck, memcheck, initcheck; default
+            # racecheck) on one op family (SAN_ONLY, default indexer) with SAN_ARGS
+            san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+            # shellcheck disable=SC2086 # SAN_ARGS is a list of arguments
+            run "sanitize ${SAN_TOOL:-racecheck}: ${SAN_ONLY:-indexer}" "$out/sanitize.log" 550 "$san" \
+                --tool "${SAN_TOOL:-racecheck}" "$bin/test_cuda_ops" --only "${SAN_ONLY:-indexer}" ${SAN_ARGS:-}
+            grep -vE "^\[" "$out/sanitize.log" | grep -E "=====|ERROR|hazard|checks|FAIL" | head -n 60
             ;;
         torch)
             PYTHONUNBUFFERED=1 run "torch baseline" "$out/torch.log" 150 python3 bench/dsa_torch.py --batch 64 --ctx 131072

@@ -11,7 +11,9 @@
  * k-th score.
  * With --model DIR (a tiny golden model), the forward's ops also run op by op on its weights; with
  * --golden FILE too, the whole forward's drift from DeepSeek's reference is printed per layer.
- *   test_cuda_ops [--seed N] [--only NAME] [--model DIR]     exit 77 when no GPU is present
+ *   test_cuda_ops [--seed N] [--only NAME] [--model DIR] [--idx-items 0|1]
+ *                                              exit 77 when no GPU is present; --idx-items forces
+ *                                              the indexer's work-list knob for every variant
  *   test_cuda_ops --probe                      exit 0 with a GPU, 77 without (ctest wrappers) */
 #include "backend.h"
 #include "engine.h"
@@ -28,6 +30,7 @@
 #include <time.h>
 
 static int n_fail, n_checks;
+static int force_idx_items = -1; /* --idx-items N: the indexer's work-list knob for every variant */
 static const char *only;
 
 #define CHECK(cond, ...)                                                                           \
@@ -1089,7 +1092,9 @@ static void test_indexer(void)
          * count (the default) for the FP8 wgmma default and the mma.sync fallback (variant 2
          * failed once with equal items, 17 selection errors at contexts 33000..70001, seed
          * 356703124831175; not understood, GPU-NOTES) */
-        dsv32_cuda_set_knob(p.gpu, "idx_items", variant != 2 && variant != 3);
+        dsv32_cuda_set_knob(p.gpu, "idx_items", force_idx_items >= 0 ? force_idx_items : variant != 2 && variant != 3);
+        /* scores no kernel wrote are NaN, not the last case's */
+        dsv32_cuda_set_knob(p.gpu, "idx_poison", 1);
         /* the split top-k: 4 CTAs per row for the fast f16 variant, 2 (by the row count) otherwise */
         dsv32_cuda_set_knob(p.gpu, "topk_parts", variant == 1 ? 4 : 0);
         const double tol = fp8 ? 1e-2 : 2e-5;
@@ -2019,6 +2024,8 @@ int main(int argc, char **argv)
             model_dir = argv[++i];
         else if (strcmp(argv[i], "--golden") == 0 && i + 1 < argc)
             golden_path = argv[++i];
+        else if (strcmp(argv[i], "--idx-items") == 0 && i + 1 < argc)
+            force_idx_items = atoi(argv[++i]) != 0;
     }
     if (dsv32_cuda_device_count() == 0) {
         printf("no GPU: skipped\n");

@@ -149,6 +149,8 @@ struct cu_ctx {
                                   group (1: no partial extra wave, 3-5% faster; not the default
                                   until an unexplained test failure with it is understood,
                                   GPU-NOTES) or items of bpc blocks, the last one short (0) */
+    int idx_poison;            /* tests: the scores' scratch set to NaN before each indexer call,
+                                  so that a score no kernel wrote shows in the selection */
     int topk_parts;            /* the top-k's CTAs per row forced (1: one, the baseline; 2, 4; 0: by
                                   the row count) */
     struct cu_tmap tmaps[CU_TMAPS];

@@ -42,7 +42,8 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * blocks by TMA), "idx_l2_normal" (1: those TMA reads without the evict-first L2 hint),
  * "idx_copy_only" (1: the FP8 indexer reads its blocks and computes nothing, a diagnostic),
  * "idx_items" (1: the indexer's work list as equal items, rounded down in number; 0, default:
- * items of a fixed block count, the last one short).
+ * items of a fixed block count, the last one short), "idx_poison" (1, tests: the indexer's score
+ * scratch set to NaN before each call, so that a score no kernel wrote shows).
  * Returns 0 or -EINVAL. */
 int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, int value);
 /* The current value of a knob of the table above ("mla_prof" excluded); 0 or -EINVAL. */

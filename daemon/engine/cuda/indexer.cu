@@ -1236,6 +1236,8 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             float *scores = (float *)cu_scratch(c, SCR_SCORES, sizeof(float) * (size_t)(re - rb) * ld_s);
             if (!d_items || !scores)
                 return -ENOMEM;
+            if (c->idx_poison) /* all ones: a NaN */
+                CU_CHECK(cudaMemsetAsync(scores, 0xff, sizeof(float) * (size_t)(re - rb) * ld_s, c->st));
             const int steps = use_fp8 ? 4 : 8;
             const size_t smem = sizeof(uint2) * (size_t)max_nr * (IH / 8) * steps * 32 +
                                 sizeof(float) * (size_t)max_nr * IH;
