@@ -683,14 +683,23 @@ static const struct {
 };
 #undef KNOB
 
+/* the table's entry for name, or -1 */
+static int knob_index(const char *name)
+{
+    for (size_t i = 0; i < sizeof(cu_knobs) / sizeof(cu_knobs[0]); i++)
+        if (strcmp(name, cu_knobs[i].name) == 0)
+            return (int)i;
+    return -1;
+}
+
 extern "C" int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, int value)
 {
     struct cu_ctx *c = ctx_of(be);
-    for (size_t i = 0; i < sizeof(cu_knobs) / sizeof(cu_knobs[0]); i++)
-        if (strcmp(name, cu_knobs[i].name) == 0) {
-            *(int *)((char *)c + cu_knobs[i].off) = cu_knobs[i].as_given ? value : value != 0;
-            return 0;
-        }
+    const int k = knob_index(name);
+    if (k >= 0) {
+        *(int *)((char *)c + cu_knobs[k].off) = cu_knobs[k].as_given ? value : value != 0;
+        return 0;
+    }
     if (strcmp(name, "mla_prof") == 0) {
         CU_TRY(cu_enter(c));
         if (value && !c->mla_prof) {
@@ -708,13 +717,12 @@ extern "C" int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, i
 
 extern "C" int dsv32_cuda_get_knob(struct dsv32_backend *be, const char *name, int *value)
 {
-    struct cu_ctx *c = ctx_of(be);
-    for (size_t i = 0; i < sizeof(cu_knobs) / sizeof(cu_knobs[0]); i++)
-        if (strcmp(name, cu_knobs[i].name) == 0) {
-            *value = *(const int *)((const char *)c + cu_knobs[i].off);
-            return 0;
-        }
-    return -EINVAL;
+    const struct cu_ctx *c = ctx_of(be);
+    const int k = knob_index(name);
+    if (k < 0)
+        return -EINVAL;
+    *value = *(const int *)((const char *)c + cu_knobs[k].off);
+    return 0;
 }
 
 extern "C" int dsv32_cuda_mla_prof(struct dsv32_backend *be, unsigned long long out[20])

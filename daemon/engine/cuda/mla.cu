@@ -594,6 +594,42 @@ static __device__ __forceinline__ void mla_pv_issue(float (&O)[4][32], const flo
     wg_commit();
 }
 
+/* The keys [*kbeg, *kend) of split z of row r: its selection's entries, or its positions 0..pos
+ * when there is no selection (dense) */
+static __device__ __forceinline__ void mla_key_range(const struct mla_fast_args &a, int z, int pos, int *kbeg,
+                                                     int *kend)
+{
+    const int n_keys = a.sel ? a.n_sel : pos + 1;
+    *kbeg = z * a.keys_per_split;
+    *kend = min(n_keys, *kbeg + a.keys_per_split);
+}
+
+/* The cache slot of key j of row r (-1: past kend, an invalid selection entry, or beyond pos):
+ * from sslot when the slots were resolved up front (pre), else from the selection and the block
+ * table */
+static __device__ __forceinline__ int32_t mla_slot_at(const struct mla_fast_args &a, const int32_t *sslot, bool pre,
+                                                      int r, int pos, int seq, int kbeg, int kend, int j)
+{
+    if (j >= kend)
+        return -1;
+    if (pre)
+        return sslot[j - kbeg];
+    const int p = a.sel ? a.sel[(size_t)r * a.n_sel + j] : j;
+    return (p >= 0 && p <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p) : -1;
+}
+
+/* One key's record (slot sl, -1: none) by one bulk copy into dst from the key's first lane
+ * (first); lane 0 of the warp arrives on bar with the bytes of the warp's keys */
+static __device__ __forceinline__ void mla_gather_key(const struct mla_fast_args &a, uint64_t *bar, uint8_t *dst,
+                                                      int32_t sl, bool first, int lane)
+{
+    const uint32_t n_ok = __popc(__ballot_sync(0xffffffffu, first && sl >= 0));
+    if (lane == 0)
+        mbar_arrive_tx(bar, n_ok * (uint32_t)a.rec_bytes);
+    if (first && sl >= 0)
+        bulk_g2s(dst, a.mla + (size_t)sl * a.rec_bytes, (uint32_t)a.rec_bytes, bar);
+}
+
 /* The selected positions' cache slots of keys kbeg..kend - 1 into sslot, eight per thread of
  * nth: the selections' loads, then the block tables' */
 static __device__ __forceinline__ void mla_resolve_slots(const struct mla_fast_args &a, int32_t *sslot, int r,
@@ -677,11 +713,9 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
     const int tid = threadIdx.x, wg = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
     if (a.row_mha && a.row_mha[r])
         return;
-    const int pos = a.row_pos[r], seq = a.row_seq[r];
-    const int n_keys = a.sel ? a.n_sel : pos + 1;
-    const int kbeg = z * a.keys_per_split, kend = min(n_keys, kbeg + a.keys_per_split);
-    const int h0 = hg * MLA_HG;
-    const int recb = a.rec_bytes;
+    const int pos = a.row_pos[r], seq = a.row_seq[r], h0 = hg * MLA_HG;
+    int kbeg, kend;
+    mla_key_range(a, z, pos, &kbeg, &kend);
 
     if (tid < MLA_HG) {
         m_run[tid] = -INFINITY;
@@ -699,23 +733,9 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
      * 4k gathers its record with one bulk copy, so the warp alone orders its reads of the raw
      * records before their next copy, and a lane keeps its key's cache slot in a register. */
     const int key = tid >> 2;
-    auto slot_at = [&](int j) -> int32_t {
-        if (j >= kend)
-            return -1;
-        if (pre)
-            return sslot[j - kbeg];
-        const int p = a.sel ? a.sel[(size_t)r * a.n_sel + j] : j;
-        return (p >= 0 && p <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p) : -1;
-    };
-    /* one bulk copy per key, from its lane 0; lane 0 of each warp arrives on gbar with the bytes
-     * of the warp's eight keys (8 arrivals a phase: one per key queued on the barrier's word) */
-    auto gather = [&](int32_t sl) {
-        const uint32_t n_ok = __popc(__ballot_sync(0xffffffffu, t == 0 && sl >= 0));
-        if (lane == 0)
-            mbar_arrive_tx(gbar, n_ok * (uint32_t)recb);
-        if (t == 0 && sl >= 0)
-            bulk_g2s(stg + key * srec, a.mla + (size_t)sl * recb, (uint32_t)recb, gbar);
-    };
+    auto slot_at = [&](int j) { return mla_slot_at(a, sslot, pre, r, pos, seq, kbeg, kend, j); };
+    /* one bulk copy per key, from its lane 0 (8 arrivals on gbar a phase: one per warp) */
+    auto gather = [&](int32_t sl) { mla_gather_key(a, gbar, stg + key * srec, sl, t == 0, lane); };
     /* the raw record of this lane's key -> K (bf16): lane t converts latent bytes 16(t + 4k)..
      * (k < 8; scale block k / 2) and rope chunks t, t + 4 (bf16: 8 dims each; f32: 4 dims, lanes
      * take t + 4k, k < 4); zeros for an invalid key */
@@ -994,12 +1014,10 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
     const int tid = threadIdx.x, wg = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
     if (a.row_mha && a.row_mha[r])
         return;
-    const int pos = a.row_pos[r], seq = a.row_seq[r];
-    const int n_keys = a.sel ? a.n_sel : pos + 1;
-    const int kbeg = z * a.keys_per_split, kend = min(n_keys, kbeg + a.keys_per_split);
+    const int pos = a.row_pos[r], seq = a.row_seq[r], h0 = hg * MLA_HG;
+    int kbeg, kend;
+    mla_key_range(a, z, pos, &kbeg, &kend);
     const int ntiles = kend > kbeg ? (kend - kbeg + MLA_WS_KT - 1) / MLA_WS_KT : 0;
-    const int h0 = hg * MLA_HG;
-    const int recb = a.rec_bytes;
     const bool pre = a.sel && kend - kbeg <= MLA_MAXSEL;
     if (pre)
         mla_resolve_slots(a, sslot, r, pos, seq, kbeg, kend, tid, MLA_WS_TH);
@@ -1134,22 +1152,11 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
         for (int i = 0; i < 128; i++)
             O[i] = 0.0f;
         const int hr0 = 16 * w + g, hr1 = hr0 + 8;
-        auto slot_at = [&](int j) -> int32_t {
-            if (j >= kend)
-                return -1;
-            if (pre)
-                return sslot[j - kbeg];
-            const int p = a.sel ? a.sel[(size_t)r * a.n_sel + j] : j;
-            return (p >= 0 && p <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p) : -1;
-        };
+        auto slot_at = [&](int j) { return mla_slot_at(a, sslot, pre, r, pos, seq, kbeg, kend, j); };
         auto gather = [&](int i) { /* tile i into staging buffer i % MLA_WS_NS */
             const int s = i % MLA_WS_NS;
-            const int32_t sl = slot_at(kbeg + i * MLA_WS_KT + key);
-            const uint32_t n_ok = __popc(__ballot_sync(0xffffffffu, t8 == 0 && sl >= 0));
-            if (lane == 0)
-                mbar_arrive_tx(full + s, n_ok * (uint32_t)recb);
-            if (t8 == 0 && sl >= 0)
-                bulk_g2s(stg + (s * MLA_WS_KT + key) * srec, a.mla + (size_t)sl * recb, (uint32_t)recb, full + s);
+            mla_gather_key(a, full + s, stg + (s * MLA_WS_KT + key) * srec, slot_at(kbeg + i * MLA_WS_KT + key),
+                           t8 == 0, lane);
         };
         /* this lane's part of tile i's record (waited for) -> key tile i & 1 (bf16): latent chunks
          * t8 + 8k (16 dims each, scale block k) and rope chunk t8; zeros for an invalid key */
