@@ -298,11 +298,11 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         const double t_idx8_4cta = dsa_time_with(&d, &m, I, iters, KNOBS({"topk_parts", 4}));
         const double t_all8 = dsa_time(&d, &m, IS, iters);
         const double t_scores8 = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_no_topk", 1}));
-        /* the work list in equal items rounded down in number (no partial extra wave; not the
-         * default, see cuda_backend.h) */
-        const double t_scores8_items = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_no_topk", 1}, {"idx_items", 1}));
-        const double t_idx8_items = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_items", 1}));
-        const double t_all8_items = dsa_time_with(&d, &m, IS, iters, KNOBS({"idx_items", 1}));
+        /* the work list in items of a fixed block count, the last one short (the previous default:
+         * a partial extra wave) */
+        const double t_scores8_items = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_no_topk", 1}, {"idx_items", 0}));
+        const double t_idx8_items = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_items", 0}));
+        const double t_all8_items = dsa_time_with(&d, &m, IS, iters, KNOBS({"idx_items", 0}));
         /* the cache blocks by TMA (evict-first in L2, and without the hint) instead of cp.async */
         const double t_scores8_tma = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_no_topk", 1}, {"idx_tma", 1}));
         const double t_idx8_tma = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_tma", 1}));
@@ -349,7 +349,7 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         printf("| of it: scores alone (FP8 wgmma) | %.3f | %.2f of the key bytes' floor | %.0f GB/s |\n", t_scores8,
                t_scores8 / ((double)B * L * 132 / (copy_gbps * gb) * 1e3), (double)B * L * 132 / (t_scores8 * 1e-3) / gb);
         const double kfloor = (double)B * L * 132 / (copy_gbps * gb) * 1e3;
-        printf("| scores alone, the work list in equal items rounded down in number (knob idx_items 1) | %.3f | %.2f | with the top-k %.3f ms; DSA total %.3f ms |\n",
+        printf("| scores alone, the work list in items of a fixed block count, a partial last wave (knob idx_items 0, the previous default) | %.3f | %.2f | with the top-k %.3f ms; DSA total %.3f ms |\n",
                t_scores8_items, t_scores8_items / kfloor, t_idx8_items, t_all8_items);
         printf("| scores alone, cache blocks by TMA, evict-first in L2 (knob idx_tma) | %.3f | %.2f | with the top-k %.3f ms |\n",
                t_scores8_tma, t_scores8_tma / kfloor, t_idx8_tma);

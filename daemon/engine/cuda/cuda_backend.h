@@ -41,7 +41,7 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * kernel's cycles per phase, read by dsv32_cuda_mla_prof), "idx_tma" (1: the FP8 indexer's cache
  * blocks by TMA), "idx_l2_normal" (1: those TMA reads without the evict-first L2 hint),
  * "idx_copy_only" (1: the FP8 indexer reads its blocks and computes nothing, a diagnostic),
- * "idx_items" (1: the indexer's work list as equal items, rounded down in number; 0, default:
+ * "idx_items" (1, default: the indexer's work list as equal items, rounded down in number; 0:
  * items of a fixed block count, the last one short), "idx_poison" (1, tests: the indexer's score
  * scratch set to NaN before each call, so that a score no kernel wrote shows).
  * Returns 0 or -EINVAL. */
@@ -54,6 +54,10 @@ int dsv32_cuda_get_knob(struct dsv32_backend *be, const char *name, int *value);
  * cycles before and after the loop, out[19] the CTAs.
  * The counters restart at zero. */
 int dsv32_cuda_mla_prof(struct dsv32_backend *be, unsigned long long out[20]);
+/* Tests: the indexer's scores of the last call's last chunk of rows (row i at i * ld, ld the call's
+ * longest context rounded up to 64; rows of at most k positions unwritten), n floats into out;
+ * 0, or -EINVAL when the scratch holds fewer. */
+int dsv32_cuda_idx_scores(struct dsv32_backend *be, float *out, size_t n);
 /* What the cuBLASLt block-scaled FP8 calibration found (calibrates on first call). */
 const char *dsv32_cuda_lt_status(struct dsv32_backend *be);
 

@@ -765,8 +765,10 @@ static __device__ void topk_hist_global(int *hist, const float4 *s4, int n, int 
     __syncthreads();
 }
 
-/* Gathers the row's keys whose upper 22 bits are >= hi (with their positions) into cu/cj, as many
- * as fit cap; returns how many there are (all threads). */
+/* Gathers the row's keys whose upper 22 bits are >= hi (with their positions) from the float4s
+ * [b4, e4) (default: the whole row) into cu/cj, as many as fit cap; returns how many there are
+ * (all threads). The last sweep's loads past e4 are zero-filled and must not count: inside the row
+ * (a split row's first share) a made-up 0 passes whenever the k-th score is below zero. */
 static __device__ int topk_gather(uint32_t *cu, int32_t *cj, int cap, const float4 *s4, int n, int n4, uint32_t hi,
                                   int *s_n, int b4 = 0, int e4 = -1)
 {
@@ -785,12 +787,12 @@ static __device__ int topk_gather(uint32_t *cu, int32_t *cj, int cap, const floa
         }
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++) {
-            const float e4[4] = {v[x].x, v[x].y, v[x].z, v[x].w};
+            const float f[4] = {v[x].x, v[x].y, v[x].z, v[x].w};
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const int j = 4 * (base + 32 * x + lane) + e;
-                const uint32_t u = order_key(e4[e]);
-                const bool c = j < n && (u >> 10) >= hi;
+                const int j4 = base + 32 * x + lane, j = 4 * j4 + e;
+                const uint32_t u = order_key(f[e]);
+                const bool c = j4 < e4 && j < n && (u >> 10) >= hi;
                 const uint32_t m = __ballot_sync(0xffffffffu, c);
                 if (m) {
                     const int leader = __ffs(m) - 1;
