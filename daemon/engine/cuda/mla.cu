@@ -953,7 +953,7 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
  * Shared memory: Q (72 KB), two key tiles of 32 x 576 bf16 (36 KB each, 4 KB swizzle atoms), P
  * (64 heads x 32 keys in a 64-column atom), three staging buffers of 32 records, the slot table,
  * kval per key tile, alpha, the final statistics. Named barriers (count 384) hand tiles over:
- * K_FULL[b] (warpgroups 1 and 2 arrive: key tile b converted; 0 waits), K_FREE[b] (0 arrives when
+ * Q_FULL (all three warpgroups stage a third of Q; 1 and 2 arrive, 0 waits), K_FULL[b] (warpgroups 1 and 2 arrive: key tile b converted; 0 waits), K_FREE[b] (0 arrives when
  * its QK^T of the tile in b is done, 1 and 2 wait, so also for each other's PV of it: b may be
  * rewritten), P_READY (0 arrives: P and alpha written; 1 and 2 wait), P_FREE (1 and 2 arrive after
  * their PV; 0 waits before the next P). An arrival is made only where the matching wait will come,
@@ -964,7 +964,7 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
 #define MLA_WS_KB (9 * 4096) /* a 32 x 576 bf16 key tile: 9 atoms of 32 rows x 128 bytes */
 #define MLA_WS_NS 3
 #define MLA_WS_TH 384
-enum { WS_K_FULL = 1, WS_K_FREE = 3, WS_P_READY = 5, WS_P_FREE = 6 };
+enum { WS_K_FULL = 1, WS_K_FREE = 3, WS_P_READY = 5, WS_P_FREE = 6, WS_Q_FULL = 7 };
 
 static __device__ __forceinline__ void nbar_sync(int id) { asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(MLA_WS_TH) : "memory"); }
 static __device__ __forceinline__ void nbar_arrive(int id) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "n"(MLA_WS_TH) : "memory"); }
@@ -1042,10 +1042,12 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
         /* registers to the converters, which hold O: 120 + 2 x 192 = the launch's 3 x 168 (an
          * unbalanced pair waits forever in setmaxnreg.inc); without it they spilled 28 bytes */
         asm volatile("setmaxnreg.dec.sync.aligned.u32 120;");
-        /* Q to bf16 (the other warpgroups gather and convert meanwhile) */
-        mla_stage_q<128, 4>(a, Qb, r, h0, tid);
+        /* Q to bf16, a third of it (the converters, their first gathers issued, stage the rest:
+         * 384 threads with 4 loads of 32 bytes in flight, three rounds; warpgroup 0 alone took
+         * nine, latency-bound: 28.1K cycles before its first tile, now 18.1K) */
+        mla_stage_q<MLA_WS_TH, 4>(a, Qb, r, h0, tid);
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* Q -> the tensor core */
-        asm volatile("bar.sync 7, 128;" ::: "memory");                 /* all of Q */
+        nbar_sync(WS_Q_FULL);                                          /* all of Q */
         const uint32_t qaddr = smem_addr(Qb);
         const int hr0 = 16 * w + g, hr1 = hr0 + 8; /* this lane's S rows (heads) */
         float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
@@ -1225,6 +1227,9 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
         };
         for (int i = 0; i < MLA_WS_NS && i < ntiles; i++)
             gather(i);
+        mla_stage_q<MLA_WS_TH, 4>(a, Qb, r, h0, tid); /* their two thirds of Q */
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        nbar_arrive(WS_Q_FULL);
         mark(-1);
         if (ntiles > 0)
             convert(0);
