@@ -18,7 +18,12 @@ def main():
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(x, col("dense_ms"), "o-", color="tab:red", label="dense MLA decode (all positions)")
     ax.plot(x, col("dense_floor_ms"), ":", color="tab:red", label="dense: memory floor (656 B/token)")
-    ax.plot(x, col("dsa_ms"), "o-", color="tab:blue", label="DSA decode (indexer + top-2048 + sparse MLA)")
+    if "dsa_fp8idx_ms" in rows[0]:
+        ax.plot(x, col("dsa_fp8idx_ms"), "o-", color="tab:blue",
+                label="DSA decode, fast mode (FP8 indexer + top-2048 + sparse MLA)")
+        ax.plot(x, col("dsa_ms"), "s--", color="tab:cyan", label="DSA decode, f16 indexer (the exact mode's)")
+    else:
+        ax.plot(x, col("dsa_ms"), "o-", color="tab:blue", label="DSA decode (indexer + top-2048 + sparse MLA)")
     ax.plot(x, col("dsa_floor_ms"), ":", color="tab:blue", label="DSA: memory floor (132 B/token + 656 B/selected)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
