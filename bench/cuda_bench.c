@@ -303,6 +303,9 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         const double t_scores8_items = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_no_topk", 1}, {"idx_items", 0}));
         const double t_idx8_items = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_items", 0}));
         const double t_all8_items = dsa_time_with(&d, &m, IS, iters, KNOBS({"idx_items", 0}));
+        /* each block's epilogue under the next block's MMAs (knob idx_pipe; one-row items) */
+        const double t_scores8_pipe = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_no_topk", 1}, {"idx_pipe", 1}));
+        const double t_all8_pipe = dsa_time_with(&d, &m, IS, iters, KNOBS({"idx_pipe", 1}));
         /* the cache blocks by TMA (evict-first in L2, and without the hint) instead of cp.async */
         const double t_scores8_tma = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_no_topk", 1}, {"idx_tma", 1}));
         const double t_idx8_tma = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_tma", 1}));
@@ -325,6 +328,7 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         /* sparse MLA: wgmma (default) and mma.sync */
         const double t_sp = dsa_time(&d, &m, RUN_SPARSE, iters);
         const double t_sp_wg = dsa_time_with(&d, &m, RUN_SPARSE, iters, KNOBS({"mla_ws", 0}));
+        const double t_sp_q6 = dsa_time_with(&d, &m, RUN_SPARSE, iters, KNOBS({"mla_q6", 1}));
         const double t_sp_mma = dsa_time_with(&d, &m, RUN_SPARSE, iters, KNOBS({"mla_wgmma", 0}));
         const double t_all8_mma = dsa_time_with(&d, &m, IS, iters, KNOBS({"mla_wgmma", 0}));
         const double t_dense = dsa_time(&d, &m, RUN_DENSE, iters > 5 ? 5 : iters);
@@ -351,6 +355,8 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         const double kfloor = (double)B * L * 132 / (copy_gbps * gb) * 1e3;
         printf("| scores alone, the work list in items of a fixed block count, a partial last wave (knob idx_items 0, the previous default) | %.3f | %.2f | with the top-k %.3f ms; DSA total %.3f ms |\n",
                t_scores8_items, t_scores8_items / kfloor, t_idx8_items, t_all8_items);
+        printf("| scores alone, each block's epilogue under the next block's MMAs (knob idx_pipe) | %.3f | %.2f | DSA total %.3f ms |\n",
+               t_scores8_pipe, t_scores8_pipe / kfloor, t_all8_pipe);
         printf("| scores alone, cache blocks by TMA, evict-first in L2 (knob idx_tma) | %.3f | %.2f | with the top-k %.3f ms |\n",
                t_scores8_tma, t_scores8_tma / kfloor, t_idx8_tma);
         printf("| the same without the L2 hint (knob idx_l2_normal) | %.3f | %.2f | with the top-k %.3f ms |\n",
@@ -364,6 +370,8 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         printf("| indexer scores + top-2048 (FP8 mma.sync, the previous FP8 kernel) | %.3f | | |\n", t_idx8_mma);
         printf("| sparse MLA decode (bf16 wgmma, 2048 selected; warp-specialized, 32-key tiles) | %.3f | | %.0f TFLOP/s |\n", t_sp,
                sp_flop / (t_sp * 1e-3) / 1e12);
+        printf("| sparse MLA decode, Q staged with six loads in flight a thread (knob mla_q6) | %.3f | | %.0f TFLOP/s |\n",
+               t_sp_q6, sp_flop / (t_sp_q6 * 1e-3) / 1e12);
         printf("| sparse MLA decode (both warpgroups in every step, 64-key tiles: knob mla_ws 0, the previous kernel) | %.3f | | %.0f TFLOP/s |\n",
                t_sp_wg, sp_flop / (t_sp_wg * 1e-3) / 1e12);
         printf("| sparse MLA decode (bf16 mma.sync, the previous kernel) | %.3f | | %.0f TFLOP/s; with the FP8 indexer %.3f ms in all |\n",
@@ -407,6 +415,15 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
                     printf("| %s | %.0f | %s | %.0f |\n", ws ? names_ws0[i] : names_wg[i], (double)pc[i] / (double)pc[16],
                            ws ? names_ws1[i] : names_wg[i], (double)pc[8 + i] / (double)pc[16]);
             }
+            /* the warp-specialized kernel's cycles before its first tile with Q in two rounds */
+            MUST(dsv32_cuda_set_knob(be, "mla_q6", 1));
+            dsa_time(&d, &m, RUN_SPARSE, 3);
+            dsv32_cuda_mla_prof(be, pc);
+            dsa_time(&d, &m, RUN_SPARSE, 3);
+            if (dsv32_cuda_mla_prof(be, pc) == 0 && pc[19] > 0)
+                printf("\nsparse MLA (warp-specialized, knob mla_q6): %.0f cycles per CTA before the loop\n",
+                       (double)pc[17] / (double)pc[19]);
+            MUST(dsv32_cuda_set_knob(be, "mla_q6", 0));
             dsv32_cuda_set_knob(be, "mla_prof", 0);
         }
         fflush(stdout);

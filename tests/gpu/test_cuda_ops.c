@@ -15,7 +15,7 @@
  *                 [--idx-variant N]            exit 77 when no GPU is present; --idx-items and
  *                                              --topk-parts force the indexer's work-list and
  *                                              top-k split knobs for every variant, --idx-variant
- *                                              runs the indexer's variant N (0-5) alone
+ *                                              runs the indexer's variant N (0-6) alone
  *   test_cuda_ops --probe                      exit 0 with a GPU, 77 without (ctest wrappers) */
 #include "backend.h"
 #include "engine.h"
@@ -1204,12 +1204,13 @@ static void test_indexer(void)
         return;
     const char *getv = getenv("DSV32_TEST_IDX_WGMMA"); /* 2: the swapped-descriptor diagnostic */
     const int wg = getv ? atoi(getv) : 1;
-    for (int variant = 0; variant < 6; variant++) {
+    for (int variant = 0; variant < 7; variant++) {
         if (only_idx_variant >= 0 && variant != only_idx_variant)
             continue;
         /* 0: exact (f16 wgmma), 1: fast f16 wgmma, 2: fast FP8 wgmma (cache blocks by cp.async), 3:
          * exact f16 mma.sync with the top-k finishing over global memory, 4: fast FP8 mma.sync, 5:
-         * fast FP8 wgmma with the cache blocks by TMA */
+         * fast FP8 wgmma with the cache blocks by TMA, 6: fast FP8 wgmma with each block's epilogue
+         * under the next block's MMAs (knob idx_pipe: the cases of one row per sequence) */
         struct dsv32_config cfg;
         cfg_v32(&cfg);
         struct pair p;
@@ -1219,6 +1220,7 @@ static void test_indexer(void)
         dsv32_cuda_set_knob(p.gpu, "idx_wgmma", variant == 3 || variant == 4 ? 0 : wg);
         dsv32_cuda_set_knob(p.gpu, "topk_global", variant == 3); /* the top-k's fallback path */
         dsv32_cuda_set_knob(p.gpu, "idx_tma", variant == 5);
+        dsv32_cuda_set_knob(p.gpu, "idx_pipe", variant == 6);
         /* the work list in equal items (knob idx_items 1, the default) for all but the mma.sync
          * fallback, which takes items of a fixed block count */
         dsv32_cuda_set_knob(p.gpu, "idx_items", force_idx_items >= 0 ? force_idx_items : variant != 3);
@@ -1232,7 +1234,8 @@ static void test_indexer(void)
                                 : variant == 2 ? "fast, FP8 wgmma"
                                 : variant == 3 ? "exact (f16 mma.sync, top-k over global memory)"
                                 : variant == 4 ? "fast, FP8 mma.sync"
-                                               : "fast, FP8 wgmma (cache blocks by TMA)");
+                                : variant == 5 ? "fast, FP8 wgmma (cache blocks by TMA)"
+                                               : "fast, FP8 wgmma (epilogue under the next block's MMAs)");
         /* decode: 12 sequences, 1 or 2 query rows each, contexts up to 9000 */
         int32_t pos[24], seq[24];
         int n = 0;
@@ -1357,15 +1360,17 @@ static void test_mla(void)
         TRY(pair_new(&p, &cfg, 0, fast));
         /* fast: q and the cache in bf16 (the latents are exact with power-of-two scales, which the
          * wgmma kernel converts on the ALU: the dense case has arbitrary scales, its other path);
-         * the wgmma kernels (warp-specialized, the default, and both warpgroups in every step) and
-         * the mma.sync one; 6 rows split their keys over CTAs (1 to 3 64-key tiles each), 64 do not */
-        for (int v = fast ? 2 : 0; v >= 0; v--) {
+         * the wgmma kernels (warp-specialized, the default, also with Q staged in two rounds, and
+         * both warpgroups in every step) and the mma.sync one; 6 rows split their keys over CTAs (1 to 3 64-key tiles each), 64 do not */
+        for (int v = fast ? 3 : 0; v >= 0; v--) {
             const int wg = v > 0;
             if (fast) {
                 TRY(dsv32_cuda_set_knob(p.gpu, "mla_wgmma", wg));
-                TRY(dsv32_cuda_set_knob(p.gpu, "mla_ws", v == 2));
+                TRY(dsv32_cuda_set_knob(p.gpu, "mla_ws", v >= 2));
+                TRY(dsv32_cuda_set_knob(p.gpu, "mla_q6", v == 3));
             }
             const char *name = !fast    ? "exact (f32)"
+                               : v == 3 ? "fast (bf16 wgmma, warp-specialized, Q in two rounds: knob mla_q6)"
                                : v == 2 ? "fast (bf16 wgmma, warp-specialized)"
                                : v == 1 ? "fast (bf16 wgmma, both warpgroups in every step)"
                                         : "fast (bf16 mma.sync)";

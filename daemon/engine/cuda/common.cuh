@@ -150,6 +150,10 @@ struct cu_ctx {
                                   of bpc blocks, the last one short (0) */
     int idx_poison;            /* tests: the scores' scratch set to NaN before each indexer call,
                                   so that a score no kernel wrote shows in the selection */
+    int mla_q6;                /* the warp-specialized MLA stages Q with six loads in flight a
+                                  thread, two rounds (1), or four, three rounds (0, default) */
+    int idx_pipe;              /* the FP8 wgmma indexer with each block's epilogue under the next
+                                  block's MMAs, for one-row items (1; 0, default: in turn) */
     int topk_parts;            /* the top-k's CTAs per row forced (1: one, the baseline; 2, 4; 0: by
                                   the row count) */
     struct cu_tmap tmaps[CU_TMAPS];

@@ -43,7 +43,10 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * "idx_copy_only" (1: the FP8 indexer reads its blocks and computes nothing, a diagnostic),
  * "idx_items" (1, default: the indexer's work list as equal items, rounded down in number; 0:
  * items of a fixed block count, the last one short), "idx_poison" (1, tests: the indexer's score
- * scratch set to NaN before each call, so that a score no kernel wrote shows).
+ * scratch set to NaN before each call, so that a score no kernel wrote shows), "idx_pipe" (1: the
+ * FP8 wgmma indexer runs a block's epilogue under the next block's MMAs when every work item has
+ * one row, decode; 0, default: in turn), "mla_q6" (1: the warp-specialized MLA stages Q with six
+ * loads in flight a thread instead of four).
  * Returns 0 or -EINVAL. */
 int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, int value);
 /* The current value of a knob of the table above ("mla_prof" excluded); 0 or -EINVAL. */

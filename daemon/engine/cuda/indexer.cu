@@ -543,11 +543,14 @@ static __device__ __forceinline__ int warp_excl_scan(int v, int lane, int *total
  * registers and the accumulators are not zeroed per block (the first k-step's scale-d is 0); a
  * ring of 3 with 6 CTAs per SM instead of 5 with 4 was 7-13% slower (docs/GPU-NOTES.md).
  * copy_only (a diagnostic, knob idx_copy_only): the blocks are read and nothing computed, the read
- * rate of the same access pattern. The tensor core's FP8 products are accumulated in its own (not
- * f32-exact) precision, which is why the exact mode never takes this path. */
+ * rate of the same access pattern. PIPE (items of one row only, knob idx_pipe): block i's MMAs run
+ * under block i - 1's epilogue (relu, weights, head sum, store: its logits copied out of the
+ * accumulators before the next batch is issued) and block i + 1's wait for its data (they are
+ * waited for just before the refill of their stage), and the weights of one row only are held. The
+ * tensor core's FP8 products are accumulated in its own (not f32-exact) precision, which is why the exact mode never takes this path. */
 #define IDX8_STAGEB 9216 /* 8 KB of keys (1024-aligned) + 256 B of scales, rounded to 1 KB */
 
-template <bool TMA>
+template <bool TMA, bool PIPE>
 static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
     const __grid_constant__ CUtensorMap tm, int evict_first, int copy_only, float *scores, int ld_s, int row_base,
     const int4 *work, const uint8_t *q, const float *q_scale, const float *w_raw, const uint8_t *cache,
@@ -623,20 +626,28 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
     const int kr0 = 16 * warp + g, kr1 = kr0 + 8;
     const uint32_t qbase = (uint32_t)__cvta_generic_to_shared(qsm), rbase = (uint32_t)__cvta_generic_to_shared(ring);
     __syncthreads(); /* the weights staged: this lane's, per row, into registers */
-    float wv[IDX_QT][16];
+    constexpr int NW = PIPE ? 1 : IDX_QT;
+    float wv[NW][16];
 #pragma unroll
-    for (int i = 0; i < IDX_QT; i++)
+    for (int i = 0; i < NW; i++)
         idx_lane_weights<8>(wv[i], wsm + (i < nr ? i : 0) * IH, t);
-    float acc[32];
+    float acc[32], accp[PIPE ? 32 : 1];
 #pragma unroll
     for (int x = 0; x < 32; x++)
         acc[x] = 0.0f;
+    int pj0 = -1; /* PIPE: the pending block's first key of this lane (-1: none), its key scales */
+    float pks0 = 0.0f, pks1 = 0.0f;
+    float *srow0 = scores + (size_t)(r0 - row_base) * ld_s;
     for (int blk = wk.z, it = 0; blk < wk.w; blk++, it++) {
         const int stage = it % IDX_RING;
         if (TMA) {
             mbar_wait(full + stage, (uint32_t)(it / IDX_RING) & 1u);
             if (it == 0)
                 asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* q -> wgmma */
+            if (PIPE) { /* the last block's MMAs read the stage refilled next */
+                wg_wait0();
+                wg_fence(acc);
+            }
             __syncthreads(); /* every lane is done with the stage refilled next */
             if (threadIdx.x == 0 && blk + IDX_RING - 1 < wk.w) {
                 fill(nid, (it + IDX_RING - 1) % IDX_RING);
@@ -646,6 +657,10 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
         } else {
             asm volatile("cp.async.wait_group %0;" ::"n"(IDX_RING - 2));
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* cp.async data (and q) -> wgmma */
+            if (PIPE) { /* the last block's MMAs read the stage refilled next */
+                wg_wait0();
+                wg_fence(acc);
+            }
             __syncthreads();
             if (blk + IDX_RING - 1 < wk.w)
                 issue(blk + IDX_RING - 1, (it + IDX_RING - 1) % IDX_RING);
@@ -657,21 +672,47 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
         const float ks0 = ksc[kr0], ks1 = ksc[kr1];
         const uint32_t abase = rbase + stage * IDX8_STAGEB;
         const int j0 = blk * DSV32_KV_BLOCK_TOKENS + kr0;
-#pragma unroll
-        for (int i = 0; i < IDX_QT; i++) {
-            if (i >= nr)
-                break;
-            if (blk * DSV32_KV_BLOCK_TOKENS > pos[i])
+        if constexpr (PIPE) {
+            if (blk * DSV32_KV_BLOCK_TOKENS > pos[0])
                 continue; /* the same for the whole warpgroup */
+            /* acc holds the pending block's logits (waited for before this iteration's refill) */
+#pragma unroll
+            for (int x = 0; x < 32; x++)
+                accp[x] = acc[x];
             wg_fence(acc);
             wg_begin();
 #pragma unroll
             for (int st = 0; st < 4; st++)
-                wgmma_e4m3_ss_n64(acc, wg_desc_sw128(abase + 32 * st), wg_desc_sw128(qbase + i * 8192 + 32 * st), st > 0);
-            wg_commit_wait();
-            wg_fence(acc);
-            idx_store_w<8>(acc, wv[i], t, ks0, ks1, scores + (size_t)(r0 + i - row_base) * ld_s, j0, pos[i]);
+                wgmma_e4m3_ss_n64(acc, wg_desc_sw128(abase + 32 * st), wg_desc_sw128(qbase + 32 * st), st > 0);
+            wg_commit();
+            if (pj0 >= 0)
+                idx_store_w<8>(accp, wv[0], t, pks0, pks1, srow0, pj0, pos[0]);
+            pj0 = j0; /* its MMAs run on under the next block's wait for its data */
+            pks0 = ks0;
+            pks1 = ks1;
+        } else {
+#pragma unroll
+            for (int i = 0; i < NW; i++) {
+                if (i >= nr)
+                    break;
+                if (blk * DSV32_KV_BLOCK_TOKENS > pos[i])
+                    continue; /* the same for the whole warpgroup */
+                wg_fence(acc);
+                wg_begin();
+#pragma unroll
+                for (int st = 0; st < 4; st++)
+                    wgmma_e4m3_ss_n64(acc, wg_desc_sw128(abase + 32 * st), wg_desc_sw128(qbase + i * 8192 + 32 * st),
+                                      st > 0);
+                wg_commit_wait();
+                wg_fence(acc);
+                idx_store_w<8>(acc, wv[i], t, ks0, ks1, scores + (size_t)(r0 + i - row_base) * ld_s, j0, pos[i]);
+            }
         }
+    }
+    if (PIPE && pj0 >= 0) {
+        wg_wait0();
+        wg_fence(acc);
+        idx_store_w<8>(acc, wv[0], t, pks0, pks1, srow0, pj0, pos[0]);
     }
 }
 
@@ -1087,7 +1128,7 @@ static int cu_topk_xchg(struct cu_ctx *c, int rows, int parts, int cap, uint32_t
     return 0;
 }
 
-/* ---- the indexer cache as a tensor of 128-byte rows for TMA (idx_wgmma_fp8_kernel<true>) ----
+/* ---- the indexer cache as a tensor of 128-byte rows for TMA (idx_wgmma_fp8_kernel<true, *>) ----
  * The driver's cuTensorMapEncodeTiled and cuMemGetAddressRange through the runtime's entry
  * points (no link against libcuda); the map spans the cache's allocation from the cache on (its
  * extent from the driver, checked on every call, so a cache freed and reallocated at the same
@@ -1272,11 +1313,19 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 CUtensorMap tm;
                 memset(&tm, 0, sizeof(tm));
                 const bool tma = c->idx_tma && cu_idx_tmap(c, kv->idx, &tm) == 0;
-                auto kern = tma ? idx_wgmma_fp8_kernel<true> : idx_wgmma_fp8_kernel<false>;
-                if (tma)
-                    CU_SMEM_OPTIN(idx_wgmma_fp8_kernel<true>, smem8);
+                /* idx_pipe: the epilogue under the next block's MMAs, for one-row items */
+                const bool pipe = c->idx_pipe && max_nr == 1;
+                auto kern = tma ? (pipe ? idx_wgmma_fp8_kernel<true, true> : idx_wgmma_fp8_kernel<true, false>)
+                                : (pipe ? idx_wgmma_fp8_kernel<false, true> : idx_wgmma_fp8_kernel<false, false>);
+                /* one opt-in site per kernel (CU_SMEM_OPTIN keeps the limit set in a static) */
+                if (tma && pipe)
+                    CU_SMEM_OPTIN((idx_wgmma_fp8_kernel<true, true>), smem8);
+                else if (tma)
+                    CU_SMEM_OPTIN((idx_wgmma_fp8_kernel<true, false>), smem8);
+                else if (pipe)
+                    CU_SMEM_OPTIN((idx_wgmma_fp8_kernel<false, true>), smem8);
                 else
-                    CU_SMEM_OPTIN(idx_wgmma_fp8_kernel<false>, smem8);
+                    CU_SMEM_OPTIN((idx_wgmma_fp8_kernel<false, false>), smem8);
                 kern<<<n_items, 128, smem8, c->st>>>(tm, c->idx_l2_normal == 0, c->idx_copy_only, scores, ld_s, rb,
                                                      d_items, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,
                                                      m->d_blocks, m->max_blocks, m->d_row_pos, m->d_row_seq, wscale,

@@ -989,8 +989,9 @@ static __host__ __device__ __forceinline__ size_t ws_smem(int rec_bytes)
 /* PROF phases (a.prof[8 wg + i], threads 0 and 128): warpgroup 0: 0 wait for the key tile, 1
  * QK^T, 2 softmax, 3 wait for P's buffer and the handover; warpgroup 1: 0 wait for the records, 1
  * wait for the key tile's buffer, 2 conversion, 3 the next gather's issue, 4 wait for P, 5 O
- * rescale + PV */
-template <bool PROF>
+ * rescale + PV. QU: Q's loads of 32 bytes in flight a thread while staging it (4: three rounds,
+ * the default; 6: two, knob mla_q6) */
+template <bool PROF, int QU = 4>
 static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struct mla_fast_args a, int slack)
 {
     extern __shared__ __align__(16) uint8_t dsmem[];
@@ -1043,9 +1044,9 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
          * unbalanced pair waits forever in setmaxnreg.inc); without it they spilled 28 bytes */
         asm volatile("setmaxnreg.dec.sync.aligned.u32 120;");
         /* Q to bf16, a third of it (the converters, their first gathers issued, stage the rest:
-         * 384 threads with 4 loads of 32 bytes in flight, three rounds; warpgroup 0 alone took
-         * nine, latency-bound: 28.1K cycles before its first tile, now 18.1K) */
-        mla_stage_q<MLA_WS_TH, 4>(a, Qb, r, h0, tid);
+         * 384 threads with QU loads of 32 bytes in flight, three rounds at 4; warpgroup 0 alone
+         * took nine, latency-bound: 28.1K cycles before its first tile, 18.1K at QU 4) */
+        mla_stage_q<MLA_WS_TH, QU>(a, Qb, r, h0, tid);
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* Q -> the tensor core */
         nbar_sync(WS_Q_FULL);                                          /* all of Q */
         const uint32_t qaddr = smem_addr(Qb);
@@ -1227,7 +1228,7 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
         };
         for (int i = 0; i < MLA_WS_NS && i < ntiles; i++)
             gather(i);
-        mla_stage_q<MLA_WS_TH, 4>(a, Qb, r, h0, tid); /* their two thirds of Q */
+        mla_stage_q<MLA_WS_TH, QU>(a, Qb, r, h0, tid); /* their two thirds of Q */
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         nbar_arrive(WS_Q_FULL);
         mark(-1);
@@ -1370,9 +1371,15 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
         const int slack = (int)(optin - ws_need < 1023 ? optin - ws_need : 1023);
         const size_t smem = ws_need + (size_t)slack;
         const dim3 grid(splits, H / MLA_HG, rows);
-        if (a.prof) {
+        if (a.prof && c->mla_q6) {
+            CU_SMEM_OPTIN((mla_ws_kernel<true, 6>), smem);
+            mla_ws_kernel<true, 6><<<grid, MLA_WS_TH, smem, c->st>>>(a, slack);
+        } else if (a.prof) {
             CU_SMEM_OPTIN(mla_ws_kernel<true>, smem);
             mla_ws_kernel<true><<<grid, MLA_WS_TH, smem, c->st>>>(a, slack);
+        } else if (c->mla_q6) {
+            CU_SMEM_OPTIN((mla_ws_kernel<false, 6>), smem);
+            mla_ws_kernel<false, 6><<<grid, MLA_WS_TH, smem, c->st>>>(a, slack);
         } else {
             CU_SMEM_OPTIN(mla_ws_kernel<false>, smem);
             mla_ws_kernel<false><<<grid, MLA_WS_TH, smem, c->st>>>(a, slack);
