@@ -12,8 +12,11 @@
  *     bytes of the experts hit and the arithmetic, the previous FP8 kernel in the same run;
  *   - one full decoder layer (MLA + DSA + MoE with all 256 experts) at batch 1, 16, 64, 256:
  *     the step time of a 2-layer model minus that of a 1-layer model, next to the floor of the
- *     layer's weight and KV bytes.
- *   cuda_bench [--only dsa|sweep|prefill|moe|layer] [--csv DIR] [--iters N] [--ctx-layer N] */
+ *     layer's weight and KV bytes;
+ *   - the other ops of a layer one by one (embedding, norms, both RoPEs, Hadamard + FP8, add,
+ *     SiLU x up, the FP8 linears, the absorb/expand GEMMs, the router) at 64 and 4096 rows,
+ *     against the bytes they must move and, for the GEMMs, their arithmetic at the bf16 rate.
+ *   cuda_bench [--only dsa|sweep|prefill|moe|layer|ops] [--csv DIR] [--iters N] [--ctx-layer N] */
 #include "cuda/cuda_backend.h"
 #include "engine.h"
 #include "error.h"
@@ -761,6 +764,133 @@ static void bench_moe(struct dsv32_backend *be)
     free(w);
 }
 
+/* ---- the other ops of a layer, one by one ---- */
+
+/* median milliseconds of one backend call, device events around each repetition (2 warm-ups) */
+#define OP_TIME(res, call)                                                                         \
+    do {                                                                                           \
+        double t_[64];                                                                             \
+        const int n_ = iters < 64 ? iters : 64;                                                    \
+        for (int i_ = -2; i_ < n_; i_++) {                                                         \
+            MUST(dsv32_cuda_timer_start(be));                                                      \
+            MUST(call);                                                                            \
+            float ms_;                                                                             \
+            MUST(dsv32_cuda_timer_stop(be, &ms_));                                                 \
+            if (i_ >= 0)                                                                           \
+                t_[i_] = ms_;                                                                      \
+        }                                                                                          \
+        (res) = median(t_, n_);                                                                    \
+    } while (0)
+
+/* one table row: bytes moved and FLOP (0: none) against max(bytes / copy rate, FLOP / bf16 rate) */
+static void op_row(const char *op, const char *shape, int rows, double bytes, double flop, double ms)
+{
+    const double floor_ms = fmax(bytes / (copy_gbps * 1e9), flop / (bf16_tflops * 1e12)) * 1e3;
+    printf("| %s | %s | %d | %.2f | %.4f | %.4f | %.2f | %.0f GB/s", op, shape, rows, bytes / 1e6, floor_ms, ms,
+           ms / floor_ms, bytes / (ms * 1e-3) / 1e9);
+    if (flop > 0)
+        printf(", %.0f TFLOP/s", flop / (ms * 1e-3) / 1e12);
+    printf(" |\n");
+}
+
+static void bench_ops(struct dsv32_backend *be)
+{
+    struct dsv32_config c;
+    cfg_v32(&c);
+    const int D = c.hidden_size, H = c.num_attention_heads, QL = c.q_lora_rank, IH = c.index_n_heads;
+    const int FF = c.intermediate_size, E = c.n_routed_experts, K = c.num_experts_per_tok;
+    const enum dsv32_dtype F8 = DSV32_DT_F8_E4M3, BF = DSV32_DT_BF16, F32 = DSV32_DT_F32;
+    uint64_t seed = 9000;
+    struct dsv32_weight emb, norm, knw, knb, wq_a, wq_b, wkv_a, wkv_b, wo, idx_wq_b, gate, gate_bias;
+    rnd_w(be, &emb, "embed", BF, c.vocab_size, D, &seed, 1.0f);
+    rnd_w(be, &norm, "attn_norm", F32, 1, D, &seed, -1);
+    rnd_w(be, &knw, "idx_k_norm_w", F32, 1, 128, &seed, -1);
+    rnd_w(be, &knb, "idx_k_norm_b", F32, 1, 128, &seed, 0.0f);
+    rnd_w(be, &wq_a, "wq_a", F8, QL, D, &seed, 0.02f);
+    rnd_w(be, &wq_b, "wq_b", F8, H * 192, QL, &seed, 0.02f);
+    rnd_w(be, &wkv_a, "wkv_a", F8, 576, D, &seed, 0.02f);
+    rnd_w(be, &wkv_b, "wkv_b", F8, H * 256, 512, &seed, 0.02f);
+    rnd_w(be, &wo, "wo", F8, D, H * 128, &seed, 0.01f);
+    rnd_w(be, &idx_wq_b, "idx_wq_b", F8, IH * 128, QL, &seed, 0.02f);
+    rnd_w(be, &gate, "gate", BF, E, D, &seed, 0.02f);
+    rnd_w(be, &gate_bias, "gate_bias", F32, 1, E, &seed, 0.01f);
+    const int max_rows = 4096;
+    const size_t big = (size_t)max_rows * H * 512; /* the widest activation: q_lat, 1 GiB */
+    float *x = dalloc(be, sizeof(float) * big), *y = dalloc(be, sizeof(float) * big),
+          *z = dalloc(be, sizeof(float) * big);
+    uint8_t *q8 = dalloc(be, (size_t)max_rows * IH * 128);
+    float *qs = dalloc(be, sizeof(float) * (size_t)max_rows * IH), *gw = dalloc(be, sizeof(float) * (size_t)max_rows * K);
+    int32_t *ids = dalloc(be, sizeof(int32_t) * max_rows), *pos = dalloc(be, sizeof(int32_t) * max_rows);
+    int32_t *eids = dalloc(be, sizeof(int32_t) * (size_t)max_rows * K);
+    MUST(dsv32_cuda_fill(be, x, big, DSV32_FILL_F32_NORMAL, 91, 1.0f));
+    MUST(dsv32_cuda_fill(be, y, big, DSV32_FILL_F32_NORMAL, 92, 1.0f));
+    MUST(dsv32_cuda_fill(be, z, big, DSV32_FILL_F32_NORMAL, 93, 1.0f));
+    int32_t *h = malloc(sizeof(int32_t) * max_rows);
+    for (int r = 0; r < max_rows; r++)
+        h[r] = (int32_t)((r * 2654435761u) % (uint32_t)c.vocab_size); /* token ids, then positions */
+    MUST(be->ops->to_device(be, ids, h, sizeof(int32_t) * max_rows));
+    for (int r = 0; r < max_rows; r++)
+        h[r] = 100000 + r;
+    MUST(be->ops->to_device(be, pos, h, sizeof(int32_t) * max_rows));
+    free(h);
+    printf("\n## The other ops of a layer, one by one (fast mode)\n");
+    printf("floor = max(bytes moved / copy bandwidth, FLOP / bf16 GEMM rate); bytes: activations read and "
+           "written as the ops do (f32), weights as stored (FP8 or bf16)\n");
+    printf("| op | shape | rows | MB moved | floor (ms) | time (ms) | x floor | achieved |\n"
+           "|---|---|---|---|---|---|---|---|\n");
+    static const int rows_list[] = {64, 4096};
+    for (size_t i = 0; i < sizeof(rows_list) / sizeof(rows_list[0]); i++) {
+        const int R = rows_list[i];
+        double t;
+        OP_TIME(t, be->ops->embed(be, y, ids, R, &emb));
+        op_row("embedding (bf16 table)", "129280 x 7168", R, (double)R * D * (2 + 4), 0, t);
+        OP_TIME(t, be->ops->rmsnorm(be, y, D, x, D, &norm, R, D, 1e-6f));
+        op_row("RMSNorm", "7168", R, (double)R * D * 8 + D * 4.0, 0, t);
+        OP_TIME(t, be->ops->layernorm(be, y, 128, x, 128, &knw, &knb, R, 128, 1e-6f));
+        op_row("LayerNorm (indexer key)", "128", R, (double)R * 128 * 8 + 1024, 0, t);
+        OP_TIME(t, be->ops->rope(be, y + 128, R, H, H * 192, 192, pos, 1));
+        op_row("RoPE, interleaved (MLA q_pe)", "128 heads x 64", R, (double)R * H * 64 * 8, 0, t);
+        OP_TIME(t, be->ops->rope(be, y, R, IH, IH * 128, 128, pos, 0));
+        op_row("RoPE, half-split (indexer q)", "64 heads x 64 of 128", R, (double)R * IH * 64 * 8, 0, t);
+        OP_TIME(t, be->ops->hadamard_quant(be, q8, qs, x, R * IH, 1));
+        op_row("Hadamard + FP8 (indexer q)", "64 heads x 128", R, (double)R * IH * (128 * 4 + 128 + 4), 0, t);
+        OP_TIME(t, be->ops->add(be, y, x, (size_t)R * D));
+        op_row("add (residual)", "7168", R, (double)R * D * 12, 0, t);
+        OP_TIME(t, be->ops->silu_mul(be, y, x, z, R, FF));
+        op_row("SiLU x up (dense FFN)", "18432", R, (double)R * FF * 12, 0, t);
+        const struct {
+            const char *name;
+            const struct dsv32_weight *w;
+        } lin[] = {{"linear FP8: wq_a", &wq_a},     {"linear FP8: wq_b", &wq_b},
+                   {"linear FP8: wkv_a", &wkv_a},   {"linear FP8: wo", &wo},
+                   {"linear FP8: indexer wq_b", &idx_wq_b}};
+        for (size_t l = 0; l < sizeof(lin) / sizeof(lin[0]); l++) {
+            const struct dsv32_weight *w = lin[l].w;
+            char shape[64];
+            snprintf(shape, sizeof(shape), "%lld x %lld", (long long)w->rows, (long long)w->cols);
+            OP_TIME(t, be->ops->linear(be, y, (int)w->rows, x, (int)w->cols, R, w, 1));
+            op_row(lin[l].name, shape, R, weight_bytes(w) + (double)R * (w->rows + w->cols) * 4,
+                   2.0 * R * w->rows * w->cols, t);
+        }
+        OP_TIME(t, be->ops->mla_absorb(be, y, x, R, &wkv_b));
+        op_row("MLA absorb (q_nope -> latent)", "128 heads x 128 -> 512", R,
+               weight_bytes(&wkv_b) / 2 + (double)R * H * (192 + 512) * 4, 2.0 * R * H * 128 * 512, t);
+        OP_TIME(t, be->ops->mla_expand(be, y, x, R, &wkv_b));
+        op_row("MLA expand (latent -> v)", "128 heads x 512 -> 128", R,
+               weight_bytes(&wkv_b) / 2 + (double)R * H * (512 + 128) * 4, 2.0 * R * H * 512 * 128, t);
+        OP_TIME(t, be->ops->moe_gate(be, eids, gw, x, R, &gate, &gate_bias));
+        op_row("MoE router (bf16 gate, group-limited top-8)", "256 x 7168", R,
+               weight_bytes(&gate) + (double)R * D * 4 + (double)R * K * 8, 2.0 * R * E * D, t);
+        fflush(stdout);
+    }
+    struct dsv32_weight *all[] = {&emb, &norm, &knw, &knb, &wq_a, &wq_b, &wkv_a, &wkv_b, &wo, &idx_wq_b, &gate, &gate_bias};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+        be->ops->release_weight(be, all[i]);
+    void *bufs[] = {x, y, z, q8, qs, gw, ids, eids, pos};
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
+        be->ops->dealloc(be, bufs[i]);
+}
+
 int main(int argc, char **argv)
 {
     const char *only = NULL, *csv_dir = NULL;
@@ -775,7 +905,7 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--ctx-layer") && i + 1 < argc)
             ctx_layer = atoi(argv[++i]);
         else {
-            fprintf(stderr, "usage: cuda_bench [--only dsa|sweep|prefill|moe|layer] [--csv DIR] [--iters N] "
+            fprintf(stderr, "usage: cuda_bench [--only dsa|sweep|prefill|moe|layer|ops] [--csv DIR] [--iters N] "
                             "[--ctx-layer N]\n");
             return 2;
         }
@@ -813,6 +943,8 @@ int main(int argc, char **argv)
         bench_moe(be);
     if (all || !strcmp(only, "layer"))
         bench_layer(be, ctx_layer);
+    if (all || !strcmp(only, "ops"))
+        bench_ops(be);
     dsv32_backend_free(be);
     return 0;
 }

@@ -95,7 +95,7 @@ run)
             grep -E "^(PASS|FAIL)|logit rows|ties resolved|====" "$out/golden.log"
             ;;
         bench)
-            for part in ${CUDA_BENCH_PARTS:-dsa sweep prefill moe layer}; do
+            for part in ${CUDA_BENCH_PARTS:-dsa sweep prefill moe layer ops}; do
                 run "bench: $part" "$out/bench.log" 180 "$bin/cuda_bench" --only "$part" --csv "$out"
             done
             [ -f "$out/dsa_sweep.csv" ] && python3 bench/plot_dsa.py "$out/dsa_sweep.csv" "$out/dsa-vs-dense.png"
