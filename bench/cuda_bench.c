@@ -686,6 +686,22 @@ static void moe_routing(int32_t *ids, float *w, int rows, int K, int E, uint64_t
  * Floor: the weights of the distinct experts hit (44 MB each) at the copy bandwidth, or the
  * arithmetic at the bf16 tensor rate (the kernel runs f16 mma on exact FP8 -> f16 conversions),
  * whichever is larger. The register-prefetch kernel is timed in the same run as the baseline. */
+/* median milliseconds of one backend call, device events around each repetition (2 warm-ups) */
+#define OP_TIME(res, call)                                                                         \
+    do {                                                                                           \
+        double *t_ = malloc(sizeof(double) * (size_t)iters);                                       \
+        for (int i_ = -2; i_ < iters; i_++) {                                                      \
+            MUST(dsv32_cuda_timer_start(be));                                                      \
+            MUST(call);                                                                            \
+            float ms_;                                                                             \
+            MUST(dsv32_cuda_timer_stop(be, &ms_));                                                 \
+            if (i_ >= 0)                                                                           \
+                t_[i_] = ms_;                                                                      \
+        }                                                                                          \
+        (res) = median(t_, iters);                                                                 \
+        free(t_);                                                                                  \
+    } while (0)
+
 static void bench_moe(struct dsv32_backend *be)
 {
     struct dsv32_config c;
@@ -731,17 +747,7 @@ static void bench_moe(struct dsv32_backend *be)
         for (int v = 0; v < 3; v++) {
             MUST(dsv32_cuda_set_knob(be, "fp8_reg", v == 0));
             MUST(dsv32_cuda_set_knob(be, "fp8_no_wg", v == 1));
-            double *t = malloc(sizeof(double) * (size_t)iters);
-            for (int it = -2; it < iters; it++) {
-                MUST(dsv32_cuda_timer_start(be));
-                MUST(be->ops->moe_experts(be, dy, dx, rows, di, dw, K, ex, E, c.ue8m0));
-                float ms;
-                MUST(dsv32_cuda_timer_stop(be, &ms));
-                if (it >= 0)
-                    t[it] = ms;
-            }
-            tv[v] = median(t, iters);
-            free(t);
+            OP_TIME(tv[v], be->ops->moe_experts(be, dy, dx, rows, di, dw, K, ex, E, c.ue8m0));
         }
         MUST(dsv32_cuda_set_knob(be, "fp8_reg", 0));
         MUST(dsv32_cuda_set_knob(be, "fp8_no_wg", 0));
@@ -765,22 +771,6 @@ static void bench_moe(struct dsv32_backend *be)
 }
 
 /* ---- the other ops of a layer, one by one ---- */
-
-/* median milliseconds of one backend call, device events around each repetition (2 warm-ups) */
-#define OP_TIME(res, call)                                                                         \
-    do {                                                                                           \
-        double t_[64];                                                                             \
-        const int n_ = iters < 64 ? iters : 64;                                                    \
-        for (int i_ = -2; i_ < n_; i_++) {                                                         \
-            MUST(dsv32_cuda_timer_start(be));                                                      \
-            MUST(call);                                                                            \
-            float ms_;                                                                             \
-            MUST(dsv32_cuda_timer_stop(be, &ms_));                                                 \
-            if (i_ >= 0)                                                                           \
-                t_[i_] = ms_;                                                                      \
-        }                                                                                          \
-        (res) = median(t_, n_);                                                                    \
-    } while (0)
 
 /* one table row: bytes moved and FLOP (0: none) against max(bytes / copy rate, FLOP / bf16 rate) */
 static void op_row(const char *op, const char *shape, int rows, double bytes, double flop, double ms)

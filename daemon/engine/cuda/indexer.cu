@@ -672,6 +672,15 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
         const float ks0 = ksc[kr0], ks1 = ksc[kr1];
         const uint32_t abase = rbase + stage * IDX8_STAGEB;
         const int j0 = blk * DSV32_KV_BLOCK_TOKENS + kr0;
+        auto mma = [&](int i) { /* the block's logits for row i into acc, issued and committed */
+            wg_fence(acc);
+            wg_begin();
+#pragma unroll
+            for (int st = 0; st < 4; st++)
+                wgmma_e4m3_ss_n64(acc, wg_desc_sw128(abase + 32 * st), wg_desc_sw128(qbase + i * 8192 + 32 * st),
+                                  st > 0);
+            wg_commit();
+        };
         if constexpr (PIPE) {
             if (blk * DSV32_KV_BLOCK_TOKENS > pos[0])
                 continue; /* the same for the whole warpgroup */
@@ -679,12 +688,7 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
 #pragma unroll
             for (int x = 0; x < 32; x++)
                 accp[x] = acc[x];
-            wg_fence(acc);
-            wg_begin();
-#pragma unroll
-            for (int st = 0; st < 4; st++)
-                wgmma_e4m3_ss_n64(acc, wg_desc_sw128(abase + 32 * st), wg_desc_sw128(qbase + 32 * st), st > 0);
-            wg_commit();
+            mma(0);
             if (pj0 >= 0)
                 idx_store_w<8>(accp, wv[0], t, pks0, pks1, srow0, pj0, pos[0]);
             pj0 = j0; /* its MMAs run on under the next block's wait for its data */
@@ -697,13 +701,8 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
                     break;
                 if (blk * DSV32_KV_BLOCK_TOKENS > pos[i])
                     continue; /* the same for the whole warpgroup */
-                wg_fence(acc);
-                wg_begin();
-#pragma unroll
-                for (int st = 0; st < 4; st++)
-                    wgmma_e4m3_ss_n64(acc, wg_desc_sw128(abase + 32 * st), wg_desc_sw128(qbase + i * 8192 + 32 * st),
-                                      st > 0);
-                wg_commit_wait();
+                mma(i);
+                wg_wait0();
                 wg_fence(acc);
                 idx_store_w<8>(acc, wv[i], t, ks0, ks1, scores + (size_t)(r0 + i - row_base) * ld_s, j0, pos[i]);
             }

@@ -208,6 +208,55 @@ struct mla_fast_args {
     unsigned long long *prof; /* mla_wg_kernel<true>: cycles per phase (knob mla_prof) */
 };
 
+/* The keys [*kbeg, *kend) of split z of row r: its selection's entries, or its positions 0..pos
+ * when there is no selection (dense) */
+static __device__ __forceinline__ void mla_key_range(const struct mla_fast_args &a, int z, int pos, int *kbeg,
+                                                     int *kend)
+{
+    const int n_keys = a.sel ? a.n_sel : pos + 1;
+    *kbeg = z * a.keys_per_split;
+    *kend = min(n_keys, *kbeg + a.keys_per_split);
+}
+
+/* The cache slot of key j of row r (-1: past kend, an invalid selection entry, or beyond pos):
+ * from sslot when the slots were resolved up front (pre), else from the selection and the block
+ * table */
+static __device__ __forceinline__ int32_t mla_slot_at(const struct mla_fast_args &a, const int32_t *sslot, bool pre,
+                                                      int r, int pos, int seq, int kbeg, int kend, int j)
+{
+    if (j >= kend)
+        return -1;
+    if (pre)
+        return sslot[j - kbeg];
+    const int p = a.sel ? a.sel[(size_t)r * a.n_sel + j] : j;
+    return (p >= 0 && p <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p) : -1;
+}
+
+/* When the selection's keys kbeg..kend - 1 fit sslot (MLA_MAXSEL): their cache slots into sslot,
+ * eight per thread of nth (the selections' loads, then the block tables'), so that a tile's
+ * gather needs no dependent global loads; returns whether it did (pre: mla_slot_at reads sslot) */
+static __device__ __forceinline__ bool mla_resolve_slots(const struct mla_fast_args &a, int32_t *sslot, int r,
+                                                         int pos, int seq, int kbeg, int kend, int tid, int nth)
+{
+    if (!a.sel || kend - kbeg > MLA_MAXSEL)
+        return false;
+    for (int j0 = 0; j0 < kend - kbeg; j0 += 8 * nth) {
+        int p[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int j = j0 + u * nth + tid;
+            p[u] = j < kend - kbeg ? a.sel[(size_t)r * a.n_sel + kbeg + j] : -1;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int j = j0 + u * nth + tid;
+            if (j < kend - kbeg)
+                sslot[j] = (p[u] >= 0 && p[u] <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p[u]) : -1;
+        }
+    }
+    return true;
+}
+
 static __global__ void __launch_bounds__(MLA_TH, 1) mla_fast_kernel(const struct mla_fast_args a)
 {
     extern __shared__ __align__(16) uint8_t smem[];
@@ -223,8 +272,8 @@ static __global__ void __launch_bounds__(MLA_TH, 1) mla_fast_kernel(const struct
     if (a.row_mha && a.row_mha[r])
         return;
     const int pos = a.row_pos[r], seq = a.row_seq[r];
-    const int n_keys = a.sel ? a.n_sel : pos + 1;
-    const int kbeg = z * a.keys_per_split, kend = min(n_keys, kbeg + a.keys_per_split);
+    int kbeg, kend;
+    mla_key_range(a, z, pos, &kbeg, &kend);
     const int h0 = hg * MLA_HG;
     const int recb = a.rec_bytes, chunks = recb / 16;
 
@@ -236,29 +285,12 @@ static __global__ void __launch_bounds__(MLA_TH, 1) mla_fast_kernel(const struct
         Qs[h * MLA_QSTR + d] = __float2bfloat16_rn(v);
     }
 
-    /* sparse: resolve every selected position of this CTA to its cache slot once, so that a
-     * tile's gather needs no dependent global loads */
-    const bool pre = a.sel && kend - kbeg <= MLA_MAXSEL;
-    if (pre)
-        for (int j = tid; j < kend - kbeg; j += MLA_TH) {
-            const int p = a.sel[(size_t)r * a.n_sel + kbeg + j];
-            sslot[j] = (p >= 0 && p <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p) : -1;
-        }
+    /* sparse: every selected position of this CTA resolved to its cache slot once */
+    const bool pre = mla_resolve_slots(a, sslot, r, pos, seq, kbeg, kend, tid, MLA_TH);
     auto issue = [&](int ts) {
         __syncthreads(); /* sslot written; kslot no longer read */
-        if (tid < MLA_KT) {
-            const int j = ts + tid;
-            int32_t sl = -1;
-            if (j < kend) {
-                if (pre) {
-                    sl = sslot[j - kbeg];
-                } else {
-                    const int p = a.sel ? a.sel[(size_t)r * a.n_sel + j] : j;
-                    sl = (p >= 0 && p <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p) : -1;
-                }
-            }
-            kslot[tid] = sl;
-        }
+        if (tid < MLA_KT)
+            kslot[tid] = mla_slot_at(a, sslot, pre, r, pos, seq, kbeg, kend, ts + tid);
         __syncthreads();
         for (int i = tid; i < MLA_KT * chunks; i += MLA_TH) {
             const int key = i / chunks, ch = i % chunks;
@@ -594,30 +626,6 @@ static __device__ __forceinline__ void mla_pv_issue(float (&O)[4][32], const flo
     wg_commit();
 }
 
-/* The keys [*kbeg, *kend) of split z of row r: its selection's entries, or its positions 0..pos
- * when there is no selection (dense) */
-static __device__ __forceinline__ void mla_key_range(const struct mla_fast_args &a, int z, int pos, int *kbeg,
-                                                     int *kend)
-{
-    const int n_keys = a.sel ? a.n_sel : pos + 1;
-    *kbeg = z * a.keys_per_split;
-    *kend = min(n_keys, *kbeg + a.keys_per_split);
-}
-
-/* The cache slot of key j of row r (-1: past kend, an invalid selection entry, or beyond pos):
- * from sslot when the slots were resolved up front (pre), else from the selection and the block
- * table */
-static __device__ __forceinline__ int32_t mla_slot_at(const struct mla_fast_args &a, const int32_t *sslot, bool pre,
-                                                      int r, int pos, int seq, int kbeg, int kend, int j)
-{
-    if (j >= kend)
-        return -1;
-    if (pre)
-        return sslot[j - kbeg];
-    const int p = a.sel ? a.sel[(size_t)r * a.n_sel + j] : j;
-    return (p >= 0 && p <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p) : -1;
-}
-
 /* One key's record (slot sl, -1: none) by one bulk copy into dst from the key's first lane
  * (first); lane 0 of the warp arrives on bar with the bytes of the warp's keys */
 static __device__ __forceinline__ void mla_gather_key(const struct mla_fast_args &a, uint64_t *bar, uint8_t *dst,
@@ -628,28 +636,6 @@ static __device__ __forceinline__ void mla_gather_key(const struct mla_fast_args
         mbar_arrive_tx(bar, n_ok * (uint32_t)a.rec_bytes);
     if (first && sl >= 0)
         bulk_g2s(dst, a.mla + (size_t)sl * a.rec_bytes, (uint32_t)a.rec_bytes, bar);
-}
-
-/* The selected positions' cache slots of keys kbeg..kend - 1 into sslot, eight per thread of
- * nth: the selections' loads, then the block tables' */
-static __device__ __forceinline__ void mla_resolve_slots(const struct mla_fast_args &a, int32_t *sslot, int r,
-                                                         int pos, int seq, int kbeg, int kend, int tid,
-                                                         int nth = WG_TH)
-{
-    for (int j0 = 0; j0 < kend - kbeg; j0 += 8 * nth) {
-        int p[8];
-#pragma unroll
-        for (int u = 0; u < 8; u++) {
-            const int j = j0 + u * nth + tid;
-            p[u] = j < kend - kbeg ? a.sel[(size_t)r * a.n_sel + kbeg + j] : -1;
-        }
-#pragma unroll
-        for (int u = 0; u < 8; u++) {
-            const int j = j0 + u * nth + tid;
-            if (j < kend - kbeg)
-                sslot[j] = (p[u] >= 0 && p[u] <= pos) ? (int32_t)slot_of(a.blocks, a.max_blocks, seq, p[u]) : -1;
-        }
-    }
 }
 
 /* O out (normalized when one split, else a split's partial with its running max and sum):
@@ -721,9 +707,7 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
         m_run[tid] = -INFINITY;
         l_run[tid] = 0.0f;
     }
-    const bool pre = a.sel && kend - kbeg <= MLA_MAXSEL;
-    if (pre)
-        mla_resolve_slots(a, sslot, r, pos, seq, kbeg, kend, tid);
+    const bool pre = mla_resolve_slots(a, sslot, r, pos, seq, kbeg, kend, tid, WG_TH);
     if (tid == 0)
         mbar_init(gbar, WG_TH / 32);
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* the barrier -> the copy engine */
@@ -1019,9 +1003,7 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
     int kbeg, kend;
     mla_key_range(a, z, pos, &kbeg, &kend);
     const int ntiles = kend > kbeg ? (kend - kbeg + MLA_WS_KT - 1) / MLA_WS_KT : 0;
-    const bool pre = a.sel && kend - kbeg <= MLA_MAXSEL;
-    if (pre)
-        mla_resolve_slots(a, sslot, r, pos, seq, kbeg, kend, tid, MLA_WS_TH);
+    const bool pre = mla_resolve_slots(a, sslot, r, pos, seq, kbeg, kend, tid, MLA_WS_TH);
     if (tid == 0)
         for (int s = 0; s < MLA_WS_NS; s++)
             mbar_init(full + s, 8); /* warpgroups 1 and 2: eight warps arrive */
