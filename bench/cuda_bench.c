@@ -218,7 +218,7 @@ static struct dsv32_step_meta dsa_meta(struct dsa *d, int nseq, int per, int ctx
     return m;
 }
 
-enum { RUN_INDEXER = 1, RUN_SPARSE = 2, RUN_DENSE = 4 };
+enum { RUN_INDEXER = 1, RUN_SPARSE = 2, RUN_DENSE = 4, RUN_DSA = 8 /* the dsa op: both, one call */ };
 
 /* median milliseconds of the chosen ops, device events around each repetition */
 static double dsa_time(struct dsa *d, const struct dsv32_step_meta *m, int what, int reps)
@@ -234,6 +234,9 @@ static double dsa_time(struct dsa *d, const struct dsv32_step_meta *m, int what,
             MUST(be->ops->mla(be, d->out, d->qlat, d->q + 128, 128 * 192, 192, d->sel, 2048, &d->kv, m, scale));
         if (what & RUN_DENSE)
             MUST(be->ops->mla(be, d->out, d->qlat, d->q + 128, 128 * 192, 192, NULL, 2048, &d->kv, m, scale));
+        if (what & RUN_DSA)
+            MUST(be->ops->dsa(be, d->out, d->sel, d->q8, d->qs, d->wr, 2048, d->qlat, d->q + 128, 128 * 192, 192,
+                              &d->kv, m, scale));
         float ms;
         MUST(dsv32_cuda_timer_stop(be, &ms));
         if (i >= 0)
@@ -381,6 +384,32 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
                t_sp_mma, sp_flop / (t_sp_mma * 1e-3) / 1e12, t_all8_mma);
         printf("| **DSA decode total (f16 wgmma indexer)** | %.3f | %.2f | |\n", t_all, t_all / floor_ms);
         printf("| **DSA decode total (FP8 wgmma indexer, the fast mode default)** | %.3f | %.2f | |\n", t_all8, t_all8 / floor_ms);
+        /* the dsa op with chunks of rows overlapped: chunk i's MLA beside chunk i + 1's indexer on
+         * disjoint SMs (dsa.cu), by chunk count and the indexer's SMs */
+        static const int chunk_n[] = {2, 4, 8}, idx_sms[] = {64, 96}, diag_sms[] = {48, 64, 96, 112};
+        for (size_t ci = 0; ci < sizeof(chunk_n) / sizeof(chunk_n[0]); ci++)
+            for (size_t si = 0; si < sizeof(idx_sms) / sizeof(idx_sms[0]); si++) {
+                double t[3];
+                for (int skip = 0; skip < 3; skip++)
+                    t[skip] = dsa_time_with(&d, &m, RUN_DSA, iters,
+                                            KNOBS({"dsa_chunks", chunk_n[ci]}, {"dsa_idx_sms", idx_sms[si]},
+                                                  {"dsa_skip", skip}));
+                printf("| DSA decode, %d chunks overlapped, the indexer on %d SMs (knobs dsa_chunks, dsa_idx_sms) | %.3f | %.2f | "
+                       "its indexers alone %.3f ms, its MLAs alone %.3f ms (knob dsa_skip) |\n",
+                       chunk_n[ci], idx_sms[si], t[0], t[0] / floor_ms, t[1], t[2]);
+            }
+        /* whether the indexer's rate follows its SM count: 2 chunks, indexers alone (the first on
+         * the whole GPU, the second on the partition), as scores only and as reads only */
+        for (size_t si = 0; si < sizeof(diag_sms) / sizeof(diag_sms[0]); si++) {
+            const double t_sc = dsa_time_with(&d, &m, RUN_DSA, iters,
+                                              KNOBS({"dsa_chunks", 2}, {"dsa_idx_sms", diag_sms[si]}, {"dsa_skip", 1},
+                                                    {"idx_no_topk", 1}));
+            const double t_rd = dsa_time_with(&d, &m, RUN_DSA, iters,
+                                              KNOBS({"dsa_chunks", 2}, {"dsa_idx_sms", diag_sms[si]}, {"dsa_skip", 1},
+                                                    {"idx_no_topk", 1}, {"idx_copy_only", 1}));
+            printf("| of 2 chunks' indexers (the second on %d SMs): scores alone | %.3f | | reads alone %.3f ms; the whole GPU's: scores %.3f, reads %.3f |\n",
+                   diag_sms[si], t_sc, t_rd, t_scores8, t_read8);
+        }
         printf("| dense MLA decode over all %d positions | %.3f | %.1f (own floor %.3f ms) | %.0f GB/s |\n", L,
                t_dense, t_dense / floor_ms, dense_bytes / (copy_gbps * gb) * 1e3, dense_bytes / (t_dense * 1e-3) / gb);
         /* where the sparse MLA kernel's time goes: cycles per 64-key tile and phase */
@@ -772,10 +801,35 @@ static void bench_moe(struct dsv32_backend *be)
 
 /* ---- the other ops of a layer, one by one ---- */
 
-/* one table row: bytes moved and FLOP (0: none) against max(bytes / copy rate, FLOP / bf16 rate) */
-static void op_row(const char *op, const char *shape, int rows, double bytes, double flop, double ms)
+/* OP_TIME for short ops queued back to back, as a step queues them: n calls between the events
+ * (n so that they take ~0.2 ms, at most 64), the median per call. One call alone between two
+ * events also times the host's launch (~5-8 us), which a step's queue hides. */
+#define OP_TIME_QUEUED(res, call)                                                                  \
+    do {                                                                                           \
+        double t1_;                                                                                \
+        OP_TIME(t1_, call);                                                                        \
+        const int n_ = t1_ > 0.2 ? 1 : t1_ < 0.2 / 64 ? 64 : (int)ceil(0.2 / t1_);                 \
+        double *t_ = malloc(sizeof(double) * (size_t)iters);                                       \
+        for (int i_ = -2; i_ < iters; i_++) {                                                      \
+            MUST(dsv32_cuda_timer_start(be));                                                      \
+            for (int j_ = 0; j_ < n_; j_++)                                                        \
+                MUST(call);                                                                        \
+            float ms_;                                                                             \
+            MUST(dsv32_cuda_timer_stop(be, &ms_));                                                 \
+            if (i_ >= 0)                                                                           \
+                t_[i_] = ms_ / n_;                                                                 \
+        }                                                                                          \
+        (res) = median(t_, iters);                                                                 \
+        free(t_);                                                                                  \
+    } while (0)
+
+/* one table row: bytes moved and FLOP (0: none) against max(bytes / copy rate, FLOP / tensor
+ * rate), the tensor rate the measured bf16 GEMM rate, twice that for FP8 operands (Hopper's FP8
+ * tensor cores run at twice their bf16 rate) */
+static void op_row(const char *op, const char *shape, int rows, double bytes, double flop, int fp8, double ms)
 {
-    const double floor_ms = fmax(bytes / (copy_gbps * 1e9), flop / (bf16_tflops * 1e12)) * 1e3;
+    const double floor_ms =
+        fmax(bytes / (copy_gbps * 1e9), flop / ((fp8 ? 2 : 1) * bf16_tflops * 1e12)) * 1e3;
     printf("| %s | %s | %d | %.2f | %.4f | %.4f | %.2f | %.0f GB/s", op, shape, rows, bytes / 1e6, floor_ms, ms,
            ms / floor_ms, bytes / (ms * 1e-3) / 1e9);
     if (flop > 0)
@@ -824,30 +878,31 @@ static void bench_ops(struct dsv32_backend *be)
     MUST(be->ops->to_device(be, pos, h, sizeof(int32_t) * max_rows));
     free(h);
     printf("\n## The other ops of a layer, one by one (fast mode)\n");
-    printf("floor = max(bytes moved / copy bandwidth, FLOP / bf16 GEMM rate); bytes: activations read and "
-           "written as the ops do (f32), weights as stored (FP8 or bf16)\n");
+    printf("floor = max(bytes moved / copy bandwidth, FLOP / tensor rate: the bf16 GEMM rate, twice it for FP8 weights); "
+           "bytes: activations read and written as the ops do (f32), weights as stored (FP8 or bf16); each op's "
+           "time per call with calls queued back to back (~0.2 ms of them between two events)\n");
     printf("| op | shape | rows | MB moved | floor (ms) | time (ms) | x floor | achieved |\n"
            "|---|---|---|---|---|---|---|---|\n");
-    static const int rows_list[] = {64, 4096};
+    static const int rows_list[] = {1, 4, 16, 64, 4096};
     for (size_t i = 0; i < sizeof(rows_list) / sizeof(rows_list[0]); i++) {
         const int R = rows_list[i];
         double t;
-        OP_TIME(t, be->ops->embed(be, y, ids, R, &emb));
-        op_row("embedding (bf16 table)", "129280 x 7168", R, (double)R * D * (2 + 4), 0, t);
-        OP_TIME(t, be->ops->rmsnorm(be, y, D, x, D, &norm, R, D, 1e-6f));
-        op_row("RMSNorm", "7168", R, (double)R * D * 8 + D * 4.0, 0, t);
-        OP_TIME(t, be->ops->layernorm(be, y, 128, x, 128, &knw, &knb, R, 128, 1e-6f));
-        op_row("LayerNorm (indexer key)", "128", R, (double)R * 128 * 8 + 1024, 0, t);
-        OP_TIME(t, be->ops->rope(be, y + 128, R, H, H * 192, 192, pos, 1));
-        op_row("RoPE, interleaved (MLA q_pe)", "128 heads x 64", R, (double)R * H * 64 * 8, 0, t);
-        OP_TIME(t, be->ops->rope(be, y, R, IH, IH * 128, 128, pos, 0));
-        op_row("RoPE, half-split (indexer q)", "64 heads x 64 of 128", R, (double)R * IH * 64 * 8, 0, t);
-        OP_TIME(t, be->ops->hadamard_quant(be, q8, qs, x, R * IH, 1));
-        op_row("Hadamard + FP8 (indexer q)", "64 heads x 128", R, (double)R * IH * (128 * 4 + 128 + 4), 0, t);
-        OP_TIME(t, be->ops->add(be, y, x, (size_t)R * D));
-        op_row("add (residual)", "7168", R, (double)R * D * 12, 0, t);
-        OP_TIME(t, be->ops->silu_mul(be, y, x, z, R, FF));
-        op_row("SiLU x up (dense FFN)", "18432", R, (double)R * FF * 12, 0, t);
+        OP_TIME_QUEUED(t, be->ops->embed(be, y, ids, R, &emb));
+        op_row("embedding (bf16 table)", "129280 x 7168", R, (double)R * D * (2 + 4), 0, 0, t);
+        OP_TIME_QUEUED(t, be->ops->rmsnorm(be, y, D, x, D, &norm, R, D, 1e-6f));
+        op_row("RMSNorm", "7168", R, (double)R * D * 8 + D * 4.0, 0, 0, t);
+        OP_TIME_QUEUED(t, be->ops->layernorm(be, y, 128, x, 128, &knw, &knb, R, 128, 1e-6f));
+        op_row("LayerNorm (indexer key)", "128", R, (double)R * 128 * 8 + 1024, 0, 0, t);
+        OP_TIME_QUEUED(t, be->ops->rope(be, y + 128, R, H, H * 192, 192, pos, 1));
+        op_row("RoPE, interleaved (MLA q_pe)", "128 heads x 64", R, (double)R * H * 64 * 8, 0, 0, t);
+        OP_TIME_QUEUED(t, be->ops->rope(be, y, R, IH, IH * 128, 128, pos, 0));
+        op_row("RoPE, half-split (indexer q)", "64 heads x 64 of 128", R, (double)R * IH * 64 * 8, 0, 0, t);
+        OP_TIME_QUEUED(t, be->ops->hadamard_quant(be, q8, qs, x, R * IH, 1));
+        op_row("Hadamard + FP8 (indexer q)", "64 heads x 128", R, (double)R * IH * (128 * 4 + 128 + 4), 0, 0, t);
+        OP_TIME_QUEUED(t, be->ops->add(be, y, x, (size_t)R * D));
+        op_row("add (residual)", "7168", R, (double)R * D * 12, 0, 0, t);
+        OP_TIME_QUEUED(t, be->ops->silu_mul(be, y, x, z, R, FF));
+        op_row("SiLU x up (dense FFN)", "18432", R, (double)R * FF * 12, 0, 0, t);
         const struct {
             const char *name;
             const struct dsv32_weight *w;
@@ -858,19 +913,37 @@ static void bench_ops(struct dsv32_backend *be)
             const struct dsv32_weight *w = lin[l].w;
             char shape[64];
             snprintf(shape, sizeof(shape), "%lld x %lld", (long long)w->rows, (long long)w->cols);
-            OP_TIME(t, be->ops->linear(be, y, (int)w->rows, x, (int)w->cols, R, w, 1));
+            OP_TIME_QUEUED(t, be->ops->linear(be, y, (int)w->rows, x, (int)w->cols, R, w, 1));
             op_row(lin[l].name, shape, R, weight_bytes(w) + (double)R * (w->rows + w->cols) * 4,
-                   2.0 * R * w->rows * w->cols, t);
+                   2.0 * R * w->rows * w->cols, 1, t);
+            int lt_min, lt_big;
+            MUST(dsv32_cuda_get_knob(be, "lt_min_rows", &lt_min));
+            MUST(dsv32_cuda_get_knob(be, "lt_big_rows", &lt_big));
+            for (int v = 0; R < lt_min && v < 2; v++) { /* below the threshold: each path forced */
+                char name[96];
+                const int from = v ? 1 : 1 << 30;
+                snprintf(name, sizeof(name), "%s, %s", lin[l].name,
+                         v ? "cuBLASLt (knobs lt_min_rows, lt_big_rows 1)" : "the mma.sync kernel (exact products)");
+                MUST(dsv32_cuda_set_knob(be, "lt_min_rows", from));
+                MUST(dsv32_cuda_set_knob(be, "lt_big_rows", from));
+                OP_TIME_QUEUED(t, be->ops->linear(be, y, (int)w->rows, x, (int)w->cols, R, w, 1));
+                MUST(dsv32_cuda_set_knob(be, "lt_min_rows", lt_min));
+                MUST(dsv32_cuda_set_knob(be, "lt_big_rows", lt_big));
+                op_row(name, shape, R, weight_bytes(w) + (double)R * (w->rows + w->cols) * 4,
+                       2.0 * R * w->rows * w->cols, 1, t);
+            }
         }
-        OP_TIME(t, be->ops->mla_absorb(be, y, x, R, &wkv_b));
+        /* absorb and expand: bf16 batched GEMMs on wkv_b's bf16 copy (its half each: rows x cols
+         * bytes) */
+        OP_TIME_QUEUED(t, be->ops->mla_absorb(be, y, x, R, &wkv_b));
         op_row("MLA absorb (q_nope -> latent)", "128 heads x 128 -> 512", R,
-               weight_bytes(&wkv_b) / 2 + (double)R * H * (192 + 512) * 4, 2.0 * R * H * 128 * 512, t);
-        OP_TIME(t, be->ops->mla_expand(be, y, x, R, &wkv_b));
+               (double)wkv_b.rows * wkv_b.cols + (double)R * H * (192 + 512) * 4, 2.0 * R * H * 128 * 512, 0, t);
+        OP_TIME_QUEUED(t, be->ops->mla_expand(be, y, x, R, &wkv_b));
         op_row("MLA expand (latent -> v)", "128 heads x 512 -> 128", R,
-               weight_bytes(&wkv_b) / 2 + (double)R * H * (512 + 128) * 4, 2.0 * R * H * 512 * 128, t);
-        OP_TIME(t, be->ops->moe_gate(be, eids, gw, x, R, &gate, &gate_bias));
+               (double)wkv_b.rows * wkv_b.cols + (double)R * H * (512 + 128) * 4, 2.0 * R * H * 512 * 128, 0, t);
+        OP_TIME_QUEUED(t, be->ops->moe_gate(be, eids, gw, x, R, &gate, &gate_bias));
         op_row("MoE router (bf16 gate, group-limited top-8)", "256 x 7168", R,
-               weight_bytes(&gate) + (double)R * D * 4 + (double)R * K * 8, 2.0 * R * E * D, t);
+               weight_bytes(&gate) + (double)R * D * 4 + (double)R * K * 8, 2.0 * R * E * D, 0, t);
         fflush(stdout);
     }
     struct dsv32_weight *all[] = {&emb, &norm, &knw, &knb, &wq_a, &wq_b, &wkv_a, &wkv_b, &wo, &idx_wq_b, &gate, &gate_bias};
@@ -883,8 +956,8 @@ static void bench_ops(struct dsv32_backend *be)
 
 int main(int argc, char **argv)
 {
-    const char *only = NULL, *csv_dir = NULL;
-    int ctx_layer = 8192;
+    const char *only = NULL, *csv_dir = NULL, *knobs[16];
+    int ctx_layer = 8192, n_knobs = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--only") && i + 1 < argc)
             only = argv[++i];
@@ -894,9 +967,11 @@ int main(int argc, char **argv)
             iters = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--ctx-layer") && i + 1 < argc)
             ctx_layer = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--knob") && i + 1 < argc && n_knobs < 16 && strchr(argv[i + 1], '='))
+            knobs[n_knobs++] = argv[++i];
         else {
             fprintf(stderr, "usage: cuda_bench [--only dsa|sweep|prefill|moe|layer|ops] [--csv DIR] [--iters N] "
-                            "[--ctx-layer N]\n");
+                            "[--ctx-layer N] [--knob NAME=VALUE]...\n");
             return 2;
         }
     }
@@ -913,6 +988,16 @@ int main(int argc, char **argv)
     dsv32_kv_geom_init(&g, &cfg, 0);
     struct dsv32_backend *be;
     MUST(dsv32_backend_new("cuda", &cfg, &g, &be));
+    for (int i = 0; i < n_knobs; i++) { /* a kernel variant for the whole run (cuda_backend.h's knobs) */
+        char kn[64];
+        const char *eq = strchr(knobs[i], '=');
+        snprintf(kn, sizeof(kn), "%.*s", (int)(eq - knobs[i]), knobs[i]);
+        if (dsv32_cuda_set_knob(be, kn, atoi(eq + 1)) != 0) {
+            fprintf(stderr, "cuda_bench: no knob %s\n", kn);
+            return 2;
+        }
+        printf("knob %s = %d\n", kn, atoi(eq + 1));
+    }
     char name[256];
     int n_sm = 0;
     MUST(dsv32_cuda_device_info(be, name, sizeof(name), &n_sm));

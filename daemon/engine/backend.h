@@ -136,6 +136,13 @@ struct dsv32_backend_ops {
     /* Optional: host memory that to_device/to_host copy fastest (page-locked); NULL: malloc */
     void *(*host_alloc)(struct dsv32_backend *be, size_t bytes);
     void (*host_free)(struct dsv32_backend *be, void *p);
+    /* Optional: indexer, then mla over its selection, in one call: sel as indexer writes it, out
+     * as mla writes it (n_sel = topk), so that a backend can run the two side by side over
+     * different rows. NULL: the engine calls indexer and mla in turn. */
+    int (*dsa)(struct dsv32_backend *be, float *out, int32_t *sel, const uint8_t *q,
+               const float *q_scale, const float *w_raw, int topk, const float *q_lat,
+               const float *q_pe, int ldr_pe, int ldh_pe, const struct dsv32_kv_layer *kv,
+               const struct dsv32_step_meta *m, float scale);
 };
 
 struct dsv32_backend {

@@ -283,23 +283,30 @@ static int layer_forward(struct dsv32_engine *e, int l, const struct dsv32_step_
     CHECK(ops->hadamard_quant(be, e->ik8, e->iks, e->ik, T, ue));
     CHECK(ops->index_store(be, kv, e->ik8, e->iks, meta));
     CHECK(ops->linear(be, e->iw, IH, e->xn, D, T, q_op(&L->idx_weights_proj), ue));
-    CHECK(ops->indexer(be, e->sel, e->iq8, e->iqs, e->iw, kv, meta, c->index_topk));
+    /* then sparse MLA in the absorbed form: q_nope through W_uk into latent space (independent
+     * of the selection, so first), attention over the selected cached latents, back through
+     * W_uv, then o_proj; a backend with the dsa op runs the indexer and the attention in one
+     * call (side by side over chunks of rows) */
+    const float sm_scale = (float)dsv32_config_softmax_scale(c);
+    CHECK(ops->mla_absorb(be, e->qlat, e->q, T, &L->wkv_b));
+    if (ops->dsa)
+        CHECK(ops->dsa(be, e->olat, e->sel, e->iq8, e->iqs, e->iw, c->index_topk, e->qlat, e->q + nope,
+                       H * qk, qk, kv, meta, sm_scale));
+    else
+        CHECK(ops->indexer(be, e->sel, e->iq8, e->iqs, e->iw, kv, meta, c->index_topk));
     if (hooks && hooks->selection) {
         CHECK(ops->to_host(be, e->h_sel, e->sel, sizeof(int32_t) * (size_t)T * c->index_topk));
         hooks->selection(hooks->ctx, l, e->h_sel, T, c->index_topk);
     }
-
-    /* sparse MLA in the absorbed form: q_nope through W_uk into latent space, attention over
-     * the selected cached latents, back through W_uv, then o_proj */
-    CHECK(ops->mla_absorb(be, e->qlat, e->q, T, &L->wkv_b));
-    CHECK(ops->mla(be, e->olat, e->qlat, e->q + nope, H * qk, qk, e->sel, c->index_topk, kv, meta,
-                   (float)dsv32_config_softmax_scale(c)));
+    if (!ops->dsa)
+        CHECK(ops->mla(be, e->olat, e->qlat, e->q + nope, H * qk, qk, e->sel, c->index_topk, kv,
+                       meta, sm_scale));
     CHECK(ops->mla_expand(be, e->ov, e->olat, T, &L->wkv_b));
     if (meta->n_mha_rows > 0)
         q_op(NULL);
     if (ops->mla_prefill && meta->n_mha_rows > 0)
         CHECK(ops->mla_prefill(be, e->ov, e->q, e->sel, c->index_topk, kv, meta,
-                               (float)dsv32_config_softmax_scale(c), &L->wkv_b, ue));
+                               sm_scale, &L->wkv_b, ue));
     CHECK(ops->linear(be, e->o, D, e->ov, H * c->v_head_dim, T, q_op(&L->wo), ue));
     CHECK(ops->add(be, e->x, e->o, (size_t)T * D));
 

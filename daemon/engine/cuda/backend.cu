@@ -6,6 +6,7 @@
 #include "common.cuh"
 
 #include "cuda_backend.h"
+#include "dsa.cuh"
 #include "gemm.cuh"
 #include "indexer.cuh"
 #include "mla.cuh"
@@ -442,6 +443,14 @@ static int cuda_mla(struct dsv32_backend *be, float *out, const float *q_lat, co
     return cu_mla(c, out, q_lat, q_pe, ldr_pe, ldh_pe, sel, n_sel, kv, m, scale);
 }
 
+static int cuda_dsa(struct dsv32_backend *be, float *out, int32_t *sel, const uint8_t *q, const float *q_scale,
+                    const float *w_raw, int topk, const float *q_lat, const float *q_pe, int ldr_pe, int ldh_pe,
+                    const struct dsv32_kv_layer *kv, const struct dsv32_step_meta *m, float scale)
+{
+    ENTER(be);
+    return cu_dsa(c, out, sel, q, q_scale, w_raw, topk, q_lat, q_pe, ldr_pe, ldh_pe, kv, m, scale);
+}
+
 static int cuda_mla_prefill(struct dsv32_backend *be, float *o, const float *q, const int32_t *sel, int n_sel,
                             const struct dsv32_kv_layer *kv, const struct dsv32_step_meta *m, float scale,
                             const struct dsv32_weight *wkv_b, int ue8m0)
@@ -497,6 +506,7 @@ static void cuda_free(struct dsv32_backend *be)
         cudaSetDevice(c->device);
         if (c->st)
             cudaStreamSynchronize(c->st);
+        cu_green_free(c);
         cu_moe_tables_free(c);
         for (int i = 0; i < CU_SCRATCH_SLOTS; i++)
             cudaFree(c->scratch[i]);
@@ -555,6 +565,7 @@ static const struct dsv32_backend_ops cuda_ops = {
     /* .gather_rows = */ cuda_gather_rows,
     /* .host_alloc = */ cuda_host_alloc,
     /* .host_free = */ cuda_host_free,
+    /* .dsa = */ cuda_dsa,
 };
 
 /* The fast numerics: prefill rows take the absorbed form too (FlashMLA's sparse prefill form,
@@ -612,6 +623,8 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
      * 64 x 131072, BENCHMARKS.md) unless DSV32_CUDA_INDEXER=f16 */
     c->indexer_fp8 = c->fast && !(idx && strcmp(idx, "f16") == 0);
     c->lt_fp8 = 1;
+    c->lt_min_rows = 65;
+    c->lt_big_rows = 16;
     c->idx_wgmma = 1;
     c->mla_wgmma = 1;
     c->idx_items = 1;
@@ -681,7 +694,8 @@ static const struct {
     KNOB(idx_wgmma, true),    KNOB(idx_no_topk, false), KNOB(topk_global, false), KNOB(topk_parts, true),
     KNOB(mla_wgmma, false),   KNOB(idx_tma, false),     KNOB(idx_copy_only, false), KNOB(idx_l2_normal, false),
     KNOB(idx_items, false),   KNOB(mla_ws, false),      KNOB(idx_poison, false),  KNOB(idx_pipe, false),
-    KNOB(mla_q6, false),
+    KNOB(mla_q6, false),      KNOB(dsa_chunks, true),   KNOB(dsa_idx_sms, true),
+    KNOB(dsa_skip, true),     KNOB(lt_min_rows, true),  KNOB(lt_big_rows, true),
 };
 #undef KNOB
 
@@ -725,6 +739,11 @@ extern "C" int dsv32_cuda_get_knob(struct dsv32_backend *be, const char *name, i
         return -EINVAL;
     *value = *(const int *)((const char *)c + cu_knobs[k].off);
     return 0;
+}
+
+extern "C" int dsv32_cuda_dsa_info(struct dsv32_backend *be, int sms[2], long *overlapped_calls)
+{
+    return cu_dsa_info(ctx_of(be), sms, overlapped_calls);
 }
 
 extern "C" int dsv32_cuda_mla_prof(struct dsv32_backend *be, unsigned long long out[20])

@@ -131,6 +131,9 @@ struct cu_ctx {
     int absorbed_prefill;      /* fast and the absorbed kernel fits: prefill rows take that form */
     int indexer_fp8;           /* fast indexer variant: FP8 mma instead of f16 mma */
     int lt_fp8;                /* fast mode may use cuBLASLt block-scaled FP8 (when calibrated) */
+    int lt_min_rows;           /* ... for linears of at least this many rows (65: the mma.sync
+                                  kernel with exact products below) */
+    int lt_big_rows;           /* ... and for weights of 32M elements or more from this many */
     int fp8_reg;               /* the FP8 kernel's register-prefetch variant (the baseline) */
     int fp8_no_wg;             /* grouped GEMMs of many rows per group stay on mma.sync (baseline) */
     int idx_wgmma;             /* f16 indexer scores on wgmma (1; 2: descriptor offsets swapped,
@@ -156,6 +159,12 @@ struct cu_ctx {
                                   block's MMAs, for one-row items (1; 0, default: in turn) */
     int topk_parts;            /* the top-k's CTAs per row forced (1: one, the baseline; 2, 4; 0: by
                                   the row count) */
+    int dsa_chunks;            /* the dsa op's chunks of rows, chunk i's MLA beside chunk i + 1's
+                                  indexer on their own SMs (dsa.cu); 0 or 1: indexer, then MLA */
+    int dsa_idx_sms;           /* the SMs of the indexer's partition there (0: half) */
+    int dsa_skip;              /* benchmarks: the chunked dsa op without its MLAs (1) or indexers (2) */
+    struct cu_green *green;    /* those partitions (dsa.cu), made on first use */
+    long dsa_overlapped;       /* dsa calls that ran chunks side by side */
     struct cu_tmap tmaps[CU_TMAPS];
     int n_tmaps;
     uint32_t *topk_xc;         /* the split top-k's candidate exchange (cu_topk_xchg) */
@@ -195,7 +204,8 @@ struct cu_ctx {
     struct dsv32_kv_geom geom;
 };
 
-/* scratch slot owners (one op uses a slot at a time; ops run in stream order) */
+/* scratch slot owners (one op uses a slot at a time; ops run in stream order, except in cu_dsa,
+ * whose indexer and MLA run side by side: it sizes their slots before it forks) */
 enum {
     SCR_XQ = 0, /* quantized activations */
     SCR_XS,     /* their scales */

@@ -9,6 +9,7 @@ add_library(dsv32_cuda STATIC
     ${CMAKE_CURRENT_LIST_DIR}/quant.cu
     ${CMAKE_CURRENT_LIST_DIR}/gemm.cu
     ${CMAKE_CURRENT_LIST_DIR}/indexer.cu
+    ${CMAKE_CURRENT_LIST_DIR}/dsa.cu
     ${CMAKE_CURRENT_LIST_DIR}/mla.cu
     ${CMAKE_CURRENT_LIST_DIR}/mla_prefill.cu
     ${CMAKE_CURRENT_LIST_DIR}/moe.cu)

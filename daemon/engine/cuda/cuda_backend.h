@@ -29,7 +29,9 @@ int dsv32_cuda_device_count(void);
 /* 1 when the backend runs in the fast numerics mode. */
 int dsv32_cuda_is_fast(const struct dsv32_backend *be);
 /* Selects a kernel variant at run time (benchmarks compare them): "indexer_fp8" (0/1),
- * "lt_fp8" (0/1: let fast FP8 linears use cuBLASLt), "fp8_reg" (0/1: the FP8 GEMM kernel that
+ * "lt_fp8" (0/1: let fast FP8 linears use cuBLASLt), "lt_min_rows" (the fewest rows a linear
+ * takes cuBLASLt with; 65 by default), "lt_big_rows" (the same for weights of 32M elements or
+ * more; 16), "fp8_reg" (0/1: the FP8 GEMM kernel that
  * prefetches into registers instead of the shared-memory pipeline), "idx_wgmma" (1: f16 indexer
  * scores on wgmma, 0: on mma.sync, 2: wgmma with the descriptor offsets swapped, a diagnostic that
  * must fail the tests), "idx_no_topk" (1: scores only, for timing), "topk_global" (1: the top-k
@@ -46,11 +48,19 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * scratch set to NaN before each call, so that a score no kernel wrote shows), "idx_pipe" (1: the
  * FP8 wgmma indexer runs a block's epilogue under the next block's MMAs when every work item has
  * one row, decode; 0, default: in turn), "mla_q6" (1: the warp-specialized MLA stages Q with six
- * loads in flight a thread instead of four).
+ * loads in flight a thread instead of four), "dsa_chunks" (N >= 2: the dsa op cuts the rows in up
+ * to N chunks and runs chunk i's MLA beside chunk i + 1's indexer on disjoint SMs, dsa.cu; 0 or
+ * 1: the indexer, then the MLA), "dsa_idx_sms" (the SMs of the indexer's partition there; 0: half).
  * Returns 0 or -EINVAL. */
 int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, int value);
 /* The current value of a knob of the table above ("mla_prof" excluded); 0 or -EINVAL. */
 int dsv32_cuda_get_knob(struct dsv32_backend *be, const char *name, int *value);
+/* The SMs of the dsa op's two partitions (indexer, MLA) as the driver made them, and how many
+ * calls ran chunks side by side since the backend was created; 0, or -1 when none was made. */
+int dsv32_cuda_dsa_info(struct dsv32_backend *be, int sms[2], long *overlapped_calls);
+/* The SMs of the dsa op's two partitions (indexer, MLA) as the driver made them, and how many
+ * calls ran chunks side by side since the backend was created; 0, or -1 when none was made. */
+int dsv32_cuda_dsa_info(struct dsv32_backend *be, int sms[2], long *overlapped_calls);
 /* With the knob "mla_prof" 1: the wgmma MLA kernel's cycles per phase since the last call, summed
  * over the two warpgroups' first threads: out[8 wg + phase] for the phases of mla_wg_kernel's
  * tile loop (mla.cu names them); out[16] the tiles of warpgroup 0; out[17], out[18] thread 0's

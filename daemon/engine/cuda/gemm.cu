@@ -988,9 +988,13 @@ int cu_linear(struct cu_ctx *c, float *y, int ldy, const float *x, int ldx, int 
             CU_TRY(cu_act_quant(c, x, ldx, rows, in, ue8m0, probe_sub, xdq, NULL, NULL, NULL, 0));
             return cu_sgemm_xwt(c, y, ldy, xdq, in, rows, cw->f32, out, in);
         }
-        if (c->lt_fp8 && rows > 64 && !c->lt_state)
+        /* cuBLASLt's block-scaled FP8 from lt_min_rows rows, and from lt_big_rows for weights of
+         * 32M elements or more (wq_b, wo): below those the mma.sync kernel (exact products) is
+         * as fast or faster, above them cuBLASLt (BENCHMARKS.md, the layer's other ops) */
+        const int lt_from = (int64_t)out * in >= ((int64_t)32 << 20) ? c->lt_big_rows : c->lt_min_rows;
+        if (c->lt_fp8 && rows >= lt_from && !c->lt_state)
             CU_TRY(cu_lt_calibrate(c));
-        const int use_lt = c->lt_fp8 && rows > 64 && c->lt_state > 0;
+        const int use_lt = c->lt_fp8 && rows >= lt_from && c->lt_state > 0;
         uint8_t *xq = (uint8_t *)cu_scratch(c, SCR_XQ, (size_t)rows * in);
         float *xs = (float *)cu_scratch(c, SCR_XS, sizeof(float) * (size_t)rows * (in / 128));
         float *xs_t = use_lt ? (float *)cu_scratch(c, SCR_XS_T, sizeof(float) * (size_t)rows * (in / 128)) : NULL;

@@ -1127,6 +1127,12 @@ static int cu_topk_xchg(struct cu_ctx *c, int rows, int parts, int cap, uint32_t
     return 0;
 }
 
+int cu_topk_reserve(struct cu_ctx *c, int rows)
+{
+    uint32_t *xc;
+    return cu_topk_xchg(c, rows, 4, TOPK_CAP, &xc);
+}
+
 /* ---- the indexer cache as a tensor of 128-byte rows for TMA (idx_wgmma_fp8_kernel<true, *>) ----
  * The driver's cuTensorMapEncodeTiled and cuMemGetAddressRange through the runtime's entry
  * points (no link against libcuda); the map spans the cache's allocation from the cache on (its
