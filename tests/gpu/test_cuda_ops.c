@@ -1511,7 +1511,7 @@ static void dsa_case(struct pair *p, const char *what, int chunks, int idx_sms, 
 
 static void test_dsa(void)
 {
-    if (!want("DSA: indexer + sparse MLA in one call, chunks overlapped on two SM partitions"))
+    if (!want("dsa op: the selection and sparse MLA in one call, chunks overlapped on two SM partitions"))
         return;
     struct dsv32_config cfg;
     cfg_v32(&cfg);
