@@ -42,22 +42,26 @@ extern "C" {
 /* after every kernel launch: launch-configuration errors surface here */
 #define CU_LAUNCHED(name) CU_CHECK(cudaPeekAtLastError())
 
-/* A kernel's dynamic shared memory beyond 48 KB needs an opt-in, a driver call: made once per
- * kernel and size that grows, not per launch (the indexer and MLA launch per layer and step).
- * lim is the call site's static for that kernel. */
+/* A kernel's dynamic shared memory beyond 48 KB needs an opt-in, a driver call that holds for
+ * the current device: made once per kernel, device and size that grows, not per launch (the
+ * indexer and MLA launch per layer and step). lim is the call site's static for that kernel and
+ * the device (NULL: devices past CU_OPTIN_DEVS, the call made every time). */
+#define CU_OPTIN_DEVS 16
 static inline cudaError_t cu_smem_optin(const void *func, size_t bytes, int *lim)
 {
-    if ((int)bytes <= __atomic_load_n(lim, __ATOMIC_RELAXED))
+    if (lim && (int)bytes <= __atomic_load_n(lim, __ATOMIC_RELAXED))
         return cudaSuccess;
     const cudaError_t e = cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
-    if (e == cudaSuccess)
+    if (e == cudaSuccess && lim)
         __atomic_store_n(lim, (int)bytes, __ATOMIC_RELAXED);
     return e;
 }
+/* at a launch site with the backend's context c in scope (its device current) */
 #define CU_SMEM_OPTIN(kernel, bytes)                                                               \
     do {                                                                                           \
-        static int lim_;                                                                           \
-        CU_CHECK(cu_smem_optin((const void *)(kernel), (bytes), &lim_));                           \
+        static int lim_[CU_OPTIN_DEVS];                                                            \
+        CU_CHECK(cu_smem_optin((const void *)(kernel), (bytes),                                   \
+                               c->device >= 0 && c->device < CU_OPTIN_DEVS ? &lim_[c->device] : NULL)); \
     } while (0)
 
 #define BLAS_CHECK(call)                                                                           \
@@ -167,6 +171,8 @@ struct cu_ctx {
     long dsa_overlapped;       /* dsa calls that ran chunks side by side */
     struct cu_tmap tmaps[CU_TMAPS];
     int n_tmaps;
+    int4 *idx_items_h;         /* the indexer's work list on the host, grown as needed */
+    size_t idx_items_cap;
     uint32_t *topk_xc;         /* the split top-k's candidate exchange (cu_topk_xchg) */
     size_t topk_xc_cap;
     /* Every kernel, copy and memset of the backend runs on st, created cudaStreamNonBlocking: it

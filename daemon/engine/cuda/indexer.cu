@@ -1248,9 +1248,14 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             if (bpc < 2)
                 bpc = 2;
             const size_t max_items = total_blocks / bpc + (size_t)n_groups + 1;
-            int4 *items = (int4 *)malloc(sizeof(int4) * max_items);
-            if (!items)
-                return -ENOMEM;
+            if (max_items > c->idx_items_cap) { /* the host's work list, kept across calls */
+                int4 *grown = (int4 *)realloc(c->idx_items_h, sizeof(int4) * max_items);
+                if (!grown)
+                    return -ENOMEM;
+                c->idx_items_h = grown;
+                c->idx_items_cap = max_items;
+            }
+            int4 *items = c->idx_items_h;
             int n_items = 0;
             for (int r = rb; r < re;) {
                 int e = r + 1;
@@ -1280,7 +1285,6 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 r = e;
             }
             const int4 *d_items = (const int4 *)cu_upload(c, SCR_WORK, items, sizeof(int4) * (size_t)n_items);
-            free(items);
             float *scores = (float *)cu_scratch(c, SCR_SCORES, sizeof(float) * (size_t)(re - rb) * ld_s);
             if (!d_items || !scores)
                 return -ENOMEM;
