@@ -191,11 +191,14 @@ int cu_dsa(struct cu_ctx *c, float *out, int32_t *sel, const uint8_t *q, const f
     for (int r = 0; r < T && deep; r++)
         deep = m->h_row_pos[r] + 1 >= 4 * topk;
     const int idx_sms = c->dsa_idx_sms > 0 ? c->dsa_idx_sms : c->n_sm / 2;
-    if (C < 2 || !deep || !c->fast || !cu_mla_fast_ok(c) || idx_sms >= c->n_sm ||
-        green_get(c, idx_sms) < 0) {
-        int r = cu_indexer(c, sel, q, q_scale, w_raw, kv, m, topk);
+    /* the plain path: the two ops on the whole GPU */
+    auto in_turn = [&]() {
+        const int r = cu_indexer(c, sel, q, q_scale, w_raw, kv, m, topk);
         return r < 0 ? r : cu_mla(c, out, q_lat, q_pe, ldr_pe, ldh_pe, sel, topk, kv, m, scale);
-    }
+    };
+    if (C < 2 || !deep || !c->fast || !cu_mla_fast_ok(c) || idx_sms >= c->n_sm ||
+        green_get(c, idx_sms) < 0)
+        return in_turn();
     struct cu_green *gr = c->green;
     /* chunk bounds: equal row counts, moved forward to the next sequence's first row */
     int b[CU_DSA_MAX_CHUNKS + 1];
@@ -212,37 +215,24 @@ int cu_dsa(struct cu_ctx *c, float *out, int32_t *sel, const uint8_t *q, const f
     while (C > 1 && b[C - 1] >= T) /* sequences longer than a chunk: fewer chunks */
         C--;
     b[C] = T;
-    if (C < 2) {
-        int r = cu_indexer(c, sel, q, q_scale, w_raw, kv, m, topk);
-        return r < 0 ? r : cu_mla(c, out, q_lat, q_pe, ldr_pe, ldh_pe, sel, topk, kv, m, scale);
-    }
+    if (C < 2)
+        return in_turn();
     c->dsa_overlapped++;
     const cudaStream_t main_st = c->st;
     const int main_sms = c->n_sm;
     int r = 0;
-    /* chunk i's indexer or MLA on stream st with sms SMs */
-    auto idx = [&](int i, cudaStream_t st, int sms) {
-        if (c->dsa_skip == 2)
+    /* chunk i's indexer (is_mla false) or MLA on stream st with sms SMs */
+    auto chunk = [&](int i, bool is_mla, cudaStream_t st, int sms) {
+        if (c->dsa_skip == (is_mla ? 1 : 2))
             return 0;
         const struct dsv32_step_meta s = sub_meta(m, b[i], b[i + 1]);
+        const size_t r0 = (size_t)b[i], lat = (size_t)H * c->geom.kv_lora;
         c->st = st;
         c->n_sm = sms;
-        int e = cu_indexer(c, sel + (size_t)b[i] * topk, q + (size_t)b[i] * IH * 128,
-                           q_scale + (size_t)b[i] * IH, w_raw + (size_t)b[i] * IH, kv, &s, topk);
-        c->st = main_st;
-        c->n_sm = main_sms;
-        return e;
-    };
-    auto mla = [&](int i, cudaStream_t st, int sms) {
-        if (c->dsa_skip == 1)
-            return 0;
-        const struct dsv32_step_meta s = sub_meta(m, b[i], b[i + 1]);
-        c->st = st;
-        c->n_sm = sms;
-        int e =
-            cu_mla(c, out + (size_t)b[i] * H * (size_t)c->geom.kv_lora,
-                   q_lat + (size_t)b[i] * H * (size_t)c->geom.kv_lora, q_pe + (size_t)b[i] * ldr_pe,
-                   ldr_pe, ldh_pe, sel + (size_t)b[i] * topk, topk, kv, &s, scale);
+        const int e = is_mla ? cu_mla(c, out + r0 * lat, q_lat + r0 * lat, q_pe + r0 * ldr_pe,
+                                      ldr_pe, ldh_pe, sel + r0 * topk, topk, kv, &s, scale)
+                             : cu_indexer(c, sel + r0 * topk, q + r0 * IH * 128, q_scale + r0 * IH,
+                                          w_raw + r0 * IH, kv, &s, topk);
         c->st = main_st;
         c->n_sm = main_sms;
         return e;
@@ -256,30 +246,32 @@ int cu_dsa(struct cu_ctx *c, float *out, int32_t *sel, const uint8_t *q, const f
     {
         const size_t ld_s = (size_t)(m->max_ctx + 63) / 64 * 64;
         const size_t blocks = (size_t)max_rows * ((size_t)(m->max_ctx + 63) / 64);
-        const size_t splits = (size_t)c->n_sm; /* an upper bound on any chunk's key split */
+        /* a chunk's MLA splits its keys only when its CTAs (2 or more a row) are fewer than the
+         * SMs, in n_sm / CTAs splits: splits x rows <= n_sm */
+        const size_t part_rows = (size_t)c->n_sm;
         if (!cu_scratch(c, SCR_SCORES, sizeof(float) * (size_t)max_rows * ld_s) ||
             !cu_scratch(c, SCR_WORK, sizeof(int4) * (blocks / 2 + (size_t)max_rows + 2)) ||
-            !cu_scratch(c, SCR_PART, sizeof(float) * splits * max_rows * H * c->geom.kv_lora) ||
-            !cu_scratch(c, SCR_TMP2, sizeof(float2) * splits * max_rows * H) ||
+            !cu_scratch(c, SCR_PART, sizeof(float) * part_rows * H * c->geom.kv_lora) ||
+            !cu_scratch(c, SCR_TMP2, sizeof(float2) * part_rows * H) ||
             cu_topk_reserve(c, max_rows) < 0)
             return -ENOMEM;
     }
     /* host-side order: each indexer's work-list upload waits for the previous one's copy (one
      * pinned staging buffer), so every MLA is queued before the next indexer's call */
-    if ((r = idx(0, main_st, main_sms)) < 0)
+    if ((r = chunk(0, false, main_st, main_sms)) < 0)
         return r;
     CU_CHECK(cudaEventRecord(gr->ev_idx[0], main_st));
     CU_CHECK(cudaStreamWaitEvent(gr->st[0], gr->ev_idx[0], 0));
     for (int i = 1; i < C; i++) {
         CU_CHECK(cudaStreamWaitEvent(gr->st[1], gr->ev_idx[i - 1], 0));
-        if ((r = mla(i - 1, gr->st[1], gr->sms[1])) < 0)
+        if ((r = chunk(i - 1, true, gr->st[1], gr->sms[1])) < 0)
             return r;
-        if ((r = idx(i, gr->st[0], gr->sms[0])) < 0)
+        if ((r = chunk(i, false, gr->st[0], gr->sms[0])) < 0)
             return r;
         CU_CHECK(cudaEventRecord(gr->ev_idx[i], gr->st[0]));
     }
     CU_CHECK(cudaEventRecord(gr->ev_mla, gr->st[1]));
     CU_CHECK(cudaStreamWaitEvent(main_st, gr->ev_idx[C - 1], 0));
     CU_CHECK(cudaStreamWaitEvent(main_st, gr->ev_mla, 0));
-    return mla(C - 1, main_st, main_sms);
+    return chunk(C - 1, true, main_st, main_sms);
 }
