@@ -50,7 +50,8 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * one row, decode; 0, default: in turn), "mla_q6" (1: the warp-specialized MLA stages Q with six
  * loads in flight a thread instead of four), "dsa_chunks" (N >= 2: the dsa op cuts the rows in up
  * to N chunks and runs chunk i's MLA beside chunk i + 1's indexer on disjoint SMs, dsa.cu; 0 or
- * 1: the indexer, then the MLA), "dsa_idx_sms" (the SMs of the indexer's partition there; 0: half).
+ * 1: the indexer, then the MLA), "dsa_idx_sms" (the SMs of the indexer's partition there; 0: half),
+ * "dsa_skip" (benchmarks: the chunked dsa op without its MLAs, 1, or its indexers, 2).
  * Returns 0 or -EINVAL. */
 int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, int value);
 /* The current value of a knob of the table above ("mla_prof" excluded); 0 or -EINVAL. */
