@@ -331,6 +331,10 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         /* each block's epilogue under the next block's MMAs (knob idx_pipe; one-row items) */
         const double t_scores8_pipe = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_no_topk", 1}, {"idx_pipe", 1}));
         const double t_all8_pipe = dsa_time_with(&d, &m, IS, iters, KNOBS({"idx_pipe", 1}));
+        const double t_up = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_no_topk", 1}, {"idx_dev_items", 0}));
+        const double t_up_all = dsa_time_with(&d, &m, IS, iters, KNOBS({"idx_dev_items", 0}));
+        const double q_up = dsa_time_with(&d, &m, IS | RUN_QUEUED, iters, KNOBS({"idx_dev_items", 0}));
+        const double q_dev = dsa_time(&d, &m, IS | RUN_QUEUED, iters);
         /* the cache blocks by TMA (evict-first in L2, and without the hint) instead of cp.async */
         const double t_scores8_tma = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_no_topk", 1}, {"idx_tma", 1}));
         const double t_idx8_tma = dsa_time_with(&d, &m, I, iters, KNOBS({"idx_tma", 1}));
@@ -380,6 +384,8 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         const double kfloor = (double)B * L * 132 / (copy_gbps * gb) * 1e3;
         printf("| scores alone, the work list in items of a fixed block count, a partial last wave (knob idx_items 0, the previous default) | %.3f | %.2f | with the top-k %.3f ms; DSA total %.3f ms |\n",
                t_scores8_items, t_scores8_items / kfloor, t_idx8_items, t_all8_items);
+        printf("| scores alone, the work list built on the host and uploaded (knob idx_dev_items 0, the previous kernel) | %.3f | %.2f | DSA total %.3f ms; queued: DSA %.3f against %.3f with the items derived on the GPU |\n",
+               t_up, t_up / ((double)B * L * 132 / (copy_gbps * gb) * 1e3), t_up_all, q_up, q_dev);
         printf("| scores alone, each block's epilogue under the next block's MMAs (knob idx_pipe) | %.3f | %.2f | DSA total %.3f ms |\n",
                t_scores8_pipe, t_scores8_pipe / kfloor, t_all8_pipe);
         printf("| scores alone, cache blocks by TMA, evict-first in L2 (knob idx_tma) | %.3f | %.2f | with the top-k %.3f ms |\n",

@@ -1227,8 +1227,9 @@ static void test_indexer(void)
             continue;
         /* 0: exact (f16 wgmma), 1: fast f16 wgmma, 2: fast FP8 wgmma (cache blocks by cp.async), 3:
          * exact f16 mma.sync with the top-k finishing over global memory, 4: fast FP8 mma.sync, 5:
-         * fast FP8 wgmma with the cache blocks by TMA, 6: fast FP8 wgmma with each block's epilogue
-         * under the next block's MMAs (knob idx_pipe: the cases of one row per sequence) */
+         * fast FP8 wgmma with the cache blocks by TMA and the work list uploaded (knob idx_dev_items
+         * 0), 6: fast FP8 wgmma with each block's epilogue under the next block's MMAs (knob
+         * idx_pipe: the cases of one row per sequence) */
         struct dsv32_config cfg;
         cfg_v32(&cfg);
         struct pair p;
@@ -1239,6 +1240,8 @@ static void test_indexer(void)
         dsv32_cuda_set_knob(p.gpu, "topk_global", variant == 3); /* the top-k's fallback path */
         dsv32_cuda_set_knob(p.gpu, "idx_tma", variant == 5);
         dsv32_cuda_set_knob(p.gpu, "idx_pipe", variant == 6);
+        /* the TMA variant takes the uploaded work list, the others derive decode items on the GPU */
+        dsv32_cuda_set_knob(p.gpu, "idx_dev_items", variant != 5);
         /* the work list in equal items (knob idx_items 1, the default) for all but the mma.sync
          * fallback, which takes items of a fixed block count */
         dsv32_cuda_set_knob(p.gpu, "idx_items", force_idx_items >= 0 ? force_idx_items : variant != 3);

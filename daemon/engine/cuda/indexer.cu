@@ -550,10 +550,48 @@ static __device__ __forceinline__ int warp_excl_scan(int v, int lane, int *total
  * tensor core's FP8 products are accumulated in its own (not f32-exact) precision, which is why the exact mode never takes this path. */
 #define IDX8_STAGEB 9216 /* 8 KB of keys (1024-aligned) + 256 B of scales, rounded to 1 KB */
 
+/* Work item b of a step whose rows rb.. (nrows of them) are each their own group (decode, one row
+ * per sequence), derived on the device instead of uploaded: the host's equal-item list
+ * (cu_indexer, idx_items 1) in the same order, rows needing scores (pos + 1 > topk) cut in
+ * max(1, nblk / bpc) items of nblk * i / n_it.. blocks. Each warp computes it (a prefix over the
+ * rows' item counts, 32 rows a step), so that no copy of the list precedes the kernel. */
+static __device__ int4 idx_dev_item(int b, const int32_t *row_pos, int rb, int nrows, int bpc, int topk)
+{
+    const int lane = threadIdx.x & 31;
+    int base = 0;
+    for (int r0 = 0; r0 < nrows; r0 += 32) { /* warp-uniform */
+        int nblk = 0, nit = 0;
+        if (r0 + lane < nrows) {
+            const int pos = row_pos[rb + r0 + lane];
+            if (pos + 1 > topk) {
+                nblk = pos / DSV32_KV_BLOCK_TOKENS + 1;
+                nit = nblk / bpc > 0 ? nblk / bpc : 1;
+            }
+        }
+        int incl = nit;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o)
+                incl += y;
+        }
+        const int tot = __shfl_sync(0xffffffffu, incl, 31);
+        if (b < base + tot) {
+            const int L = __ffs(__ballot_sync(0xffffffffu, b < base + incl)) - 1;
+            const int incl_l = __shfl_sync(0xffffffffu, incl, L), nit_l = __shfl_sync(0xffffffffu, nit, L);
+            const int nblk_l = __shfl_sync(0xffffffffu, nblk, L), i = b - (base + incl_l - nit_l);
+            return make_int4(rb + r0 + L, 1, (int)((int64_t)nblk_l * i / nit_l),
+                             (int)((int64_t)nblk_l * (i + 1) / nit_l));
+        }
+        base += tot;
+    }
+    return make_int4(rb, 1, 0, 0); /* not reached: b < the item count */
+}
+
 template <bool TMA, bool PIPE>
 static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
     const __grid_constant__ CUtensorMap tm, int evict_first, int copy_only, float *scores, int ld_s, int row_base,
-    const int4 *work, const uint8_t *q, const float *q_scale, const float *w_raw, const uint8_t *cache,
+    const int4 *work, int4 dev, const uint8_t *q, const float *q_scale, const float *w_raw, const uint8_t *cache,
     int block_bytes, const int32_t *blocks, int max_blocks, const int32_t *row_pos, const int32_t *row_seq,
     float wscale, float sscale)
 {
@@ -561,7 +599,8 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
     extern __shared__ __align__(1024) uint8_t dyn[];
     /* 1024-byte alignment for the swizzled tiles, whatever the dynamic base */
     uint8_t *sm = dyn + ((1024 - ((uint32_t)__cvta_generic_to_shared(dyn) & 1023u)) & 1023u);
-    const int4 wk = work[blockIdx.x];
+    /* work NULL: dev = (bpc, rows, topk), the item derived (idx_dev_item) */
+    const int4 wk = work ? work[blockIdx.x] : idx_dev_item(blockIdx.x, row_pos, row_base, dev.y, dev.x, dev.z);
     const int r0 = wk.x, nr = wk.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     uint8_t *qsm = sm;                      /* [row][64 heads x 128 B], swizzled */
@@ -1248,7 +1287,11 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             if (bpc < 2)
                 bpc = 2;
             const size_t max_items = total_blocks / bpc + (size_t)n_groups + 1;
-            if (max_items > c->idx_items_cap) { /* the host's work list, kept across calls */
+            /* one row a group (decode) on the FP8 wgmma kernel: the items derived on the device
+             * (knob idx_dev_items), the host counts them only */
+            const bool fp8_wg = use_fp8 && IH == 64 && c->idx_wgmma && c->geom.idx_block_bytes == 64 * 132;
+            const bool dev_items = fp8_wg && c->idx_dev_items && c->idx_items && max_nr == 1;
+            if (!dev_items && max_items > c->idx_items_cap) { /* the host's work list, kept across calls */
                 int4 *grown = (int4 *)realloc(c->idx_items_h, sizeof(int4) * max_items);
                 if (!grown)
                     return -ENOMEM;
@@ -1257,7 +1300,12 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             }
             int4 *items = c->idx_items_h;
             int n_items = 0;
-            for (int r = rb; r < re;) {
+            for (int r = rb; dev_items && r < re; r++)
+                if (m->h_row_pos[r] + 1 > topk) {
+                    const int nblk = m->h_row_pos[r] / DSV32_KV_BLOCK_TOKENS + 1;
+                    n_items += nblk / (int)bpc > 0 ? nblk / (int)bpc : 1;
+                }
+            for (int r = rb; !dev_items && r < re;) {
                 int e = r + 1;
                 while (e < re && e - r < IDX_QT && m->h_row_seq[e] == m->h_row_seq[r])
                     e++;
@@ -1284,9 +1332,11 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 }
                 r = e;
             }
-            const int4 *d_items = (const int4 *)cu_upload(c, SCR_WORK, items, sizeof(int4) * (size_t)n_items);
+            const int4 *d_items =
+                dev_items ? NULL : (const int4 *)cu_upload(c, SCR_WORK, items, sizeof(int4) * (size_t)n_items);
+            const int4 dev = make_int4((int)bpc, re - rb, topk, 0);
             float *scores = (float *)cu_scratch(c, SCR_SCORES, sizeof(float) * (size_t)(re - rb) * ld_s);
-            if (!d_items || !scores)
+            if ((!dev_items && !d_items) || !scores)
                 return -ENOMEM;
             if (c->idx_poison) /* all ones: a NaN */
                 CU_CHECK(cudaMemsetAsync(scores, 0xff, sizeof(float) * (size_t)(re - rb) * ld_s, c->st));
@@ -1316,7 +1366,7 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 kern<<<n_items, 128, qsmem, c->st>>>(scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx,
                                                      c->geom.idx_block_bytes, m->d_blocks, m->max_blocks,
                                                      m->d_row_pos, m->d_row_seq, wscale, sscale, lbo, sbo);
-            } else if (use_fp8 && NT == 8 && c->idx_wgmma && c->geom.idx_block_bytes == 64 * 132) {
+            } else if (fp8_wg) {
                 const size_t smem8 = 1024 + (size_t)max_nr * 8192 + (size_t)IDX_RING * IDX8_STAGEB +
                                      sizeof(float) * (size_t)max_nr * IH + sizeof(uint64_t) * IDX_RING;
                 CUtensorMap tm;
@@ -1336,7 +1386,7 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 else
                     CU_SMEM_OPTIN((idx_wgmma_fp8_kernel<false, false>), smem8);
                 kern<<<n_items, 128, smem8, c->st>>>(tm, c->idx_l2_normal == 0, c->idx_copy_only, scores, ld_s, rb,
-                                                     d_items, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,
+                                                     d_items, dev, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,
                                                      m->d_blocks, m->max_blocks, m->d_row_pos, m->d_row_seq, wscale,
                                                      sscale);
             } else if (use_fp8 && NT == 8 && max_nr == 1) {
