@@ -159,7 +159,7 @@ struct cu_ctx {
                                   so that a score no kernel wrote shows in the selection */
     int mla_q6;                /* the warp-specialized MLA stages Q with six loads in flight a
                                   thread, two rounds (1), or four, three rounds (0, default) */
-    int idx_dev_items;         /* the FP8 wgmma indexer derives a decode step's work items on the
+    int idx_dev_items;         /* the wgmma indexers derive a decode step's work items on the
                                   device (1, default) instead of uploading the host's list (0) */
     int idx_pipe;              /* the FP8 wgmma indexer with each block's epilogue under the next
                                   block's MMAs, for one-row items (1; 0, default: in turn) */

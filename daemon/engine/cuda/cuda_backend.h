@@ -31,8 +31,8 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
 /* Selects a kernel variant at run time (benchmarks compare them): "indexer_fp8" (0/1),
  * "lt_fp8" (0/1: let fast FP8 linears use cuBLASLt), "lt_min_rows" (the fewest rows a linear
  * takes cuBLASLt with; 65 by default), "lt_big_rows" (the same for weights of 32M elements or
- * more; 16), "idx_dev_items" (1, default: the FP8 wgmma indexer derives a decode step's work items
- * on the device; 0: the host's list uploaded), "fp8_reg" (0/1: the FP8 GEMM kernel that
+ * more; 16), "idx_dev_items" (1, default: the wgmma indexers, FP8 and f16, derive a decode step's
+ * work items on the device; 0: the host's list uploaded), "fp8_reg" (0/1: the FP8 GEMM kernel that
  * prefetches into registers instead of the shared-memory pipeline), "idx_wgmma" (1: f16 indexer
  * scores on wgmma, 0: on mma.sync, 2: wgmma with the descriptor offsets swapped, a diagnostic that
  * must fail the tests), "idx_no_topk" (1: scores only, for timing), "topk_global" (1: the top-k

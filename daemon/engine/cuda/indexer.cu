@@ -359,18 +359,57 @@ static __global__ void __launch_bounds__(128, 3) idx_dec_fp8_kernel(
 #define IDX_ROWB 144    /* a key row's stride there: 128 bytes + 16 of padding (no bank conflicts) */
 #define IDX_STAGEB (64 * IDX_ROWB + 64 * 4)
 
+/* Work item b of a step whose rows rb.. (nrows of them) are each their own group (decode, one row
+ * per sequence), derived on the device instead of uploaded: the host's equal-item list
+ * (cu_indexer, idx_items 1) in the same order, rows needing scores (pos + 1 > topk) cut in
+ * max(1, nblk / bpc) items of nblk * i / n_it.. blocks. Each warp computes it (a prefix over the
+ * rows' item counts, 32 rows a step), so that no copy of the list precedes the kernel. */
+static __device__ int4 idx_dev_item(int b, const int32_t *row_pos, int rb, int nrows, int bpc, int topk)
+{
+    const int lane = threadIdx.x & 31;
+    int base = 0;
+    for (int r0 = 0; r0 < nrows; r0 += 32) { /* warp-uniform */
+        int nblk = 0, nit = 0;
+        if (r0 + lane < nrows) {
+            const int pos = row_pos[rb + r0 + lane];
+            if (pos + 1 > topk) {
+                nblk = pos / DSV32_KV_BLOCK_TOKENS + 1;
+                nit = nblk / bpc > 0 ? nblk / bpc : 1;
+            }
+        }
+        int incl = nit;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o)
+                incl += y;
+        }
+        const int tot = __shfl_sync(0xffffffffu, incl, 31);
+        if (b < base + tot) {
+            const int L = __ffs(__ballot_sync(0xffffffffu, b < base + incl)) - 1;
+            const int incl_l = __shfl_sync(0xffffffffu, incl, L), nit_l = __shfl_sync(0xffffffffu, nit, L);
+            const int nblk_l = __shfl_sync(0xffffffffu, nblk, L), i = b - (base + incl_l - nit_l);
+            return make_int4(rb + r0 + L, 1, (int)((int64_t)nblk_l * i / nit_l),
+                             (int)((int64_t)nblk_l * (i + 1) / nit_l));
+        }
+        base += tot;
+    }
+    return make_int4(rb, 1, 0, 0); /* not reached: b < the item count */
+}
+
 /* RING: the cache blocks stream through IDX_RING shared-memory stages filled by cp.async,
  * IDX_RING - 1 blocks ahead, and the lanes read their A fragments from there; otherwise two blocks
  * ahead in registers (the first version, kept as the baseline). */
 template <bool RING>
 static __global__ void __launch_bounds__(128) idx_wgmma_kernel(
-    float *scores, int ld_s, int row_base, const int4 *work, const uint8_t *q, const float *q_scale,
+    float *scores, int ld_s, int row_base, const int4 *work, int4 dev, const uint8_t *q, const float *q_scale,
     const float *w_raw, const uint8_t *cache, int block_bytes, const int32_t *blocks, int max_blocks,
     const int32_t *row_pos, const int32_t *row_seq, float wscale, float sscale, uint32_t lbo, uint32_t sbo)
 {
     constexpr int IH = 64, QB = 8 * 2048; /* f16 query bytes per row: 8 k-steps x 2048 */
     extern __shared__ __align__(128) uint8_t qsm[];
-    const int4 wk = work[blockIdx.x];
+    /* work NULL: dev = (bpc, rows, topk), the item derived (idx_dev_item) */
+    const int4 wk = work ? work[blockIdx.x] : idx_dev_item(blockIdx.x, row_pos, row_base, dev.y, dev.x, dev.z);
     const int r0 = wk.x, nr = wk.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     float *wsm = reinterpret_cast<float *>(qsm + (size_t)nr * QB); /* [row][head] */
@@ -549,44 +588,6 @@ static __device__ __forceinline__ int warp_excl_scan(int v, int lane, int *total
  * waited for just before the refill of their stage), and the weights of one row only are held. The
  * tensor core's FP8 products are accumulated in its own (not f32-exact) precision, which is why the exact mode never takes this path. */
 #define IDX8_STAGEB 9216 /* 8 KB of keys (1024-aligned) + 256 B of scales, rounded to 1 KB */
-
-/* Work item b of a step whose rows rb.. (nrows of them) are each their own group (decode, one row
- * per sequence), derived on the device instead of uploaded: the host's equal-item list
- * (cu_indexer, idx_items 1) in the same order, rows needing scores (pos + 1 > topk) cut in
- * max(1, nblk / bpc) items of nblk * i / n_it.. blocks. Each warp computes it (a prefix over the
- * rows' item counts, 32 rows a step), so that no copy of the list precedes the kernel. */
-static __device__ int4 idx_dev_item(int b, const int32_t *row_pos, int rb, int nrows, int bpc, int topk)
-{
-    const int lane = threadIdx.x & 31;
-    int base = 0;
-    for (int r0 = 0; r0 < nrows; r0 += 32) { /* warp-uniform */
-        int nblk = 0, nit = 0;
-        if (r0 + lane < nrows) {
-            const int pos = row_pos[rb + r0 + lane];
-            if (pos + 1 > topk) {
-                nblk = pos / DSV32_KV_BLOCK_TOKENS + 1;
-                nit = nblk / bpc > 0 ? nblk / bpc : 1;
-            }
-        }
-        int incl = nit;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(0xffffffffu, incl, o);
-            if (lane >= o)
-                incl += y;
-        }
-        const int tot = __shfl_sync(0xffffffffu, incl, 31);
-        if (b < base + tot) {
-            const int L = __ffs(__ballot_sync(0xffffffffu, b < base + incl)) - 1;
-            const int incl_l = __shfl_sync(0xffffffffu, incl, L), nit_l = __shfl_sync(0xffffffffu, nit, L);
-            const int nblk_l = __shfl_sync(0xffffffffu, nblk, L), i = b - (base + incl_l - nit_l);
-            return make_int4(rb + r0 + L, 1, (int)((int64_t)nblk_l * i / nit_l),
-                             (int)((int64_t)nblk_l * (i + 1) / nit_l));
-        }
-        base += tot;
-    }
-    return make_int4(rb, 1, 0, 0); /* not reached: b < the item count */
-}
 
 template <bool TMA, bool PIPE>
 static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
@@ -1287,10 +1288,11 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             if (bpc < 2)
                 bpc = 2;
             const size_t max_items = total_blocks / bpc + (size_t)n_groups + 1;
-            /* one row a group (decode) on the FP8 wgmma kernel: the items derived on the device
-             * (knob idx_dev_items), the host counts them only */
+            /* one row a group (decode) on the wgmma kernels (FP8 or f16): the items derived on the
+             * device (knob idx_dev_items), the host counts them only */
             const bool fp8_wg = use_fp8 && IH == 64 && c->idx_wgmma && c->geom.idx_block_bytes == 64 * 132;
-            const bool dev_items = fp8_wg && c->idx_dev_items && c->idx_items && max_nr == 1;
+            const bool f16_wg = !use_fp8 && IH == 64 && c->idx_wgmma;
+            const bool dev_items = (fp8_wg || f16_wg) && c->idx_dev_items && c->idx_items && max_nr == 1;
             if (!dev_items && max_items > c->idx_items_cap) { /* the host's work list, kept across calls */
                 int4 *grown = (int4 *)realloc(c->idx_items_h, sizeof(int4) * max_items);
                 if (!grown)
@@ -1351,7 +1353,7 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,        \
             m->d_blocks, m->max_blocks, m->d_row_pos, m->d_row_seq, IH, wscale, sscale);           \
     } while (0)
-            if (!use_fp8 && NT == 8 && c->idx_wgmma) {
+            if (f16_wg) {
                 size_t qsmem = (size_t)max_nr * (8 * 2048 + sizeof(float) * IH);
                 const uint32_t lbo = c->idx_wgmma == 2 ? 256 : 128, sbo = c->idx_wgmma == 2 ? 128 : 256;
                 /* idx_wgmma 3: the register-prefetch version (the baseline) */
@@ -1363,7 +1365,7 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 } else {
                     CU_SMEM_OPTIN(idx_wgmma_kernel<false>, qsmem);
                 }
-                kern<<<n_items, 128, qsmem, c->st>>>(scores, ld_s, rb, d_items, q, q_scale, w_raw, kv->idx,
+                kern<<<n_items, 128, qsmem, c->st>>>(scores, ld_s, rb, d_items, dev, q, q_scale, w_raw, kv->idx,
                                                      c->geom.idx_block_bytes, m->d_blocks, m->max_blocks,
                                                      m->d_row_pos, m->d_row_seq, wscale, sscale, lbo, sbo);
             } else if (fp8_wg) {
