@@ -42,27 +42,10 @@ extern "C" {
 /* after every kernel launch: launch-configuration errors surface here */
 #define CU_LAUNCHED(name) CU_CHECK(cudaPeekAtLastError())
 
-/* A kernel's dynamic shared memory beyond 48 KB needs an opt-in, a driver call that holds for
- * the current device: made once per kernel, device and size that grows, not per launch (the
- * indexer and MLA launch per layer and step). lim is the call site's static for that kernel and
- * the device (NULL: devices past CU_OPTIN_DEVS, the call made every time). */
-#define CU_OPTIN_DEVS 16
-static inline cudaError_t cu_smem_optin(const void *func, size_t bytes, int *lim)
-{
-    if (lim && (int)bytes <= __atomic_load_n(lim, __ATOMIC_RELAXED))
-        return cudaSuccess;
-    const cudaError_t e = cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
-    if (e == cudaSuccess && lim)
-        __atomic_store_n(lim, (int)bytes, __ATOMIC_RELAXED);
-    return e;
-}
-/* at a launch site with the backend's context c in scope (its device current) */
-#define CU_SMEM_OPTIN(kernel, bytes)                                                               \
-    do {                                                                                           \
-        static int lim_[CU_OPTIN_DEVS];                                                            \
-        CU_CHECK(cu_smem_optin((const void *)(kernel), (bytes),                                   \
-                               c->device >= 0 && c->device < CU_OPTIN_DEVS ? &lim_[c->device] : NULL)); \
-    } while (0)
+/* A kernel's dynamic shared memory beyond 48 KB needs an opt-in (cu_smem_optin, below), at a
+ * launch site with the backend's context c in scope; any kernel pointer, so one site serves the
+ * template instances a launch chooses among */
+#define CU_SMEM_OPTIN(kernel, bytes) CU_CHECK(cu_smem_optin(c, (const void *)(kernel), (bytes)))
 
 #define BLAS_CHECK(call)                                                                           \
     do {                                                                                           \
@@ -116,6 +99,7 @@ struct cu_probe {
 enum { CU_SCRATCH_SLOTS = 16 };
 enum { CU_MLA_PROF_N = 20 }; /* counters of the knob mla_prof (cuda_backend.h: dsv32_cuda_mla_prof) */
 enum { CU_TMAPS = 64 };      /* tensor maps kept (indexer caches: one per layer) */
+enum { CU_OPTINS = 32 };     /* kernels whose shared-memory opt-in a context remembers */
 
 /* An encoded CUtensorMap (128 bytes, kept as words: the context is not 64-byte aligned) for the
  * cache at ptr, valid while ptr's allocation is [base, base + size) */
@@ -173,6 +157,11 @@ struct cu_ctx {
     long dsa_overlapped;       /* dsa calls that ran chunks side by side */
     struct cu_tmap tmaps[CU_TMAPS];
     int n_tmaps;
+    struct {
+        const void *func;
+        int bytes;
+    } optin[CU_OPTINS];        /* the kernels opted into more dynamic shared memory, and how much */
+    int n_optin;
     int4 *idx_items_h;         /* the indexer's work list on the host, grown as needed */
     size_t idx_items_cap;
     uint32_t *topk_xc;         /* the split top-k's candidate exchange (cu_topk_xchg) */
@@ -211,6 +200,25 @@ struct cu_ctx {
     const struct dsv32_config *cfg;
     struct dsv32_kv_geom geom;
 };
+
+/* The opt-in is a driver call that holds for the kernel on the current device, i.e. this
+ * context's: made once per kernel and size that grows, not per launch (the indexer and MLA launch
+ * per layer and step); kernels past the table's CU_OPTINS entries make the call every time. */
+static inline cudaError_t cu_smem_optin(struct cu_ctx *c, const void *func, size_t bytes)
+{
+    int i = 0;
+    while (i < c->n_optin && c->optin[i].func != func)
+        i++;
+    if (i < c->n_optin && (int)bytes <= c->optin[i].bytes)
+        return cudaSuccess;
+    const cudaError_t e = cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+    if (e == cudaSuccess && i < CU_OPTINS) {
+        c->optin[i].func = func;
+        c->optin[i].bytes = (int)bytes;
+        c->n_optin += i == c->n_optin;
+    }
+    return e;
+}
 
 /* scratch slot owners (one op uses a slot at a time; ops run in stream order, except in cu_dsa,
  * whose indexer and MLA run side by side: it sizes their slots before it forks) */

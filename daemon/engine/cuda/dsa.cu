@@ -16,6 +16,7 @@
  * its key split only. */
 #include <cuda.h>
 #include <errno.h>
+#include <string.h>
 
 #include "dsa.cuh"
 #include "indexer.cuh"
@@ -62,11 +63,9 @@ int cu_dsa_info(const struct cu_ctx *c, int sms[2], long *overlapped)
     return 0;
 }
 
-void cu_green_free(struct cu_ctx *c)
+/* the partitions' streams, contexts and events (the struct stays, its handles cleared) */
+static void green_release(struct cu_green *gr)
 {
-    struct cu_green *gr = c->green;
-    if (!gr)
-        return;
     fn_green_destroy destroy = (fn_green_destroy)driver_fn("cuGreenCtxDestroy");
     for (int i = 0; i < 2; i++) {
         if (gr->st[i]) {
@@ -81,7 +80,17 @@ void cu_green_free(struct cu_ctx *c)
             cudaEventDestroy(gr->ev_idx[i]);
     if (gr->ev_mla)
         cudaEventDestroy(gr->ev_mla);
-    free(gr);
+    const int idx_sms = gr->idx_sms;
+    memset(gr, 0, sizeof(*gr));
+    gr->idx_sms = idx_sms;
+}
+
+void cu_green_free(struct cu_ctx *c)
+{
+    if (!c->green)
+        return;
+    green_release(c->green);
+    free(c->green);
     c->green = NULL;
 }
 
@@ -142,10 +151,7 @@ static int green_get(struct cu_ctx *c, int idx_sms)
         log_warn(
             "cuda: DSA overlap off (%s, %d SMs asked for the indexer); indexer and MLA in turn",
             why, idx_sms);
-        cu_green_free(c);
-        c->green = (struct cu_green *)calloc(1, sizeof(struct cu_green));
-        if (c->green)
-            c->green->idx_sms = idx_sms;
+        green_release(gr); /* remembered as failed for this idx_sms: g[0] stays NULL */
         return -1;
     }
     gr->sms[0] = (int)part[0].sm.smCount;
@@ -186,18 +192,19 @@ int cu_dsa(struct cu_ctx *c, float *out, int32_t *sel, const uint8_t *q, const f
 {
     const int T = m->n_rows, IH = c->cfg->index_n_heads, H = c->cfg->num_attention_heads;
     int C = c->dsa_chunks < CU_DSA_MAX_CHUNKS ? c->dsa_chunks : CU_DSA_MAX_CHUNKS;
-    /* overlap only where the indexer has keys to stream: every row's context beyond 4 selections */
-    int deep = T >= 2 * C;
-    for (int r = 0; r < T && deep; r++)
-        deep = m->h_row_pos[r] + 1 >= 4 * topk;
-    const int idx_sms = c->dsa_idx_sms > 0 ? c->dsa_idx_sms : c->n_sm / 2;
     /* the plain path: the two ops on the whole GPU */
     auto in_turn = [&]() {
         const int r = cu_indexer(c, sel, q, q_scale, w_raw, kv, m, topk);
         return r < 0 ? r : cu_mla(c, out, q_lat, q_pe, ldr_pe, ldh_pe, sel, topk, kv, m, scale);
     };
-    if (C < 2 || !deep || !c->fast || !cu_mla_fast_ok(c) || idx_sms >= c->n_sm ||
-        green_get(c, idx_sms) < 0)
+    if (C < 2) /* the default: no per-row checks on every layer's call */
+        return in_turn();
+    /* overlap only where the indexer has keys to stream: every row's context beyond 4 selections */
+    int deep = T >= 2 * C;
+    for (int r = 0; r < T && deep; r++)
+        deep = m->h_row_pos[r] + 1 >= 4 * topk;
+    const int idx_sms = c->dsa_idx_sms > 0 ? c->dsa_idx_sms : c->n_sm / 2;
+    if (!deep || !c->fast || !cu_mla_fast_ok(c) || idx_sms >= c->n_sm || green_get(c, idx_sms) < 0)
         return in_turn();
     struct cu_green *gr = c->green;
     /* chunk bounds: equal row counts, moved forward to the next sequence's first row */

@@ -662,15 +662,10 @@ int cu_fp8_gemm_run(struct cu_ctx *c, const struct cu_fp8_gemm *a)
     const size_t part_stride = (size_t)a->M * a->N;
     if (a->grp_off && per_group >= WG_MIN_ROWS && !c->fp8_reg && !c->fp8_no_wg && a->N % 64 == 0 && !part) {
         /* prefill-sized groups: the wgmma kernel (not f32-exact; the fast numerics only reach here) */
-        if (a->hq) {
-            const int bytes = 1024 + WG_STAGES * wg_stage_bytes<true>();
-            CU_SMEM_OPTIN(fp8_gemm_wg_kernel<true>, bytes);
-            fp8_gemm_wg_kernel<true><<<grid, 256, bytes, c->st>>>(args, p);
-        } else {
-            const int bytes = 1024 + WG_STAGES * wg_stage_bytes<false>();
-            CU_SMEM_OPTIN(fp8_gemm_wg_kernel<false>, bytes);
-            fp8_gemm_wg_kernel<false><<<grid, 256, bytes, c->st>>>(args, p);
-        }
+        const int bytes = 1024 + WG_STAGES * (a->hq ? wg_stage_bytes<true>() : wg_stage_bytes<false>());
+        auto kern = a->hq ? fp8_gemm_wg_kernel<true> : fp8_gemm_wg_kernel<false>;
+        CU_SMEM_OPTIN(kern, bytes);
+        kern<<<grid, 256, bytes, c->st>>>(args, p);
     } else if (nt == 1)
         CU_TRY(launch_fp8<1>(c, &args, grid, kb_per, part, part_stride, p));
     else if (nt == 2)

@@ -359,6 +359,26 @@ static __global__ void __launch_bounds__(128, 3) idx_dec_fp8_kernel(
 #define IDX_ROWB 144    /* a key row's stride there: 128 bytes + 16 of padding (no bank conflicts) */
 #define IDX_STAGEB (64 * IDX_ROWB + 64 * 4)
 
+static __device__ __forceinline__ int warp_excl_scan(int v, int lane, int *total)
+{
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o)
+            x += y;
+    }
+    *total = __shfl_sync(0xffffffffu, x, 31);
+    return x - v;
+}
+
+/* equal items of a row group's nblk cache blocks: floor(nblk / bpc), at least one (cu_indexer's
+ * list and idx_dev_item both) */
+static __host__ __device__ __forceinline__ int idx_item_count(int nblk, int bpc)
+{
+    return nblk / bpc > 0 ? nblk / bpc : 1;
+}
+
 /* Work item b of a step whose rows rb.. (nrows of them) are each their own group (decode, one row
  * per sequence), derived on the device instead of uploaded: the host's equal-item list
  * (cu_indexer, idx_items 1) in the same order, rows needing scores (pos + 1 > topk) cut in
@@ -374,17 +394,11 @@ static __device__ int4 idx_dev_item(int b, const int32_t *row_pos, int rb, int n
             const int pos = row_pos[rb + r0 + lane];
             if (pos + 1 > topk) {
                 nblk = pos / DSV32_KV_BLOCK_TOKENS + 1;
-                nit = nblk / bpc > 0 ? nblk / bpc : 1;
+                nit = idx_item_count(nblk, bpc);
             }
         }
-        int incl = nit;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(0xffffffffu, incl, o);
-            if (lane >= o)
-                incl += y;
-        }
-        const int tot = __shfl_sync(0xffffffffu, incl, 31);
+        int tot;
+        const int incl = warp_excl_scan(nit, lane, &tot) + nit;
         if (b < base + tot) {
             const int L = __ffs(__ballot_sync(0xffffffffu, b < base + incl)) - 1;
             const int incl_l = __shfl_sync(0xffffffffu, incl, L), nit_l = __shfl_sync(0xffffffffu, nit, L);
@@ -551,19 +565,6 @@ static __device__ __forceinline__ void hist_add(int *hist, bool valid, uint32_t 
     const uint32_t peers = __match_any_sync(0xffffffffu, match ? bin : 0xffffffffu);
     if (match && (threadIdx.x & 31) == __ffs(peers) - 1)
         atomicAdd(&hist[bin], __popc(peers));
-}
-
-static __device__ __forceinline__ int warp_excl_scan(int v, int lane, int *total)
-{
-    int x = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, x, o);
-        if (lane >= o)
-            x += y;
-    }
-    *total = __shfl_sync(0xffffffffu, x, 31);
-    return x - v;
 }
 
 /* The FP8 variant of the scores on wgmma (the fast numerics' default indexer): m64n64k32
@@ -759,30 +760,20 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
 static __device__ __forceinline__ int block_excl_scan(int v, int *warp_sum, int *total)
 {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int x = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, x, o);
-        if (lane >= o)
-            x += y;
-    }
+    int wtot;
+    const int ex = warp_excl_scan(v, lane, &wtot); /* within the warp */
     __syncthreads();
-    if (lane == 31)
-        warp_sum[warp] = x;
+    if (lane == 0)
+        warp_sum[warp] = wtot;
     __syncthreads();
-    if (warp == 0) {
-        int ws = warp_sum[lane];
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(0xffffffffu, ws, o);
-            if (lane >= o)
-                ws += y;
-        }
-        warp_sum[lane] = ws;
+    if (warp == 0) { /* the warps' sums, inclusive */
+        const int ws = warp_sum[lane];
+        int all;
+        warp_sum[lane] = warp_excl_scan(ws, lane, &all) + ws;
     }
     __syncthreads();
     *total = warp_sum[31];
-    return x - v + (warp ? warp_sum[warp - 1] : 0);
+    return ex + (warp ? warp_sum[warp - 1] : 0);
 }
 
 /* Block-wide: the bin of the kk-th largest key in hist[0:nb) (1024 threads, nb a multiple of
@@ -1305,7 +1296,7 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             for (int r = rb; dev_items && r < re; r++)
                 if (m->h_row_pos[r] + 1 > topk) {
                     const int nblk = m->h_row_pos[r] / DSV32_KV_BLOCK_TOKENS + 1;
-                    n_items += nblk / (int)bpc > 0 ? nblk / (int)bpc : 1;
+                    n_items += idx_item_count(nblk, (int)bpc);
                 }
             for (int r = rb; !dev_items && r < re;) {
                 int e = r + 1;
@@ -1323,7 +1314,7 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                         /* floor(nblk / bpc) equal items: at most total / bpc items in all, so no
                          * partial wave beyond the planned ones (today's rounding up made 17 items
                          * of a 2048-block row, 1088 for 1056 CTA slots at batch 64 x 131072) */
-                        const int n_it = nblk / (int)bpc > 0 ? nblk / (int)bpc : 1;
+                        const int n_it = idx_item_count(nblk, (int)bpc);
                         for (int i = 0; i < n_it; i++)
                             items[n_items++] = make_int4(r, e - r, (int)((int64_t)nblk * i / n_it),
                                                          (int)((int64_t)nblk * (i + 1) / n_it));
@@ -1359,12 +1350,9 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 /* idx_wgmma 3: the register-prefetch version (the baseline) */
                 const bool ring = c->idx_wgmma != 3 && c->geom.idx_block_bytes == 64 * 132;
                 auto kern = ring ? idx_wgmma_kernel<true> : idx_wgmma_kernel<false>;
-                if (ring) {
+                if (ring)
                     qsmem += (size_t)IDX_RING * IDX_STAGEB;
-                    CU_SMEM_OPTIN(idx_wgmma_kernel<true>, qsmem);
-                } else {
-                    CU_SMEM_OPTIN(idx_wgmma_kernel<false>, qsmem);
-                }
+                CU_SMEM_OPTIN(kern, qsmem);
                 kern<<<n_items, 128, qsmem, c->st>>>(scores, ld_s, rb, d_items, dev, q, q_scale, w_raw, kv->idx,
                                                      c->geom.idx_block_bytes, m->d_blocks, m->max_blocks,
                                                      m->d_row_pos, m->d_row_seq, wscale, sscale, lbo, sbo);
@@ -1378,15 +1366,7 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 const bool pipe = c->idx_pipe && max_nr == 1;
                 auto kern = tma ? (pipe ? idx_wgmma_fp8_kernel<true, true> : idx_wgmma_fp8_kernel<true, false>)
                                 : (pipe ? idx_wgmma_fp8_kernel<false, true> : idx_wgmma_fp8_kernel<false, false>);
-                /* one opt-in site per kernel (CU_SMEM_OPTIN keeps the limit set in a static) */
-                if (tma && pipe)
-                    CU_SMEM_OPTIN((idx_wgmma_fp8_kernel<true, true>), smem8);
-                else if (tma)
-                    CU_SMEM_OPTIN((idx_wgmma_fp8_kernel<true, false>), smem8);
-                else if (pipe)
-                    CU_SMEM_OPTIN((idx_wgmma_fp8_kernel<false, true>), smem8);
-                else
-                    CU_SMEM_OPTIN((idx_wgmma_fp8_kernel<false, false>), smem8);
+                CU_SMEM_OPTIN(kern, smem8);
                 kern<<<n_items, 128, smem8, c->st>>>(tm, c->idx_l2_normal == 0, c->idx_copy_only, scores, ld_s, rb,
                                                      d_items, dev, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,
                                                      m->d_blocks, m->max_blocks, m->d_row_pos, m->d_row_seq, wscale,

@@ -1353,30 +1353,17 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
         const int slack = (int)(optin - ws_need < 1023 ? optin - ws_need : 1023);
         const size_t smem = ws_need + (size_t)slack;
         const dim3 grid(splits, H / MLA_HG, rows);
-        if (a.prof && c->mla_q6) {
-            CU_SMEM_OPTIN((mla_ws_kernel<true, 6>), smem);
-            mla_ws_kernel<true, 6><<<grid, MLA_WS_TH, smem, c->st>>>(a, slack);
-        } else if (a.prof) {
-            CU_SMEM_OPTIN(mla_ws_kernel<true>, smem);
-            mla_ws_kernel<true><<<grid, MLA_WS_TH, smem, c->st>>>(a, slack);
-        } else if (c->mla_q6) {
-            CU_SMEM_OPTIN((mla_ws_kernel<false, 6>), smem);
-            mla_ws_kernel<false, 6><<<grid, MLA_WS_TH, smem, c->st>>>(a, slack);
-        } else {
-            CU_SMEM_OPTIN(mla_ws_kernel<false>, smem);
-            mla_ws_kernel<false><<<grid, MLA_WS_TH, smem, c->st>>>(a, slack);
-        }
+        auto kern = a.prof ? (c->mla_q6 ? mla_ws_kernel<true, 6> : mla_ws_kernel<true>)
+                           : (c->mla_q6 ? mla_ws_kernel<false, 6> : mla_ws_kernel<false>);
+        CU_SMEM_OPTIN(kern, smem);
+        kern<<<grid, MLA_WS_TH, smem, c->st>>>(a, slack);
         CU_LAUNCHED("mla_ws");
     } else if (c->mla_wgmma) {
         const size_t smem = 1024 + 2 * (size_t)WG_QB + 8192 + (size_t)MLA_KT * wg_rec_stride(g->mla_rec_bytes) +
                             sizeof(uint64_t) + sizeof(int32_t) * (MLA_KT + MLA_MAXSEL) + sizeof(float) * 8 * MLA_HG;
-        if (a.prof) {
-            CU_SMEM_OPTIN(mla_wg_kernel<true>, smem);
-            mla_wg_kernel<true><<<dim3(splits, H / MLA_HG, rows), WG_TH, smem, c->st>>>(a);
-        } else {
-            CU_SMEM_OPTIN(mla_wg_kernel<false>, smem);
-            mla_wg_kernel<false><<<dim3(splits, H / MLA_HG, rows), WG_TH, smem, c->st>>>(a);
-        }
+        auto kern = a.prof ? mla_wg_kernel<true> : mla_wg_kernel<false>;
+        CU_SMEM_OPTIN(kern, smem);
+        kern<<<dim3(splits, H / MLA_HG, rows), WG_TH, smem, c->st>>>(a);
         CU_LAUNCHED("mla_wg");
     } else {
         const size_t smem = sizeof(__nv_bfloat16) * 2 * MLA_HG * MLA_QSTR + sizeof(float) * MLA_HG * MLA_SSTR +
