@@ -950,8 +950,17 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
 #define MLA_WS_TH 384
 enum { WS_K_FULL = 1, WS_K_FREE = 3, WS_P_READY = 5, WS_P_FREE = 6, WS_Q_FULL = 7 };
 
-static __device__ __forceinline__ void nbar_sync(int id) { asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(MLA_WS_TH) : "memory"); }
-static __device__ __forceinline__ void nbar_arrive(int id) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "n"(MLA_WS_TH) : "memory"); }
+/* named barriers of N threads (whole warps) */
+template <int N = MLA_WS_TH>
+static __device__ __forceinline__ void nbar_sync(int id)
+{
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(N) : "memory");
+}
+template <int N = MLA_WS_TH>
+static __device__ __forceinline__ void nbar_arrive(int id)
+{
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "n"(N) : "memory");
+}
 
 /* bytes of (row, col) in a key tile of 32 rows (wg_off's layout with 4 KB atoms) */
 static __device__ __forceinline__ uint32_t ws_off(int row, int col)
@@ -968,6 +977,28 @@ static __host__ __device__ __forceinline__ size_t ws_smem(int rec_bytes)
 {
     return (size_t)WG_QB + 2 * MLA_WS_KB + 8192 + (size_t)MLA_WS_NS * MLA_WS_KT * ws_rec_stride(rec_bytes) +
            MLA_WS_NS * sizeof(uint64_t) + sizeof(int32_t) * MLA_MAXSEL + 2 * MLA_WS_KT + sizeof(float) * 3 * MLA_HG;
+}
+
+/* A warpgroup's O (heads x latent dims 256c.., m64n256: O[4j + {0,1,2,3}] is (head hr0, dim
+ * 8j+2t), (hr0, +1), (hr0 + 8, 8j+2t), (hr0 + 8, +1)) out: normalized when one split, else a
+ * split's partial, and with c = 0 the threads ctid < 64 publish their head's running max and sum */
+static __device__ __forceinline__ void mla_store_o256(const struct mla_fast_args &a, const float (&O)[128],
+                                                      const float *l_fin, const float *m_fin, int z, int r, int h0,
+                                                      int c, int hr0, int t, int ctid)
+{
+    const int hr1 = hr0 + 8;
+    const float sA = a.splits == 1 ? (l_fin[hr0] > 0.0f ? 1.0f / l_fin[hr0] : 0.0f) : 1.0f;
+    const float sB = a.splits == 1 ? (l_fin[hr1] > 0.0f ? 1.0f / l_fin[hr1] : 0.0f) : 1.0f;
+    float *base = a.splits == 1 ? a.out + ((size_t)r * a.H + h0) * MLA_C
+                                : a.part_o + (((size_t)z * a.rows + r) * a.H + h0) * MLA_C;
+    base += 256 * c + 2 * t;
+#pragma unroll
+    for (int j = 0; j < 32; j++) {
+        *reinterpret_cast<float2 *>(base + (size_t)hr0 * MLA_C + 8 * j) = make_float2(O[4 * j] * sA, O[4 * j + 1] * sA);
+        *reinterpret_cast<float2 *>(base + (size_t)hr1 * MLA_C + 8 * j) = make_float2(O[4 * j + 2] * sB, O[4 * j + 3] * sB);
+    }
+    if (a.splits > 1 && c == 0 && ctid < MLA_HG)
+        a.part_ml[((size_t)z * a.rows + r) * a.H + h0 + ctid] = make_float2(m_fin[ctid], l_fin[ctid]);
 }
 
 /* PROF phases (a.prof[8 wg + i], threads 0 and 128): warpgroup 0: 0 wait for the key tile, 1
@@ -1227,20 +1258,7 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
             mark(5);
         }
         __syncthreads(); /* l_fin, m_fin */
-        /* O out: normalized when one split, else a split's partial with its running max and sum */
-        const float sA = a.splits == 1 ? (l_fin[hr0] > 0.0f ? 1.0f / l_fin[hr0] : 0.0f) : 1.0f;
-        const float sB = a.splits == 1 ? (l_fin[hr1] > 0.0f ? 1.0f / l_fin[hr1] : 0.0f) : 1.0f;
-        float *base = a.splits == 1 ? a.out + ((size_t)r * a.H + h0) * MLA_C
-                                    : a.part_o + (((size_t)z * a.rows + r) * a.H + h0) * MLA_C;
-        base += 256 * c + 2 * t;
-#pragma unroll
-        for (int j = 0; j < 32; j++) {
-            *reinterpret_cast<float2 *>(base + (size_t)hr0 * MLA_C + 8 * j) = make_float2(O[4 * j] * sA, O[4 * j + 1] * sA);
-            *reinterpret_cast<float2 *>(base + (size_t)hr1 * MLA_C + 8 * j) =
-                make_float2(O[4 * j + 2] * sB, O[4 * j + 3] * sB);
-        }
-        if (a.splits > 1 && c == 0 && tid - 128 < MLA_HG)
-            a.part_ml[((size_t)z * a.rows + r) * a.H + h0 + tid - 128] = make_float2(m_fin[tid - 128], l_fin[tid - 128]);
+        mla_store_o256(a, O, l_fin, m_fin, z, r, h0, c, hr0, t, ctid);
     }
     if (PROF && (tid == 0 || tid == 128)) {
         for (int i = 0; i < MLA_PROF_PHASES; i++)
@@ -1252,6 +1270,338 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
             atomicAdd(a.prof + 19, 1ull);
         }
     }
+}
+
+/* ---- mla_cl_kernel: the two head groups of a (row, split) as a cluster of two CTAs ----
+ * Both CTAs of a cluster read the same selected keys (one 64-head group each), so each gathers
+ * and dequantizes only half of every 64-key tile (32 keys: rank 0 the first, rank 1 the second)
+ * into its own key tile, and its producer's first thread copies that half into the peer's (9
+ * bulk copies of 4 KB, the half's rows of each atom, counted on the peer's barrier): the conversion,
+ * mla_ws_kernel's largest phase, is done once per cluster instead of once per CTA, and the
+ * records go from global memory to registers to the tile with no staging copy. 384 threads:
+ *   warpgroup 0: S = Q K^T (m64n64, 36 k-steps, both from shared memory), the online softmax,
+ *                P to shared memory for warpgroup 1, then O[:, 0:256] += P V with P from its
+ *                registers (the accumulator's layout is the A fragment's);
+ *   warpgroup 1: O[:, 256:512] += P V with P from shared memory;
+ *   warpgroup 2: the producer: thread (warp w, lane) takes key 8w + lane % 8 of its half and
+ *                the 16-byte quarter lane / 8 of each 64-dim group (8 loads of its latent, 2 of
+ *                its rope, its scales), converts (e4m3x16_bf16) and stores 18 x 16 bytes;
+ *                the next tile's loads are issued before it waits for that tile's buffer.
+ * Barriers per key buffer b (of 2): ready[b] (mbarrier, the local producer's 128 threads),
+ * from_peer[b] (mbarrier: the local producer's thread 0 expects MLA_CL_TX bytes, the peer's
+ * copies count them), avail[b] (mbarrier of 4 arrivals: warpgroups 0 and 1 of both CTAs after
+ * their last read of b; a producer waits before it writes b in either CTA). Named barriers
+ * between warpgroups 0 and 1: P_READY, P_FREE, O_SYNC. The validity of a tile's 64 keys (for
+ * S's mask) is computed by the local producer for both halves from the selection, so no flag
+ * crosses the cluster. Grid and outputs as mla_ws_kernel's (splits x head groups x rows); the
+ * head groups must be even (H % 128 == 0) and the rope bf16. */
+#define MLA_CL_KT 64
+#define MLA_CL_TH 384
+#define MLA_CL_KB (9 * 8192)       /* a 64 x 576 bf16 key tile (wg_off's layout) */
+#define MLA_CL_TX (32 * 2 * MLA_D) /* the bytes the peer stores into a key tile: its 32 keys */
+enum { CL_P_READY = 1, CL_P_FREE = 2, CL_O_SYNC = 3 };
+
+/* mla_cl_kernel's shared memory: Q, two key tiles, P, 6 barriers, key flags, alpha, l, m */
+static __host__ __device__ __forceinline__ size_t cl_smem()
+{
+    return (size_t)WG_QB + 2 * MLA_CL_KB + 8192 + 6 * sizeof(uint64_t) + 2 * MLA_CL_KT + sizeof(float) * 3 * MLA_HG;
+}
+
+static __device__ __forceinline__ float fast_exp2(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
+    mla_cl_kernel(const struct mla_fast_args a, int slack)
+{
+    extern __shared__ __align__(16) uint8_t dsmem[];
+    const uint32_t pad = (1024 - (smem_addr(dsmem) & 1023u)) & 1023u;
+    if ((int)pad > slack)
+        __trap();
+    uint8_t *smem = dsmem + pad; /* the same offset in both CTAs: mapped addresses match */
+    uint8_t *Qb = smem, *Kb = smem + WG_QB, *Pb = Kb + 2 * MLA_CL_KB;
+    uint64_t *bars = reinterpret_cast<uint64_t *>(Pb + 8192); /* ready[2], from_peer[2], avail[2] */
+    uint8_t *kval = reinterpret_cast<uint8_t *>(bars + 6);     /* [2][64] */
+    float *alpha_s = reinterpret_cast<float *>(kval + 2 * MLA_CL_KT), *l_fin = alpha_s + MLA_HG,
+          *m_fin = l_fin + MLA_HG;
+    const int z = blockIdx.x, hg = blockIdx.y, r = blockIdx.z;
+    const int tid = threadIdx.x, wg = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const uint32_t rank = cl_rank(), peer = rank ^ 1u;
+    if (a.row_mha && a.row_mha[r])
+        return; /* both CTAs of the cluster (one row) */
+    const int pos = a.row_pos[r], seq = a.row_seq[r], h0 = hg * MLA_HG;
+    int kbeg, kend;
+    mla_key_range(a, z, pos, &kbeg, &kend);
+    const int ntiles = kend > kbeg ? (kend - kbeg + MLA_CL_KT - 1) / MLA_CL_KT : 0;
+    if (tid == 0) {
+        for (int b = 0; b < 2; b++) {
+            mbar_init(bars + b, 128);
+            mbar_init(bars + 2 + b, 1);
+            mbar_init(bars + 4 + b, 4);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+
+    /* the producer's key (its half's row kloc, the tile's row krow) and quarter of each group;
+     * its work runs three tiles deep: the selection entries of tile i + 2 and the block table of
+     * tile i + 1 load while the records of tile i + 1 load into the other register set and tile
+     * i converts, so that no load's latency is waited for in turn (the selection's and the block
+     * table's loads are unconditional, from clamped indices, so that none waits behind a branch) */
+    const int kloc = 8 * w + (lane & 7), krow = 32 * (int)rank + kloc, part = lane >> 3;
+    struct cl_rec {
+        uint4 v[10]; /* the key's latent quarters of its 8 groups, then its 2 rope chunks */
+        float4 sc;
+    } ra, rb;
+    /* the position of key kloc of half `half` of tile i (-1: past the split's end) */
+    auto sel_pos = [&](int i, uint32_t half) -> int {
+        const int j = kbeg + MLA_CL_KT * i + 32 * (int)half + kloc;
+        if (!a.sel)
+            return j < kend ? j : -1;
+        const int p = __ldg(a.sel + (size_t)r * a.n_sel + min(j, kend - 1));
+        return j < kend ? p : -1;
+    };
+    auto pos_ok = [&](int p) { return p >= 0 && p <= pos; };
+    auto slot_of_pos = [&](int p) -> int32_t {
+        const int pc = pos_ok(p) ? p : 0;
+        const int blk = __ldg(a.blocks + (size_t)seq * a.max_blocks + pc / DSV32_KV_BLOCK_TOKENS);
+        return pos_ok(p) ? blk * DSV32_KV_BLOCK_TOKENS + pc % DSV32_KV_BLOCK_TOKENS : -1;
+    };
+    auto load = [&](struct cl_rec &d, int32_t sl) {
+        const uint8_t *rec = a.mla + (size_t)(sl >= 0 ? sl : 0) * a.rec_bytes;
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            d.v[k] = sl >= 0 ? __ldg(reinterpret_cast<const uint4 *>(rec + 64 * k + 16 * part)) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int k = 0; k < 2; k++)
+            d.v[8 + k] = sl >= 0 ? __ldg(reinterpret_cast<const uint4 *>(rec + MLA_C + 4 * (MLA_C / 128) + 32 * part + 16 * k))
+                                 : make_uint4(0, 0, 0, 0);
+        d.sc = sl >= 0 ? __ldg(reinterpret_cast<const float4 *>(rec + MLA_C)) : make_float4(0.f, 0.f, 0.f, 0.f);
+    };
+    int32_t sl0 = -1, sl1 = -1; /* the slots of tiles i and i + 1 */
+    int p2 = -1, pv0 = -1, pv1 = -1, pv2 = -1; /* own position of tile i + 2; the peer half's of i.. i + 2 */
+    if (wg == 2 && ntiles > 0) {
+        sl0 = slot_of_pos(sel_pos(0, rank));
+        load(ra, sl0); /* in flight under Q's staging */
+        sl1 = slot_of_pos(sel_pos(1, rank));
+        p2 = sel_pos(2, rank);
+        pv0 = sel_pos(0, peer);
+        pv1 = sel_pos(1, peer);
+        pv2 = sel_pos(2, peer);
+    }
+    mla_stage_q<MLA_CL_TH, 4>(a, Qb, r, h0, tid);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* Q -> the tensor core */
+    cl_sync(); /* both CTAs' barriers initialized, Q staged */
+
+    const uint32_t kaddr = smem_addr(Kb), paddr = smem_addr(Pb);
+    const uint32_t avail_own = cl_map(smem_addr(bars + 4), rank), avail_peer = cl_map(smem_addr(bars + 4), peer);
+    const int hr0 = 16 * w + g, hr1 = hr0 + 8;
+    /* V (the tile's latent dims 256c.., MN-major: the next 64 dims an atom of 8 KB on, the next 8
+     * keys 1 KB on) for keys 16kk.. of key buffer b */
+    auto vdesc = [&](int b, int c, int kk) {
+        return wg_desc(kaddr + b * MLA_CL_KB + 4 * c * 8192 + kk * 2048, 8192, 1024) | ((uint64_t)1 << 62);
+    };
+    auto release = [&](int i) { /* buffer i & 1 read by this warpgroup: tile i + 2 may be written */
+        if (i + 2 < ntiles && tid % 128 == 0) {
+            mbar_arrive_cl(avail_own + 8 * (i & 1));
+            mbar_arrive_cl(avail_peer + 8 * (i & 1));
+        }
+    };
+    if (wg == 2) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 152;");
+        const uint32_t kb_peer = cl_map(kaddr, peer), fp_peer = cl_map(smem_addr(bars + 2), peer);
+        /* tile i from cur (loaded a step ago); tile i + 1's records into nxt */
+        auto step = [&](int i, const struct cl_rec &cur, struct cl_rec &nxt) {
+            const int b = i & 1;
+            if (i + 1 < ntiles)
+                load(nxt, sl1);
+            const int32_t sl2 = slot_of_pos(p2);
+            const int p3 = sel_pos(i + 3, rank), pv3 = sel_pos(i + 3, peer);
+            if (i >= 2)
+                mbar_wait(bars + 4 + b, (uint32_t)((i >> 1) & 1) ^ 1u); /* tile i - 2 read in both CTAs */
+            if (tid == 256)
+                mbar_arrive_tx(bars + 2 + b, MLA_CL_TX);
+            uint8_t *K = Kb + b * MLA_CL_KB;
+            const uint32_t Kp = kb_peer + b * MLA_CL_KB, bar_p = fp_peer + 8 * b;
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                const float sc = k < 2 ? cur.sc.x : k < 4 ? cur.sc.y : k < 6 ? cur.sc.z : cur.sc.w;
+                uint32_t wv[8];
+                e4m3x16_bf16(cur.v[k], sc, wv);
+                const uint32_t o0 = wg_off(krow, 64 * k + 16 * part), o1 = wg_off(krow, 64 * k + 16 * part + 8);
+                const uint4 v0 = make_uint4(wv[0], wv[1], wv[2], wv[3]), v1 = make_uint4(wv[4], wv[5], wv[6], wv[7]);
+                *reinterpret_cast<uint4 *>(K + o0) = v0;
+                *reinterpret_cast<uint4 *>(K + o1) = v1;
+            }
+#pragma unroll
+            for (int k = 0; k < 2; k++)
+                *reinterpret_cast<uint4 *>(K + wg_off(krow, MLA_C + 16 * part + 8 * k)) = cur.v[8 + k];
+            if (part == 0)
+                kval[b * MLA_CL_KT + krow] = sl0 >= 0;
+            else if (part == 1)
+                kval[b * MLA_CL_KT + 32 * (int)peer + kloc] = pos_ok(pv0);
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* K -> the tensor core, the copy */
+            mbar_arrive(bars + b);
+            if (tid == 256) { /* the half done: its 32 rows of each 64-dim atom, 4 KB apart, to the peer */
+                mbar_wait(bars + b, (uint32_t)(i >> 1) & 1u);
+#pragma unroll
+                for (int c = 0; c < MLA_D / 64; c++)
+                    bulk_s2cl(Kp + c * 8192 + rank * 4096, K + c * 8192 + rank * 4096, 4096, bar_p);
+            }
+            sl0 = sl1;
+            sl1 = sl2;
+            p2 = p3;
+            pv0 = pv1;
+            pv1 = pv2;
+            pv2 = pv3;
+        };
+        for (int i = 0; i < ntiles; i += 2) {
+            step(i, ra, rb);
+            if (i + 1 < ntiles)
+                step(i + 1, rb, ra);
+        }
+    } else if (wg == 0) {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 192;");
+        const uint32_t qaddr = smem_addr(Qb);
+        const float sl2 = a.scale * 1.4426950408889634f; /* scores in log2 units: exp2 below */
+        float O[128];
+#pragma unroll
+        for (int i = 0; i < 128; i++)
+            O[i] = 0.0f;
+        float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f; /* l: this thread's columns */
+        for (int i = 0; i < ntiles; i++) {
+            const int b = i & 1;
+            const uint32_t par = (uint32_t)(i >> 1) & 1u;
+            mbar_wait(bars + b, par);
+            mbar_wait(bars + 2 + b, par);
+            float S[32];
+#pragma unroll
+            for (int k = 0; k < 32; k++)
+                S[k] = 0.0f;
+            wg_fence(S);
+            wg_begin();
+#pragma unroll
+            for (int st = 0; st < MLA_D / 16; st++)
+                wgmma_bf16_ss_n64(S, wg_desc_sw128(qaddr + (st >> 2) * 8192 + (st & 3) * 32),
+                                  wg_desc_sw128(kaddr + b * MLA_CL_KB + (st >> 2) * 8192 + (st & 3) * 32), st > 0);
+            wg_commit();
+            wg_wait0();
+            wg_fence(S);
+            /* S[4j + {0,1,2,3}]: (head hr0, key 8j+2t), (hr0, +1), (hr1, 8j+2t), (hr1, +1) */
+            const uint8_t *kv = kval + b * MLA_CL_KT;
+            float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const bool v0 = kv[8 * j + 2 * t], v1 = kv[8 * j + 2 * t + 1];
+                S[4 * j + 0] = v0 ? S[4 * j + 0] * sl2 : -INFINITY;
+                S[4 * j + 1] = v1 ? S[4 * j + 1] * sl2 : -INFINITY;
+                S[4 * j + 2] = v0 ? S[4 * j + 2] * sl2 : -INFINITY;
+                S[4 * j + 3] = v1 ? S[4 * j + 3] * sl2 : -INFINITY;
+                mx0 = fmaxf(mx0, fmaxf(S[4 * j + 0], S[4 * j + 1]));
+                mx1 = fmaxf(mx1, fmaxf(S[4 * j + 2], S[4 * j + 3]));
+            }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+            const float ref0 = mn0 == -INFINITY ? 0.0f : mn0, ref1 = mn1 == -INFINITY ? 0.0f : mn1;
+            const float al0 = m0 == -INFINITY ? 0.0f : fast_exp2(m0 - ref0);
+            const float al1 = m1 == -INFINITY ? 0.0f : fast_exp2(m1 - ref1);
+            uint32_t pk[16];
+            float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const float p0 = fast_exp2(S[4 * j + 0] - ref0), p1 = fast_exp2(S[4 * j + 1] - ref0);
+                const float p2 = fast_exp2(S[4 * j + 2] - ref1), p3 = fast_exp2(S[4 * j + 3] - ref1);
+                sum0 += p0 + p1;
+                sum1 += p2 + p3;
+                pk[2 * j] = pack_bf16(p0, p1);
+                pk[2 * j + 1] = pack_bf16(p2, p3);
+            }
+            l0 = l0 * al0 + sum0;
+            l1 = l1 * al1 + sum1;
+            m0 = mn0;
+            m1 = mn1;
+            if (i > 0)
+                nbar_sync<256>(CL_P_FREE); /* warpgroup 1's PV of the last tile read P and alpha */
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                *reinterpret_cast<uint32_t *>(Pb + wg_off(hr0, 8 * j + 2 * t)) = pk[2 * j];
+                *reinterpret_cast<uint32_t *>(Pb + wg_off(hr1, 8 * j + 2 * t)) = pk[2 * j + 1];
+            }
+            if (t == 0) {
+                alpha_s[hr0] = al0;
+                alpha_s[hr1] = al1;
+            }
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* P -> the tensor core */
+            nbar_arrive<256>(CL_P_READY);
+#pragma unroll
+            for (int j = 0; j < 32; j++) {
+                O[4 * j + 0] *= al0;
+                O[4 * j + 1] *= al0;
+                O[4 * j + 2] *= al1;
+                O[4 * j + 3] *= al1;
+            }
+            wg_fence(O);
+            wg_begin();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                const uint32_t pa[4] = {pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3]};
+                wgmma_bf16_rs_n256_tb(O, pa, vdesc(b, 0, kk), 1);
+            }
+            wg_commit();
+            wg_wait0();
+            wg_fence(O);
+            release(i);
+        }
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+        if (t == 0) { /* the running max back in natural units for the split combine */
+            l_fin[hr0] = l0;
+            l_fin[hr1] = l1;
+            m_fin[hr0] = m0 * 0.6931471805599453f;
+            m_fin[hr1] = m1 * 0.6931471805599453f;
+        }
+        nbar_sync<256>(CL_O_SYNC);
+        mla_store_o256(a, O, l_fin, m_fin, z, r, h0, 0, hr0, t, tid);
+    } else {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 160;");
+        float O[128];
+#pragma unroll
+        for (int i = 0; i < 128; i++)
+            O[i] = 0.0f;
+        for (int i = 0; i < ntiles; i++) {
+            const int b = i & 1;
+            nbar_sync<256>(CL_P_READY);
+            const float al0 = alpha_s[hr0], al1 = alpha_s[hr1];
+#pragma unroll
+            for (int j = 0; j < 32; j++) {
+                O[4 * j + 0] *= al0;
+                O[4 * j + 1] *= al0;
+                O[4 * j + 2] *= al1;
+                O[4 * j + 3] *= al1;
+            }
+            wg_fence(O);
+            wg_begin();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+                wgmma_bf16_ss_n256_tb(O, wg_desc_sw128(paddr + kk * 32), vdesc(b, 1, kk), 1);
+            wg_commit();
+            wg_wait0();
+            wg_fence(O);
+            release(i);
+            if (i + 1 < ntiles)
+                nbar_arrive<256>(CL_P_FREE);
+        }
+        nbar_sync<256>(CL_O_SYNC); /* l_fin, m_fin */
+        mla_store_o256(a, O, l_fin, m_fin, z, r, h0, 1, hr0, t, tid - 128);
+    }
+    cl_sync(); /* no CTA leaves while its peer may still store into it or arrive on its barriers */
 }
 
 static __global__ void mla_combine_kernel(float *out, const float *part_o, const float2 *part_ml, int rows,
@@ -1347,8 +1697,14 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
     a.keys_per_split = tiles_per * MLA_KT;
     a.scale = scale;
     a.prof = c->mla_prof;
-    const size_t optin = (size_t)c->smem_optin, ws_need = ws_smem(g->mla_rec_bytes);
-    if (c->mla_wgmma && c->mla_ws && !g->rope_f32 && ws_need <= optin) {
+    const size_t optin = (size_t)c->smem_optin, ws_need = ws_smem(g->mla_rec_bytes), cl_need = cl_smem();
+    if (c->mla_wgmma && c->mla_cl && !g->rope_f32 && H % (2 * MLA_HG) == 0 && !a.prof && cl_need <= optin) {
+        const int slack = (int)(optin - cl_need < 1023 ? optin - cl_need : 1023);
+        const size_t smem = cl_need + (size_t)slack;
+        CU_SMEM_OPTIN(mla_cl_kernel, smem);
+        mla_cl_kernel<<<dim3(splits, H / MLA_HG, rows), MLA_CL_TH, smem, c->st>>>(a, slack);
+        CU_LAUNCHED("mla_cl");
+    } else if (c->mla_wgmma && c->mla_ws && !g->rope_f32 && ws_need <= optin) {
         /* what the limit leaves of the 1 KB alignment slack (all of it for 656-byte records) */
         const int slack = (int)(optin - ws_need < 1023 ? optin - ws_need : 1023);
         const size_t smem = ws_need + (size_t)slack;
