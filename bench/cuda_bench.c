@@ -358,6 +358,7 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         /* sparse MLA: wgmma (default) and mma.sync */
         const double t_sp = dsa_time(&d, &m, RUN_SPARSE, iters);
         const double t_sp_ws = dsa_time_with(&d, &m, RUN_SPARSE, iters, KNOBS({"mla_cl", 0}));
+        const double t_sp_cl32 = dsa_time_with(&d, &m, RUN_SPARSE, iters, KNOBS({"mla_cl", 32}));
         const double t_all8_ws = dsa_time_with(&d, &m, IS, iters, KNOBS({"mla_cl", 0}));
         const double q_all8_ws = dsa_time_with(&d, &m, IS | RUN_QUEUED, iters, KNOBS({"mla_cl", 0}));
         const double t_sp_wg = dsa_time_with(&d, &m, RUN_SPARSE, iters, KNOBS({"mla_cl", 0}, {"mla_ws", 0}));
@@ -403,8 +404,10 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         printf("| of it: top-2048 (by difference; a cluster of 2 CTAs per row, the default below half the SMs' rows) | %.3f | | 4 CTAs per row (knob topk_parts 4): %.3f ms; one (topk_parts 1): %.3f ms |\n",
                t_idx8 - t_scores8, t_idx8_4cta - t_scores8, t_idx8_1cta - t_scores8);
         printf("| indexer scores + top-2048 (FP8 mma.sync, the previous FP8 kernel) | %.3f | | |\n", t_idx8_mma);
-        printf("| sparse MLA decode (bf16 wgmma, 2048 selected; a cluster of the two head groups, each converting half of every 64-key tile) | %.3f | | %.0f TFLOP/s |\n", t_sp,
+        printf("| sparse MLA decode (bf16 wgmma, 2048 selected; a cluster of the two head groups, each converting half of every 64-key tile, two key buffers) | %.3f | | %.0f TFLOP/s |\n", t_sp,
                sp_flop / (t_sp * 1e-3) / 1e12);
+        printf("| sparse MLA decode, the cluster with 32-key tiles, four key buffers (knob mla_cl 32) | %.3f | | %.0f TFLOP/s |\n", t_sp_cl32,
+               sp_flop / (t_sp_cl32 * 1e-3) / 1e12);
         printf("| sparse MLA decode (warp-specialized, 32-key tiles, each CTA converting all: knob mla_cl 0, the previous kernel) | %.3f | | %.0f TFLOP/s; DSA total with it %.3f ms, queued %.3f |\n",
                t_sp_ws, sp_flop / (t_sp_ws * 1e-3) / 1e12, t_all8_ws, q_all8_ws);
         printf("| sparse MLA decode, warp-specialized, Q staged with six loads in flight a thread (knob mla_q6) | %.3f | | %.0f TFLOP/s |\n",

@@ -1381,19 +1381,20 @@ static void test_mla(void)
         TRY(pair_new(&p, &cfg, 0, fast));
         /* fast: q and the cache in bf16 (the latents are exact with power-of-two scales, which the
          * wgmma kernel converts on the ALU: the dense case has arbitrary scales, its other path);
-         * the wgmma kernels (a cluster of the two head groups, the default; warp-specialized, also
+         * the wgmma kernels (a cluster of the two head groups, 64-key tiles by default, 32 too; warp-specialized, also
          * with Q staged in two rounds; both warpgroups in every step) and the mma.sync one; 6 rows
          * split their keys over CTAs (1 to 3 64-key tiles each), 64 do not */
-        for (int v = fast ? 4 : 0; v >= 0; v--) {
+        for (int v = fast ? 5 : 0; v >= 0; v--) {
             const int wg = v > 0;
             if (fast) {
                 TRY(dsv32_cuda_set_knob(p.gpu, "mla_wgmma", wg));
-                TRY(dsv32_cuda_set_knob(p.gpu, "mla_cl", v == 4));
+                TRY(dsv32_cuda_set_knob(p.gpu, "mla_cl", v == 5 ? 32 : v == 4 ? 64 : 0));
                 TRY(dsv32_cuda_set_knob(p.gpu, "mla_ws", v >= 2));
                 TRY(dsv32_cuda_set_knob(p.gpu, "mla_q6", v == 3));
             }
             const char *name = !fast    ? "exact (f32)"
-                               : v == 4 ? "fast (bf16 wgmma, a cluster of the two head groups: knob mla_cl)"
+                               : v == 5 ? "fast (bf16 wgmma, a cluster of the two head groups, 32-key tiles: knob mla_cl 32)"
+                               : v == 4 ? "fast (bf16 wgmma, a cluster of the two head groups, 64-key tiles: knob mla_cl)"
                                : v == 3 ? "fast (bf16 wgmma, warp-specialized, Q in two rounds: knob mla_q6)"
                                : v == 2 ? "fast (bf16 wgmma, warp-specialized)"
                                : v == 1 ? "fast (bf16 wgmma, both warpgroups in every step)"

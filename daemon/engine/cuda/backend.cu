@@ -631,7 +631,7 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
     c->idx_items = 1;
     c->idx_dev_items = 1;
     c->mla_ws = 1;
-    c->mla_cl = 1;
+    c->mla_cl = 64;
     cudaDeviceProp prop;
     if (cudaSetDevice(device) != cudaSuccess || cudaGetDeviceProperties(&prop, device) != cudaSuccess ||
         cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking) != cudaSuccess ||
@@ -699,7 +699,7 @@ static const struct {
     KNOB(idx_items, false),   KNOB(mla_ws, false),      KNOB(idx_poison, false),  KNOB(idx_pipe, false),
     KNOB(mla_q6, false),      KNOB(dsa_chunks, true),   KNOB(dsa_idx_sms, true),
     KNOB(dsa_skip, true),     KNOB(lt_min_rows, true),  KNOB(lt_big_rows, true),  KNOB(idx_dev_items, false),
-    KNOB(mla_cl, false),
+    KNOB(mla_cl, true),
 };
 #undef KNOB
 

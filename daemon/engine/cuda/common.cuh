@@ -131,8 +131,9 @@ struct cu_ctx {
     int mla_ws;                /* the wgmma MLA warp-specialized in three warpgroups (1, default
                                   where its shared memory fits) or both warpgroups in every step (0) */
     int mla_cl;                /* the wgmma MLA as a cluster of the two head groups, each CTA
-                                  converting half of every key tile for both (1, default where the
-                                  heads are a multiple of 128), or mla_ws's choice (0) */
+                                  converting half of every key tile for both, where the heads are
+                                  a multiple of 128: 64-key tiles (64, default) or 32 (32); or
+                                  mla_ws's choice (0) */
     unsigned long long *mla_prof; /* benchmarks: the wgmma MLA kernel's cycles per phase (CU_MLA_PROF_N) */
     int topk_global;           /* the top-k's last pass and ordered sweeps over global memory even
                                   when the candidates would fit shared memory (tests, baseline) */

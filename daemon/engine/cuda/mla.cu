@@ -1,9 +1,10 @@
 /* Absorbed MLA kernels (see mla.cuh).
  *
- * The fast mode's default is mla_ws_kernel (wgmma, warp-specialized, at the end with its own
- * description), for bf16-rope caches; mla_wg_kernel (wgmma, all warps in every step) takes the
- * rest (knob mla_ws 0); the mma.sync kernel described here remains the benchmarks' baseline (knob
- * mla_wgmma 0).
+ * The fast mode's default is mla_cl_kernel (wgmma, the two head groups of a row as a cluster,
+ * at the end with its own description) for bf16-rope caches and heads a multiple of 128, else
+ * mla_ws_kernel (wgmma, warp-specialized, before it; knob mla_cl 0); mla_wg_kernel (wgmma, all
+ * warps in every step) takes the rest (knob mla_ws 0); the mma.sync kernel described here remains
+ * the benchmarks' baseline (knob mla_wgmma 0).
  * Fast kernel layout. A CTA of 8 warps takes one row, 64 of its heads and a range of its keys, in
  * tiles of 64 keys. Shared memory: Q (64 heads x 576 bf16), the current key tile K (64 x 576 bf16,
  * latent dequantized with its block scale, rope as cached), the raw records of the next tile
@@ -950,16 +951,17 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
 #define MLA_WS_TH 384
 enum { WS_K_FULL = 1, WS_K_FREE = 3, WS_P_READY = 5, WS_P_FREE = 6, WS_Q_FULL = 7 };
 
-/* named barriers of N threads (whole warps) */
+/* named barriers of N threads (whole warps); the non-.aligned forms, which do not require a
+ * converged warp (compute-sanitizer's synccheck flagged bar.sync after a one-lane branch) */
 template <int N = MLA_WS_TH>
 static __device__ __forceinline__ void nbar_sync(int id)
 {
-    asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(N) : "memory");
+    asm volatile("barrier.sync %0, %1;" ::"r"(id), "n"(N) : "memory");
 }
 template <int N = MLA_WS_TH>
 static __device__ __forceinline__ void nbar_arrive(int id)
 {
-    asm volatile("bar.arrive %0, %1;" ::"r"(id), "n"(N) : "memory");
+    asm volatile("barrier.arrive %0, %1;" ::"r"(id), "n"(N) : "memory");
 }
 
 /* bytes of (row, col) in a key tile of 32 rows (wg_off's layout with 4 KB atoms) */
@@ -1154,7 +1156,7 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
             m_fin[hr0] = m0;
             m_fin[hr1] = m1;
         }
-        __syncthreads(); /* l_fin, m_fin (warpgroup 0 has no O to store) */
+        nbar_sync(0); /* l_fin, m_fin (warpgroup 0 has no O to store; the converters wait at their own call) */
     } else {
         /* warpgroups 1 and 2 (c = wg - 1): key k of a tile (16c <= k < 16c + 16) is gathered and
          * converted by the eight lanes 8k.. of the pair (lane 8k issues the record's bulk copy; the
@@ -1257,7 +1259,7 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
                 nbar_arrive(WS_P_FREE);
             mark(5);
         }
-        __syncthreads(); /* l_fin, m_fin */
+        nbar_sync(0); /* l_fin, m_fin (the non-aligned barrier 0: warpgroup 0 waits at another call) */
         mla_store_o256(a, O, l_fin, m_fin, z, r, h0, c, hr0, t, ctid);
     }
     if (PROF && (tid == 0 || tid == 128)) {
@@ -1287,24 +1289,53 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
  *                the 16-byte quarter lane / 8 of each 64-dim group (8 loads of its latent, 2 of
  *                its rope, its scales), converts (e4m3x16_bf16) and stores 18 x 16 bytes;
  *                the next tile's loads are issued before it waits for that tile's buffer.
- * Barriers per key buffer b (of 2): ready[b] (mbarrier, the local producer's 128 threads),
- * from_peer[b] (mbarrier: the local producer's thread 0 expects MLA_CL_TX bytes, the peer's
+ * Barriers per key buffer b (of NB): ready[b] (mbarrier, the local producer's 128 threads),
+ * from_peer[b] (mbarrier: the local producer's thread 0 expects cl_geo::TX bytes, the peer's
  * copies count them), avail[b] (mbarrier of 4 arrivals: warpgroups 0 and 1 of both CTAs after
  * their last read of b; a producer waits before it writes b in either CTA). Named barriers
- * between warpgroups 0 and 1: P_READY, P_FREE, O_SYNC. The validity of a tile's 64 keys (for
- * S's mask) is computed by the local producer for both halves from the selection, so no flag
+ * between warpgroups 0 and 1: P_READY, P_FREE, O_SYNC. The validity of a tile's keys (for S's
+ * mask) is computed by the local producer for both halves from the selection, so no flag
  * crosses the cluster. Grid and outputs as mla_ws_kernel's (splits x head groups x rows); the
- * head groups must be even (H % 128 == 0) and the rope bf16. */
-#define MLA_CL_KT 64
+ * head groups must be even (H % 128 == 0) and the rope bf16.
+ * At batch 64 x 2048 selected on the H200: 0.130-0.132 ms against mla_ws_kernel's 0.139 in the
+ * same runs. Nsight Compute: warpgroup 0 waits ~30% of its time for the peer's half, while the
+ * producers wait ~40% for a free buffer: the loop from a buffer's release through the peer's
+ * conversion and copy to the next use is longer than one tile of QK^T, softmax and PV. Measured
+ * and not kept (GPU-NOTES): 32-key tiles in four buffers (KT 32, knob mla_cl 32: 0.150, the
+ * consumers wait as long, QK^T at n32 costs more), st.async stores of each 16 bytes to the peer
+ * instead of the bulk copies (0.143), per-warp copies (0.133-0.135 against 0.131-0.132). */
 #define MLA_CL_TH 384
-#define MLA_CL_KB (9 * 8192)       /* a 64 x 576 bf16 key tile (wg_off's layout) */
-#define MLA_CL_TX (32 * 2 * MLA_D) /* the bytes the peer stores into a key tile: its 32 keys */
 enum { CL_P_READY = 1, CL_P_FREE = 2, CL_O_SYNC = 3 };
 
-/* mla_cl_kernel's shared memory: Q, two key tiles, P, 6 barriers, key flags, alpha, l, m */
+/* mla_cl_kernel's geometry for key tiles of KT keys (64: two key buffers; 32: four, in the same
+ * bytes, so that the producer may run three tiles ahead instead of one) */
+template <int KT>
+struct cl_geo {
+    static constexpr int NB = KT == 64 ? 2 : 4; /* key buffers */
+    static constexpr int AT = KT * 128;         /* bytes of a tile's 64-dim atom (KT rows of 128 bytes) */
+    static constexpr int KB = 9 * AT;           /* a KT x 576 bf16 key tile */
+    static constexpr int HALF = KT / 2;         /* the keys a CTA converts per tile */
+    static constexpr int TPK = 128 / HALF;      /* producer threads per key: 4 or 8 */
+    static constexpr int HI = TPK / 4;          /* the stride of a producer thread's 64-dim groups */
+    static constexpr int NGRP = 8 / HI;         /* its 64-dim groups (16 bytes of each) */
+    static constexpr int NROPE = 8 / TPK;       /* its 16-byte rope chunks */
+    static constexpr int TX = HALF * 2 * MLA_D; /* the bytes the peer copies into a key tile */
+};
+
+/* bytes of (row, col) in a key tile of KT rows (wg_off's swizzle, atoms of KT rows) */
+template <int KT>
+static __device__ __forceinline__ uint32_t cl_off(int row, int col)
+{
+    return (uint32_t)((col >> 6) * cl_geo<KT>::AT + row * 128 + ((((col >> 3) & 7) ^ (row & 7)) << 4) + (col & 7) * 2);
+}
+
+/* mla_cl_kernel's shared memory: Q, the key buffers, P, 3 barriers a buffer, key flags, alpha, l, m */
+template <int KT>
 static __host__ __device__ __forceinline__ size_t cl_smem()
 {
-    return (size_t)WG_QB + 2 * MLA_CL_KB + 8192 + 6 * sizeof(uint64_t) + 2 * MLA_CL_KT + sizeof(float) * 3 * MLA_HG;
+    using G = cl_geo<KT>;
+    return (size_t)WG_QB + (size_t)G::NB * G::KB + 8192 + 3 * G::NB * sizeof(uint64_t) + G::NB * KT +
+           sizeof(float) * 3 * MLA_HG;
 }
 
 static __device__ __forceinline__ float fast_exp2(float x)
@@ -1314,18 +1345,21 @@ static __device__ __forceinline__ float fast_exp2(float x)
     return y;
 }
 
+template <int KT>
 static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
     mla_cl_kernel(const struct mla_fast_args a, int slack)
 {
+    using G = cl_geo<KT>;
+    constexpr int NB = G::NB;
     extern __shared__ __align__(16) uint8_t dsmem[];
     const uint32_t pad = (1024 - (smem_addr(dsmem) & 1023u)) & 1023u;
     if ((int)pad > slack)
         __trap();
     uint8_t *smem = dsmem + pad; /* the same offset in both CTAs: mapped addresses match */
-    uint8_t *Qb = smem, *Kb = smem + WG_QB, *Pb = Kb + 2 * MLA_CL_KB;
-    uint64_t *bars = reinterpret_cast<uint64_t *>(Pb + 8192); /* ready[2], from_peer[2], avail[2] */
-    uint8_t *kval = reinterpret_cast<uint8_t *>(bars + 6);     /* [2][64] */
-    float *alpha_s = reinterpret_cast<float *>(kval + 2 * MLA_CL_KT), *l_fin = alpha_s + MLA_HG,
+    uint8_t *Qb = smem, *Kb = smem + WG_QB, *Pb = Kb + NB * G::KB;
+    uint64_t *bars = reinterpret_cast<uint64_t *>(Pb + 8192); /* ready[NB], from_peer[NB], avail[NB] */
+    uint8_t *kval = reinterpret_cast<uint8_t *>(bars + 3 * NB); /* [NB][KT] */
+    float *alpha_s = reinterpret_cast<float *>(kval + NB * KT), *l_fin = alpha_s + MLA_HG,
           *m_fin = l_fin + MLA_HG;
     const int z = blockIdx.x, hg = blockIdx.y, r = blockIdx.z;
     const int tid = threadIdx.x, wg = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -1335,29 +1369,31 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
     const int pos = a.row_pos[r], seq = a.row_seq[r], h0 = hg * MLA_HG;
     int kbeg, kend;
     mla_key_range(a, z, pos, &kbeg, &kend);
-    const int ntiles = kend > kbeg ? (kend - kbeg + MLA_CL_KT - 1) / MLA_CL_KT : 0;
+    const int ntiles = kend > kbeg ? (kend - kbeg + KT - 1) / KT : 0;
     if (tid == 0) {
-        for (int b = 0; b < 2; b++) {
+        for (int b = 0; b < NB; b++) {
             mbar_init(bars + b, 128);
-            mbar_init(bars + 2 + b, 1);
-            mbar_init(bars + 4 + b, 4);
+            mbar_init(bars + NB + b, 1);
+            mbar_init(bars + 2 * NB + b, 4);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
 
-    /* the producer's key (its half's row kloc, the tile's row krow) and quarter of each group;
+    /* the producer's key (its half's row kloc, the tile's row krow) and part (TPK a key: the
+     * quarter q of each of its groups hi, hi + HI.., and its rope chunks);
      * its work runs three tiles deep: the selection entries of tile i + 2 and the block table of
      * tile i + 1 load while the records of tile i + 1 load into the other register set and tile
      * i converts, so that no load's latency is waited for in turn (the selection's and the block
      * table's loads are unconditional, from clamped indices, so that none waits behind a branch) */
-    const int kloc = 8 * w + (lane & 7), krow = 32 * (int)rank + kloc, part = lane >> 3;
+    const int kloc = (lane & 7) + 8 * (w % (4 / G::HI)), hi = w / (4 / G::HI), q = lane >> 3, part = 4 * hi + q;
+    const int krow = G::HALF * (int)rank + kloc;
     struct cl_rec {
-        uint4 v[10]; /* the key's latent quarters of its 8 groups, then its 2 rope chunks */
+        uint4 v[G::NGRP + G::NROPE]; /* the key's quarters of its groups, then its rope chunks */
         float4 sc;
     } ra, rb;
     /* the position of key kloc of half `half` of tile i (-1: past the split's end) */
     auto sel_pos = [&](int i, uint32_t half) -> int {
-        const int j = kbeg + MLA_CL_KT * i + 32 * (int)half + kloc;
+        const int j = kbeg + KT * i + G::HALF * (int)half + kloc;
         if (!a.sel)
             return j < kend ? j : -1;
         const int p = __ldg(a.sel + (size_t)r * a.n_sel + min(j, kend - 1));
@@ -1372,12 +1408,14 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
     auto load = [&](struct cl_rec &d, int32_t sl) {
         const uint8_t *rec = a.mla + (size_t)(sl >= 0 ? sl : 0) * a.rec_bytes;
 #pragma unroll
-        for (int k = 0; k < 8; k++)
-            d.v[k] = sl >= 0 ? __ldg(reinterpret_cast<const uint4 *>(rec + 64 * k + 16 * part)) : make_uint4(0, 0, 0, 0);
+        for (int k = 0; k < G::NGRP; k++)
+            d.v[k] = sl >= 0 ? __ldg(reinterpret_cast<const uint4 *>(rec + 64 * (hi + G::HI * k) + 16 * q))
+                             : make_uint4(0, 0, 0, 0);
 #pragma unroll
-        for (int k = 0; k < 2; k++)
-            d.v[8 + k] = sl >= 0 ? __ldg(reinterpret_cast<const uint4 *>(rec + MLA_C + 4 * (MLA_C / 128) + 32 * part + 16 * k))
-                                 : make_uint4(0, 0, 0, 0);
+        for (int k = 0; k < G::NROPE; k++)
+            d.v[G::NGRP + k] =
+                sl >= 0 ? __ldg(reinterpret_cast<const uint4 *>(rec + MLA_C + 4 * (MLA_C / 128) + 16 * (G::NROPE * part + k)))
+                        : make_uint4(0, 0, 0, 0);
         d.sc = sl >= 0 ? __ldg(reinterpret_cast<const float4 *>(rec + MLA_C)) : make_float4(0.f, 0.f, 0.f, 0.f);
     };
     int32_t sl0 = -1, sl1 = -1; /* the slots of tiles i and i + 1 */
@@ -1396,59 +1434,59 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
     cl_sync(); /* both CTAs' barriers initialized, Q staged */
 
     const uint32_t kaddr = smem_addr(Kb), paddr = smem_addr(Pb);
-    const uint32_t avail_own = cl_map(smem_addr(bars + 4), rank), avail_peer = cl_map(smem_addr(bars + 4), peer);
+    const uint32_t avail_own = cl_map(smem_addr(bars + 2 * NB), rank), avail_peer = cl_map(smem_addr(bars + 2 * NB), peer);
     const int hr0 = 16 * w + g, hr1 = hr0 + 8;
-    /* V (the tile's latent dims 256c.., MN-major: the next 64 dims an atom of 8 KB on, the next 8
-     * keys 1 KB on) for keys 16kk.. of key buffer b */
+    /* V (the tile's latent dims 256c.., MN-major: the next 64 dims an atom on, the next 8 keys
+     * 1 KB on) for keys 16kk.. of key buffer b */
     auto vdesc = [&](int b, int c, int kk) {
-        return wg_desc(kaddr + b * MLA_CL_KB + 4 * c * 8192 + kk * 2048, 8192, 1024) | ((uint64_t)1 << 62);
+        return wg_desc(kaddr + b * G::KB + 4 * c * G::AT + kk * 2048, G::AT, 1024) | ((uint64_t)1 << 62);
     };
-    auto release = [&](int i) { /* buffer i & 1 read by this warpgroup: tile i + 2 may be written */
-        if (i + 2 < ntiles && tid % 128 == 0) {
-            mbar_arrive_cl(avail_own + 8 * (i & 1));
-            mbar_arrive_cl(avail_peer + 8 * (i & 1));
+    auto release = [&](int i) { /* buffer i % NB read by this warpgroup: tile i + NB may be written */
+        if (i + NB < ntiles && tid % 128 == 0) {
+            mbar_arrive_cl(avail_own + 8 * (i % NB));
+            mbar_arrive_cl(avail_peer + 8 * (i % NB));
         }
     };
     if (wg == 2) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 152;");
-        const uint32_t kb_peer = cl_map(kaddr, peer), fp_peer = cl_map(smem_addr(bars + 2), peer);
+        const uint32_t kb_peer = cl_map(kaddr, peer), fp_peer = cl_map(smem_addr(bars + NB), peer);
         /* tile i from cur (loaded a step ago); tile i + 1's records into nxt */
         auto step = [&](int i, const struct cl_rec &cur, struct cl_rec &nxt) {
-            const int b = i & 1;
+            const int b = i % NB;
             if (i + 1 < ntiles)
                 load(nxt, sl1);
             const int32_t sl2 = slot_of_pos(p2);
             const int p3 = sel_pos(i + 3, rank), pv3 = sel_pos(i + 3, peer);
-            if (i >= 2)
-                mbar_wait(bars + 4 + b, (uint32_t)((i >> 1) & 1) ^ 1u); /* tile i - 2 read in both CTAs */
+            if (i >= NB) /* tile i - NB read in both CTAs */
+                mbar_wait(bars + 2 * NB + b, (uint32_t)((i / NB) & 1) ^ 1u);
             if (tid == 256)
-                mbar_arrive_tx(bars + 2 + b, MLA_CL_TX);
-            uint8_t *K = Kb + b * MLA_CL_KB;
-            const uint32_t Kp = kb_peer + b * MLA_CL_KB, bar_p = fp_peer + 8 * b;
+                mbar_arrive_tx(bars + NB + b, G::TX);
+            uint8_t *K = Kb + b * G::KB;
+            const uint32_t Kp = kb_peer + b * G::KB, bar_p = fp_peer + 8 * b;
 #pragma unroll
-            for (int k = 0; k < 8; k++) {
-                const float sc = k < 2 ? cur.sc.x : k < 4 ? cur.sc.y : k < 6 ? cur.sc.z : cur.sc.w;
+            for (int k = 0; k < G::NGRP; k++) {
+                const int dg = hi + G::HI * k, sb = dg >> 1;
+                const float sc = sb == 0 ? cur.sc.x : sb == 1 ? cur.sc.y : sb == 2 ? cur.sc.z : cur.sc.w;
                 uint32_t wv[8];
                 e4m3x16_bf16(cur.v[k], sc, wv);
-                const uint32_t o0 = wg_off(krow, 64 * k + 16 * part), o1 = wg_off(krow, 64 * k + 16 * part + 8);
-                const uint4 v0 = make_uint4(wv[0], wv[1], wv[2], wv[3]), v1 = make_uint4(wv[4], wv[5], wv[6], wv[7]);
-                *reinterpret_cast<uint4 *>(K + o0) = v0;
-                *reinterpret_cast<uint4 *>(K + o1) = v1;
+                *reinterpret_cast<uint4 *>(K + cl_off<KT>(krow, 64 * dg + 16 * q)) = make_uint4(wv[0], wv[1], wv[2], wv[3]);
+                *reinterpret_cast<uint4 *>(K + cl_off<KT>(krow, 64 * dg + 16 * q + 8)) = make_uint4(wv[4], wv[5], wv[6], wv[7]);
             }
 #pragma unroll
-            for (int k = 0; k < 2; k++)
-                *reinterpret_cast<uint4 *>(K + wg_off(krow, MLA_C + 16 * part + 8 * k)) = cur.v[8 + k];
+            for (int k = 0; k < G::NROPE; k++)
+                *reinterpret_cast<uint4 *>(K + cl_off<KT>(krow, MLA_C + 8 * (G::NROPE * part + k))) = cur.v[G::NGRP + k];
             if (part == 0)
-                kval[b * MLA_CL_KT + krow] = sl0 >= 0;
+                kval[b * KT + krow] = sl0 >= 0;
             else if (part == 1)
-                kval[b * MLA_CL_KT + 32 * (int)peer + kloc] = pos_ok(pv0);
+                kval[b * KT + G::HALF * (int)peer + kloc] = pos_ok(pv0);
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* K -> the tensor core, the copy */
             mbar_arrive(bars + b);
-            if (tid == 256) { /* the half done: its 32 rows of each 64-dim atom, 4 KB apart, to the peer */
-                mbar_wait(bars + b, (uint32_t)(i >> 1) & 1u);
+            if (tid == 256) { /* the half done: its rows of each 64-dim atom, contiguous, to the peer */
+                mbar_wait(bars + b, (uint32_t)(i / NB) & 1u);
+                const uint32_t o = rank * G::HALF * 128;
 #pragma unroll
                 for (int c = 0; c < MLA_D / 64; c++)
-                    bulk_s2cl(Kp + c * 8192 + rank * 4096, K + c * 8192 + rank * 4096, 4096, bar_p);
+                    bulk_s2cl(Kp + c * G::AT + o, K + c * G::AT + o, G::HALF * 128, bar_p);
             }
             sl0 = sl1;
             sl1 = sl2;
@@ -1472,28 +1510,33 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
             O[i] = 0.0f;
         float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f; /* l: this thread's columns */
         for (int i = 0; i < ntiles; i++) {
-            const int b = i & 1;
-            const uint32_t par = (uint32_t)(i >> 1) & 1u;
+            const int b = i % NB;
+            const uint32_t par = (uint32_t)(i / NB) & 1u;
             mbar_wait(bars + b, par);
-            mbar_wait(bars + 2 + b, par);
-            float S[32];
+            mbar_wait(bars + NB + b, par);
+            float S[KT / 2];
 #pragma unroll
-            for (int k = 0; k < 32; k++)
+            for (int k = 0; k < KT / 2; k++)
                 S[k] = 0.0f;
             wg_fence(S);
             wg_begin();
 #pragma unroll
-            for (int st = 0; st < MLA_D / 16; st++)
-                wgmma_bf16_ss_n64(S, wg_desc_sw128(qaddr + (st >> 2) * 8192 + (st & 3) * 32),
-                                  wg_desc_sw128(kaddr + b * MLA_CL_KB + (st >> 2) * 8192 + (st & 3) * 32), st > 0);
+            for (int st = 0; st < MLA_D / 16; st++) {
+                const uint64_t dq = wg_desc_sw128(qaddr + (st >> 2) * 8192 + (st & 3) * 32);
+                const uint64_t dk = wg_desc_sw128(kaddr + b * G::KB + (st >> 2) * G::AT + (st & 3) * 32);
+                if constexpr (KT == 64)
+                    wgmma_bf16_ss_n64(S, dq, dk, st > 0);
+                else
+                    wgmma_bf16_ss_n32(S, dq, dk, st > 0);
+            }
             wg_commit();
             wg_wait0();
             wg_fence(S);
             /* S[4j + {0,1,2,3}]: (head hr0, key 8j+2t), (hr0, +1), (hr1, 8j+2t), (hr1, +1) */
-            const uint8_t *kv = kval + b * MLA_CL_KT;
+            const uint8_t *kv = kval + b * KT;
             float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
+            for (int j = 0; j < KT / 8; j++) {
                 const bool v0 = kv[8 * j + 2 * t], v1 = kv[8 * j + 2 * t + 1];
                 S[4 * j + 0] = v0 ? S[4 * j + 0] * sl2 : -INFINITY;
                 S[4 * j + 1] = v1 ? S[4 * j + 1] * sl2 : -INFINITY;
@@ -1510,10 +1553,10 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
             const float ref0 = mn0 == -INFINITY ? 0.0f : mn0, ref1 = mn1 == -INFINITY ? 0.0f : mn1;
             const float al0 = m0 == -INFINITY ? 0.0f : fast_exp2(m0 - ref0);
             const float al1 = m1 == -INFINITY ? 0.0f : fast_exp2(m1 - ref1);
-            uint32_t pk[16];
+            uint32_t pk[KT / 4];
             float sum0 = 0.0f, sum1 = 0.0f;
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
+            for (int j = 0; j < KT / 8; j++) {
                 const float p0 = fast_exp2(S[4 * j + 0] - ref0), p1 = fast_exp2(S[4 * j + 1] - ref0);
                 const float p2 = fast_exp2(S[4 * j + 2] - ref1), p3 = fast_exp2(S[4 * j + 3] - ref1);
                 sum0 += p0 + p1;
@@ -1528,7 +1571,7 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
             if (i > 0)
                 nbar_sync<256>(CL_P_FREE); /* warpgroup 1's PV of the last tile read P and alpha */
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
+            for (int j = 0; j < KT / 8; j++) {
                 *reinterpret_cast<uint32_t *>(Pb + wg_off(hr0, 8 * j + 2 * t)) = pk[2 * j];
                 *reinterpret_cast<uint32_t *>(Pb + wg_off(hr1, 8 * j + 2 * t)) = pk[2 * j + 1];
             }
@@ -1548,7 +1591,7 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
             wg_fence(O);
             wg_begin();
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++) {
+            for (int kk = 0; kk < KT / 16; kk++) {
                 const uint32_t pa[4] = {pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3]};
                 wgmma_bf16_rs_n256_tb(O, pa, vdesc(b, 0, kk), 1);
             }
@@ -1576,7 +1619,7 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
         for (int i = 0; i < 128; i++)
             O[i] = 0.0f;
         for (int i = 0; i < ntiles; i++) {
-            const int b = i & 1;
+            const int b = i % NB;
             nbar_sync<256>(CL_P_READY);
             const float al0 = alpha_s[hr0], al1 = alpha_s[hr1];
 #pragma unroll
@@ -1589,7 +1632,7 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
             wg_fence(O);
             wg_begin();
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++)
+            for (int kk = 0; kk < KT / 16; kk++)
                 wgmma_bf16_ss_n256_tb(O, wg_desc_sw128(paddr + kk * 32), vdesc(b, 1, kk), 1);
             wg_commit();
             wg_wait0();
@@ -1697,12 +1740,14 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
     a.keys_per_split = tiles_per * MLA_KT;
     a.scale = scale;
     a.prof = c->mla_prof;
-    const size_t optin = (size_t)c->smem_optin, ws_need = ws_smem(g->mla_rec_bytes), cl_need = cl_smem();
+    const size_t optin = (size_t)c->smem_optin, ws_need = ws_smem(g->mla_rec_bytes);
+    const size_t cl_need = c->mla_cl == 32 ? cl_smem<32>() : cl_smem<64>();
     if (c->mla_wgmma && c->mla_cl && !g->rope_f32 && H % (2 * MLA_HG) == 0 && !a.prof && cl_need <= optin) {
         const int slack = (int)(optin - cl_need < 1023 ? optin - cl_need : 1023);
         const size_t smem = cl_need + (size_t)slack;
-        CU_SMEM_OPTIN(mla_cl_kernel, smem);
-        mla_cl_kernel<<<dim3(splits, H / MLA_HG, rows), MLA_CL_TH, smem, c->st>>>(a, slack);
+        auto kern = c->mla_cl == 32 ? mla_cl_kernel<32> : mla_cl_kernel<64>;
+        CU_SMEM_OPTIN(kern, smem);
+        kern<<<dim3(splits, H / MLA_HG, rows), MLA_CL_TH, smem, c->st>>>(a, slack);
         CU_LAUNCHED("mla_cl");
     } else if (c->mla_wgmma && c->mla_ws && !g->rope_f32 && ws_need <= optin) {
         /* what the limit leaves of the 1 KB alignment slack (all of it for 656-byte records) */
