@@ -981,11 +981,24 @@ static __host__ __device__ __forceinline__ size_t ws_smem(int rec_bytes)
            MLA_WS_NS * sizeof(uint64_t) + sizeof(int32_t) * MLA_MAXSEL + 2 * MLA_WS_KT + sizeof(float) * 3 * MLA_HG;
 }
 
+/* O (m64n256: O[4j + {0,1}] of head hr0, O[4j + {2,3}] of head hr0 + 8) times its heads' alpha */
+static __device__ __forceinline__ void o_rescale(float (&O)[128], float al0, float al1)
+{
+#pragma unroll
+    for (int j = 0; j < 32; j++) {
+        O[4 * j + 0] *= al0;
+        O[4 * j + 1] *= al0;
+        O[4 * j + 2] *= al1;
+        O[4 * j + 3] *= al1;
+    }
+}
+
 /* A warpgroup's O (heads x latent dims 256c.., m64n256: O[4j + {0,1,2,3}] is (head hr0, dim
  * 8j+2t), (hr0, +1), (hr0 + 8, 8j+2t), (hr0 + 8, +1)) out: normalized when one split, else a
  * split's partial, and with c = 0 the threads ctid < 64 publish their head's running max and sum */
-static __device__ __forceinline__ void mla_store_o256(const struct mla_fast_args &a, const float (&O)[128],
-                                                      const float *l_fin, const float *m_fin, int z, int r, int h0,
+static __device__ __forceinline__ void mla_store_o256(const struct mla_fast_args &a,
+                                                      const float (&O)[128], const float *l_fin,
+                                                      const float *m_fin, int z, int r, int h0,
                                                       int c, int hr0, int t, int ctid)
 {
     const int hr1 = hr0 + 8;
@@ -996,11 +1009,14 @@ static __device__ __forceinline__ void mla_store_o256(const struct mla_fast_args
     base += 256 * c + 2 * t;
 #pragma unroll
     for (int j = 0; j < 32; j++) {
-        *reinterpret_cast<float2 *>(base + (size_t)hr0 * MLA_C + 8 * j) = make_float2(O[4 * j] * sA, O[4 * j + 1] * sA);
-        *reinterpret_cast<float2 *>(base + (size_t)hr1 * MLA_C + 8 * j) = make_float2(O[4 * j + 2] * sB, O[4 * j + 3] * sB);
+        *reinterpret_cast<float2 *>(base + (size_t)hr0 * MLA_C + 8 * j) =
+            make_float2(O[4 * j] * sA, O[4 * j + 1] * sA);
+        *reinterpret_cast<float2 *>(base + (size_t)hr1 * MLA_C + 8 * j) =
+            make_float2(O[4 * j + 2] * sB, O[4 * j + 3] * sB);
     }
     if (a.splits > 1 && c == 0 && ctid < MLA_HG)
-        a.part_ml[((size_t)z * a.rows + r) * a.H + h0 + ctid] = make_float2(m_fin[ctid], l_fin[ctid]);
+        a.part_ml[((size_t)z * a.rows + r) * a.H + h0 + ctid] =
+            make_float2(m_fin[ctid], l_fin[ctid]);
 }
 
 /* PROF phases (a.prof[8 wg + i], threads 0 and 128): warpgroup 0: 0 wait for the key tile, 1
@@ -1222,13 +1238,7 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
          * atom; stride 1 KB: the next 8 keys) */
         auto pv = [&](int b) {
             const float al0 = alpha_s[hr0], al1 = alpha_s[hr1];
-#pragma unroll
-            for (int j = 0; j < 32; j++) {
-                O[4 * j + 0] *= al0;
-                O[4 * j + 1] *= al0;
-                O[4 * j + 2] *= al1;
-                O[4 * j + 3] *= al1;
-            }
+            o_rescale(O, al0, al1);
             wg_fence(O);
             wg_begin();
 #pragma unroll
@@ -1278,9 +1288,10 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
  * Both CTAs of a cluster read the same selected keys (one 64-head group each), so each gathers
  * and dequantizes only half of every 64-key tile (32 keys: rank 0 the first, rank 1 the second)
  * into its own key tile, and its producer's first thread copies that half into the peer's (9
- * bulk copies of 4 KB, the half's rows of each atom, counted on the peer's barrier): the conversion,
- * mla_ws_kernel's largest phase, is done once per cluster instead of once per CTA, and the
- * records go from global memory to registers to the tile with no staging copy. 384 threads:
+ * bulk copies, the half's rows of each atom: 4 KB each, counted on the peer's barrier): the
+ * conversion, mla_ws_kernel's largest phase, is done once per cluster instead of once per CTA,
+ * and the records go from global memory to registers to the tile with no staging copy (64-key
+ * tiles described; cl_geo has the 32-key variant's mapping). 384 threads:
  *   warpgroup 0: S = Q K^T (m64n64, 36 k-steps, both from shared memory), the online softmax,
  *                P to shared memory for warpgroup 1, then O[:, 0:256] += P V with P from its
  *                registers (the accumulator's layout is the A fragment's);
@@ -1309,33 +1320,32 @@ enum { CL_P_READY = 1, CL_P_FREE = 2, CL_O_SYNC = 3 };
 
 /* mla_cl_kernel's geometry for key tiles of KT keys (64: two key buffers; 32: four, in the same
  * bytes, so that the producer may run three tiles ahead instead of one) */
-template <int KT>
-struct cl_geo {
+template <int KT> struct cl_geo {
     static constexpr int NB = KT == 64 ? 2 : 4; /* key buffers */
-    static constexpr int AT = KT * 128;         /* bytes of a tile's 64-dim atom (KT rows of 128 bytes) */
-    static constexpr int KB = 9 * AT;           /* a KT x 576 bf16 key tile */
-    static constexpr int HALF = KT / 2;         /* the keys a CTA converts per tile */
-    static constexpr int TPK = 128 / HALF;      /* producer threads per key: 4 or 8 */
-    static constexpr int HI = TPK / 4;          /* the stride of a producer thread's 64-dim groups */
-    static constexpr int NGRP = 8 / HI;         /* its 64-dim groups (16 bytes of each) */
-    static constexpr int NROPE = 8 / TPK;       /* its 16-byte rope chunks */
+    static constexpr int AT = KT * 128; /* bytes of a tile's 64-dim atom (KT rows of 128 bytes) */
+    static constexpr int KB = 9 * AT;   /* a KT x 576 bf16 key tile */
+    static constexpr int HALF = KT / 2; /* the keys a CTA converts per tile */
+    static constexpr int TPK = 128 / HALF; /* producer threads per key: 4 or 8 */
+    static constexpr int HI = TPK / 4;     /* the stride of a producer thread's 64-dim groups */
+    static constexpr int NGRP = 8 / HI;    /* its 64-dim groups (16 bytes of each) */
+    static constexpr int NROPE = 8 / TPK;  /* its 16-byte rope chunks */
     static constexpr int TX = HALF * 2 * MLA_D; /* the bytes the peer copies into a key tile */
 };
 
 /* bytes of (row, col) in a key tile of KT rows (wg_off's swizzle, atoms of KT rows) */
-template <int KT>
-static __device__ __forceinline__ uint32_t cl_off(int row, int col)
+template <int KT> static __device__ __forceinline__ uint32_t cl_off(int row, int col)
 {
-    return (uint32_t)((col >> 6) * cl_geo<KT>::AT + row * 128 + ((((col >> 3) & 7) ^ (row & 7)) << 4) + (col & 7) * 2);
+    return (uint32_t)((col >> 6) * cl_geo<KT>::AT + row * 128 +
+                      ((((col >> 3) & 7) ^ (row & 7)) << 4) + (col & 7) * 2);
 }
 
-/* mla_cl_kernel's shared memory: Q, the key buffers, P, 3 barriers a buffer, key flags, alpha, l, m */
-template <int KT>
-static __host__ __device__ __forceinline__ size_t cl_smem()
+/* mla_cl_kernel's shared memory: Q, the key buffers, P, 3 barriers a buffer, key flags, alpha,
+ * l, m */
+template <int KT> static __host__ __device__ __forceinline__ size_t cl_smem()
 {
     using G = cl_geo<KT>;
-    return (size_t)WG_QB + (size_t)G::NB * G::KB + 8192 + 3 * G::NB * sizeof(uint64_t) + G::NB * KT +
-           sizeof(float) * 3 * MLA_HG;
+    return (size_t)WG_QB + (size_t)G::NB * G::KB + 8192 + 3 * G::NB * sizeof(uint64_t) +
+           G::NB * KT + sizeof(float) * 3 * MLA_HG;
 }
 
 static __device__ __forceinline__ float fast_exp2(float x)
@@ -1357,12 +1367,14 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
         __trap();
     uint8_t *smem = dsmem + pad; /* the same offset in both CTAs: mapped addresses match */
     uint8_t *Qb = smem, *Kb = smem + WG_QB, *Pb = Kb + NB * G::KB;
-    uint64_t *bars = reinterpret_cast<uint64_t *>(Pb + 8192); /* ready[NB], from_peer[NB], avail[NB] */
+    uint64_t *bars =
+        reinterpret_cast<uint64_t *>(Pb + 8192); /* ready[NB], from_peer[NB], avail[NB] */
     uint8_t *kval = reinterpret_cast<uint8_t *>(bars + 3 * NB); /* [NB][KT] */
     float *alpha_s = reinterpret_cast<float *>(kval + NB * KT), *l_fin = alpha_s + MLA_HG,
           *m_fin = l_fin + MLA_HG;
     const int z = blockIdx.x, hg = blockIdx.y, r = blockIdx.z;
-    const int tid = threadIdx.x, wg = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int tid = threadIdx.x, wg = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2,
+              t = lane & 3;
     const uint32_t rank = cl_rank(), peer = rank ^ 1u;
     if (a.row_mha && a.row_mha[r])
         return; /* both CTAs of the cluster (one row) */
@@ -1385,7 +1397,8 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
      * tile i + 1 load while the records of tile i + 1 load into the other register set and tile
      * i converts, so that no load's latency is waited for in turn (the selection's and the block
      * table's loads are unconditional, from clamped indices, so that none waits behind a branch) */
-    const int kloc = (lane & 7) + 8 * (w % (4 / G::HI)), hi = w / (4 / G::HI), q = lane >> 3, part = 4 * hi + q;
+    const int kloc = (lane & 7) + 8 * (w % (4 / G::HI)), hi = w / (4 / G::HI), q = lane >> 3,
+              part = 4 * hi + q;
     const int krow = G::HALF * (int)rank + kloc;
     struct cl_rec {
         uint4 v[G::NGRP + G::NROPE]; /* the key's quarters of its groups, then its rope chunks */
@@ -1409,17 +1422,22 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
         const uint8_t *rec = a.mla + (size_t)(sl >= 0 ? sl : 0) * a.rec_bytes;
 #pragma unroll
         for (int k = 0; k < G::NGRP; k++)
-            d.v[k] = sl >= 0 ? __ldg(reinterpret_cast<const uint4 *>(rec + 64 * (hi + G::HI * k) + 16 * q))
-                             : make_uint4(0, 0, 0, 0);
+            d.v[k] =
+                sl >= 0
+                    ? __ldg(reinterpret_cast<const uint4 *>(rec + 64 * (hi + G::HI * k) + 16 * q))
+                    : make_uint4(0, 0, 0, 0);
 #pragma unroll
         for (int k = 0; k < G::NROPE; k++)
             d.v[G::NGRP + k] =
-                sl >= 0 ? __ldg(reinterpret_cast<const uint4 *>(rec + MLA_C + 4 * (MLA_C / 128) + 16 * (G::NROPE * part + k)))
+                sl >= 0 ? __ldg(reinterpret_cast<const uint4 *>(rec + MLA_C + 4 * (MLA_C / 128) +
+                                                                16 * (G::NROPE * part + k)))
                         : make_uint4(0, 0, 0, 0);
-        d.sc = sl >= 0 ? __ldg(reinterpret_cast<const float4 *>(rec + MLA_C)) : make_float4(0.f, 0.f, 0.f, 0.f);
+        d.sc = sl >= 0 ? __ldg(reinterpret_cast<const float4 *>(rec + MLA_C))
+                       : make_float4(0.f, 0.f, 0.f, 0.f);
     };
     int32_t sl0 = -1, sl1 = -1; /* the slots of tiles i and i + 1 */
-    int p2 = -1, pv0 = -1, pv1 = -1, pv2 = -1; /* own position of tile i + 2; the peer half's of i.. i + 2 */
+    int p2 = -1, pv0 = -1, pv1 = -1,
+        pv2 = -1; /* own position of tile i + 2; the peer half's of i.. i + 2 */
     if (wg == 2 && ntiles > 0) {
         sl0 = slot_of_pos(sel_pos(0, rank));
         load(ra, sl0); /* in flight under Q's staging */
@@ -1434,19 +1452,22 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
     cl_sync(); /* both CTAs' barriers initialized, Q staged */
 
     const uint32_t kaddr = smem_addr(Kb), paddr = smem_addr(Pb);
-    const uint32_t avail_own = cl_map(smem_addr(bars + 2 * NB), rank), avail_peer = cl_map(smem_addr(bars + 2 * NB), peer);
+    const uint32_t avail_own = cl_map(smem_addr(bars + 2 * NB), rank),
+                   avail_peer = cl_map(smem_addr(bars + 2 * NB), peer);
     const int hr0 = 16 * w + g, hr1 = hr0 + 8;
     /* V (the tile's latent dims 256c.., MN-major: the next 64 dims an atom on, the next 8 keys
      * 1 KB on) for keys 16kk.. of key buffer b */
     auto vdesc = [&](int b, int c, int kk) {
-        return wg_desc(kaddr + b * G::KB + 4 * c * G::AT + kk * 2048, G::AT, 1024) | ((uint64_t)1 << 62);
+        return wg_desc(kaddr + b * G::KB + 4 * c * G::AT + kk * 2048, G::AT, 1024) |
+               ((uint64_t)1 << 62);
     };
-    auto release = [&](int i) { /* buffer i % NB read by this warpgroup: tile i + NB may be written */
-        if (i + NB < ntiles && tid % 128 == 0) {
-            mbar_arrive_cl(avail_own + 8 * (i % NB));
-            mbar_arrive_cl(avail_peer + 8 * (i % NB));
-        }
-    };
+    auto release =
+        [&](int i) { /* buffer i % NB read by this warpgroup: tile i + NB may be written */
+                     if (i + NB < ntiles && tid % 128 == 0) {
+                         mbar_arrive_cl(avail_own + 8 * (i % NB));
+                         mbar_arrive_cl(avail_peer + 8 * (i % NB));
+                     }
+        };
     if (wg == 2) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 152;");
         const uint32_t kb_peer = cl_map(kaddr, peer), fp_peer = cl_map(smem_addr(bars + NB), peer);
@@ -1466,22 +1487,30 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
 #pragma unroll
             for (int k = 0; k < G::NGRP; k++) {
                 const int dg = hi + G::HI * k, sb = dg >> 1;
-                const float sc = sb == 0 ? cur.sc.x : sb == 1 ? cur.sc.y : sb == 2 ? cur.sc.z : cur.sc.w;
+                const float sc = sb == 0   ? cur.sc.x
+                                 : sb == 1 ? cur.sc.y
+                                 : sb == 2 ? cur.sc.z
+                                           : cur.sc.w;
                 uint32_t wv[8];
                 e4m3x16_bf16(cur.v[k], sc, wv);
-                *reinterpret_cast<uint4 *>(K + cl_off<KT>(krow, 64 * dg + 16 * q)) = make_uint4(wv[0], wv[1], wv[2], wv[3]);
-                *reinterpret_cast<uint4 *>(K + cl_off<KT>(krow, 64 * dg + 16 * q + 8)) = make_uint4(wv[4], wv[5], wv[6], wv[7]);
+                *reinterpret_cast<uint4 *>(K + cl_off<KT>(krow, 64 * dg + 16 * q)) =
+                    make_uint4(wv[0], wv[1], wv[2], wv[3]);
+                *reinterpret_cast<uint4 *>(K + cl_off<KT>(krow, 64 * dg + 16 * q + 8)) =
+                    make_uint4(wv[4], wv[5], wv[6], wv[7]);
             }
 #pragma unroll
             for (int k = 0; k < G::NROPE; k++)
-                *reinterpret_cast<uint4 *>(K + cl_off<KT>(krow, MLA_C + 8 * (G::NROPE * part + k))) = cur.v[G::NGRP + k];
+                *reinterpret_cast<uint4 *>(
+                    K + cl_off<KT>(krow, MLA_C + 8 * (G::NROPE * part + k))) = cur.v[G::NGRP + k];
             if (part == 0)
                 kval[b * KT + krow] = sl0 >= 0;
             else if (part == 1)
                 kval[b * KT + G::HALF * (int)peer + kloc] = pos_ok(pv0);
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* K -> the tensor core, the copy */
+            asm volatile("fence.proxy.async.shared::cta;" ::
+                             : "memory"); /* K -> the tensor core, the copy */
             mbar_arrive(bars + b);
-            if (tid == 256) { /* the half done: its rows of each 64-dim atom, contiguous, to the peer */
+            if (tid ==
+                256) { /* the half done: its rows of each 64-dim atom, contiguous, to the peer */
                 mbar_wait(bars + b, (uint32_t)(i / NB) & 1u);
                 const uint32_t o = rank * G::HALF * 128;
 #pragma unroll
@@ -1523,7 +1552,8 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
 #pragma unroll
             for (int st = 0; st < MLA_D / 16; st++) {
                 const uint64_t dq = wg_desc_sw128(qaddr + (st >> 2) * 8192 + (st & 3) * 32);
-                const uint64_t dk = wg_desc_sw128(kaddr + b * G::KB + (st >> 2) * G::AT + (st & 3) * 32);
+                const uint64_t dk =
+                    wg_desc_sw128(kaddr + b * G::KB + (st >> 2) * G::AT + (st & 3) * 32);
                 if constexpr (KT == 64)
                     wgmma_bf16_ss_n64(S, dq, dk, st > 0);
                 else
@@ -1557,8 +1587,10 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
             float sum0 = 0.0f, sum1 = 0.0f;
 #pragma unroll
             for (int j = 0; j < KT / 8; j++) {
-                const float p0 = fast_exp2(S[4 * j + 0] - ref0), p1 = fast_exp2(S[4 * j + 1] - ref0);
-                const float p2 = fast_exp2(S[4 * j + 2] - ref1), p3 = fast_exp2(S[4 * j + 3] - ref1);
+                const float p0 = fast_exp2(S[4 * j + 0] - ref0),
+                            p1 = fast_exp2(S[4 * j + 1] - ref0);
+                const float p2 = fast_exp2(S[4 * j + 2] - ref1),
+                            p3 = fast_exp2(S[4 * j + 3] - ref1);
                 sum0 += p0 + p1;
                 sum1 += p2 + p3;
                 pk[2 * j] = pack_bf16(p0, p1);
@@ -1581,13 +1613,7 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
             }
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* P -> the tensor core */
             nbar_arrive<256>(CL_P_READY);
-#pragma unroll
-            for (int j = 0; j < 32; j++) {
-                O[4 * j + 0] *= al0;
-                O[4 * j + 1] *= al0;
-                O[4 * j + 2] *= al1;
-                O[4 * j + 3] *= al1;
-            }
+            o_rescale(O, al0, al1);
             wg_fence(O);
             wg_begin();
 #pragma unroll
@@ -1622,13 +1648,7 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
             const int b = i % NB;
             nbar_sync<256>(CL_P_READY);
             const float al0 = alpha_s[hr0], al1 = alpha_s[hr1];
-#pragma unroll
-            for (int j = 0; j < 32; j++) {
-                O[4 * j + 0] *= al0;
-                O[4 * j + 1] *= al0;
-                O[4 * j + 2] *= al1;
-                O[4 * j + 3] *= al1;
-            }
+            o_rescale(O, al0, al1);
             wg_fence(O);
             wg_begin();
 #pragma unroll

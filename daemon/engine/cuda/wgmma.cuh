@@ -240,7 +240,9 @@ static __device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity)
 
 static __device__ __forceinline__ void mbar_arrive(uint64_t *bar)
 {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"((uint32_t)__cvta_generic_to_shared(bar)) : "memory");
+    asm volatile(
+        "mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"((uint32_t)__cvta_generic_to_shared(bar))
+        : "memory");
 }
 
 /* ---- thread-block clusters: a peer CTA's shared memory and barriers ----
@@ -266,15 +268,18 @@ static __device__ __forceinline__ uint32_t cl_map(uint32_t saddr, uint32_t rank)
 /* every thread of the cluster: arrive (release) and wait (acquire) */
 static __device__ __forceinline__ void cl_sync()
 {
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::
+                     : "memory");
 }
 
 /* bytes (a multiple of 16) from local shared memory src to a CTA's shared memory at cluster
  * address dst, counted on its barrier at cluster address cbar */
-static __device__ __forceinline__ void bulk_s2cl(uint32_t dst, const void *src, uint32_t bytes, uint32_t cbar)
+static __device__ __forceinline__ void bulk_s2cl(uint32_t dst, const void *src, uint32_t bytes,
+                                                 uint32_t cbar)
 {
 #if WG_OK
-    asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+    asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], "
+                 "[%1], %2, [%3];" ::"r"(dst),
                  "r"((uint32_t)__cvta_generic_to_shared(src)), "r"(bytes), "r"(cbar)
                  : "memory");
 #else
@@ -287,7 +292,8 @@ static __device__ __forceinline__ void mbar_arrive_cl(uint32_t cbar)
     asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(cbar) : "memory");
 }
 
-static __device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t bytes, uint64_t *bar)
+static __device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t bytes,
+                                                uint64_t *bar)
 {
 #if WG_OK
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
