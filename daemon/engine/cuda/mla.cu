@@ -981,6 +981,31 @@ static __host__ __device__ __forceinline__ size_t ws_smem(int rec_bytes)
            MLA_WS_NS * sizeof(uint64_t) + sizeof(int32_t) * MLA_MAXSEL + 2 * MLA_WS_KT + sizeof(float) * 3 * MLA_HG;
 }
 
+/* A tile's scores S (m64nN accumulator: S[4j + {0,1,2,3}] is (head hr0, key 8j+2t), (hr0, +1),
+ * (hr0 + 8, 8j+2t), (hr0 + 8, +1)) times scale, -inf where the key flag v (v[2j], v[2j + 1]: keys
+ * 8j+2t, +1) is off; *mx0, *mx1: the two heads' maxima over the tile (the quad's four lanes) */
+template <int N>
+static __device__ __forceinline__ void mla_mask_max(float (&S)[N], const bool (&v)[N / 2], float scale,
+                                                    float *mx0, float *mx1)
+{
+    float a0 = -INFINITY, a1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < N / 4; j++) {
+        S[4 * j + 0] = v[2 * j] ? S[4 * j + 0] * scale : -INFINITY;
+        S[4 * j + 1] = v[2 * j + 1] ? S[4 * j + 1] * scale : -INFINITY;
+        S[4 * j + 2] = v[2 * j] ? S[4 * j + 2] * scale : -INFINITY;
+        S[4 * j + 3] = v[2 * j + 1] ? S[4 * j + 3] * scale : -INFINITY;
+        a0 = fmaxf(a0, fmaxf(S[4 * j + 0], S[4 * j + 1]));
+        a1 = fmaxf(a1, fmaxf(S[4 * j + 2], S[4 * j + 3]));
+    }
+    a0 = fmaxf(a0, __shfl_xor_sync(0xffffffffu, a0, 1));
+    a0 = fmaxf(a0, __shfl_xor_sync(0xffffffffu, a0, 2));
+    a1 = fmaxf(a1, __shfl_xor_sync(0xffffffffu, a1, 1));
+    a1 = fmaxf(a1, __shfl_xor_sync(0xffffffffu, a1, 2));
+    *mx0 = a0;
+    *mx1 = a1;
+}
+
 /* O (m64n256: O[4j + {0,1}] of head hr0, O[4j + {2,3}] of head hr0 + 8) times its heads' alpha */
 static __device__ __forceinline__ void o_rescale(float (&O)[128], float al0, float al1)
 {
@@ -1113,20 +1138,8 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
             if (i + 2 < ntiles)
                 nbar_arrive(WS_K_FREE + b); /* S and kval read: tile i + 2 may go to key tile b */
             mark(1);
-            float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                S[4 * j + 0] = v[2 * j] ? S[4 * j + 0] * a.scale : -INFINITY;
-                S[4 * j + 1] = v[2 * j + 1] ? S[4 * j + 1] * a.scale : -INFINITY;
-                S[4 * j + 2] = v[2 * j] ? S[4 * j + 2] * a.scale : -INFINITY;
-                S[4 * j + 3] = v[2 * j + 1] ? S[4 * j + 3] * a.scale : -INFINITY;
-                mx0 = fmaxf(mx0, fmaxf(S[4 * j + 0], S[4 * j + 1]));
-                mx1 = fmaxf(mx1, fmaxf(S[4 * j + 2], S[4 * j + 3]));
-            }
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            float mx0, mx1;
+            mla_mask_max(S, v, a.scale, &mx0, &mx1);
             const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
             const float ref0 = mn0 == -INFINITY ? 0.0f : mn0, ref1 = mn1 == -INFINITY ? 0.0f : mn1;
             const float al0 = m0 == -INFINITY ? 0.0f : __expf(m0 - ref0), al1 = m1 == -INFINITY ? 0.0f : __expf(m1 - ref1);
@@ -1414,9 +1427,8 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
     };
     auto pos_ok = [&](int p) { return p >= 0 && p <= pos; };
     auto slot_of_pos = [&](int p) -> int32_t {
-        const int pc = pos_ok(p) ? p : 0;
-        const int blk = __ldg(a.blocks + (size_t)seq * a.max_blocks + pc / DSV32_KV_BLOCK_TOKENS);
-        return pos_ok(p) ? blk * DSV32_KV_BLOCK_TOKENS + pc % DSV32_KV_BLOCK_TOKENS : -1;
+        const int32_t sl = (int32_t)slot_of(a.blocks, a.max_blocks, seq, pos_ok(p) ? p : 0);
+        return pos_ok(p) ? sl : -1;
     };
     auto load = [&](struct cl_rec &d, int32_t sl) {
         const uint8_t *rec = a.mla + (size_t)(sl >= 0 ? sl : 0) * a.rec_bytes;
@@ -1564,21 +1576,14 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
             wg_fence(S);
             /* S[4j + {0,1,2,3}]: (head hr0, key 8j+2t), (hr0, +1), (hr1, 8j+2t), (hr1, +1) */
             const uint8_t *kv = kval + b * KT;
-            float mx0 = -INFINITY, mx1 = -INFINITY;
+            bool v[KT / 4];
 #pragma unroll
             for (int j = 0; j < KT / 8; j++) {
-                const bool v0 = kv[8 * j + 2 * t], v1 = kv[8 * j + 2 * t + 1];
-                S[4 * j + 0] = v0 ? S[4 * j + 0] * sl2 : -INFINITY;
-                S[4 * j + 1] = v1 ? S[4 * j + 1] * sl2 : -INFINITY;
-                S[4 * j + 2] = v0 ? S[4 * j + 2] * sl2 : -INFINITY;
-                S[4 * j + 3] = v1 ? S[4 * j + 3] * sl2 : -INFINITY;
-                mx0 = fmaxf(mx0, fmaxf(S[4 * j + 0], S[4 * j + 1]));
-                mx1 = fmaxf(mx1, fmaxf(S[4 * j + 2], S[4 * j + 3]));
+                v[2 * j] = kv[8 * j + 2 * t];
+                v[2 * j + 1] = kv[8 * j + 2 * t + 1];
             }
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            float mx0, mx1;
+            mla_mask_max(S, v, sl2, &mx0, &mx1);
             const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
             const float ref0 = mn0 == -INFINITY ? 0.0f : mn0, ref1 = mn1 == -INFINITY ? 0.0f : mn1;
             const float al0 = m0 == -INFINITY ? 0.0f : fast_exp2(m0 - ref0);
