@@ -22,6 +22,7 @@
 #include "mla.cuh"
 #include "wgmma.cuh"
 
+#include <cooperative_groups.h>
 #include <errno.h>
 
 #define MLA_C 512
@@ -985,8 +986,8 @@ static __host__ __device__ __forceinline__ size_t ws_smem(int rec_bytes)
  * (hr0 + 8, 8j+2t), (hr0 + 8, +1)) times scale, -inf where the key flag v (v[2j], v[2j + 1]: keys
  * 8j+2t, +1) is off; *mx0, *mx1: the two heads' maxima over the tile (the quad's four lanes) */
 template <int N>
-static __device__ __forceinline__ void mla_mask_max(float (&S)[N], const bool (&v)[N / 2], float scale,
-                                                    float *mx0, float *mx1)
+static __device__ __forceinline__ void mla_mask_max(float (&S)[N], const bool (&v)[N / 2],
+                                                    float scale, float *mx0, float *mx1)
 {
     float a0 = -INFINITY, a1 = -INFINITY;
 #pragma unroll
@@ -1380,15 +1381,15 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
         __trap();
     uint8_t *smem = dsmem + pad; /* the same offset in both CTAs: mapped addresses match */
     uint8_t *Qb = smem, *Kb = smem + WG_QB, *Pb = Kb + NB * G::KB;
-    uint64_t *bars =
-        reinterpret_cast<uint64_t *>(Pb + 8192); /* ready[NB], from_peer[NB], avail[NB] */
+    /* ready[NB], from_peer[NB], avail[NB] */
+    uint64_t *bars = reinterpret_cast<uint64_t *>(Pb + 8192);
     uint8_t *kval = reinterpret_cast<uint8_t *>(bars + 3 * NB); /* [NB][KT] */
     float *alpha_s = reinterpret_cast<float *>(kval + NB * KT), *l_fin = alpha_s + MLA_HG,
           *m_fin = l_fin + MLA_HG;
     const int z = blockIdx.x, hg = blockIdx.y, r = blockIdx.z;
     const int tid = threadIdx.x, wg = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2,
               t = lane & 3;
-    const uint32_t rank = cl_rank(), peer = rank ^ 1u;
+    const uint32_t rank = cooperative_groups::this_cluster().block_rank(), peer = rank ^ 1u;
     if (a.row_mha && a.row_mha[r])
         return; /* both CTAs of the cluster (one row) */
     const int pos = a.row_pos[r], seq = a.row_seq[r], h0 = hg * MLA_HG;
@@ -1448,8 +1449,8 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
                        : make_float4(0.f, 0.f, 0.f, 0.f);
     };
     int32_t sl0 = -1, sl1 = -1; /* the slots of tiles i and i + 1 */
-    int p2 = -1, pv0 = -1, pv1 = -1,
-        pv2 = -1; /* own position of tile i + 2; the peer half's of i.. i + 2 */
+    /* the own half's position in tile i + 2; the peer half's in tiles i, i + 1, i + 2 */
+    int p2 = -1, pv0 = -1, pv1 = -1, pv2 = -1;
     if (wg == 2 && ntiles > 0) {
         sl0 = slot_of_pos(sel_pos(0, rank));
         load(ra, sl0); /* in flight under Q's staging */
@@ -1461,7 +1462,7 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
     }
     mla_stage_q<MLA_CL_TH, 4>(a, Qb, r, h0, tid);
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* Q -> the tensor core */
-    cl_sync(); /* both CTAs' barriers initialized, Q staged */
+    cooperative_groups::this_cluster().sync(); /* both CTAs' barriers initialized, Q staged */
 
     const uint32_t kaddr = smem_addr(Kb), paddr = smem_addr(Pb);
     const uint32_t avail_own = cl_map(smem_addr(bars + 2 * NB), rank),
@@ -1473,13 +1474,13 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
         return wg_desc(kaddr + b * G::KB + 4 * c * G::AT + kk * 2048, G::AT, 1024) |
                ((uint64_t)1 << 62);
     };
-    auto release =
-        [&](int i) { /* buffer i % NB read by this warpgroup: tile i + NB may be written */
-                     if (i + NB < ntiles && tid % 128 == 0) {
-                         mbar_arrive_cl(avail_own + 8 * (i % NB));
-                         mbar_arrive_cl(avail_peer + 8 * (i % NB));
-                     }
-        };
+    /* buffer i % NB read by this warpgroup: tile i + NB may be written */
+    auto release = [&](int i) {
+        if (i + NB < ntiles && tid % 128 == 0) {
+            mbar_arrive_cl(avail_own + 8 * (i % NB));
+            mbar_arrive_cl(avail_peer + 8 * (i % NB));
+        }
+    };
     if (wg == 2) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 152;");
         const uint32_t kb_peer = cl_map(kaddr, peer), fp_peer = cl_map(smem_addr(bars + NB), peer);
@@ -1518,11 +1519,10 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
                 kval[b * KT + krow] = sl0 >= 0;
             else if (part == 1)
                 kval[b * KT + G::HALF * (int)peer + kloc] = pos_ok(pv0);
-            asm volatile("fence.proxy.async.shared::cta;" ::
-                             : "memory"); /* K -> the tensor core, the copy */
+            /* K -> the tensor core, the copy */
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             mbar_arrive(bars + b);
-            if (tid ==
-                256) { /* the half done: its rows of each 64-dim atom, contiguous, to the peer */
+            if (tid == 256) { /* the half done: its rows of each atom, contiguous, to the peer */
                 mbar_wait(bars + b, (uint32_t)(i / NB) & 1u);
                 const uint32_t o = rank * G::HALF * 128;
 #pragma unroll
@@ -1669,7 +1669,8 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
         nbar_sync<256>(CL_O_SYNC); /* l_fin, m_fin */
         mla_store_o256(a, O, l_fin, m_fin, z, r, h0, 1, hr0, t, tid - 128);
     }
-    cl_sync(); /* no CTA leaves while its peer may still store into it or arrive on its barriers */
+    /* no CTA leaves while its peer may still store into it or arrive on its barriers */
+    cooperative_groups::this_cluster().sync();
 }
 
 static __global__ void mla_combine_kernel(float *out, const float *part_o, const float2 *part_ml, int rows,

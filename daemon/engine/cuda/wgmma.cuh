@@ -245,31 +245,18 @@ static __device__ __forceinline__ void mbar_arrive(uint64_t *bar)
         : "memory");
 }
 
-/* ---- thread-block clusters: a peer CTA's shared memory and barriers ----
+/* ---- thread-block clusters: a peer CTA's shared memory and barriers (the cluster's rank and
+ * barrier: cooperative_groups) ----
  * cl_map gives the cluster-window address of a local shared address in CTA rank (the window of
  * a CTA is contiguous: offsets add); bulk_s2cl copies there and counts the bytes on that CTA's
- * barrier (complete_tx); mbar_arrive_cl arrives on a
- * barrier of any CTA of the cluster (with the default semantics, as CUTLASS's cluster barrier:
- * release and acquire at cluster scope cost a fence and an L1 invalidation per use). */
-static __device__ __forceinline__ uint32_t cl_rank()
-{
-    uint32_t r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-
+ * barrier (complete_tx); mbar_arrive_cl arrives on a barrier of any CTA of the cluster, with
+ * the default semantics as CUTLASS's cluster barrier (release and acquire at cluster scope cost a
+ * fence and an L1 invalidation per use). */
 static __device__ __forceinline__ uint32_t cl_map(uint32_t saddr, uint32_t rank)
 {
     uint32_t d;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(saddr), "r"(rank));
     return d;
-}
-
-/* every thread of the cluster: arrive (release) and wait (acquire) */
-static __device__ __forceinline__ void cl_sync()
-{
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::
-                     : "memory");
 }
 
 /* bytes (a multiple of 16) from local shared memory src to a CTA's shared memory at cluster
