@@ -359,6 +359,8 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
         const double t_sp = dsa_time(&d, &m, RUN_SPARSE, iters);
         const double t_sp_ws = dsa_time_with(&d, &m, RUN_SPARSE, iters, KNOBS({"mla_cl", 0}));
         const double t_sp_cl32 = dsa_time_with(&d, &m, RUN_SPARSE, iters, KNOBS({"mla_cl", 32}));
+        /* a diagnostic: the cluster without its copies to the peer (wrong results; their time) */
+        const double t_sp_nocopy = dsa_time_with(&d, &m, RUN_SPARSE, iters, KNOBS({"mla_cl_nocopy", 1}));
         const double t_all8_ws = dsa_time_with(&d, &m, IS, iters, KNOBS({"mla_cl", 0}));
         const double q_all8_ws = dsa_time_with(&d, &m, IS | RUN_QUEUED, iters, KNOBS({"mla_cl", 0}));
         const double t_sp_wg = dsa_time_with(&d, &m, RUN_SPARSE, iters, KNOBS({"mla_cl", 0}, {"mla_ws", 0}));
@@ -408,6 +410,8 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
                sp_flop / (t_sp * 1e-3) / 1e12);
         printf("| sparse MLA decode, the cluster with 32-key tiles, four key buffers (knob mla_cl 32) | %.3f | | %.0f TFLOP/s |\n", t_sp_cl32,
                sp_flop / (t_sp_cl32 * 1e-3) / 1e12);
+        printf("| sparse MLA decode, the cluster without its copies to the peer (a diagnostic, wrong results: knob mla_cl_nocopy) | %.3f | | the copies' share of the cluster's time |\n",
+               t_sp_nocopy);
         printf("| sparse MLA decode (warp-specialized, 32-key tiles, each CTA converting all: knob mla_cl 0, the previous kernel) | %.3f | | %.0f TFLOP/s; DSA total with it %.3f ms, queued %.3f |\n",
                t_sp_ws, sp_flop / (t_sp_ws * 1e-3) / 1e12, t_all8_ws, q_all8_ws);
         printf("| sparse MLA decode, warp-specialized, Q staged with six loads in flight a thread (knob mla_q6) | %.3f | | %.0f TFLOP/s |\n",

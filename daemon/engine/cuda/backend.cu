@@ -699,7 +699,7 @@ static const struct {
     KNOB(idx_items, false),   KNOB(mla_ws, false),      KNOB(idx_poison, false),  KNOB(idx_pipe, false),
     KNOB(mla_q6, false),      KNOB(dsa_chunks, true),   KNOB(dsa_idx_sms, true),
     KNOB(dsa_skip, true),     KNOB(lt_min_rows, true),  KNOB(lt_big_rows, true),  KNOB(idx_dev_items, false),
-    KNOB(mla_cl, true),
+    KNOB(mla_cl, true),       KNOB(mla_cl_nocopy, false),
 };
 #undef KNOB
 

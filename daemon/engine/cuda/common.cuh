@@ -134,6 +134,8 @@ struct cu_ctx {
                                   converting half of every key tile for both, where the heads are
                                   a multiple of 128: 64-key tiles (64, default) or 32 (32); or
                                   mla_ws's choice (0) */
+    int mla_cl_nocopy;         /* benchmarks: mla_cl_kernel without its copies to the peer (each
+                                  CTA's other half stale: the copies' share of its time) */
     unsigned long long *mla_prof; /* benchmarks: the wgmma MLA kernel's cycles per phase (CU_MLA_PROF_N) */
     int topk_global;           /* the top-k's last pass and ordered sweeps over global memory even
                                   when the candidates would fit shared memory (tests, baseline) */

@@ -1314,22 +1314,31 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
  *                the 16-byte quarter lane / 8 of each 64-dim group (8 loads of its latent, 2 of
  *                its rope, its scales), converts (e4m3x16_bf16) and stores 18 x 16 bytes;
  *                the next tile's loads are issued before it waits for that tile's buffer.
- * Barriers per key buffer b (of NB): ready[b] (mbarrier, the local producer's 128 threads),
- * from_peer[b] (mbarrier: the local producer's thread 0 expects cl_geo::TX bytes, the peer's
- * copies count them), avail[b] (mbarrier of 4 arrivals: warpgroups 0 and 1 of both CTAs after
- * their last read of b; a producer waits before it writes b in either CTA). Named barriers
+ * Barriers per key buffer b (of NB), the ready ones per group of 3 atoms (CL_NG groups: QK^T
+ * starts on a tile's first 192 dims while the rest are stored and copied): ready[b][g] (mbarrier,
+ * the local producer's 128 threads), from_peer[b][g] (mbarrier: the local producer's thread 0
+ * expects cl_geo::TX / CL_NG bytes, the peer's copies of the group count them), avail[b]
+ * (mbarrier of 4 arrivals: warpgroups 0 and 1 of both CTAs after their last read of b; a
+ * producer waits before it writes b in either CTA). Named barriers
  * between warpgroups 0 and 1: P_READY, P_FREE, O_SYNC. The validity of a tile's keys (for S's
  * mask) is computed by the local producer for both halves from the selection, so no flag
  * crosses the cluster. Grid and outputs as mla_ws_kernel's (splits x head groups x rows); the
  * head groups must be even (H % 128 == 0) and the rope bf16.
- * At batch 64 x 2048 selected on the H200: 0.130-0.132 ms against mla_ws_kernel's 0.139 in the
- * same runs. Nsight Compute: warpgroup 0 waits ~30% of its time for the peer's half, while the
- * producers wait ~40% for a free buffer: the loop from a buffer's release through the peer's
- * conversion and copy to the next use is longer than one tile of QK^T, softmax and PV. Measured
+ * At batch 64 x 2048 selected on the H200: 0.124-0.125 ms against mla_ws_kernel's 0.139 in the
+ * same runs (one ready barrier a tile: 0.136; without the copies, a diagnostic with wrong results,
+ * knob mla_cl_nocopy: 0.111-0.114). With one barrier a tile, Nsight Compute had warpgroup 0
+ * waiting ~30% of its time for the peer's half while the producers waited ~40% for a free buffer:
+ * the loop from a buffer's release through the peer's conversion and copy to the next use was
+ * longer than one tile of QK^T, softmax and PV. Also measured: each CTA converting the whole tile
+ * itself, no copies (0.174: its loads one half tile ahead instead of a tile); the conversion
+ * moved before the wait for the buffer (spills, or 0.133 for half of it). Measured
  * and not kept (GPU-NOTES): 32-key tiles in four buffers (KT 32, knob mla_cl 32: 0.150, the
  * consumers wait as long, QK^T at n32 costs more), st.async stores of each 16 bytes to the peer
  * instead of the bulk copies (0.143), per-warp copies (0.133-0.135 against 0.131-0.132). */
 #define MLA_CL_TH 384
+/* a key tile's groups of 3 atoms (192 dims), each ready on its own barriers, so that QK^T starts
+ * on the first while the rest are copied (1 group: 0.136 ms, 3: 0.124, 9: 0.133 in one run) */
+#define CL_NG 3
 enum { CL_P_READY = 1, CL_P_FREE = 2, CL_O_SYNC = 3 };
 
 /* mla_cl_kernel's geometry for key tiles of KT keys (64: two key buffers; 32: four, in the same
@@ -1358,8 +1367,8 @@ template <int KT> static __device__ __forceinline__ uint32_t cl_off(int row, int
 template <int KT> static __host__ __device__ __forceinline__ size_t cl_smem()
 {
     using G = cl_geo<KT>;
-    return (size_t)WG_QB + (size_t)G::NB * G::KB + 8192 + 3 * G::NB * sizeof(uint64_t) +
-           G::NB * KT + sizeof(float) * 3 * MLA_HG;
+    return (size_t)WG_QB + (size_t)G::NB * G::KB + 8192 +
+           (1 + 2 * CL_NG) * G::NB * sizeof(uint64_t) + G::NB * KT + sizeof(float) * 3 * MLA_HG;
 }
 
 static __device__ __forceinline__ float fast_exp2(float x)
@@ -1371,7 +1380,7 @@ static __device__ __forceinline__ float fast_exp2(float x)
 
 template <int KT>
 static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
-    mla_cl_kernel(const struct mla_fast_args a, int slack)
+    mla_cl_kernel(const struct mla_fast_args a, int slack, int nocopy)
 {
     using G = cl_geo<KT>;
     constexpr int NB = G::NB;
@@ -1381,9 +1390,10 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
         __trap();
     uint8_t *smem = dsmem + pad; /* the same offset in both CTAs: mapped addresses match */
     uint8_t *Qb = smem, *Kb = smem + WG_QB, *Pb = Kb + NB * G::KB;
-    /* ready[NB], from_peer[NB], avail[NB] */
-    uint64_t *bars = reinterpret_cast<uint64_t *>(Pb + 8192);
-    uint8_t *kval = reinterpret_cast<uint8_t *>(bars + 3 * NB); /* [NB][KT] */
+    /* avail[NB], ready[NB][CL_NG], from_peer[NB][CL_NG] */
+    uint64_t *bars = reinterpret_cast<uint64_t *>(Pb + 8192), *ready = bars + NB,
+             *from_peer = ready + NB * CL_NG;
+    uint8_t *kval = reinterpret_cast<uint8_t *>(from_peer + NB * CL_NG); /* [NB][KT] */
     float *alpha_s = reinterpret_cast<float *>(kval + NB * KT), *l_fin = alpha_s + MLA_HG,
           *m_fin = l_fin + MLA_HG;
     const int z = blockIdx.x, hg = blockIdx.y, r = blockIdx.z;
@@ -1398,9 +1408,11 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
     const int ntiles = kend > kbeg ? (kend - kbeg + KT - 1) / KT : 0;
     if (tid == 0) {
         for (int b = 0; b < NB; b++) {
-            mbar_init(bars + b, 128);
-            mbar_init(bars + NB + b, 1);
-            mbar_init(bars + 2 * NB + b, 4);
+            mbar_init(bars + b, 4);
+            for (int gr = 0; gr < CL_NG; gr++) {
+                mbar_init(ready + CL_NG * b + gr, 128);
+                mbar_init(from_peer + CL_NG * b + gr, 1);
+            }
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
@@ -1465,8 +1477,8 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
     cooperative_groups::this_cluster().sync(); /* both CTAs' barriers initialized, Q staged */
 
     const uint32_t kaddr = smem_addr(Kb), paddr = smem_addr(Pb);
-    const uint32_t avail_own = cl_map(smem_addr(bars + 2 * NB), rank),
-                   avail_peer = cl_map(smem_addr(bars + 2 * NB), peer);
+    const uint32_t avail_own = cl_map(smem_addr(bars), rank),
+                   avail_peer = cl_map(smem_addr(bars), peer);
     const int hr0 = 16 * w + g, hr1 = hr0 + 8;
     /* V (the tile's latent dims 256c.., MN-major: the next 64 dims an atom on, the next 8 keys
      * 1 KB on) for keys 16kk.. of key buffer b */
@@ -1483,7 +1495,7 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
     };
     if (wg == 2) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 152;");
-        const uint32_t kb_peer = cl_map(kaddr, peer), fp_peer = cl_map(smem_addr(bars + NB), peer);
+        const uint32_t kb_peer = cl_map(kaddr, peer), fp_peer = cl_map(smem_addr(from_peer), peer);
         /* tile i from cur (loaded a step ago); tile i + 1's records into nxt */
         auto step = [&](int i, const struct cl_rec &cur, struct cl_rec &nxt) {
             const int b = i % NB;
@@ -1492,24 +1504,39 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
             const int32_t sl2 = slot_of_pos(p2);
             const int p3 = sel_pos(i + 3, rank), pv3 = sel_pos(i + 3, peer);
             if (i >= NB) /* tile i - NB read in both CTAs */
-                mbar_wait(bars + 2 * NB + b, (uint32_t)((i / NB) & 1) ^ 1u);
+                mbar_wait(bars + b, (uint32_t)((i / NB) & 1) ^ 1u);
             if (tid == 256)
-                mbar_arrive_tx(bars + NB + b, G::TX);
+                for (int gr = 0; gr < CL_NG; gr++) {
+                    if (nocopy) /* diagnostic: the peer's half stays */
+                        mbar_arrive(from_peer + CL_NG * b + gr);
+                    else
+                        mbar_arrive_tx(from_peer + CL_NG * b + gr, G::TX / CL_NG);
+                }
             uint8_t *K = Kb + b * G::KB;
-            const uint32_t Kp = kb_peer + b * G::KB, bar_p = fp_peer + 8 * b;
+            /* the groups of atoms, each ready on its barrier once stored by all (atom a is stored
+             * at k = a / HI by the threads of hi = a % HI; the rope and the key flags with the
+             * last) */
 #pragma unroll
             for (int k = 0; k < G::NGRP; k++) {
                 const int dg = hi + G::HI * k, sb = dg >> 1;
-                const float sc = sb == 0   ? cur.sc.x
-                                 : sb == 1 ? cur.sc.y
-                                 : sb == 2 ? cur.sc.z
-                                           : cur.sc.w;
                 uint32_t wv[8];
-                e4m3x16_bf16(cur.v[k], sc, wv);
+                e4m3x16_bf16(cur.v[k],
+                             sb == 0   ? cur.sc.x
+                             : sb == 1 ? cur.sc.y
+                             : sb == 2 ? cur.sc.z
+                                       : cur.sc.w,
+                             wv);
                 *reinterpret_cast<uint4 *>(K + cl_off<KT>(krow, 64 * dg + 16 * q)) =
                     make_uint4(wv[0], wv[1], wv[2], wv[3]);
                 *reinterpret_cast<uint4 *>(K + cl_off<KT>(krow, 64 * dg + 16 * q + 8)) =
                     make_uint4(wv[4], wv[5], wv[6], wv[7]);
+#pragma unroll
+                for (int gr = 0; gr < CL_NG - 1; gr++)
+                    if (k == (9 / CL_NG * (gr + 1) - 1) / G::HI) {
+                        /* -> the tensor core and the copies */
+                        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                        mbar_arrive(ready + CL_NG * b + gr);
+                    }
             }
 #pragma unroll
             for (int k = 0; k < G::NROPE; k++)
@@ -1519,15 +1546,19 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
                 kval[b * KT + krow] = sl0 >= 0;
             else if (part == 1)
                 kval[b * KT + G::HALF * (int)peer + kloc] = pos_ok(pv0);
-            /* K -> the tensor core, the copy */
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            mbar_arrive(bars + b);
-            if (tid == 256) { /* the half done: its rows of each atom, contiguous, to the peer */
-                mbar_wait(bars + b, (uint32_t)(i / NB) & 1u);
-                const uint32_t o = rank * G::HALF * 128;
+            mbar_arrive(ready + CL_NG * b + CL_NG - 1);
+            /* the half: its rows of each atom, contiguous, to the peer */
+            if (tid == 256 && !nocopy) {
+                const uint32_t Kp = kb_peer + b * G::KB, o = rank * G::HALF * 128;
 #pragma unroll
-                for (int c = 0; c < MLA_D / 64; c++)
-                    bulk_s2cl(Kp + c * G::AT + o, K + c * G::AT + o, G::HALF * 128, bar_p);
+                for (int gr = 0; gr < CL_NG; gr++) {
+                    mbar_wait(ready + CL_NG * b + gr, (uint32_t)(i / NB) & 1u);
+#pragma unroll
+                    for (int c = gr * (9 / CL_NG); c < (gr + 1) * (9 / CL_NG); c++)
+                        bulk_s2cl(Kp + c * G::AT + o, K + c * G::AT + o, G::HALF * 128,
+                                  fp_peer + 8 * (CL_NG * b + gr));
+                }
             }
             sl0 = sl1;
             sl1 = sl2;
@@ -1553,8 +1584,6 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
         for (int i = 0; i < ntiles; i++) {
             const int b = i % NB;
             const uint32_t par = (uint32_t)(i / NB) & 1u;
-            mbar_wait(bars + b, par);
-            mbar_wait(bars + NB + b, par);
             float S[KT / 2];
 #pragma unroll
             for (int k = 0; k < KT / 2; k++)
@@ -1563,6 +1592,10 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
             wg_begin();
 #pragma unroll
             for (int st = 0; st < MLA_D / 16; st++) {
+                if (st % (4 * 9 / CL_NG) == 0) { /* the group of atoms in, local and the peer's */
+                    mbar_wait(ready + CL_NG * b + st / (4 * 9 / CL_NG), par);
+                    mbar_wait(from_peer + CL_NG * b + st / (4 * 9 / CL_NG), par);
+                }
                 const uint64_t dq = wg_desc_sw128(qaddr + (st >> 2) * 8192 + (st & 3) * 32);
                 const uint64_t dk =
                     wg_desc_sw128(kaddr + b * G::KB + (st >> 2) * G::AT + (st & 3) * 32);
@@ -1773,7 +1806,8 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
         const size_t smem = cl_need + (size_t)slack;
         auto kern = c->mla_cl == 32 ? mla_cl_kernel<32> : mla_cl_kernel<64>;
         CU_SMEM_OPTIN(kern, smem);
-        kern<<<dim3(splits, H / MLA_HG, rows), MLA_CL_TH, smem, c->st>>>(a, slack);
+        kern<<<dim3(splits, H / MLA_HG, rows), MLA_CL_TH, smem, c->st>>>(a, slack,
+                                                                         c->mla_cl_nocopy);
         CU_LAUNCHED("mla_cl");
     } else if (c->mla_wgmma && c->mla_ws && !g->rope_f32 && ws_need <= optin) {
         /* what the limit leaves of the 1 KB alignment slack (all of it for 656-byte records) */
