@@ -1419,10 +1419,12 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
 
     /* the producer's key (its half's row kloc, the tile's row krow) and part (TPK a key: the
      * quarter q of each of its groups hi, hi + HI.., and its rope chunks);
-     * its work runs three tiles deep: the selection entries of tile i + 2 and the block table of
-     * tile i + 1 load while the records of tile i + 1 load into the other register set and tile
-     * i converts, so that no load's latency is waited for in turn (the selection's and the block
-     * table's loads are unconditional, from clamped indices, so that none waits behind a branch) */
+     * its work runs three tiles deep: while tile i converts, the records of tile i + 1 load into
+     * the other register set, the block table entry of tile i + 2 and the selection entry of tile
+     * i + 3 load, and each loaded value is used only a step later (the selection's and the block
+     * table's loads are unconditional, from clamped indices, so that none waits behind a branch;
+     * their range checks and the slot's arithmetic wait for the next step, where the value is
+     * in: done at once, they held the producer ~25% of its time on the loads) */
     const int kloc = (lane & 7) + 8 * (w % (4 / G::HI)), hi = w / (4 / G::HI), q = lane >> 3,
               part = 4 * hi + q;
     const int krow = G::HALF * (int)rank + kloc;
@@ -1430,18 +1432,23 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
         uint4 v[G::NGRP + G::NROPE]; /* the key's quarters of its groups, then its rope chunks */
         float4 sc;
     } ra, rb;
-    /* the position of key kloc of half `half` of tile i (-1: past the split's end) */
-    auto sel_pos = [&](int i, uint32_t half) -> int {
+    /* the selection entry of key kloc of half `half` of tile i, as loaded (sel_raw), and the
+     * position it gives (sel_fix: -1 past the split's end) */
+    auto sel_raw = [&](int i, uint32_t half) -> int {
         const int j = kbeg + KT * i + G::HALF * (int)half + kloc;
-        if (!a.sel)
-            return j < kend ? j : -1;
-        const int p = __ldg(a.sel + (size_t)r * a.n_sel + min(j, kend - 1));
-        return j < kend ? p : -1;
+        return a.sel ? __ldg(a.sel + (size_t)r * a.n_sel + min(j, kend - 1)) : j;
+    };
+    auto sel_fix = [&](int i, uint32_t half, int raw) -> int {
+        return kbeg + KT * i + G::HALF * (int)half + kloc < kend ? raw : -1;
     };
     auto pos_ok = [&](int p) { return p >= 0 && p <= pos; };
-    auto slot_of_pos = [&](int p) -> int32_t {
-        const int32_t sl = (int32_t)slot_of(a.blocks, a.max_blocks, seq, pos_ok(p) ? p : 0);
-        return pos_ok(p) ? sl : -1;
+    /* the block table entry of position p, as loaded, and the slot it gives (slot_of in two) */
+    auto blk_raw = [&](int p) -> int32_t {
+        return __ldg(a.blocks + (size_t)seq * a.max_blocks +
+                     (pos_ok(p) ? p : 0) / DSV32_KV_BLOCK_TOKENS);
+    };
+    auto slot_fix = [&](int p, int32_t blk) -> int32_t {
+        return pos_ok(p) ? blk * DSV32_KV_BLOCK_TOKENS + p % DSV32_KV_BLOCK_TOKENS : -1;
     };
     auto load = [&](struct cl_rec &d, int32_t sl) {
         const uint8_t *rec = a.mla + (size_t)(sl >= 0 ? sl : 0) * a.rec_bytes;
@@ -1460,17 +1467,19 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
         d.sc = sl >= 0 ? __ldg(reinterpret_cast<const float4 *>(rec + MLA_C))
                        : make_float4(0.f, 0.f, 0.f, 0.f);
     };
-    int32_t sl0 = -1, sl1 = -1; /* the slots of tiles i and i + 1 */
-    /* the own half's position in tile i + 2; the peer half's in tiles i, i + 1, i + 2 */
-    int p2 = -1, pv0 = -1, pv1 = -1, pv2 = -1;
+    /* at step i: the slot of tile i; the position of tile i + 1 and its block table entry; the
+     * selection entry of tile i + 2; the peer half's position in tile i and entry in tile i + 1 */
+    int32_t sl0 = -1, b1 = 0;
+    int p1 = -1, s2 = 0, pv0 = -1, pr1 = 0;
     if (wg == 2 && ntiles > 0) {
-        sl0 = slot_of_pos(sel_pos(0, rank));
+        const int p0 = sel_fix(0, rank, sel_raw(0, rank));
+        sl0 = slot_fix(p0, blk_raw(p0));
         load(ra, sl0); /* in flight under Q's staging */
-        sl1 = slot_of_pos(sel_pos(1, rank));
-        p2 = sel_pos(2, rank);
-        pv0 = sel_pos(0, peer);
-        pv1 = sel_pos(1, peer);
-        pv2 = sel_pos(2, peer);
+        p1 = sel_fix(1, rank, sel_raw(1, rank));
+        b1 = blk_raw(p1);
+        s2 = sel_raw(2, rank);
+        pv0 = sel_fix(0, peer, sel_raw(0, peer));
+        pr1 = sel_raw(1, peer);
     }
     mla_stage_q<MLA_CL_TH, 4>(a, Qb, r, h0, tid);
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* Q -> the tensor core */
@@ -1499,10 +1508,12 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
         /* tile i from cur (loaded a step ago); tile i + 1's records into nxt */
         auto step = [&](int i, const struct cl_rec &cur, struct cl_rec &nxt) {
             const int b = i % NB;
+            const int32_t sl1 = slot_fix(p1, b1);
             if (i + 1 < ntiles)
                 load(nxt, sl1);
-            const int32_t sl2 = slot_of_pos(p2);
-            const int p3 = sel_pos(i + 3, rank), pv3 = sel_pos(i + 3, peer);
+            const int p2 = sel_fix(i + 2, rank, s2), pv1 = sel_fix(i + 1, peer, pr1);
+            const int32_t b2 = blk_raw(p2);
+            const int s3 = sel_raw(i + 3, rank), pr2 = sel_raw(i + 2, peer);
             if (i >= NB) /* tile i - NB read in both CTAs */
                 mbar_wait(bars + b, (uint32_t)((i / NB) & 1) ^ 1u);
             if (tid == 256)
@@ -1561,11 +1572,11 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
                 }
             }
             sl0 = sl1;
-            sl1 = sl2;
-            p2 = p3;
+            p1 = p2;
+            b1 = b2;
+            s2 = s3;
             pv0 = pv1;
-            pv1 = pv2;
-            pv2 = pv3;
+            pr1 = pr2;
         };
         for (int i = 0; i < ntiles; i += 2) {
             step(i, ra, rb);
