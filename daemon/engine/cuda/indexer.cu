@@ -633,28 +633,35 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
         if (wk.z + IDX_RING - 1 < wk.w)
             nid = bt[wk.z + IDX_RING - 1];
     }
-    auto issue = [&](int blk, int stage) { /* cp.async, all threads */
-        const uint8_t *src = cache + (size_t)bt[blk] * block_bytes;
-        uint8_t *dst = ring + (size_t)stage * IDX8_STAGEB;
+    /* cp.async, all threads: chunk x of this thread (16 bytes at 16 (tid + 128 x)) is row
+     * tid / 8 + 16 x, column tid % 8 of the block's keys, so its swizzled place is 2048 x past
+     * one this thread keeps (the row's swizzle, tid / 8 % 8, is the same for all four) */
+    const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring),
+                   dsw = (threadIdx.x >> 3) * 128 +
+                         (((threadIdx.x & 7) ^ ((threadIdx.x >> 3) & 7)) << 4);
+    /* id: the block's cache index */
+    auto issue = [&](int32_t id, int stage) {
+        const uint8_t *src = cache + (size_t)id * block_bytes + 16 * threadIdx.x;
+        const uint32_t dst = ring_s + stage * IDX8_STAGEB;
 #pragma unroll
-        for (int x = 0; x < 4; x++) {
-            const int ch = threadIdx.x + 128 * x, r = ch >> 3, c = ch & 7;
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
-                             (uint32_t)__cvta_generic_to_shared(dst + r * 128 + ((c ^ (r & 7)) << 4))),
-                         "l"(src + 16 * ch));
-        }
+        for (int x = 0; x < 4; x++)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + dsw + 2048 * x),
+                         "l"(src + 2048 * x));
         if (threadIdx.x < 16)
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
-                             (uint32_t)__cvta_generic_to_shared(dst + 8192 + 16 * threadIdx.x)),
-                         "l"(src + DSV32_KV_BLOCK_TOKENS * 128 + 16 * threadIdx.x));
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + 8192 + 16 * threadIdx.x),
+                         "l"(src + DSV32_KV_BLOCK_TOKENS * 128));
     };
+    /* cp.async: the block table entry of the next fill, loaded a block early */
+    int32_t next_id = 0;
     if (!TMA) {
 #pragma unroll
         for (int st = 0; st < IDX_RING - 1; st++) {
             if (wk.z + st < wk.w)
-                issue(wk.z + st, st);
+                issue(bt[wk.z + st], st);
             asm volatile("cp.async.commit_group;");
         }
+        if (wk.z + IDX_RING - 1 < wk.w)
+            next_id = bt[wk.z + IDX_RING - 1];
     }
     for (int e = threadIdx.x; e < nr * IH * 8; e += blockDim.x) {
         const int c = e & 7, n = (e >> 3) & 63, i = e >> 9;
@@ -665,7 +672,9 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
     int pos[IDX_QT];
     idx_row_pos(pos, row_pos, r0, nr);
     const int kr0 = 16 * warp + g, kr1 = kr0 + 8;
-    const uint32_t qbase = (uint32_t)__cvta_generic_to_shared(qsm), rbase = (uint32_t)__cvta_generic_to_shared(ring);
+    /* the descriptors of q and of the ring's first stage (the rest one add away) */
+    const uint64_t dq0 = wg_desc_sw128((uint32_t)__cvta_generic_to_shared(qsm)),
+                   da0 = wg_desc_sw128(ring_s);
     __syncthreads(); /* the weights staged: this lane's, per row, into registers */
     constexpr int NW = PIPE ? 1 : IDX_QT;
     float wv[NW][16];
@@ -703,23 +712,26 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
                 wg_fence(acc);
             }
             __syncthreads();
-            if (blk + IDX_RING - 1 < wk.w)
-                issue(blk + IDX_RING - 1, (it + IDX_RING - 1) % IDX_RING);
+            if (blk + IDX_RING - 1 < wk.w) {
+                issue(next_id, (it + IDX_RING - 1) % IDX_RING);
+                if (blk + IDX_RING < wk.w)
+                    next_id = bt[blk + IDX_RING];
+            }
             asm volatile("cp.async.commit_group;");
         }
         if (copy_only)
             continue;
         const float *ksc = reinterpret_cast<const float *>(ring + (size_t)stage * IDX8_STAGEB + 8192);
         const float ks0 = ksc[kr0], ks1 = ksc[kr1];
-        const uint32_t abase = rbase + stage * IDX8_STAGEB;
+        const uint64_t da = wg_desc_add(da0, stage * IDX8_STAGEB);
         const int j0 = blk * DSV32_KV_BLOCK_TOKENS + kr0;
         auto mma = [&](int i) { /* the block's logits for row i into acc, issued and committed */
             wg_fence(acc);
             wg_begin();
 #pragma unroll
             for (int st = 0; st < 4; st++)
-                wgmma_e4m3_ss_n64(acc, wg_desc_sw128(abase + 32 * st), wg_desc_sw128(qbase + i * 8192 + 32 * st),
-                                  st > 0);
+                wgmma_e4m3_ss_n64(acc, wg_desc_add(da, 32 * st),
+                                  wg_desc_add(dq0, i * 8192 + 32 * st), st > 0);
             wg_commit();
         };
         if constexpr (PIPE) {

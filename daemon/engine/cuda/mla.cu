@@ -1585,21 +1585,21 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
         }
     } else if (wg == 0) {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 192;");
-        const uint32_t qaddr = smem_addr(Qb);
+        const uint64_t dq0 = wg_desc_sw128(smem_addr(Qb));
         const float sl2 = a.scale * 1.4426950408889634f; /* scores in log2 units: exp2 below */
-        float O[128];
+        float O[128], S[KT / 2];
 #pragma unroll
         for (int i = 0; i < 128; i++)
             O[i] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < KT / 2; k++)
+            S[k] = 0.0f;
         float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f; /* l: this thread's columns */
         for (int i = 0; i < ntiles; i++) {
             const int b = i % NB;
             const uint32_t par = (uint32_t)(i / NB) & 1u;
-            float S[KT / 2];
-#pragma unroll
-            for (int k = 0; k < KT / 2; k++)
-                S[k] = 0.0f;
-            wg_fence(S);
+            const uint64_t dk0 = wg_desc_sw128(kaddr + b * G::KB);
+            wg_fence(S); /* not zeroed: the first k-step's scale-d is 0 */
             wg_begin();
 #pragma unroll
             for (int st = 0; st < MLA_D / 16; st++) {
@@ -1607,9 +1607,8 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
                     mbar_wait(ready + CL_NG * b + st / (4 * 9 / CL_NG), par);
                     mbar_wait(from_peer + CL_NG * b + st / (4 * 9 / CL_NG), par);
                 }
-                const uint64_t dq = wg_desc_sw128(qaddr + (st >> 2) * 8192 + (st & 3) * 32);
-                const uint64_t dk =
-                    wg_desc_sw128(kaddr + b * G::KB + (st >> 2) * G::AT + (st & 3) * 32);
+                const uint64_t dq = wg_desc_add(dq0, (st >> 2) * 8192 + (st & 3) * 32);
+                const uint64_t dk = wg_desc_add(dk0, (st >> 2) * G::AT + (st & 3) * 32);
                 if constexpr (KT == 64)
                     wgmma_bf16_ss_n64(S, dq, dk, st > 0);
                 else
@@ -1662,7 +1661,8 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
             }
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* P -> the tensor core */
             nbar_arrive<256>(CL_P_READY);
-            o_rescale(O, al0, al1);
+            if (__any_sync(0xffffffffu, al0 != 1.0f || al1 != 1.0f)) /* a row's max moved */
+                o_rescale(O, al0, al1);
             wg_fence(O);
             wg_begin();
 #pragma unroll
@@ -1697,7 +1697,8 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
             const int b = i % NB;
             nbar_sync<256>(CL_P_READY);
             const float al0 = alpha_s[hr0], al1 = alpha_s[hr1];
-            o_rescale(O, al0, al1);
+            if (__any_sync(0xffffffffu, al0 != 1.0f || al1 != 1.0f)) /* a row's max moved */
+                o_rescale(O, al0, al1);
             wg_fence(O);
             wg_begin();
 #pragma unroll
