@@ -1324,9 +1324,11 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
  * mask) is computed by the local producer for both halves from the selection, so no flag
  * crosses the cluster. Grid and outputs as mla_ws_kernel's (splits x head groups x rows); the
  * head groups must be even (H % 128 == 0) and the rope bf16.
- * At batch 64 x 2048 selected on the H200: 0.124-0.125 ms against mla_ws_kernel's 0.139 in the
- * same runs (one ready barrier a tile: 0.136; without the copies, a diagnostic with wrong results,
- * knob mla_cl_nocopy: 0.111-0.114). With one barrier a tile, Nsight Compute had warpgroup 0
+ * At batch 64 x 2048 selected on the H200: 0.108-0.117 ms against mla_ws_kernel's 0.139-0.152
+ * in the same runs (without the copies, a diagnostic with wrong results, knob mla_cl_nocopy:
+ * 0.100-0.108). The groups of atoms took it from 0.136 to 0.124 (one barrier per atom: 0.133),
+ * the producer's loaded indices used a step later from 0.124 to 0.112 (GPU-NOTES, seventh session
+ * of 2026-11-29). With one barrier a tile, Nsight Compute had warpgroup 0
  * waiting ~30% of its time for the peer's half while the producers waited ~40% for a free buffer:
  * the loop from a buffer's release through the peer's conversion and copy to the next use was
  * longer than one tile of QK^T, softmax and PV. Also measured: each CTA converting the whole tile
