@@ -651,8 +651,6 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + 8192 + 16 * threadIdx.x),
                          "l"(src + DSV32_KV_BLOCK_TOKENS * 128));
     };
-    /* cp.async: the block table entry of the next fill, loaded a block early */
-    int32_t next_id = 0;
     if (!TMA) {
 #pragma unroll
         for (int st = 0; st < IDX_RING - 1; st++) {
@@ -660,8 +658,6 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
                 issue(bt[wk.z + st], st);
             asm volatile("cp.async.commit_group;");
         }
-        if (wk.z + IDX_RING - 1 < wk.w)
-            next_id = bt[wk.z + IDX_RING - 1];
     }
     for (int e = threadIdx.x; e < nr * IH * 8; e += blockDim.x) {
         const int c = e & 7, n = (e >> 3) & 63, i = e >> 9;
@@ -712,11 +708,8 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
                 wg_fence(acc);
             }
             __syncthreads();
-            if (blk + IDX_RING - 1 < wk.w) {
-                issue(next_id, (it + IDX_RING - 1) % IDX_RING);
-                if (blk + IDX_RING < wk.w)
-                    next_id = bt[blk + IDX_RING];
-            }
+            if (blk + IDX_RING - 1 < wk.w)
+                issue(bt[blk + IDX_RING - 1], (it + IDX_RING - 1) % IDX_RING);
             asm volatile("cp.async.commit_group;");
         }
         if (copy_only)

@@ -40,10 +40,15 @@
 #define EX_MAXC 32 /* C/32 <= 32: kv_lora up to 1024 */
 #define EX_MAXR 4  /* R/32 <= 4 */
 
+/* the cache slot of position p in its sequence's block blk (a block table entry) */
+static __device__ __forceinline__ int64_t slot_in(int32_t blk, int p)
+{
+    return (int64_t)blk * DSV32_KV_BLOCK_TOKENS + p % DSV32_KV_BLOCK_TOKENS;
+}
+
 static __device__ __forceinline__ int64_t slot_of(const int32_t *blocks, int max_blocks, int seq, int p)
 {
-    return (int64_t)blocks[(size_t)seq * max_blocks + p / DSV32_KV_BLOCK_TOKENS] * DSV32_KV_BLOCK_TOKENS +
-           p % DSV32_KV_BLOCK_TOKENS;
+    return slot_in(blocks[(size_t)seq * max_blocks + p / DSV32_KV_BLOCK_TOKENS], p);
 }
 
 static __global__ void __launch_bounds__(128) mla_exact_kernel(
@@ -677,6 +682,31 @@ static __device__ __forceinline__ void mla_store_o(const struct mla_fast_args &a
  * 4 the next tile's conversion, 5 its proxy fence, 6 the closing barrier), a.prof[16] the tiles
  * of warpgroup 0, a.prof[17..19] thread 0's cycles before the loop, after it, and the CTAs: the
  * knob mla_prof's breakdown for the benchmark (cuda_bench names the phases in this order) */
+/* A tile's scores S (m64nN accumulator: S[4j + {0,1,2,3}] is (head hr0, key 8j+2t), (hr0, +1),
+ * (hr0 + 8, 8j+2t), (hr0 + 8, +1)) times scale, -inf where the key flag v (v[2j], v[2j + 1]: keys
+ * 8j+2t, +1) is off; *mx0, *mx1: the two heads' maxima over the tile (the quad's four lanes) */
+template <int N>
+static __device__ __forceinline__ void mla_mask_max(float (&S)[N], const bool (&v)[N / 2],
+                                                    float scale, float *mx0, float *mx1)
+{
+    float a0 = -INFINITY, a1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < N / 4; j++) {
+        S[4 * j + 0] = v[2 * j] ? S[4 * j + 0] * scale : -INFINITY;
+        S[4 * j + 1] = v[2 * j + 1] ? S[4 * j + 1] * scale : -INFINITY;
+        S[4 * j + 2] = v[2 * j] ? S[4 * j + 2] * scale : -INFINITY;
+        S[4 * j + 3] = v[2 * j + 1] ? S[4 * j + 3] * scale : -INFINITY;
+        a0 = fmaxf(a0, fmaxf(S[4 * j + 0], S[4 * j + 1]));
+        a1 = fmaxf(a1, fmaxf(S[4 * j + 2], S[4 * j + 3]));
+    }
+    a0 = fmaxf(a0, __shfl_xor_sync(0xffffffffu, a0, 1));
+    a0 = fmaxf(a0, __shfl_xor_sync(0xffffffffu, a0, 2));
+    a1 = fmaxf(a1, __shfl_xor_sync(0xffffffffu, a1, 1));
+    a1 = fmaxf(a1, __shfl_xor_sync(0xffffffffu, a1, 2));
+    *mx0 = a0;
+    *mx1 = a1;
+}
+
 #define MLA_PROF_PHASES 7
 template <bool PROF>
 static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct mla_fast_args a)
@@ -825,22 +855,14 @@ static __global__ void __launch_bounds__(WG_TH, 1) mla_wg_kernel(const struct ml
         wg_fence(S);
         mark(0);
         /* S[4j + {0,1,2,3}]: (head hr0, key 8j+2t), (hr0, +1), (hr1, 8j+2t), (hr1, +1), keys of 32wg.. */
-        float mx0 = -INFINITY, mx1 = -INFINITY;
+        bool v[8];
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            const int kc = 32 * wg + 8 * j + 2 * t;
-            const bool v0 = kval[kc], v1 = kval[kc + 1];
-            S[4 * j + 0] = v0 ? S[4 * j + 0] * a.scale : -INFINITY;
-            S[4 * j + 1] = v1 ? S[4 * j + 1] * a.scale : -INFINITY;
-            S[4 * j + 2] = v0 ? S[4 * j + 2] * a.scale : -INFINITY;
-            S[4 * j + 3] = v1 ? S[4 * j + 3] * a.scale : -INFINITY;
-            mx0 = fmaxf(mx0, fmaxf(S[4 * j + 0], S[4 * j + 1]));
-            mx1 = fmaxf(mx1, fmaxf(S[4 * j + 2], S[4 * j + 3]));
+            v[2 * j] = kval[32 * wg + 8 * j + 2 * t];
+            v[2 * j + 1] = kval[32 * wg + 8 * j + 2 * t + 1];
         }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float mx0, mx1;
+        mla_mask_max(S, v, a.scale, &mx0, &mx1);
         if (t == 0) {
             red_m[wg * MLA_HG + hr0] = mx0;
             red_m[wg * MLA_HG + hr1] = mx1;
@@ -980,31 +1002,6 @@ static __host__ __device__ __forceinline__ size_t ws_smem(int rec_bytes)
 {
     return (size_t)WG_QB + 2 * MLA_WS_KB + 8192 + (size_t)MLA_WS_NS * MLA_WS_KT * ws_rec_stride(rec_bytes) +
            MLA_WS_NS * sizeof(uint64_t) + sizeof(int32_t) * MLA_MAXSEL + 2 * MLA_WS_KT + sizeof(float) * 3 * MLA_HG;
-}
-
-/* A tile's scores S (m64nN accumulator: S[4j + {0,1,2,3}] is (head hr0, key 8j+2t), (hr0, +1),
- * (hr0 + 8, 8j+2t), (hr0 + 8, +1)) times scale, -inf where the key flag v (v[2j], v[2j + 1]: keys
- * 8j+2t, +1) is off; *mx0, *mx1: the two heads' maxima over the tile (the quad's four lanes) */
-template <int N>
-static __device__ __forceinline__ void mla_mask_max(float (&S)[N], const bool (&v)[N / 2],
-                                                    float scale, float *mx0, float *mx1)
-{
-    float a0 = -INFINITY, a1 = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < N / 4; j++) {
-        S[4 * j + 0] = v[2 * j] ? S[4 * j + 0] * scale : -INFINITY;
-        S[4 * j + 1] = v[2 * j + 1] ? S[4 * j + 1] * scale : -INFINITY;
-        S[4 * j + 2] = v[2 * j] ? S[4 * j + 2] * scale : -INFINITY;
-        S[4 * j + 3] = v[2 * j + 1] ? S[4 * j + 3] * scale : -INFINITY;
-        a0 = fmaxf(a0, fmaxf(S[4 * j + 0], S[4 * j + 1]));
-        a1 = fmaxf(a1, fmaxf(S[4 * j + 2], S[4 * j + 3]));
-    }
-    a0 = fmaxf(a0, __shfl_xor_sync(0xffffffffu, a0, 1));
-    a0 = fmaxf(a0, __shfl_xor_sync(0xffffffffu, a0, 2));
-    a1 = fmaxf(a1, __shfl_xor_sync(0xffffffffu, a1, 1));
-    a1 = fmaxf(a1, __shfl_xor_sync(0xffffffffu, a1, 2));
-    *mx0 = a0;
-    *mx1 = a1;
 }
 
 /* O (m64n256: O[4j + {0,1}] of head hr0, O[4j + {2,3}] of head hr0 + 8) times its heads' alpha */
@@ -1444,13 +1441,14 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
         return kbeg + KT * i + G::HALF * (int)half + kloc < kend ? raw : -1;
     };
     auto pos_ok = [&](int p) { return p >= 0 && p <= pos; };
-    /* the block table entry of position p, as loaded, and the slot it gives (slot_of in two) */
+    /* the block table entry of position p, as loaded, and the slot it gives (slot_of in two
+     * steps) */
     auto blk_raw = [&](int p) -> int32_t {
         return __ldg(a.blocks + (size_t)seq * a.max_blocks +
                      (pos_ok(p) ? p : 0) / DSV32_KV_BLOCK_TOKENS);
     };
     auto slot_fix = [&](int p, int32_t blk) -> int32_t {
-        return pos_ok(p) ? blk * DSV32_KV_BLOCK_TOKENS + p % DSV32_KV_BLOCK_TOKENS : -1;
+        return pos_ok(p) ? (int32_t)slot_in(blk, p) : -1;
     };
     auto load = [&](struct cl_rec &d, int32_t sl) {
         const uint8_t *rec = a.mla + (size_t)(sl >= 0 ? sl : 0) * a.rec_bytes;
