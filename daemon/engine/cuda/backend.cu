@@ -514,7 +514,6 @@ static void cuda_free(struct dsv32_backend *be)
         cudaFree(c->rope_sin);
         cudaFree(c->probe_flips);
         cudaFree(c->mla_prof);
-        cudaFree(c->topk_xc);
         free(c->idx_items_h);
         cudaFree(c->probe_near);
         cudaFree(c->probe_n);

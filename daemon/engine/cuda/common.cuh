@@ -170,8 +170,6 @@ struct cu_ctx {
     int n_optin;
     int4 *idx_items_h;         /* the indexer's work list on the host, grown as needed */
     size_t idx_items_cap;
-    uint32_t *topk_xc;         /* the split top-k's candidate exchange (cu_topk_xchg) */
-    size_t topk_xc_cap;
     /* Every kernel, copy and memset of the backend runs on st, created cudaStreamNonBlocking: it
      * does not wait for the legacy default stream, where cudaMemcpy and cudaMemset run. A
      * cudaMemcpy from pageable memory returns before its DMA has landed, so a kernel launched on

@@ -259,8 +259,7 @@ int cu_dsa(struct cu_ctx *c, float *out, int32_t *sel, const uint8_t *q, const f
         if (!cu_scratch(c, SCR_SCORES, sizeof(float) * (size_t)max_rows * ld_s) ||
             !cu_scratch(c, SCR_WORK, sizeof(int4) * (blocks / 2 + (size_t)max_rows + 2)) ||
             !cu_scratch(c, SCR_PART, sizeof(float) * part_rows * H * c->geom.kv_lora) ||
-            !cu_scratch(c, SCR_TMP2, sizeof(float2) * part_rows * H) ||
-            cu_topk_reserve(c, max_rows) < 0)
+            !cu_scratch(c, SCR_TMP2, sizeof(float2) * part_rows * H))
             return -ENOMEM;
     }
     /* host-side order: each indexer's work-list upload waits for the previous one's copy (one

@@ -14,17 +14,17 @@
  * shared memory; relu, the per-head weights and the head sum are applied on the accumulator
  * (quad shuffles), then the key scale.
  *
- * Top-k. One CTA of 1024 threads per row, a radix select of the k-th largest score on the
- * order-preserving 32-bit key (11 + 11 + 10 bits). Rows of 16 k positions or more first take a
- * threshold from a sample of one eighth of the row (two radix passes on it, aimed at 1.25 k + 512
- * scores' worth), gather every score at or above it into shared memory in one sweep, and finish
- * there when the gathered hold at least k and fit: the three passes over the candidates, the
- * selected positions marked in a bitmap and written in ascending order from it. With fewer rows
- * than half the SMs a row has 2 CTAs (4 by a knob), launched as a cluster: each samples its
- * share, the histograms are summed through distributed shared memory so all find the same
- * threshold, each sweeps its share of the row into a global exchange, and after a cluster
- * barrier the first merges the shares and finishes the row, or takes the exact path for it.
- * Otherwise (short rows, or the sample missed) the exact path: two radix passes over the row,
+ * Top-k. A radix select of the k-th largest score on the order-preserving 32-bit key (11 + 11 +
+ * 10 bits), one CTA of 1024 threads per row, or 2 (4 by a knob) launched as a cluster when the
+ * rows are fewer than half the SMs. Rows of 16 k positions or more (topk_cluster) first take a
+ * threshold from a sample of at least 1/32 of the row held in registers (two radix passes on
+ * it, aimed at 1.25 k + 1024 scores' worth), gather every score at or above it into shared
+ * memory in one sweep, and finish there when the gathered hold at least k and fit: three passes
+ * over the candidates, the selected positions marked in a bitmap and written in ascending order
+ * from it. A cluster's CTAs each take a share of the sample and of the row and sum their
+ * histograms through distributed shared memory, so all find the same thresholds; each writes
+ * its own selections. Otherwise (short rows, or the sample missed) the exact path, on the
+ * cluster's first CTA: two radix passes over the row,
  * then either the 22-bit bin's few scores gathered and finished in shared memory the same way, or
  * (too many in that bin) the third pass over the row and two ordered sweeps (each warp owns a
  * segment, counts what it keeps, a scan over the warps gives the offsets, a second sweep writes).
@@ -41,6 +41,9 @@
 #define IDX_STAGES 6 /* cp.async ring depth of the FP8 decode kernel */
 #define TOPK_ILP 4     /* float4 loads per lane in flight in the top-k's sweeps */
 #define TOPK_CAP 8192  /* candidates the top-k finishes in shared memory (64 KB) */
+#define TOPK_SREG 2    /* float4s of the sample a thread holds in registers (topk_cluster) */
+#define TOPK_STRIDE 32 /* the sample: at least every TOPK_STRIDE-th float4 of the row */
+#define TOPK_MARGIN 32 /* the sample's threshold: its 1.25 k / TOPK_STRIDE + TOPK_MARGIN-th key */
 
 static __device__ __forceinline__ uint32_t cvt_e4m3x2(uint32_t two)
 {
@@ -808,30 +811,27 @@ static __device__ void topk_find(const int *hist, int nb, int kk, int *warp_sum,
     __syncthreads();
 }
 
-/* One radix pass over the row in global memory: the histogram of bits [shift, shift + bits) of the
- * keys that match prefix under pmask, over the float4s j4 = stride * i (stride 1: the whole row; 8:
- * a sample of one eighth), TOPK_ILP float4 loads per lane in flight. */
-static __device__ void topk_hist_global(int *hist, const float4 *s4, int n, int n4, int stride, uint32_t pmask,
-                                        uint32_t prefix, int shift, int nb, int part = 0, int parts = 1)
+/* One radix pass over the row in global memory: the histogram of bits [shift, shift + log2 nb)
+ * of the keys that match prefix under pmask, TOPK_ILP float4 loads per lane in flight. */
+static __device__ void topk_hist_global(int *hist, const float4 *s4, int n, int n4, uint32_t pmask,
+                                        uint32_t prefix, int shift, int nb)
 {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     for (int i = tid; i < nb; i += blockDim.x)
         hist[i] = 0;
     __syncthreads();
-    /* units (float4s, or every stride-th) of this part: [u0, u1) of parts equal shares */
-    const int all = (n4 + stride - 1) / stride;
-    const int u0 = (int)((long long)all * part / parts), units = (int)((long long)all * (part + 1) / parts);
-    for (int base = u0 + warp * 32 * TOPK_ILP; base < units; base += blockDim.x * TOPK_ILP) { /* warp-uniform */
+    for (int base = warp * 32 * TOPK_ILP; base < n4;
+         base += blockDim.x * TOPK_ILP) { /* warp-uniform */
         float4 v[TOPK_ILP];
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++) {
-            const int u = base + 32 * x + lane, j4 = u * stride;
-            v[x] = u < units && j4 < n4 ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            const int j4 = base + 32 * x + lane;
+            v[x] = j4 < n4 ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++) {
-            const int u = base + 32 * x + lane, j4 = u * stride;
-            const bool in = u < units;
+            const int j4 = base + 32 * x + lane;
+            const bool in = j4 < n4;
             hist_add(hist, in && 4 * j4 + 0 < n, order_key(v[x].x), pmask, prefix, shift, nb - 1);
             hist_add(hist, in && 4 * j4 + 1 < n, order_key(v[x].y), pmask, prefix, shift, nb - 1);
             hist_add(hist, in && 4 * j4 + 2 < n, order_key(v[x].z), pmask, prefix, shift, nb - 1);
@@ -843,8 +843,11 @@ static __device__ void topk_hist_global(int *hist, const float4 *s4, int n, int 
 
 /* Gathers the row's keys whose upper 22 bits are >= hi (with their positions) from the float4s
  * [b4, e4) (default: the whole row) into cu/cj, as many as fit cap; returns how many there are
- * (all threads). The last sweep's loads past e4 are zero-filled and must not count: inside the row
- * (a split row's first share) a made-up 0 passes whenever the k-th score is below zero. */
+ * (all threads). Each lane counts its candidates among the TOPK_ILP float4s of a sweep, a warp
+ * scan places them and one atomic a warp claims the warp's room (candidates are a few percent of
+ * the row, so an atomic per key and warp, on one address, serialized the warps). The last
+ * sweep's loads past e4 are zero-filled and must not count: inside the row (a split row's first
+ * share) a made-up 0 passes whenever the k-th score is below zero. */
 static __device__ int topk_gather(uint32_t *cu, int32_t *cj, int cap, const float4 *s4, int n, int n4, uint32_t hi,
                                   int *s_n, int b4 = 0, int e4 = -1)
 {
@@ -861,32 +864,89 @@ static __device__ int topk_gather(uint32_t *cu, int32_t *cj, int cap, const floa
             const int j4 = base + 32 * x + lane;
             v[x] = j4 < e4 ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
+        uint32_t take = 0; /* bit 4 x + e: element e of float4 x */
+#pragma unroll
+        for (int x = 0; x < TOPK_ILP; x++) {
+            const float f[4] = {v[x].x, v[x].y, v[x].z, v[x].w};
+            const int j4 = base + 32 * x + lane;
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                take |= (uint32_t)(j4 < e4 && 4 * j4 + e < n && (order_key(f[e]) >> 10) >= hi)
+                        << (4 * x + e);
+        }
+        int wtot;
+        int at = warp_excl_scan(__popc(take), lane, &wtot);
+        if (wtot == 0) /* the same for the whole warp */
+            continue;
+        int b = 0;
+        if (lane == 0)
+            b = atomicAdd(s_n, wtot);
+        at += __shfl_sync(0xffffffffu, b, 0);
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++) {
             const float f[4] = {v[x].x, v[x].y, v[x].z, v[x].w};
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int j4 = base + 32 * x + lane, j = 4 * j4 + e;
-                const uint32_t u = order_key(f[e]);
-                const bool c = j4 < e4 && j < n && (u >> 10) >= hi;
-                const uint32_t m = __ballot_sync(0xffffffffu, c);
-                if (m) {
-                    const int leader = __ffs(m) - 1;
-                    int b = 0;
-                    if (lane == leader)
-                        b = atomicAdd(s_n, __popc(m));
-                    b = __shfl_sync(0xffffffffu, b, leader);
-                    const int idx = b + __popc(m & ((1u << lane) - 1u));
-                    if (c && idx < cap) {
-                        cu[idx] = u;
-                        cj[idx] = j;
+            for (int e = 0; e < 4; e++)
+                if ((take >> (4 * x + e)) & 1u) {
+                    if (at < cap) {
+                        cu[at] = order_key(f[e]);
+                        cj[at] = 4 * (base + 32 * x + lane) + e;
                     }
+                    at++;
                 }
-            }
         }
     }
     __syncthreads();
     return *s_n;
+}
+
+/* Adds the keys of ncand gathered candidates that match prefix under pmask to the histogram of
+ * their bits [shift, shift + log2 nb) (no clearing, no barrier). */
+static __device__ void topk_hist_cand(int *hist, const uint32_t *cu, int ncand, uint32_t pmask,
+                                      uint32_t prefix, int shift, int nb)
+{
+    for (int i0 = threadIdx.x - (threadIdx.x & 31); i0 < ncand;
+         i0 += blockDim.x) { /* warp-uniform */
+        const int i = i0 + (threadIdx.x & 31);
+        hist_add(hist, i < ncand, i < ncand ? cu[i] : 0u, pmask, prefix, shift, nb - 1);
+    }
+}
+
+/* Marks, among ncand gathered candidates (positions in [j0, j0 + 32 W)), those with keys above T
+ * and the take_eq lowest-positioned of the cnt_eq equal to T in bitmap (W words, zeroed by the
+ * caller before a barrier), then writes the marked positions in ascending order to out. */
+static __device__ void topk_mark_write(int32_t *out, const uint32_t *cu, const int32_t *cj,
+                                       int ncand, uint32_t T, int take_eq, int cnt_eq, int j0,
+                                       int W, uint32_t *bitmap, int *warp_sum)
+{
+    const int tid = threadIdx.x;
+    for (int i = tid; i < ncand; i += blockDim.x) {
+        const uint32_t u = cu[i];
+        const int j = cj[i];
+        bool take = u > T;
+        if (u == T) {
+            if (take_eq == cnt_eq) {
+                take = true;
+            } else { /* a split tie: the take_eq lowest positions */
+                int below = 0;
+                for (int x = 0; x < ncand; x++)
+                    below += cu[x] == T && cj[x] < j;
+                take = below < take_eq;
+            }
+        }
+        if (take)
+            atomicOr(&bitmap[(j - j0) >> 5], 1u << ((j - j0) & 31));
+    }
+    __syncthreads();
+    const int per = (W + blockDim.x - 1) / blockDim.x, w0 = tid * per, w1 = min(W, w0 + per);
+    int cnt = 0;
+    for (int w = w0; w < w1; w++)
+        cnt += __popc(bitmap[w]);
+    int total;
+    int o = block_excl_scan(cnt, warp_sum, &total);
+    for (int w = w0; w < w1; w++)
+        for (uint32_t b = bitmap[w]; b; b &= b - 1)
+            out[o++] = j0 + 32 * w + __ffs(b) - 1;
 }
 
 /* The top-k among ncand gathered keys (which hold the row's top k), radix passes from first_pass
@@ -907,11 +967,7 @@ static __device__ void topk_select_smem(int32_t *out, const uint32_t *cu, const 
         for (int i = tid; i < nb; i += blockDim.x)
             hist[i] = 0;
         __syncthreads();
-        for (int i0 = tid - (tid & 31); i0 < ncand; i0 += blockDim.x) { /* warp-uniform */
-            const int i = i0 + (tid & 31);
-            const uint32_t u = i < ncand ? cu[i] : 0u;
-            hist_add(hist, i < ncand, u, pmask, prefix, shift, nb - 1);
-        }
+        topk_hist_cand(hist, cu, ncand, pmask, prefix, shift, nb);
         __syncthreads();
         topk_find(hist, nb, kk, warp_sum, sh);
         prefix |= (uint32_t)sh[0] << shift;
@@ -920,46 +976,166 @@ static __device__ void topk_select_smem(int32_t *out, const uint32_t *cu, const 
         cnt_eq = sh[2];
         __syncthreads();
     }
-    const uint32_t T = prefix;
-    const int need_eq = kk;
-    for (int i = tid; i < ncand; i += blockDim.x) {
-        const uint32_t u = cu[i];
-        const int j = cj[i];
-        bool take = u > T;
-        if (u == T) {
-            if (need_eq == cnt_eq) {
-                take = true;
-            } else { /* a split tie: the need_eq lowest positions */
-                int below = 0;
-                for (int x = 0; x < ncand; x++)
-                    below += cu[x] == T && cj[x] < j;
-                take = below < need_eq;
-            }
-        }
-        if (take)
-            atomicOr(&bitmap[j >> 5], 1u << (j & 31));
-    }
-    __syncthreads();
-    const int per = (W + blockDim.x - 1) / blockDim.x, w0 = tid * per, w1 = min(W, w0 + per);
-    int cnt = 0;
-    for (int w = w0; w < w1; w++)
-        cnt += __popc(bitmap[w]);
-    int total;
-    int o = block_excl_scan(cnt, warp_sum, &total);
-    for (int w = w0; w < w1; w++)
-        for (uint32_t b = bitmap[w]; b; b &= b - 1)
-            out[o++] = 32 * w + __ffs(b) - 1;
+    topk_mark_write(out, cu, cj, ncand, prefix, kk, cnt_eq, 0, W, bitmap, warp_sum);
 }
 
-/* Split launches (gridDim.y = parts, 2 or 4, launched as clusters of the row's parts): xc holds per
- * row the parts' candidate lists of cap (count, keys, positions). */
-static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const float *scores, int ld_s,
-                                                          int row_base, const int32_t *row_pos, int topk, int cap,
-                                                          uint32_t *xc)
+/* A row's sampled top-k split over the parts CTAs of its cluster (rows fewer than the SMs), every
+ * exchange in distributed shared memory:
+ *  1. each part holds its share of a sample of the row (every stride-th float4, at most
+ *     TOPK_SREG a thread) in registers; two radix passes on it, each summing all parts'
+ *     histograms, give every part the same threshold, aimed at 1.25 k + 1024 of the row;
+ *  2. each part gathers the keys at or above it from its share of the row (part p's positions
+ *     all below part p + 1's) and writes its count into every part;
+ *  3. when they hold at least k and each fits cap, three radix passes on the candidates, their
+ *     histograms summed the same way, give every part the k-th key T and how many keys equal to
+ *     T are kept (the lowest positions: part 0's first);
+ *  4. each part writes its selected positions, ascending, after those of the parts before it:
+ *     their count comes from the same histograms (their keys in each pass's bins above the one
+ *     chosen, and their share of the ties), so no barrier waits for it.
+ * Returns false, in all parts alike, when the sample missed (too few or too many above its
+ * threshold): part 0 then runs the exact path. hist and hist2 alternate between passes, so that
+ * a histogram another part may still be reading is never cleared, and one cluster barrier a pass
+ * orders it all; the last one only waits before the exit. */
+static __device__ bool topk_cluster(int32_t *out, const float4 *s4, int n, int n4, int topk,
+                                    int cap, int part, int parts, int *hist, int *hist2, int *hsum,
+                                    int *warp_sum, int *sh, int *s_n, int *cnt_in, int *s_eqb,
+                                    uint32_t *cu, int32_t *cj, uint32_t *bitmap)
 {
-    __shared__ int hist[2048], hsum[2048];
+    namespace cg = cooperative_groups;
+    cg::cluster_group cl = cg::this_cluster();
+    const int tid = threadIdx.x;
+    /* 1. units (float4s j4 = stride * u) [u0, u1) of the sample are this part's */
+    const int per_part = parts * 1024 * TOPK_SREG;
+    const int stride = max(TOPK_STRIDE, (n4 + per_part - 1) / per_part),
+              all = (n4 + stride - 1) / stride;
+    const int u0 = (int)((long long)all * part / parts),
+              u1 = (int)((long long)all * (part + 1) / parts);
+    const int sample = 4 * all,
+              ks = min(sample, (int)((double)topk * sample / n * 1.25) + TOPK_MARGIN);
+    uint32_t key[4 * TOPK_SREG], valid = 0;
+#pragma unroll
+    for (int x = 0; x < TOPK_SREG; x++) {
+        const int u = u0 + tid + 1024 * x, j4 = u * stride;
+        const float4 v = u < u1 ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        const float f[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            key[4 * x + e] = order_key(f[e]);
+            valid |= (uint32_t)(u < u1 && 4 * j4 + e < n) << (4 * x + e);
+        }
+    }
+    for (int i = tid; i < 2048; i += blockDim.x) {
+        hist[i] = 0;
+        hist2[i] = 0;
+    }
+    __syncthreads();
+    /* hsum[i] = all parts' H[i]; before[x]: the parts before this one's, for bin tid + 1024 x */
+    int before[2];
+    auto cl_sum = [&](const int *H, int nb) {
+        for (int x = 0; x < 2; x++) {
+            const int i = tid + 1024 * x;
+            int v = 0, b = 0;
+            if (i < nb)
+                for (int q = 0; q < parts; q++) {
+                    const int h = cl.map_shared_rank(H, q)[i];
+                    v += h;
+                    b += q < part ? h : 0;
+                }
+            if (i < nb)
+                hsum[i] = v;
+            before[x] = b;
+        }
+        __syncthreads();
+    };
+    uint32_t sp = 0, sm = 0;
+    int skk = ks;
+    for (int pass = 0; pass < 2; pass++) {
+        const int shift = pass == 0 ? 21 : 10;
+        int *H = pass == 0 ? hist : hist2;
+#pragma unroll
+        for (int x = 0; x < TOPK_SREG; x++)
+            if (u0 + 1024 * x < u1) /* the same for the whole CTA */
+#pragma unroll
+                for (int e = 4 * x; e < 4 * x + 4; e++)
+                    hist_add(H, (valid >> e) & 1u, key[e], sm, sp, shift, 2047);
+        cl.sync();
+        cl_sum(H, 2048);
+        if (pass == 1) /* every part read hist before this barrier: free for the candidates */
+            for (int i = tid; i < 2048; i += blockDim.x)
+                hist[i] = 0;
+        topk_find(hsum, 2048, skk, warp_sum, sh);
+        sp |= (uint32_t)sh[0] << shift;
+        sm |= 2047u << shift;
+        skk = sh[1];
+        __syncthreads();
+    }
+    /* 2. this part's share of the row: float4s [b4, e4), positions [j0, j0 + 32 W) */
+    const int q4 = ((n4 + parts - 1) / parts + 31) & ~31, b4 = min(n4, part * q4),
+              e4 = min(n4, b4 + q4);
+    const int j0 = 4 * b4, W = (min(n, 4 * e4) - j0 + 31) / 32;
+    const int nc = topk_gather(cu, cj, cap, s4, n, n4, sp >> 10, s_n, b4, e4), nm = min(nc, cap);
+    if (tid < parts)
+        cl.map_shared_rank(cnt_in, tid)[part] = nc;
+    for (int i = tid; i < W; i += blockDim.x)
+        bitmap[i] = 0;
+    /* 3. the first pass's histogram with the counts' barrier */
+    topk_hist_cand(hist, cu, nm, 0u, 0u, 21, 2048);
+    cl.sync();
+    int tot = 0;
+    bool fits = true;
+    for (int q = 0; q < parts; q++) {
+        tot += cnt_in[q];
+        fits = fits && cnt_in[q] <= cap;
+    }
+    if (tot < topk || !fits)
+        return false; /* no part reads another's shared memory after that barrier */
+    uint32_t prefix = 0, pmask = 0;
+    int kk = topk, gt = 0; /* gt: the earlier parts' keys above T, in this thread's bins */
+    for (int pass = 0; pass < 3; pass++) {
+        const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0, nb = pass == 2 ? 1024 : 2048;
+        int *H = pass == 1 ? hist2 : hist;
+        if (pass > 0) {
+            for (int i = tid; i < nb; i += blockDim.x)
+                H[i] = 0;
+            __syncthreads();
+            topk_hist_cand(H, cu, nm, pmask, prefix, shift, nb);
+            cl.sync();
+        }
+        cl_sum(H, nb);
+        topk_find(hsum, nb, kk, warp_sum, sh);
+        const int bin = sh[0];
+        for (int x = 0; x < 2; x++) {
+            const int i = tid + 1024 * x;
+            gt += i < nb && i > bin ? before[x] : 0;
+            if (pass == 2 && i == bin)
+                *s_eqb = before[x]; /* the earlier parts' keys equal to T */
+        }
+        prefix |= (uint32_t)bin << shift;
+        pmask |= (uint32_t)(nb - 1) << shift;
+        kk = sh[1];
+        __syncthreads();
+    }
+    /* every read of another part's memory is done: arrive now, wait before the exit */
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+    int gt_before;
+    block_excl_scan(gt, warp_sum, &gt_before);
+    /* 4. the ties are taken from the lowest positions on: the earlier parts' first */
+    const int eqb = *s_eqb, own_eq = hist[prefix & 1023u];
+    const int take_eq = min(max(kk - eqb, 0), own_eq);
+    topk_mark_write(out + gt_before + min(kk, eqb), cu, cj, nm, prefix, take_eq, own_eq, j0, W,
+                    bitmap, warp_sum);
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+    return true;
+}
+
+/* Split launches (gridDim.y = parts, 2 or 4) run as clusters of the row's parts (topk_cluster). */
+static __global__ void __launch_bounds__(1024)
+    topk_kernel(int32_t *sel, const float *scores, int ld_s, int row_base, const int32_t *row_pos,
+                int topk, int cap)
+{
+    __shared__ int hist[2048], hist2[2048], hsum[2048];
     __shared__ int warp_sum[32];
-    __shared__ int sh[3], s_n;
+    __shared__ int sh[3], s_n, cnt_in[4], s_eqb;
     __shared__ int w_gt[32], w_eq[32], w_eqbase[32], w_outbase[32];
     /* dynamic: cap candidate keys, cap positions, then a bitmap of the row's positions */
     extern __shared__ __align__(16) uint32_t dsm[];
@@ -981,80 +1157,11 @@ static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const f
     uint32_t prefix = 0, pmask = 0;
     int kk = topk;
     if (cap >= 2 * topk && n >= 16 * topk) {
-        /* long rows: a threshold from a sample of one eighth of the scores (two radix passes on
-         * it, aiming at 1.25 k + 512 rows' worth of the row), then one sweep gathers every score
-         * at or above it; when they hold at least k and fit, the rest runs in shared memory */
-        const int sample = 4 * ((n4 + 7) / 8);
-        const int ks = min(sample, (int)((double)topk * sample / n * 1.25) + 64);
-        uint32_t sp = 0, sm = 0;
-        int skk = ks;
-        for (int pass = 0; pass < 2; pass++) {
-            const int shift = pass == 0 ? 21 : 10;
-            topk_hist_global(hist, s4, n, n4, 8, sm, sp, shift, 2048, part, parts);
-            if (parts > 1) {
-                /* the parts sampled a share each: every part sums all parts' histograms (distributed
-                 * shared memory), then waits until all have read its own before the next pass */
-                namespace cg = cooperative_groups;
-                cg::cluster_group cl = cg::this_cluster();
-                cl.sync();
-                for (int i = tid; i < 2048; i += blockDim.x) {
-                    int v = 0;
-                    for (int q = 0; q < parts; q++)
-                        v += cl.map_shared_rank(hist, q)[i];
-                    hsum[i] = v;
-                }
-                cl.sync();
-            }
-            topk_find(parts > 1 ? hsum : hist, 2048, skk, warp_sum, sh);
-            sp |= (uint32_t)sh[0] << shift;
-            sm |= 2047u << shift;
-            skk = sh[1];
-            __syncthreads();
-        }
-        if (parts == 1) {
-            const int nc = topk_gather(cu, cj, cap, s4, n, n4, sp >> 10, &s_n);
-            if (nc >= topk && nc <= cap) {
-                topk_select_smem(out, cu, cj, nc, n, 0, 0u, 0u, topk, hist, warp_sum, sh, bitmap);
-                return;
-            }
-        } else {
-            /* parts CTAs per row (rows fewer than the SMs), one cluster: all found the same
-             * threshold; each gathers its share of the row and publishes it; part 0 merges them and
-             * finishes the row (the exact path below if the sample missed) */
-            const int q4 = ((n4 + parts - 1) / parts + 31) & ~31, b4 = min(n4, part * q4), e4 = min(n4, b4 + q4);
-            const int nc = topk_gather(cu, cj, cap, s4, n, n4, sp >> 10, &s_n, b4, e4);
-            const size_t slot = 2 * (size_t)cap + 1;
-            uint32_t *mine = xc + ((size_t)blockIdx.x * parts + part) * slot;
-            const int nm = min(nc, cap);
-            for (int i = tid; i < nm; i += blockDim.x) {
-                mine[1 + i] = cu[i];
-                mine[1 + cap + i] = (uint32_t)cj[i];
-            }
-            if (tid == 0)
-                mine[0] = (uint32_t)nc;
-            __threadfence();
-            cooperative_groups::this_cluster().sync(); /* every part published (no shared memory read after) */
-            if (part > 0)
-                return;
-            int tot = nc;
-            for (int q = 1; q < parts; q++)
-                tot += (int)__ldcg(xc + ((size_t)blockIdx.x * parts + q) * slot);
-            if (tot >= topk && tot <= cap) {
-                int at = nc;
-                for (int q = 1; q < parts; q++) {
-                    const uint32_t *other = xc + ((size_t)blockIdx.x * parts + q) * slot;
-                    const int no = (int)__ldcg(other);
-                    for (int i = tid; i < no; i += blockDim.x) {
-                        cu[at + i] = __ldcg(other + 1 + i);
-                        cj[at + i] = (int32_t)__ldcg(other + 1 + cap + i);
-                    }
-                    at += no;
-                }
-                __syncthreads();
-                topk_select_smem(out, cu, cj, tot, n, 0, 0u, 0u, topk, hist, warp_sum, sh, bitmap);
-                return;
-            }
-        }
+        /* long rows: a sampled threshold, the candidates above it finished in shared memory */
+        if (topk_cluster(out, s4, n, n4, topk, cap, part, parts, hist, hist2, hsum, warp_sum, sh,
+                         &s_n, cnt_in, &s_eqb, cu, cj, bitmap) ||
+            part > 0)
+            return;
         /* the sample missed (too few or too many above its threshold): the exact path */
     }
     for (int pass = 0; pass < 3; pass++) {
@@ -1065,7 +1172,7 @@ static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const f
             topk_select_smem(out, cu, cj, nc, n, 2, prefix, pmask, kk, hist, warp_sum, sh, bitmap);
             return;
         }
-        topk_hist_global(hist, s4, n, n4, 1, pmask, prefix, shift, nb);
+        topk_hist_global(hist, s4, n, n4, pmask, prefix, shift, nb);
         topk_find(hist, nb, kk, warp_sum, sh);
         prefix |= (uint32_t)sh[0] << shift;
         pmask |= (uint32_t)(nb - 1) << shift;
@@ -1144,29 +1251,6 @@ static __global__ void __launch_bounds__(1024) topk_kernel(int32_t *sel, const f
         ob += take_tot;
         eqb += eq_tot;
     }
-}
-
-/* The split top-k's exchange: per row, each part's candidate list of cap (count, keys, positions);
- * grown when a launch needs more. */
-static int cu_topk_xchg(struct cu_ctx *c, int rows, int parts, int cap, uint32_t **xc)
-{
-    const size_t need = (size_t)rows * parts * (2 * (size_t)cap + 1);
-    if (need > c->topk_xc_cap) {
-        CU_CHECK(cudaStreamSynchronize(c->st));
-        cudaFree(c->topk_xc);
-        c->topk_xc = NULL;
-        c->topk_xc_cap = 0;
-        CU_CHECK(cudaMalloc((void **)&c->topk_xc, sizeof(uint32_t) * need));
-        c->topk_xc_cap = need;
-    }
-    *xc = c->topk_xc;
-    return 0;
-}
-
-int cu_topk_reserve(struct cu_ctx *c, int rows)
-{
-    uint32_t *xc;
-    return cu_topk_xchg(c, rows, 4, TOPK_CAP, &xc);
 }
 
 /* ---- the indexer cache as a tensor of 128-byte rows for TMA (idx_wgmma_fp8_kernel<true, *>) ----
@@ -1418,12 +1502,6 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 parts = c->topk_parts;
             if (cap == 0)
                 parts = 1;
-            uint32_t *xc = NULL;
-            if (parts > 1) {
-                int r = cu_topk_xchg(c, nr, parts, cap, &xc);
-                if (r < 0)
-                    return r;
-            }
             CU_SMEM_OPTIN(topk_kernel, tsm);
             cudaLaunchConfig_t lc = {};
             lc.gridDim = dim3(nr, parts);
@@ -1438,7 +1516,7 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             lc.attrs = &at;
             lc.numAttrs = 1;
             CU_CHECK(cudaLaunchKernelEx(&lc, topk_kernel, sel, (const float *)scores, ld_s, rb,
-                                        (const int32_t *)m->d_row_pos, topk, cap, xc));
+                                        (const int32_t *)m->d_row_pos, topk, cap));
             CU_LAUNCHED("topk");
         }
         rb = re;

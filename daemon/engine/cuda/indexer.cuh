@@ -13,8 +13,5 @@
 int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_scale,
                const float *w_raw, const struct dsv32_kv_layer *kv, const struct dsv32_step_meta *m,
                int topk);
-/* Sizes the split top-k's exchange buffer for calls of up to `rows` rows, so that none of them
- * reallocates it (cu_dsa's chunks on two streams); 0 or an error. */
-int cu_topk_reserve(struct cu_ctx *c, int rows);
 
 #endif
