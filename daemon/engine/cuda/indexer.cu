@@ -19,16 +19,16 @@
  * rows are fewer than half the SMs. Rows of 16 k positions or more (topk_cluster) first take a
  * threshold from a sample of at least 1/32 of the row held in registers (two radix passes on
  * it, aimed at 1.25 k + 1024 scores' worth), gather every score at or above it into shared
- * memory in one sweep, and finish there when the gathered hold at least k and fit: three passes
- * over the candidates, the selected positions marked in a bitmap and written in ascending order
- * from it. A cluster's CTAs each take a share of the sample and of the row and sum their
- * histograms through distributed shared memory, so all find the same thresholds; each writes
- * its own selections. Otherwise (short rows, or the sample missed) the exact path, on the
- * cluster's first CTA: two radix passes over the row,
- * then either the 22-bit bin's few scores gathered and finished in shared memory the same way, or
- * (too many in that bin) the third pass over the row and two ordered sweeps (each warp owns a
- * segment, counts what it keeps, a scan over the warps gives the offsets, a second sweep writes).
- * Among scores equal to the threshold the lowest positions are kept on every path. */
+ * memory in one sweep, and finish there when the gathered hold at least k and fit: radix passes
+ * over the candidates until the k-th key's bin is kept whole (usually two), the selected
+ * positions marked in a bitmap and written in ascending order from it. A cluster's CTAs each take a
+ * share of the sample and of the row and sum their histograms through distributed shared memory, so
+ * all find the same thresholds; each writes its own selections. Otherwise (short rows, or the
+ * sample missed) the exact path, on the cluster's first CTA: two radix passes over the row, then
+ * either the 22-bit bin's few scores gathered and finished in shared memory the same way, or (too
+ * many in that bin) the third pass over the row and two ordered sweeps (each warp owns a segment,
+ * counts what it keeps, a scan over the warps gives the offsets, a second sweep writes). Among
+ * scores equal to the threshold the lowest positions are kept on every path. */
 #include "indexer.cuh"
 #include "wgmma.cuh"
 
@@ -882,18 +882,13 @@ static __device__ int topk_gather(uint32_t *cu, int32_t *cj, int cap, const floa
         if (lane == 0)
             b = atomicAdd(s_n, wtot);
         at += __shfl_sync(0xffffffffu, b, 0);
-#pragma unroll
-        for (int x = 0; x < TOPK_ILP; x++) {
-            const float f[4] = {v[x].x, v[x].y, v[x].z, v[x].w};
-#pragma unroll
-            for (int e = 0; e < 4; e++)
-                if ((take >> (4 * x + e)) & 1u) {
-                    if (at < cap) {
-                        cu[at] = order_key(f[e]);
-                        cj[at] = 4 * (base + 32 * x + lane) + e;
-                    }
-                    at++;
-                }
+        /* few a lane: each reloaded (from L1) rather than kept in registers by index */
+        for (uint32_t t = take; t; t &= t - 1, at++) {
+            const int e = __ffs(t) - 1, j = 4 * (base + 32 * (e >> 2) + lane) + (e & 3);
+            if (at < cap) {
+                cu[at] = order_key(reinterpret_cast<const float *>(s4)[j]);
+                cj[at] = j;
+            }
         }
     }
     __syncthreads();
@@ -912,16 +907,17 @@ static __device__ void topk_hist_cand(int *hist, const uint32_t *cu, int ncand, 
     }
 }
 
-/* Marks, among ncand gathered candidates (positions in [j0, j0 + 32 W)), those with keys above T
- * and the take_eq lowest-positioned of the cnt_eq equal to T in bitmap (W words, zeroed by the
- * caller before a barrier), then writes the marked positions in ascending order to out. */
+/* Marks, among ncand gathered candidates (positions in [j0, j0 + 32 W)), those whose keys under
+ * the mask M (the bits the passes fixed) are above T and the take_eq lowest-positioned of the
+ * cnt_eq equal to T under M (the k-th key's bin) in bitmap (W words, zeroed by the caller before
+ * a barrier), then writes the marked positions in ascending order to out. */
 static __device__ void topk_mark_write(int32_t *out, const uint32_t *cu, const int32_t *cj,
-                                       int ncand, uint32_t T, int take_eq, int cnt_eq, int j0,
-                                       int W, uint32_t *bitmap, int *warp_sum)
+                                       int ncand, uint32_t T, uint32_t M, int take_eq, int cnt_eq,
+                                       int j0, int W, uint32_t *bitmap, int *warp_sum)
 {
     const int tid = threadIdx.x;
     for (int i = tid; i < ncand; i += blockDim.x) {
-        const uint32_t u = cu[i];
+        const uint32_t u = cu[i] & M;
         const int j = cj[i];
         bool take = u > T;
         if (u == T) {
@@ -930,7 +926,7 @@ static __device__ void topk_mark_write(int32_t *out, const uint32_t *cu, const i
             } else { /* a split tie: the take_eq lowest positions */
                 int below = 0;
                 for (int x = 0; x < ncand; x++)
-                    below += cu[x] == T && cj[x] < j;
+                    below += (cu[x] & M) == T && cj[x] < j;
                 take = below < take_eq;
             }
         }
@@ -950,9 +946,10 @@ static __device__ void topk_mark_write(int32_t *out, const uint32_t *cu, const i
 }
 
 /* The top-k among ncand gathered keys (which hold the row's top k), radix passes from first_pass
- * on in shared memory (prefix, pmask, kk: what earlier passes fixed), then the selected positions
- * marked in a bitmap and written in ascending order from it; among keys equal to the k-th the
- * lowest positions are kept, as in the global path. */
+ * on in shared memory (prefix, pmask, kk: what earlier passes fixed) until the k-th key's bin is
+ * kept whole (usually after two) or is the key, then the selected positions marked in a bitmap
+ * and written in ascending order from it; among keys equal to the k-th the lowest positions are
+ * kept, as in the global path. */
 static __device__ void topk_select_smem(int32_t *out, const uint32_t *cu, const int32_t *cj, int ncand, int n,
                                         int first_pass, uint32_t prefix, uint32_t pmask, int kk, int *hist,
                                         int *warp_sum, int *sh, uint32_t *bitmap)
@@ -975,8 +972,10 @@ static __device__ void topk_select_smem(int32_t *out, const uint32_t *cu, const 
         kk = sh[1];
         cnt_eq = sh[2];
         __syncthreads();
+        if (kk == cnt_eq) /* the bin is kept whole */
+            break;
     }
-    topk_mark_write(out, cu, cj, ncand, prefix, kk, cnt_eq, 0, W, bitmap, warp_sum);
+    topk_mark_write(out, cu, cj, ncand, prefix, pmask, kk, cnt_eq, 0, W, bitmap, warp_sum);
 }
 
 /* A row's sampled top-k split over the parts CTAs of its cluster (rows fewer than the SMs), every
@@ -986,9 +985,10 @@ static __device__ void topk_select_smem(int32_t *out, const uint32_t *cu, const 
  *     histograms, give every part the same threshold, aimed at 1.25 k + 1024 of the row;
  *  2. each part gathers the keys at or above it from its share of the row (part p's positions
  *     all below part p + 1's) and writes its count into every part;
- *  3. when they hold at least k and each fits cap, three radix passes on the candidates, their
- *     histograms summed the same way, give every part the k-th key T and how many keys equal to
- *     T are kept (the lowest positions: part 0's first);
+ *  3. when they hold at least k and each fits cap, radix passes on the candidates, their
+ *     histograms summed the same way, give every part the k-th key's bin and how many of its
+ *     keys are kept (the lowest positions: part 0's first), until the bin is kept whole (usually
+ *     after two passes) or is the key (after three);
  *  4. each part writes its selected positions, ascending, after those of the parts before it:
  *     their count comes from the same histograms (their keys in each pass's bins above the one
  *     chosen, and their share of the ties), so no barrier waits for it.
@@ -1090,7 +1090,8 @@ static __device__ bool topk_cluster(int32_t *out, const float4 *s4, int n, int n
     if (tot < topk || !fits)
         return false; /* no part reads another's shared memory after that barrier */
     uint32_t prefix = 0, pmask = 0;
-    int kk = topk, gt = 0; /* gt: the earlier parts' keys above T, in this thread's bins */
+    int kk = topk, own_eq = 0,
+        gt = 0; /* gt: the earlier parts' keys above the bin, in this thread's bins */
     for (int pass = 0; pass < 3; pass++) {
         const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0, nb = pass == 2 ? 1024 : 2048;
         int *H = pass == 1 ? hist2 : hist;
@@ -1107,23 +1108,26 @@ static __device__ bool topk_cluster(int32_t *out, const float4 *s4, int n, int n
         for (int x = 0; x < 2; x++) {
             const int i = tid + 1024 * x;
             gt += i < nb && i > bin ? before[x] : 0;
-            if (pass == 2 && i == bin)
-                *s_eqb = before[x]; /* the earlier parts' keys equal to T */
+            if (i == bin)
+                *s_eqb = before[x]; /* the earlier parts' keys in the bin */
         }
         prefix |= (uint32_t)bin << shift;
         pmask |= (uint32_t)(nb - 1) << shift;
         kk = sh[1];
+        own_eq = H[bin];
+        const bool whole = kk == sh[2];
         __syncthreads();
+        if (whole) /* the bin is kept whole */
+            break;
     }
     /* every read of another part's memory is done: arrive now, wait before the exit */
     asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
     int gt_before;
     block_excl_scan(gt, warp_sum, &gt_before);
     /* 4. the ties are taken from the lowest positions on: the earlier parts' first */
-    const int eqb = *s_eqb, own_eq = hist[prefix & 1023u];
-    const int take_eq = min(max(kk - eqb, 0), own_eq);
-    topk_mark_write(out + gt_before + min(kk, eqb), cu, cj, nm, prefix, take_eq, own_eq, j0, W,
-                    bitmap, warp_sum);
+    const int eqb = *s_eqb, take_eq = min(max(kk - eqb, 0), own_eq);
+    topk_mark_write(out + gt_before + min(kk, eqb), cu, cj, nm, prefix, pmask, take_eq, own_eq, j0,
+                    W, bitmap, warp_sum);
     asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
     return true;
 }
