@@ -820,8 +820,8 @@ static __device__ void topk_hist_global(int *hist, const float4 *s4, int n, int 
     for (int i = tid; i < nb; i += blockDim.x)
         hist[i] = 0;
     __syncthreads();
-    for (int base = warp * 32 * TOPK_ILP; base < n4;
-         base += blockDim.x * TOPK_ILP) { /* warp-uniform */
+    /* warp-uniform */
+    for (int base = warp * 32 * TOPK_ILP; base < n4; base += blockDim.x * TOPK_ILP) {
         float4 v[TOPK_ILP];
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++) {
@@ -900,8 +900,8 @@ static __device__ int topk_gather(uint32_t *cu, int32_t *cj, int cap, const floa
 static __device__ void topk_hist_cand(int *hist, const uint32_t *cu, int ncand, uint32_t pmask,
                                       uint32_t prefix, int shift, int nb)
 {
-    for (int i0 = threadIdx.x - (threadIdx.x & 31); i0 < ncand;
-         i0 += blockDim.x) { /* warp-uniform */
+    /* warp-uniform */
+    for (int i0 = threadIdx.x - (threadIdx.x & 31); i0 < ncand; i0 += blockDim.x) {
         const int i = i0 + (threadIdx.x & 31);
         hist_add(hist, i < ncand, i < ncand ? cu[i] : 0u, pmask, prefix, shift, nb - 1);
     }
@@ -1090,8 +1090,8 @@ static __device__ bool topk_cluster(int32_t *out, const float4 *s4, int n, int n
     if (tot < topk || !fits)
         return false; /* no part reads another's shared memory after that barrier */
     uint32_t prefix = 0, pmask = 0;
-    int kk = topk, own_eq = 0,
-        gt = 0; /* gt: the earlier parts' keys above the bin, in this thread's bins */
+    /* gt: the earlier parts' keys above the k-th key's bin, in this thread's bins */
+    int kk = topk, own_eq = 0, gt = 0;
     for (int pass = 0; pass < 3; pass++) {
         const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0, nb = pass == 2 ? 1024 : 2048;
         int *H = pass == 1 ? hist2 : hist;
@@ -1498,7 +1498,8 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             const size_t tsm = sizeof(uint32_t) * (2 * (size_t)cap + ((size_t)ld_s + 31) / 32);
             /* rows fewer than half the SMs: 2 CTAs per row (the sweep over the row and the sampled
              * passes are most of the kernel, Nsight Compute: instruction-bound on the SMs it has;
-             * 4 per row measured slower, 0.080 against 0.047 ms at 64 rows); knob topk_parts
+             * 4 per row measured slower, 0.080 against 0.047 ms at 64 rows, when the
+             * rows' candidates were merged through global memory); knob topk_parts
              * forces 1, 2 or 4 */
             const int nr = re - rb;
             int parts = 2 * nr <= c->n_sm ? 2 : 1;
