@@ -980,15 +980,16 @@ static __device__ void topk_select_smem(int32_t *out, const uint32_t *cu, const 
 
 /* A row's sampled top-k split over the parts CTAs of its cluster (rows fewer than the SMs), every
  * exchange in distributed shared memory:
- *  1. each part holds its share of a sample of the row (every stride-th float4, at most
- *     TOPK_SREG a thread) in registers; two radix passes on it, each summing all parts'
- *     histograms, give every part the same threshold, aimed at 1.25 k + 1024 of the row;
+ *  1. each part holds the whole of a sample of the row (every stride-th float4, at most
+ *     TOPK_SREG a thread) in registers; two radix passes on it give every part the same
+ *     threshold, aimed at 1.25 k + 1024 of the row, with no exchange (each part sampling a share
+ *     and summing the parts' histograms cost two cluster barriers);
  *  2. each part gathers the keys at or above it from its share of the row (part p's positions
  *     all below part p + 1's) and writes its count into every part;
  *  3. when they hold at least k and each fits cap, radix passes on the candidates, their
- *     histograms summed the same way, give every part the k-th key's bin and how many of its
- *     keys are kept (the lowest positions: part 0's first), until the bin is kept whole (usually
- *     after two passes) or is the key (after three);
+ *     histograms summed over the cluster by every part, give every part the k-th key's bin and
+ *     how many of its keys are kept (the lowest positions: part 0's first), until the bin is
+ *     kept whole (usually after two passes) or is the key (after three);
  *  4. each part writes its selected positions, ascending, after those of the parts before it:
  *     their count comes from the same histograms (their keys in each pass's bins above the one
  *     chosen, and their share of the ties), so no barrier waits for it.
@@ -1004,24 +1005,21 @@ static __device__ bool topk_cluster(int32_t *out, const float4 *s4, int n, int n
     namespace cg = cooperative_groups;
     cg::cluster_group cl = cg::this_cluster();
     const int tid = threadIdx.x;
-    /* 1. units (float4s j4 = stride * u) [u0, u1) of the sample are this part's */
-    const int per_part = parts * 1024 * TOPK_SREG;
-    const int stride = max(TOPK_STRIDE, (n4 + per_part - 1) / per_part),
+    /* 1. the sample: float4s j4 = stride * u, u < all (thread tid: u = tid + 1024 x) */
+    const int stride = max(TOPK_STRIDE, (n4 + 1024 * TOPK_SREG - 1) / (1024 * TOPK_SREG)),
               all = (n4 + stride - 1) / stride;
-    const int u0 = (int)((long long)all * part / parts),
-              u1 = (int)((long long)all * (part + 1) / parts);
     const int sample = 4 * all,
               ks = min(sample, (int)((double)topk * sample / n * 1.25) + TOPK_MARGIN);
     uint32_t key[4 * TOPK_SREG], valid = 0;
 #pragma unroll
     for (int x = 0; x < TOPK_SREG; x++) {
-        const int u = u0 + tid + 1024 * x, j4 = u * stride;
-        const float4 v = u < u1 ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        const int u = tid + 1024 * x, j4 = u * stride;
+        const float4 v = u < all ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         const float f[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             key[4 * x + e] = order_key(f[e]);
-            valid |= (uint32_t)(u < u1 && 4 * j4 + e < n) << (4 * x + e);
+            valid |= (uint32_t)(u < all && 4 * j4 + e < n) << (4 * x + e);
         }
     }
     for (int i = tid; i < 2048; i += blockDim.x) {
@@ -1054,16 +1052,15 @@ static __device__ bool topk_cluster(int32_t *out, const float4 *s4, int n, int n
         int *H = pass == 0 ? hist : hist2;
 #pragma unroll
         for (int x = 0; x < TOPK_SREG; x++)
-            if (u0 + 1024 * x < u1) /* the same for the whole CTA */
+            if (1024 * x < all) /* the same for the whole CTA */
 #pragma unroll
                 for (int e = 4 * x; e < 4 * x + 4; e++)
                     hist_add(H, (valid >> e) & 1u, key[e], sm, sp, shift, 2047);
-        cl.sync();
-        cl_sum(H, 2048);
-        if (pass == 1) /* every part read hist before this barrier: free for the candidates */
+        __syncthreads();
+        if (pass == 1) /* pass 0's is done with: hist is free for the candidates */
             for (int i = tid; i < 2048; i += blockDim.x)
                 hist[i] = 0;
-        topk_find(hsum, 2048, skk, warp_sum, sh);
+        topk_find(H, 2048, skk, warp_sum, sh);
         sp |= (uint32_t)sh[0] << shift;
         sm |= 2047u << shift;
         skk = sh[1];
