@@ -21,14 +21,15 @@
  * it, aimed at 1.25 k + 1024 scores' worth), gather every score at or above it into shared
  * memory in one sweep, and finish there when the gathered hold at least k and fit: radix passes
  * over the candidates until the k-th key's bin is kept whole (usually two), the selected
- * positions marked in a bitmap and written in ascending order from it. A cluster's CTAs each take a
- * share of the sample and of the row and sum their histograms through distributed shared memory, so
- * all find the same thresholds; each writes its own selections. Otherwise (short rows, or the
- * sample missed) the exact path, on the cluster's first CTA: two radix passes over the row, then
- * either the 22-bit bin's few scores gathered and finished in shared memory the same way, or (too
- * many in that bin) the third pass over the row and two ordered sweeps (each warp owns a segment,
- * counts what it keeps, a scan over the warps gives the offsets, a second sweep writes). Among
- * scores equal to the threshold the lowest positions are kept on every path. */
+ * positions marked in a bitmap and written in ascending order from it. A cluster's CTAs each
+ * sample the whole row (so all find the same threshold with no exchange), gather a share of the
+ * row, sum the candidates' histograms through distributed shared memory and write their own
+ * selections. Otherwise (short rows, or the sample missed) the exact path, on the cluster's first
+ * CTA: two radix passes over the row, then either the 22-bit bin's few scores gathered and
+ * finished in shared memory the same way, or (too many in that bin) the third pass over the row
+ * and two ordered sweeps (each warp owns a segment, counts what it keeps, a scan over the warps
+ * gives the offsets, a second sweep writes). Among scores equal to the threshold the lowest
+ * positions are kept on every path. */
 #include "indexer.cuh"
 #include "wgmma.cuh"
 
