@@ -41,12 +41,12 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * than half the SMs, else 1),
  * "mla_wgmma" (1: fast MLA decode on wgmma, 0: on mma.sync), "mla_cl" (64, default: the wgmma MLA
  * as a cluster of two head groups sharing each key tile's conversion, when the heads are a
- * multiple of 128, 64-key tiles; 32: the same with 32-key tiles, four buffers; 0: "mla_ws" decides),
- * "mla_cl_nocopy" (1: a diagnostic, that kernel without its copies to the peer: wrong results, the
- * copies' time), "mla_ws" (1, default: the wgmma
- * MLA warp-specialized, 32-key tiles; 0: both warpgroups in every step, 64-key tiles), "mla_prof" (1: count the wgmma MLA
- * kernel's cycles per phase, read by dsv32_cuda_mla_prof, which takes "mla_ws"'s kernels), "idx_tma" (1: the FP8 indexer's cache
- * blocks by TMA), "idx_l2_normal" (1: those TMA reads without the evict-first L2 hint),
+ * multiple of 128, 64-key tiles; 32: the same with 32-key tiles, four buffers; 0: "mla_ws"
+ * decides), "mla_cl_nocopy" (1: a diagnostic, that kernel without its copies to the peer: wrong
+ * results, the copies' time), "mla_ws" (1, default: the wgmma MLA warp-specialized, 32-key tiles;
+ * 0: both warpgroups in every step, 64-key tiles), "mla_prof" (1: count the wgmma MLA kernel's
+ * cycles per phase, read by dsv32_cuda_mla_prof, which takes "mla_ws"'s kernels), "idx_tma" (1:
+ * the FP8 indexer's cache blocks by TMA), "idx_l2_normal" (1: those TMA reads without the evict-first L2 hint),
  * "idx_copy_only" (1: the FP8 indexer reads its blocks and computes nothing, a diagnostic),
  * "idx_items" (1, default: the indexer's work list as equal items, rounded down in number; 0:
  * items of a fixed block count, the last one short), "idx_poison" (1, tests: the indexer's score
