@@ -631,6 +631,7 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
     c->idx_dev_items = 1;
     c->mla_ws = 1;
     c->mla_cl = 64;
+    c->pdl = 1;
     cudaDeviceProp prop;
     if (cudaSetDevice(device) != cudaSuccess || cudaGetDeviceProperties(&prop, device) != cudaSuccess ||
         cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking) != cudaSuccess ||
@@ -692,13 +693,15 @@ static const struct {
     size_t off;
     bool as_given;
 } cu_knobs[] = {
-    KNOB(indexer_fp8, false), KNOB(lt_fp8, false),      KNOB(fp8_reg, false),     KNOB(fp8_no_wg, false),
-    KNOB(idx_wgmma, true),    KNOB(idx_no_topk, false), KNOB(topk_global, false), KNOB(topk_parts, true),
-    KNOB(mla_wgmma, false),   KNOB(idx_tma, false),     KNOB(idx_copy_only, false), KNOB(idx_l2_normal, false),
-    KNOB(idx_items, false),   KNOB(mla_ws, false),      KNOB(idx_poison, false),  KNOB(idx_pipe, false),
-    KNOB(mla_q6, false),      KNOB(dsa_chunks, true),   KNOB(dsa_idx_sms, true),
-    KNOB(dsa_skip, true),     KNOB(lt_min_rows, true),  KNOB(lt_big_rows, true),  KNOB(idx_dev_items, false),
-    KNOB(mla_cl, true),       KNOB(mla_cl_nocopy, false),
+    KNOB(indexer_fp8, false),   KNOB(lt_fp8, false),        KNOB(fp8_reg, false),
+    KNOB(fp8_no_wg, false),     KNOB(idx_wgmma, true),      KNOB(idx_no_topk, false),
+    KNOB(topk_global, false),   KNOB(topk_parts, true),     KNOB(mla_wgmma, false),
+    KNOB(idx_tma, false),       KNOB(idx_copy_only, false), KNOB(idx_l2_normal, false),
+    KNOB(idx_items, false),     KNOB(mla_ws, false),        KNOB(idx_poison, false),
+    KNOB(idx_pipe, false),      KNOB(mla_q6, false),        KNOB(dsa_chunks, true),
+    KNOB(dsa_idx_sms, true),    KNOB(dsa_skip, true),       KNOB(lt_min_rows, true),
+    KNOB(lt_big_rows, true),    KNOB(idx_dev_items, false), KNOB(mla_cl, true),
+    KNOB(mla_cl_nocopy, false), KNOB(pdl, false),
 };
 #undef KNOB
 

@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 /* The engine headers are C17; dtype.h declares its thread-local probe with _Thread_local, which
  * is __thread (no dynamic initialization, the same TLS symbol) in GNU C++. */
@@ -153,6 +154,12 @@ struct cu_ctx {
                                   device (1, default) instead of uploading the host's list (0) */
     int idx_pipe;              /* the FP8 wgmma indexer with each block's epilogue under the next
                                   block's MMAs, for one-row items (1; 0, default: in turn) */
+    int pdl;                   /* the dsa op's kernels (the FP8 indexer's scores, the top-k, the
+                                  cluster MLA) launched with programmatic dependent launch (1,
+                                  default), each starting under its predecessor's tail, or in
+                                  plain stream order (0) */
+    int pdl_mla;               /* cu_dsa to cu_mla: the kernel just launched is the top-k, so the
+                                  MLA may stage Q before its pdl_wait */
     int topk_parts;            /* the top-k's CTAs per row forced (1: one, the baseline; 2, 4; 0: by
                                   the row count) */
     int dsa_chunks;            /* the dsa op's chunks of rows, chunk i's MLA beside chunk i + 1's
@@ -222,6 +229,27 @@ static inline cudaError_t cu_smem_optin(struct cu_ctx *c, const void *func, size
         c->n_optin += i == c->n_optin;
     }
     return e;
+}
+
+/* Programmatic dependent launch (knob pdl): a kernel launched with the attribute cu_pdl_attr
+ * fills in may start while the kernel before it on the stream still runs. It calls pdl_wait()
+ * before it reads anything that kernel writes or writes anything it reads, and pdl_trigger() (which
+ * lets the next one start) only after its own pdl_wait(); so when a kernel starts, every kernel
+ * but the one just before it has finished, and its prologue may read their outputs. In a kernel
+ * launched without the attribute both are no-ops. */
+static __device__ __forceinline__ void pdl_wait()
+{
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+static __device__ __forceinline__ void pdl_trigger()
+{
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+static inline void cu_pdl_attr(cudaLaunchAttribute *at)
+{
+    memset(at, 0, sizeof(*at));
+    at->id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at->val.programmaticStreamSerializationAllowed = 1;
 }
 
 /* scratch slot owners (one op uses a slot at a time; ops run in stream order, except in cu_dsa,

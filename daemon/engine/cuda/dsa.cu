@@ -195,7 +195,13 @@ int cu_dsa(struct cu_ctx *c, float *out, int32_t *sel, const uint8_t *q, const f
     /* the plain path: the two ops on the whole GPU */
     auto in_turn = [&]() {
         const int r = cu_indexer(c, sel, q, q_scale, w_raw, kv, m, topk);
-        return r < 0 ? r : cu_mla(c, out, q_lat, q_pe, ldr_pe, ldh_pe, sel, topk, kv, m, scale);
+        if (r < 0)
+            return r;
+        /* the indexer's last kernel is the top-k (the MLA's Q comes from before it) */
+        c->pdl_mla = !c->idx_no_topk;
+        const int e = cu_mla(c, out, q_lat, q_pe, ldr_pe, ldh_pe, sel, topk, kv, m, scale);
+        c->pdl_mla = 0;
+        return e;
     };
     if (C < 2) /* the default: no per-row checks on every layer's call */
         return in_turn();

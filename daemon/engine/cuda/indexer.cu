@@ -623,6 +623,9 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
         tma_2d_g2s(dst, &tm, 0, id * BROWS, full + stage, pol);
         bulk_g2s_hint(dst + 8192, cache + (size_t)id * block_bytes + 8192, 256, full + stage, pol);
     };
+    /* launched under the previous kernel (pdl): it may write the cache, q or the weights */
+    pdl_wait();
+    pdl_trigger();
     int nid = 0; /* TMA: the block table entry of the next fill (thread 0) */
     if (TMA && threadIdx.x == 0) {
         asm volatile("prefetch.tensormap [%0];" ::"l"(&tm) : "memory");
@@ -1143,6 +1146,9 @@ static __global__ void __launch_bounds__(1024)
     extern __shared__ __align__(16) uint32_t dsm[];
     uint32_t *cu = dsm, *bitmap = dsm + 2 * (size_t)cap;
     int32_t *cj = reinterpret_cast<int32_t *>(dsm + cap);
+    /* launched under the scores (pdl); the MLA after it may start at once, and waits */
+    pdl_wait();
+    pdl_trigger();
     const int r = row_base + blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int n = row_pos[r] + 1, parts = gridDim.y, part = blockIdx.y; /* part: the rank in the row's cluster */
     int32_t *out = sel + (size_t)r * topk;
@@ -1458,10 +1464,20 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 auto kern = tma ? (pipe ? idx_wgmma_fp8_kernel<true, true> : idx_wgmma_fp8_kernel<true, false>)
                                 : (pipe ? idx_wgmma_fp8_kernel<false, true> : idx_wgmma_fp8_kernel<false, false>);
                 CU_SMEM_OPTIN(kern, smem8);
-                kern<<<n_items, 128, smem8, c->st>>>(tm, c->idx_l2_normal == 0, c->idx_copy_only, scores, ld_s, rb,
-                                                     d_items, dev, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,
-                                                     m->d_blocks, m->max_blocks, m->d_row_pos, m->d_row_seq, wscale,
-                                                     sscale);
+                cudaLaunchConfig_t lc = {};
+                lc.gridDim = dim3(n_items);
+                lc.blockDim = dim3(128);
+                lc.dynamicSmemBytes = smem8;
+                lc.stream = c->st;
+                cudaLaunchAttribute at;
+                cu_pdl_attr(&at);
+                lc.attrs = &at;
+                lc.numAttrs = c->pdl ? 1 : 0;
+                CU_CHECK(cudaLaunchKernelEx(
+                    &lc, kern, tm, (int)(c->idx_l2_normal == 0), c->idx_copy_only, scores, ld_s, rb,
+                    d_items, dev, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,
+                    (const int32_t *)m->d_blocks, m->max_blocks, (const int32_t *)m->d_row_pos,
+                    (const int32_t *)m->d_row_seq, wscale, sscale));
             } else if (use_fp8 && NT == 8 && max_nr == 1) {
                 const size_t ring = (size_t)IDX_STAGES * c->geom.idx_block_bytes;
                 CU_SMEM_OPTIN(idx_dec_fp8_kernel, ring);
@@ -1511,13 +1527,15 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             lc.blockDim = dim3(1024);
             lc.dynamicSmemBytes = tsm;
             lc.stream = c->st;
-            cudaLaunchAttribute at = {};
-            at.id = cudaLaunchAttributeClusterDimension;
-            at.val.clusterDim.x = 1;
-            at.val.clusterDim.y = parts;
-            at.val.clusterDim.z = 1;
-            lc.attrs = &at;
-            lc.numAttrs = 1;
+            cudaLaunchAttribute at[2];
+            cu_pdl_attr(&at[1]);
+            memset(&at[0], 0, sizeof(at[0]));
+            at[0].id = cudaLaunchAttributeClusterDimension;
+            at[0].val.clusterDim.x = 1;
+            at[0].val.clusterDim.y = parts;
+            at[0].val.clusterDim.z = 1;
+            lc.attrs = at;
+            lc.numAttrs = c->pdl ? 2 : 1;
             CU_CHECK(cudaLaunchKernelEx(&lc, topk_kernel, sel, (const float *)scores, ld_s, rb,
                                         (const int32_t *)m->d_row_pos, topk, cap));
             CU_LAUNCHED("topk");

@@ -213,6 +213,8 @@ struct mla_fast_args {
     int H, rows, splits, keys_per_split;
     float scale;
     unsigned long long *prof; /* mla_wg_kernel<true>: cycles per phase (knob mla_prof) */
+    int q_first; /* mla_cl_kernel launched under the top-k (pdl): Q staged before its pdl_wait,
+                    the selection read after it */
 };
 
 /* The keys [*kbeg, *kend) of split z of row r: its selection's entries, or its positions 0..pos
@@ -1471,6 +1473,10 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
      * selection entry of tile i + 2; the peer half's position in tile i and entry in tile i + 1 */
     int32_t sl0 = -1, b1 = 0;
     int p1 = -1, s2 = 0, pv0 = -1, pr1 = 0;
+    if (a.q_first) { /* Q was written before the indexer ran: staged under the top-k's tail */
+        mla_stage_q<MLA_CL_TH, 4>(a, Qb, r, h0, tid);
+        pdl_wait();
+    }
     if (wg == 2 && ntiles > 0) {
         const int p0 = sel_fix(0, rank, sel_raw(0, rank));
         sl0 = slot_fix(p0, blk_raw(p0));
@@ -1481,7 +1487,8 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
         pv0 = sel_fix(0, peer, sel_raw(0, peer));
         pr1 = sel_raw(1, peer);
     }
-    mla_stage_q<MLA_CL_TH, 4>(a, Qb, r, h0, tid);
+    if (!a.q_first)
+        mla_stage_q<MLA_CL_TH, 4>(a, Qb, r, h0, tid);
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* Q -> the tensor core */
     cooperative_groups::this_cluster().sync(); /* both CTAs' barriers initialized, Q staged */
 
@@ -1811,6 +1818,7 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
     a.keys_per_split = tiles_per * MLA_KT;
     a.scale = scale;
     a.prof = c->mla_prof;
+    a.q_first = 0;
     const size_t optin = (size_t)c->smem_optin, ws_need = ws_smem(g->mla_rec_bytes);
     const size_t cl_need = c->mla_cl == 32 ? cl_smem<32>() : cl_smem<64>();
     if (c->mla_wgmma && c->mla_cl && !g->rope_f32 && H % (2 * MLA_HG) == 0 && !a.prof && cl_need <= optin) {
@@ -1818,8 +1826,18 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
         const size_t smem = cl_need + (size_t)slack;
         auto kern = c->mla_cl == 32 ? mla_cl_kernel<32> : mla_cl_kernel<64>;
         CU_SMEM_OPTIN(kern, smem);
-        kern<<<dim3(splits, H / MLA_HG, rows), MLA_CL_TH, smem, c->st>>>(a, slack,
-                                                                         c->mla_cl_nocopy);
+        /* after the top-k (cu_dsa): launched under it, Q staged while it runs */
+        a.q_first = c->pdl && c->pdl_mla;
+        cudaLaunchConfig_t lc = {};
+        lc.gridDim = dim3(splits, H / MLA_HG, rows);
+        lc.blockDim = dim3(MLA_CL_TH);
+        lc.dynamicSmemBytes = smem;
+        lc.stream = c->st;
+        cudaLaunchAttribute at;
+        cu_pdl_attr(&at);
+        lc.attrs = &at;
+        lc.numAttrs = a.q_first ? 1 : 0;
+        CU_CHECK(cudaLaunchKernelEx(&lc, kern, a, slack, c->mla_cl_nocopy));
         CU_LAUNCHED("mla_cl");
     } else if (c->mla_wgmma && c->mla_ws && !g->rope_f32 && ws_need <= optin) {
         /* what the limit leaves of the 1 KB alignment slack (all of it for 656-byte records) */
