@@ -434,6 +434,28 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
                "the host's time per call, its waits included (a queued call's work-list upload waits for the one before) %.3f ms |\n",
                q_all8, q_all8 / floor_ms, q_scores8, q_read8, (double)B * L * 132 / (q_read8 * 1e-3) / gb,
                q_idx8 - q_scores8, q_sp, q_host);
+        /* the dsa op (the engine's call) against the indexer and MLA ops called in turn, and
+         * without programmatic dependent launch (knob pdl); one call on an idle GPU and calls
+         * queued back to back; the variants interleaved over 3 rounds, each the median of its
+         * rounds: the clocks drift over a run (the queued op above measured 0.425 ms, the same
+         * op 0.442-0.450 a second later in one call), so only interleaved variants compare */
+        enum { NV = 3, NR = 3 };
+        double tv[2][NV][NR];
+        for (int rd = 0; rd < NR; rd++)
+            for (int qd = 0; qd < 2; qd++)
+                for (int v = 0; v < NV; v++)
+                    tv[qd][v][rd] = dsa_time_with(&d, &m, (v == 0 ? IS : RUN_DSA) | (qd ? RUN_QUEUED : 0),
+                                                  iters, KNOBS({"pdl", v != 2}));
+        for (int qd = 0; qd < 2; qd++) {
+            double md[NV];
+            for (int v = 0; v < NV; v++)
+                md[v] = median(tv[qd][v], NR);
+            printf("| DSA decode, the dsa op (the engine's call), %s | %.3f | %.2f | the indexer and MLA ops in "
+                   "turn %.3f; the op without programmatic dependent launch (knob pdl 0) %.3f (interleaved, "
+                   "medians of %d rounds) |\n",
+                   qd ? "calls queued back to back" : "one call on an idle GPU", md[1], md[1] / floor_ms, md[0],
+                   md[2], NR);
+        }
         /* the dsa op with chunks of rows overlapped: chunk i's MLA beside chunk i + 1's indexer on
          * disjoint SMs (dsa.cu), by chunk count and the indexer's SMs */
         static const int chunk_n[] = {2, 4, 8}, idx_sms[] = {64, 96}, diag_sms[] = {48, 64, 96, 112};

@@ -1009,6 +1009,9 @@ static __device__ bool topk_cluster(int32_t *out, const float4 *s4, int n, int n
     namespace cg = cooperative_groups;
     cg::cluster_group cl = cg::this_cluster();
     const int tid = threadIdx.x;
+    /* this part has started: waited for before the first write into another part's memory (the
+     * counts, after the gather; racecheck: a peer "might not have entered yet") */
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
     /* 1. the sample: float4s j4 = stride * u, u < all (thread tid: u = tid + 1024 x) */
     const int stride = max(TOPK_STRIDE, (n4 + 1024 * TOPK_SREG - 1) / (1024 * TOPK_SREG)),
               all = (n4 + stride - 1) / stride;
@@ -1075,6 +1078,7 @@ static __device__ bool topk_cluster(int32_t *out, const float4 *s4, int n, int n
               e4 = min(n4, b4 + q4);
     const int j0 = 4 * b4, W = (min(n, 4 * e4) - j0 + 31) / 32;
     const int nc = topk_gather(cu, cj, cap, s4, n, n4, sp >> 10, s_n, b4, e4), nm = min(nc, cap);
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); /* every part has started */
     if (tid < parts)
         cl.map_shared_rank(cnt_in, tid)[part] = nc;
     for (int i = tid; i < W; i += blockDim.x)
