@@ -56,7 +56,9 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * loads in flight a thread instead of four), "dsa_chunks" (N >= 2: the dsa op cuts the rows in up
  * to N chunks and runs chunk i's MLA beside chunk i + 1's indexer on disjoint SMs, dsa.cu; 0 or
  * 1: the indexer, then the MLA), "dsa_idx_sms" (the SMs of the indexer's partition there; 0: half),
- * "dsa_skip" (benchmarks: the chunked dsa op without its MLAs, 1, or its indexers, 2).
+ * "dsa_skip" (benchmarks: the chunked dsa op without its MLAs, 1, or its indexers, 2), "pdl" (1,
+ * default: the dsa op's FP8 scores, top-k and cluster MLA kernels by programmatic dependent
+ * launch, each starting under its predecessor's tail; 0: plain stream order).
  * Returns 0 or -EINVAL. */
 int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, int value);
 /* The current value of a knob of the table above ("mla_prof" excluded); 0 or -EINVAL. */
