@@ -456,6 +456,19 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
                    qd ? "calls queued back to back" : "one call on an idle GPU", md[1], md[1] / floor_ms, md[0],
                    md[2], NR);
         }
+        {
+            /* what the scores' stores cost (knob idx_copy_only 2: everything but the stores),
+             * interleaved with the scores and their reads alone */
+            double tc[3][NR];
+            for (int rd = 0; rd < NR; rd++)
+                for (int v = 0; v < 3; v++)
+                    tc[v][rd] = dsa_time_with(&d, &m, I, iters,
+                                              KNOBS({"idx_no_topk", 1}, {"idx_copy_only", v}));
+            printf("| the FP8 scores without their stores (a diagnostic, knob idx_copy_only 2; "
+                   "interleaved, medians of "
+                   "%d rounds) | %.3f | | the scores %.3f, their reads alone %.3f |\n",
+                   NR, median(tc[2], NR), median(tc[0], NR), median(tc[1], NR));
+        }
         /* the dsa op with chunks of rows overlapped: chunk i's MLA beside chunk i + 1's indexer on
          * disjoint SMs (dsa.cu), by chunk count and the indexer's SMs */
         static const int chunk_n[] = {2, 4, 8}, idx_sms[] = {64, 96}, diag_sms[] = {48, 64, 96, 112};

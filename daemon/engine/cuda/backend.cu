@@ -696,7 +696,7 @@ static const struct {
     KNOB(indexer_fp8, false),   KNOB(lt_fp8, false),        KNOB(fp8_reg, false),
     KNOB(fp8_no_wg, false),     KNOB(idx_wgmma, true),      KNOB(idx_no_topk, false),
     KNOB(topk_global, false),   KNOB(topk_parts, true),     KNOB(mla_wgmma, false),
-    KNOB(idx_tma, false),       KNOB(idx_copy_only, false), KNOB(idx_l2_normal, false),
+    KNOB(idx_tma, false),       KNOB(idx_copy_only, true),  KNOB(idx_l2_normal, false),
     KNOB(idx_items, false),     KNOB(mla_ws, false),        KNOB(idx_poison, false),
     KNOB(idx_pipe, false),      KNOB(mla_q6, false),        KNOB(dsa_chunks, true),
     KNOB(dsa_idx_sms, true),    KNOB(dsa_skip, true),       KNOB(lt_min_rows, true),

@@ -142,7 +142,8 @@ struct cu_ctx {
                                   when the candidates would fit shared memory (tests, baseline) */
     int idx_tma;               /* the FP8 indexer's cache blocks by TMA (1) or cp.async (0, default) */
     int idx_l2_normal;         /* its TMA reads without the evict-first L2 hint (benchmarks) */
-    int idx_copy_only;         /* benchmarks: the FP8 indexer reads its blocks and computes nothing */
+    int idx_copy_only;         /* benchmarks: the FP8 indexer reads its blocks and computes nothing
+                                  (1), or computes the scores and does not store them (2) */
     int idx_items;             /* the indexer's work list as floor(blocks / bpc) equal items per row
                                   group (1, default: no partial extra wave, 3-5% faster) or items
                                   of bpc blocks, the last one short (0) */

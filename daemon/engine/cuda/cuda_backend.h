@@ -46,20 +46,20 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * results, the copies' time), "mla_ws" (1, default: the wgmma MLA warp-specialized, 32-key tiles;
  * 0: both warpgroups in every step, 64-key tiles), "mla_prof" (1: count the wgmma MLA kernel's
  * cycles per phase, read by dsv32_cuda_mla_prof, which takes "mla_ws"'s kernels), "idx_tma" (1:
- * the FP8 indexer's cache blocks by TMA), "idx_l2_normal" (1: those TMA reads without the evict-first L2 hint),
- * "idx_copy_only" (1: the FP8 indexer reads its blocks and computes nothing, a diagnostic),
- * "idx_items" (1, default: the indexer's work list as equal items, rounded down in number; 0:
- * items of a fixed block count, the last one short), "idx_poison" (1, tests: the indexer's score
- * scratch set to NaN before each call, so that a score no kernel wrote shows), "idx_pipe" (1: the
- * FP8 wgmma indexer runs a block's epilogue under the next block's MMAs when every work item has
- * one row, decode; 0, default: in turn), "mla_q6" (1: the warp-specialized MLA stages Q with six
- * loads in flight a thread instead of four), "dsa_chunks" (N >= 2: the dsa op cuts the rows in up
- * to N chunks and runs chunk i's MLA beside chunk i + 1's indexer on disjoint SMs, dsa.cu; 0 or
- * 1: the indexer, then the MLA), "dsa_idx_sms" (the SMs of the indexer's partition there; 0: half),
- * "dsa_skip" (benchmarks: the chunked dsa op without its MLAs, 1, or its indexers, 2), "pdl" (1,
- * default: the dsa op's FP8 scores, top-k and cluster MLA kernels by programmatic dependent
- * launch, each starting under its predecessor's tail; 0: plain stream order).
- * Returns 0 or -EINVAL. */
+ * the FP8 indexer's cache blocks by TMA), "idx_l2_normal" (1: those TMA reads without the
+ * evict-first L2 hint), "idx_copy_only" (diagnostics of the FP8 indexer: 1, it reads its blocks and
+ * computes nothing; 2, it computes the scores and does not store them), "idx_items" (1, default:
+ * the indexer's work list as equal items, rounded down in number; 0: items of a fixed block count,
+ * the last one short), "idx_poison" (1, tests: the indexer's score scratch set to NaN before each
+ * call, so that a score no kernel wrote shows), "idx_pipe" (1: the FP8 wgmma indexer runs a block's
+ * epilogue under the next block's MMAs when every work item has one row, decode; 0, default: in
+ * turn), "mla_q6" (1: the warp-specialized MLA stages Q with six loads in flight a thread instead
+ * of four), "dsa_chunks" (N >= 2: the dsa op cuts the rows in up to N chunks and runs chunk i's MLA
+ * beside chunk i + 1's indexer on disjoint SMs, dsa.cu; 0 or 1: the indexer, then the MLA),
+ * "dsa_idx_sms" (the SMs of the indexer's partition there; 0: half), "dsa_skip" (benchmarks: the
+ * chunked dsa op without its MLAs, 1, or its indexers, 2), "pdl" (1, default: the dsa op's FP8
+ * scores, top-k and cluster MLA kernels by programmatic dependent launch, each starting under its
+ * predecessor's tail; 0: plain stream order). Returns 0 or -EINVAL. */
 int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, int value);
 /* The current value of a knob of the table above ("mla_prof" excluded); 0 or -EINVAL. */
 int dsv32_cuda_get_knob(struct dsv32_backend *be, const char *name, int *value);

@@ -110,8 +110,9 @@ static __device__ __forceinline__ void idx_lane_weights(float (&w)[2 * NT], cons
  * write them): relu, the per-head weights w (idx_lane_weights), the head sum (the lane's 2 x NT
  * heads, then the quad's) and the key scale; acc in the m16n8 accumulator layout per 8 heads. */
 template <int NT>
-static __device__ __forceinline__ void idx_store_w(const float *acc, const float (&w)[2 * NT], int t, float ks0,
-                                                   float ks1, float *srow, int j0, int pos)
+static __device__ __forceinline__ void idx_store_w(const float *acc, const float (&w)[2 * NT],
+                                                   int t, float ks0, float ks1, float *srow, int j0,
+                                                   int pos, bool store = true)
 {
     float sg0 = 0.0f, sg1 = 0.0f;
 #pragma unroll
@@ -123,9 +124,9 @@ static __device__ __forceinline__ void idx_store_w(const float *acc, const float
     sg0 += __shfl_xor_sync(0xffffffffu, sg0, 2);
     sg1 += __shfl_xor_sync(0xffffffffu, sg1, 1);
     sg1 += __shfl_xor_sync(0xffffffffu, sg1, 2);
-    if (t == 0 && j0 <= pos)
+    if (store && t == 0 && j0 <= pos)
         srow[j0] = sg0 * ks0;
-    if (t == 1 && j0 + 8 <= pos)
+    if (store && t == 1 && j0 + 8 <= pos)
         srow[j0 + 8] = sg1 * ks1;
 }
 
@@ -574,11 +575,11 @@ static __device__ __forceinline__ void hist_add(int *hist, bool valid, uint32_t 
 /* The FP8 variant of the scores on wgmma (the fast numerics' default indexer): m64n64k32
  * with both operands read by the tensor core from shared memory as e4m3, no conversions and no
  * fragments in registers at all. The cache blocks stream through an IDX_RING-stage shared-memory
- * ring; keys (A, 64 x 128 bytes) and the query (B, 64 heads x 128 bytes) sit in the 128-byte-swizzle
- * K-major layout (16-byte chunk c of row r at r * 128 + 16 (c ^ (r % 8)), tiles 1024-byte
- * aligned; descriptor stride byte offset 1024, the leading one unused), k-step s starting 32 s
- * bytes in. A stage is filled either by TMA (thread 0: the keys as a box of the cache seen as a
- * tensor of 128-byte rows, a block being 66 of them, swizzled by the copy engine, and the scales
+ * ring; keys (A, 64 x 128 bytes) and the query (B, 64 heads x 128 bytes) sit in the
+ * 128-byte-swizzle K-major layout (16-byte chunk c of row r at r * 128 + 16 (c ^ (r % 8)), tiles
+ * 1024-byte aligned; descriptor stride byte offset 1024, the leading one unused), k-step s starting
+ * 32 s bytes in. A stage is filled either by TMA (thread 0: the keys as a box of the cache seen as
+ * a tensor of 128-byte rows, a block being 66 of them, swizzled by the copy engine, and the scales
  * by a bulk copy, on the stage's mbarrier; the block table entry of the next fill loaded an
  * iteration early; evict-first in L2 when evict_first: the cache is read once, the scores, which
  * the top-k reads next, stay; knob idx_tma) or, the default, by 516 16-byte cp.async of all
@@ -586,12 +587,13 @@ static __device__ __forceinline__ void hist_add(int *hist, bool valid, uint32_t 
  * with the hint raised an illegal-instruction error on the H200). The per-head weights sit in
  * registers and the accumulators are not zeroed per block (the first k-step's scale-d is 0); a
  * ring of 3 with 6 CTAs per SM instead of 5 with 4 was 7-13% slower (docs/GPU-NOTES.md).
- * copy_only (a diagnostic, knob idx_copy_only): the blocks are read and nothing computed, the read
- * rate of the same access pattern. PIPE (items of one row only, knob idx_pipe): block i's MMAs run
- * under block i - 1's epilogue (relu, weights, head sum, store: its logits copied out of the
- * accumulators before the next batch is issued) and block i + 1's wait for its data (they are
- * waited for just before the refill of their stage), and the weights of one row only are held. The
- * tensor core's FP8 products are accumulated in its own (not f32-exact) precision, which is why the exact mode never takes this path. */
+ * copy_only (diagnostics, knob idx_copy_only): 1, the blocks are read and nothing computed, the
+ * read rate of the same access pattern; 2, everything but the scores' stores (what they cost). PIPE
+ * (items of one row only, knob idx_pipe): block i's MMAs run under block i - 1's epilogue (relu,
+ * weights, head sum, store: its logits copied out of the accumulators before the next batch is
+ * issued) and block i + 1's wait for its data (they are waited for just before the refill of their
+ * stage), and the weights of one row only are held. The tensor core's FP8 products are accumulated
+ * in its own (not f32-exact) precision, which is why the exact mode never takes this path. */
 #define IDX8_STAGEB 9216 /* 8 KB of keys (1024-aligned) + 256 B of scales, rounded to 1 KB */
 
 template <bool TMA, bool PIPE>
@@ -719,7 +721,7 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
                 issue(bt[blk + IDX_RING - 1], (it + IDX_RING - 1) % IDX_RING);
             asm volatile("cp.async.commit_group;");
         }
-        if (copy_only)
+        if (copy_only == 1)
             continue;
         const float *ksc = reinterpret_cast<const float *>(ring + (size_t)stage * IDX8_STAGEB + 8192);
         const float ks0 = ksc[kr0], ks1 = ksc[kr1];
@@ -757,7 +759,8 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
                 mma(i);
                 wg_wait0();
                 wg_fence(acc);
-                idx_store_w<8>(acc, wv[i], t, ks0, ks1, scores + (size_t)(r0 + i - row_base) * ld_s, j0, pos[i]);
+                idx_store_w<8>(acc, wv[i], t, ks0, ks1, scores + (size_t)(r0 + i - row_base) * ld_s,
+                               j0, pos[i], copy_only != 2);
             }
         }
     }
