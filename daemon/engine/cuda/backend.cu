@@ -440,7 +440,7 @@ static int cuda_mla(struct dsv32_backend *be, float *out, const float *q_lat, co
                     const struct dsv32_step_meta *m, float scale)
 {
     ENTER(be);
-    return cu_mla(c, out, q_lat, q_pe, ldr_pe, ldh_pe, sel, n_sel, kv, m, scale);
+    return cu_mla(c, out, q_lat, q_pe, ldr_pe, ldh_pe, sel, n_sel, kv, m, scale, 0);
 }
 
 static int cuda_dsa(struct dsv32_backend *be, float *out, int32_t *sel, const uint8_t *q, const float *q_scale,

@@ -159,8 +159,6 @@ struct cu_ctx {
                                   cluster MLA) launched with programmatic dependent launch (1,
                                   default), each starting under its predecessor's tail, or in
                                   plain stream order (0) */
-    int pdl_mla;               /* cu_dsa to cu_mla: the kernel just launched is the top-k, so the
-                                  MLA may stage Q before its pdl_wait */
     int topk_parts;            /* the top-k's CTAs per row forced (1: one, the baseline; 2, 4; 0: by
                                   the row count) */
     int dsa_chunks;            /* the dsa op's chunks of rows, chunk i's MLA beside chunk i + 1's
@@ -251,6 +249,21 @@ static inline void cu_pdl_attr(cudaLaunchAttribute *at)
     memset(at, 0, sizeof(*at));
     at->id = cudaLaunchAttributeProgrammaticStreamSerialization;
     at->val.programmaticStreamSerializationAllowed = 1;
+}
+
+/* cudaLaunchKernelEx's configuration: grid x block threads, smem bytes of dynamic shared memory,
+ * on the context's stream, with the n attributes at at */
+static inline cudaLaunchConfig_t cu_launch_cfg(const struct cu_ctx *c, dim3 grid, dim3 block,
+                                               size_t smem, cudaLaunchAttribute *at, int n)
+{
+    cudaLaunchConfig_t lc = {};
+    lc.gridDim = grid;
+    lc.blockDim = block;
+    lc.dynamicSmemBytes = smem;
+    lc.stream = c->st;
+    lc.attrs = at;
+    lc.numAttrs = (unsigned)n;
+    return lc;
 }
 
 /* scratch slot owners (one op uses a slot at a time; ops run in stream order, except in cu_dsa,

@@ -195,13 +195,10 @@ int cu_dsa(struct cu_ctx *c, float *out, int32_t *sel, const uint8_t *q, const f
     /* the plain path: the two ops on the whole GPU */
     auto in_turn = [&]() {
         const int r = cu_indexer(c, sel, q, q_scale, w_raw, kv, m, topk);
-        if (r < 0)
-            return r;
         /* the indexer's last kernel is the top-k (the MLA's Q comes from before it) */
-        c->pdl_mla = !c->idx_no_topk;
-        const int e = cu_mla(c, out, q_lat, q_pe, ldr_pe, ldh_pe, sel, topk, kv, m, scale);
-        c->pdl_mla = 0;
-        return e;
+        return r < 0 ? r
+                     : cu_mla(c, out, q_lat, q_pe, ldr_pe, ldh_pe, sel, topk, kv, m, scale,
+                              !c->idx_no_topk);
     };
     if (C < 2) /* the default: no per-row checks on every layer's call */
         return in_turn();
@@ -243,7 +240,7 @@ int cu_dsa(struct cu_ctx *c, float *out, int32_t *sel, const uint8_t *q, const f
         c->st = st;
         c->n_sm = sms;
         const int e = is_mla ? cu_mla(c, out + r0 * lat, q_lat + r0 * lat, q_pe + r0 * ldr_pe,
-                                      ldr_pe, ldh_pe, sel + r0 * topk, topk, kv, &s, scale)
+                                      ldr_pe, ldh_pe, sel + r0 * topk, topk, kv, &s, scale, 0)
                              : cu_indexer(c, sel + r0 * topk, q + r0 * IH * 128, q_scale + r0 * IH,
                                           w_raw + r0 * IH, kv, &s, topk);
         c->st = main_st;

@@ -1471,15 +1471,10 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 auto kern = tma ? (pipe ? idx_wgmma_fp8_kernel<true, true> : idx_wgmma_fp8_kernel<true, false>)
                                 : (pipe ? idx_wgmma_fp8_kernel<false, true> : idx_wgmma_fp8_kernel<false, false>);
                 CU_SMEM_OPTIN(kern, smem8);
-                cudaLaunchConfig_t lc = {};
-                lc.gridDim = dim3(n_items);
-                lc.blockDim = dim3(128);
-                lc.dynamicSmemBytes = smem8;
-                lc.stream = c->st;
                 cudaLaunchAttribute at;
                 cu_pdl_attr(&at);
-                lc.attrs = &at;
-                lc.numAttrs = c->pdl ? 1 : 0;
+                const cudaLaunchConfig_t lc =
+                    cu_launch_cfg(c, dim3(n_items), dim3(128), smem8, &at, c->pdl != 0);
                 CU_CHECK(cudaLaunchKernelEx(
                     &lc, kern, tm, (int)(c->idx_l2_normal == 0), c->idx_copy_only, scores, ld_s, rb,
                     d_items, dev, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,
@@ -1529,20 +1524,15 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             if (cap == 0)
                 parts = 1;
             CU_SMEM_OPTIN(topk_kernel, tsm);
-            cudaLaunchConfig_t lc = {};
-            lc.gridDim = dim3(nr, parts);
-            lc.blockDim = dim3(1024);
-            lc.dynamicSmemBytes = tsm;
-            lc.stream = c->st;
             cudaLaunchAttribute at[2];
-            cu_pdl_attr(&at[1]);
             memset(&at[0], 0, sizeof(at[0]));
             at[0].id = cudaLaunchAttributeClusterDimension;
             at[0].val.clusterDim.x = 1;
             at[0].val.clusterDim.y = parts;
             at[0].val.clusterDim.z = 1;
-            lc.attrs = at;
-            lc.numAttrs = c->pdl ? 2 : 1;
+            cu_pdl_attr(&at[1]);
+            const cudaLaunchConfig_t lc =
+                cu_launch_cfg(c, dim3(nr, parts), dim3(1024), tsm, at, c->pdl ? 2 : 1);
             CU_CHECK(cudaLaunchKernelEx(&lc, topk_kernel, sel, (const float *)scores, ld_s, rb,
                                         (const int32_t *)m->d_row_pos, topk, cap));
             CU_LAUNCHED("topk");

@@ -1760,7 +1760,7 @@ int cu_mla_fast_ok(const struct cu_ctx *c)
 
 int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, int ldr_pe,
            int ldh_pe, const int32_t *sel, int n_sel, const struct dsv32_kv_layer *kv,
-           const struct dsv32_step_meta *m, float scale)
+           const struct dsv32_step_meta *m, float scale, int after_topk)
 {
     const struct dsv32_kv_geom *g = &c->geom;
     const int H = c->cfg->num_attention_heads, rows = m->n_rows;
@@ -1827,16 +1827,11 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
         auto kern = c->mla_cl == 32 ? mla_cl_kernel<32> : mla_cl_kernel<64>;
         CU_SMEM_OPTIN(kern, smem);
         /* after the top-k (cu_dsa): launched under it, Q staged while it runs */
-        a.q_first = c->pdl && c->pdl_mla;
-        cudaLaunchConfig_t lc = {};
-        lc.gridDim = dim3(splits, H / MLA_HG, rows);
-        lc.blockDim = dim3(MLA_CL_TH);
-        lc.dynamicSmemBytes = smem;
-        lc.stream = c->st;
+        a.q_first = c->pdl && after_topk;
         cudaLaunchAttribute at;
         cu_pdl_attr(&at);
-        lc.attrs = &at;
-        lc.numAttrs = a.q_first ? 1 : 0;
+        const cudaLaunchConfig_t lc =
+            cu_launch_cfg(c, dim3(splits, H / MLA_HG, rows), dim3(MLA_CL_TH), smem, &at, a.q_first);
         CU_CHECK(cudaLaunchKernelEx(&lc, kern, a, slack, c->mla_cl_nocopy));
         CU_LAUNCHED("mla_cl");
     } else if (c->mla_wgmma && c->mla_ws && !g->rope_f32 && ws_need <= optin) {
