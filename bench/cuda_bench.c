@@ -112,6 +112,7 @@ struct dsa {
     uint8_t *h_mha, *d_mha;
     uint8_t *q8;
     float *qs, *wr, *qlat, *q, *out;
+    void *qlat16; /* the same shape in bf16: the latents of a backend with lat_bf16 */
     int32_t *sel;
 };
 
@@ -164,6 +165,7 @@ static void dsa_init(struct dsa *d, struct dsv32_backend *be, int B, int L, int 
     d->qs = dalloc(be, sizeof(float) * rows * IH);
     d->wr = dalloc(be, sizeof(float) * rows * IH);
     d->qlat = dalloc(be, sizeof(float) * rows * H * 512);
+    d->qlat16 = dalloc(be, sizeof(uint16_t) * rows * H * 512);
     d->q = dalloc(be, sizeof(float) * rows * H * 192);
     d->out = dalloc(be, sizeof(float) * rows * H * 512);
     d->sel = dalloc(be, sizeof(int32_t) * rows * K);
@@ -171,14 +173,16 @@ static void dsa_init(struct dsa *d, struct dsv32_backend *be, int B, int L, int 
     MUST(dsv32_cuda_fill(be, d->qs, rows * IH, DSV32_FILL_F32_UNIFORM, 4, 0.01f));
     MUST(dsv32_cuda_fill(be, d->wr, rows * IH, DSV32_FILL_F32_NORMAL, 5, 1.0f));
     MUST(dsv32_cuda_fill(be, d->qlat, rows * H * 512, DSV32_FILL_F32_NORMAL, 6, 1.0f));
+    MUST(dsv32_cuda_fill(be, d->qlat16, rows * H * 512, DSV32_FILL_BF16_NORMAL, 6, 1.0f));
     MUST(dsv32_cuda_fill(be, d->q, rows * H * 192, DSV32_FILL_F32_NORMAL, 7, 1.0f));
 }
 
 static void dsa_free(struct dsa *d)
 {
     struct dsv32_backend *be = d->be;
-    void *dev[] = {d->kv.mla, d->kv.idx, d->d_blocks, d->d_pos, d->d_seq, d->d_slot, d->d_mha,
-                   d->q8, d->qs, d->wr, d->qlat, d->q, d->out, d->sel};
+    void *dev[] = {d->kv.mla, d->kv.idx, d->d_blocks, d->d_pos, d->d_seq,
+                   d->d_slot, d->d_mha,  d->q8,       d->qs,    d->wr,
+                   d->qlat,   d->qlat16, d->q,        d->out,   d->sel};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
         be->ops->dealloc(be, dev[i]);
     free(d->h_blocks);
@@ -237,6 +241,7 @@ static double dsa_time(struct dsa *d, const struct dsv32_step_meta *m, int what,
     const float scale = 0.1352f; /* DeepSeek-V3.2's softmax scale: 192^-0.5 * (0.1 ln 40 + 1)^2 */
     double *t = malloc(sizeof(double) * (size_t)reps), *th = malloc(sizeof(double) * (size_t)reps);
     const int inner = what & RUN_QUEUED ? 8 : 1;
+    const void *qlat = be->lat_bf16 ? d->qlat16 : (const void *)d->qlat; /* out holds either */
     for (int i = -2; i < reps; i++) {
         MUST(dsv32_cuda_timer_start(be));
         const double h0 = now_s();
@@ -244,12 +249,14 @@ static double dsa_time(struct dsa *d, const struct dsv32_step_meta *m, int what,
             if (what & RUN_INDEXER)
                 MUST(be->ops->indexer(be, d->sel, d->q8, d->qs, d->wr, &d->kv, m, 2048));
             if (what & RUN_SPARSE)
-                MUST(be->ops->mla(be, d->out, d->qlat, d->q + 128, 128 * 192, 192, d->sel, 2048, &d->kv, m, scale));
+                MUST(be->ops->mla(be, d->out, qlat, d->q + 128, 128 * 192, 192, d->sel, 2048,
+                                  &d->kv, m, scale));
             if (what & RUN_DENSE)
-                MUST(be->ops->mla(be, d->out, d->qlat, d->q + 128, 128 * 192, 192, NULL, 2048, &d->kv, m, scale));
+                MUST(be->ops->mla(be, d->out, qlat, d->q + 128, 128 * 192, 192, NULL, 2048, &d->kv,
+                                  m, scale));
             if (what & RUN_DSA)
-                MUST(be->ops->dsa(be, d->out, d->sel, d->q8, d->qs, d->wr, 2048, d->qlat, d->q + 128, 128 * 192,
-                                  192, &d->kv, m, scale));
+                MUST(be->ops->dsa(be, d->out, d->sel, d->q8, d->qs, d->wr, 2048, qlat, d->q + 128,
+                                  128 * 192, 192, &d->kv, m, scale));
         }
         const double h1 = now_s();
         float ms;
@@ -439,23 +446,38 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
          * queued back to back; the variants interleaved over 3 rounds, each the median of its
          * rounds: the clocks drift over a run (the queued op above measured 0.425 ms, the same
          * op 0.442-0.450 a second later in one call), so only interleaved variants compare */
-        enum { NV = 3, NR = 3 };
-        double tv[2][NV][NR];
-        for (int rd = 0; rd < NR; rd++)
+        /* (and with the latents in f32, knob lat16 0: Q read as f32 and O written as f32; the
+         * fast mode's default is bf16) */
+        enum { NV = 4, NR = 3 };
+        int lat16 = 0;
+        MUST(dsv32_cuda_get_knob(be, "lat16", &lat16));
+        double tv[2][NV][NR], tm[2][NR];
+        for (int rd = 0; rd < NR; rd++) {
             for (int qd = 0; qd < 2; qd++)
                 for (int v = 0; v < NV; v++)
-                    tv[qd][v][rd] = dsa_time_with(&d, &m, (v == 0 ? IS : RUN_DSA) | (qd ? RUN_QUEUED : 0),
-                                                  iters, KNOBS({"pdl", v != 2}));
+                    tv[qd][v][rd] =
+                        dsa_time_with(&d, &m, (v == 0 ? IS : RUN_DSA) | (qd ? RUN_QUEUED : 0),
+                                      iters, KNOBS({"pdl", v != 2}, {"lat16", v == 3 ? 0 : lat16}));
+            for (int v = 0; v < 2; v++)
+                tm[v][rd] = dsa_time_with(&d, &m, RUN_SPARSE | RUN_QUEUED, iters,
+                                          KNOBS({"lat16", v ? 0 : lat16}));
+        }
         for (int qd = 0; qd < 2; qd++) {
             double md[NV];
             for (int v = 0; v < NV; v++)
                 md[v] = median(tv[qd][v], NR);
-            printf("| DSA decode, the dsa op (the engine's call), %s | %.3f | %.2f | the indexer and MLA ops in "
-                   "turn %.3f; the op without programmatic dependent launch (knob pdl 0) %.3f (interleaved, "
-                   "medians of %d rounds) |\n",
-                   qd ? "calls queued back to back" : "one call on an idle GPU", md[1], md[1] / floor_ms, md[0],
-                   md[2], NR);
+            printf("| DSA decode, the dsa op (the engine's call), %s | %.3f | %.2f | the indexer "
+                   "and MLA ops in "
+                   "turn %.3f; the op without programmatic dependent launch (knob pdl 0) %.3f; "
+                   "with f32 latents "
+                   "(knob lat16 0) %.3f (interleaved, medians of %d rounds) |\n",
+                   qd ? "calls queued back to back" : "one call on an idle GPU", md[1],
+                   md[1] / floor_ms, md[0], md[2], md[3], NR);
         }
+        printf("| the sparse MLA alone, calls queued, latents %s (interleaved, medians of %d "
+               "rounds) | %.3f | | "
+               "with f32 latents (knob lat16 0) %.3f |\n",
+               lat16 ? "bf16" : "f32", NR, median(tm[0], NR), median(tm[1], NR));
         {
             /* what the scores' stores cost (knob idx_copy_only 2: everything but the stores),
              * interleaved with the scores and their reads alone */

@@ -103,8 +103,9 @@ struct dsv32_backend_ops {
     /* Absorbed MLA over the cache: for each row and head, softmax(scale * (q_lat . c_j +
      * q_pe . pe_j)) over the selected positions (sel[t, 0:n_sel], -1 skipped; sel NULL = all
      * positions <= pos) and out[t, h, :] = sum_j p_j c_j (latent space, kv_lora wide). Rows with
-     * h_row_mha set are skipped when the backend has mla_prefill. */
-    int (*mla)(struct dsv32_backend *be, float *out, const float *q_lat, const float *q_pe,
+     * h_row_mha set are skipped when the backend has mla_prefill. q_lat and out are latents
+     * (dsv32_backend.lat_bf16); q_pe is f32. */
+    int (*mla)(struct dsv32_backend *be, void *out, const void *q_lat, const float *q_pe,
                int ldr_pe, int ldh_pe, const int32_t *sel, int n_sel,
                const struct dsv32_kv_layer *kv, const struct dsv32_step_meta *m, float scale);
     /* MLA in its prefill (MHA) form, as DeepSeek's reference computes prefills: k_nope and v of
@@ -116,11 +117,11 @@ struct dsv32_backend_ops {
                        int n_sel, const struct dsv32_kv_layer *kv,
                        const struct dsv32_step_meta *m, float scale,
                        const struct dsv32_weight *wkv_b, int ue8m0);
-    /* q_lat[t, h, :] = W_uk[h]^T q_nope[t, h, :] (q rows hold H x (nope+rope)) */
-    int (*mla_absorb)(struct dsv32_backend *be, float *q_lat, const float *q, int rows,
+    /* q_lat[t, h, :] = W_uk[h]^T q_nope[t, h, :] (q rows hold H x (nope+rope)); q_lat a latent */
+    int (*mla_absorb)(struct dsv32_backend *be, void *q_lat, const float *q, int rows,
                       const struct dsv32_weight *wkv_b);
-    /* o[t, h, :] = W_uv[h] lat[t, h, :] */
-    int (*mla_expand)(struct dsv32_backend *be, float *o, const float *lat, int rows,
+    /* o[t, h, :] = W_uv[h] lat[t, h, :]; lat a latent */
+    int (*mla_expand)(struct dsv32_backend *be, float *o, const void *lat, int rows,
                       const struct dsv32_weight *wkv_b);
     /* noaux_tc router: ids[rows, k], weights[rows, k] */
     int (*moe_gate)(struct dsv32_backend *be, int32_t *ids, float *w, const float *x, int rows,
@@ -139,8 +140,8 @@ struct dsv32_backend_ops {
     /* Optional: indexer, then mla over its selection, in one call: sel as indexer writes it, out
      * as mla writes it (n_sel = topk), so that a backend can run the two side by side over
      * different rows. NULL: the engine calls indexer and mla in turn. */
-    int (*dsa)(struct dsv32_backend *be, float *out, int32_t *sel, const uint8_t *q,
-               const float *q_scale, const float *w_raw, int topk, const float *q_lat,
+    int (*dsa)(struct dsv32_backend *be, void *out, int32_t *sel, const uint8_t *q,
+               const float *q_scale, const float *w_raw, int topk, const void *q_lat,
                const float *q_pe, int ldr_pe, int ldh_pe, const struct dsv32_kv_layer *kv,
                const struct dsv32_step_meta *m, float scale);
 };
@@ -149,6 +150,11 @@ struct dsv32_backend {
     const struct dsv32_backend_ops *ops;
     const struct dsv32_config *cfg;
     struct dsv32_kv_geom geom;
+    /* The latents (T, H, kv_lora) that mla_absorb writes, mla and dsa read and write, and
+     * mla_expand reads: bf16 when set (the cuda backend's fast numerics, whose kernels round Q
+     * to bf16 anyway: half the bytes, no conversion pass), else f32. Fixed at creation; the
+     * engine sizes those buffers for f32 and never reads them itself. */
+    int lat_bf16;
     void *ctx;
 };
 

@@ -161,6 +161,33 @@ static void dev_get(struct dsv32_backend *be, void *h, const void *d, size_t byt
     be->ops->to_host(be, h, d, bytes);
 }
 
+/* n MLA latents to the device in the backend's type (dsv32_backend.lat_bf16: rounded to bf16) */
+static void *lat_put(struct dsv32_backend *be, const float *h, size_t n)
+{
+    if (!be->lat_bf16)
+        return dev_put(be, h, sizeof(float) * n);
+    uint16_t *b = malloc(sizeof(uint16_t) * (n ? n : 1));
+    for (size_t i = 0; i < n; i++)
+        b[i] = dsv32_f32_to_bf16(h[i]);
+    void *d = dev_put(be, b, sizeof(uint16_t) * n);
+    free(b);
+    return d;
+}
+
+/* n MLA latents back as f32, whatever the backend's type */
+static void lat_get(struct dsv32_backend *be, float *h, const void *d, size_t n)
+{
+    if (!be->lat_bf16) {
+        dev_get(be, h, d, sizeof(float) * n);
+        return;
+    }
+    uint16_t *b = malloc(sizeof(uint16_t) * (n ? n : 1));
+    dev_get(be, b, d, sizeof(uint16_t) * n);
+    for (size_t i = 0; i < n; i++)
+        h[i] = dsv32_bf16_to_f32(b[i]);
+    free(b);
+}
+
 static void dev_free(struct dsv32_backend *be, void *d)
 {
     if (d)
@@ -906,12 +933,13 @@ static void test_gemm(void)
             float *dq = dev_put(p.gpu, q, sizeof(float) * rows * H * qk), *dl = dev_nan(p.gpu, sizeof(float) * rows * H * C);
             p.cpu->ops->mla_absorb(p.cpu, lc, q, rows, &wkv.wc);
             TRY(p.gpu->ops->mla_absorb(p.gpu, dl, dq, rows, &wkv.wg));
-            dev_get(p.gpu, lg, dl, sizeof(float) * rows * H * C);
+            lat_get(p.gpu, lg, dl, (size_t)rows * H * C);
             report(dt ? "mla_absorb (FP8 wkv_b)" : "mla_absorb (bf16 wkv_b)", rel_rows(lg, lc, rows * H, C, NULL),
                    fast ? 1e-2 : 1e-5);
             float *lat = rnd_f32((size_t)rows * H * C, 1.0f), *oc = malloc(sizeof(float) * rows * H * V),
                   *og = malloc(sizeof(float) * rows * H * V);
-            float *dlat = dev_put(p.gpu, lat, sizeof(float) * rows * H * C), *dout = dev_nan(p.gpu, sizeof(float) * rows * H * V);
+            float *dlat = lat_put(p.gpu, lat, (size_t)rows * H * C),
+                  *dout = dev_nan(p.gpu, sizeof(float) * rows * H * V);
             p.cpu->ops->mla_expand(p.cpu, oc, lat, rows, &wkv.wc);
             TRY(p.gpu->ops->mla_expand(p.gpu, dout, dlat, rows, &wkv.wg));
             dev_get(p.gpu, og, dout, sizeof(float) * rows * H * V);
@@ -1343,14 +1371,15 @@ static void mla_case(struct pair *p, const char *what, int sparse, int rows, int
     const int ldh = 192, ldr = H * ldh; /* q_pe inside q rows of H x (nope + rope) */
     float *ql = rnd_f32((size_t)rows * H * C, 2.0f), *q = rnd_f32((size_t)rows * ldr, 0.3f);
     float *oc = malloc(sizeof(float) * rows * H * C), *og = malloc(sizeof(float) * rows * H * C);
-    float *dql = dev_put(p->gpu, ql, sizeof(float) * rows * H * C), *dq = dev_put(p->gpu, q, sizeof(float) * rows * ldr);
+    float *dql = lat_put(p->gpu, ql, (size_t)rows * H * C),
+          *dq = dev_put(p->gpu, q, sizeof(float) * rows * ldr);
     int32_t *dsel = dev_put(p->gpu, sel, sizeof(int32_t) * rows * K);
     float *dout = dev_nan(p->gpu, sizeof(float) * rows * H * C);
     const float scale = 0.07f;
     p->cpu->ops->mla(p->cpu, oc, ql, q + 128, ldr, ldh, sparse ? sel : NULL, K, &tc.c, &tm.hm, scale);
     int r = p->gpu->ops->mla(p->gpu, dout, dql, dq + 128, ldr, ldh, sparse ? dsel : NULL, K, &tc.g, &tm.dm, scale);
     CHECK(r == 0, "mla: %s", dsv32_strerror(r));
-    dev_get(p->gpu, og, dout, sizeof(float) * rows * H * C);
+    lat_get(p->gpu, og, dout, (size_t)rows * H * C);
     char buf[160];
     snprintf(buf, sizeof(buf), "%s: %d rows x %d heads, %s, %s scales", what, rows, H,
              sparse ? "top-k selections" : "dense", pow2_scales ? "power-of-two" : "arbitrary");
@@ -1411,6 +1440,15 @@ static void test_mla(void)
             if (fast)
                 mla_case(&p, name, 1, 64, 1, 2e-2);
         }
+        if (fast) { /* the default kernel with f32 latents: Q staged from f32, O written in f32 */
+            TRY(dsv32_cuda_set_knob(p.gpu, "mla_wgmma", 1));
+            TRY(dsv32_cuda_set_knob(p.gpu, "mla_cl", 64));
+            TRY(dsv32_cuda_set_knob(p.gpu, "mla_ws", 1));
+            TRY(dsv32_cuda_set_knob(p.gpu, "lat16", 0));
+            mla_case(&p, "fast, f32 latents (knob lat16 0)", 1, 6, 1, 2e-2);
+            mla_case(&p, "fast, f32 latents (knob lat16 0)", 1, 64, 1, 2e-2);
+            TRY(dsv32_cuda_set_knob(p.gpu, "lat16", 1));
+        }
         pair_free(&p);
     }
     struct dsv32_config tc;
@@ -1455,7 +1493,7 @@ static void dsa_case(struct pair *p, const char *what, int chunks, int idx_sms, 
     const size_t n_out = (size_t)n_rows * H * C, n_sel = (size_t)n_rows * K;
     uint8_t *dq8 = dev_put(p->gpu, q8, (size_t)n_rows * IH * 128);
     float *dqs = dev_put(p->gpu, qs, sizeof(float) * n_rows * IH), *dwr = dev_put(p->gpu, wr, sizeof(float) * n_rows * IH);
-    float *dql = dev_put(p->gpu, ql, sizeof(float) * n_out), *dq = dev_put(p->gpu, q, sizeof(float) * n_rows * ldr);
+    float *dql = lat_put(p->gpu, ql, n_out), *dq = dev_put(p->gpu, q, sizeof(float) * n_rows * ldr);
     int32_t *dsel = dev_nan(p->gpu, sizeof(int32_t) * n_sel), *dsel2 = dev_nan(p->gpu, sizeof(int32_t) * n_sel);
     float *dout = dev_nan(p->gpu, sizeof(float) * n_out), *dout2 = dev_nan(p->gpu, sizeof(float) * n_out);
     const float scale = 0.07f;
@@ -1478,8 +1516,8 @@ static void dsa_case(struct pair *p, const char *what, int chunks, int idx_sms, 
     float *o1 = malloc(sizeof(float) * n_out), *o2 = malloc(sizeof(float) * n_out), *oc = malloc(sizeof(float) * n_out);
     dev_get(p->gpu, s1, dsel, sizeof(int32_t) * n_sel);
     dev_get(p->gpu, s2, dsel2, sizeof(int32_t) * n_sel);
-    dev_get(p->gpu, o1, dout, sizeof(float) * n_out);
-    dev_get(p->gpu, o2, dout2, sizeof(float) * n_out);
+    lat_get(p->gpu, o1, dout, n_out);
+    lat_get(p->gpu, o2, dout2, n_out);
     int rows_diff = 0;
     for (int i = 0; i < n_rows; i++)
         rows_diff += memcmp(s1 + (size_t)i * K, s2 + (size_t)i * K, sizeof(int32_t) * K) != 0;
@@ -1531,6 +1569,10 @@ static void test_dsa(void)
     /* short contexts: the op runs the indexer, then the MLA, on the whole GPU (bit for bit) */
     dsa_case(&p, "4 chunks asked, contexts of 2,100 to 6,000 (in turn)", 4, 64, 12, 2100, 6000);
     dsa_case(&p, "no chunks (in turn)", 0, 64, 8, 8192, 40000);
+    TRY(dsv32_cuda_set_knob(p.gpu, "lat16", 0)); /* f32 latents */
+    dsa_case(&p, "no chunks, f32 latents (knob lat16 0)", 0, 64, 8, 8192, 40000);
+    dsa_case(&p, "2 chunks, f32 latents (knob lat16 0)", 2, 96, 6, 8192, 40000);
+    TRY(dsv32_cuda_set_knob(p.gpu, "lat16", 1));
     pair_free(&p);
 }
 

@@ -472,10 +472,13 @@ static int cpu_indexer(struct dsv32_backend *be, int32_t *sel, const uint8_t *q,
 
 /* ---- MLA (absorbed) ---- */
 
-static int cpu_mla(struct dsv32_backend *be, float *out, const float *q_lat, const float *q_pe,
+/* the latents are f32 here (lat_bf16 0) */
+static int cpu_mla(struct dsv32_backend *be, void *out_lat, const void *q_lat_v, const float *q_pe,
                    int ldr_pe, int ldh_pe, const int32_t *sel, int n_sel,
                    const struct dsv32_kv_layer *kv, const struct dsv32_step_meta *m, float scale)
 {
+    float *out = out_lat;
+    const float *q_lat = q_lat_v;
     const int H = be->cfg->num_attention_heads, C = be->geom.kv_lora, R = be->geom.rope;
     const int cap = sel ? n_sel : m->max_ctx;
     float *cbuf = scratch(0, (size_t)cap * C);
@@ -622,9 +625,10 @@ static int cpu_mla_prefill(struct dsv32_backend *be, float *o, const float *q, c
     return r;
 }
 
-static int cpu_mla_absorb(struct dsv32_backend *be, float *q_lat, const float *q, int rows,
+static int cpu_mla_absorb(struct dsv32_backend *be, void *q_lat_v, const float *q, int rows,
                           const struct dsv32_weight *wkv_b)
 {
+    float *q_lat = q_lat_v;
     const struct dsv32_config *c = be->cfg;
     const int H = c->num_attention_heads, C = c->kv_lora_rank, nope = c->qk_nope_head_dim;
     const int qk = nope + c->qk_rope_head_dim, hs = nope + c->v_head_dim;
@@ -635,9 +639,10 @@ static int cpu_mla_absorb(struct dsv32_backend *be, float *q_lat, const float *q
     return 0;
 }
 
-static int cpu_mla_expand(struct dsv32_backend *be, float *o, const float *lat, int rows,
+static int cpu_mla_expand(struct dsv32_backend *be, float *o, const void *lat_v, int rows,
                           const struct dsv32_weight *wkv_b)
 {
+    const float *lat = lat_v;
     const struct dsv32_config *c = be->cfg;
     const int H = c->num_attention_heads, C = c->kv_lora_rank, nope = c->qk_nope_head_dim;
     const int V = c->v_head_dim, hs = nope + V;

@@ -435,17 +435,18 @@ static int cuda_indexer(struct dsv32_backend *be, int32_t *sel, const uint8_t *q
     return cu_indexer(c, sel, q, q_scale, w_raw, kv, m, topk);
 }
 
-static int cuda_mla(struct dsv32_backend *be, float *out, const float *q_lat, const float *q_pe, int ldr_pe,
-                    int ldh_pe, const int32_t *sel, int n_sel, const struct dsv32_kv_layer *kv,
-                    const struct dsv32_step_meta *m, float scale)
+static int cuda_mla(struct dsv32_backend *be, void *out, const void *q_lat, const float *q_pe,
+                    int ldr_pe, int ldh_pe, const int32_t *sel, int n_sel,
+                    const struct dsv32_kv_layer *kv, const struct dsv32_step_meta *m, float scale)
 {
     ENTER(be);
     return cu_mla(c, out, q_lat, q_pe, ldr_pe, ldh_pe, sel, n_sel, kv, m, scale, 0);
 }
 
-static int cuda_dsa(struct dsv32_backend *be, float *out, int32_t *sel, const uint8_t *q, const float *q_scale,
-                    const float *w_raw, int topk, const float *q_lat, const float *q_pe, int ldr_pe, int ldh_pe,
-                    const struct dsv32_kv_layer *kv, const struct dsv32_step_meta *m, float scale)
+static int cuda_dsa(struct dsv32_backend *be, void *out, int32_t *sel, const uint8_t *q,
+                    const float *q_scale, const float *w_raw, int topk, const void *q_lat,
+                    const float *q_pe, int ldr_pe, int ldh_pe, const struct dsv32_kv_layer *kv,
+                    const struct dsv32_step_meta *m, float scale)
 {
     ENTER(be);
     return cu_dsa(c, out, sel, q, q_scale, w_raw, topk, q_lat, q_pe, ldr_pe, ldh_pe, kv, m, scale);
@@ -459,14 +460,14 @@ static int cuda_mla_prefill(struct dsv32_backend *be, float *o, const float *q, 
     return cu_mla_prefill(c, o, q, sel, n_sel, kv, m, scale, wkv_b, ue8m0);
 }
 
-static int cuda_mla_absorb(struct dsv32_backend *be, float *q_lat, const float *q, int rows,
+static int cuda_mla_absorb(struct dsv32_backend *be, void *q_lat, const float *q, int rows,
                            const struct dsv32_weight *wkv_b)
 {
     ENTER(be);
     return cu_mla_absorb(c, q_lat, q, rows, wkv_b);
 }
 
-static int cuda_mla_expand(struct dsv32_backend *be, float *o, const float *lat, int rows,
+static int cuda_mla_expand(struct dsv32_backend *be, float *o, const void *lat, int rows,
                            const struct dsv32_weight *wkv_b)
 {
     ENTER(be);
@@ -669,6 +670,7 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
     snprintf(c->lt_note, sizeof(c->lt_note), "cuBLASLt block-scaled FP8: not calibrated yet");
     if (c->fast && cu_mla_fast_ok(c)) {
         c->absorbed_prefill = 1;
+        c->lat16 = be->lat_bf16 = 1;
         be->ops = cuda_fast_ops();
     }
     log_info("cuda backend on %s (%d SMs), numerics %s", prop.name, c->n_sm, c->fast ? "fast" : "exact");
@@ -722,6 +724,12 @@ extern "C" int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, i
         *(int *)((char *)c + cu_knobs[k].off) = cu_knobs[k].as_given ? value : value != 0;
         return 0;
     }
+    if (strcmp(name, "lat16") == 0) { /* the backend's latent type with it */
+        if (value && !c->absorbed_prefill)
+            return -EINVAL;
+        c->lat16 = be->lat_bf16 = value != 0;
+        return 0;
+    }
     if (strcmp(name, "mla_prof") == 0) {
         CU_TRY(cu_enter(c));
         if (value && !c->mla_prof) {
@@ -741,6 +749,10 @@ extern "C" int dsv32_cuda_get_knob(struct dsv32_backend *be, const char *name, i
 {
     const struct cu_ctx *c = ctx_of(be);
     const int k = knob_index(name);
+    if (k < 0 && strcmp(name, "lat16") == 0) {
+        *value = c->lat16;
+        return 0;
+    }
     if (k < 0)
         return -EINVAL;
     *value = *(const int *)((const char *)c + cu_knobs[k].off);

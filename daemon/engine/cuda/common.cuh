@@ -118,6 +118,8 @@ struct cu_ctx {
     int smem_optin; /* the device's opt-in limit of dynamic shared memory per CTA (bytes) */
     int fast;                  /* numerics mode: 0 exact, 1 fast */
     int absorbed_prefill;      /* fast and the absorbed kernel fits: prefill rows take that form */
+    int lat16;                 /* the MLA latents in bf16 (dsv32_backend.lat_bf16): set with
+                                  absorbed_prefill; knob lat16 */
     int indexer_fp8;           /* fast indexer variant: FP8 mma instead of f16 mma */
     int lt_fp8;                /* fast mode may use cuBLASLt block-scaled FP8 (when calibrated) */
     int lt_min_rows;           /* ... for linears of at least this many rows (65: the mma.sync

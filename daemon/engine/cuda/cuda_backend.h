@@ -59,13 +59,13 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * "dsa_idx_sms" (the SMs of the indexer's partition there; 0: half), "dsa_skip" (benchmarks: the
  * chunked dsa op without its MLAs, 1, or its indexers, 2), "pdl" (1, default: the dsa op's FP8
  * scores, top-k and cluster MLA kernels by programmatic dependent launch, each starting under its
- * predecessor's tail; 0: plain stream order). Returns 0 or -EINVAL. */
+ * predecessor's tail; 0: plain stream order), "lat16" (1, the fast numerics' default: the MLA
+ * latents of mla_absorb, mla, dsa and mla_expand in bf16, and the backend's lat_bf16 with it; 0:
+ * f32, for same-run comparisons; the caller's latent buffers must hold the type set; -EINVAL in
+ * the exact numerics). Returns 0 or -EINVAL. */
 int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, int value);
-/* The current value of a knob of the table above ("mla_prof" excluded); 0 or -EINVAL. */
+/* The current value of a knob above ("mla_prof" excluded); 0 or -EINVAL. */
 int dsv32_cuda_get_knob(struct dsv32_backend *be, const char *name, int *value);
-/* The SMs of the dsa op's two partitions (indexer, MLA) as the driver made them, and how many
- * calls ran chunks side by side since the backend was created; 0, or -1 when none was made. */
-int dsv32_cuda_dsa_info(struct dsv32_backend *be, int sms[2], long *overlapped_calls);
 /* The SMs of the dsa op's two partitions (indexer, MLA) as the driver made them, and how many
  * calls ran chunks side by side since the backend was created; 0, or -1 when none was made. */
 int dsv32_cuda_dsa_info(struct dsv32_backend *be, int sms[2], long *overlapped_calls);

@@ -185,8 +185,8 @@ static struct dsv32_step_meta sub_meta(const struct dsv32_step_meta *m, int r0, 
     return s;
 }
 
-int cu_dsa(struct cu_ctx *c, float *out, int32_t *sel, const uint8_t *q, const float *q_scale,
-           const float *w_raw, int topk, const float *q_lat, const float *q_pe, int ldr_pe,
+int cu_dsa(struct cu_ctx *c, void *out, int32_t *sel, const uint8_t *q, const float *q_scale,
+           const float *w_raw, int topk, const void *q_lat, const float *q_pe, int ldr_pe,
            int ldh_pe, const struct dsv32_kv_layer *kv, const struct dsv32_step_meta *m,
            float scale)
 {
@@ -236,11 +236,13 @@ int cu_dsa(struct cu_ctx *c, float *out, int32_t *sel, const uint8_t *q, const f
         if (c->dsa_skip == (is_mla ? 1 : 2))
             return 0;
         const struct dsv32_step_meta s = sub_meta(m, b[i], b[i + 1]);
-        const size_t r0 = (size_t)b[i], lat = (size_t)H * c->geom.kv_lora;
+        /* the bytes of a row's latents */
+        const size_t r0 = (size_t)b[i], lat = (size_t)H * c->geom.kv_lora * (c->lat16 ? 2 : 4);
         c->st = st;
         c->n_sm = sms;
-        const int e = is_mla ? cu_mla(c, out + r0 * lat, q_lat + r0 * lat, q_pe + r0 * ldr_pe,
-                                      ldr_pe, ldh_pe, sel + r0 * topk, topk, kv, &s, scale, 0)
+        const int e = is_mla ? cu_mla(c, (char *)out + r0 * lat, (const char *)q_lat + r0 * lat,
+                                      q_pe + r0 * ldr_pe, ldr_pe, ldh_pe, sel + r0 * topk, topk, kv,
+                                      &s, scale, 0)
                              : cu_indexer(c, sel + r0 * topk, q + r0 * IH * 128, q_scale + r0 * IH,
                                           w_raw + r0 * IH, kv, &s, topk);
         c->st = main_st;

@@ -8,8 +8,8 @@
 #define CU_DSA_MAX_CHUNKS 16
 
 /* backend.h's dsa op: sel as the indexer op writes it, out as the mla op writes it */
-int cu_dsa(struct cu_ctx *c, float *out, int32_t *sel, const uint8_t *q, const float *q_scale,
-           const float *w_raw, int topk, const float *q_lat, const float *q_pe, int ldr_pe,
+int cu_dsa(struct cu_ctx *c, void *out, int32_t *sel, const uint8_t *q, const float *q_scale,
+           const float *w_raw, int topk, const void *q_lat, const float *q_pe, int ldr_pe,
            int ldh_pe, const struct dsv32_kv_layer *kv, const struct dsv32_step_meta *m,
            float scale);
 /* dsv32_cuda_dsa_info */

@@ -1062,7 +1062,15 @@ static __global__ void pack_bf16_kernel(__nv_bfloat16 *y, const float *x, int ro
     }
 }
 
-int cu_mla_absorb(struct cu_ctx *c, float *q_lat, const float *q, int rows,
+/* y = x (bf16 -> f32), n elements */
+static __global__ void from_bf16_kernel(float *y, const __nv_bfloat16 *x, size_t n)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        y[i] = __bfloat162float(x[i]);
+}
+
+int cu_mla_absorb(struct cu_ctx *c, void *q_lat, const float *q, int rows,
                   const struct dsv32_weight *wkv_b)
 {
     const struct dsv32_config *cf = c->cfg;
@@ -1072,10 +1080,17 @@ int cu_mla_absorb(struct cu_ctx *c, float *q_lat, const float *q, int rows,
     if (rows <= 0)
         return 0;
     if (!c->fast || (!cw->fp8 && !cw->bf16)) {
-        BLAS_CHECK(cublasGemmStridedBatchedEx(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, C, rows, nope, &k_one,
-                                              cw->f32, CUDA_R_32F, C, (long long)hs * C, q, CUDA_R_32F,
-                                              H * qk, qk, &k_zero, q_lat, CUDA_R_32F, H * C, C, H,
-                                              CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
+        /* f32 weights: bf16 latents (lat16) rounded from an f32 product */
+        float *ql = c->lat16 ? (float *)cu_scratch(c, SCR_TMP, sizeof(float) * (size_t)rows * H * C)
+                             : (float *)q_lat;
+        if (!ql)
+            return -ENOMEM;
+        BLAS_CHECK(cublasGemmStridedBatchedEx(
+            c->blas, CUBLAS_OP_N, CUBLAS_OP_N, C, rows, nope, &k_one, cw->f32, CUDA_R_32F, C,
+            (long long)hs * C, q, CUDA_R_32F, H * qk, qk, &k_zero, ql, CUDA_R_32F, H * C, C, H,
+            CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
+        if (c->lat16)
+            CU_TRY(cu_to_bf16(c, (__nv_bfloat16 *)q_lat, ql, rows, H * C, H * C));
         return 0;
     }
     const __nv_bfloat16 *wb = wkv_bf16(c, cw);
@@ -1086,14 +1101,16 @@ int cu_mla_absorb(struct cu_ctx *c, float *q_lat, const float *q, int rows,
     unsigned b = cu_blocks(n, 256);
     pack_bf16_kernel<<<b > 8192u ? 8192u : b, 256, 0, c->st>>>(qb, q, rows, H, nope, H * qk, qk);
     CU_LAUNCHED("pack_bf16");
-    BLAS_CHECK(cublasGemmStridedBatchedEx(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, C, rows, nope, &k_one, wb,
-                                          CUDA_R_16BF, C, (long long)hs * C, qb, CUDA_R_16BF, H * nope,
-                                          nope, &k_zero, q_lat, CUDA_R_32F, H * C, C, H,
-                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    /* lat16: the f32 products rounded to bf16 by cuBLAS, as the MLA kernels rounded Q when they
+     * staged it from f32 */
+    BLAS_CHECK(cublasGemmStridedBatchedEx(
+        c->blas, CUBLAS_OP_N, CUBLAS_OP_N, C, rows, nope, &k_one, wb, CUDA_R_16BF, C,
+        (long long)hs * C, qb, CUDA_R_16BF, H * nope, nope, &k_zero, q_lat,
+        c->lat16 ? CUDA_R_16BF : CUDA_R_32F, H * C, C, H, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     return 0;
 }
 
-int cu_mla_expand(struct cu_ctx *c, float *o, const float *lat, int rows,
+int cu_mla_expand(struct cu_ctx *c, float *o, const void *lat, int rows,
                   const struct dsv32_weight *wkv_b)
 {
     const struct dsv32_config *cf = c->cfg;
@@ -1102,18 +1119,37 @@ int cu_mla_expand(struct cu_ctx *c, float *o, const float *lat, int rows,
     struct cu_weight *cw = (struct cu_weight *)wkv_b->be;
     if (rows <= 0)
         return 0;
+    const size_t n = (size_t)rows * H * C;
     if (!c->fast || (!cw->fp8 && !cw->bf16)) {
-        BLAS_CHECK(cublasGemmStridedBatchedEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, V, rows, C, &k_one,
-                                              cw->f32 + (size_t)nope * C, CUDA_R_32F, C, (long long)hs * C,
-                                              lat, CUDA_R_32F, H * C, C, &k_zero, o, CUDA_R_32F, H * V,
-                                              V, H, CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
+        const float *lf = (const float *)lat;
+        if (c->lat16) { /* f32 weights: the bf16 latents widened */
+            float *t = (float *)cu_scratch(c, SCR_TMP, sizeof(float) * n);
+            if (!t)
+                return -ENOMEM;
+            const unsigned b = cu_blocks(n, 256);
+            from_bf16_kernel < < <b> 8192u ? 8192u : b, 256, 0,
+                c->st >>> (t, (const __nv_bfloat16 *)lat, n);
+            CU_LAUNCHED("from_bf16");
+            lf = t;
+        }
+        BLAS_CHECK(cublasGemmStridedBatchedEx(
+            c->blas, CUBLAS_OP_T, CUBLAS_OP_N, V, rows, C, &k_one, cw->f32 + (size_t)nope * C,
+            CUDA_R_32F, C, (long long)hs * C, lf, CUDA_R_32F, H * C, C, &k_zero, o, CUDA_R_32F,
+            H * V, V, H, CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
         return 0;
     }
     const __nv_bfloat16 *wb = wkv_bf16(c, cw);
-    __nv_bfloat16 *lb = (__nv_bfloat16 *)cu_scratch(c, SCR_BF16, sizeof(__nv_bfloat16) * (size_t)rows * H * C);
-    if (!wb || !lb)
+    /* lat16: the MLA wrote them in bf16 (rounded as this conversion rounds) */
+    const __nv_bfloat16 *lb = (const __nv_bfloat16 *)lat;
+    if (!c->lat16) {
+        __nv_bfloat16 *t = (__nv_bfloat16 *)cu_scratch(c, SCR_BF16, sizeof(__nv_bfloat16) * n);
+        if (!t)
+            return -ENOMEM;
+        CU_TRY(cu_to_bf16(c, t, (const float *)lat, rows, H * C, H * C));
+        lb = t;
+    }
+    if (!wb)
         return -ENOMEM;
-    CU_TRY(cu_to_bf16(c, lb, lat, rows, H * C, H * C));
     BLAS_CHECK(cublasGemmStridedBatchedEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, V, rows, C, &k_one,
                                           wb + (size_t)nope * C, CUDA_R_16BF, C, (long long)hs * C, lb,
                                           CUDA_R_16BF, H * C, C, &k_zero, o, CUDA_R_32F, H * V, V, H,

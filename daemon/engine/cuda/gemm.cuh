@@ -18,9 +18,9 @@
 
 int cu_linear(struct cu_ctx *c, float *y, int ldy, const float *x, int ldx, int rows,
               const struct dsv32_weight *w, int ue8m0, int probe_sub);
-int cu_mla_absorb(struct cu_ctx *c, float *q_lat, const float *q, int rows,
+int cu_mla_absorb(struct cu_ctx *c, void *q_lat, const float *q, int rows,
                   const struct dsv32_weight *wkv_b);
-int cu_mla_expand(struct cu_ctx *c, float *o, const float *lat, int rows,
+int cu_mla_expand(struct cu_ctx *c, float *o, const void *lat, int rows,
                   const struct dsv32_weight *wkv_b);
 /* y[rows, out] = x[rows, in] W^T in f32 (cuBLAS pedantic f32), W dense f32 [out, in] */
 int cu_sgemm_xwt(struct cu_ctx *c, float *y, int ldy, const float *x, int ldx, int rows,

@@ -197,10 +197,12 @@ static __device__ __forceinline__ void e4m3x4_bf16_f32(uint32_t in, float sc, ui
 }
 
 struct mla_fast_args {
-    float *out;       /* (rows, H, 512) when one split */
+    void *out;        /* (rows, H, 512) when one split: bf16 when lat16, else f32 */
     float *part_o;    /* (splits, rows, H, 512) */
     float2 *part_ml;  /* (splits, rows, H): running max, sum */
-    const float *q_lat, *q_pe;
+    const void *q_lat; /* (rows, H, 512): bf16 when lat16, else f32 */
+    const float *q_pe;
+    int lat16;
     int ldr_pe, ldh_pe;
     const int32_t *sel;
     int n_sel;
@@ -216,6 +218,30 @@ struct mla_fast_args {
     int q_first; /* mla_cl_kernel launched under the top-k (pdl): Q staged before its pdl_wait,
                     the selection read after it */
 };
+
+/* element i of q_lat, of out: the latents in bf16 (lat16) or f32 */
+static __device__ __forceinline__ float mla_ql(const struct mla_fast_args &a, size_t i)
+{
+    return a.lat16 ? __bfloat162float(static_cast<const __nv_bfloat16 *>(a.q_lat)[i])
+                   : static_cast<const float *>(a.q_lat)[i];
+}
+static __device__ __forceinline__ void mla_out1(const struct mla_fast_args &a, size_t i, float x)
+{
+    if (a.lat16)
+        static_cast<__nv_bfloat16 *>(a.out)[i] = __float2bfloat16_rn(x);
+    else
+        static_cast<float *>(a.out)[i] = x;
+}
+/* elements i, i + 1 (i even) */
+static __device__ __forceinline__ void mla_out2(const struct mla_fast_args &a, size_t i, float x,
+                                                float y)
+{
+    if (a.lat16)
+        *reinterpret_cast<__nv_bfloat162 *>(static_cast<__nv_bfloat16 *>(a.out) + i) =
+            __floats2bfloat162_rn(x, y);
+    else
+        *reinterpret_cast<float2 *>(static_cast<float *>(a.out) + i) = make_float2(x, y);
+}
 
 /* The keys [*kbeg, *kend) of split z of row r: its selection's entries, or its positions 0..pos
  * when there is no selection (dense) */
@@ -289,8 +315,9 @@ static __global__ void __launch_bounds__(MLA_TH, 1) mla_fast_kernel(const struct
     /* Q to bf16 */
     for (int i = tid; i < MLA_HG * MLA_D; i += MLA_TH) {
         const int h = i / MLA_D, d = i % MLA_D;
-        const float v = d < MLA_C ? a.q_lat[((size_t)r * a.H + h0 + h) * MLA_C + d]
-                                  : a.q_pe[(size_t)r * a.ldr_pe + (size_t)(h0 + h) * a.ldh_pe + d - MLA_C];
+        const float v =
+            d < MLA_C ? mla_ql(a, ((size_t)r * a.H + h0 + h) * MLA_C + d)
+                      : a.q_pe[(size_t)r * a.ldr_pe + (size_t)(h0 + h) * a.ldh_pe + d - MLA_C];
         Qs[h * MLA_QSTR + d] = __float2bfloat16_rn(v);
     }
 
@@ -465,11 +492,11 @@ static __global__ void __launch_bounds__(MLA_TH, 1) mla_fast_kernel(const struct
     const int hr0 = h0 + 16 * hq + g, hr1 = hr0 + 8;
     if (a.splits == 1) {
         const float inv0 = lrun[0] > 0.0f ? 1.0f / lrun[0] : 0.0f, inv1 = lrun[1] > 0.0f ? 1.0f / lrun[1] : 0.0f;
-        float *o0 = a.out + ((size_t)r * a.H + hr0) * MLA_C + 128 * dh + 2 * t, *o1 = o0 + 8 * MLA_C;
+        const size_t o0 = ((size_t)r * a.H + hr0) * MLA_C + 128 * dh + 2 * t, o1 = o0 + 8 * MLA_C;
 #pragma unroll
         for (int n = 0; n < 16; n++) {
-            *reinterpret_cast<float2 *>(o0 + 8 * n) = make_float2(O[n][0] * inv0, O[n][1] * inv0);
-            *reinterpret_cast<float2 *>(o1 + 8 * n) = make_float2(O[n][2] * inv1, O[n][3] * inv1);
+            mla_out2(a, o0 + 8 * n, O[n][0] * inv0, O[n][1] * inv0);
+            mla_out2(a, o1 + 8 * n, O[n][2] * inv1, O[n][3] * inv1);
         }
     } else {
         const size_t base = ((size_t)z * a.rows + r) * a.H;
@@ -556,20 +583,69 @@ static __device__ __forceinline__ uint32_t e4m3x2_scaled_pow2(uint32_t sext_pair
     return d;
 }
 
+/* mla_stage_q with the latent part of Q in bf16 already (lat16): its 16-byte chunks (4,096: the
+ * heads' latents are contiguous) copied as they are, q_pe's 512 chunks of 8 f32 rounded; every
+ * load of a thread issued before its first store, one round */
+template <int NTH>
+static __device__ __forceinline__ void mla_stage_q16(const struct mla_fast_args &a, uint8_t *Qb,
+                                                     int r, int h0, int tid)
+{
+    constexpr int NL = MLA_HG * MLA_C / 8, NR = MLA_HG * MLA_R / 8;
+    constexpr int UL = (NL + NTH - 1) / NTH, UR = (NR + NTH - 1) / NTH;
+    const uint4 *ql = static_cast<const uint4 *>(a.q_lat) + ((size_t)r * a.H + h0) * (MLA_C / 8);
+    uint4 v[UL];
+    float p[UR][8];
+#pragma unroll
+    for (int u = 0; u < UL; u++)
+        if (NL % NTH == 0 || u * NTH + tid < NL)
+            v[u] = __ldg(ql + u * NTH + tid);
+#pragma unroll
+    for (int u = 0; u < UL; u++) {
+        const int i = u * NTH + tid;
+        if (NL % NTH == 0 || i < NL)
+            *reinterpret_cast<uint4 *>(Qb + wg_off(i / (MLA_C / 8), 8 * (i % (MLA_C / 8)))) = v[u];
+    }
+#pragma unroll
+    for (int u = 0; u < UR; u++) {
+        const int i = u * NTH + tid, h = i / (MLA_R / 8), d = 8 * (i % (MLA_R / 8));
+        if (NR % NTH == 0 || i < NR) {
+            const float *src = a.q_pe + (size_t)r * a.ldr_pe + (size_t)(h0 + h) * a.ldh_pe + d;
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+                p[u][e] = __ldg(src + e);
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < UR; u++) {
+        const int i = u * NTH + tid;
+        if (NR % NTH == 0 || i < NR)
+            *reinterpret_cast<uint4 *>(Qb +
+                                       wg_off(i / (MLA_R / 8), MLA_C + 8 * (i % (MLA_R / 8)))) =
+                make_uint4(pack_bf16(p[u][0], p[u][1]), pack_bf16(p[u][2], p[u][3]),
+                           pack_bf16(p[u][4], p[u][5]), pack_bf16(p[u][6], p[u][7]));
+    }
+}
+
 /* Q of row r, heads h0.., to bf16 in Qb (wg_off's layout), 8 dims (16 bytes) at a time by NTH
  * threads, U of a thread's chunks in flight (the loads, one after another, were a tenth of the
- * kernel's time) */
+ * kernel's time); mla_stage_q16 when the latents are bf16 */
 template <int NTH, int U>
 static __device__ __forceinline__ void mla_stage_q(const struct mla_fast_args &a, uint8_t *Qb, int r, int h0, int tid)
 {
     static_assert(MLA_HG * (MLA_D / 8) % (NTH * U) == 0, "whole rounds");
+    if (a.lat16) {
+        mla_stage_q16<NTH>(a, Qb, r, h0, tid);
+        return;
+    }
     for (int i0 = 0; i0 < MLA_HG * (MLA_D / 8); i0 += U * NTH) {
         float v[U][8];
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int i = i0 + u * NTH + tid, h = i / (MLA_D / 8), d0 = 8 * (i % (MLA_D / 8));
-            const float *src = d0 < MLA_C ? a.q_lat + ((size_t)r * a.H + h0 + h) * MLA_C + d0
-                                          : a.q_pe + (size_t)r * a.ldr_pe + (size_t)(h0 + h) * a.ldh_pe + d0 - MLA_C;
+            const float *src =
+                d0 < MLA_C
+                    ? static_cast<const float *>(a.q_lat) + ((size_t)r * a.H + h0 + h) * MLA_C + d0
+                    : a.q_pe + (size_t)r * a.ldr_pe + (size_t)(h0 + h) * a.ldh_pe + d0 - MLA_C;
 #pragma unroll
             for (int e = 0; e < 8; e++)
                 v[u][e] = src[e];
@@ -660,19 +736,21 @@ static __device__ __forceinline__ void mla_store_o(const struct mla_fast_args &a
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             const int hA = 8 * j + 2 * t, hB = hA + 1;
-            float sA = 1.0f, sB = 1.0f;
-            float *base;
             if (a.splits == 1) {
-                sA = l_run[hA] > 0.0f ? 1.0f / l_run[hA] : 0.0f;
-                sB = l_run[hB] > 0.0f ? 1.0f / l_run[hB] : 0.0f;
-                base = a.out + ((size_t)r * a.H + h0) * MLA_C;
+                const float sA = l_run[hA] > 0.0f ? 1.0f / l_run[hA] : 0.0f;
+                const float sB = l_run[hB] > 0.0f ? 1.0f / l_run[hB] : 0.0f;
+                const size_t base = ((size_t)r * a.H + h0) * MLA_C;
+                mla_out1(a, base + (size_t)hA * MLA_C + d0, O[mt][4 * j + 0] * sA);
+                mla_out1(a, base + (size_t)hB * MLA_C + d0, O[mt][4 * j + 1] * sB);
+                mla_out1(a, base + (size_t)hA * MLA_C + d0 + 8, O[mt][4 * j + 2] * sA);
+                mla_out1(a, base + (size_t)hB * MLA_C + d0 + 8, O[mt][4 * j + 3] * sB);
             } else {
-                base = a.part_o + (((size_t)z * a.rows + r) * a.H + h0) * MLA_C;
+                float *base = a.part_o + (((size_t)z * a.rows + r) * a.H + h0) * MLA_C;
+                base[(size_t)hA * MLA_C + d0] = O[mt][4 * j + 0];
+                base[(size_t)hB * MLA_C + d0] = O[mt][4 * j + 1];
+                base[(size_t)hA * MLA_C + d0 + 8] = O[mt][4 * j + 2];
+                base[(size_t)hB * MLA_C + d0 + 8] = O[mt][4 * j + 3];
             }
-            base[(size_t)hA * MLA_C + d0] = O[mt][4 * j + 0] * sA;
-            base[(size_t)hB * MLA_C + d0] = O[mt][4 * j + 1] * sB;
-            base[(size_t)hA * MLA_C + d0 + 8] = O[mt][4 * j + 2] * sA;
-            base[(size_t)hB * MLA_C + d0 + 8] = O[mt][4 * j + 3] * sB;
         }
     }
     if (a.splits > 1 && tid < MLA_HG)
@@ -1029,15 +1107,22 @@ static __device__ __forceinline__ void mla_store_o256(const struct mla_fast_args
     const int hr1 = hr0 + 8;
     const float sA = a.splits == 1 ? (l_fin[hr0] > 0.0f ? 1.0f / l_fin[hr0] : 0.0f) : 1.0f;
     const float sB = a.splits == 1 ? (l_fin[hr1] > 0.0f ? 1.0f / l_fin[hr1] : 0.0f) : 1.0f;
-    float *base = a.splits == 1 ? a.out + ((size_t)r * a.H + h0) * MLA_C
-                                : a.part_o + (((size_t)z * a.rows + r) * a.H + h0) * MLA_C;
-    base += 256 * c + 2 * t;
+    if (a.splits == 1) {
+        const size_t base = ((size_t)r * a.H + h0) * MLA_C + 256 * c + 2 * t;
 #pragma unroll
-    for (int j = 0; j < 32; j++) {
-        *reinterpret_cast<float2 *>(base + (size_t)hr0 * MLA_C + 8 * j) =
-            make_float2(O[4 * j] * sA, O[4 * j + 1] * sA);
-        *reinterpret_cast<float2 *>(base + (size_t)hr1 * MLA_C + 8 * j) =
-            make_float2(O[4 * j + 2] * sB, O[4 * j + 3] * sB);
+        for (int j = 0; j < 32; j++) {
+            mla_out2(a, base + (size_t)hr0 * MLA_C + 8 * j, O[4 * j] * sA, O[4 * j + 1] * sA);
+            mla_out2(a, base + (size_t)hr1 * MLA_C + 8 * j, O[4 * j + 2] * sB, O[4 * j + 3] * sB);
+        }
+    } else {
+        float *base = a.part_o + (((size_t)z * a.rows + r) * a.H + h0) * MLA_C + 256 * c + 2 * t;
+#pragma unroll
+        for (int j = 0; j < 32; j++) {
+            *reinterpret_cast<float2 *>(base + (size_t)hr0 * MLA_C + 8 * j) =
+                make_float2(O[4 * j], O[4 * j + 1]);
+            *reinterpret_cast<float2 *>(base + (size_t)hr1 * MLA_C + 8 * j) =
+                make_float2(O[4 * j + 2], O[4 * j + 3]);
+        }
     }
     if (a.splits > 1 && c == 0 && ctid < MLA_HG)
         a.part_ml[((size_t)z * a.rows + r) * a.H + h0 + ctid] =
@@ -1340,7 +1425,7 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
 /* a key tile's groups of 3 atoms (192 dims), each ready on its own barriers, so that QK^T starts
  * on the first while the rest are copied (1 group: 0.136 ms, 3: 0.124, 9: 0.133 in one run) */
 #define CL_NG 3
-enum { CL_P_READY = 1, CL_P_FREE = 2, CL_O_SYNC = 3 };
+enum { CL_P_READY = 1, CL_P_FREE = 2, CL_O_SYNC = 3, CL_Q_READY = 4 };
 
 /* mla_cl_kernel's geometry for key tiles of KT keys (64: two key buffers; 32: four, in the same
  * bytes, so that the producer may run three tiles ahead instead of one) */
@@ -1473,8 +1558,19 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
      * selection entry of tile i + 2; the peer half's position in tile i and entry in tile i + 1 */
     int32_t sl0 = -1, b1 = 0;
     int p1 = -1, s2 = 0, pv0 = -1, pr1 = 0;
+    /* Q: by all threads from f32, then the cluster barrier; from bf16 (lat16: one round of loads)
+     * by the consumers alone, the producer past the cluster barrier (every thread arrives on it
+     * first) and on to its first tiles while they stage it */
+    auto stage_q = [&]() {
+        if (!a.lat16)
+            mla_stage_q<MLA_CL_TH, 4>(a, Qb, r, h0, tid);
+        else if (wg < 2)
+            mla_stage_q16<256>(a, Qb, r, h0, tid);
+    };
+    if (a.lat16)
+        asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
     if (a.q_first) { /* Q was written before the indexer ran: staged under the top-k's tail */
-        mla_stage_q<MLA_CL_TH, 4>(a, Qb, r, h0, tid);
+        stage_q();
         pdl_wait();
     }
     if (wg == 2 && ntiles > 0) {
@@ -1488,9 +1584,16 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
         pr1 = sel_raw(1, peer);
     }
     if (!a.q_first)
-        mla_stage_q<MLA_CL_TH, 4>(a, Qb, r, h0, tid);
+        stage_q();
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* Q -> the tensor core */
-    cooperative_groups::this_cluster().sync(); /* both CTAs' barriers initialized, Q staged */
+    if (!a.lat16) {
+        cooperative_groups::this_cluster().sync(); /* both CTAs' barriers initialized, Q staged */
+    } else {
+        asm volatile("barrier.cluster.wait.acquire.aligned;" ::
+                         : "memory"); /* barriers initialized */
+        if (wg < 2)
+            nbar_sync<256>(CL_Q_READY); /* Q staged */
+    }
 
     const uint32_t kaddr = smem_addr(Kb), paddr = smem_addr(Pb);
     const uint32_t avail_own = cl_map(smem_addr(bars), rank),
@@ -1725,9 +1828,11 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
     cooperative_groups::this_cluster().sync();
 }
 
-static __global__ void mla_combine_kernel(float *out, const float *part_o, const float2 *part_ml, int rows,
-                                          int H, int splits, const uint8_t *row_mha)
+static __global__ void mla_combine_kernel(const struct mla_fast_args a, int rows, int H, int splits)
 {
+    const float *part_o = a.part_o;
+    const float2 *part_ml = a.part_ml;
+    const uint8_t *row_mha = a.row_mha;
     const int h = blockIdx.x, r = blockIdx.y;
     if (row_mha && row_mha[r])
         return;
@@ -1739,7 +1844,7 @@ static __global__ void mla_combine_kernel(float *out, const float *part_o, const
         const float2 ml = part_ml[((size_t)z * rows + r) * H + h];
         L += ml.x == -INFINITY ? 0.0f : ml.y * __expf(ml.x - M);
     }
-    float *orow = out + ((size_t)r * H + h) * MLA_C;
+    const size_t orow = ((size_t)r * H + h) * MLA_C;
     for (int d = threadIdx.x; d < MLA_C; d += blockDim.x) {
         float acc = 0.0f;
         for (int z = 0; z < splits; z++) {
@@ -1747,7 +1852,7 @@ static __global__ void mla_combine_kernel(float *out, const float *part_o, const
             if (ml.x != -INFINITY)
                 acc += part_o[(((size_t)z * rows + r) * H + h) * MLA_C + d] * __expf(ml.x - M);
         }
-        orow[d] = L > 0.0f ? acc / L : 0.0f;
+        mla_out1(a, orow + d, L > 0.0f ? acc / L : 0.0f);
     }
 }
 
@@ -1758,7 +1863,7 @@ int cu_mla_fast_ok(const struct cu_ctx *c)
            g->mla_rec_bytes % 16 == 0 && g->mla_rec_bytes <= 784;
 }
 
-int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, int ldr_pe,
+int cu_mla(struct cu_ctx *c, void *out, const void *q_lat, const float *q_pe, int ldr_pe,
            int ldh_pe, const int32_t *sel, int n_sel, const struct dsv32_kv_layer *kv,
            const struct dsv32_step_meta *m, float scale, int after_topk)
 {
@@ -1769,10 +1874,12 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
     if (!cu_mla_fast_ok(c)) {
         if (g->kv_lora % 128 || g->kv_lora > 32 * EX_MAXC || g->rope % 32 || g->rope > 32 * EX_MAXR)
             return DSV32_ECONFIG;
-        mla_exact_kernel<<<dim3(H, rows), 128, 0, c->st>>>(out, q_lat, q_pe, ldr_pe, ldh_pe, sel, n_sel, kv->mla,
-                                                           g->mla_rec_bytes, g->kv_lora, g->rope, g->rope_f32,
-                                                           m->d_blocks, m->max_blocks, m->d_row_pos,
-                                                           m->d_row_seq, c->absorbed_prefill ? NULL : m->d_row_mha, H, scale);
+        if (c->lat16)
+            return DSV32_ECONFIG; /* lat16 is only set where the fast kernels run */
+        mla_exact_kernel<<<dim3(H, rows), 128, 0, c->st>>>(
+            (float *)out, (const float *)q_lat, q_pe, ldr_pe, ldh_pe, sel, n_sel, kv->mla,
+            g->mla_rec_bytes, g->kv_lora, g->rope, g->rope_f32, m->d_blocks, m->max_blocks,
+            m->d_row_pos, m->d_row_seq, c->absorbed_prefill ? NULL : m->d_row_mha, H, scale);
         CU_LAUNCHED("mla_exact");
         return 0;
     }
@@ -1799,6 +1906,7 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
             return -ENOMEM;
     }
     a.q_lat = q_lat;
+    a.lat16 = c->lat16;
     a.q_pe = q_pe;
     a.ldr_pe = ldr_pe;
     a.ldh_pe = ldh_pe;
@@ -1859,8 +1967,7 @@ int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, 
         CU_LAUNCHED("mla_fast");
     }
     if (splits > 1) {
-        mla_combine_kernel<<<dim3(H, rows), 128, 0, c->st>>>(out, a.part_o, a.part_ml, rows, H, splits,
-                                                             a.row_mha);
+        mla_combine_kernel<<<dim3(H, rows), 128, 0, c->st>>>(a, rows, H, splits);
         CU_LAUNCHED("mla_combine");
     }
     return 0;

@@ -14,7 +14,7 @@
 /* after_topk: the kernel launched just before on c->st is the top-k that wrote sel, and q_lat and
  * q_pe come from before it, so the cluster kernel may start under it (knob pdl) and stage Q before
  * it waits (cu_dsa); 0 anywhere else */
-int cu_mla(struct cu_ctx *c, float *out, const float *q_lat, const float *q_pe, int ldr_pe,
+int cu_mla(struct cu_ctx *c, void *out, const void *q_lat, const float *q_pe, int ldr_pe,
            int ldh_pe, const int32_t *sel, int n_sel, const struct dsv32_kv_layer *kv,
            const struct dsv32_step_meta *m, float scale, int after_topk);
 /* 1 when the fast kernel handles this configuration */
