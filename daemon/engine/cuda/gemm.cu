@@ -1126,9 +1126,8 @@ int cu_mla_expand(struct cu_ctx *c, float *o, const void *lat, int rows,
             float *t = (float *)cu_scratch(c, SCR_TMP, sizeof(float) * n);
             if (!t)
                 return -ENOMEM;
-            const unsigned b = cu_blocks(n, 256);
-            from_bf16_kernel < < <b> 8192u ? 8192u : b, 256, 0,
-                c->st >>> (t, (const __nv_bfloat16 *)lat, n);
+            const unsigned b = cu_blocks(n, 256), nb = b > 8192u ? 8192u : b;
+            from_bf16_kernel<<<nb, 256, 0, c->st>>>(t, (const __nv_bfloat16 *)lat, n);
             CU_LAUNCHED("from_bf16");
             lf = t;
         }
