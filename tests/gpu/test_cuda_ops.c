@@ -924,9 +924,13 @@ static void test_gemm(void)
         }
         /* absorb / expand with the real wkv_b shape */
         const int H = 128, C = 512, nope = 128, V = 128, qk = 192, rows = 9;
-        for (int dt = 0; dt < 2; dt++) {
+        /* f32 wkv_b: the fast mode's bf16 latents through its f32 products */
+        static const enum dsv32_dtype wdt[] = {DSV32_DT_BF16, DSV32_DT_F8_E4M3, DSV32_DT_F32};
+        static const char *const wname[] = {"bf16 wkv_b", "FP8 wkv_b", "f32 wkv_b"};
+        for (int dt = 0; dt < 3; dt++) {
             struct tw wkv;
-            tw_make(&wkv, dt ? DSV32_DT_F8_E4M3 : DSV32_DT_BF16, H * (nope + V), C, 0.05f, 1);
+            char what[64];
+            tw_make(&wkv, wdt[dt], H * (nope + V), C, 0.05f, 1);
             TRY(tw_prepare(&wkv, &p));
             float *q = rnd_f32((size_t)rows * H * qk, 1.0f), *lc = malloc(sizeof(float) * rows * H * C),
                   *lg = malloc(sizeof(float) * rows * H * C);
@@ -934,8 +938,8 @@ static void test_gemm(void)
             p.cpu->ops->mla_absorb(p.cpu, lc, q, rows, &wkv.wc);
             TRY(p.gpu->ops->mla_absorb(p.gpu, dl, dq, rows, &wkv.wg));
             lat_get(p.gpu, lg, dl, (size_t)rows * H * C);
-            report(dt ? "mla_absorb (FP8 wkv_b)" : "mla_absorb (bf16 wkv_b)", rel_rows(lg, lc, rows * H, C, NULL),
-                   fast ? 1e-2 : 1e-5);
+            snprintf(what, sizeof(what), "mla_absorb (%s)", wname[dt]);
+            report(what, rel_rows(lg, lc, rows * H, C, NULL), fast ? 1e-2 : 1e-5);
             float *lat = rnd_f32((size_t)rows * H * C, 1.0f), *oc = malloc(sizeof(float) * rows * H * V),
                   *og = malloc(sizeof(float) * rows * H * V);
             float *dlat = lat_put(p.gpu, lat, (size_t)rows * H * C),
@@ -943,8 +947,8 @@ static void test_gemm(void)
             p.cpu->ops->mla_expand(p.cpu, oc, lat, rows, &wkv.wc);
             TRY(p.gpu->ops->mla_expand(p.gpu, dout, dlat, rows, &wkv.wg));
             dev_get(p.gpu, og, dout, sizeof(float) * rows * H * V);
-            report(dt ? "mla_expand (FP8 wkv_b)" : "mla_expand (bf16 wkv_b)", rel_rows(og, oc, rows * H, V, NULL),
-                   fast ? 1e-2 : 1e-5);
+            snprintf(what, sizeof(what), "mla_expand (%s)", wname[dt]);
+            report(what, rel_rows(og, oc, rows * H, V, NULL), fast ? 1e-2 : 1e-5);
             tw_done(&wkv, &p);
             free(q);
             free(lc);

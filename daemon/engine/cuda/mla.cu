@@ -584,8 +584,9 @@ static __device__ __forceinline__ uint32_t e4m3x2_scaled_pow2(uint32_t sext_pair
 }
 
 /* mla_stage_q with the latent part of Q in bf16 already (lat16): its 16-byte chunks (4,096: the
- * heads' latents are contiguous) copied as they are, q_pe's 512 chunks of 8 f32 rounded; every
- * load of a thread issued before its first store, one round */
+ * heads' latents are contiguous) copied as they are, all of a thread's loads issued before its
+ * first store (one round), then q_pe's 512 chunks of 8 f32, rounded (their loads after the
+ * latents' stores: issued together, the cluster kernel spilled) */
 template <int NTH>
 static __device__ __forceinline__ void mla_stage_q16(const struct mla_fast_args &a, uint8_t *Qb,
                                                      int r, int h0, int tid)

@@ -11,7 +11,8 @@
 
 #include "common.cuh"
 
-/* after_topk: the kernel launched just before on c->st is the top-k that wrote sel, and q_lat and
+/* q_lat and out: the latents, bf16 when c->lat16, else f32 (q_pe f32).
+ * after_topk: the kernel launched just before on c->st is the top-k that wrote sel, and q_lat and
  * q_pe come from before it, so the cluster kernel may start under it (knob pdl) and stage Q before
  * it waits (cu_dsa); 0 anywhere else */
 int cu_mla(struct cu_ctx *c, void *out, const void *q_lat, const float *q_pe, int ldr_pe,
