@@ -901,9 +901,12 @@ int attn_new(const struct attn_config *cfg, struct attn **ret)
                   dsv32_strerror(r));
         goto fail;
     }
-    struct dsv32_engine_opts eo = {.backend = cfg->backend, .max_seqs = cfg->max_seqs,
+    struct dsv32_engine_opts eo = {.backend = cfg->backend,
+                                   .gpu = cfg->gpu >= 0 ? cfg->gpu : 0,
+                                   .max_seqs = cfg->max_seqs,
                                    .max_batch_tokens = cfg->max_batch_tokens,
-                                   .max_seq_len = cfg->max_seq_len, .kv_blocks = cfg->kv_blocks};
+                                   .max_seq_len = cfg->max_seq_len,
+                                   .kv_blocks = cfg->kv_blocks};
     if ((r = dsv32_engine_new(a->model, &eo, &a->engine)) < 0) {
         log_error("%s", dsv32_load_error());
         goto fail;

@@ -1095,7 +1095,7 @@ int main(int argc, char **argv)
     struct dsv32_kv_geom g;
     dsv32_kv_geom_init(&g, &cfg, 0);
     struct dsv32_backend *be;
-    MUST(dsv32_backend_new("cuda", &cfg, &g, &be));
+    MUST(dsv32_backend_new("cuda", &cfg, &g, 0, &be));
     for (int i = 0; i < n_knobs; i++) { /* a kernel variant for the whole run (cuda_backend.h's knobs) */
         char kn[64];
         const char *eq = strchr(knobs[i], '=');

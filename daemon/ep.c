@@ -12,6 +12,9 @@
 #include "error.h"
 #include "log.h"
 #include "safetensors.h" /* dsv32_load_fail */
+#ifdef DSV32_HAVE_CUDA
+#include "cuda/cuda_backend.h" /* the trace's device timer */
+#endif
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -837,6 +840,15 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
     /* a GPU backend's layer: copies enqueued, synced (the GEMMs' start), GEMMs enqueued, synced;
      * the copy back ends at t_pack. 0 on the cpu backend. */
     uint64_t t_h2d = 0, t_gemm0 = 0, t_gemm_enq = 0, t_gemm1 = 0;
+    /* a traced layer (DSV32_EP_TRACE) on the cuda backend: the copies' and the GEMMs' device
+     * time too (events; -1: not measured), against the host's time to see them done */
+    const int traced = s->trace > 0 && total > 0 && total <= 64 && s->trace_seen % 25 == 0;
+    float dev_copy = -1.0f, dev_gemm = -1.0f;
+#ifdef DSV32_HAVE_CUDA
+    const int dev_timer = traced && strcmp(s->be->ops->name, "cuda") == 0;
+#else
+    const int dev_timer = 0;
+#endif
     if (total > 0) {
         const struct dsv32_backend_ops *ops = s->be->ops;
         const struct dsv32_ffn_weights *ex = s->model->layers[layer].experts;
@@ -849,18 +861,34 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
             float *dw = dev_buf(s, &s->dw, sizeof(float) * (size_t)total * K);
             if (!dx || !dy || !di || !dw)
                 return -ENOMEM;
+#ifdef DSV32_HAVE_CUDA
+            if (dev_timer && (r = dsv32_cuda_timer_start(s->be)) < 0)
+                return r;
+#endif
             if ((r = ops->to_device(s->be, dx, X, sizeof(float) * (size_t)total * D)) < 0 ||
                 (r = ops->to_device(s->be, di, ids, sizeof(int32_t) * (size_t)total * K)) < 0 ||
                 (r = ops->to_device(s->be, dw, w, sizeof(float) * (size_t)total * K)) < 0)
                 return r;
             t_h2d = dsv32_mono_ns();
+#ifdef DSV32_HAVE_CUDA
+            if (dev_timer && (r = dsv32_cuda_timer_stop(s->be, &dev_copy)) < 0)
+                return r;
+#endif
             if ((r = ops->sync(s->be)) < 0)
                 return r;
             t_gemm0 = dsv32_mono_ns();
+#ifdef DSV32_HAVE_CUDA
+            if (dev_timer && (r = dsv32_cuda_timer_start(s->be)) < 0)
+                return r;
+#endif
             if ((r = ops->moe_experts(s->be, dy, dx, total, di, dw, K, ex, cfg->n_routed_experts,
                                       cfg->ue8m0)) < 0)
                 return r;
             t_gemm_enq = dsv32_mono_ns();
+#ifdef DSV32_HAVE_CUDA
+            if (dev_timer && (r = dsv32_cuda_timer_stop(s->be, &dev_gemm)) < 0)
+                return r;
+#endif
             if ((r = ops->sync(s->be)) < 0)
                 return r;
             t_gemm1 = dsv32_mono_ns();
@@ -898,16 +926,23 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
     const uint64_t t_send = dsv32_mono_ns();
     if ((r = dsv32_comm_exchange(s->comm, &x2, s->timeout_ms)) < 0)
         return r;
-    if (total > 0 && s->trace > 0 && total <= 64 && s->trace_seen++ % 25 == 0) {
+    if (total > 0 && s->trace > 0 && total <= 64)
+        s->trace_seen++;
+    if (traced) {
         /* DSV32_EP_TRACE=N: N of the small (decode) layers, one in 25, step by step (microseconds) */
         const uint64_t t_end = dsv32_mono_ns();
         s->trace--;
-        log_info("EP trace: layer %d, %d rows: waited %.0f, unpack %.0f, copies enqueued %.0f, copies synced %.0f, "
-                 "experts enqueued %.0f, experts synced %.0f, to host %.0f, pack %.0f, combine %.0f",
-                 layer, total, (t_unpack - t_wait) / 1e3, (t_work - t_unpack) / 1e3,
-                 t_h2d ? (t_h2d - t_work) / 1e3 : 0.0, t_h2d ? (t_gemm0 - t_h2d) / 1e3 : 0.0,
-                 t_gemm1 ? (t_gemm_enq - t_gemm0) / 1e3 : 0.0, t_gemm1 ? (t_gemm1 - t_gemm_enq) / 1e3 : 0.0,
-                 t_gemm1 ? (t_pack - t_gemm1) / 1e3 : 0.0, (t_send - t_pack) / 1e3, (t_end - t_send) / 1e3);
+        log_info(
+            "EP trace: layer %d, %d rows: waited %.0f, unpack %.0f, copies enqueued %.0f, copies "
+            "synced %.0f, "
+            "experts enqueued %.0f, experts synced %.0f, to host %.0f, pack %.0f, combine %.0f; "
+            "on the device: copies %.0f, experts %.0f",
+            layer, total, (t_unpack - t_wait) / 1e3, (t_work - t_unpack) / 1e3,
+            t_h2d ? (t_h2d - t_work) / 1e3 : 0.0, t_h2d ? (t_gemm0 - t_h2d) / 1e3 : 0.0,
+            t_gemm1 ? (t_gemm_enq - t_gemm0) / 1e3 : 0.0,
+            t_gemm1 ? (t_gemm1 - t_gemm_enq) / 1e3 : 0.0, t_gemm1 ? (t_pack - t_gemm1) / 1e3 : 0.0,
+            (t_send - t_pack) / 1e3, (t_end - t_send) / 1e3, dev_copy < 0 ? -1.0 : dev_copy * 1e3,
+            dev_gemm < 0 ? -1.0 : dev_gemm * 1e3);
     }
     if (total > 0) {
         s->st.layers++;

@@ -333,7 +333,9 @@ static int xs_start(struct xs *x)
     struct dsv32_kv_geom geom;
     dsv32_kv_geom_init(&geom, &x->mcfg, 0);
     dsv32_backend_cpu_set_threads(x->cfg.cpu_threads > 0 ? x->cfg.cpu_threads : 1);
-    if ((r = dsv32_backend_new(x->cfg.backend, &x->mcfg, &geom, &x->be)) < 0) {
+    /* the same GPU as its NCCL communicator (--gpu) */
+    if ((r = dsv32_backend_new(x->cfg.backend, &x->mcfg, &geom, x->cfg.gpu >= 0 ? x->cfg.gpu : 0,
+                               &x->be)) < 0) {
         log_error("backend %s: %s", x->cfg.backend, dsv32_strerror(r));
         return r;
     }

@@ -19,13 +19,13 @@ void dsv32_kv_geom_init(struct dsv32_kv_geom *g, const struct dsv32_config *cfg,
 }
 
 int dsv32_backend_new(const char *name, const struct dsv32_config *cfg,
-                      const struct dsv32_kv_geom *geom, struct dsv32_backend **ret)
+                      const struct dsv32_kv_geom *geom, int device, struct dsv32_backend **ret)
 {
     if (!name || strcmp(name, "cpu") == 0)
         return dsv32_backend_cpu_new(cfg, geom, ret);
     if (strcmp(name, "cuda") == 0) {
 #ifdef DSV32_HAVE_CUDA
-        return dsv32_backend_cuda_new(cfg, geom, 0, ret);
+        return dsv32_backend_cuda_new(cfg, geom, device, ret);
 #else
         return DSV32_EUNSUPPORTED;
 #endif

@@ -167,9 +167,10 @@ void dsv32_backend_cpu_set_threads(int n);
 int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const struct dsv32_kv_geom *geom,
                            int device, struct dsv32_backend **ret);
 #endif
-/* By name: "cpu" or "cuda" (-DSV32_EUNSUPPORTED when this build has no CUDA). */
+/* By name: "cpu" or "cuda" (-DSV32_EUNSUPPORTED when this build has no CUDA); device: the GPU
+ * of "cuda" (0..count-1; the cpu backend ignores it). */
 int dsv32_backend_new(const char *name, const struct dsv32_config *cfg,
-                      const struct dsv32_kv_geom *geom, struct dsv32_backend **ret);
+                      const struct dsv32_kv_geom *geom, int device, struct dsv32_backend **ret);
 static inline void dsv32_backend_free(struct dsv32_backend *be)
 {
     if (be)

@@ -145,7 +145,7 @@ int dsv32_engine_new(struct dsv32_model *m, const struct dsv32_engine_opts *opts
         if (blocks < 1)
             blocks = 1;
     }
-    if ((r = dsv32_backend_new(o->backend, c, &geom, &e->be)) < 0) {
+    if ((r = dsv32_backend_new(o->backend, c, &geom, o->gpu, &e->be)) < 0) {
         dsv32_load_fail(r, "backend '%s': %s", o->backend ? o->backend : "cpu", dsv32_strerror(r));
         goto fail;
     }

@@ -13,6 +13,7 @@
 
 struct dsv32_engine_opts {
     const char *backend;   /* "cpu" (default) or "cuda" */
+    int gpu;               /* the cuda backend's device (default 0) */
     int max_batch_tokens;  /* rows per step (default 1024) */
     int max_seqs;          /* sequences in the cache at once (default 64) */
     int max_seq_len;       /* tokens per sequence (default: the model's context, capped at 32768) */

@@ -312,9 +312,9 @@ static int pair_new(struct pair *p, const struct dsv32_config *cfg, int rope_f32
     struct dsv32_kv_geom g;
     dsv32_kv_geom_init(&g, cfg, rope_f32);
     setenv("DSV32_CUDA_MATH", fast ? "fast" : "exact", 1);
-    int r = dsv32_backend_new("cpu", cfg, &g, &p->cpu);
+    int r = dsv32_backend_new("cpu", cfg, &g, 0, &p->cpu);
     if (r == 0)
-        r = dsv32_backend_new("cuda", cfg, &g, &p->gpu);
+        r = dsv32_backend_new("cuda", cfg, &g, 0, &p->gpu);
     return r;
 }
 
@@ -524,6 +524,17 @@ static void test_upload(void)
     cfg_tiny(&cfg);
     struct pair p;
     TRY(pair_new(&p, &cfg, 1, 0));
+    {
+        /* a GPU that is not there: a clear error, no backend */
+        struct dsv32_kv_geom g;
+        dsv32_kv_geom_init(&g, &cfg, 0);
+        struct dsv32_backend *none = NULL;
+        const int n_dev = dsv32_cuda_device_count();
+        const int r = dsv32_backend_new("cuda", &cfg, &g, n_dev, &none);
+        printf("  the cuda backend on device %d of %d: %s\n", n_dev, n_dev, dsv32_strerror(r));
+        CHECK(r < 0 && !none, "a cuda backend on device %d of %d: %d", n_dev, n_dev, r);
+        dsv32_backend_free(none);
+    }
     static const struct {
         enum dsv32_dtype dt;
         int rows, cols, uploads;

@@ -206,7 +206,8 @@ static int shard_main(struct group *G, int shard)
     struct dsv32_kv_geom geom;
     dsv32_kv_geom_init(&geom, &m->cfg, 1);
     struct dsv32_backend *be;
-    if (dsv32_backend_new(backend_name(), &m->cfg, &geom, &be) < 0 || dsv32_model_prepare(m, be) < 0)
+    if (dsv32_backend_new(backend_name(), &m->cfg, &geom, 0, &be) < 0 ||
+        dsv32_model_prepare(m, be) < 0)
         return 12;
     struct dsv32_comm *c;
     (void)world;
