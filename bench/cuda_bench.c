@@ -1066,6 +1066,8 @@ int main(int argc, char **argv)
 {
     const char *only = NULL, *csv_dir = NULL, *knobs[16];
     int ctx_layer = 8192, n_knobs = 0;
+    /* a table row out before the backend's log lines (stderr) of the next measurement */
+    setvbuf(stdout, NULL, _IOLBF, 0);
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--only") && i + 1 < argc)
             only = argv[++i];
