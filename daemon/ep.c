@@ -846,8 +846,6 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
     float dev_copy = -1.0f, dev_gemm = -1.0f;
 #ifdef DSV32_HAVE_CUDA
     const int dev_timer = traced && strcmp(s->be->ops->name, "cuda") == 0;
-#else
-    const int dev_timer = 0;
 #endif
     if (total > 0) {
         const struct dsv32_backend_ops *ops = s->be->ops;
