@@ -7,7 +7,9 @@
 #          concurrency, the time of one MoE exchange and the expert shards' load balance;
 #   run 2: the same cluster placed by run 1's measured load with --redundant copies of the
 #          busiest experts per layer: the load balance (and decode rate) again (--redundant 0: no run 2).
-# Everything it starts is stopped when it ends, whatever happens.
+# Everything it starts is stopped when it ends, whatever happens. With the cuda backend and
+# nvidia-smi, each run checks that every daemon's memory is on its own --gpu (the run fails when
+# not: its numbers would be of daemons sharing a GPU).
 #
 #   bench/scale.sh [--attn A] [--experts E] [--layers L] [--dense D] [--shape v32|small]
 #                  [--model DIR] [--backend cuda|cpu] [--transport nccl|tcp] [--redundant R]
@@ -32,7 +34,7 @@ while [ $# -gt 0 ]; do
     --prompt-tokens) prompt=$2 ;; --max-tokens) max_tokens=$2 ;; --streams) streams=$2 ;;
     --prefill-streams) prefill_streams=$2 ;; --bin) bin=$2 ;; --tokenizer) tok=$2 ;;
     --out) out=$2 ;;             --math) math=$2 ;;           --ep-wire) wire=$2 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "scale.sh: unknown argument $1 (--help)" >&2; exit 2 ;;
     esac
     shift 2
@@ -112,6 +114,41 @@ max_streams=$(echo "$streams,$prefill_streams" | tr ',' '\n' | sort -n | tail -1
 per_attn=$(( (max_streams + attn - 1) / attn ))
 kv_blocks=$(( per_attn * ((kv_tokens + 63) / 64) + 64 ))
 
+placement() { # DIR: each daemon's memory per GPU from nvidia-smi against DIR/daemons.txt (pid, id,
+    # --gpu); appends its line to DIR/placement.txt; 1 when a daemon holds memory on another GPU
+    [ "$backend" = cuda ] && command -v nvidia-smi > /dev/null || return 0
+    nvidia-smi --query-gpu=index,pci.bus_id --format=csv,noheader > "$1/gpus.csv" || return 0
+    nvidia-smi --query-compute-apps=pid,gpu_bus_id,used_memory --format=csv,noheader,nounits \
+        > "$1/apps.csv" || return 0
+    python3 - "$1" <<'PY' | tee -a "$1/placement.txt"
+import sys
+d = sys.argv[1]
+bus = {}
+for line in open(d + "/gpus.csv"):
+    f = [x.strip() for x in line.split(",")]
+    if len(f) == 2:
+        bus[f[1].lower()] = int(f[0])
+want = {}
+for line in open(d + "/daemons.txt"):
+    pid, name, gpu = line.split()
+    want[pid] = (name, int(gpu))
+seen, bad = {}, []
+for line in open(d + "/apps.csv"):
+    f = [x.strip() for x in line.split(",")]
+    if len(f) != 3 or f[0] not in want:
+        continue
+    name, gpu = want[f[0]]
+    g = bus.get(f[1].lower(), -1)
+    seen.setdefault(name, []).append(f"GPU {g} {f[2]} MiB")
+    if g != gpu:
+        bad.append(f"{name} (--gpu {gpu}) holds {f[2]} MiB on GPU {g}")
+print("placement: " + "; ".join(f"{n}: {', '.join(v)}" for n, v in sorted(seen.items())))
+if bad:
+    print("placement WRONG: " + "; ".join(bad))
+    sys.exit(1)
+PY
+}
+
 run() { # N EXTRA_ROUTER_ARGS...
     local n=$1 d=$out/run$1 i
     shift
@@ -128,16 +165,18 @@ run() { # N EXTRA_ROUTER_ARGS...
             --max-seqs "$per_attn" --max-seq-len "$kv_tokens" --kv-blocks "$kv_blocks" \
             --ep-timeout-ms 120000 --ep-wire "$wire" --stats-interval 5 > "$d/logs/attn-$i.log" 2>&1 &
         pids+=($!)
+        echo "$! attn-$i $i" >> "$d/daemons.txt"
     done
     for i in $(seq 0 $((experts - 1))); do
         "$EXPERT" --model "$model" --etcd "$etcd" --cluster "$cluster" --id "expert-$i" \
             --group g0 --backend "$backend" --gpu $((attn + i)) --timeout-ms 120000 --stats-interval 5 \
             > "$d/logs/expert-$i.log" 2>&1 &
         pids+=($!)
+        echo "$! expert-$i $((attn + i))" >> "$d/daemons.txt"
     done
     for _ in $(seq 600); do [ -s "$d/router.port" ] && break; sleep 0.1; done
     [ -s "$d/router.port" ] || { log "run $n: the router did not start"; tail "$d/logs/router.log" >&2; return 1; }
-    local rc=0 client dead=""
+    local rc=0 client dead="" waited=0 placed=""
     : > "$d/client.txt"
     "$CLIENT" --router "127.0.0.1:$(cat "$d/router.port")" --prompt-tokens "$prompt" \
         --max-tokens "$max_tokens" --streams "$streams" --prefill-streams "$prefill_streams" \
@@ -145,13 +184,22 @@ run() { # N EXTRA_ROUTER_ARGS...
     client=$!
     # a daemon that exits (bad option, out of memory, a crash) fails the run at once: the client
     # would wait for it
+    # the daemons' GPUs are checked once the run is under way (weights and caches allocated)
     while kill -0 "$client" 2>/dev/null; do
         for i in "${pids[@]}"; do kill -0 "$i" 2>/dev/null || dead="$dead $i"; done
         [ -n "$dead" ] && { kill "$client" 2>/dev/null; break; }
+        waited=$((waited + 1))
+        if [ -z "$placed" ] && [ $waited -ge 20 ]; then
+            placed=ok
+            placement "$d" || { placed=wrong; kill "$client" 2>/dev/null; break; }
+        fi
         sleep 1
     done
     wait "$client" || rc=$?
     cat "$d/client.txt"
+    if [ -z "$placed" ] && [ -z "$dead" ]; then placement "$d" || placed=wrong; fi
+    [ -f "$d/placement.txt" ] && sed "s/^/run $n: /" "$d/placement.txt" >> "$out/summary.txt"
+    if [ "$placed" = wrong ]; then log "run $n: a daemon's memory is on another daemon's GPU"; rc=1; fi
     if [ -n "$dead" ]; then log "run $n: a daemon exited (pid$dead)"; rc=1; fi
     stop_all
     if [ $rc != 0 ]; then
