@@ -842,7 +842,8 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
     uint64_t t_h2d = 0, t_gemm0 = 0, t_gemm_enq = 0, t_gemm1 = 0;
     /* a traced layer (DSV32_EP_TRACE) on the cuda backend: the copies' and the GEMMs' device
      * time too (events; -1: not measured), against the host's time to see them done */
-    const int traced = s->trace > 0 && total > 0 && total <= 64 && s->trace_seen % 25 == 0;
+    const int small = s->trace > 0 && total > 0 && total <= 64; /* a traceable layer */
+    const int traced = small && s->trace_seen % 25 == 0;
     float dev_copy = -1.0f, dev_gemm = -1.0f;
 #ifdef DSV32_HAVE_CUDA
     const int dev_timer = traced && strcmp(s->be->ops->name, "cuda") == 0;
@@ -924,7 +925,7 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
     const uint64_t t_send = dsv32_mono_ns();
     if ((r = dsv32_comm_exchange(s->comm, &x2, s->timeout_ms)) < 0)
         return r;
-    if (total > 0 && s->trace > 0 && total <= 64)
+    if (small)
         s->trace_seen++;
     if (traced) {
         /* DSV32_EP_TRACE=N: N of the small (decode) layers, one in 25, step by step (microseconds) */

@@ -1062,14 +1062,6 @@ static __global__ void pack_bf16_kernel(__nv_bfloat16 *y, const float *x, int ro
     }
 }
 
-/* y = x (bf16 -> f32), n elements */
-static __global__ void from_bf16_kernel(float *y, const __nv_bfloat16 *x, size_t n)
-{
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x)
-        y[i] = __bfloat162float(x[i]);
-}
-
 int cu_mla_absorb(struct cu_ctx *c, void *q_lat, const float *q, int rows,
                   const struct dsv32_weight *wkv_b)
 {
@@ -1126,9 +1118,7 @@ int cu_mla_expand(struct cu_ctx *c, float *o, const void *lat, int rows,
             float *t = (float *)cu_scratch(c, SCR_TMP, sizeof(float) * n);
             if (!t)
                 return -ENOMEM;
-            const unsigned b = cu_blocks(n, 256), nb = b > 8192u ? 8192u : b;
-            from_bf16_kernel<<<nb, 256, 0, c->st>>>(t, (const __nv_bfloat16 *)lat, n);
-            CU_LAUNCHED("from_bf16");
+            CU_TRY(cu_dequant(c, t, NULL, lat, DSV32_DT_BF16, NULL, rows, (int64_t)H * C));
             lf = t;
         }
         BLAS_CHECK(cublasGemmStridedBatchedEx(
