@@ -21,6 +21,7 @@
 #include "engine.h"
 #include "error.h"
 #include "kvcache.h"
+#include "sampling.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -1011,6 +1012,48 @@ static void bench_ops(struct dsv32_backend *be)
         op_row("add (residual)", "7168", R, (double)R * D * 12, 0, 0, t);
         OP_TIME_QUEUED(t, be->ops->silu_mul(be, y, x, z, R, FF));
         op_row("SiLU x up (dense FFN)", "18432", R, (double)R * FF * 12, 0, 0, t);
+        if (R <= 512) { /* a step's logits rows (the engine returns at most 512) */
+            /* the next token drawn where the logits are (the sample op, its result copied back
+             * and waited for), greedy and over the whole vocabulary at temperature 1, against
+             * the host's way: the rows copied to the host, then drawn there (one thread) */
+            const int V = c.vocab_size;
+            int32_t *rows = malloc(sizeof(int32_t) * R), *tok = malloc(sizeof(int32_t) * R);
+            struct dsv32_draw *dr = malloc(sizeof(*dr) * R);
+            for (int r = 0; r < R; r++) {
+                rows[r] = r;
+                dr[r] = (struct dsv32_draw){.temperature = 0.0f, .u = 0.0, .n_logprobs = -1};
+            }
+            OP_TIME_QUEUED(t, be->ops->sample(be, tok, NULL, x, V, rows, dr, R));
+            op_row("sampling on the GPU: greedy", "129280", R, (double)R * V * 4, 0, 0, t);
+            for (int r = 0; r < R; r++)
+                dr[r] =
+                    (struct dsv32_draw){.temperature = 1.0f, .u = (r + 0.5) / R, .n_logprobs = -1};
+            OP_TIME_QUEUED(t, be->ops->sample(be, tok, NULL, x, V, rows, dr, R));
+            op_row("sampling on the GPU: a draw over the vocabulary (T 1)", "129280", R,
+                   (double)R * V * 4, 0, 0, t);
+            float *hl = malloc(sizeof(float) * (size_t)R * V), *work = malloc(sizeof(float) * V);
+            double *bs = malloc(sizeof(double) * ((size_t)V / 1024 + 1)), th[5], td[5];
+            for (int k = 0; k < 5; k++) {
+                const double h0 = now_s();
+                MUST(be->ops->to_host(be, hl, x, sizeof(float) * (size_t)R * V));
+                const double h1 = now_s();
+                for (int r = 0; r < R; r++)
+                    tok[r] = dsv32_draw_row(hl + (size_t)r * V, V, &dr[r], work, bs);
+                td[k] = (now_s() - h1) * 1e3;
+                th[k] = (h1 - h0) * 1e3;
+            }
+            printf("| the host's way: the logits copied to the host, then drawn there (T 1, one "
+                   "thread) | 129280 | %d | "
+                   "%.2f | | %.4f | | copy %.4f ms (%.0f GB/s), draws %.4f ms |\n",
+                   R, (double)R * V * 4 / 1e6, median(th, 5) + median(td, 5), median(th, 5),
+                   (double)R * V * 4 / (median(th, 5) * 1e-3) / 1e9, median(td, 5));
+            free(rows);
+            free(tok);
+            free(dr);
+            free(hl);
+            free(work);
+            free(bs);
+        }
         const struct {
             const char *name;
             const struct dsv32_weight *w;

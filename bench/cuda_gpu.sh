@@ -61,7 +61,7 @@ run)
     for s in $steps; do
         case "$s" in
         ops)
-            for part in ${CUDA_OPS_PARTS:-"upload" "small" "FP8 quant" "linear" "indexer" "MLA decode" "dsa op" "MLA prefill" "router" "experts"}; do
+            for part in ${CUDA_OPS_PARTS:-"upload" "small" "FP8 quant" "linear" "indexer" "MLA decode" "dsa op" "MLA prefill" "router" "experts" "sampling"}; do
                 run "ops: $part" "$out/ops.log" 150 "$bin/test_cuda_ops" --only "$part"
             done
             grep -E "FAIL|PASS|checks" "$out/ops.log" | tail -n 40

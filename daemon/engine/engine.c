@@ -99,8 +99,10 @@ void dsv32_engine_free(struct dsv32_engine *e)
     }
     dsv32_kv_free(e->kv);
     dsv32_backend_free(e->be);
-    void *host[] = {e->h_tokens, e->h_pos, e->h_seq, e->h_blocks, e->h_logit_rows, e->h_sel,
-                    e->h_ids, e->h_slot, e->h_x, e->h_wts, e->h_old_len, e->h_mha};
+    void *host[] = {e->h_tokens,     e->h_pos,      e->h_seq,     e->h_blocks,
+                    e->h_logit_rows, e->h_sel,      e->h_ids,     e->h_slot,
+                    e->h_x,          e->h_wts,      e->h_old_len, e->h_mha,
+                    e->h_draw_rows,  e->h_draw_tok, e->h_draws,   e->h_draw_lp};
     for (size_t i = 0; i < sizeof(host) / sizeof(host[0]); i++)
         free(host[i]);
     free(e);
@@ -219,8 +221,13 @@ int dsv32_engine_new(struct dsv32_model *m, const struct dsv32_engine_opts *opts
     e->h_wts = malloc(T * K * F);
     e->h_old_len = malloc(sizeof(int32_t) * 2 * (size_t)max_seqs);
     e->h_mha = malloc(T);
-    if (!e->h_old_len || !e->h_mha ||!e->h_tokens || !e->h_pos || !e->h_seq || !e->h_blocks || !e->h_logit_rows || !e->h_sel ||
-        !e->h_ids || !e->h_slot || !e->h_x || !e->h_wts) {
+    e->h_draw_rows = malloc(sizeof(int32_t) * (size_t)max_seqs);
+    e->h_draw_tok = malloc(sizeof(int32_t) * (size_t)max_seqs);
+    e->h_draws = malloc(sizeof(*e->h_draws) * (size_t)max_seqs);
+    e->h_draw_lp = malloc(sizeof(*e->h_draw_lp) * (size_t)max_seqs);
+    if (!e->h_draw_rows || !e->h_draw_tok || !e->h_draws || !e->h_draw_lp || !e->h_old_len ||
+        !e->h_mha || !e->h_tokens || !e->h_pos || !e->h_seq || !e->h_blocks || !e->h_logit_rows ||
+        !e->h_sel || !e->h_ids || !e->h_slot || !e->h_x || !e->h_wts) {
         r = dsv32_load_fail(-ENOMEM, "host staging buffers: out of memory");
         goto fail;
     }
@@ -342,6 +349,47 @@ static int layer_forward(struct dsv32_engine *e, int l, const struct dsv32_step_
     return 0;
 }
 
+/* The step's lrow logits rows (e->logits, in the inputs' order): the inputs' draws taken where
+ * they are (one sample call), the other rows copied to logits (host), runs of them at once. */
+static int step_logits(struct dsv32_engine *e, const struct dsv32_seq_input *in, int n_in,
+                       float *logits, int lrow)
+{
+    const size_t V = (size_t)e->cfg->vocab_size;
+    struct dsv32_backend *be = e->be;
+    int l = 0, n_draw = 0, run = -1, r;
+    for (int i = 0; i < n_in; i++) {
+        const int rows =
+            in[i].logits == DSV32_LOGITS_ALL ? in[i].n_tokens : in[i].logits == DSV32_LOGITS_LAST;
+        if (in[i].draw) {
+            e->h_draw_rows[n_draw] = l;
+            e->h_draws[n_draw++] = *in[i].draw;
+            if (run >= 0 && (r = be->ops->to_host(be, logits + run * V, e->logits + run * V,
+                                                  sizeof(float) * (size_t)(l - run) * V)) < 0)
+                return r;
+            run = -1;
+        } else if (rows && run < 0) {
+            run = l;
+        }
+        l += rows;
+    }
+    if (run >= 0 && (r = be->ops->to_host(be, logits + run * V, e->logits + run * V,
+                                          sizeof(float) * (size_t)(lrow - run) * V)) < 0)
+        return r;
+    if (n_draw == 0)
+        return 0;
+    if ((r = be->ops->sample(be, e->h_draw_tok, e->h_draw_lp, e->logits, (int)V, e->h_draw_rows,
+                             e->h_draws, n_draw)) < 0)
+        return r;
+    for (int i = 0, k = 0; i < n_in; i++)
+        if (in[i].draw) {
+            *in[i].token = e->h_draw_tok[k];
+            if (in[i].draw->n_logprobs >= 0)
+                *in[i].lp = e->h_draw_lp[k];
+            k++;
+        }
+    return 0;
+}
+
 int dsv32_engine_step(struct dsv32_engine *e, const struct dsv32_seq_input *in, int n_in,
                       float *logits, const struct dsv32_step_hooks *hooks)
 {
@@ -353,11 +401,17 @@ int dsv32_engine_step(struct dsv32_engine *e, const struct dsv32_seq_input *in, 
         return -EINVAL;
     if (!dsv32_weight_loaded(&e->model->embed) || !dsv32_weight_loaded(&e->model->head))
         return DSV32_EUNSUPPORTED; /* an expert-only model cannot run a step */
-    int T = 0, n_logits = 0;
+    int T = 0, n_logits = 0, n_draw = 0;
     for (int i = 0; i < n_in; i++) {
         if (in[i].seq < 0 || in[i].seq >= kv->max_seqs || !kv->seq_used[in[i].seq] ||
             in[i].n_tokens <= 0)
             return -EINVAL;
+        if (in[i].draw &&
+            (in[i].logits != DSV32_LOGITS_LAST || !in[i].token || !ops->sample ||
+             (in[i].draw->n_logprobs >= 0 && !in[i].lp) || !(in[i].draw->temperature >= 0.0f) ||
+             !(in[i].draw->u >= 0.0 && in[i].draw->u < 1.0)))
+            return -EINVAL;
+        n_draw += in[i].draw != NULL;
         for (int j = 0; j < i; j++)
             if (in[j].seq == in[i].seq)
                 return -EINVAL;
@@ -372,7 +426,7 @@ int dsv32_engine_step(struct dsv32_engine *e, const struct dsv32_seq_input *in, 
     }
     if (T > e->max_rows || n_logits > e->max_logit_rows)
         return -E2BIG;
-    if (n_logits > 0 && !logits)
+    if (n_logits > n_draw && !logits)
         return -EINVAL;
 
     /* Reserve cache room for every sequence, all or nothing. */
@@ -438,9 +492,11 @@ int dsv32_engine_step(struct dsv32_engine *e, const struct dsv32_seq_input *in, 
             goto fail;
     if (lrow > 0) {
         if ((r = ops->gather_rows(be, e->xn, e->x, e->d_logit_rows, lrow, D)) < 0 ||
-            (r = ops->rmsnorm(be, e->xn, D, e->xn, D, &e->model->norm, lrow, D, c->rms_norm_eps)) < 0 ||
-            (r = ops->linear(be, e->logits, c->vocab_size, e->xn, D, lrow, &e->model->head, 0)) < 0 ||
-            (r = ops->to_host(be, logits, e->logits, sizeof(float) * (size_t)lrow * c->vocab_size)) < 0)
+            (r = ops->rmsnorm(be, e->xn, D, e->xn, D, &e->model->norm, lrow, D, c->rms_norm_eps)) <
+                0 ||
+            (r = ops->linear(be, e->logits, c->vocab_size, e->xn, D, lrow, &e->model->head, 0)) <
+                0 ||
+            (r = step_logits(e, in, n_in, logits, lrow)) < 0)
             goto fail;
     }
     if ((r = ops->sync(be)) < 0)

@@ -10,6 +10,7 @@
 #include "backend.h"
 #include "kvcache.h"
 #include "model.h"
+#include "sampling.h"
 
 struct dsv32_engine_opts {
     const char *backend;   /* "cpu" (default) or "cuda" */
@@ -29,6 +30,12 @@ struct dsv32_seq_input {
     int n_tokens;
     const int32_t *tokens;  /* (n_tokens) host memory */
     enum dsv32_logits_mode logits;
+    /* With DSV32_LOGITS_LAST: the next token drawn where the logits are (the backend's sample
+     * op: greedy or the whole-vocabulary draw, sampling.h) instead of the row returned; *token
+     * gets it and *lp its logprobs when draw->n_logprobs >= 0. NULL: the row is returned. */
+    const struct dsv32_draw *draw;
+    int32_t *token;
+    struct dsv32_logprobs *lp;
 };
 
 struct dsv32_step_hooks {
@@ -60,6 +67,9 @@ struct dsv32_engine {
     uint8_t *d_mha, *h_mha;
     /* host staging */
     int32_t *h_tokens, *h_pos, *h_seq, *h_blocks, *h_logit_rows, *h_sel, *h_ids, *h_old_len;
+    int32_t *h_draw_rows, *h_draw_tok; /* (max_seqs) a step's draws: their logits rows, tokens */
+    struct dsv32_draw *h_draws;
+    struct dsv32_logprobs *h_draw_lp;
     int64_t *h_slot;
     float *h_x, *h_wts;
     int max_logit_rows;   /* logits rows one step can return (min(max_rows, 512)) */
@@ -77,7 +87,8 @@ int dsv32_model_prepare(struct dsv32_model *m, struct dsv32_backend *be);
 void dsv32_model_release(struct dsv32_model *m, struct dsv32_backend *be);
 
 /* One forward step. logits (host) receives, for each input in order, the rows it asked for:
- * (sum of rows, vocab). On error nothing is appended to any sequence. */
+ * (sum of rows, vocab), an input with a draw leaving its row's place unwritten (logits may be
+ * NULL when no input asks for a row). On error nothing is appended to any sequence. */
 int dsv32_engine_step(struct dsv32_engine *e, const struct dsv32_seq_input *in, int n_in,
                       float *logits, const struct dsv32_step_hooks *hooks);
 

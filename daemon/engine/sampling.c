@@ -121,6 +121,12 @@ void dsv32_sampler_accept(struct dsv32_sampler *s, int32_t token)
         s->out_count[token]++;
 }
 
+static int has_penalties(const struct dsv32_sampling_params *p)
+{
+    return p->repetition_penalty != 1.0f || p->frequency_penalty != 0.0f ||
+           p->presence_penalty != 0.0f;
+}
+
 static int sampler_draws(const struct dsv32_sampling_params *p)
 {
     return !(p->temperature == 0.0f || p->top_k == 1);
@@ -250,23 +256,23 @@ static inline v4sf exp_le0_v4(v4sf x)
     return er * (v4sf)((ni + 127) << 23);
 }
 
-/* A draw from softmax(x / T) over the whole vocabulary in two passes: the maximum, then
- * e^((x - max) / T) into the work buffer with sums per block of 1024; the cumulative sum is then
- * walked over the block sums and inside the one block that holds u * total. The same
- * distribution as the general path below (which normalizes first), not the same float rounding. */
-static int32_t draw_full(struct dsv32_sampler *s, const float *x)
+/* A draw from softmax(x / T) over the whole vocabulary at the uniform u in two passes: the
+ * maximum, then e^((x - max) / T) into e with sums per block of 1024 (four float lanes, then their
+ * sum in double); the cumulative sum is then walked over the block sums and inside the one block
+ * that holds u * total. The same distribution as the general path below (which normalizes first),
+ * not the same float rounding. The cuda backend's sample kernel repeats this arithmetic operation
+ * for operation (sampling.c is built without contraction into FMA). */
+static int32_t draw_full(const float *x, int V, float temperature, double u01, float *e,
+                         double *bsum)
 {
     enum { BLK = 1024 };
-    const int V = s->vocab;
-    const float inv_t = 1.0f / s->p.temperature;
+    const float inv_t = 1.0f / temperature;
     float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
     for (int v = 0; v < V; v++)
         mx = x[v] > mx ? x[v] : mx;
-    float *e = s->work + V; /* the second half of the work buffer (the first may hold x) */
     const int nb = (V + BLK - 1) / BLK;
     double total = 0.0;
-    double *bsum = s->bsum;
     for (int b = 0; b < nb; b++) {
         const int v0 = b * BLK, v1 = v0 + BLK < V ? v0 + BLK : V;
         v4sf acc = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -293,7 +299,7 @@ static int32_t draw_full(struct dsv32_sampler *s, const float *x)
         bsum[b] = (double)acc[0] + acc[1] + acc[2] + acc[3];
         total += bsum[b];
     }
-    const double u = rng_uniform(s->rng) * total;
+    const double u = u01 * total;
     double cum = 0.0;
     int b = 0;
     while (b < nb - 1 && cum + bsum[b] <= u)
@@ -316,8 +322,7 @@ int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_
     const struct dsv32_sampling_params *p = &s->p;
     const int V = s->vocab;
     float *w = s->work;
-    const int penalties =
-        p->repetition_penalty != 1.0f || p->frequency_penalty != 0.0f || p->presence_penalty != 0.0f;
+    const int penalties = has_penalties(p);
 
     int32_t tok;
     if (!sampler_draws(p) && !penalties) {
@@ -325,7 +330,8 @@ int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_
         goto done;
     }
     if (!penalties && p->top_k <= 0 && p->min_p <= 0.0f && p->top_p >= 1.0f) {
-        tok = draw_full(s, logits); /* the whole vocabulary, straight from the logits */
+        /* the whole vocabulary, straight from the logits */
+        tok = draw_full(logits, V, p->temperature, rng_uniform(s->rng), s->work + V, s->bsum);
         goto done;
     }
     memcpy(w, logits, sizeof(float) * (size_t)V);
@@ -343,7 +349,8 @@ int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_
     if (!sampler_draws(p)) {
         tok = argmax(w, V);
     } else if (p->top_k <= 0 && p->min_p <= 0.0f && p->top_p >= 1.0f) {
-        tok = draw_full(s, w);
+        /* e in the work buffer's second half (the first holds w) */
+        tok = draw_full(w, V, p->temperature, rng_uniform(s->rng), s->work + V, s->bsum);
     } else {
         int32_t *idx = s->idx;
         int n = V;
@@ -414,4 +421,35 @@ done:
         dsv32_logprobs_of(logits, V, tok, p->n_logprobs > 0 ? p->n_logprobs : 0, lp);
     dsv32_sampler_accept(s, tok);
     return tok;
+}
+
+int dsv32_sampler_device_ok(const struct dsv32_sampler *s)
+{
+    const struct dsv32_sampling_params *p = &s->p;
+    return !has_penalties(p) &&
+           (!sampler_draws(p) || (p->top_k <= 0 && p->min_p <= 0.0f && p->top_p >= 1.0f));
+}
+
+void dsv32_sampler_draw_params(const struct dsv32_sampler *s, struct dsv32_draw *d)
+{
+    uint64_t rng[4];
+    memcpy(rng, s->rng, sizeof(rng));
+    d->temperature = sampler_draws(&s->p) ? s->p.temperature : 0.0f;
+    d->u = sampler_draws(&s->p) ? rng_uniform(rng) : 0.0;
+    d->n_logprobs = s->p.n_logprobs;
+}
+
+void dsv32_sampler_took(struct dsv32_sampler *s, int32_t token)
+{
+    if (sampler_draws(&s->p))
+        (void)rng_next(s->rng);
+    dsv32_sampler_accept(s, token);
+}
+
+int32_t dsv32_draw_row(const float *logits, int vocab, const struct dsv32_draw *d, float *work,
+                       double *bsum)
+{
+    if (d->temperature == 0.0f)
+        return argmax(logits, vocab);
+    return draw_full(logits, vocab, d->temperature, d->u, work, bsum);
 }

@@ -67,6 +67,29 @@ void dsv32_sampler_resume(struct dsv32_sampler *s, const int32_t *tokens, int n)
  * logprobs (lp may be NULL). */
 int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_logprobs *lp);
 
+/* The draws a backend can take where the logits are (its sample op, through dsv32_engine_step):
+ * greedy, or one draw from softmax(x / T) over the whole vocabulary, with the logprobs of the raw
+ * logits; dsv32_sample's arithmetic for those parameters, so a backend's token equals the host's.
+ */
+struct dsv32_draw {
+    float temperature; /* 0: greedy (the first index of the largest logit) */
+    double u;          /* the draw's uniform in [0, 1) (temperature > 0) */
+    int n_logprobs;    /* -1: none; 0..20: the drawn token's logprob and the top n */
+};
+
+/* 1 when the sampler's next token is such a draw (no penalties; greedy, or no top-k above 1,
+ * top-p or min-p); then dsv32_sampler_draw_params gives its parameters without consuming the
+ * random stream, and dsv32_sampler_took records the token the backend drew (the token counted,
+ * the stream advanced by the draw), leaving the sampler as dsv32_sample would have. */
+int dsv32_sampler_device_ok(const struct dsv32_sampler *s);
+void dsv32_sampler_draw_params(const struct dsv32_sampler *s, struct dsv32_draw *d);
+void dsv32_sampler_took(struct dsv32_sampler *s, int32_t token);
+
+/* The draw on one row of host logits (the reference of the backends' sample op): work holds
+ * vocab floats, bsum vocab / 1024 + 1 doubles. */
+int32_t dsv32_draw_row(const float *logits, int vocab, const struct dsv32_draw *d, float *work,
+                       double *bsum);
+
 /* Logprob of `token` and the top n under log-softmax(logits): for prompt_logprobs. work holds
  * vocab floats. */
 void dsv32_logprobs_of(const float *logits, int vocab, int32_t token, int n_top,

@@ -50,6 +50,7 @@ struct dsv32_sched {
     int *in_logit_row;          /* first logits row of each input, -1 none */
     const float **draw_lg;      /* per input: the logits row its next token is drawn from, or NULL */
     int32_t *draw_tok;          /* per input: the token drawn */
+    struct dsv32_draw *draw_p;  /* per input: the draw the backend takes (in[i].draw) */
     struct dsv32_logprobs *draw_lp;
     float *logits;
     struct dsv32_sched_stats st;
@@ -108,12 +109,13 @@ int dsv32_sched_new(struct dsv32_engine *e, const struct dsv32_sched_opts *o,
     s->draw_lg = calloc((size_t)s->o.max_running, sizeof(*s->draw_lg));
     s->draw_tok = calloc((size_t)s->o.max_running, sizeof(*s->draw_tok));
     s->draw_lp = calloc((size_t)s->o.max_running, sizeof(*s->draw_lp));
+    s->draw_p = calloc((size_t)s->o.max_running, sizeof(*s->draw_p));
     /* page-locked where the backend has it: a step's logits come back from the GPU at the link's
      * rate (16 rows of 129,280 are 8 MB) */
     const size_t lb = sizeof(float) * (size_t)e->max_logit_rows * e->cfg->vocab_size;
     s->logits = e->be->ops->host_alloc ? e->be->ops->host_alloc(e->be, lb) : malloc(lb);
     if (!s->reqs || !s->in || !s->in_req || !s->in_logit_row || !s->logits || !s->draw_lg ||
-        !s->draw_tok || !s->draw_lp) {
+        !s->draw_tok || !s->draw_lp || !s->draw_p) {
         dsv32_sched_free(s);
         return -ENOMEM;
     }
@@ -173,6 +175,7 @@ void dsv32_sched_free(struct dsv32_sched *s)
     free(s->draw_lg);
     free(s->draw_tok);
     free(s->draw_lp);
+    free(s->draw_p);
     if (s->logits && s->e->be->ops->host_free)
         s->e->be->ops->host_free(s->e->be, s->logits);
     else
@@ -366,6 +369,15 @@ int dsv32_sched_step(struct dsv32_sched *s)
                                         : chunk == todo ? DSV32_LOGITS_LAST : DSV32_LOGITS_NONE;
             s->in[n] = (struct dsv32_seq_input){.seq = q->seq, .n_tokens = chunk,
                                                 .tokens = q->tokens + q->n_fed, .logits = lm};
+            if (lm == DSV32_LOGITS_LAST && e->be->ops->sample &&
+                dsv32_sampler_device_ok(&q->sampler)) {
+                /* the token drawn by the backend where the logits are (no logits row copied back,
+                 * no draw here); the sampler's stream advances only once the step succeeded */
+                dsv32_sampler_draw_params(&q->sampler, &s->draw_p[n]);
+                s->in[n].draw = &s->draw_p[n];
+                s->in[n].token = &s->draw_tok[n];
+                s->in[n].lp = &s->draw_lp[n];
+            }
             s->in_req[n] = q;
             s->in_logit_row[n] = lm == DSV32_LOGITS_NONE ? -1 : logit_rows;
             logit_rows += lm == DSV32_LOGITS_ALL ? chunk : lm == DSV32_LOGITS_LAST ? 1 : 0;
@@ -407,6 +419,10 @@ int dsv32_sched_step(struct dsv32_sched *s)
         s->draw_lg[i] = NULL;
         if (s->in_logit_row[i] < 0 || q->n_fed + chunk < q->n_known)
             continue;
+        if (s->in[i].draw) { /* drawn by the backend */
+            dsv32_sampler_took(&q->sampler, s->draw_tok[i]);
+            continue;
+        }
         s->draw_lg[i] = s->logits + ((size_t)s->in_logit_row[i] +
                                      (s->in[i].logits == DSV32_LOGITS_ALL ? (size_t)chunk - 1 : 0)) * V;
         n_draw++;

@@ -18,6 +18,7 @@
  *                                              runs the indexer's variant N (0-6) alone
  *   test_cuda_ops --probe                      exit 0 with a GPU, 77 without (ctest wrappers) */
 #include "backend.h"
+#include "sampling.h"
 #include "engine.h"
 #include "golden.h"
 #include "cuda/cuda_backend.h"
@@ -594,6 +595,85 @@ static void test_upload(void)
 }
 
 /* ---- small ops ---- */
+
+/* The sample op against the host's draw (dsv32_draw_row, dsv32_logprobs_of) on the same logits:
+ * 64 rows of DeepSeek-V3.2's vocabulary, greedy (rows with ties for the maximum among them) and
+ * draws at temperatures 0.3-1.6 and uniforms from 0 to just below 1, logprobs of none, 0, 5 and
+ * 20 tokens: the tokens equal, the logprobs within 1e-5 (their softmax sum is a tree on the GPU).
+ */
+static void test_sample(void)
+{
+    if (!want("sampling: greedy and whole-vocabulary draws with logprobs, equal to the host's"))
+        return;
+    struct dsv32_config cfg;
+    cfg_v32(&cfg);
+    struct pair p;
+    TRY(pair_new(&p, &cfg, 0, 0));
+    const int R = 64, V = cfg.vocab_size;
+    float *lg = rnd_f32((size_t)R * V, 6.0f), *work = malloc(sizeof(float) * V);
+    double *bsum = malloc(sizeof(double) * ((size_t)V / 1024 + 1));
+    for (int r = 0; r < R; r++) {
+        float *x = lg + (size_t)r * V;
+        if (r % 8 == 1) /* the maximum three times: greedy takes its first index */
+            x[77] = x[70000] = x[129000] = 40.0f;
+        if (r % 8 == 2) /* a peaked row: the draw mostly on a few tokens */
+            for (int k = 0; k < 5; k++)
+                x[(r * 7919 + k * 104729) % V] = 25.0f + (float)k;
+    }
+    static const float temps[] = {0.0f, 0.3f, 0.7f, 1.0f, 1.6f};
+    static const int nlp[] = {-1, 0, 5, 20};
+    struct dsv32_draw *d = malloc(sizeof(*d) * R);
+    int32_t *rows = malloc(sizeof(int32_t) * R), *tg = malloc(sizeof(int32_t) * R);
+    struct dsv32_logprobs *lpg = malloc(sizeof(*lpg) * R);
+    for (int r = 0; r < R; r++) {
+        rows[r] = R - 1 - r; /* draws in another order than the rows */
+        d[r].temperature = temps[r % 5];
+        d[r].u = r == 3 ? 0.0 : r == 8 ? 0.9999999999 : rnd_u();
+        d[r].n_logprobs = nlp[(r / 5) % 4];
+    }
+    float *dl = dev_put(p.gpu, lg, sizeof(float) * (size_t)R * V);
+    TRY(p.gpu->ops->sample(p.gpu, tg, lpg, dl, V, rows, d, R));
+    int bad_tok = 0, bad_lp = 0;
+    double worst = 0.0;
+    for (int r = 0; r < R; r++) {
+        const float *x = lg + (size_t)rows[r] * V;
+        const int32_t tc = dsv32_draw_row(x, V, &d[r], work, bsum);
+        bad_tok += tc != tg[r];
+        if (tc != tg[r])
+            printf("  row %d (T %.1f, u %.12f): host %d, device %d\n", rows[r], d[r].temperature,
+                   d[r].u, tc, tg[r]);
+        if (d[r].n_logprobs < 0)
+            continue;
+        struct dsv32_logprobs lc;
+        dsv32_logprobs_of(x, V, tg[r], d[r].n_logprobs, &lc);
+        int ok = lc.n_top == lpg[r].n_top && lc.chosen.token == lpg[r].chosen.token;
+        double e = fabs((double)lc.chosen.logprob - lpg[r].chosen.logprob);
+        for (int j = 0; ok && j < lc.n_top; j++) {
+            ok = lc.top[j].token == lpg[r].top[j].token;
+            e = fmax(e, fabs((double)lc.top[j].logprob - lpg[r].top[j].logprob));
+        }
+        worst = fmax(worst, e);
+        bad_lp += !ok || e > 1e-5;
+    }
+    printf("  %d rows: tokens differing from the host's %d, logprobs differing %d (largest "
+           "difference %.2e)\n",
+           R, bad_tok, bad_lp, worst);
+    CHECK(bad_tok == 0, "sampling: %d tokens differ from the host's draw", bad_tok);
+    CHECK(bad_lp == 0, "sampling: %d rows' logprobs differ", bad_lp);
+    /* the rows in the greedy case with the tied maximum drew its first index */
+    for (int r = 0; r < R; r++)
+        if (d[r].temperature == 0.0f && rows[r] % 8 == 1)
+            CHECK(tg[r] == 77, "sampling: a tied maximum drew %d, not its first index 77", tg[r]);
+    dev_free(p.gpu, dl);
+    free(lg);
+    free(work);
+    free(bsum);
+    free(d);
+    free(rows);
+    free(tg);
+    free(lpg);
+    pair_free(&p);
+}
 
 static void test_small_ops(void)
 {
@@ -2373,6 +2453,7 @@ int main(int argc, char **argv)
     printf("test_cuda_ops: seed %llu (rerun with --seed to reproduce)\n", (unsigned long long)seed);
     test_upload();
     test_small_ops();
+    test_sample();
     test_quant();
     test_gemm();
     test_indexer();

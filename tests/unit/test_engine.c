@@ -97,6 +97,90 @@ static void test_chunked_prefill(void **state)
     free(b);
 }
 
+/* Inputs that draw their token where the logits are (the backend's sample op) beside inputs
+ * that return their row: the rows keep their places in the returned buffer (a draw's place left
+ * unwritten), the drawn tokens are dsv32_draw_row's on the same prompt's returned row, and bad
+ * draws are refused before anything runs. */
+static void test_draw_in_step(void **state)
+{
+    struct fx *f = *state;
+    int32_t p[12];
+    prompt_of(p, 12, 5);
+    float *lg = malloc(sizeof(float) * f->V * 4), *work = malloc(sizeof(float) * f->V);
+    double *bsum = malloc(sizeof(double) * ((size_t)f->V / 1024 + 1));
+    for (size_t i = 0; i < (size_t)f->V * 4; i++)
+        lg[i] = 12345.0f;
+    int s[4];
+    for (int i = 0; i < 4; i++)
+        s[i] = dsv32_kv_seq_new(f->e->kv);
+    const struct dsv32_draw greedy = {.temperature = 0.0f, .u = 0.0, .n_logprobs = 4},
+                            warm = {.temperature = 0.8f, .u = 0.37, .n_logprobs = -1};
+    int32_t tg = -1, tw = -1;
+    struct dsv32_logprobs lp;
+    struct dsv32_seq_input in[4] = {
+        {.seq = s[0], .n_tokens = 12, .tokens = p, .logits = DSV32_LOGITS_LAST},
+        {.seq = s[1],
+         .n_tokens = 12,
+         .tokens = p,
+         .logits = DSV32_LOGITS_LAST,
+         .draw = &greedy,
+         .token = &tg,
+         .lp = &lp},
+        {.seq = s[2], .n_tokens = 12, .tokens = p, .logits = DSV32_LOGITS_LAST},
+        {.seq = s[3],
+         .n_tokens = 12,
+         .tokens = p,
+         .logits = DSV32_LOGITS_LAST,
+         .draw = &warm,
+         .token = &tw},
+    };
+    assert_int_equal(dsv32_engine_step(f->e, in, 4, lg, NULL), 0);
+    const float *r0 = lg, *r2 = lg + 2 * (size_t)f->V;
+    for (int v = 0; v < f->V; v++) {
+        assert_true(lg[(size_t)f->V + v] == 12345.0f && lg[3 * (size_t)f->V + v] == 12345.0f);
+        assert_true(r0[v] != 12345.0f && r2[v] != 12345.0f);
+    }
+    double r = rel(r2, r0, f->V);
+    if (r > 1e-4)
+        fail_msg("the third input's row is not the first's: rel %.3e", r);
+    assert_int_equal(tg, dsv32_draw_row(r0, f->V, &greedy, work, bsum));
+    assert_int_equal(tw, dsv32_draw_row(r0, f->V, &warm, work, bsum));
+    struct dsv32_logprobs ref;
+    dsv32_logprobs_of(r0, f->V, tg, 4, &ref);
+    assert_int_equal(lp.n_top, 4);
+    assert_int_equal(lp.chosen.token, tg);
+    assert_true(fabsf(lp.chosen.logprob - ref.chosen.logprob) < 1e-4f);
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(lp.top[i].token, ref.top[i].token);
+        assert_true(fabsf(lp.top[i].logprob - ref.top[i].logprob) < 1e-4f);
+    }
+    /* refused: a draw on all rows, without its token, with a uniform outside [0, 1) */
+    const struct dsv32_draw bad_u = {.temperature = 1.0f, .u = 1.0, .n_logprobs = -1};
+    struct dsv32_seq_input bad[3] = {
+        {.seq = s[0],
+         .n_tokens = 1,
+         .tokens = p,
+         .logits = DSV32_LOGITS_ALL,
+         .draw = &warm,
+         .token = &tw},
+        {.seq = s[0], .n_tokens = 1, .tokens = p, .logits = DSV32_LOGITS_LAST, .draw = &warm},
+        {.seq = s[0],
+         .n_tokens = 1,
+         .tokens = p,
+         .logits = DSV32_LOGITS_LAST,
+         .draw = &bad_u,
+         .token = &tw},
+    };
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(dsv32_engine_step(f->e, &bad[i], 1, lg, NULL), -EINVAL);
+    assert_int_equal(dsv32_kv_seq_len(f->e->kv, s[0]), 12);
+    for (int i = 0; i < 4; i++)
+        dsv32_kv_seq_free(f->e->kv, s[i]);
+    free(lg);
+    free(work);
+    free(bsum);
+}
+
 static void test_all_rows(void **state)
 {
     struct fx *f = *state;
@@ -169,6 +253,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_chunked_prefill, setup, teardown),
         cmocka_unit_test_setup_teardown(test_all_rows, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_draw_in_step, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_input, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cache_full, setup_small, teardown),
     };

@@ -1,6 +1,7 @@
 /* Unit tests of sampling: greedy, seeds, the empirical distribution at temperature 1 (also over a
  * vocabulary of 1037: blocks, lanes and tail of the full-vocabulary draw), top-k, top-p, min-p,
- * penalties, logprobs and parameter validation. */
+ * penalties, logprobs, parameter validation, and the draws the backends take where the logits are.
+ */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -9,6 +10,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "sampling.h"
@@ -207,13 +209,92 @@ static void test_validate(void **state)
     assert_int_equal(dsv32_sampling_validate(&p, err, sizeof(err)), -EINVAL);
 }
 
+/* The backends' draw (dsv32_sampler_draw_params, dsv32_draw_row, dsv32_sampler_took) gives the
+ * token stream dsv32_sample gives, for the parameters it takes (greedy, top_k 1, the whole
+ * vocabulary at any temperature), and dsv32_sampler_device_ok refuses the others. A vocabulary of
+ * 2100: two full blocks of 1024 and a tail. */
+static void test_device_draw(void **state)
+{
+    (void)state;
+    enum { NV = 2100, STEPS = 200 };
+    static float lg[NV];
+    uint64_t x = 99;
+    for (int v = 0; v < NV; v++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        lg[v] = (float)((x >> 40) % 2000) / 250.0f - 4.0f; /* many equal values: ties */
+    }
+    const struct {
+        float t;
+        int top_k, n_lp;
+    } cases[] = {{0.0f, 0, -1}, {1.0f, 1, 3}, {1.0f, 0, -1}, {0.7f, 0, 5}, {1.9f, 0, 0}};
+    float *work = malloc(sizeof(float) * NV);
+    double *bsum = malloc(sizeof(double) * (NV / 1024 + 1));
+    for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+        struct dsv32_sampling_params p;
+        dsv32_sampling_defaults(&p);
+        p.temperature = cases[c].t;
+        p.top_k = cases[c].top_k;
+        p.n_logprobs = cases[c].n_lp;
+        p.seed = 7 + c;
+        p.has_seed = 1;
+        struct dsv32_sampler a, b;
+        assert_int_equal(dsv32_sampler_init(&a, &p, NV, NULL, 0), 0);
+        assert_int_equal(dsv32_sampler_init(&b, &p, NV, NULL, 0), 0);
+        assert_true(dsv32_sampler_device_ok(&b));
+        int distinct = 0, prev = -1;
+        for (int i = 0; i < STEPS; i++) {
+            struct dsv32_logprobs la, lb;
+            const int32_t ta = dsv32_sample(&a, lg, &la);
+            struct dsv32_draw d;
+            dsv32_sampler_draw_params(&b, &d);
+            struct dsv32_draw d2;
+            dsv32_sampler_draw_params(&b, &d2); /* no stream consumed until took */
+            assert_true(d.u == d2.u);
+            const int32_t tb = dsv32_draw_row(lg, NV, &d, work, bsum);
+            dsv32_sampler_took(&b, tb);
+            assert_int_equal(ta, tb);
+            if (d.n_logprobs >= 0) {
+                dsv32_logprobs_of(lg, NV, tb, d.n_logprobs, &lb);
+                assert_memory_equal(&la.chosen, &lb.chosen, sizeof(la.chosen));
+                assert_int_equal(la.n_top, lb.n_top);
+                assert_memory_equal(la.top, lb.top, sizeof(la.top[0]) * (size_t)la.n_top);
+            }
+            distinct += ta != prev;
+            prev = ta;
+        }
+        if (cases[c].t > 0.0f && cases[c].top_k != 1)
+            assert_true(distinct > STEPS / 4); /* a real draw, not the maximum every time */
+        dsv32_sampler_done(&a);
+        dsv32_sampler_done(&b);
+    }
+    /* what the backends do not take: penalties, top-k above 1, top-p, min-p */
+    struct dsv32_sampling_params p;
+    struct dsv32_sampler s;
+    for (int k = 0; k < 4; k++) {
+        dsv32_sampling_defaults(&p);
+        if (k == 0)
+            p.presence_penalty = 0.5f;
+        else if (k == 1)
+            p.top_k = 40;
+        else if (k == 2)
+            p.top_p = 0.9f;
+        else
+            p.min_p = 0.1f;
+        assert_int_equal(dsv32_sampler_init(&s, &p, NV, NULL, 0), 0);
+        assert_false(dsv32_sampler_device_ok(&s));
+        dsv32_sampler_done(&s);
+    }
+    free(work);
+    free(bsum);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_greedy_and_seed), cmocka_unit_test(test_distribution),
-        cmocka_unit_test(test_distribution_long),
-        cmocka_unit_test(test_penalties),       cmocka_unit_test(test_logprobs),
-        cmocka_unit_test(test_validate),
+        cmocka_unit_test(test_greedy_and_seed),   cmocka_unit_test(test_distribution),
+        cmocka_unit_test(test_distribution_long), cmocka_unit_test(test_penalties),
+        cmocka_unit_test(test_logprobs),          cmocka_unit_test(test_validate),
+        cmocka_unit_test(test_device_draw),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -6,6 +6,7 @@
 
 #include "dtype.h"
 #include "error.h"
+#include "sampling.h"
 
 #include <cblas.h>
 #include <errno.h>
@@ -814,6 +815,32 @@ static void cpu_free(struct dsv32_backend *be)
     free(be);
 }
 
+/* the rows on several threads, as the scheduler drew them before the engine did (a draw over
+ * the vocabulary costs about a millisecond) */
+static int cpu_sample(struct dsv32_backend *be, int32_t *tok, struct dsv32_logprobs *lp,
+                      const float *logits, int vocab, const int32_t *rows,
+                      const struct dsv32_draw *d, int n)
+{
+    (void)be;
+    int r = 0;
+#pragma omp parallel for if (n > 1) schedule(dynamic, 1) reduction(min : r)
+    for (int i = 0; i < n; i++) {
+        const float *x = logits + (size_t)rows[i] * vocab;
+        float *work = malloc(sizeof(float) * (size_t)vocab);
+        double *bsum = malloc(sizeof(double) * ((size_t)vocab / 1024 + 1));
+        if (!work || !bsum) {
+            r = -ENOMEM;
+        } else {
+            tok[i] = dsv32_draw_row(x, vocab, &d[i], work, bsum);
+            if (d[i].n_logprobs >= 0)
+                dsv32_logprobs_of(x, vocab, tok[i], d[i].n_logprobs, &lp[i]);
+        }
+        free(work);
+        free(bsum);
+    }
+    return r;
+}
+
 static const struct dsv32_backend_ops cpu_ops = {
     .name = "cpu",
     .free = cpu_free,
@@ -843,6 +870,7 @@ static const struct dsv32_backend_ops cpu_ops = {
     .moe_gate = cpu_moe_gate,
     .moe_experts = cpu_moe_experts,
     .gather_rows = cpu_gather_rows,
+    .sample = cpu_sample,
 };
 
 void dsv32_backend_cpu_set_threads(int n)

@@ -13,6 +13,7 @@
 #include "mla_prefill.cuh"
 #include "moe.cuh"
 #include "quant.cuh"
+#include "sample.cuh"
 #include "small_ops.cuh"
 
 #include <errno.h>
@@ -496,6 +497,14 @@ static int cuda_gather_rows(struct dsv32_backend *be, float *y, const float *x, 
     return cu_gather_rows(c, y, x, idx, n, dim);
 }
 
+static int cuda_sample(struct dsv32_backend *be, int32_t *tok, struct dsv32_logprobs *lp,
+                       const float *logits, int vocab, const int32_t *rows,
+                       const struct dsv32_draw *d, int n)
+{
+    ENTER(be);
+    return cu_sample(c, tok, lp, logits, vocab, rows, d, n);
+}
+
 /* ---- lifetime ---- */
 
 static void cuda_free(struct dsv32_backend *be)
@@ -567,6 +576,7 @@ static const struct dsv32_backend_ops cuda_ops = {
     /* .host_alloc = */ cuda_host_alloc,
     /* .host_free = */ cuda_host_free,
     /* .dsa = */ cuda_dsa,
+    /* .sample = */ cuda_sample,
 };
 
 /* The fast numerics: prefill rows take the absorbed form too (FlashMLA's sparse prefill form,

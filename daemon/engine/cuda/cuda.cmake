@@ -12,7 +12,8 @@ add_library(dsv32_cuda STATIC
     ${CMAKE_CURRENT_LIST_DIR}/dsa.cu
     ${CMAKE_CURRENT_LIST_DIR}/mla.cu
     ${CMAKE_CURRENT_LIST_DIR}/mla_prefill.cu
-    ${CMAKE_CURRENT_LIST_DIR}/moe.cu)
+    ${CMAKE_CURRENT_LIST_DIR}/moe.cu
+    ${CMAKE_CURRENT_LIST_DIR}/sample.cu)
 target_compile_definitions(dsv32_cuda PRIVATE DSV32_HAVE_CUDA)
 separate_arguments(_dsv32_gencode UNIX_COMMAND "${DSV32_CUDA_GENCODE}")
 target_compile_options(dsv32_cuda PRIVATE

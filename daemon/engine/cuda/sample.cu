@@ -1,0 +1,315 @@
+/* Token draws on the device (see sample.cuh). One CTA of 1024 threads per row:
+ *
+ *  1. the largest logit and its first index (thread t reads v = t, t + 1024, ... in order and keeps
+ *     the first of equals; the block reduction prefers the lower index): the greedy token and the
+ *     maximum the draw and the logprobs start from;
+ *  2. a temperature > 0: draw_full of sampling.c, operation for operation: e[v] = e^((x - max) / T)
+ *     by the same Cody-Waite reduction and polynomial in single precision without contraction
+ *     (__fmul_rn, __fadd_rn), into global scratch; the sums of each block of 1024 in four float
+ *     lanes (lane l adds v = 1024 b + l, + 4, ... in order), the lanes' sum in double; then one
+ *     thread walks the block sums and the chosen block (staged in shared memory) in double, as
+ *     the host does. So the token is the host's for the same logits and uniform, bit for bit;
+ *  3. logprobs: the softmax sum in double as a tree (the host sums in order: the log-sum-exp may
+ *     differ in its last float bit) and the top n by value, lower index first among equals: each
+ *     thread keeps its own top n in order, then n rounds of a block-wide maximum over the
+ *     threads' heads, the winner (the owner of index v is thread v % 1024) moving to its next. */
+#include "sample.cuh"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../sampling.h"
+
+#define SAMPLE_THREADS 1024
+#define SAMPLE_BLK                                                                                 \
+    1024 /* draw_full's blocks of the vocabulary (one staged in acc4: <= SAMPLE_THREADS) */
+
+struct cu_draw {
+    double u;
+    float temperature;
+    int row;
+    int n_top; /* -1: no logprobs */
+    int pad;
+};
+
+struct cu_drawn {
+    int32_t token;
+    float lse;     /* the log-sum-exp of the row (logprobs asked) */
+    float tok_val; /* the token's logit */
+    int32_t top_tok[DSV32_MAX_LOGPROBS];
+    float top_val[DSV32_MAX_LOGPROBS];
+};
+
+/* exp_le0_v4 of sampling.c on one lane: e^x for x <= 0, x below -87 taken as -87 */
+static __device__ __forceinline__ float exp_le0(float x)
+{
+    x = x < -87.0f ? -87.0f : x;
+    const float n = __fsub_rn(__fadd_rn(__fmul_rn(x, 1.44269504089f), 12582912.0f), 12582912.0f);
+    const float r =
+        __fadd_rn(__fsub_rn(x, __fmul_rn(n, 0.693359375f)), __fmul_rn(n, 2.12194440e-4f));
+    float q = __fadd_rn(__fmul_rn(r, 1.9875691500e-4f), 1.3981999507e-3f);
+    q = __fadd_rn(__fmul_rn(q, r), 8.3334519073e-3f);
+    q = __fadd_rn(__fmul_rn(q, r), 4.1665795894e-2f);
+    q = __fadd_rn(__fmul_rn(q, r), 1.6666665459e-1f);
+    q = __fadd_rn(__fmul_rn(q, r), 5.0000001201e-1f);
+    const float er = __fadd_rn(__fadd_rn(__fmul_rn(__fmul_rn(q, r), r), r), 1.0f);
+    const int ni = __float2int_rz(n);
+    return __fmul_rn(er, __int_as_float((ni + 127) << 23));
+}
+
+/* (value, index): the larger value, the lower index among equals */
+static __device__ __forceinline__ bool vi_better(float v, int i, float bv, int bi)
+{
+    return v > bv || (v == bv && i < bi);
+}
+
+/* block-wide best (value, index) of every thread's pair; all threads get it */
+static __device__ void block_best(float &v, int &i, float *sv, int *si)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (vi_better(ov, oi, v, i)) {
+            v = ov;
+            i = oi;
+        }
+    }
+    __syncthreads(); /* the previous round's readers are done */
+    if (lane == 0) {
+        sv[warp] = v;
+        si[warp] = i;
+    }
+    __syncthreads();
+    v = sv[lane];
+    i = si[lane];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (vi_better(ov, oi, v, i)) {
+            v = ov;
+            i = oi;
+        }
+    }
+}
+
+/* block-wide sum of every thread's double (a tree); all threads get it */
+static __device__ double block_sum(double s, double *sd)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        s += __shfl_xor_sync(0xffffffffu, s, o);
+    __syncthreads();
+    if (lane == 0)
+        sd[warp] = s;
+    __syncthreads();
+    s = sd[lane];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        s += __shfl_xor_sync(0xffffffffu, s, o);
+    return s;
+}
+
+/* draws[b] on row draws[b].row of logits; e_all: (gridDim.x, V) floats of scratch; dynamic shared
+ * memory: the row's block sums (V / 1024 rounded up, doubles) */
+static_assert(SAMPLE_BLK <= SAMPLE_THREADS, "a block of the vocabulary staged one value a thread");
+
+static __global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample_kernel(const float *logits, int V, const struct cu_draw *draws, struct cu_drawn *out,
+                  float *e_all)
+{
+    extern __shared__ double bsum[];
+    __shared__ float sv[32], acc4[SAMPLE_THREADS];
+    __shared__ int si[32];
+    __shared__ double sd[32];
+    const struct cu_draw d = draws[blockIdx.x];
+    const float *x = logits + (size_t)d.row * V;
+    const int tid = threadIdx.x;
+    /* 1. the maximum and its first index */
+    float mv = -INFINITY;
+    int mi = 0x7fffffff;
+    for (int v = tid; v < V; v += SAMPLE_THREADS)
+        if (mi == 0x7fffffff || x[v] > mv) {
+            mv = x[v];
+            mi = v;
+        }
+    block_best(mv, mi, sv, si);
+    const float mx = mv;
+    int32_t tok = mi;
+    /* 2. the draw over the whole vocabulary (draw_full) */
+    if (d.temperature != 0.0f) {
+        float *e = e_all + (size_t)blockIdx.x * V;
+        const float inv_t = __fdiv_rn(1.0f, d.temperature);
+        for (int v = tid; v < V; v += SAMPLE_THREADS)
+            e[v] = exp_le0(__fmul_rn(__fsub_rn(x[v], mx), inv_t));
+        __syncthreads(); /* e written: every thread reads others' entries below */
+        const int nb = (V + SAMPLE_BLK - 1) / SAMPLE_BLK;
+        for (int b0 = 0; b0 < nb; b0 += SAMPLE_THREADS / 4) {
+            const int b = b0 + (tid >> 2), l = tid & 3;
+            float a = 0.0f;
+            if (b < nb) {
+                const int v1 = (b + 1) * SAMPLE_BLK < V ? (b + 1) * SAMPLE_BLK : V;
+                /* eight loads in flight, then their sums in order (a missing tail value adds 0:
+                 * a stays a non-negative sum, so + 0.0f leaves it as it is) */
+                for (int v = b * SAMPLE_BLK + l; v < v1; v += 32) {
+                    float t[8];
+#pragma unroll
+                    for (int k = 0; k < 8; k++)
+                        t[k] = v + 4 * k < v1 ? e[v + 4 * k] : 0.0f;
+#pragma unroll
+                    for (int k = 0; k < 8; k++)
+                        a = __fadd_rn(a, t[k]);
+                }
+            }
+            acc4[tid] = a;
+            __syncthreads();
+            if (l == 0 && b < nb) { /* (double)acc[0] + acc[1] + acc[2] + acc[3] */
+                double s = __dadd_rn((double)acc4[tid], (double)acc4[tid + 1]);
+                s = __dadd_rn(s, (double)acc4[tid + 2]);
+                bsum[b] = __dadd_rn(s, (double)acc4[tid + 3]);
+            }
+            __syncthreads();
+        }
+        /* the walk, in order, by one thread: over the block sums, then (staged in shared
+         * memory by all) inside the block that holds u * total */
+        __shared__ double walk_u, walk_cum;
+        __shared__ int walk_b;
+        if (tid == 0) {
+            double total = 0.0;
+            for (int b = 0; b < nb; b++)
+                total = __dadd_rn(total, bsum[b]);
+            const double u = __dmul_rn(d.u, total);
+            double cum = 0.0;
+            int b = 0;
+            while (b < nb - 1 && __dadd_rn(cum, bsum[b]) <= u)
+                cum = __dadd_rn(cum, bsum[b++]);
+            walk_u = u;
+            walk_cum = cum;
+            walk_b = b;
+        }
+        __syncthreads();
+        const int v0 = walk_b * SAMPLE_BLK, v1 = v0 + SAMPLE_BLK < V ? v0 + SAMPLE_BLK : V;
+        if (v0 + tid < v1)
+            acc4[tid] = e[v0 + tid];
+        __syncthreads();
+        if (tid == 0) {
+            const double u = walk_u;
+            double cum = walk_cum;
+            tok = -1;
+            for (int v = v0; v < v1 && tok < 0; v++) {
+                cum = __dadd_rn(cum, (double)acc4[v - v0]);
+                if (u < cum)
+                    tok = v;
+            }
+            for (int v = v1 - 1; v >= v0 && tok < 0; v--) /* past the block's float rounding */
+                if (acc4[v - v0] > 0.0f)
+                    tok = v;
+            if (tok < 0)
+                tok = v1 - 1;
+        }
+    }
+    /* 3. logprobs of the raw logits */
+    const int n = d.n_top > DSV32_MAX_LOGPROBS ? DSV32_MAX_LOGPROBS : d.n_top;
+    float lse = 0.0f;
+    if (n >= 0) {
+        double s = 0.0;
+        float lv[DSV32_MAX_LOGPROBS];
+        int li[DSV32_MAX_LOGPROBS], cnt = 0;
+        for (int v = tid; v < V; v += SAMPLE_THREADS) {
+            const float xv = x[v];
+            s += exp((double)xv - (double)mx);
+            if (n > 0 && (cnt < n || xv > lv[cnt - 1])) { /* this thread's top n, in order */
+                int j = cnt < n ? cnt++ : n - 1;
+                for (; j > 0 && xv > lv[j - 1]; j--) {
+                    lv[j] = lv[j - 1];
+                    li[j] = li[j - 1];
+                }
+                lv[j] = xv;
+                li[j] = v;
+            }
+        }
+        s = block_sum(s, sd);
+        lse = __fadd_rn(mx, (float)log(s));
+        for (int r = 0, h = 0; r < n; r++) {
+            float wv = h < cnt ? lv[h] : -INFINITY;
+            int wi = h < cnt ? li[h] : 0x7fffffff;
+            block_best(wv, wi, sv, si);
+            if (wi == 0x7fffffff)
+                break; /* fewer than n tokens */
+            if (wi % SAMPLE_THREADS == tid)
+                h++;
+            if (tid == 0) {
+                out[blockIdx.x].top_tok[r] = wi;
+                out[blockIdx.x].top_val[r] = wv;
+            }
+        }
+    }
+    if (tid == 0) {
+        out[blockIdx.x].token = tok;
+        out[blockIdx.x].lse = lse;
+        out[blockIdx.x].tok_val = x[tok];
+    }
+}
+
+/* the launch and the copy back of n draws (h: their parameters, ho: their results, host) */
+static int sample_run(struct cu_ctx *c, struct cu_drawn *ho, const struct cu_draw *h, int any_t,
+                      const float *logits, int V, int n)
+{
+    const struct cu_draw *dd =
+        (const struct cu_draw *)cu_upload(c, SCR_WORK, h, sizeof(*h) * (size_t)n);
+    struct cu_drawn *dout = (struct cu_drawn *)cu_scratch(c, SCR_TMP2, sizeof(*ho) * (size_t)n);
+    float *e = any_t ? (float *)cu_scratch(c, SCR_TMP, sizeof(float) * (size_t)n * V) : NULL;
+    if (!dd || !dout || (any_t && !e))
+        return -ENOMEM;
+    const size_t smem = sizeof(double) * (size_t)((V + SAMPLE_BLK - 1) / SAMPLE_BLK);
+    CU_SMEM_OPTIN(sample_kernel, smem);
+    sample_kernel<<<n, SAMPLE_THREADS, smem, c->st>>>(logits, V, dd, dout, e);
+    CU_LAUNCHED("sample");
+    CU_CHECK(cudaMemcpyAsync(ho, dout, sizeof(*ho) * (size_t)n, cudaMemcpyDeviceToHost, c->st));
+    CU_CHECK(cudaStreamSynchronize(c->st));
+    return 0;
+}
+
+int cu_sample(struct cu_ctx *c, int32_t *tok, struct dsv32_logprobs *lp, const float *logits, int V,
+              const int32_t *rows, const struct dsv32_draw *d, int n)
+{
+    if (n <= 0)
+        return 0;
+    if (V <= 0)
+        return -EINVAL;
+    struct cu_draw *h = (struct cu_draw *)malloc(sizeof(*h) * (size_t)n);
+    struct cu_drawn *ho = (struct cu_drawn *)malloc(sizeof(*ho) * (size_t)n);
+    int any_t = 0, r = -ENOMEM;
+    if (h && ho) {
+        for (int i = 0; i < n; i++) {
+            h[i] = (struct cu_draw){.u = d[i].u,
+                                    .temperature = d[i].temperature,
+                                    .row = rows[i],
+                                    .n_top = d[i].n_logprobs,
+                                    .pad = 0};
+            any_t |= d[i].temperature != 0.0f;
+        }
+        r = sample_run(c, ho, h, any_t, logits, V, n);
+    }
+    for (int i = 0; r == 0 && i < n; i++) {
+        tok[i] = ho[i].token;
+        if (d[i].n_logprobs < 0)
+            continue;
+        const int nt = d[i].n_logprobs > DSV32_MAX_LOGPROBS ? DSV32_MAX_LOGPROBS : d[i].n_logprobs;
+        lp[i].n_top = nt < V ? nt : V;
+        for (int j = 0; j < lp[i].n_top; j++) {
+            lp[i].top[j].token = ho[i].top_tok[j];
+            lp[i].top[j].logprob = ho[i].top_val[j] - ho[i].lse;
+        }
+        lp[i].chosen.token = tok[i];
+        lp[i].chosen.logprob = ho[i].tok_val - ho[i].lse;
+    }
+    free(h);
+    free(ho);
+    return r;
+}
