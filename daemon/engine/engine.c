@@ -491,12 +491,14 @@ int dsv32_engine_step(struct dsv32_engine *e, const struct dsv32_seq_input *in, 
         if ((r = layer_forward(e, l, &meta, hooks)) < 0)
             goto fail;
     if (lrow > 0) {
-        if ((r = ops->gather_rows(be, e->xn, e->x, e->d_logit_rows, lrow, D)) < 0 ||
-            (r = ops->rmsnorm(be, e->xn, D, e->xn, D, &e->model->norm, lrow, D, c->rms_norm_eps)) <
-                0 ||
-            (r = ops->linear(be, e->logits, c->vocab_size, e->xn, D, lrow, &e->model->head, 0)) <
-                0 ||
-            (r = step_logits(e, in, n_in, logits, lrow)) < 0)
+        r = ops->gather_rows(be, e->xn, e->x, e->d_logit_rows, lrow, D);
+        if (r >= 0)
+            r = ops->rmsnorm(be, e->xn, D, e->xn, D, &e->model->norm, lrow, D, c->rms_norm_eps);
+        if (r >= 0)
+            r = ops->linear(be, e->logits, c->vocab_size, e->xn, D, lrow, &e->model->head, 0);
+        if (r >= 0)
+            r = step_logits(e, in, n_in, logits, lrow);
+        if (r < 0)
             goto fail;
     }
     if ((r = ops->sync(be)) < 0)
