@@ -124,10 +124,11 @@ static __device__ __forceinline__ void idx_store_w(const float *acc, const float
     sg0 += __shfl_xor_sync(0xffffffffu, sg0, 2);
     sg1 += __shfl_xor_sync(0xffffffffu, sg1, 1);
     sg1 += __shfl_xor_sync(0xffffffffu, sg1, 2);
-    if (store && t == 0 && j0 <= pos)
-        srow[j0] = sg0 * ks0;
-    if (store && t == 1 && j0 + 8 <= pos)
-        srow[j0 + 8] = sg1 * ks1;
+    /* one store instruction for the warp's 16 keys (64 contiguous bytes): lanes t = 0 and t = 1
+     * (two, one for each half, measured 0.291 against 0.289 ms for the FP8 scores) */
+    const int j = t == 0 ? j0 : j0 + 8;
+    if (store && t < 2 && j <= pos)
+        srow[j] = t == 0 ? sg0 * ks0 : sg1 * ks1;
 }
 
 /* idx_store_w with the weights read from the row's shared-memory weights wi */
