@@ -65,10 +65,9 @@ static __device__ __forceinline__ bool vi_better(float v, int i, float bv, int b
     return v > bv || (v == bv && i < bi);
 }
 
-/* block-wide best (value, index) of every thread's pair; all threads get it */
-static __device__ void block_best(float &v, int &i, float *sv, int *si)
+/* the warp's best (value, index); all lanes get it */
+static __device__ __forceinline__ void warp_best(float &v, int &i)
 {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, v, o);
@@ -78,6 +77,13 @@ static __device__ void block_best(float &v, int &i, float *sv, int *si)
             i = oi;
         }
     }
+}
+
+/* block-wide best (value, index) of every thread's pair; all threads get it */
+static __device__ void block_best(float &v, int &i, float *sv, int *si)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    warp_best(v, i);
     __syncthreads(); /* the previous round's readers are done */
     if (lane == 0) {
         sv[warp] = v;
@@ -86,15 +92,7 @@ static __device__ void block_best(float &v, int &i, float *sv, int *si)
     __syncthreads();
     v = sv[lane];
     i = si[lane];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
-        if (vi_better(ov, oi, v, i)) {
-            v = ov;
-            i = oi;
-        }
-    }
+    warp_best(v, i);
 }
 
 /* block-wide sum of every thread's double (a tree); all threads get it */
