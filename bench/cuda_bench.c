@@ -1021,24 +1021,26 @@ static void bench_ops(struct dsv32_backend *be)
             struct dsv32_draw *dr = malloc(sizeof(*dr) * R);
             for (int r = 0; r < R; r++) {
                 rows[r] = r;
-                dr[r] = (struct dsv32_draw){.temperature = 0.0f, .u = 0.0, .n_logprobs = -1};
+                dr[r] = (struct dsv32_draw){
+                    .temperature = 0.0f, .u = 0.0, .top_p = 1.0f, .n_logprobs = -1};
             }
             OP_TIME_QUEUED(t, be->ops->sample(be, tok, NULL, x, V, rows, dr, R));
             op_row("sampling on the GPU: greedy", "129280", R, (double)R * V * 4, 0, 0, t);
             for (int r = 0; r < R; r++)
-                dr[r] =
-                    (struct dsv32_draw){.temperature = 1.0f, .u = (r + 0.5) / R, .n_logprobs = -1};
+                dr[r] = (struct dsv32_draw){
+                    .temperature = 1.0f, .u = (r + 0.5) / R, .top_p = 1.0f, .n_logprobs = -1};
             OP_TIME_QUEUED(t, be->ops->sample(be, tok, NULL, x, V, rows, dr, R));
             op_row("sampling on the GPU: a draw over the vocabulary (T 1)", "129280", R,
                    (double)R * V * 4, 0, 0, t);
-            float *hl = malloc(sizeof(float) * (size_t)R * V), *work = malloc(sizeof(float) * V);
-            double *bs = malloc(sizeof(double) * ((size_t)V / 1024 + 1)), th[5], td[5];
+            float *hl = malloc(sizeof(float) * (size_t)R * V);
+            void *work = malloc(dsv32_draw_work_bytes(V));
+            double th[5], td[5];
             for (int k = 0; k < 5; k++) {
                 const double h0 = now_s();
                 MUST(be->ops->to_host(be, hl, x, sizeof(float) * (size_t)R * V));
                 const double h1 = now_s();
                 for (int r = 0; r < R; r++)
-                    tok[r] = dsv32_draw_row(hl + (size_t)r * V, V, &dr[r], work, bs);
+                    tok[r] = dsv32_draw_row(hl + (size_t)r * V, V, &dr[r], work);
                 td[k] = (now_s() - h1) * 1e3;
                 th[k] = (h1 - h0) * 1e3;
             }
@@ -1052,7 +1054,6 @@ static void bench_ops(struct dsv32_backend *be)
             free(dr);
             free(hl);
             free(work);
-            free(bs);
         }
         const struct {
             const char *name;

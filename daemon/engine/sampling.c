@@ -85,10 +85,9 @@ int dsv32_sampler_init(struct dsv32_sampler *s, const struct dsv32_sampling_para
     s->vocab = vocab;
     s->out_count = calloc((size_t)vocab, sizeof(uint32_t));
     s->in_prompt = calloc((size_t)vocab, 1);
-    s->work = malloc(sizeof(float) * 2 * (size_t)vocab);
-    s->idx = malloc(sizeof(int32_t) * (size_t)vocab);
-    s->bsum = malloc(sizeof(double) * ((size_t)vocab / 1024 + 1));
-    if (!s->out_count || !s->in_prompt || !s->work || !s->idx || !s->bsum) {
+    s->work = malloc(sizeof(float) * (size_t)vocab);
+    s->dwork = malloc(dsv32_draw_work_bytes(vocab));
+    if (!s->out_count || !s->in_prompt || !s->work || !s->dwork) {
         dsv32_sampler_done(s);
         return -ENOMEM;
     }
@@ -110,8 +109,7 @@ void dsv32_sampler_done(struct dsv32_sampler *s)
     free(s->out_count);
     free(s->in_prompt);
     free(s->work);
-    free(s->idx);
-    free(s->bsum);
+    free(s->dwork);
     memset(s, 0, sizeof(*s));
 }
 
@@ -176,47 +174,6 @@ void dsv32_logprobs_of(const float *logits, int vocab, int32_t token, int n_top,
     out->chosen.logprob = (token >= 0 && token < vocab) ? logits[token] - lse : -INFINITY;
 }
 
-/* Moves the k largest of w[idx[0..n)] to the front of idx. */
-static void select_k(int32_t *idx, int n, int k, const float *w)
-{
-    int lo = 0, hi = n - 1;
-    while (lo < hi) {
-        float piv = w[idx[lo + (hi - lo) / 2]];
-        int i = lo, j = hi;
-        while (i <= j) {
-            while (w[idx[i]] > piv)
-                i++;
-            while (w[idx[j]] < piv)
-                j--;
-            if (i <= j) {
-                int32_t t = idx[i];
-                idx[i++] = idx[j];
-                idx[j--] = t;
-            }
-        }
-        if (k - 1 <= j)
-            hi = j;
-        else if (k - 1 >= i)
-            lo = i;
-        else
-            break;
-    }
-}
-
-static int cmp_desc(const void *a, const void *b, void *ctx)
-{
-    const float *w = ctx;
-    int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
-    if (w[i] != w[j])
-        return w[i] > w[j] ? -1 : 1;
-    return (i > j) - (i < j);
-}
-
-static void sort_desc(int32_t *idx, int n, const float *w)
-{
-    qsort_r(idx, (size_t)n, sizeof(int32_t), cmp_desc, (void *)w);
-}
-
 /* the first index of the largest value (the best so far in a register: no reload per element) */
 static int32_t argmax(const float *x, int n)
 {
@@ -256,64 +213,170 @@ static inline v4sf exp_le0_v4(v4sf x)
     return er * (v4sf)((ni + 127) << 23);
 }
 
-/* A draw from softmax(x / T) over the whole vocabulary at the uniform u in two passes: the
- * maximum, then e^((x - max) / T) into e with sums per block of 1024 (four float lanes, then their
- * sum in double); the cumulative sum is then walked over the block sums and inside the one block
- * that holds u * total. The same distribution as the general path below (which normalizes first),
- * not the same float rounding. The cuda backend's sample kernel repeats this arithmetic operation
- * for operation (sampling.c is built without contraction into FMA). */
-static int32_t draw_full(const float *x, int V, float temperature, double u01, float *e,
-                         double *bsum)
+/* The canonical order of the candidates: the larger logit first, then the lower token id, as one
+ * 64-bit key (the larger key first; keys are distinct) */
+static inline uint64_t rank_key(float w, int32_t v)
+{
+    uint32_t u;
+    memcpy(&u, &w, sizeof(u));
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((uint64_t)u << 32) | (uint32_t) ~(uint32_t)v;
+}
+
+static inline int32_t key_token(uint64_t k)
+{
+    return (int32_t) ~(uint32_t)k;
+}
+
+/* Moves the k largest of a[0..n) to the front (in no particular order). */
+static void select_keys(uint64_t *a, size_t n, size_t k)
+{
+    size_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const uint64_t piv = a[lo + (hi - lo) / 2];
+        size_t i = lo, j = hi;
+        for (;;) {
+            while (a[i] > piv)
+                i++;
+            while (a[j] < piv)
+                j--;
+            if (i >= j)
+                break;
+            const uint64_t t = a[i];
+            a[i++] = a[j];
+            a[j--] = t;
+        }
+        /* a[lo..j] >= piv >= a[j+1..hi] */
+        if (k - 1 <= j)
+            hi = j;
+        else
+            lo = j + 1;
+    }
+}
+
+static int cmp_key_desc(const void *a, const void *b)
+{
+    const uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x < y) - (x > y);
+}
+
+size_t dsv32_draw_work_bytes(int vocab)
+{
+    const size_t V = (size_t)vocab;
+    return ((V * sizeof(float) + 7) & ~(size_t)7) + V * sizeof(uint64_t) +
+           (V / 1024 + 1) * sizeof(double);
+}
+
+/* A draw from softmax(x / T) at the uniform u, over the candidates top_k, min_p and top_p leave:
+ *  1. e_v = e^((x_v - max) / T) for every token (the maximum's e is exactly 1);
+ *  2. top_k: tokens below the top_k-th in the canonical order (rank_key) get e = 0; min_p:
+ *     tokens with e < min_p get e = 0 (min_p of the largest probability);
+ *  3. the sums of e per block of 1024 tokens, each in four float lanes (lane l adds the block's
+ *     tokens l, l + 4, ... in order), the lanes' sum in double, the blocks' total in double;
+ *  4. without top_p: the walk over the block sums and inside the block that holds u * total;
+ *     with it: the candidates in the canonical order, the shortest prefix whose mass (summed in
+ *     that order) reaches top_p * total, and the walk over that prefix at u * its mass.
+ * The cuda backend's sample kernel repeats this arithmetic operation for operation (sampling.c is
+ * built without contraction into FMA); only the canonical order, not a sort's permutation, decides
+ * which token a uniform picks. */
+static int32_t draw_row(const float *x, int V, const struct dsv32_draw *d, uint8_t *work)
 {
     enum { BLK = 1024 };
-    const float inv_t = 1.0f / temperature;
+    float *e = (float *)(void *)work;
+    uint64_t *keys = (uint64_t *)(void *)(work + (((size_t)V * sizeof(float) + 7) & ~(size_t)7));
+    double *bsum = (double *)(void *)(keys + V);
+    const float inv_t = 1.0f / d->temperature;
     float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
     for (int v = 0; v < V; v++)
         mx = x[v] > mx ? x[v] : mx;
+    int v = 0;
+    for (; v + 4 <= V; v += 4) {
+        v4sf xv;
+        memcpy(&xv, x + v, sizeof(xv));
+        const v4sf ev = exp_le0_v4((xv - mx) * inv_t);
+        memcpy(e + v, &ev, sizeof(ev));
+    }
+    if (v < V) { /* the vocabulary's last few: the same lanes */
+        v4sf xv = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+        for (int l = 0; l < V - v; l++)
+            xv[l] = x[v + l];
+        const v4sf ev = exp_le0_v4((xv - mx) * inv_t);
+        for (int l = 0; l < V - v; l++)
+            e[v + l] = ev[l];
+    }
+    if (d->top_k > 0 && d->top_k < V) {
+        for (int t = 0; t < V; t++)
+            keys[t] = rank_key(x[t], t);
+        select_keys(keys, (size_t)V, (size_t)d->top_k);
+        uint64_t kth = keys[0];
+        for (int i = 1; i < d->top_k; i++)
+            kth = keys[i] < kth ? keys[i] : kth;
+        for (int t = 0; t < V; t++)
+            if (rank_key(x[t], t) < kth)
+                e[t] = 0.0f;
+    }
+    if (d->min_p > 0.0f)
+        for (int t = 0; t < V; t++)
+            if (e[t] < d->min_p)
+                e[t] = 0.0f;
     const int nb = (V + BLK - 1) / BLK;
     double total = 0.0;
     for (int b = 0; b < nb; b++) {
         const int v0 = b * BLK, v1 = v0 + BLK < V ? v0 + BLK : V;
         v4sf acc = {0.0f, 0.0f, 0.0f, 0.0f};
-        int v = v0;
-        for (; v + 4 <= v1; v += 4) {
-            v4sf xv;
-            memcpy(&xv, x + v, sizeof(xv));
-            const v4sf ev = exp_le0_v4((xv - mx) * inv_t);
-            memcpy(e + v, &ev, sizeof(ev));
-            acc += ev;
-        }
-        if (v < v1) { /* the vocabulary's last few: the same lanes, the missing ones without mass */
-            v4sf xv = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-            for (int l = 0; l < v1 - v; l++)
-                xv[l] = x[v + l];
-            v4sf ev = exp_le0_v4((xv - mx) * inv_t);
-            for (int l = 0; l < 4; l++) {
-                ev[l] = l < v1 - v ? ev[l] : 0.0f;
-                if (l < v1 - v)
-                    e[v + l] = ev[l];
-            }
+        for (int t = v0; t < v1; t += 4) {
+            v4sf ev = {0.0f, 0.0f, 0.0f, 0.0f}; /* past the vocabulary: no mass */
+            for (int l = 0; l < 4 && t + l < v1; l++)
+                ev[l] = e[t + l];
             acc += ev;
         }
         bsum[b] = (double)acc[0] + acc[1] + acc[2] + acc[3];
         total += bsum[b];
     }
-    const double u = u01 * total;
+    if (d->top_p < 1.0f) {
+        size_t n = 0;
+        for (int t = 0; t < V; t++)
+            if (e[t] > 0.0f)
+                keys[n++] = rank_key(x[t], t);
+        const double target = (double)d->top_p * total;
+        /* the head of the order first: usually it holds top_p of the mass */
+        size_t head = n > 1024 ? 1024 : n, m = 0;
+        if (head < n)
+            select_keys(keys, n, head);
+        qsort(keys, head, sizeof(uint64_t), cmp_key_desc);
+        double c = 0.0;
+        while (m < head && c < target)
+            c += e[key_token(keys[m++])];
+        if (c < target && head < n) {
+            qsort(keys, n, sizeof(uint64_t), cmp_key_desc);
+            for (c = 0.0, m = 0; m < n && c < target;)
+                c += e[key_token(keys[m++])];
+        }
+        const double u = d->u * c;
+        double acc = 0.0;
+        for (size_t i = 0; i < m; i++) {
+            acc += e[key_token(keys[i])];
+            if (u < acc)
+                return key_token(keys[i]);
+        }
+        return key_token(keys[m > 0 ? m - 1 : 0]);
+    }
+    const double u = d->u * total;
     double cum = 0.0;
     int b = 0;
     while (b < nb - 1 && cum + bsum[b] <= u)
         cum += bsum[b++];
     const int v0 = b * BLK, v1 = v0 + BLK < V ? v0 + BLK : V;
-    for (int v = v0; v < v1; v++) {
-        cum += e[v];
+    for (int t = v0; t < v1; t++) {
+        cum += e[t];
         if (u < cum)
-            return v;
+            return t;
     }
     /* u fell past the block's float rounding: its last token with mass */
-    for (int v = v1 - 1; v >= v0; v--)
-        if (e[v] > 0.0f)
-            return v;
+    for (int t = v1 - 1; t >= v0; t--)
+        if (e[t] > 0.0f)
+            return t;
     return v1 - 1;
 }
 
@@ -321,23 +384,13 @@ int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_
 {
     const struct dsv32_sampling_params *p = &s->p;
     const int V = s->vocab;
-    float *w = s->work;
-    const int penalties = has_penalties(p);
-
+    const float *x = logits;
     int32_t tok;
-    if (!sampler_draws(p) && !penalties) {
-        tok = argmax(logits, V); /* greedy on the raw logits: no copy */
-        goto done;
-    }
-    if (!penalties && p->top_k <= 0 && p->min_p <= 0.0f && p->top_p >= 1.0f) {
-        /* the whole vocabulary, straight from the logits */
-        tok = draw_full(logits, V, p->temperature, rng_uniform(s->rng), s->work + V, s->bsum);
-        goto done;
-    }
-    memcpy(w, logits, sizeof(float) * (size_t)V);
-    /* penalties, as vLLM applies them: repetition over prompt and output, then frequency and
-     * presence over the output */
-    if (penalties)
+    if (has_penalties(p)) {
+        /* as vLLM applies them: repetition over prompt and output, then frequency and presence
+         * over the output */
+        float *w = s->work;
+        memcpy(w, logits, sizeof(float) * (size_t)V);
         for (int v = 0; v < V; v++) {
             uint32_t c = s->out_count[v];
             if (p->repetition_penalty != 1.0f && (c || s->in_prompt[v]))
@@ -345,78 +398,19 @@ int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_
             if (c)
                 w[v] -= p->frequency_penalty * (float)c + p->presence_penalty;
         }
-
-    if (!sampler_draws(p)) {
-        tok = argmax(w, V);
-    } else if (p->top_k <= 0 && p->min_p <= 0.0f && p->top_p >= 1.0f) {
-        /* e in the work buffer's second half (the first holds w) */
-        tok = draw_full(w, V, p->temperature, rng_uniform(s->rng), s->work + V, s->bsum);
-    } else {
-        int32_t *idx = s->idx;
-        int n = V;
-        for (int v = 0; v < V; v++)
-            idx[v] = v;
-        const float inv_t = 1.0f / p->temperature;
-        for (int v = 0; v < V; v++)
-            w[v] *= inv_t;
-        if (p->top_k > 0 && p->top_k < n) {
-            select_k(idx, n, p->top_k, w);
-            n = p->top_k;
-        }
-        /* probabilities over the candidates */
-        float mx = -INFINITY;
-        for (int i = 0; i < n; i++)
-            mx = w[idx[i]] > mx ? w[idx[i]] : mx;
-        float *pr = w + V; /* pr[token] */
-        double sum = 0.0;
-        for (int i = 0; i < n; i++)
-            sum += (pr[idx[i]] = expf(w[idx[i]] - mx));
-        for (int i = 0; i < n; i++)
-            pr[idx[i]] = (float)(pr[idx[i]] / sum);
-        if (p->min_p > 0.0f) {
-            float pmax = 0.0f, cut;
-            for (int i = 0; i < n; i++)
-                pmax = pr[idx[i]] > pmax ? pr[idx[i]] : pmax;
-            cut = p->min_p * pmax;
-            int m = 0;
-            for (int i = 0; i < n; i++)
-                if (pr[idx[i]] >= cut)
-                    idx[m++] = idx[i];
-            n = m;
-        }
-        if (p->top_p < 1.0f) {
-            /* sort only the head of the distribution when it already holds top_p of the mass */
-            int head = n > 1024 ? 1024 : n;
-            if (head < n)
-                select_k(idx, n, head, pr);
-            sort_desc(idx, head, pr);
-            double c = 0.0;
-            int m = 0;
-            while (m < head && c < p->top_p)
-                c += pr[idx[m++]];
-            if (c < p->top_p && head < n) {
-                sort_desc(idx, n, pr);
-                c = 0.0;
-                m = 0;
-                while (m < n && c < p->top_p)
-                    c += pr[idx[m++]];
-            }
-            n = m > 0 ? m : 1;
-        }
-        double total = 0.0;
-        for (int i = 0; i < n; i++)
-            total += pr[idx[i]];
-        double u = rng_uniform(s->rng) * total, acc = 0.0;
-        tok = idx[n - 1];
-        for (int i = 0; i < n; i++) {
-            acc += pr[idx[i]];
-            if (u < acc) {
-                tok = idx[i];
-                break;
-            }
-        }
+        x = w;
     }
-done:
+    if (!sampler_draws(p)) {
+        tok = argmax(x, V); /* greedy (on the raw logits without penalties: no copy) */
+    } else {
+        const struct dsv32_draw d = {.temperature = p->temperature,
+                                     .u = rng_uniform(s->rng),
+                                     .top_k = p->top_k,
+                                     .top_p = p->top_p,
+                                     .min_p = p->min_p,
+                                     .n_logprobs = -1};
+        tok = draw_row(x, V, &d, s->dwork);
+    }
     if (lp)
         dsv32_logprobs_of(logits, V, tok, p->n_logprobs > 0 ? p->n_logprobs : 0, lp);
     dsv32_sampler_accept(s, tok);
@@ -436,6 +430,9 @@ void dsv32_sampler_draw_params(const struct dsv32_sampler *s, struct dsv32_draw 
     memcpy(rng, s->rng, sizeof(rng));
     d->temperature = sampler_draws(&s->p) ? s->p.temperature : 0.0f;
     d->u = sampler_draws(&s->p) ? rng_uniform(rng) : 0.0;
+    d->top_k = s->p.top_k;
+    d->top_p = s->p.top_p;
+    d->min_p = s->p.min_p;
     d->n_logprobs = s->p.n_logprobs;
 }
 
@@ -446,10 +443,9 @@ void dsv32_sampler_took(struct dsv32_sampler *s, int32_t token)
     dsv32_sampler_accept(s, token);
 }
 
-int32_t dsv32_draw_row(const float *logits, int vocab, const struct dsv32_draw *d, float *work,
-                       double *bsum)
+int32_t dsv32_draw_row(const float *logits, int vocab, const struct dsv32_draw *d, void *work)
 {
     if (d->temperature == 0.0f)
         return argmax(logits, vocab);
-    return draw_full(logits, vocab, d->temperature, d->u, work, bsum);
+    return draw_row(logits, vocab, d, (uint8_t *)work);
 }

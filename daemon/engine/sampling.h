@@ -48,9 +48,8 @@ struct dsv32_sampler {
     uint64_t rng[4];
     uint32_t *out_count;   /* (vocab) occurrences in the generated tokens */
     uint8_t *in_prompt;    /* (vocab) 1 if in the prompt (repetition penalty) */
-    float *work;           /* (2 * vocab) scratch */
-    int32_t *idx;          /* (vocab) scratch */
-    double *bsum;          /* (vocab / 1024 + 1) block sums of the full-vocabulary draw */
+    float *work;           /* (vocab) the logits with penalties */
+    void *dwork;           /* dsv32_draw_work_bytes(vocab): the draw's scratch */
 };
 
 int dsv32_sampler_init(struct dsv32_sampler *s, const struct dsv32_sampling_params *p, int vocab,
@@ -67,14 +66,16 @@ void dsv32_sampler_resume(struct dsv32_sampler *s, const int32_t *tokens, int n)
  * logprobs (lp may be NULL). */
 int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_logprobs *lp);
 
-/* The draws a backend can take where the logits are (its sample op, through dsv32_engine_step):
- * greedy, or one draw from softmax(x / T) over the whole vocabulary, with the logprobs of the raw
- * logits; dsv32_sample's arithmetic for those parameters, so a backend's token equals the host's.
- */
+/* A draw a backend can take where the logits are (its sample op, through dsv32_engine_step):
+ * greedy, or one draw from softmax(x / T) over what top-k, min-p and top-p leave, with the
+ * logprobs of the raw logits; dsv32_sample's arithmetic (dsv32_draw_row), so a backend's token
+ * equals the host's. */
 struct dsv32_draw {
-    float temperature; /* 0: greedy (the first index of the largest logit) */
-    double u;          /* the draw's uniform in [0, 1) (temperature > 0) */
-    int n_logprobs;    /* -1: none; 0..20: the drawn token's logprob and the top n */
+    float temperature;  /* 0: greedy (the first index of the largest logit) */
+    double u;           /* the draw's uniform in [0, 1) (temperature > 0) */
+    int top_k;          /* 0: off */
+    float top_p, min_p; /* 1 and 0: off */
+    int n_logprobs;     /* -1: none; 0..20: the drawn token's logprob and the top n */
 };
 
 /* 1 when the sampler's next token is such a draw (no penalties; greedy, or no top-k above 1,
@@ -85,10 +86,10 @@ int dsv32_sampler_device_ok(const struct dsv32_sampler *s);
 void dsv32_sampler_draw_params(const struct dsv32_sampler *s, struct dsv32_draw *d);
 void dsv32_sampler_took(struct dsv32_sampler *s, int32_t token);
 
-/* The draw on one row of host logits (the reference of the backends' sample op): work holds
- * vocab floats, bsum vocab / 1024 + 1 doubles. */
-int32_t dsv32_draw_row(const float *logits, int vocab, const struct dsv32_draw *d, float *work,
-                       double *bsum);
+/* The draw on one row of host logits (the reference of the backends' sample op, and dsv32_sample's
+ * draw after its penalties); work: dsv32_draw_work_bytes(vocab) bytes, 8-byte aligned. */
+size_t dsv32_draw_work_bytes(int vocab);
+int32_t dsv32_draw_row(const float *logits, int vocab, const struct dsv32_draw *d, void *work);
 
 /* Logprob of `token` and the top n under log-softmax(logits): for prompt_logprobs. work holds
  * vocab floats. */

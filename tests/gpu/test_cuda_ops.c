@@ -610,8 +610,8 @@ static void test_sample(void)
     struct pair p;
     TRY(pair_new(&p, &cfg, 0, 0));
     const int R = 64, V = cfg.vocab_size;
-    float *lg = rnd_f32((size_t)R * V, 6.0f), *work = malloc(sizeof(float) * V);
-    double *bsum = malloc(sizeof(double) * ((size_t)V / 1024 + 1));
+    float *lg = rnd_f32((size_t)R * V, 6.0f);
+    void *work = malloc(dsv32_draw_work_bytes(V));
     for (int r = 0; r < R; r++) {
         float *x = lg + (size_t)r * V;
         if (r % 8 == 1) /* the maximum three times: greedy takes its first index */
@@ -627,6 +627,7 @@ static void test_sample(void)
     struct dsv32_logprobs *lpg = malloc(sizeof(*lpg) * R);
     for (int r = 0; r < R; r++) {
         rows[r] = R - 1 - r; /* draws in another order than the rows */
+        d[r] = (struct dsv32_draw){.top_p = 1.0f};
         d[r].temperature = temps[r % 5];
         d[r].u = r == 3 ? 0.0 : r == 8 ? 0.9999999999 : rnd_u();
         d[r].n_logprobs = nlp[(r / 5) % 4];
@@ -637,7 +638,7 @@ static void test_sample(void)
     double worst = 0.0;
     for (int r = 0; r < R; r++) {
         const float *x = lg + (size_t)rows[r] * V;
-        const int32_t tc = dsv32_draw_row(x, V, &d[r], work, bsum);
+        const int32_t tc = dsv32_draw_row(x, V, &d[r], work);
         bad_tok += tc != tg[r];
         if (tc != tg[r])
             printf("  row %d (T %.1f, u %.12f): host %d, device %d\n", rows[r], d[r].temperature,
@@ -667,7 +668,6 @@ static void test_sample(void)
     dev_free(p.gpu, dl);
     free(lg);
     free(work);
-    free(bsum);
     free(d);
     free(rows);
     free(tg);

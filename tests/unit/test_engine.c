@@ -106,15 +106,19 @@ static void test_draw_in_step(void **state)
     struct fx *f = *state;
     int32_t p[12];
     prompt_of(p, 12, 5);
-    float *lg = malloc(sizeof(float) * f->V * 4), *work = malloc(sizeof(float) * f->V);
-    double *bsum = malloc(sizeof(double) * ((size_t)f->V / 1024 + 1));
+    float *lg = malloc(sizeof(float) * f->V * 4);
+    void *work = malloc(dsv32_draw_work_bytes(f->V));
     for (size_t i = 0; i < (size_t)f->V * 4; i++)
         lg[i] = 12345.0f;
     int s[4];
     for (int i = 0; i < 4; i++)
         s[i] = dsv32_kv_seq_new(f->e->kv);
-    const struct dsv32_draw greedy = {.temperature = 0.0f, .u = 0.0, .n_logprobs = 4},
-                            warm = {.temperature = 0.8f, .u = 0.37, .n_logprobs = -1};
+    const struct dsv32_draw greedy = {.temperature = 0.0f,
+                                      .u = 0.0,
+                                      .top_p = 1.0f,
+                                      .n_logprobs = 4},
+                            warm = {
+                                .temperature = 0.8f, .u = 0.37, .top_p = 1.0f, .n_logprobs = -1};
     int32_t tg = -1, tw = -1;
     struct dsv32_logprobs lp;
     struct dsv32_seq_input in[4] = {
@@ -143,8 +147,8 @@ static void test_draw_in_step(void **state)
     double r = rel(r2, r0, f->V);
     if (r > 1e-4)
         fail_msg("the third input's row is not the first's: rel %.3e", r);
-    assert_int_equal(tg, dsv32_draw_row(r0, f->V, &greedy, work, bsum));
-    assert_int_equal(tw, dsv32_draw_row(r0, f->V, &warm, work, bsum));
+    assert_int_equal(tg, dsv32_draw_row(r0, f->V, &greedy, work));
+    assert_int_equal(tw, dsv32_draw_row(r0, f->V, &warm, work));
     struct dsv32_logprobs ref;
     dsv32_logprobs_of(r0, f->V, tg, 4, &ref);
     assert_int_equal(lp.n_top, 4);
@@ -155,7 +159,8 @@ static void test_draw_in_step(void **state)
         assert_true(fabsf(lp.top[i].logprob - ref.top[i].logprob) < 1e-4f);
     }
     /* refused: a draw on all rows, without its token, with a uniform outside [0, 1) */
-    const struct dsv32_draw bad_u = {.temperature = 1.0f, .u = 1.0, .n_logprobs = -1};
+    const struct dsv32_draw bad_u = {
+        .temperature = 1.0f, .u = 1.0, .top_p = 1.0f, .n_logprobs = -1};
     struct dsv32_seq_input bad[3] = {
         {.seq = s[0],
          .n_tokens = 1,
@@ -178,7 +183,6 @@ static void test_draw_in_step(void **state)
         dsv32_kv_seq_free(f->e->kv, s[i]);
     free(lg);
     free(work);
-    free(bsum);
 }
 
 static void test_all_rows(void **state)

@@ -826,14 +826,14 @@ static int cpu_sample(struct dsv32_backend *be, int32_t *tok, struct dsv32_logpr
 #pragma omp parallel for if (n > 1) schedule(dynamic, 1) reduction(min : r)
     for (int i = 0; i < n; i++) {
         const float *x = logits + (size_t)rows[i] * vocab;
-        /* the thread's scratch: vocab floats (rounded to even), then the block sums */
-        const size_t vw = ((size_t)vocab + 1) & ~(size_t)1;
-        float *work = scratch(0, vw + 2 * ((size_t)vocab / 1024 + 1));
+        /* the thread's scratch (64-byte aligned) */
+        float *work =
+            scratch(0, (dsv32_draw_work_bytes(vocab) + sizeof(float) - 1) / sizeof(float));
         if (!work) {
             r = -ENOMEM;
             continue;
         }
-        tok[i] = dsv32_draw_row(x, vocab, &d[i], work, (double *)(void *)(work + vw));
+        tok[i] = dsv32_draw_row(x, vocab, &d[i], work);
         if (d[i].n_logprobs >= 0)
             dsv32_logprobs_of(x, vocab, tok[i], d[i].n_logprobs, &lp[i]);
     }
