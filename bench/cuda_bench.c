@@ -1032,6 +1032,30 @@ static void bench_ops(struct dsv32_backend *be)
             OP_TIME_QUEUED(t, be->ops->sample(be, tok, NULL, x, V, rows, dr, R));
             op_row("sampling on the GPU: a draw over the vocabulary (T 1)", "129280", R,
                    (double)R * V * 4, 0, 0, t);
+            /* DeepSeek's recommended top-p, then with a top-k of 50 too, on logits of a model's
+             * spread (normal, sigma 8: a nucleus of a few tokens; at sigma 1 it would be most of
+             * the vocabulary, which the device leaves to the host) */
+            MUST(dsv32_cuda_fill(be, z, (size_t)R * V, DSV32_FILL_F32_NORMAL, 94, 8.0f));
+            for (int r = 0; r < R; r++)
+                dr[r].top_p = 0.95f;
+            double tp, tpk;
+            OP_TIME_QUEUED(tp, be->ops->sample(be, tok, NULL, z, V, rows, dr, R));
+            op_row("sampling on the GPU: top-p 0.95 (T 1)", "129280", R, (double)R * V * 4, 0, 0,
+                   tp);
+            for (int r = 0; r < R; r++)
+                dr[r].top_k = 50;
+            OP_TIME_QUEUED(tpk, be->ops->sample(be, tok, NULL, z, V, rows, dr, R));
+            int left = 0;
+            for (int r = 0; r < R; r++)
+                left += tok[r] < 0;
+            if (left)
+                printf("(%d of the %d top-p rows left to the host)\n", left, R);
+            op_row("sampling on the GPU: top-k 50, top-p 0.95 (T 1)", "129280", R,
+                   (double)R * V * 4, 0, 0, tpk);
+            for (int r = 0; r < R; r++) {
+                dr[r].top_k = 0;
+                dr[r].top_p = 1.0f;
+            }
             float *hl = malloc(sizeof(float) * (size_t)R * V);
             void *work = malloc(dsv32_draw_work_bytes(V));
             double th[5], td[5];

@@ -147,10 +147,11 @@ struct dsv32_backend_ops {
                const float *q_pe, int ldr_pe, int ldh_pe, const struct dsv32_kv_layer *kv,
                const struct dsv32_step_meta *m, float scale);
     /* The next token of n rows of logits (row i at logits + rows[i] * vocab, backend memory)
-     * drawn where they are, by d[i] (host; greedy or the whole-vocabulary draw): tok[i] (host)
-     * the token, equal to dsv32_draw_row's on the same logits; lp[i] (host) its logprobs where
-     * d[i].n_logprobs >= 0 (lp may be NULL when none asks), dsv32_logprobs_of's up to the
-     * rounding of the softmax sum. */
+     * drawn where they are, by d[i] (host; sampling.h): tok[i] (host) the token, equal to
+     * dsv32_draw_row's on the same logits, or -1 when the backend leaves that draw to the host
+     * (a top-p nucleus larger than it sorts); lp[i] (host) its logprobs where d[i].n_logprobs >=
+     * 0 and tok[i] >= 0 (lp may be NULL when none asks), dsv32_logprobs_of's up to the rounding
+     * of the softmax sum. */
     int (*sample)(struct dsv32_backend *be, int32_t *tok, struct dsv32_logprobs *lp,
                   const float *logits, int vocab, const int32_t *rows, const struct dsv32_draw *d,
                   int n);

@@ -99,10 +99,10 @@ void dsv32_engine_free(struct dsv32_engine *e)
     }
     dsv32_kv_free(e->kv);
     dsv32_backend_free(e->be);
-    void *host[] = {e->h_tokens,     e->h_pos,      e->h_seq,     e->h_blocks,
-                    e->h_logit_rows, e->h_sel,      e->h_ids,     e->h_slot,
-                    e->h_x,          e->h_wts,      e->h_old_len, e->h_mha,
-                    e->h_draw_rows,  e->h_draw_tok, e->h_draws,   e->h_draw_lp};
+    void *host[] = {e->h_tokens,  e->h_pos,      e->h_seq,       e->h_blocks,   e->h_logit_rows,
+                    e->h_sel,     e->h_ids,      e->h_slot,      e->h_x,        e->h_wts,
+                    e->h_old_len, e->h_mha,      e->h_draw_rows, e->h_draw_tok, e->h_draws,
+                    e->h_draw_lp, e->h_draw_row, e->h_draw_work};
     for (size_t i = 0; i < sizeof(host) / sizeof(host[0]); i++)
         free(host[i]);
     free(e);
@@ -225,9 +225,12 @@ int dsv32_engine_new(struct dsv32_model *m, const struct dsv32_engine_opts *opts
     e->h_draw_tok = malloc(sizeof(int32_t) * (size_t)max_seqs);
     e->h_draws = malloc(sizeof(*e->h_draws) * (size_t)max_seqs);
     e->h_draw_lp = malloc(sizeof(*e->h_draw_lp) * (size_t)max_seqs);
-    if (!e->h_draw_rows || !e->h_draw_tok || !e->h_draws || !e->h_draw_lp || !e->h_old_len ||
-        !e->h_mha || !e->h_tokens || !e->h_pos || !e->h_seq || !e->h_blocks || !e->h_logit_rows ||
-        !e->h_sel || !e->h_ids || !e->h_slot || !e->h_x || !e->h_wts) {
+    e->h_draw_row = malloc(sizeof(float) * (size_t)c->vocab_size);
+    e->h_draw_work = malloc(dsv32_draw_work_bytes(c->vocab_size));
+    if (!e->h_draw_rows || !e->h_draw_tok || !e->h_draws || !e->h_draw_lp || !e->h_draw_row ||
+        !e->h_draw_work || !e->h_old_len || !e->h_mha || !e->h_tokens || !e->h_pos || !e->h_seq ||
+        !e->h_blocks || !e->h_logit_rows || !e->h_sel || !e->h_ids || !e->h_slot || !e->h_x ||
+        !e->h_wts) {
         r = dsv32_load_fail(-ENOMEM, "host staging buffers: out of memory");
         goto fail;
     }
@@ -382,6 +385,17 @@ static int step_logits(struct dsv32_engine *e, const struct dsv32_seq_input *in,
         return r;
     for (int i = 0, k = 0; i < n_in; i++)
         if (in[i].draw) {
+            if (e->h_draw_tok[k] < 0) { /* left to the host (a nucleus too large for the device) */
+                if ((r = be->ops->to_host(be, e->h_draw_row,
+                                          e->logits + (size_t)e->h_draw_rows[k] * V,
+                                          sizeof(float) * V)) < 0)
+                    return r;
+                e->h_draw_tok[k] =
+                    dsv32_draw_row(e->h_draw_row, (int)V, in[i].draw, e->h_draw_work);
+                if (in[i].draw->n_logprobs >= 0)
+                    dsv32_logprobs_of(e->h_draw_row, (int)V, e->h_draw_tok[k],
+                                      in[i].draw->n_logprobs, &e->h_draw_lp[k]);
+            }
             *in[i].token = e->h_draw_tok[k];
             if (in[i].draw->n_logprobs >= 0)
                 *in[i].lp = e->h_draw_lp[k];
@@ -409,7 +423,10 @@ int dsv32_engine_step(struct dsv32_engine *e, const struct dsv32_seq_input *in, 
         if (in[i].draw &&
             (in[i].logits != DSV32_LOGITS_LAST || !in[i].token || !ops->sample ||
              (in[i].draw->n_logprobs >= 0 && !in[i].lp) || !(in[i].draw->temperature >= 0.0f) ||
-             !(in[i].draw->u >= 0.0 && in[i].draw->u < 1.0)))
+             !(in[i].draw->u >= 0.0 && in[i].draw->u < 1.0) || in[i].draw->top_k < 0 ||
+             !(in[i].draw->top_p > 0.0f && in[i].draw->top_p <= 1.0f) ||
+             !(in[i].draw->min_p >= 0.0f && in[i].draw->min_p < 1.0f) ||
+             in[i].draw->n_logprobs > DSV32_MAX_LOGPROBS))
             return -EINVAL;
         n_draw += in[i].draw != NULL;
         for (int j = 0; j < i; j++)

@@ -70,6 +70,8 @@ struct dsv32_engine {
     int32_t *h_draw_rows, *h_draw_tok; /* (max_seqs) a step's draws: their logits rows, tokens */
     struct dsv32_draw *h_draws;
     struct dsv32_logprobs *h_draw_lp;
+    float *h_draw_row; /* (vocab) a row the backend left to the host (sample op's -1) */
+    void *h_draw_work; /* dsv32_draw_work_bytes(vocab) */
     int64_t *h_slot;
     float *h_x, *h_wts;
     int max_logit_rows;   /* logits rows one step can return (min(max_rows, 512)) */

@@ -419,9 +419,7 @@ int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_
 
 int dsv32_sampler_device_ok(const struct dsv32_sampler *s)
 {
-    const struct dsv32_sampling_params *p = &s->p;
-    return !has_penalties(p) &&
-           (!sampler_draws(p) || (p->top_k <= 0 && p->min_p <= 0.0f && p->top_p >= 1.0f));
+    return !has_penalties(&s->p);
 }
 
 void dsv32_sampler_draw_params(const struct dsv32_sampler *s, struct dsv32_draw *d)

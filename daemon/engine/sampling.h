@@ -78,10 +78,10 @@ struct dsv32_draw {
     int n_logprobs;     /* -1: none; 0..20: the drawn token's logprob and the top n */
 };
 
-/* 1 when the sampler's next token is such a draw (no penalties; greedy, or no top-k above 1,
- * top-p or min-p); then dsv32_sampler_draw_params gives its parameters without consuming the
- * random stream, and dsv32_sampler_took records the token the backend drew (the token counted,
- * the stream advanced by the draw), leaving the sampler as dsv32_sample would have. */
+/* 1 when the sampler's next token is such a draw (no penalties); then dsv32_sampler_draw_params
+ * gives its parameters without consuming the random stream, and dsv32_sampler_took records the
+ * token the backend drew (the token counted, the stream advanced by the draw), leaving the sampler
+ * as dsv32_sample would have. */
 int dsv32_sampler_device_ok(const struct dsv32_sampler *s);
 void dsv32_sampler_draw_params(const struct dsv32_sampler *s, struct dsv32_draw *d);
 void dsv32_sampler_took(struct dsv32_sampler *s, int32_t token);

@@ -598,12 +598,14 @@ static void test_upload(void)
 
 /* The sample op against the host's draw (dsv32_draw_row, dsv32_logprobs_of) on the same logits:
  * 64 rows of DeepSeek-V3.2's vocabulary, greedy (rows with ties for the maximum among them) and
- * draws at temperatures 0.3-1.6 and uniforms from 0 to just below 1, logprobs of none, 0, 5 and
- * 20 tokens: the tokens equal, the logprobs within 1e-5 (their softmax sum is a tree on the GPU).
- */
+ * draws at temperatures 0.3-1.6 and uniforms from 0 to just below 1, with top-k (50, 1000, more
+ * than the vocabulary), top-p (0.5, 0.9; 0.95 on flat rows: a nucleus the device may leave to
+ * the host, -1), min-p and mixes, logprobs of none, 0, 5 and 20 tokens: the tokens equal, the
+ * logprobs within 1e-5 (their softmax sum is a tree on the GPU). */
 static void test_sample(void)
 {
-    if (!want("sampling: greedy and whole-vocabulary draws with logprobs, equal to the host's"))
+    if (!want("sampling: greedy, whole-vocabulary, top-k/top-p/min-p draws with logprobs, equal to "
+              "the host's"))
         return;
     struct dsv32_config cfg;
     cfg_v32(&cfg);
@@ -619,6 +621,9 @@ static void test_sample(void)
         if (r % 8 == 2) /* a peaked row: the draw mostly on a few tokens */
             for (int k = 0; k < 5; k++)
                 x[(r * 7919 + k * 104729) % V] = 25.0f + (float)k;
+        if (r % 16 == 7) /* a flat row: a top-p nucleus of most of the vocabulary */
+            for (int v = 0; v < V; v++)
+                x[v] *= 0.01f;
     }
     static const float temps[] = {0.0f, 0.3f, 0.7f, 1.0f, 1.6f};
     static const int nlp[] = {-1, 0, 5, 20};
@@ -629,16 +634,27 @@ static void test_sample(void)
         rows[r] = R - 1 - r; /* draws in another order than the rows */
         d[r] = (struct dsv32_draw){.top_p = 1.0f};
         d[r].temperature = temps[r % 5];
+        d[r].top_k = r % 7 == 3 ? (r % 2 ? 50 : 1000) : r % 11 == 6 ? V + 5 : 0;
+        d[r].top_p = r % 6 == 2 ? 0.9f : r % 6 == 4 ? 0.5f : r % 16 == 7 ? 0.95f : 1.0f;
+        d[r].min_p = r % 9 == 5 ? 0.02f : 0.0f;
         d[r].u = r == 3 ? 0.0 : r == 8 ? 0.9999999999 : rnd_u();
         d[r].n_logprobs = nlp[(r / 5) % 4];
     }
     float *dl = dev_put(p.gpu, lg, sizeof(float) * (size_t)R * V);
     TRY(p.gpu->ops->sample(p.gpu, tg, lpg, dl, V, rows, d, R));
-    int bad_tok = 0, bad_lp = 0;
+    int bad_tok = 0, bad_lp = 0, host = 0, filtered = 0;
     double worst = 0.0;
     for (int r = 0; r < R; r++) {
         const float *x = lg + (size_t)rows[r] * V;
         const int32_t tc = dsv32_draw_row(x, V, &d[r], work);
+        const int filt =
+            d[r].temperature > 0.0f && (d[r].top_k > 0 || d[r].top_p < 1.0f || d[r].min_p > 0.0f);
+        if (tg[r] == -1 && filt &&
+            d[r].top_p < 1.0f) { /* a nucleus the device leaves to the host */
+            host++;
+            continue;
+        }
+        filtered += filt;
         bad_tok += tc != tg[r];
         if (tc != tg[r])
             printf("  row %d (T %.1f, u %.12f): host %d, device %d\n", rows[r], d[r].temperature,
@@ -656,9 +672,11 @@ static void test_sample(void)
         worst = fmax(worst, e);
         bad_lp += !ok || e > 1e-5;
     }
-    printf("  %d rows: tokens differing from the host's %d, logprobs differing %d (largest "
-           "difference %.2e)\n",
-           R, bad_tok, bad_lp, worst);
+    printf("  %d rows (%d with top-k, top-p or min-p drawn on the device, %d top-p left to the "
+           "host): tokens differing from the host's %d, logprobs differing %d (largest difference "
+           "%.2e)\n",
+           R, filtered, host, bad_tok, bad_lp, worst);
+    CHECK(filtered >= 10, "sampling: only %d filtered draws taken on the device", filtered);
     CHECK(bad_tok == 0, "sampling: %d tokens differ from the host's draw", bad_tok);
     CHECK(bad_lp == 0, "sampling: %d rows' logprobs differ", bad_lp);
     /* the rows in the greedy case with the tied maximum drew its first index */

@@ -97,10 +97,30 @@ static void test_chunked_prefill(void **state)
     free(b);
 }
 
+/* the backend's sample op, declining its first draw (-1: the host draws it) */
+static int (*real_sample)(struct dsv32_backend *, int32_t *, struct dsv32_logprobs *, const float *,
+                          int, const int32_t *, const struct dsv32_draw *, int);
+static int declined;
+
+static int sample_declining_first(struct dsv32_backend *be, int32_t *tok, struct dsv32_logprobs *lp,
+                                  const float *logits, int vocab, const int32_t *rows,
+                                  const struct dsv32_draw *d, int n)
+{
+    int r = real_sample(be, tok, lp, logits, vocab, rows, d, n);
+    if (r == 0 && n > 0) {
+        tok[0] = -1;
+        if (lp)
+            memset(&lp[0], 0, sizeof(lp[0]));
+        declined++;
+    }
+    return r;
+}
+
 /* Inputs that draw their token where the logits are (the backend's sample op) beside inputs
  * that return their row: the rows keep their places in the returned buffer (a draw's place left
- * unwritten), the drawn tokens are dsv32_draw_row's on the same prompt's returned row, and bad
- * draws are refused before anything runs. */
+ * unwritten), the drawn tokens are dsv32_draw_row's on the same prompt's returned row, a draw
+ * the backend declines is drawn by the engine from the row, and bad draws are refused before
+ * anything runs. */
 static void test_draw_in_step(void **state)
 {
     struct fx *f = *state;
@@ -158,6 +178,45 @@ static void test_draw_in_step(void **state)
         assert_int_equal(lp.top[i].token, ref.top[i].token);
         assert_true(fabsf(lp.top[i].logprob - ref.top[i].logprob) < 1e-4f);
     }
+    /* a backend that leaves a draw to the host (its sample op's -1, as the cuda backend does for
+     * a top-p nucleus larger than it sorts): the engine draws it from the row itself */
+    struct dsv32_backend_ops declining = *f->e->be->ops;
+    const struct dsv32_backend_ops *real = f->e->be->ops;
+    real_sample = real->sample;
+    declining.sample = sample_declining_first;
+    f->e->be->ops = &declining;
+    const struct dsv32_draw nucleus = {
+        .temperature = 1.1f, .u = 0.61, .top_k = 0, .top_p = 0.9f, .min_p = 0.0f, .n_logprobs = 3};
+    int32_t tn = -1;
+    struct dsv32_logprobs lpn;
+    dsv32_kv_seq_free(f->e->kv, s[1]); /* max_seqs is 4 */
+    dsv32_kv_seq_free(f->e->kv, s[2]);
+    int s5 = dsv32_kv_seq_new(f->e->kv), s6 = dsv32_kv_seq_new(f->e->kv);
+    struct dsv32_seq_input two[2] = {
+        {.seq = s5,
+         .n_tokens = 12,
+         .tokens = p,
+         .logits = DSV32_LOGITS_LAST,
+         .draw = &nucleus,
+         .token = &tn,
+         .lp = &lpn},
+        {.seq = s6, .n_tokens = 12, .tokens = p, .logits = DSV32_LOGITS_LAST},
+    };
+    declined = 0;
+    const int rs = dsv32_engine_step(f->e, two, 2, lg, NULL);
+    f->e->be->ops = real;
+    assert_int_equal(rs, 0);
+    assert_int_equal(declined, 1);
+    const float *r1 = lg + (size_t)f->V; /* the second input's row */
+    assert_true(rel(r1, r0, f->V) < 1e-4);
+    assert_int_equal(tn, dsv32_draw_row(r1, f->V, &nucleus, work));
+    dsv32_logprobs_of(r1, f->V, tn, 3, &ref);
+    assert_int_equal(lpn.chosen.token, tn);
+    assert_int_equal(lpn.n_top, 3);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(lpn.top[i].token, ref.top[i].token);
+    s[1] = s5;
+    s[2] = s6;
     /* refused: a draw on all rows, without its token, with a uniform outside [0, 1) */
     const struct dsv32_draw bad_u = {
         .temperature = 1.0f, .u = 1.0, .top_p = 1.0f, .n_logprobs = -1};

@@ -210,9 +210,9 @@ static void test_validate(void **state)
 }
 
 /* The backends' draw (dsv32_sampler_draw_params, dsv32_draw_row, dsv32_sampler_took) gives the
- * token stream dsv32_sample gives, for the parameters it takes (greedy, top_k 1, the whole
- * vocabulary at any temperature), and dsv32_sampler_device_ok refuses the others. A vocabulary of
- * 2100: two full blocks of 1024 and a tail. */
+ * token stream dsv32_sample gives (greedy, top_k 1, the whole vocabulary at any temperature,
+ * top-k, top-p, min-p and their mixes), and dsv32_sampler_device_ok refuses penalties. A vocabulary
+ * of 2100: two full blocks of 1024 and a tail. */
 static void test_device_draw(void **state)
 {
     (void)state;
@@ -226,7 +226,11 @@ static void test_device_draw(void **state)
     const struct {
         float t;
         int top_k, n_lp;
-    } cases[] = {{0.0f, 0, -1}, {1.0f, 1, 3}, {1.0f, 0, -1}, {0.7f, 0, 5}, {1.9f, 0, 0}};
+        float top_p, min_p;
+    } cases[] = {
+        {0.0f, 0, -1, 1.0f, 0.0f}, {1.0f, 1, 3, 1.0f, 0.0f},   {1.0f, 0, -1, 1.0f, 0.0f},
+        {0.7f, 0, 5, 1.0f, 0.0f},  {1.9f, 0, 0, 1.0f, 0.0f},   {1.0f, 40, -1, 1.0f, 0.0f},
+        {1.3f, 0, 2, 0.9f, 0.0f},  {1.0f, 0, -1, 1.0f, 0.05f}, {1.6f, 200, -1, 0.8f, 0.01f}};
     void *work = malloc(dsv32_draw_work_bytes(NV));
     for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
         struct dsv32_sampling_params p;
@@ -234,6 +238,8 @@ static void test_device_draw(void **state)
         p.temperature = cases[c].t;
         p.top_k = cases[c].top_k;
         p.n_logprobs = cases[c].n_lp;
+        p.top_p = cases[c].top_p;
+        p.min_p = cases[c].min_p;
         p.seed = 7 + c;
         p.has_seed = 1;
         struct dsv32_sampler a, b;
@@ -266,19 +272,17 @@ static void test_device_draw(void **state)
         dsv32_sampler_done(&a);
         dsv32_sampler_done(&b);
     }
-    /* what the backends do not take: penalties, top-k above 1, top-p, min-p */
+    /* what the backends do not take: penalties (they need the request's token counts) */
     struct dsv32_sampling_params p;
     struct dsv32_sampler s;
-    for (int k = 0; k < 4; k++) {
+    for (int k = 0; k < 3; k++) {
         dsv32_sampling_defaults(&p);
         if (k == 0)
             p.presence_penalty = 0.5f;
         else if (k == 1)
-            p.top_k = 40;
-        else if (k == 2)
-            p.top_p = 0.9f;
+            p.frequency_penalty = -0.3f;
         else
-            p.min_p = 0.1f;
+            p.repetition_penalty = 1.2f;
         assert_int_equal(dsv32_sampler_init(&s, &p, NV, NULL, 0), 0);
         assert_false(dsv32_sampler_device_ok(&s));
         dsv32_sampler_done(&s);

@@ -23,15 +23,17 @@
 #include "../sampling.h"
 
 #define SAMPLE_THREADS 1024
-#define SAMPLE_BLK                                                                                 \
-    1024 /* draw_full's blocks of the vocabulary (one staged in acc4: <= SAMPLE_THREADS) */
+/* draw_full's blocks of the vocabulary (one staged in acc4: <= SAMPLE_THREADS) */
+#define SAMPLE_BLK 1024
+/* top-p: the candidates sorted on the device; a nucleus past them is the host's */
+#define SAMPLE_TOPM 2048
 
 struct cu_draw {
     double u;
-    float temperature;
+    float temperature, top_p, min_p;
+    int top_k;
     int row;
     int n_top; /* -1: no logprobs */
-    int pad;
 };
 
 struct cu_drawn {
@@ -113,6 +115,81 @@ static __device__ double block_sum(double s, double *sd)
     return s;
 }
 
+/* sampling.c's rank_key: the larger logit first, then the lower token id */
+static __device__ __forceinline__ uint64_t rank_key(float w, int32_t v)
+{
+    uint32_t u = __float_as_uint(w);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((uint64_t)u << 32) | (uint32_t) ~(uint32_t)v;
+}
+
+/* The k-th largest rank key of the row's tokens (those with e > 0 when pred): a radix select
+ * from the top in digits of 11 bits (the last of 9), the histograms in shared memory (lanes of a
+ * warp with the same bin add once: the logits' top bits crowd into a few bins). All threads
+ * return it. */
+static __device__ uint64_t select_kth(const float *x, const float *e, int V, int k, bool pred,
+                                      int *hist, int *sh)
+{
+    const int lane = threadIdx.x & 31;
+    uint64_t prefix = 0, pmask = 0;
+    int need = k;
+    for (int shift = 53; shift >= 0; shift = shift > 9 ? shift - 11 : -1) {
+        const int width = shift == 0 ? 9 : 11, nbins = 1 << width;
+        for (int i = threadIdx.x; i < nbins; i += SAMPLE_THREADS)
+            hist[i] = 0;
+        __syncthreads();
+        for (int v0 = 0; v0 < V; v0 += SAMPLE_THREADS) {
+            const int v = v0 + threadIdx.x;
+            bool ok = v < V && (!pred || e[v] > 0.0f);
+            const uint64_t key = ok ? rank_key(x[v], v) : 0;
+            ok = ok && (key & pmask) == prefix;
+            const unsigned bin =
+                ok ? (unsigned)(key >> shift) & (unsigned)(nbins - 1) : 0xffffffffu;
+            const unsigned peers = __match_any_sync(0xffffffffu, bin);
+            if (ok && lane == __ffs(peers) - 1)
+                atomicAdd(&hist[bin], __popc(peers));
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) { /* the bin of the need-th largest, counted from the top */
+            int b = nbins - 1, above = 0;
+            while (b > 0 && above + hist[b] < need)
+                above += hist[b--];
+            sh[0] = b;
+            sh[1] = need - above;
+        }
+        __syncthreads();
+        prefix |= (uint64_t)sh[0] << shift;
+        pmask |= (uint64_t)(nbins - 1) << shift;
+        need = sh[1];
+        __syncthreads(); /* sh and hist are rewritten by the next digit */
+    }
+    return prefix;
+}
+
+/* keys[0..SAMPLE_TOPM) in descending order (bitonic) */
+static __device__ void sort_desc(uint64_t *keys)
+{
+    for (int k = 2; k <= SAMPLE_TOPM; k <<= 1)
+        for (int j = k >> 1; j > 0; j >>= 1) {
+            for (int i = threadIdx.x; i < SAMPLE_TOPM; i += SAMPLE_THREADS) {
+                const int ixj = i ^ j;
+                if (ixj > i) {
+                    const uint64_t a = keys[i], b = keys[ixj];
+                    if ((i & k) == 0 ? a < b : a > b) {
+                        keys[i] = b;
+                        keys[ixj] = a;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+}
+
+static __device__ __forceinline__ int32_t key_token(uint64_t k)
+{
+    return (int32_t) ~(uint32_t)k;
+}
+
 /* draws[b] on row draws[b].row of logits; e_all: (gridDim.x, V) floats of scratch; dynamic shared
  * memory: the row's block sums (V / 1024 rounded up, doubles) */
 static_assert(SAMPLE_BLK <= SAMPLE_THREADS, "a block of the vocabulary staged one value a thread");
@@ -123,7 +200,8 @@ static __global__ void __launch_bounds__(SAMPLE_THREADS)
 {
     extern __shared__ double bsum[];
     __shared__ float sv[32], acc4[SAMPLE_THREADS];
-    __shared__ int si[32];
+    __shared__ int si[32], hist[2048], sh2[2];
+    __shared__ uint64_t skeys[SAMPLE_TOPM];
     __shared__ double sd[32];
     const struct cu_draw d = draws[blockIdx.x];
     const float *x = logits + (size_t)d.row * V;
@@ -145,6 +223,17 @@ static __global__ void __launch_bounds__(SAMPLE_THREADS)
         const float inv_t = __fdiv_rn(1.0f, d.temperature);
         for (int v = tid; v < V; v += SAMPLE_THREADS)
             e[v] = exp_le0(__fmul_rn(__fsub_rn(x[v], mx), inv_t));
+        /* top-k and min-p: the tokens they leave out get no mass (each thread its own entries) */
+        if (d.top_k > 0 && d.top_k < V) {
+            const uint64_t kth = select_kth(x, e, V, d.top_k, false, hist, sh2);
+            for (int v = tid; v < V; v += SAMPLE_THREADS)
+                if (rank_key(x[v], v) < kth)
+                    e[v] = 0.0f;
+        }
+        if (d.min_p > 0.0f)
+            for (int v = tid; v < V; v += SAMPLE_THREADS)
+                if (e[v] < d.min_p)
+                    e[v] = 0.0f;
         __syncthreads(); /* e written: every thread reads others' entries below */
         const int nb = (V + SAMPLE_BLK - 1) / SAMPLE_BLK;
         for (int b0 = 0; b0 < nb; b0 += SAMPLE_THREADS / 4) {
@@ -173,42 +262,94 @@ static __global__ void __launch_bounds__(SAMPLE_THREADS)
             }
             __syncthreads();
         }
-        /* the walk, in order, by one thread: over the block sums, then (staged in shared
-         * memory by all) inside the block that holds u * total */
-        __shared__ double walk_u, walk_cum;
-        __shared__ int walk_b;
+        __shared__ double walk_u, walk_cum, walk_total;
+        __shared__ int walk_b, n_kept;
         if (tid == 0) {
             double total = 0.0;
             for (int b = 0; b < nb; b++)
                 total = __dadd_rn(total, bsum[b]);
-            const double u = __dmul_rn(d.u, total);
-            double cum = 0.0;
-            int b = 0;
-            while (b < nb - 1 && __dadd_rn(cum, bsum[b]) <= u)
-                cum = __dadd_rn(cum, bsum[b++]);
-            walk_u = u;
-            walk_cum = cum;
-            walk_b = b;
+            walk_total = total;
         }
         __syncthreads();
-        const int v0 = walk_b * SAMPLE_BLK, v1 = v0 + SAMPLE_BLK < V ? v0 + SAMPLE_BLK : V;
-        if (v0 + tid < v1)
-            acc4[tid] = e[v0 + tid];
-        __syncthreads();
-        if (tid == 0) {
-            const double u = walk_u;
-            double cum = walk_cum;
-            tok = -1;
-            for (int v = v0; v < v1 && tok < 0; v++) {
-                cum = __dadd_rn(cum, (double)acc4[v - v0]);
-                if (u < cum)
-                    tok = v;
+        if (d.top_p < 1.0f) {
+            /* the candidates (e > 0) in the canonical order, the shortest prefix whose mass
+             * reaches top_p * total, the walk over it: the candidates sorted here when they are
+             * at most SAMPLE_TOPM, else the SAMPLE_TOPM first of them, enough when the prefix
+             * ends among those */
+            double cnt = 0.0;
+            for (int v = tid; v < V; v += SAMPLE_THREADS)
+                cnt += e[v] > 0.0f ? 1.0 : 0.0;
+            const int n = (int)block_sum(cnt, sd);
+            const uint64_t kM =
+                n > SAMPLE_TOPM ? select_kth(x, e, V, SAMPLE_TOPM, true, hist, sh2) : 0;
+            if (tid == 0)
+                n_kept = 0;
+            __syncthreads();
+            for (int v = tid; v < V; v += SAMPLE_THREADS)
+                if (e[v] > 0.0f) {
+                    const uint64_t key = rank_key(x[v], v);
+                    if (key >= kM)
+                        skeys[atomicAdd(&n_kept, 1)] = key;
+                }
+            const int M = n < SAMPLE_TOPM ? n : SAMPLE_TOPM;
+            for (int i = M + tid; i < SAMPLE_TOPM; i += SAMPLE_THREADS)
+                skeys[i] = 0; /* below every token's key */
+            __syncthreads();
+            sort_desc(skeys);
+            if (tid == 0) {
+                const double target = __dmul_rn((double)d.top_p, walk_total);
+                double c = 0.0;
+                int m = 0;
+                while (m < M && c < target)
+                    c = __dadd_rn(c, (double)e[key_token(skeys[m++])]);
+                if (c < target && n > M) {
+                    tok = -1; /* a nucleus past the sorted candidates: the host draws it */
+                } else {
+                    const double u = __dmul_rn(d.u, c);
+                    double acc = 0.0;
+                    tok = key_token(skeys[m > 0 ? m - 1 : 0]);
+                    for (int i = 0; i < m; i++) {
+                        acc = __dadd_rn(acc, (double)e[key_token(skeys[i])]);
+                        if (u < acc) {
+                            tok = key_token(skeys[i]);
+                            break;
+                        }
+                    }
+                }
             }
-            for (int v = v1 - 1; v >= v0 && tok < 0; v--) /* past the block's float rounding */
-                if (acc4[v - v0] > 0.0f)
-                    tok = v;
-            if (tok < 0)
-                tok = v1 - 1;
+        } else {
+            /* the walk, in order, by one thread: over the block sums, then (staged in shared
+             * memory by all) inside the block that holds u * total */
+            if (tid == 0) {
+                const double u = __dmul_rn(d.u, walk_total);
+                double cum = 0.0;
+                int b = 0;
+                while (b < nb - 1 && __dadd_rn(cum, bsum[b]) <= u)
+                    cum = __dadd_rn(cum, bsum[b++]);
+                walk_u = u;
+                walk_cum = cum;
+                walk_b = b;
+            }
+            __syncthreads();
+            const int v0 = walk_b * SAMPLE_BLK, v1 = v0 + SAMPLE_BLK < V ? v0 + SAMPLE_BLK : V;
+            if (v0 + tid < v1)
+                acc4[tid] = e[v0 + tid];
+            __syncthreads();
+            if (tid == 0) {
+                const double u = walk_u;
+                double cum = walk_cum;
+                tok = -1;
+                for (int v = v0; v < v1 && tok < 0; v++) {
+                    cum = __dadd_rn(cum, (double)acc4[v - v0]);
+                    if (u < cum)
+                        tok = v;
+                }
+                for (int v = v1 - 1; v >= v0 && tok < 0; v--) /* past the block's float rounding */
+                    if (acc4[v - v0] > 0.0f)
+                        tok = v;
+                if (tok < 0)
+                    tok = v1 - 1;
+            }
         }
     }
     /* 3. logprobs of the raw logits */
@@ -250,7 +391,7 @@ static __global__ void __launch_bounds__(SAMPLE_THREADS)
     if (tid == 0) {
         out[blockIdx.x].token = tok;
         out[blockIdx.x].lse = lse;
-        out[blockIdx.x].tok_val = x[tok];
+        out[blockIdx.x].tok_val = tok >= 0 ? x[tok] : 0.0f;
     }
 }
 
@@ -287,16 +428,18 @@ int cu_sample(struct cu_ctx *c, int32_t *tok, struct dsv32_logprobs *lp, const f
         for (int i = 0; i < n; i++) {
             h[i] = (struct cu_draw){.u = d[i].u,
                                     .temperature = d[i].temperature,
+                                    .top_p = d[i].top_p,
+                                    .min_p = d[i].min_p,
+                                    .top_k = d[i].top_k,
                                     .row = rows[i],
-                                    .n_top = d[i].n_logprobs,
-                                    .pad = 0};
+                                    .n_top = d[i].n_logprobs};
             any_t |= d[i].temperature != 0.0f;
         }
         r = sample_run(c, ho, h, any_t, logits, V, n);
     }
     for (int i = 0; r == 0 && i < n; i++) {
         tok[i] = ho[i].token;
-        if (d[i].n_logprobs < 0)
+        if (d[i].n_logprobs < 0 || tok[i] < 0) /* -1: the host draws it (backend.h) */
             continue;
         const int nt = d[i].n_logprobs > DSV32_MAX_LOGPROBS ? DSV32_MAX_LOGPROBS : d[i].n_logprobs;
         lp[i].n_top = nt < V ? nt : V;
