@@ -15,10 +15,12 @@
 #                  [--model DIR] [--backend cuda|cpu] [--transport nccl|tcp] [--redundant R]
 #                  [--prompt-tokens P] [--max-tokens T] [--streams N,N,..] [--prefill-streams N]
 #                  [--math fast|exact] [--ep-wire bf16|f32] [--bin DIR] [--tokenizer DIR] [--out DIR]
+#                  [--temperature T] [--top-p P]
 # --math: the cuda backend's numerics (DSV32_CUDA_MATH; default fast: FP8 weights stay FP8 and go
 # through the FP8 tensor-core GEMMs, as in production; exact dequantizes them to f32 and matches
 # the cpu backend bit for bit, at CUDA-core speed). --ep-wire: the activations' type between the
 # attention daemons and the shards (default bf16, as DeepSeek's combine; f32 is exact).
+# --temperature, --top-p: every request's sampling (default: the API's temperature 1, no top-p).
 # --bin: where dsv32-router, dsv32-attn, dsv32-expert, dsv32-mkmodel, scale_client (and etcd, if
 # not on PATH) are; default: the build tree. On the GPU machine, a gpu-bundle.sh folder (its lib/
 # goes on LD_LIBRARY_PATH). Results: OUT/summary.txt, OUT/run{1,2}/{client.json,attn-*.json,logs}.
@@ -26,6 +28,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 attn=1 experts=3 layers=4 dense=1 shape=v32 model="" backend=cuda transport=nccl redundant=32
 prompt=4096 max_tokens=128 streams="16,64,128" prefill_streams=8 bin="" tok="" out="" math=fast wire=bf16
+temperature="" top_p=1
 while [ $# -gt 0 ]; do
     case "$1" in
     --attn) attn=$2 ;;           --experts) experts=$2 ;;     --layers) layers=$2 ;;
@@ -34,7 +37,8 @@ while [ $# -gt 0 ]; do
     --prompt-tokens) prompt=$2 ;; --max-tokens) max_tokens=$2 ;; --streams) streams=$2 ;;
     --prefill-streams) prefill_streams=$2 ;; --bin) bin=$2 ;; --tokenizer) tok=$2 ;;
     --out) out=$2 ;;             --math) math=$2 ;;           --ep-wire) wire=$2 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    --temperature) temperature=$2 ;; --top-p) top_p=$2 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "scale.sh: unknown argument $1 (--help)" >&2; exit 2 ;;
     esac
     shift 2
@@ -180,7 +184,8 @@ run() { # N EXTRA_ROUTER_ARGS...
     : > "$d/client.txt"
     "$CLIENT" --router "127.0.0.1:$(cat "$d/router.port")" --prompt-tokens "$prompt" \
         --max-tokens "$max_tokens" --streams "$streams" --prefill-streams "$prefill_streams" \
-        --gpus "$gpus" --vocab "$vocab" --json "$d/client.json" > "$d/client.txt" &
+        --gpus "$gpus" --vocab "$vocab" --json "$d/client.json" --top-p "$top_p" \
+        ${temperature:+--temperature "$temperature"} > "$d/client.txt" &
     client=$!
     # a daemon that exits (bad option, out of memory, a crash) fails the run at once: the client
     # would wait for it

@@ -11,8 +11,10 @@
  *            must outlast the last stream's prefill for there to be such a window.
  * One line per measurement, and with --json FILE the same as JSON. Exit 0 only when every request
  * ended with the tokens it asked for.
+ * Every request samples with --temperature (default: the API's, 1) and --top-p (default: off).
  *   scale_client --router HOST:PORT [--prompt-tokens P] [--max-tokens T] [--streams N[,N...]]
- *                [--prefill-streams N] [--gpus G] [--vocab V] [--json FILE] */
+ *                [--prefill-streams N] [--gpus G] [--vocab V] [--json FILE] [--temperature T]
+ *                [--top-p P] */
 #define _GNU_SOURCE 1
 #include "dsv32.pb-c.h"
 #include "error.h"
@@ -37,6 +39,9 @@ struct stream {
     struct gen_result res; /* res.arrival: per token, monotonic us */
     int ok;
 };
+
+/* the requests' sampling (--temperature: < 0 leaves it unset; --top-p: 1 is off) */
+static float req_temperature = -1.0f, req_top_p = 1.0f;
 
 static uint64_t mix(uint64_t z)
 {
@@ -65,6 +70,11 @@ static void *run_stream(void *arg)
     req.input_case = DSV32__V1__GENERATE_REQUEST__INPUT_TOKEN_IDS;
     req.token_ids = &tid;
     sp.max_tokens = (uint32_t)s->max_tokens;
+    if (req_temperature >= 0.0f) {
+        sp.temperature_opt_case = DSV32__V1__SAMPLING_PARAMS__TEMPERATURE_OPT_TEMPERATURE;
+        sp.temperature = req_temperature;
+    }
+    sp.top_p = req_top_p;
     sp.ignore_eos = 1;
     req.sampling = &sp;
     const int rc = gen_stream_run(s->client, &req, 3600000, &s->res);
@@ -157,12 +167,18 @@ static int run_level(struct dsv32_rpc_client *client, int n, int prompt, int max
 
 int main(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"router", required_argument, 0, 'r'},        {"prompt-tokens", required_argument, 0, 'p'},
-        {"max-tokens", required_argument, 0, 't'},    {"streams", required_argument, 0, 's'},
-        {"prefill-streams", required_argument, 0, 'P'}, {"gpus", required_argument, 0, 'g'},
-        {"vocab", required_argument, 0, 'v'},         {"json", required_argument, 0, 'j'},
-        {"help", no_argument, 0, 'h'},                {0, 0, 0, 0}};
+    static const struct option opts[] = {{"router", required_argument, 0, 'r'},
+                                         {"prompt-tokens", required_argument, 0, 'p'},
+                                         {"max-tokens", required_argument, 0, 't'},
+                                         {"streams", required_argument, 0, 's'},
+                                         {"prefill-streams", required_argument, 0, 'P'},
+                                         {"gpus", required_argument, 0, 'g'},
+                                         {"vocab", required_argument, 0, 'v'},
+                                         {"json", required_argument, 0, 'j'},
+                                         {"temperature", required_argument, 0, 'T'},
+                                         {"top-p", required_argument, 0, 'o'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     const char *router = NULL, *streams = "1,8,32", *json = NULL;
     int prompt = 4096, max_tokens = 128, prefill_streams = 8, gpus = 1, vocab = 128000, c;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
@@ -175,10 +191,16 @@ int main(int argc, char **argv)
         case 'g': gpus = atoi(optarg); break;
         case 'v': vocab = atoi(optarg); break;
         case 'j': json = optarg; break;
+        case 'T':
+            req_temperature = strtof(optarg, NULL);
+            break;
+        case 'o':
+            req_top_p = strtof(optarg, NULL);
+            break;
         default:
             fprintf(stderr, "usage: scale_client --router HOST:PORT [--prompt-tokens P] "
                             "[--max-tokens T] [--streams N[,N...]] [--prefill-streams N] "
-                            "[--gpus G] [--vocab V] [--json FILE]\n");
+                            "[--gpus G] [--vocab V] [--json FILE] [--temperature T] [--top-p P]\n");
             return c == 'h' ? 0 : 2;
         }
     }
@@ -198,9 +220,14 @@ int main(int argc, char **argv)
         }
     }
     if (!router || optind != argc || n_levels < 1 || prompt < 1 || max_tokens < 2 ||
-        prefill_streams < 0 || prefill_streams > MAX_STREAMS || gpus < 1 || vocab < 200) {
-        fprintf(stderr, "scale_client: --router HOST:PORT; --streams 1..%d each (comma-separated); "
-                        "--max-tokens >= 2; --prompt-tokens >= 1\n", MAX_STREAMS);
+        prefill_streams < 0 || prefill_streams > MAX_STREAMS || gpus < 1 || vocab < 200 ||
+        !(req_temperature < 0.0f || req_temperature <= 100.0f) ||
+        !(req_top_p > 0.0f && req_top_p <= 1.0f)) {
+        fprintf(
+            stderr,
+            "scale_client: --router HOST:PORT; --streams 1..%d each (comma-separated); "
+            "--max-tokens >= 2; --prompt-tokens >= 1; --temperature 0..100; --top-p in (0, 1]\n",
+            MAX_STREAMS);
         return 2;
     }
     struct dsv32_rpc_client *client;
