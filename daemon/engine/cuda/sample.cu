@@ -3,12 +3,15 @@
  *  1. the largest logit and its first index (thread t reads v = t, t + 1024, ... in order and keeps
  *     the first of equals; the block reduction prefers the lower index): the greedy token and the
  *     maximum the draw and the logprobs start from;
- *  2. a temperature > 0: draw_full of sampling.c, operation for operation: e[v] = e^((x - max) / T)
+ *  2. a temperature > 0: sampling.c's draw_row, operation for operation: e[v] = e^((x - max) / T)
  *     by the same Cody-Waite reduction and polynomial in single precision without contraction
- *     (__fmul_rn, __fadd_rn), into global scratch; the sums of each block of 1024 in four float
- *     lanes (lane l adds v = 1024 b + l, + 4, ... in order), the lanes' sum in double; then one
- *     thread walks the block sums and the chosen block (staged in shared memory) in double, as
- *     the host does. So the token is the host's for the same logits and uniform, bit for bit;
+ *     (__fmul_rn, __fadd_rn), into global scratch; top-k (a radix select of the k-th rank key)
+ *     and min-p as zeros in e; the sums of each block of 1024 in four float lanes (lane l adds
+ *     v = 1024 b + l, + 4, ... in order), the lanes' sum in double; then one thread walks the
+ *     block sums and the chosen block (staged in shared memory) in double, or, with top-p, the
+ *     candidates sorted in the canonical order (at most SAMPLE_TOPM of them: a longer nucleus
+ *     returns -1, the host's). So the token is the host's for the same logits and uniform, bit
+ *     for bit;
  *  3. logprobs: the softmax sum in double as a tree (the host sums in order: the log-sum-exp may
  *     differ in its last float bit) and the top n by value, lower index first among equals: each
  *     thread keeps its own top n in order, then n rounds of a block-wide maximum over the
