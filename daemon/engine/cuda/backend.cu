@@ -608,7 +608,7 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
     const int n_dev = dsv32_cuda_device_count();
     if (device < 0 || device >= n_dev) {
         log_error("cuda: device %d requested, %d present", device, n_dev);
-        return DSV32_ECUDA;
+        return -ENODEV; /* "No such device": the configuration's, not a CUDA failure */
     }
     struct dsv32_backend *be = (struct dsv32_backend *)calloc(1, sizeof(*be));
     struct cu_ctx *c = (struct cu_ctx *)calloc(1, sizeof(*c));
