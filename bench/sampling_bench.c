@@ -34,7 +34,8 @@ int main(void)
         int top_k;
     } cases[] = {{"temperature 1 (default)", 1.0f, 1.0f, 0},
                  {"greedy (temperature 0)", 0.0f, 1.0f, 0},
-                 {"temperature 0.7, top_k 40", 0.7f, 1.0f, 40}};
+                 {"temperature 0.7, top_k 40", 0.7f, 1.0f, 40},
+                 {"temperature 0.6, top_p 0.95", 0.6f, 0.95f, 0}};
     for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
         struct dsv32_sampling_params p;
         dsv32_sampling_defaults(&p);

@@ -290,45 +290,71 @@ static int32_t draw_row(const float *x, int V, const struct dsv32_draw *d, uint8
 #pragma omp simd reduction(max : mx)
     for (int v = 0; v < V; v++)
         mx = x[v] > mx ? x[v] : mx;
-    int v = 0;
-    for (; v + 4 <= V; v += 4) {
-        v4sf xv;
-        memcpy(&xv, x + v, sizeof(xv));
-        const v4sf ev = exp_le0_v4((xv - mx) * inv_t);
-        memcpy(e + v, &ev, sizeof(ev));
+    /* without top-k or min-p, e is computed inside the block sums' loop (one pass over x) */
+    const int masked = (d->top_k > 0 && d->top_k < V) || d->min_p > 0.0f;
+    if (masked) {
+        int v = 0;
+        for (; v + 4 <= V; v += 4) {
+            v4sf xv;
+            memcpy(&xv, x + v, sizeof(xv));
+            const v4sf ev = exp_le0_v4((xv - mx) * inv_t);
+            memcpy(e + v, &ev, sizeof(ev));
+        }
+        if (v < V) { /* the last few: the same lanes */
+            v4sf xv = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+            for (int l = 0; l < V - v; l++)
+                xv[l] = x[v + l];
+            const v4sf ev = exp_le0_v4((xv - mx) * inv_t);
+            for (int l = 0; l < V - v; l++)
+                e[v + l] = ev[l];
+        }
+        if (d->top_k > 0 && d->top_k < V) {
+            for (int t = 0; t < V; t++)
+                keys[t] = rank_key(x[t], t);
+            select_keys(keys, (size_t)V, (size_t)d->top_k);
+            uint64_t kth = keys[0];
+            for (int i = 1; i < d->top_k; i++)
+                kth = keys[i] < kth ? keys[i] : kth;
+            for (int t = 0; t < V; t++)
+                if (rank_key(x[t], t) < kth)
+                    e[t] = 0.0f;
+        }
+        if (d->min_p > 0.0f)
+            for (int t = 0; t < V; t++)
+                if (e[t] < d->min_p)
+                    e[t] = 0.0f;
     }
-    if (v < V) { /* the vocabulary's last few: the same lanes */
-        v4sf xv = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-        for (int l = 0; l < V - v; l++)
-            xv[l] = x[v + l];
-        const v4sf ev = exp_le0_v4((xv - mx) * inv_t);
-        for (int l = 0; l < V - v; l++)
-            e[v + l] = ev[l];
-    }
-    if (d->top_k > 0 && d->top_k < V) {
-        for (int t = 0; t < V; t++)
-            keys[t] = rank_key(x[t], t);
-        select_keys(keys, (size_t)V, (size_t)d->top_k);
-        uint64_t kth = keys[0];
-        for (int i = 1; i < d->top_k; i++)
-            kth = keys[i] < kth ? keys[i] : kth;
-        for (int t = 0; t < V; t++)
-            if (rank_key(x[t], t) < kth)
-                e[t] = 0.0f;
-    }
-    if (d->min_p > 0.0f)
-        for (int t = 0; t < V; t++)
-            if (e[t] < d->min_p)
-                e[t] = 0.0f;
     const int nb = (V + BLK - 1) / BLK;
     double total = 0.0;
     for (int b = 0; b < nb; b++) {
         const int v0 = b * BLK, v1 = v0 + BLK < V ? v0 + BLK : V;
         v4sf acc = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int t = v0; t < v1; t += 4) {
-            v4sf ev = {0.0f, 0.0f, 0.0f, 0.0f}; /* past the vocabulary: no mass */
-            for (int l = 0; l < 4 && t + l < v1; l++)
-                ev[l] = e[t + l];
+        int t = v0;
+        for (; t + 4 <= v1; t += 4) {
+            v4sf ev;
+            if (masked) {
+                memcpy(&ev, e + t, sizeof(ev));
+            } else {
+                v4sf xv;
+                memcpy(&xv, x + t, sizeof(xv));
+                ev = exp_le0_v4((xv - mx) * inv_t);
+                memcpy(e + t, &ev, sizeof(ev));
+            }
+            acc += ev;
+        }
+        if (t < v1) { /* the vocabulary's last few: the same lanes, the missing ones without mass */
+            v4sf ev = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (masked) {
+                for (int l = 0; l < v1 - t; l++)
+                    ev[l] = e[t + l];
+            } else {
+                v4sf xv = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+                for (int l = 0; l < v1 - t; l++)
+                    xv[l] = x[t + l];
+                const v4sf ex = exp_le0_v4((xv - mx) * inv_t);
+                for (int l = 0; l < v1 - t; l++)
+                    e[t + l] = ev[l] = ex[l];
+            }
             acc += ev;
         }
         bsum[b] = (double)acc[0] + acc[1] + acc[2] + acc[3];
