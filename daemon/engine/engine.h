@@ -31,8 +31,9 @@ struct dsv32_seq_input {
     const int32_t *tokens;  /* (n_tokens) host memory */
     enum dsv32_logits_mode logits;
     /* With DSV32_LOGITS_LAST: the next token drawn where the logits are (the backend's sample
-     * op: greedy or the whole-vocabulary draw, sampling.h) instead of the row returned; *token
-     * gets it and *lp its logprobs when draw->n_logprobs >= 0. NULL: the row is returned. */
+     * op, or the engine from the row when the backend leaves it: sampling.h's dsv32_draw)
+     * instead of the row returned; *token gets it and *lp its logprobs when draw->n_logprobs >=
+     * 0. NULL: the row is returned. */
     const struct dsv32_draw *draw;
     int32_t *token;
     struct dsv32_logprobs *lp;
