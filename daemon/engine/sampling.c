@@ -260,11 +260,17 @@ static int cmp_key_desc(const void *a, const void *b)
     return (x < y) - (x > y);
 }
 
+/* the draw's scratch: e (vocab floats, rounded up to 8 bytes), then the rank keys (vocab), then
+ * the block sums (vocab / 1024 + 1 doubles) */
+static size_t draw_e_bytes(int vocab)
+{
+    return ((size_t)vocab * sizeof(float) + 7) & ~(size_t)7;
+}
+
 size_t dsv32_draw_work_bytes(int vocab)
 {
-    const size_t V = (size_t)vocab;
-    return ((V * sizeof(float) + 7) & ~(size_t)7) + V * sizeof(uint64_t) +
-           (V / 1024 + 1) * sizeof(double);
+    return draw_e_bytes(vocab) + (size_t)vocab * sizeof(uint64_t) +
+           ((size_t)vocab / 1024 + 1) * sizeof(double);
 }
 
 /* A draw from softmax(x / T) at the uniform u, over the candidates top_k, min_p and top_p leave:
@@ -283,7 +289,7 @@ static int32_t draw_row(const float *x, int V, const struct dsv32_draw *d, uint8
 {
     enum { BLK = 1024 };
     float *e = (float *)(void *)work;
-    uint64_t *keys = (uint64_t *)(void *)(work + (((size_t)V * sizeof(float) + 7) & ~(size_t)7));
+    uint64_t *keys = (uint64_t *)(void *)(work + draw_e_bytes(V));
     double *bsum = (double *)(void *)(keys + V);
     const float inv_t = 1.0f / d->temperature;
     float mx = -INFINITY;
@@ -411,7 +417,6 @@ int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_
     const struct dsv32_sampling_params *p = &s->p;
     const int V = s->vocab;
     const float *x = logits;
-    int32_t tok;
     if (has_penalties(p)) {
         /* as vLLM applies them: repetition over prompt and output, then frequency and presence
          * over the output */
@@ -426,20 +431,13 @@ int32_t dsv32_sample(struct dsv32_sampler *s, const float *logits, struct dsv32_
         }
         x = w;
     }
-    if (!sampler_draws(p)) {
-        tok = argmax(x, V); /* greedy (on the raw logits without penalties: no copy) */
-    } else {
-        const struct dsv32_draw d = {.temperature = p->temperature,
-                                     .u = rng_uniform(s->rng),
-                                     .top_k = p->top_k,
-                                     .top_p = p->top_p,
-                                     .min_p = p->min_p,
-                                     .n_logprobs = -1};
-        tok = draw_row(x, V, &d, s->dwork);
-    }
+    /* the draw the backends take too: its parameters, then the stream advanced past it */
+    struct dsv32_draw d;
+    dsv32_sampler_draw_params(s, &d);
+    const int32_t tok = dsv32_draw_row(x, V, &d, s->dwork); /* greedy on x itself: no copy */
     if (lp)
         dsv32_logprobs_of(logits, V, tok, p->n_logprobs > 0 ? p->n_logprobs : 0, lp);
-    dsv32_sampler_accept(s, tok);
+    dsv32_sampler_took(s, tok);
     return tok;
 }
 
