@@ -623,9 +623,10 @@ static void *ep_main(void *arg)
         int r = -ENOENT;
         if (rank >= 0 && e->n_shards > 0) {
             if (strcmp(e->transport, "nccl") == 0) {
-                r = dsv32_comm_nccl_new(e->nccl_id, rank, world, a->cfg.gpu >= 0 ? a->cfg.gpu : 0,
-                                        e->epoch, a->cfg.ep_timeout_ms,
-                                        DSV32_COMM_NCCL_HOST_BUFFERS, &c);
+                r = dsv32_comm_nccl_new(
+                    e->nccl_id, rank, world, a->cfg.gpu >= 0 ? a->cfg.gpu : 0, e->epoch,
+                    a->cfg.ep_timeout_ms,
+                    dsv32_ep_device_blocks(a->engine->be) ? 0 : DSV32_COMM_NCCL_HOST_BUFFERS, &c);
             } else {
                 const char *addrs[DSV32_GROUP_MAX_MEMBERS];
                 for (int i = 0; i < world; i++)

@@ -11,6 +11,7 @@
 #ifndef DSV32_COMM_H
 #define DSV32_COMM_H
 
+#include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -31,7 +32,15 @@ struct dsv32_comm_xchg {
      * next call on it (backend memory: host for tcp, device for nccl) */
     void **recv;               /* (world) */
     size_t *recv_bytes;        /* (world) */
+    /* Optional: the first head_bytes (<= DSV32_COMM_MAX_HEAD) of every received block in host
+     * memory, whichever memory the blocks are in (all of a shorter block), so that a caller whose
+     * blocks stay on the device reads their headers without a copy of its own. recv_head NULL:
+     * not wanted; else filled by the call, valid as long as recv. */
+    size_t head_bytes;
+    void **recv_head; /* (world) */
 };
+
+#define DSV32_COMM_MAX_HEAD 256
 
 struct dsv32_comm_ops {
     const char *name;
@@ -50,11 +59,15 @@ struct dsv32_comm {
     int rank, world;
     uint64_t epoch;
     int failed;        /* first error, 0 while healthy */
+    int device_blocks; /* blocks passed and received are device memory (nccl without
+                          DSV32_COMM_NCCL_HOST_BUFFERS), else host memory */
     uint64_t bytes_sent, bytes_received, exchanges;
 };
 
 static inline int dsv32_comm_exchange(struct dsv32_comm *c, struct dsv32_comm_xchg *x, int timeout_ms)
 {
+    if (x->recv_head && x->head_bytes > DSV32_COMM_MAX_HEAD)
+        return -EINVAL;
     return c->failed ? c->failed : c->ops->exchange(c, x, timeout_ms);
 }
 static inline void dsv32_comm_free(struct dsv32_comm *c)

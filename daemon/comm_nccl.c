@@ -31,6 +31,7 @@ struct nccl_comm {
     size_t *scap;
     void **hrecv;        /* (world) host copies of received blocks */
     size_t *hcap;
+    uint8_t *hhead; /* device blocks: pinned (world, DSV32_COMM_MAX_HEAD), their heads */
 };
 
 /* grows a device buffer to n bytes */
@@ -210,10 +211,22 @@ sized:
             CUDA_TRY(n, cudaMemcpyAsync(n->hrecv[p], n->rbuf[p], got, cudaMemcpyDeviceToHost,
                                         n->stream));
         }
+    if (!n->host && x->recv_head)
+        for (int p = 0; p < W; p++) {
+            size_t got = (size_t)n->h_sizes[W + p], hb = got < x->head_bytes ? got : x->head_bytes;
+            if (p != c->rank && x->recv_from[p] && hb)
+                CUDA_TRY(n, cudaMemcpyAsync(n->hhead + (size_t)p * DSV32_COMM_MAX_HEAD, n->rbuf[p],
+                                            hb, cudaMemcpyDeviceToHost, n->stream));
+        }
     if ((r = wait_stream(n, deadline)) < 0)
         return r;
+    for (int p = 0; x->recv_head && p < W; p++)
+        x->recv_head[p] = NULL;
     for (int p = 0; p < W; p++)
         if (p != c->rank && x->recv_from[p]) {
+            if (x->recv_head)
+                x->recv_head[p] =
+                    n->host ? n->hrecv[p] : n->hhead + (size_t)p * DSV32_COMM_MAX_HEAD;
             x->recv[p] = n->host ? n->hrecv[p] : n->rbuf[p];
             x->recv_bytes[p] = (size_t)n->h_sizes[W + p];
             c->bytes_received += n->h_sizes[W + p];
@@ -308,6 +321,8 @@ static void nccl_free(struct dsv32_comm *c)
         cudaFree(n->d_sizes);
     if (n->h_sizes)
         cudaFreeHost(n->h_sizes);
+    if (n->hhead)
+        cudaFreeHost(n->hhead);
     if (n->stream)
         cudaStreamDestroy(n->stream);
     free(n->rbuf);
@@ -358,6 +373,7 @@ int dsv32_comm_nccl_new(const uint8_t id[DSV32_NCCL_ID_BYTES], int rank, int wor
     n->c = (struct dsv32_comm){.ops = &nccl_ops, .rank = rank, .world = world, .epoch = epoch};
     n->device = device;
     n->host = (flags & DSV32_COMM_NCCL_HOST_BUFFERS) != 0;
+    n->c.device_blocks = !n->host;
     n->rbuf = calloc((size_t)world, sizeof(void *));
     n->rcap = calloc((size_t)world, sizeof(size_t));
     n->sstage = calloc((size_t)world, sizeof(void *));
@@ -370,8 +386,12 @@ int dsv32_comm_nccl_new(const uint8_t id[DSV32_NCCL_ID_BYTES], int rank, int wor
     cudaError_t ce;
     if ((ce = cudaSetDevice(device)) != cudaSuccess ||
         (ce = cudaStreamCreateWithFlags(&n->stream, cudaStreamNonBlocking)) != cudaSuccess ||
-        (ce = cudaMalloc((void **)&n->d_sizes, sizeof(uint64_t) * 2 * (size_t)world)) != cudaSuccess ||
-        (ce = cudaMallocHost((void **)&n->h_sizes, sizeof(uint64_t) * 2 * (size_t)world)) != cudaSuccess) {
+        (ce = cudaMalloc((void **)&n->d_sizes, sizeof(uint64_t) * 2 * (size_t)world)) !=
+            cudaSuccess ||
+        (ce = cudaMallocHost((void **)&n->h_sizes, sizeof(uint64_t) * 2 * (size_t)world)) !=
+            cudaSuccess ||
+        (!n->host && (ce = cudaMallocHost((void **)&n->hhead,
+                                          (size_t)DSV32_COMM_MAX_HEAD * world)) != cudaSuccess)) {
         log_error("nccl comm: CUDA: %s", cudaGetErrorString(ce));
         r = DSV32_ECUDA;
         goto fail;

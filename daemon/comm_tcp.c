@@ -297,6 +297,8 @@ static int tcp_exchange(struct dsv32_comm *c, struct dsv32_comm_xchg *x, int tim
             }
         }
     }
+    for (int p = 0; x->recv_head && p < W; p++)
+        x->recv_head[p] = x->recv[p]; /* host memory already */
     c->exchanges++;
     return 0;
 }

@@ -206,16 +206,20 @@ out:
 
 /* A buffer that grows to the largest size asked for and then stays (contents not kept across
  * growth). With a backend that has host_alloc, page-locked: the copies to and from the GPU and
- * the nccl transport's staging then run at the link's rate. */
+ * the nccl transport's staging then run at the link's rate. With `dev` set, backend memory
+ * (alloc/dealloc): blocks that stay where the backend's rows are. */
 struct growbuf {
     uint8_t *p;
     size_t cap;
-    struct dsv32_backend *be; /* host_alloc's backend, or NULL: malloc */
+    struct dsv32_backend *be; /* host_alloc's or alloc's backend, or NULL: malloc */
+    int dev;
 };
 
 static void gb_free(struct growbuf *b)
 {
-    if (b->p && b->be && b->be->ops->host_free)
+    if (b->p && b->be && b->dev)
+        b->be->ops->dealloc(b->be, b->p);
+    else if (b->p && b->be && b->be->ops->host_free)
         b->be->ops->host_free(b->be, b->p);
     else
         free(b->p);
@@ -228,12 +232,37 @@ static void *grow(struct growbuf *b, size_t n)
     if (n > b->cap) {
         size_t want = n + n / 2;
         gb_free(b);
-        b->p = b->be && b->be->ops->host_alloc ? b->be->ops->host_alloc(b->be, want) : malloc(want);
+        if (b->be && b->dev)
+            b->p = b->be->ops->alloc(b->be, want);
+        else
+            b->p = b->be && b->be->ops->host_alloc ? b->be->ops->host_alloc(b->be, want)
+                                                   : malloc(want);
         if (!b->p)
             return NULL;
         b->cap = want;
     }
     return b->p;
+}
+
+/* 1 if the backend's memory is host memory (the cpu backend): its rows and a tcp transport's
+ * blocks are in the same place */
+static int host_backend(const struct dsv32_backend *be)
+{
+    return strcmp(be->ops->name, "cpu") == 0;
+}
+
+/* The blocks can be packed and unpacked by the backend where its rows are: the transport's
+ * blocks are in the backend's memory (device blocks with a GPU backend, host blocks with the cpu
+ * backend) and the backend has the ops. Else rows go through host memory (a GPU backend on tcp
+ * or on nccl with host buffers). */
+static int blocks_inplace(const struct dsv32_comm *comm, const struct dsv32_backend *be)
+{
+    return comm->device_blocks == !host_backend(be) && be->ops->rows_pack && be->ops->rows_unpack;
+}
+
+int dsv32_ep_device_blocks(const struct dsv32_backend *be)
+{
+    return !host_backend(be) && be->ops->rows_pack && be->ops->rows_unpack;
 }
 
 /* Row packing runs on a few threads when the block is large (prefill: tens of megabytes). */
@@ -308,26 +337,51 @@ struct dsv32_ep_client {
     struct dsv32_backend *be;
     enum dsv32_ep_wire wire;
     int timeout_ms;
+    int inplace;         /* blocks_inplace for the current communicator */
     int *moe;            /* MoE layer ids in order */
     int n_moe, pos;      /* position of the next MoE layer in the current step */
-    struct growbuf *out; /* (n_shards) dispatch buffers */
+    struct growbuf *out; /* (n_shards) dispatch blocks (backend memory when inplace) */
     struct growbuf rows; /* per shard, the local row of each dispatched row */
     struct growbuf xh, yh;
+    struct growbuf drows; /* inplace: rows, in backend memory */
+    struct growbuf hst;   /* inplace: each shard's header and pairs, staged for the copies */
     struct dsv32_ep_stats st;
     uint64_t *expert_pairs;                        /* (n_layers, n_experts) */
     uint64_t shard_pairs[DSV32_COMM_MAX_WORLD];    /* per shard of the current placement */
 };
 
+static void client_out_free(struct dsv32_ep_client *c)
+{
+    for (int s = 0; c->out && s < c->n_shards; s++)
+        gb_free(&c->out[s]);
+    free(c->out);
+    c->out = NULL;
+}
+
+/* The dispatch blocks for the current communicator: backend memory when inplace. */
+static int client_out_new(struct dsv32_ep_client *c)
+{
+    c->inplace = blocks_inplace(c->comm, c->be);
+    c->out = calloc((size_t)c->n_shards, sizeof(*c->out));
+    if (!c->out)
+        return -ENOMEM;
+    for (int s = 0; s < c->n_shards; s++) {
+        c->out[s].be = c->inplace || !host_backend(c->be) ? c->be : NULL;
+        c->out[s].dev = c->inplace;
+    }
+    return 0;
+}
+
 void dsv32_ep_client_free(struct dsv32_ep_client *c)
 {
     if (!c)
         return;
-    for (int s = 0; c->out && s < c->n_shards; s++)
-        gb_free(&c->out[s]);
-    free(c->out);
+    client_out_free(c);
     gb_free(&c->rows);
     gb_free(&c->xh);
     gb_free(&c->yh);
+    gb_free(&c->drows);
+    gb_free(&c->hst);
     free(c->moe);
     free(c->expert_pairs);
     dsv32_placement_done(&c->pl);
@@ -365,20 +419,18 @@ int dsv32_ep_client_new(struct dsv32_comm *comm, int n_attn, const struct dsv32_
     c->be = be;
     c->wire = wire;
     c->timeout_ms = timeout_ms;
-    c->out = calloc((size_t)c->n_shards, sizeof(*c->out));
     c->expert_pairs = calloc((size_t)pl->n_layers * (size_t)(pl->n_experts ? pl->n_experts : 1),
                              sizeof(uint64_t));
     int r = moe_layers(cfg, &c->moe);
-    if (!c->out || !c->expert_pairs || r < 0 || copy_placement(&c->pl, pl) < 0) {
+    if (!c->expert_pairs || r < 0 || client_out_new(c) < 0 || copy_placement(&c->pl, pl) < 0) {
         dsv32_ep_client_free(c);
         return -ENOMEM;
     }
     c->n_moe = r;
-    if (strcmp(be->ops->name, "cpu") != 0) { /* page-locked where the backend copies them */
-        c->xh.be = c->yh.be = be;
-        for (int sh = 0; sh < c->n_shards; sh++)
-            c->out[sh].be = be;
-    }
+    if (!host_backend(be)) /* page-locked where the backend copies them */
+        c->xh.be = c->yh.be = c->rows.be = c->hst.be = be;
+    c->drows.be = be;
+    c->drows.dev = 1;
     *ret = c;
     return 0;
 }
@@ -397,33 +449,63 @@ int dsv32_ep_client_rebind(struct dsv32_ep_client *c, struct dsv32_comm *comm, i
     }
     if (pl || c->n_shards != comm->world - n_attn) /* other shards: their counts start again */
         memset(c->shard_pairs, 0, sizeof(c->shard_pairs));
-    for (int s = 0; s < c->n_shards; s++)
-        gb_free(&c->out[s]);
-    free(c->out);
+    client_out_free(c);
     c->comm = comm;
     c->n_attn = n_attn;
     c->n_shards = comm->world - n_attn;
-    c->out = calloc((size_t)c->n_shards, sizeof(*c->out));
     c->pos = 0;
-    if (!c->out)
-        return -ENOMEM;
-    for (int s = 0; s < c->n_shards; s++)
-        c->out[s].be = c->xh.be;
-    return 0;
+    return client_out_new(c);
 }
 
-/* One MoE layer: dispatch rows (x host memory, may be rows = 0), combine into y (host). Returns
- * the group-active flag from the combine, or <0. */
+/* The shard replica that serves pair (row r, slot j) of expert e: the replicas take turns by
+ * r + j. -1 when nobody holds e. */
+static int pair_owner(const struct dsv32_ep_client *c, int layer, int e, int r, int j)
+{
+    const int16_t *ow = dsv32_placement_owners(&c->pl, layer, e);
+    int n_rep = 0;
+    while (n_rep < c->pl.max_replicas && ow[n_rep] >= 0)
+        n_rep++;
+    return n_rep ? ow[(r + j) % n_rep] : -1;
+}
+
+/* Shard s's (expert, weight) pairs of its n rows rm (expert -1 where another shard serves it). */
+static void put_pairs(struct dsv32_ep_client *c, int layer, int s, const int32_t *rm, int n,
+                      const int32_t *ids, const float *w, int k, uint8_t *pairs)
+{
+    for (int i = 0; i < n; i++) {
+        const int r = rm[i];
+        for (int j = 0; j < k; j++) {
+            int32_t e = ids[r * k + j];
+            float wt = w[r * k + j];
+            if (e >= 0) {
+                if (pair_owner(c, layer, e, r, j) != s) {
+                    e = -1;
+                } else {
+                    c->shard_pairs[s]++;
+                    c->expert_pairs[(size_t)layer * c->pl.n_experts + e]++;
+                }
+            }
+            memcpy(pairs + ((size_t)i * k + j) * 8, &e, 4);
+            memcpy(pairs + ((size_t)i * k + j) * 8 + 4, &wt, 4);
+        }
+    }
+}
+
+/* One MoE layer: dispatch rows (x: backend memory when inplace, else host; rows may be 0),
+ * combine into y (the same memory as x). Returns the group-active flag from the combine, or
+ * <0. */
 static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const float *x, int rows,
                         const int32_t *ids, const float *w, int k, int active)
 {
-    const int A = c->n_attn, S = c->n_shards, W = A + S, D = c->cfg->hidden_size;
-    const size_t es = wire_elem(c->wire);
+    const int A = c->n_attn, S = c->n_shards, D = c->cfg->hidden_size;
+    const size_t es = wire_elem(c->wire), hs = sizeof(struct ep_hdr), stride = rows ? rows : 1;
+    const int bf16 = c->wire == DSV32_EP_WIRE_BF16;
+    const struct dsv32_backend_ops *ops = c->be->ops;
     if (c->moe[c->pos] != layer)
         return DSV32_EFORMAT; /* the engine skipped or reordered a MoE layer */
     const uint64_t t_pack = dsv32_mono_ns();
     /* rows going to each shard: a row goes to s when one of its experts' chosen replica is s */
-    int32_t *rowmap = grow(&c->rows, sizeof(int32_t) * (size_t)(rows ? rows : 1) * S);
+    int32_t *rowmap = grow(&c->rows, sizeof(int32_t) * stride * S);
     if (!rowmap)
         return -ENOMEM;
     int cnt[DSV32_COMM_MAX_WORLD] = {0};
@@ -433,66 +515,69 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
             for (int j = 0; j < k && !hit; j++) {
                 if (ids[r * k + j] < 0)
                     continue;
-                const int16_t *ow = dsv32_placement_owners(&c->pl, layer, ids[r * k + j]);
-                int n_rep = 0;
-                while (n_rep < c->pl.max_replicas && ow[n_rep] >= 0)
-                    n_rep++;
-                if (n_rep == 0)
+                const int o = pair_owner(c, layer, ids[r * k + j], r, j);
+                if (o < 0)
                     return DSV32_ECONFIG; /* an expert nobody holds */
-                hit = ow[(r + j) % n_rep] == s;
+                hit = o == s;
             }
             if (hit)
-                rowmap[(size_t)s * (rows ? rows : 1) + cnt[s]++] = r;
+                rowmap[(size_t)s * stride + cnt[s]++] = r;
         }
+    int32_t *drows = rowmap;
+    uint8_t *hst = NULL;
+    if (c->inplace) {
+        /* the rows map, headers and pairs go to the backend; the rows never leave it */
+        drows = grow(&c->drows, sizeof(int32_t) * stride * S);
+        hst = grow(&c->hst, (hs + stride * k * 8) * S);
+        if (!drows || !hst)
+            return -ENOMEM;
+        int r = rows ? ops->to_device(c->be, drows, rowmap, sizeof(int32_t) * stride * S) : 0;
+        if (r < 0)
+            return r;
+    }
     const void *send[DSV32_COMM_MAX_WORLD] = {0};
     size_t sb[DSV32_COMM_MAX_WORLD] = {0}, rb[DSV32_COMM_MAX_WORLD];
     uint8_t from[DSV32_COMM_MAX_WORLD] = {0};
-    void *recv[DSV32_COMM_MAX_WORLD];
+    void *recv[DSV32_COMM_MAX_WORLD], *head[DSV32_COMM_MAX_WORLD];
     for (int s = 0; s < S; s++) {
         const int n = cnt[s];
-        size_t bytes = sizeof(struct ep_hdr) + (size_t)n * D * es + (size_t)n * k * 8;
+        const size_t bytes = hs + (size_t)n * D * es + (size_t)n * k * 8;
         uint8_t *b = grow(&c->out[s], bytes);
         if (!b)
             return -ENOMEM;
         struct ep_hdr h = {EP_DISPATCH, (uint32_t)layer, (uint32_t)n, (uint32_t)k, (uint32_t)D,
                            (uint32_t)c->wire, active ? EP_ACTIVE : 0, 0};
-        memcpy(b, &h, sizeof(h));
-        uint8_t *xr = b + sizeof(h), *pairs = xr + (size_t)n * D * es;
-        const int32_t *rm = rowmap + (size_t)s * (rows ? rows : 1);
+        const int32_t *rm = rowmap + (size_t)s * stride;
+        if (c->inplace) {
+            uint8_t *hp = hst + (hs + stride * k * 8) * s;
+            memcpy(hp, &h, hs);
+            put_pairs(c, layer, s, rm, n, ids, w, k, hp + hs);
+            int r;
+            if ((r = ops->to_device(c->be, b, hp, hs)) < 0 ||
+                (r = ops->to_device(c->be, b + hs + (size_t)n * D * es, hp + hs,
+                                    (size_t)n * k * 8)) < 0 ||
+                (r = ops->rows_pack(c->be, b + hs, x, drows + (size_t)s * stride, n, D, bf16)) < 0)
+                return r;
+        } else {
+            memcpy(b, &h, hs);
+            uint8_t *xr = b + hs;
 #pragma omp parallel for if ((size_t)n * D >= EP_PAR_MIN) num_threads(ep_threads()) schedule(static)
-        for (int i = 0; i < n; i++)
-            put_rows(xr + (size_t)i * D * es, x + (size_t)rm[i] * D, (size_t)D, c->wire);
-        for (int i = 0; i < n; i++) {
-            const int r = rm[i];
-            for (int j = 0; j < k; j++) {
-                int32_t e = ids[r * k + j];
-                float wt = w[r * k + j];
-                if (e >= 0) {
-                    const int16_t *ow = dsv32_placement_owners(&c->pl, layer, e);
-                    int n_rep = 0;
-                    while (n_rep < c->pl.max_replicas && ow[n_rep] >= 0)
-                        n_rep++;
-                    if (ow[(r + j) % n_rep] != s) {
-                        e = -1;
-                    } else {
-                        c->shard_pairs[s]++;
-                        c->expert_pairs[(size_t)layer * c->pl.n_experts + e]++;
-                    }
-                }
-                memcpy(pairs + ((size_t)i * k + j) * 8, &e, 4);
-                memcpy(pairs + ((size_t)i * k + j) * 8 + 4, &wt, 4);
-            }
+            for (int i = 0; i < n; i++)
+                put_rows(xr + (size_t)i * D * es, x + (size_t)rm[i] * D, (size_t)D, c->wire);
+            put_pairs(c, layer, s, rm, n, ids, w, k, xr + (size_t)n * D * es);
         }
         send[A + s] = b;
         sb[A + s] = bytes;
         c->st.rows_sent += (uint64_t)n;
     }
+    int r;
+    if (c->inplace && (r = ops->sync(c->be)) < 0) /* the blocks are written before they go */
+        return r;
     struct dsv32_comm_xchg x1 = {.send = send, .send_bytes = sb, .recv_from = from, .recv = recv,
                                  .recv_bytes = rb};
     const uint64_t t_dispatch = dsv32_mono_ns();
     c->st.pack_ns += t_dispatch - t_pack;
-    int r = dsv32_comm_exchange(c->comm, &x1, c->timeout_ms);
-    if (r < 0)
+    if ((r = dsv32_comm_exchange(c->comm, &x1, c->timeout_ms)) < 0)
         return r;
     const uint64_t t_combine = dsv32_mono_ns();
     c->st.dispatch_ns += t_combine - t_dispatch;
@@ -500,35 +585,51 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
     size_t expect[DSV32_COMM_MAX_WORLD] = {0};
     for (int s = 0; s < S; s++) {
         from[A + s] = 1;
-        expect[A + s] = sizeof(struct ep_hdr) + (size_t)cnt[s] * D * es;
+        expect[A + s] = hs + (size_t)cnt[s] * D * es;
     }
-    struct dsv32_comm_xchg x2 = {.send = none, .send_bytes = sb, .recv_from = from, .recv = recv,
-                                 .recv_bytes = rb, .recv_expect = expect};
+    struct dsv32_comm_xchg x2 = {.send = none,
+                                 .send_bytes = sb,
+                                 .recv_from = from,
+                                 .recv = recv,
+                                 .recv_bytes = rb,
+                                 .recv_expect = expect,
+                                 .head_bytes = hs,
+                                 .recv_head = head};
     if ((r = dsv32_comm_exchange(c->comm, &x2, c->timeout_ms)) < 0)
         return r;
     const uint64_t t_unpack = dsv32_mono_ns();
     c->st.combine_ns += t_unpack - t_combine;
     c->st.exchanges += 2;
-    if (rows > 0)
-        memset(y, 0, sizeof(float) * (size_t)rows * D);
     int group_active = 0;
     for (int s = 0; s < S; s++) {
         struct ep_hdr h;
-        if (rb[A + s] < sizeof(h))
+        if (rb[A + s] < hs)
             return DSV32_EFORMAT;
-        memcpy(&h, recv[A + s], sizeof(h));
+        memcpy(&h, head[A + s], hs);
         if (h.magic != EP_COMBINE || h.layer != (uint32_t)layer || h.rows != (uint32_t)cnt[s] ||
-            h.dim != (uint32_t)D || rb[A + s] != sizeof(h) + (size_t)cnt[s] * D * es)
+            h.dim != (uint32_t)D || rb[A + s] != hs + (size_t)cnt[s] * D * es)
             return DSV32_EFORMAT;
         group_active |= (h.flags & EP_ACTIVE) != 0;
-        const uint8_t *res = (const uint8_t *)recv[A + s] + sizeof(h);
-        const int32_t *rm = rowmap + (size_t)s * (rows ? rows : 1);
-        /* a shard's rows are distinct: they add in parallel; shards one after another */
-#pragma omp parallel for if ((size_t)cnt[s] * D >= EP_PAR_MIN) num_threads(ep_threads()) schedule(static)
-        for (int i = 0; i < cnt[s]; i++)
-            get_rows(y + (size_t)rm[i] * D, res + (size_t)i * D * es, (size_t)D, c->wire, 1);
     }
-    (void)W;
+    if (rows > 0 && c->inplace) {
+        /* every shard's sums added in shard order, as below; the engine's next op waits for them */
+        if ((r = ops->memset0(c->be, y, sizeof(float) * (size_t)rows * D)) < 0)
+            return r;
+        for (int s = 0; s < S; s++)
+            if ((r = ops->rows_unpack(c->be, y, (const uint8_t *)recv[A + s] + hs,
+                                      drows + (size_t)s * stride, cnt[s], D, bf16, 1)) < 0)
+                return r;
+    } else if (rows > 0) {
+        memset(y, 0, sizeof(float) * (size_t)rows * D);
+        for (int s = 0; s < S; s++) {
+            const uint8_t *res = (const uint8_t *)recv[A + s] + hs;
+            const int32_t *rm = rowmap + (size_t)s * stride;
+            /* a shard's rows are distinct: they add in parallel; shards one after another */
+#pragma omp parallel for if ((size_t)cnt[s] * D >= EP_PAR_MIN) num_threads(ep_threads()) schedule(static)
+            for (int i = 0; i < cnt[s]; i++)
+                get_rows(y + (size_t)rm[i] * D, res + (size_t)i * D * es, (size_t)D, c->wire, 1);
+        }
+    }
     c->st.unpack_ns += dsv32_mono_ns() - t_unpack;
     return group_active;
 }
@@ -547,10 +648,10 @@ int dsv32_ep_moe_routed(void *ctx, int layer, float *y, const float *x, int rows
     struct dsv32_ep_client *c = ctx;
     const int D = c->cfg->hidden_size;
     const struct dsv32_backend_ops *ops = c->be->ops;
-    int host = strcmp(ops->name, "cpu") == 0;
+    const int via_host = !c->inplace && !host_backend(c->be);
     const uint64_t t0 = dsv32_mono_ns();
     float *xh = (float *)x, *yh = y;
-    if (!host) {
+    if (via_host) {
         xh = grow(&c->xh, sizeof(float) * (size_t)rows * D);
         yh = grow(&c->yh, sizeof(float) * (size_t)rows * D);
         if (!xh || !yh)
@@ -565,7 +666,7 @@ int dsv32_ep_moe_routed(void *ctx, int layer, float *y, const float *x, int rows
         return r;
     advance(c);
     const uint64_t t1 = dsv32_mono_ns();
-    if (!host && (r = ops->to_device(c->be, y, yh, sizeof(float) * (size_t)rows * D)) < 0)
+    if (via_host && (r = ops->to_device(c->be, y, yh, sizeof(float) * (size_t)rows * D)) < 0)
         return r;
     c->st.copy_ns += dsv32_mono_ns() - t1;
     c->st.moe_calls++;
@@ -683,9 +784,11 @@ struct dsv32_ep_server {
     const struct dsv32_model *model;
     struct dsv32_backend *be;
     int timeout_ms;
+    int inplace; /* blocks_inplace for the current communicator */
     int *moe;
     int n_moe;
-    struct growbuf x, ids, w, y, out, dx, dy, dids, dw;
+    struct growbuf x, ids, w, y, out, pairs, hdrs; /* host (out: backend memory when inplace) */
+    struct growbuf dx, dy, dids, dw;               /* backend memory */
     uint64_t *expert_rows; /* (layers, experts) */
     struct dsv32_ep_server_stats st;
     int trace; /* DSV32_EP_TRACE: small layers still to log step by step */
@@ -696,18 +799,22 @@ void dsv32_ep_server_free(struct dsv32_ep_server *s)
 {
     if (!s)
         return;
-    struct growbuf *b[] = {&s->x, &s->ids, &s->w, &s->y, &s->out};
+    struct growbuf *b[] = {&s->x,    &s->ids, &s->w,  &s->y,    &s->out, &s->pairs,
+                           &s->hdrs, &s->dx,  &s->dy, &s->dids, &s->dw};
     for (size_t i = 0; i < sizeof(b) / sizeof(b[0]); i++)
         gb_free(b[i]);
-    if (s->be) {
-        void *d[] = {s->dx.p, s->dy.p, s->dids.p, s->dw.p};
-        for (int i = 0; i < 4; i++)
-            if (d[i])
-                s->be->ops->dealloc(s->be, d[i]);
-    }
     free(s->moe);
     free(s->expert_rows);
     free(s);
+}
+
+/* The buffers' memory for the current communicator. */
+static void server_bind(struct dsv32_ep_server *s)
+{
+    s->inplace = blocks_inplace(s->comm, s->be);
+    gb_free(&s->out);
+    s->out.be = s->inplace || !host_backend(s->be) ? s->be : NULL;
+    s->out.dev = s->inplace;
 }
 
 int dsv32_ep_server_new(struct dsv32_comm *comm, int n_attn, int shard,
@@ -744,8 +851,14 @@ int dsv32_ep_server_new(struct dsv32_comm *comm, int n_attn, int shard,
         return -ENOMEM;
     }
     s->n_moe = r;
-    if (strcmp(be->ops->name, "cpu") != 0) /* page-locked where the backend copies them */
-        s->x.be = s->ids.be = s->w.be = s->y.be = s->out.be = be;
+    if (!host_backend(be)) /* page-locked where the backend copies them */
+        s->x.be = s->ids.be = s->w.be = s->y.be = s->pairs.be = s->hdrs.be = be;
+    struct growbuf *d[] = {&s->dx, &s->dy, &s->dids, &s->dw};
+    for (int i = 0; i < 4; i++) {
+        d[i]->be = be;
+        d[i]->dev = 1;
+    }
+    server_bind(s);
     *ret = s;
     return 0;
 }
@@ -755,6 +868,7 @@ int dsv32_ep_server_rebind(struct dsv32_ep_server *s, struct dsv32_comm *comm)
     if (comm->rank != s->n_attn + s->shard)
         return -EINVAL;
     s->comm = comm;
+    server_bind(s);
     return 0;
 }
 
@@ -765,31 +879,27 @@ void dsv32_ep_server_get_stats(const struct dsv32_ep_server *s, struct dsv32_ep_
     *out = s->st;
 }
 
-/* device copy of a host buffer for non-cpu backends */
-static void *dev_buf(struct dsv32_ep_server *s, struct growbuf *b, size_t n)
-{
-    if (n <= b->cap)
-        return b->p;
-    if (b->p)
-        s->be->ops->dealloc(s->be, b->p);
-    b->p = s->be->ops->alloc(s->be, n ? n : 64);
-    b->cap = b->p ? n : 0;
-    return b->p;
-}
-
 static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *ret_active)
 {
     const int A = s->n_attn, W = s->comm->world;
     const struct dsv32_config *cfg = &s->model->cfg;
     const int D = cfg->hidden_size, K = cfg->num_experts_per_tok;
+    const size_t hs = sizeof(struct ep_hdr);
+    const struct dsv32_backend_ops *ops = s->be->ops;
+    const int host = host_backend(s->be);
     const void *none[DSV32_COMM_MAX_WORLD] = {0};
     size_t sb[DSV32_COMM_MAX_WORLD] = {0}, rb[DSV32_COMM_MAX_WORLD];
     uint8_t from[DSV32_COMM_MAX_WORLD] = {0};
-    void *recv[DSV32_COMM_MAX_WORLD];
+    void *recv[DSV32_COMM_MAX_WORLD], *head[DSV32_COMM_MAX_WORLD];
     for (int a = 0; a < A; a++)
         from[a] = 1;
-    struct dsv32_comm_xchg x1 = {.send = none, .send_bytes = sb, .recv_from = from, .recv = recv,
-                                 .recv_bytes = rb};
+    struct dsv32_comm_xchg x1 = {.send = none,
+                                 .send_bytes = sb,
+                                 .recv_from = from,
+                                 .recv = recv,
+                                 .recv_bytes = rb,
+                                 .head_bytes = hs,
+                                 .recv_head = head};
     const uint64_t t_wait = dsv32_mono_ns();
     int r = dsv32_comm_exchange(s->comm, &x1, s->timeout_ms);
     if (r < 0)
@@ -799,13 +909,13 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
     int total = 0, active = 0, wire = -1, offs[DSV32_COMM_MAX_WORLD];
     struct ep_hdr h[DSV32_COMM_MAX_WORLD];
     for (int a = 0; a < A; a++) {
-        if (rb[a] < sizeof(struct ep_hdr))
+        if (rb[a] < hs)
             return DSV32_EFORMAT;
-        memcpy(&h[a], recv[a], sizeof(h[a]));
+        memcpy(&h[a], head[a], hs);
         size_t es = h[a].wire == DSV32_EP_WIRE_BF16 ? 2 : 4;
         if (h[a].magic != EP_DISPATCH || h[a].layer != (uint32_t)layer || h[a].dim != (uint32_t)D ||
             h[a].k != (uint32_t)K || h[a].wire > 1 ||
-            rb[a] != sizeof(struct ep_hdr) + (size_t)h[a].rows * (D * es + (size_t)K * 8) ||
+            rb[a] != hs + (size_t)h[a].rows * (D * es + (size_t)K * 8) ||
             (wire >= 0 && (int)h[a].wire != wire))
             return DSV32_EFORMAT;
         wire = (int)h[a].wire;
@@ -813,32 +923,57 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
         offs[a] = total;
         total += (int)h[a].rows;
     }
-    const size_t es = wire_elem((enum dsv32_ep_wire)wire);
-    float *X = grow(&s->x, sizeof(float) * (size_t)(total ? total : 1) * D);
-    int32_t *ids = grow(&s->ids, sizeof(int32_t) * (size_t)(total ? total : 1) * K);
-    float *w = grow(&s->w, sizeof(float) * (size_t)(total ? total : 1) * K);
-    float *Y = grow(&s->y, sizeof(float) * (size_t)(total ? total : 1) * D);
-    if (!X || !ids || !w || !Y)
+    const size_t es = wire_elem((enum dsv32_ep_wire)wire), n1 = total ? (size_t)total : 1;
+    const int bf16 = wire == DSV32_EP_WIRE_BF16;
+    int32_t *ids = grow(&s->ids, sizeof(int32_t) * n1 * K);
+    float *w = grow(&s->w, sizeof(float) * n1 * K);
+    uint8_t *pairs = grow(&s->pairs, n1 * K * 8);
+    if (!ids || !w || !pairs)
         return -ENOMEM;
+    /* the (expert, weight) pairs are read on the host (checked, counted); the rows stay where
+     * they arrived when inplace */
+    float *X = NULL, *Y = NULL, *dx = NULL, *dy = NULL;
+    if (s->inplace) {
+        dx = grow(&s->dx, sizeof(float) * n1 * D);
+        dy = grow(&s->dy, sizeof(float) * n1 * D);
+        if (!dx || !dy)
+            return -ENOMEM;
+    } else {
+        X = grow(&s->x, sizeof(float) * n1 * D);
+        Y = grow(&s->y, sizeof(float) * n1 * D);
+        if (!X || !Y)
+            return -ENOMEM;
+    }
     for (int a = 0; a < A; a++) {
-        const uint8_t *p = (const uint8_t *)recv[a] + sizeof(struct ep_hdr);
+        const uint8_t *p = (const uint8_t *)recv[a] + hs;
         const int n = (int)h[a].rows;
-        get_rows(X + (size_t)offs[a] * D, p, (size_t)n * D, (enum dsv32_ep_wire)wire, 0);
-        const uint8_t *pairs = p + (size_t)n * D * es;
-        for (int i = 0; i < n * K; i++) {
-            int32_t e;
-            memcpy(&e, pairs + (size_t)i * 8, 4);
-            memcpy(&w[(size_t)offs[a] * K + i], pairs + (size_t)i * 8 + 4, 4);
-            if (e >= cfg->n_routed_experts || (e >= 0 && !dsv32_placement_has(s->pl, s->shard, layer, e)))
-                return DSV32_EFORMAT; /* a row for an expert this shard does not hold */
-            if (e >= 0)
-                s->expert_rows[(size_t)layer * cfg->n_routed_experts + e]++;
-            ids[(size_t)offs[a] * K + i] = e;
+        uint8_t *pa = pairs + (size_t)offs[a] * K * 8;
+        if (s->inplace) {
+            if (n &&
+                ((r = ops->to_host(s->be, pa, p + (size_t)n * D * es, (size_t)n * K * 8)) < 0 ||
+                 (r = ops->rows_unpack(s->be, dx + (size_t)offs[a] * D, p, NULL, n, D, bf16, 0)) <
+                     0))
+                return r;
+        } else {
+            get_rows(X + (size_t)offs[a] * D, p, (size_t)n * D, (enum dsv32_ep_wire)wire, 0);
+            memcpy(pa, p + (size_t)n * D * es, (size_t)n * K * 8);
         }
+    }
+    for (size_t i = 0; i < (size_t)total * K; i++) {
+        int32_t e;
+        memcpy(&e, pairs + i * 8, 4);
+        memcpy(&w[i], pairs + i * 8 + 4, 4);
+        if (e >= cfg->n_routed_experts ||
+            (e >= 0 && !dsv32_placement_has(s->pl, s->shard, layer, e)))
+            return DSV32_EFORMAT; /* a row for an expert this shard does not hold */
+        if (e >= 0)
+            s->expert_rows[(size_t)layer * cfg->n_routed_experts + e]++;
+        ids[i] = e;
     }
     const uint64_t t_work = dsv32_mono_ns();
     /* a GPU backend's layer: copies enqueued, synced (the GEMMs' start), GEMMs enqueued, synced;
-     * the copy back ends at t_pack. 0 on the cpu backend. */
+     * the copy back ends at t_pack. 0 on the cpu backend. Inplace, the copies are the pairs' (the
+     * rows' unpacking is in the GEMMs' time). */
     uint64_t t_h2d = 0, t_gemm0 = 0, t_gemm_enq = 0, t_gemm1 = 0;
     /* a traced layer (DSV32_EP_TRACE) on the cuda backend: the copies' and the GEMMs' device
      * time too (events; -1: not measured), against the host's time to see them done */
@@ -849,22 +984,24 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
     const int dev_timer = traced && strcmp(s->be->ops->name, "cuda") == 0;
 #endif
     if (total > 0) {
-        const struct dsv32_backend_ops *ops = s->be->ops;
         const struct dsv32_ffn_weights *ex = s->model->layers[layer].experts;
-        if (strcmp(ops->name, "cpu") == 0) {
+        if (host && !s->inplace) {
             r = ops->moe_experts(s->be, Y, X, total, ids, w, K, ex, cfg->n_routed_experts, cfg->ue8m0);
         } else {
-            float *dx = dev_buf(s, &s->dx, sizeof(float) * (size_t)total * D);
-            float *dy = dev_buf(s, &s->dy, sizeof(float) * (size_t)total * D);
-            int32_t *di = dev_buf(s, &s->dids, sizeof(int32_t) * (size_t)total * K);
-            float *dw = dev_buf(s, &s->dw, sizeof(float) * (size_t)total * K);
+            if (!s->inplace) {
+                dx = grow(&s->dx, sizeof(float) * (size_t)total * D);
+                dy = grow(&s->dy, sizeof(float) * (size_t)total * D);
+            }
+            int32_t *di = grow(&s->dids, sizeof(int32_t) * (size_t)total * K);
+            float *dw = grow(&s->dw, sizeof(float) * (size_t)total * K);
             if (!dx || !dy || !di || !dw)
                 return -ENOMEM;
 #ifdef DSV32_HAVE_CUDA
             if (dev_timer && (r = dsv32_cuda_timer_start(s->be)) < 0)
                 return r;
 #endif
-            if ((r = ops->to_device(s->be, dx, X, sizeof(float) * (size_t)total * D)) < 0 ||
+            if ((!s->inplace &&
+                 (r = ops->to_device(s->be, dx, X, sizeof(float) * (size_t)total * D)) < 0) ||
                 (r = ops->to_device(s->be, di, ids, sizeof(int32_t) * (size_t)total * K)) < 0 ||
                 (r = ops->to_device(s->be, dw, w, sizeof(float) * (size_t)total * K)) < 0)
                 return r;
@@ -891,7 +1028,8 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
             if ((r = ops->sync(s->be)) < 0)
                 return r;
             t_gemm1 = dsv32_mono_ns();
-            r = ops->to_host(s->be, Y, dy, sizeof(float) * (size_t)total * D);
+            if (!s->inplace)
+                r = ops->to_host(s->be, Y, dy, sizeof(float) * (size_t)total * D);
         }
         if (r < 0)
             return r;
@@ -903,20 +1041,36 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
     const void *send[DSV32_COMM_MAX_WORLD] = {0};
     size_t off = 0, need = 0;
     for (int a = 0; a < A; a++)
-        need += sizeof(struct ep_hdr) + (size_t)h[a].rows * D * es;
+        need += hs + (size_t)h[a].rows * D * es;
     uint8_t *out = grow(&s->out, need ? need : 1);
-    if (!out)
+    struct ep_hdr *ch = grow(&s->hdrs, hs * A); /* staged for the copies when inplace */
+    if (!out || !ch)
         return -ENOMEM;
     for (int a = 0; a < A; a++) {
-        struct ep_hdr ch = {EP_COMBINE, (uint32_t)layer, h[a].rows, (uint32_t)K, (uint32_t)D,
-                            (uint32_t)wire, group_active ? EP_ACTIVE : 0, 0};
-        memcpy(out + off, &ch, sizeof(ch));
-        put_rows(out + off + sizeof(ch), Y + (size_t)offs[a] * D, (size_t)h[a].rows * D,
-                 (enum dsv32_ep_wire)wire);
+        ch[a] = (struct ep_hdr){EP_COMBINE,
+                                (uint32_t)layer,
+                                h[a].rows,
+                                (uint32_t)K,
+                                (uint32_t)D,
+                                (uint32_t)wire,
+                                group_active ? EP_ACTIVE : 0,
+                                0};
+        const size_t n = h[a].rows;
+        if (s->inplace) {
+            if ((r = ops->to_device(s->be, out + off, &ch[a], hs)) < 0 ||
+                (r = ops->rows_pack(s->be, out + off + hs, dy + (size_t)offs[a] * D, NULL, (int)n,
+                                    D, bf16)) < 0)
+                return r;
+        } else {
+            memcpy(out + off, &ch[a], hs);
+            put_rows(out + off + hs, Y + (size_t)offs[a] * D, n * D, (enum dsv32_ep_wire)wire);
+        }
         send[a] = out + off;
-        sb[a] = sizeof(ch) + (size_t)h[a].rows * D * es;
+        sb[a] = hs + n * D * es;
         off += sb[a];
     }
+    if (s->inplace && (r = ops->sync(s->be)) < 0) /* the blocks are written before they go */
+        return r;
     memset(from, 0, sizeof(from));
     /* the attention side knows these sizes from its dispatch: no sizes round */
     static const size_t known[DSV32_COMM_MAX_WORLD];

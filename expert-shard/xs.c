@@ -261,8 +261,9 @@ static int apply_epoch(struct xs *x, struct dsv32_group_epoch *e)
         goto keep;
     struct dsv32_comm *c = NULL;
     if (strcmp(e->transport, "nccl") == 0) {
-        r = dsv32_comm_nccl_new(e->nccl_id, rank, world, x->cfg.gpu >= 0 ? x->cfg.gpu : 0, e->epoch,
-                                x->cfg.timeout_ms, DSV32_COMM_NCCL_HOST_BUFFERS, &c);
+        r = dsv32_comm_nccl_new(
+            e->nccl_id, rank, world, x->cfg.gpu >= 0 ? x->cfg.gpu : 0, e->epoch, x->cfg.timeout_ms,
+            dsv32_ep_device_blocks(x->be) ? 0 : DSV32_COMM_NCCL_HOST_BUFFERS, &c);
     } else {
         const char *addrs[DSV32_GROUP_MAX_MEMBERS];
         for (int i = 0; i < world; i++)

@@ -136,6 +136,15 @@ struct dsv32_backend_ops {
     /* y[i, :] = x[idx[i], :] */
     int (*gather_rows)(struct dsv32_backend *be, float *y, const float *x, const int32_t *idx,
                        int n, int dim);
+    /* Optional (expert parallelism packing its exchange blocks where the rows are):
+     * rows_pack: row i of dst (n rows of dim, bf16 by dsv32_f32_to_bf16 when bf16, else f32) =
+     * x[idx ? idx[i] : i]; rows_unpack: y[idx ? idx[i] : i] = (add ? that row : 0) + row i of
+     * src, in f32 (the idx rows distinct). dst and src are 4-byte aligned addresses inside a
+     * block, idx backend memory. */
+    int (*rows_pack)(struct dsv32_backend *be, void *dst, const float *x, const int32_t *idx, int n,
+                     int dim, int bf16);
+    int (*rows_unpack)(struct dsv32_backend *be, float *y, const void *src, const int32_t *idx,
+                       int n, int dim, int bf16, int add);
     /* Optional: host memory that to_device/to_host copy fastest (page-locked); NULL: malloc */
     void *(*host_alloc)(struct dsv32_backend *be, size_t bytes);
     void (*host_free)(struct dsv32_backend *be, void *p);

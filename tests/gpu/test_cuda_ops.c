@@ -693,9 +693,19 @@ static void test_sample(void)
     pair_free(&p);
 }
 
+/* 1 if a and b are equal bit for bit, NaN matching any NaN (a sum with a NaN is the device's
+ * canonical NaN, the host's keeps the operand's payload) */
+static int same_or_nan(const float *a, const float *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (memcmp(&a[i], &b[i], 4) != 0 && !(isnan(a[i]) && isnan(b[i])))
+            return 0;
+    return 1;
+}
+
 static void test_small_ops(void)
 {
-    if (!want("small ops (exact): rmsnorm, layernorm, add, silu_mul, rope, embed, gather"))
+    if (!want("small ops (exact): rmsnorm, layernorm, add, silu_mul, rope, embed, gather, ep rows"))
         return;
     struct dsv32_config cfg;
     cfg_v32(&cfg);
@@ -771,6 +781,37 @@ static void test_small_ops(void)
     TRY(p.gpu->ops->gather_rows(p.gpu, dy, dx, didx, 9, D));
     dev_get(p.gpu, yg, dy, sizeof(float) * 9 * D);
     report("gather_rows", rel_l2(yg, yc, (size_t)9 * D), 0);
+    /* expert parallelism's block rows, 32 bytes into a block (after its header), bf16 with a
+     * NaN, an infinity and a rounding tie among them, then f32; compared byte for byte */
+    {
+        const uint32_t odd[3] = {0x7fc00001u, 0xff800000u, 0x3f808000u};
+        for (int j = 0; j < 3; j++)
+            memcpy(&x[(size_t)idx[j] * D + 11 * j], &odd[j], 4);
+        TRY(p.gpu->ops->to_device(p.gpu, dx, x, sizeof(float) * rows * D));
+        const size_t blk = 32 + sizeof(float) * 9 * D;
+        uint8_t *bc = calloc(1, blk), *bg = malloc(blk), *db = dev_nan(p.gpu, blk);
+        for (int bf = 1; bf >= 0; bf--) {
+            p.cpu->ops->rows_pack(p.cpu, bc + 32, x, bf ? idx : NULL, 9, D, bf);
+            TRY(p.gpu->ops->rows_pack(p.gpu, db + 32, dx, bf ? didx : NULL, 9, D, bf));
+            dev_get(p.gpu, bg, db, blk);
+            const size_t nb = (size_t)9 * D * (bf ? 2 : 4);
+            report(bf ? "rows_pack bf16, gathered (bytes differing)"
+                      : "rows_pack f32 (bytes differing)",
+                   memcmp(bg + 32, bc + 32, nb) ? 1.0 : 0.0, 0);
+            /* unpack onto x's rows: added at idx, or written over the first 9 */
+            memcpy(yc, x, sizeof(float) * rows * D);
+            TRY(p.gpu->ops->to_device(p.gpu, dy, x, sizeof(float) * rows * D));
+            p.cpu->ops->rows_unpack(p.cpu, yc, bc + 32, bf ? idx : NULL, 9, D, bf, bf);
+            TRY(p.gpu->ops->rows_unpack(p.gpu, dy, db + 32, bf ? didx : NULL, 9, D, bf, bf));
+            dev_get(p.gpu, yg, dy, sizeof(float) * rows * D);
+            report(bf ? "rows_unpack bf16, added at rows (values differing)"
+                      : "rows_unpack f32, written (values differing)",
+                   same_or_nan(yg, yc, (size_t)rows * D) ? 0.0 : 1.0, 0);
+        }
+        free(bc);
+        free(bg);
+        dev_free(p.gpu, db);
+    }
     tw_done(&emb, &p);
     tw_done(&g, &p);
     tw_done(&b, &p);

@@ -157,7 +157,20 @@ struct group {
     int kill_shard; /* >= 0: this shard dies after its first step */
     int bf16;       /* bf16 activations on the wire: within bf16 rounding, selections may move */
     double bf16_tol; /* the logits' rel error allowed then (rows whose selections did not move) */
+    /* every member's backend without rows_pack/rows_unpack: the rows go through host memory
+     * (the way of a GPU backend on tcp or on nccl with host buffers), not packed in place */
+    int rows_via_host;
 };
+
+/* The backend's ops without the in-place packing (group.rows_via_host). */
+static void drop_rows_ops(struct dsv32_backend *be)
+{
+    static struct dsv32_backend_ops ops;
+    ops = *be->ops;
+    ops.rows_pack = NULL;
+    ops.rows_unpack = NULL;
+    be->ops = &ops;
+}
 
 struct want_ctx {
     const struct dsv32_placement *pl;
@@ -171,8 +184,10 @@ static int want(void *vctx, int layer, int expert)
 }
 
 /* The group's communicator for this rank: tcp over the listeners, or nccl on GPU `rank` with the
- * unique id made by rank 0 and passed on by the parent. */
-static int make_comm(struct group *G, int rank, struct dsv32_comm **c)
+ * unique id made by rank 0 and passed on by the parent, taking device blocks where the backend
+ * packs them there (as the daemons choose). */
+static int make_comm(struct group *G, int rank, const struct dsv32_backend *be,
+                     struct dsv32_comm **c)
 {
     const int world = G->n_attn + G->n_shards;
     if (!G->nccl)
@@ -185,7 +200,8 @@ static int make_comm(struct group *G, int rank, struct dsv32_comm **c)
     } else if (read(G->id_pipe[rank][0], id, sizeof(id)) != (ssize_t)sizeof(id)) {
         return -EIO;
     }
-    return dsv32_comm_nccl_new(id, rank, world, rank, 1, 60000, DSV32_COMM_NCCL_HOST_BUFFERS, c);
+    return dsv32_comm_nccl_new(id, rank, world, rank, 1, 60000,
+                               dsv32_ep_device_blocks(be) ? 0 : DSV32_COMM_NCCL_HOST_BUFFERS, c);
 }
 
 static int shard_main(struct group *G, int shard)
@@ -209,9 +225,12 @@ static int shard_main(struct group *G, int shard)
     if (dsv32_backend_new(backend_name(), &m->cfg, &geom, 0, &be) < 0 ||
         dsv32_model_prepare(m, be) < 0)
         return 12;
+    const struct dsv32_backend_ops *real_ops = be->ops;
+    if (G->rows_via_host)
+        drop_rows_ops(be);
     struct dsv32_comm *c;
     (void)world;
-    if (make_comm(G, rank, &c) < 0)
+    if (make_comm(G, rank, be, &c) < 0)
         return 13;
     struct dsv32_ep_server *s;
     if (dsv32_ep_server_new(c, G->n_attn, shard, &G->pl, m, be, G->nccl ? 8000 : 20000, &s) < 0)
@@ -225,6 +244,7 @@ static int shard_main(struct group *G, int shard)
     /* the attention processes hang up when they are done: that ends the loop */
     dsv32_ep_server_free(s);
     dsv32_comm_free(c);
+    be->ops = real_ops;
     dsv32_model_release(m, be);
     dsv32_backend_free(be);
     dsv32_model_free(m);
@@ -283,9 +303,12 @@ static int attn_main(struct group *G, int a)
     eo.backend = backend_name();
     if (dsv32_model_load(G->model, &lo, &m) < 0 || dsv32_engine_new(m, &eo, &e) < 0)
         return 20;
+    const struct dsv32_backend_ops *real_ops = e->be->ops;
+    if (G->rows_via_host)
+        drop_rows_ops(e->be);
     struct dsv32_comm *c;
     (void)world;
-    if (make_comm(G, a, &c) < 0)
+    if (make_comm(G, a, e->be, &c) < 0)
         return 21;
     struct dsv32_ep_client *cl;
     if (dsv32_ep_client_new(c, G->n_attn, &G->pl, &m->cfg, e->be,
@@ -353,6 +376,7 @@ static int attn_main(struct group *G, int a)
         status = 28;
     dsv32_ep_client_free(cl);
     dsv32_comm_free(c);
+    e->be->ops = real_ops;
     dsv32_engine_free(e);
     dsv32_model_free(m);
     return status;
@@ -502,6 +526,28 @@ static void test_1x2_bf16_wire(void **state)
     run_group(&G, ok);
 }
 
+/* The rows through host memory instead of packed in place by the backend (the way of a GPU
+ * backend on tcp): the same results, f32 and bf16 on the wire. */
+static void test_1x2_rows_via_host(void **state)
+{
+    compute_reference(GOLDEN_DIR "/tiny-bf16");
+    struct group G = {.model = GOLDEN_DIR "/tiny-bf16",
+                      .n_attn = 1,
+                      .n_shards = 2,
+                      .kill_shard = -1,
+                      .rows_via_host = 1};
+    const int ok[3] = {0, 0, 0};
+    run_group(&G, ok);
+    struct group B = {.model = GOLDEN_DIR "/tiny-bf16",
+                      .n_attn = 1,
+                      .n_shards = 2,
+                      .kill_shard = -1,
+                      .bf16 = 1,
+                      .bf16_tol = 2e-2,
+                      .rows_via_host = 1};
+    run_group(&B, ok);
+}
+
 static void test_shard_dies(void **state)
 {
     compute_reference(GOLDEN_DIR "/tiny-fp8");
@@ -512,16 +558,35 @@ static void test_shard_dies(void **state)
     run_group(&G, want);
 }
 
-/* nccl: one process per GPU; 1 attention + 1 shard on a 2-GPU machine */
+/* nccl: one process per GPU; 1 attention + 1 shard on a 2-GPU machine. On the cuda backend
+ * (DSV32_TEST_BACKEND=cuda) the blocks are device memory, packed in place; then also through
+ * host buffers (rows_via_host) and with bf16 on the wire. */
 static void test_nccl_1x1(void **state)
 {
     const char *models[] = {GOLDEN_DIR "/tiny-bf16", GOLDEN_DIR "/tiny-fp8"};
+    const int ok[2] = {0, 0};
     for (int i = 0; i < 2; i++) {
         compute_reference(models[i]);
-        struct group G = {.model = models[i], .n_attn = 1, .n_shards = 1, .nccl = 1,
-                          .kill_shard = -1};
-        const int ok[2] = {0, 0};
+        struct group G = {
+            .model = models[i], .n_attn = 1, .n_shards = 1, .nccl = 1, .kill_shard = -1};
         run_group(&G, ok);
+        if (i == 1)
+            break;
+        struct group H = {.model = models[i],
+                          .n_attn = 1,
+                          .n_shards = 1,
+                          .nccl = 1,
+                          .kill_shard = -1,
+                          .rows_via_host = 1};
+        run_group(&H, ok);
+        struct group B = {.model = models[i],
+                          .n_attn = 1,
+                          .n_shards = 1,
+                          .nccl = 1,
+                          .kill_shard = -1,
+                          .bf16 = 1,
+                          .bf16_tol = 2e-2};
+        run_group(&B, ok);
     }
 }
 
@@ -553,11 +618,9 @@ int main(int argc, char **argv)
         return cmocka_run_group_tests(gpu_tests, NULL, NULL);
     }
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_placement),
-        cmocka_unit_test(test_1x2),
-        cmocka_unit_test(test_2x3_redundant),
-        cmocka_unit_test(test_1x2_bf16_wire),
-        cmocka_unit_test(test_shard_dies),
+        cmocka_unit_test(test_placement),         cmocka_unit_test(test_1x2),
+        cmocka_unit_test(test_2x3_redundant),     cmocka_unit_test(test_1x2_bf16_wire),
+        cmocka_unit_test(test_1x2_rows_via_host), cmocka_unit_test(test_shard_dies),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

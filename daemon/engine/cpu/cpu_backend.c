@@ -219,6 +219,37 @@ static int cpu_gather_rows(struct dsv32_backend *be, float *y, const float *x, c
     return 0;
 }
 
+static int cpu_rows_pack(struct dsv32_backend *be, void *dst, const float *x, const int32_t *idx,
+                         int n, int dim, int bf16)
+{
+#pragma omp parallel for if ((size_t)n * dim >= ((size_t)1 << 18)) schedule(static)
+    for (int i = 0; i < n; i++) {
+        const float *xr = x + (size_t)(idx ? idx[i] : i) * dim;
+        if (bf16)
+            for (int j = 0; j < dim; j++)
+                ((uint16_t *)dst)[(size_t)i * dim + j] = dsv32_f32_to_bf16(xr[j]);
+        else
+            memcpy((float *)dst + (size_t)i * dim, xr, sizeof(float) * (size_t)dim);
+    }
+    return 0;
+}
+
+static int cpu_rows_unpack(struct dsv32_backend *be, float *y, const void *src, const int32_t *idx,
+                           int n, int dim, int bf16, int add)
+{
+#pragma omp parallel for if ((size_t)n * dim >= ((size_t)1 << 18)) schedule(static)
+    for (int i = 0; i < n; i++) {
+        float *yr = y + (size_t)(idx ? idx[i] : i) * dim;
+        for (int j = 0; j < dim; j++) {
+            const size_t o = (size_t)i * dim + j;
+            const float v =
+                bf16 ? dsv32_bf16_to_f32(((const uint16_t *)src)[o]) : ((const float *)src)[o];
+            yr[j] = add ? yr[j] + v : v;
+        }
+    }
+    return 0;
+}
+
 /* ---- RoPE, Hadamard ---- */
 
 static int cpu_rope(struct dsv32_backend *be, float *x, int rows, int heads, int ldr, int ldh,
@@ -869,6 +900,8 @@ static const struct dsv32_backend_ops cpu_ops = {
     .moe_gate = cpu_moe_gate,
     .moe_experts = cpu_moe_experts,
     .gather_rows = cpu_gather_rows,
+    .rows_pack = cpu_rows_pack,
+    .rows_unpack = cpu_rows_unpack,
     .sample = cpu_sample,
 };
 

@@ -497,6 +497,20 @@ static int cuda_gather_rows(struct dsv32_backend *be, float *y, const float *x, 
     return cu_gather_rows(c, y, x, idx, n, dim);
 }
 
+static int cuda_rows_pack(struct dsv32_backend *be, void *dst, const float *x, const int32_t *idx,
+                          int n, int dim, int bf16)
+{
+    ENTER(be);
+    return cu_rows_pack(c, dst, x, idx, n, dim, bf16);
+}
+
+static int cuda_rows_unpack(struct dsv32_backend *be, float *y, const void *src, const int32_t *idx,
+                            int n, int dim, int bf16, int add)
+{
+    ENTER(be);
+    return cu_rows_unpack(c, y, src, idx, n, dim, bf16, add);
+}
+
 static int cuda_sample(struct dsv32_backend *be, int32_t *tok, struct dsv32_logprobs *lp,
                        const float *logits, int vocab, const int32_t *rows,
                        const struct dsv32_draw *d, int n)
@@ -573,6 +587,8 @@ static const struct dsv32_backend_ops cuda_ops = {
     /* .moe_gate = */ cuda_moe_gate,
     /* .moe_experts = */ cuda_moe_experts,
     /* .gather_rows = */ cuda_gather_rows,
+    /* .rows_pack = */ cuda_rows_pack,
+    /* .rows_unpack = */ cuda_rows_unpack,
     /* .host_alloc = */ cuda_host_alloc,
     /* .host_free = */ cuda_host_free,
     /* .dsa = */ cuda_dsa,

@@ -19,6 +19,10 @@ int cu_silu_mul(struct cu_ctx *c, float *y, const float *g, const float *u, int 
 int cu_rope(struct cu_ctx *c, float *x, int rows, int heads, int ldr, int ldh, const int32_t *pos,
             int interleaved);
 int cu_gather_rows(struct cu_ctx *c, float *y, const float *x, const int32_t *idx, int n, int dim);
+int cu_rows_pack(struct cu_ctx *c, void *dst, const float *x, const int32_t *idx, int n, int dim,
+                 int bf16);
+int cu_rows_unpack(struct cu_ctx *c, float *y, const void *src, const int32_t *idx, int n, int dim,
+                   int bf16, int add);
 /* src (device) holds rows x cols values of dtype dt (FP8: with scale, device); writes f32 and/or
  * bf16 (either may be NULL) */
 int cu_dequant(struct cu_ctx *c, float *f32, __nv_bfloat16 *bf16, const void *src,
