@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The cuda backend's checks and benchmarks on a GPU machine, from binaries built elsewhere.
-#   bench/cuda_gpu.sh bundle BUILD_DIR [DEST]   here: test_cuda_ops, dsv32-run and cuda_bench plus the
+#   bench/cuda_gpu.sh bundle BUILD_DIR [DEST]   here: test_cuda_ops, dsv32-run, cuda_bench and test_ep plus the
 #       shared libraries the GPU machine lacks (OpenBLAS, cJSON, gfortran; not libc, libstdc++ or
 #       CUDA's own libraries, which it has) into DEST/bundle.tar.xz (default .gpucuda)
 #   bench/cuda_gpu.sh run [DEST] [STEPS...]     there, from the repository root: unpacks the bundle and
@@ -10,7 +10,8 @@
 # schedules; then the fast mode, sequential), bench (cuda_bench, each section in its own process,
 # and the plot; CUDA_BENCH_PARTS picks sections), torch (the PyTorch baseline of DSA decode),
 # repeat (one op family REPEAT_N times: REPEAT_ONLY, REPEAT_ARGS), sanitize (compute-sanitizer's
-# SAN_TOOL on one op family: SAN_ONLY, SAN_ARGS).
+# SAN_TOOL on one op family: SAN_ONLY, SAN_ARGS), ep (test_ep --nccl on the cuda backend, then the
+# cpu's: expert parallelism over nccl, one process a GPU; needs 2 GPUs).
 set -uo pipefail
 cmd=${1:-run}
 shift || true
@@ -20,7 +21,7 @@ bundle)
     dest=${2:-.gpucuda}
     tmp=$(mktemp -d)
     mkdir -p "$tmp/bin" "$tmp/lib" "$dest"
-    for p in tests/gpu/test_cuda_ops tools/dsv32-run bench/cuda_bench; do
+    for p in tests/gpu/test_cuda_ops tools/dsv32-run bench/cuda_bench tests/unit/test_ep; do
         cp "$build/$p" "$tmp/bin/"
         ldd "$build/$p" | awk '/=> \//{print $3}' |
             grep -vE '/(libc|libm|libstdc\+\+|libgcc_s|libz|libdl|libpthread|librt|ld-linux[^/]*)\.so|/usr/local/cuda' |
@@ -65,6 +66,16 @@ run)
                 run "ops: $part" "$out/ops.log" 150 "$bin/test_cuda_ops" --only "$part"
             done
             grep -E "FAIL|PASS|checks" "$out/ops.log" | tail -n 40
+            ;;
+        ep)
+            # test_ep finds the golden models where the bundle was built: linked to this tree's
+            g=$(strings "$bin/test_ep" | grep -m1 '/tests/golden$')
+            if [ -n "$g" ] && [ ! -e "$g" ]; then
+                mkdir -p "$(dirname "$g")" && ln -sfn "$PWD/tests/golden" "$g"
+            fi
+            DSV32_TEST_BACKEND=cuda run "ep: nccl, cuda backend" "$out/ep.log" 280 "$bin/test_ep" --nccl
+            run "ep: nccl, cpu backend" "$out/ep.log" 200 "$bin/test_ep" --nccl
+            grep -E "OK|FAIL|PASS|skipped|rel|differ|====" "$out/ep.log" | tail -n 40
             ;;
         replay)
             for m in tiny-bf16 tiny-fp8; do

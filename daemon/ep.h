@@ -49,7 +49,8 @@ enum dsv32_ep_wire { DSV32_EP_WIRE_F32 = 0, DSV32_EP_WIRE_BF16 = 1 };
 /* 1 if a member on this backend packs and unpacks its exchange blocks on the device (a GPU
  * backend with rows_pack/rows_unpack): its nccl communicator then takes device blocks (no
  * DSV32_COMM_NCCL_HOST_BUFFERS) and the rows never go through host memory. Members choose for
- * themselves: the blocks' bytes are the same either way. */
+ * themselves: the blocks' bytes are the same either way. The communicator must then be on the
+ * backend's GPU (the daemons put both on --gpu). */
 int dsv32_ep_device_blocks(const struct dsv32_backend *be);
 
 struct dsv32_ep_stats {

@@ -790,6 +790,9 @@ static void test_small_ops(void)
         TRY(p.gpu->ops->to_device(p.gpu, dx, x, sizeof(float) * rows * D));
         const size_t blk = 32 + sizeof(float) * 9 * D;
         uint8_t *bc = calloc(1, blk), *bg = malloc(blk), *db = dev_nan(p.gpu, blk);
+        /* unpack's rows are distinct (idx has 5 twice: a gather may repeat a row) */
+        int32_t urow[9] = {3, 0, 36, 5, 6, 17, 2, 30, 1};
+        int32_t *durow = dev_put(p.gpu, urow, sizeof(urow));
         for (int bf = 1; bf >= 0; bf--) {
             p.cpu->ops->rows_pack(p.cpu, bc + 32, x, bf ? idx : NULL, 9, D, bf);
             TRY(p.gpu->ops->rows_pack(p.gpu, db + 32, dx, bf ? didx : NULL, 9, D, bf));
@@ -801,8 +804,8 @@ static void test_small_ops(void)
             /* unpack onto x's rows: added at idx, or written over the first 9 */
             memcpy(yc, x, sizeof(float) * rows * D);
             TRY(p.gpu->ops->to_device(p.gpu, dy, x, sizeof(float) * rows * D));
-            p.cpu->ops->rows_unpack(p.cpu, yc, bc + 32, bf ? idx : NULL, 9, D, bf, bf);
-            TRY(p.gpu->ops->rows_unpack(p.gpu, dy, db + 32, bf ? didx : NULL, 9, D, bf, bf));
+            p.cpu->ops->rows_unpack(p.cpu, yc, bc + 32, bf ? urow : NULL, 9, D, bf, bf);
+            TRY(p.gpu->ops->rows_unpack(p.gpu, dy, db + 32, bf ? durow : NULL, 9, D, bf, bf));
             dev_get(p.gpu, yg, dy, sizeof(float) * rows * D);
             report(bf ? "rows_unpack bf16, added at rows (values differing)"
                       : "rows_unpack f32, written (values differing)",
@@ -811,6 +814,7 @@ static void test_small_ops(void)
         free(bc);
         free(bg);
         dev_free(p.gpu, db);
+        dev_free(p.gpu, durow);
     }
     tw_done(&emb, &p);
     tw_done(&g, &p);

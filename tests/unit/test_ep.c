@@ -222,7 +222,8 @@ static int shard_main(struct group *G, int shard)
     struct dsv32_kv_geom geom;
     dsv32_kv_geom_init(&geom, &m->cfg, 1);
     struct dsv32_backend *be;
-    if (dsv32_backend_new(backend_name(), &m->cfg, &geom, 0, &be) < 0 ||
+    /* nccl: the backend on the communicator's GPU (the blocks are its memory) */
+    if (dsv32_backend_new(backend_name(), &m->cfg, &geom, G->nccl ? rank : 0, &be) < 0 ||
         dsv32_model_prepare(m, be) < 0)
         return 12;
     const struct dsv32_backend_ops *real_ops = be->ops;
@@ -301,6 +302,7 @@ static int attn_main(struct group *G, int a)
     struct dsv32_engine *e;
     struct dsv32_engine_opts eo = eng_opts;
     eo.backend = backend_name();
+    eo.gpu = G->nccl ? a : 0; /* the communicator's GPU */
     if (dsv32_model_load(G->model, &lo, &m) < 0 || dsv32_engine_new(m, &eo, &e) < 0)
         return 20;
     const struct dsv32_backend_ops *real_ops = e->be->ops;
