@@ -57,9 +57,10 @@ struct dsv32_ep_stats {
     uint64_t steps, idle_steps, rows_sent, exchanges;
     uint64_t moe_calls;   /* MoE layers this member took part in with rows */
     uint64_t moe_ns;      /* their wall time: pack, dispatch, the shards' compute, combine */
-    /* moe_ns by phase: activations device <-> host (GPU backends), routing and packing, the
-     * dispatch exchange, the combine exchange (which waits for the shards' compute), summing
-     * the shards' results */
+    /* moe_ns by phase: activations device <-> host (GPU backends on host blocks; 0 when the
+     * blocks are packed where the rows are), routing and packing, the dispatch exchange, the
+     * combine exchange (which waits for the shards' compute), summing the shards' results
+     * (enqueued only, when the backend sums them where the rows are) */
     uint64_t copy_ns, pack_ns, dispatch_ns, combine_ns, unpack_ns;
 };
 
