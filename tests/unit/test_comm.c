@@ -89,8 +89,21 @@ static int alltoall_body(int rank)
                 ((uint8_t *)send[p])[i] = byte_at(rank, p, round, i);
             from[p] = 1;
         }
-        struct dsv32_comm_xchg x = {.send = (const void *const *)send, .send_bytes = sb,
-                                    .recv_from = from, .recv = recv, .recv_bytes = rb};
+        /* rounds 1 and 2 ask for the blocks' heads too (host blocks: the blocks themselves) */
+        void *head[W];
+        struct dsv32_comm_xchg x = {.send = (const void *const *)send,
+                                    .send_bytes = sb,
+                                    .recv_from = from,
+                                    .recv = recv,
+                                    .recv_bytes = rb,
+                                    .head_bytes = round == 2 ? DSV32_COMM_MAX_HEAD : 16,
+                                    .recv_head = round ? head : NULL};
+        if (round == 1) { /* a head past the bound is refused before anything moves */
+            x.head_bytes = DSV32_COMM_MAX_HEAD + 1;
+            if (dsv32_comm_exchange(c, &x, 20000) != -EINVAL || c->failed)
+                return 16;
+            x.head_bytes = 16;
+        }
         int r = dsv32_comm_exchange(c, &x, 20000);
         if (r < 0)
             return 11;
@@ -99,6 +112,8 @@ static int alltoall_body(int rank)
                 continue;
             if (rb[p] != size_of(p, rank, round))
                 return 12;
+            if (round && head[p] != recv[p])
+                return 17;
             for (size_t i = 0; i < rb[p]; i++)
                 if (((uint8_t *)recv[p])[i] != byte_at(p, rank, round, i))
                     return 13;
