@@ -446,6 +446,16 @@ int dsv32_sampler_device_ok(const struct dsv32_sampler *s)
     return !has_penalties(&s->p);
 }
 
+/* The cuda backend's sample kernel reads an uploaded array of these as it is: sample.cu asserts
+ * the same layout for CUDA C++ */
+_Static_assert(sizeof(struct dsv32_draw) == 32 && offsetof(struct dsv32_draw, temperature) == 0 &&
+                   offsetof(struct dsv32_draw, u) == 8 &&
+                   offsetof(struct dsv32_draw, top_k) == 16 &&
+                   offsetof(struct dsv32_draw, top_p) == 20 &&
+                   offsetof(struct dsv32_draw, min_p) == 24 &&
+                   offsetof(struct dsv32_draw, n_logprobs) == 28,
+               "struct dsv32_draw: the layout sample.cu expects");
+
 void dsv32_sampler_draw_params(const struct dsv32_sampler *s, struct dsv32_draw *d)
 {
     uint64_t rng[4];

@@ -545,6 +545,8 @@ static void cuda_free(struct dsv32_backend *be)
         cudaFree(c->lt_ws);
         if (c->pinned)
             cudaFreeHost(c->pinned);
+        if (c->sample_h)
+            cudaFreeHost(c->sample_h);
         if (c->pinned_done)
             cudaEventDestroy(c->pinned_done);
         if (c->lt)

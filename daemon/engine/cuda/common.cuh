@@ -208,6 +208,10 @@ struct cu_ctx {
     void *pinned;
     size_t pinned_cap;
     cudaEvent_t pinned_done;
+    /* cu_sample's page-locked host buffer (sample.cu): the draws and their rows, uploaded in one
+     * copy, then the results copied back; grown to the largest call, freed with the context */
+    void *sample_h;
+    size_t sample_h_bytes;
     struct cu_expert_table *tables;
     const struct dsv32_config *cfg;
     struct dsv32_kv_geom geom;

@@ -20,7 +20,7 @@
 
 #include <errno.h>
 #include <math.h>
-#include <stdlib.h>
+#include <stddef.h>
 #include <string.h>
 
 #include "../sampling.h"
@@ -31,13 +31,14 @@
 /* top-p: the candidates sorted on the device; a nucleus past them is the host's */
 #define SAMPLE_TOPM 2048
 
-struct cu_draw {
-    double u;
-    float temperature, top_p, min_p;
-    int top_k;
-    int row;
-    int n_top; /* -1: no logprobs */
-};
+/* The kernel reads the engine's struct dsv32_draw array as it was uploaded: the same layout in
+ * C and here (sampling.c asserts the same numbers) */
+static_assert(sizeof(struct dsv32_draw) == 32 && offsetof(struct dsv32_draw, temperature) == 0 &&
+                  offsetof(struct dsv32_draw, u) == 8 && offsetof(struct dsv32_draw, top_k) == 16 &&
+                  offsetof(struct dsv32_draw, top_p) == 20 &&
+                  offsetof(struct dsv32_draw, min_p) == 24 &&
+                  offsetof(struct dsv32_draw, n_logprobs) == 28,
+              "struct dsv32_draw as sampling.c lays it out");
 
 struct cu_drawn {
     int32_t token;
@@ -193,21 +194,21 @@ static __device__ __forceinline__ int32_t key_token(uint64_t k)
     return (int32_t) ~(uint32_t)k;
 }
 
-/* draws[b] on row draws[b].row of logits; e_all: (gridDim.x, V) floats of scratch; dynamic shared
+/* draws[b] on row rows[b] of logits; e_all: (gridDim.x, V) floats of scratch; dynamic shared
  * memory: the row's block sums (V / 1024 rounded up, doubles) */
 static_assert(SAMPLE_BLK <= SAMPLE_THREADS, "a block of the vocabulary staged one value a thread");
 
 static __global__ void __launch_bounds__(SAMPLE_THREADS)
-    sample_kernel(const float *logits, int V, const struct cu_draw *draws, struct cu_drawn *out,
-                  float *e_all)
+    sample_kernel(const float *logits, int V, const struct dsv32_draw *draws, const int32_t *rows,
+                  struct cu_drawn *out, float *e_all)
 {
     extern __shared__ double bsum[];
     __shared__ float sv[32], acc4[SAMPLE_THREADS];
     __shared__ int si[32], hist[2048], sh2[2];
     __shared__ uint64_t skeys[SAMPLE_TOPM];
     __shared__ double sd[32];
-    const struct cu_draw d = draws[blockIdx.x];
-    const float *x = logits + (size_t)d.row * V;
+    const struct dsv32_draw d = draws[blockIdx.x];
+    const float *x = logits + (size_t)rows[blockIdx.x] * V;
     const int tid = threadIdx.x;
     /* 1. the maximum and its first index */
     float mv = -INFINITY;
@@ -356,7 +357,7 @@ static __global__ void __launch_bounds__(SAMPLE_THREADS)
         }
     }
     /* 3. logprobs of the raw logits */
-    const int n = d.n_top > DSV32_MAX_LOGPROBS ? DSV32_MAX_LOGPROBS : d.n_top;
+    const int n = d.n_logprobs > DSV32_MAX_LOGPROBS ? DSV32_MAX_LOGPROBS : d.n_logprobs;
     float lse = 0.0f;
     if (n >= 0) {
         double s = 0.0;
@@ -398,23 +399,16 @@ static __global__ void __launch_bounds__(SAMPLE_THREADS)
     }
 }
 
-/* the launch and the copy back of n draws (h: their parameters, ho: their results, host) */
-static int sample_run(struct cu_ctx *c, struct cu_drawn *ho, const struct cu_draw *h, int any_t,
-                      const float *logits, int V, int n)
+/* cu_sample's page-locked host buffer (c->sample_h): the n draws, then their rows (uploaded
+ * together), then, 16-byte aligned, the n results */
+static size_t sample_in_bytes(int n)
 {
-    const struct cu_draw *dd =
-        (const struct cu_draw *)cu_upload(c, SCR_WORK, h, sizeof(*h) * (size_t)n);
-    struct cu_drawn *dout = (struct cu_drawn *)cu_scratch(c, SCR_TMP2, sizeof(*ho) * (size_t)n);
-    float *e = any_t ? (float *)cu_scratch(c, SCR_TMP, sizeof(float) * (size_t)n * V) : NULL;
-    if (!dd || !dout || (any_t && !e))
-        return -ENOMEM;
-    const size_t smem = sizeof(double) * (size_t)((V + SAMPLE_BLK - 1) / SAMPLE_BLK);
-    CU_SMEM_OPTIN(sample_kernel, smem);
-    sample_kernel<<<n, SAMPLE_THREADS, smem, c->st>>>(logits, V, dd, dout, e);
-    CU_LAUNCHED("sample");
-    CU_CHECK(cudaMemcpyAsync(ho, dout, sizeof(*ho) * (size_t)n, cudaMemcpyDeviceToHost, c->st));
-    CU_CHECK(cudaStreamSynchronize(c->st));
-    return 0;
+    return (sizeof(struct dsv32_draw) + sizeof(int32_t)) * (size_t)n;
+}
+
+static size_t sample_out_off(int n)
+{
+    return (sample_in_bytes(n) + 15) & ~(size_t)15;
 }
 
 int cu_sample(struct cu_ctx *c, int32_t *tok, struct dsv32_logprobs *lp, const float *logits, int V,
@@ -424,23 +418,53 @@ int cu_sample(struct cu_ctx *c, int32_t *tok, struct dsv32_logprobs *lp, const f
         return 0;
     if (V <= 0)
         return -EINVAL;
-    struct cu_draw *h = (struct cu_draw *)malloc(sizeof(*h) * (size_t)n);
-    struct cu_drawn *ho = (struct cu_drawn *)malloc(sizeof(*ho) * (size_t)n);
-    int any_t = 0, r = -ENOMEM;
-    if (h && ho) {
-        for (int i = 0; i < n; i++) {
-            h[i] = (struct cu_draw){.u = d[i].u,
-                                    .temperature = d[i].temperature,
-                                    .top_p = d[i].top_p,
-                                    .min_p = d[i].min_p,
-                                    .top_k = d[i].top_k,
-                                    .row = rows[i],
-                                    .n_top = d[i].n_logprobs};
-            any_t |= d[i].temperature != 0.0f;
+    const size_t in_bytes = sample_in_bytes(n), out_off = sample_out_off(n);
+    const size_t bytes = out_off + sizeof(struct cu_drawn) * (size_t)n;
+    if (bytes > c->sample_h_bytes) { /* the previous call's copies are done: it synchronized */
+        if (c->sample_h)
+            cudaFreeHost(c->sample_h);
+        c->sample_h = NULL;
+        c->sample_h_bytes = 0;
+        if (cudaMallocHost(&c->sample_h, bytes) != cudaSuccess) {
+            log_error("cuda: sample: page-locked buffer of %zu bytes: %s", bytes,
+                      cudaGetErrorString(cudaGetLastError()));
+            c->sample_h = NULL;
+            return -ENOMEM;
         }
-        r = sample_run(c, ho, h, any_t, logits, V, n);
+        c->sample_h_bytes = bytes;
     }
-    for (int i = 0; r == 0 && i < n; i++) {
+    uint8_t *h = (uint8_t *)c->sample_h;
+    memcpy(h, d, sizeof(*d) * (size_t)n);
+    memcpy(h + sizeof(*d) * (size_t)n, rows, sizeof(int32_t) * (size_t)n);
+    struct cu_drawn *ho = (struct cu_drawn *)(void *)(h + out_off);
+    int any_t = 0;
+    for (int i = 0; i < n; i++)
+        any_t |= d[i].temperature != 0.0f;
+    uint8_t *din = (uint8_t *)cu_scratch(c, SCR_WORK, in_bytes);
+    struct cu_drawn *dout = (struct cu_drawn *)cu_scratch(c, SCR_TMP2, sizeof(*ho) * (size_t)n);
+    float *e = any_t ? (float *)cu_scratch(c, SCR_TMP, sizeof(float) * (size_t)n * V) : NULL;
+    if (!din || !dout || (any_t && !e))
+        return -ENOMEM;
+    const size_t smem = sizeof(double) * (size_t)((V + SAMPLE_BLK - 1) / SAMPLE_BLK);
+    CU_SMEM_OPTIN(sample_kernel, smem);
+    /* from here on the stream is waited for even after an error: its copies use h */
+    cudaError_t err = cudaMemcpyAsync(din, h, in_bytes, cudaMemcpyHostToDevice, c->st);
+    if (err == cudaSuccess) {
+        sample_kernel<<<n, SAMPLE_THREADS, smem, c->st>>>(
+            logits, V, (const struct dsv32_draw *)(void *)din,
+            (const int32_t *)(void *)(din + sizeof(*d) * (size_t)n), dout, e);
+        err = cudaPeekAtLastError();
+    }
+    if (err == cudaSuccess)
+        err = cudaMemcpyAsync(ho, dout, sizeof(*ho) * (size_t)n, cudaMemcpyDeviceToHost, c->st);
+    const cudaError_t es = cudaStreamSynchronize(c->st);
+    if (err == cudaSuccess)
+        err = es;
+    if (err != cudaSuccess) {
+        log_error("cuda: sample of %d rows: %s", n, cudaGetErrorString(err));
+        return DSV32_ECUDA;
+    }
+    for (int i = 0; i < n; i++) {
         tok[i] = ho[i].token;
         if (d[i].n_logprobs < 0 || tok[i] < 0) /* -1: the host draws it (backend.h) */
             continue;
@@ -453,7 +477,5 @@ int cu_sample(struct cu_ctx *c, int32_t *tok, struct dsv32_logprobs *lp, const f
         lp[i].chosen.token = tok[i];
         lp[i].chosen.logprob = ho[i].tok_val - ho[i].lse;
     }
-    free(h);
-    free(ho);
-    return r;
+    return 0;
 }
