@@ -25,6 +25,7 @@
 #include "dtype.h"
 #include "error.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -596,12 +597,116 @@ static void test_upload(void)
 
 /* ---- small ops ---- */
 
-/* The sample op against the host's draw (dsv32_draw_row, dsv32_logprobs_of) on the same logits:
- * 64 rows of DeepSeek-V3.2's vocabulary, greedy (rows with ties for the maximum among them) and
- * draws at temperatures 0.3-1.6 and uniforms from 0 to just below 1, with top-k (50, 1000, more
- * than the vocabulary), top-p (0.5, 0.9; 0.95 on flat rows: a nucleus the device may leave to
- * the host, -1), min-p and mixes, logprobs of none, 0, 5 and 20 tokens: the tokens equal, the
- * logprobs within 1e-5 (their softmax sum is a tree on the GPU). */
+/* What a batch of the sample op came to against the host's draws */
+struct sample_tally {
+    int bad_tok, bad_lp, host, filtered, bad_where;
+    double worst;
+};
+
+/* R draws d by the sample op, draw i on row rows[i] of the host logits lg (V a row), against the
+ * host's draw (dsv32_draw_row, dsv32_logprobs_of) on the same logits: the tokens equal, the
+ * logprobs within 1e-5 (their softmax sum is a tree on the GPU); -1 (a top-p nucleus left to the
+ * host) taken only from a top-p draw, and where[i] (when where is not NULL) 1: drawn on the
+ * device, 2: left to the host, 0: either. The device's tokens in tg (R); adds to t; 0, or the
+ * op's error. */
+static int sample_batch(struct pair *p, const char *name, const float *lg, int V, int R,
+                        const int32_t *rows, const struct dsv32_draw *d, const int *where,
+                        int32_t *tg, struct sample_tally *t)
+{
+    float *dl = dev_put(p->gpu, lg, sizeof(float) * (size_t)R * V);
+    struct dsv32_logprobs *lpg = malloc(sizeof(*lpg) * R);
+    void *work = malloc(dsv32_draw_work_bytes(V));
+    int r = dl && lpg && work ? p->gpu->ops->sample(p->gpu, tg, lpg, dl, V, rows, d, R) : -ENOMEM;
+    for (int i = 0; r == 0 && i < R; i++) {
+        const float *x = lg + (size_t)rows[i] * V;
+        const int32_t tc = dsv32_draw_row(x, V, &d[i], work);
+        const int filt =
+            d[i].temperature > 0.0f && (d[i].top_k > 0 || d[i].top_p < 1.0f || d[i].min_p > 0.0f);
+        const int left = tg[i] == -1 && d[i].temperature > 0.0f && d[i].top_p < 1.0f;
+        if (where && where[i] && where[i] != (left ? 2 : 1)) {
+            t->bad_where++;
+            printf("  %s: draw %d (T %.2f, top-k %d, top-p %.4f): %s, expected %s\n", name, i,
+                   d[i].temperature, d[i].top_k, d[i].top_p, left ? "left to the host" : "drawn",
+                   where[i] == 2 ? "left to the host" : "drawn on the device");
+        }
+        if (left) { /* a nucleus the device leaves to the host */
+            t->host++;
+            continue;
+        }
+        t->filtered += filt;
+        t->bad_tok += tc != tg[i];
+        if (tc != tg[i])
+            printf("  %s: draw %d on row %d (T %.2f, top-k %d, top-p %.4f, min-p %.3f, u %.12f): "
+                   "host %d, device %d\n",
+                   name, i, rows[i], d[i].temperature, d[i].top_k, d[i].top_p, d[i].min_p, d[i].u,
+                   tc, tg[i]);
+        if (d[i].n_logprobs < 0)
+            continue;
+        struct dsv32_logprobs lc;
+        dsv32_logprobs_of(x, V, tg[i], d[i].n_logprobs, &lc);
+        int ok = lc.n_top == lpg[i].n_top && lc.chosen.token == lpg[i].chosen.token;
+        double e = fabs((double)lc.chosen.logprob - lpg[i].chosen.logprob);
+        for (int j = 0; ok && j < lc.n_top; j++) {
+            ok = lc.top[j].token == lpg[i].top[j].token;
+            e = fmax(e, fabs((double)lc.top[j].logprob - lpg[i].top[j].logprob));
+        }
+        t->worst = fmax(t->worst, e);
+        t->bad_lp += !ok || e > 1e-5;
+    }
+    if (dl)
+        dev_free(p->gpu, dl);
+    free(lpg);
+    free(work);
+    return r;
+}
+
+/* The rows of test_sample's boundary batch (sample.cu's fast path and where it hands over) */
+enum {
+    SE_PLATEAU,      /* n tokens at 10 + s N(0, 1), the rest at N(0, 1) - 30: a nucleus of ~p n */
+    SE_TIES,         /* N(0, 2); 200 tokens tied at 9, 20 above them at 10-11.9 */
+    SE_NORMAL,       /* s N(0, 1) */
+    SE_HALF_NEG_INF, /* s N(0, 1), every even token -inf (a masked vocabulary) */
+    SE_ONE_FINITE,   /* -inf but token 0 */
+    SE_NAN,          /* s N(0, 1), token n NaN */
+    SE_INF,          /* s N(0, 1), token n +inf */
+};
+
+static void sample_edge_row(float *x, int V, int kind, int n, float s)
+{
+    for (int v = 0; v < V; v++)
+        x[v] = kind == SE_PLATEAU ? rnd_n() - 30.0f
+               : kind == SE_TIES  ? 2.0f * rnd_n()
+                                  : s * rnd_n();
+    if (kind == SE_PLATEAU)
+        for (int i = 0; i < n; i++)
+            x[(size_t)(i * 61 + 7) % (size_t)V] = 10.0f + s * rnd_n();
+    if (kind == SE_TIES) {
+        for (int i = 0; i < 200; i++)
+            x[(size_t)(i * 577 + 11) % (size_t)V] = 9.0f;
+        for (int i = 0; i < 20; i++)
+            x[(size_t)(i * 3331 + 5) % (size_t)V] = 10.0f + 0.1f * (float)i;
+    }
+    for (int v = 0; v < V; v++)
+        if ((kind == SE_HALF_NEG_INF && v % 2 == 0) || (kind == SE_ONE_FINITE && v > 0))
+            x[v] = -INFINITY;
+    if (kind == SE_NAN)
+        x[n] = NAN;
+    if (kind == SE_INF)
+        x[n] = INFINITY;
+}
+
+/* The sample op against the host's draw (dsv32_draw_row, dsv32_logprobs_of) on the same logits.
+ * (1) 64 rows of DeepSeek-V3.2's vocabulary, greedy (rows with ties for the maximum among them)
+ * and draws at temperatures 0.3-1.6 and uniforms from 0 to just below 1, with top-k (50, 1000,
+ * more than the vocabulary), top-p (0.5, 0.9; 0.95 on flat rows: a nucleus the device may leave
+ * to the host, -1), min-p and mixes, logprobs of none, 0, 5 and 20 tokens. (2) The boundaries of
+ * the device's fast path: nuclei of ~1,990-2,054 tokens around the 2,048 it sorts (drawn below,
+ * left to the host above), 3,000 logits tied at the top (the first bin alone past 2,048: the exact
+ * path, whose radix select must break the ties by token id), top-k among tied logits, top-k 1,
+ * 1,024, 1,025, 2,048 and 2,049, T 0.05, flat rows, a masked (-inf) vocabulary, NaN and +inf
+ * logits. (3) Vocabularies of 1,999, 3,000 and 5,003 tokens (rows not 16-byte aligned, threads
+ * without tokens, all candidates sortable). The tokens equal, the logprobs within 1e-5 (their
+ * softmax sum is a tree on the GPU). */
 static void test_sample(void)
 {
     if (!want("sampling: greedy, whole-vocabulary, top-k/top-p/min-p draws with logprobs, equal to "
@@ -613,7 +718,6 @@ static void test_sample(void)
     TRY(pair_new(&p, &cfg, 0, 0));
     const int R = 64, V = cfg.vocab_size;
     float *lg = rnd_f32((size_t)R * V, 6.0f);
-    void *work = malloc(dsv32_draw_work_bytes(V));
     for (int r = 0; r < R; r++) {
         float *x = lg + (size_t)r * V;
         if (r % 8 == 1) /* the maximum three times: greedy takes its first index */
@@ -628,8 +732,7 @@ static void test_sample(void)
     static const float temps[] = {0.0f, 0.3f, 0.7f, 1.0f, 1.6f};
     static const int nlp[] = {-1, 0, 5, 20};
     struct dsv32_draw *d = malloc(sizeof(*d) * R);
-    int32_t *rows = malloc(sizeof(int32_t) * R), *tg = malloc(sizeof(int32_t) * R);
-    struct dsv32_logprobs *lpg = malloc(sizeof(*lpg) * R);
+    int32_t *rows = malloc(sizeof(int32_t) * R);
     for (int r = 0; r < R; r++) {
         rows[r] = R - 1 - r; /* draws in another order than the rows */
         d[r] = (struct dsv32_draw){.top_p = 1.0f};
@@ -640,56 +743,141 @@ static void test_sample(void)
         d[r].u = r == 3 ? 0.0 : r == 8 ? 0.9999999999 : rnd_u();
         d[r].n_logprobs = nlp[(r / 5) % 4];
     }
-    float *dl = dev_put(p.gpu, lg, sizeof(float) * (size_t)R * V);
-    TRY(p.gpu->ops->sample(p.gpu, tg, lpg, dl, V, rows, d, R));
-    int bad_tok = 0, bad_lp = 0, host = 0, filtered = 0;
-    double worst = 0.0;
-    for (int r = 0; r < R; r++) {
-        const float *x = lg + (size_t)rows[r] * V;
-        const int32_t tc = dsv32_draw_row(x, V, &d[r], work);
-        const int filt =
-            d[r].temperature > 0.0f && (d[r].top_k > 0 || d[r].top_p < 1.0f || d[r].min_p > 0.0f);
-        if (tg[r] == -1 && filt &&
-            d[r].top_p < 1.0f) { /* a nucleus the device leaves to the host */
-            host++;
-            continue;
-        }
-        filtered += filt;
-        bad_tok += tc != tg[r];
-        if (tc != tg[r])
-            printf("  row %d (T %.1f, u %.12f): host %d, device %d\n", rows[r], d[r].temperature,
-                   d[r].u, tc, tg[r]);
-        if (d[r].n_logprobs < 0)
-            continue;
-        struct dsv32_logprobs lc;
-        dsv32_logprobs_of(x, V, tg[r], d[r].n_logprobs, &lc);
-        int ok = lc.n_top == lpg[r].n_top && lc.chosen.token == lpg[r].chosen.token;
-        double e = fabs((double)lc.chosen.logprob - lpg[r].chosen.logprob);
-        for (int j = 0; ok && j < lc.n_top; j++) {
-            ok = lc.top[j].token == lpg[r].top[j].token;
-            e = fmax(e, fabs((double)lc.top[j].logprob - lpg[r].top[j].logprob));
-        }
-        worst = fmax(worst, e);
-        bad_lp += !ok || e > 1e-5;
-    }
+    int32_t *tg = malloc(sizeof(int32_t) * R);
+    struct sample_tally t = {0};
+    TRY(sample_batch(&p, "mixed", lg, V, R, rows, d, NULL, tg, &t));
     printf("  %d rows (%d with top-k, top-p or min-p drawn on the device, %d top-p left to the "
            "host): tokens differing from the host's %d, logprobs differing %d (largest difference "
            "%.2e)\n",
-           R, filtered, host, bad_tok, bad_lp, worst);
-    CHECK(filtered >= 10, "sampling: only %d filtered draws taken on the device", filtered);
-    CHECK(bad_tok == 0, "sampling: %d tokens differ from the host's draw", bad_tok);
-    CHECK(bad_lp == 0, "sampling: %d rows' logprobs differ", bad_lp);
+           R, t.filtered, t.host, t.bad_tok, t.bad_lp, t.worst);
+    CHECK(t.filtered >= 10, "sampling: only %d filtered draws taken on the device", t.filtered);
+    CHECK(t.bad_tok == 0, "sampling: %d tokens differ from the host's draw", t.bad_tok);
+    CHECK(t.bad_lp == 0, "sampling: %d rows' logprobs differ", t.bad_lp);
     /* the rows in the greedy case with the tied maximum drew its first index */
     for (int r = 0; r < R; r++)
         if (d[r].temperature == 0.0f && rows[r] % 8 == 1)
             CHECK(tg[r] == 77, "sampling: a tied maximum drew %d, not its first index 77", tg[r]);
-    dev_free(p.gpu, dl);
     free(lg);
-    free(work);
     free(d);
     free(rows);
+
+    /* (2) the fast path's boundaries; where: 1 drawn on the device, 2 left to the host */
+    static const struct {
+        int kind, n;
+        float s, T;
+        int k;
+        float p, minp;
+        int nlp, where;
+    } E[] = {
+        {SE_PLATEAU, 2000, 0.01f, 1.0f, 0, 0.995f, 0.0f, -1, 1}, /* nucleus ~1,990 */
+        {SE_PLATEAU, 2040, 0.01f, 1.0f, 0, 0.999f, 0.0f, 5, 1},  /* ~2,038 */
+        {SE_PLATEAU, 2060, 0.01f, 1.0f, 0, 0.99f, 0.0f, -1, 1},  /* ~2,040 of 2,060 */
+        {SE_PLATEAU, 2060, 0.01f, 1.0f, 0, 0.997f, 0.0f, -1, 2}, /* ~2,054: the host's */
+        {SE_PLATEAU, 2200, 0.01f, 1.0f, 0, 0.95f, 0.0f, -1, 2},  /* ~2,090 */
+        {SE_PLATEAU, 2200, 0.01f, 1.0f, 0, 0.5f, 0.0f, 5, 1},    /* ~1,100 of 2,200 */
+        {SE_PLATEAU, 3000, 0.0f, 1.0f, 0, 0.1f, 0.0f, -1, 1},    /* 300 of 3,000 tied */
+        {SE_PLATEAU, 3000, 0.0f, 0.7f, 0, 0.9f, 0.0f, -1, 2},    /* 2,700 of 3,000 tied */
+        {SE_PLATEAU, 3000, 0.0f, 1.0f, 2100, 1.0f, 0.0f, -1, 1}, /* top-k past 2,048 in ties */
+        {SE_PLATEAU, 3000, 0.0f, 1.0f, 2100, 0.5f, 0.0f, -1, 1},
+        {SE_PLATEAU, 1500, 0.3f, 0.8f, 0, 0.97f, 0.05f, -1, 1},
+        {SE_TIES, 0, 0.0f, 1.0f, 50, 1.0f, 0.0f, 5, 1}, /* the k-th among 200 ties */
+        {SE_TIES, 0, 0.0f, 1.0f, 50, 0.8f, 0.3f, -1, 1},
+        {SE_TIES, 0, 0.0f, 0.5f, 220, 0.99f, 0.0f, -1, 1},
+        {SE_NORMAL, 0, 6.0f, 0.7f, 1, 0.9f, 0.0f, -1, 1},
+        {SE_NORMAL, 0, 6.0f, 0.7f, 1024, 0.9f, 0.0f, 5, 1},
+        {SE_NORMAL, 0, 6.0f, 1.0f, 1025, 1.0f, 0.0f, -1, 1},
+        {SE_NORMAL, 0, 6.0f, 1.0f, 2048, 0.95f, 0.0f, -1, 1},
+        {SE_NORMAL, 0, 6.0f, 1.0f, 2049, 0.95f, 0.0f, -1, 1},
+        {SE_NORMAL, 0, 6.0f, 1.0f, 1000, 0.9f, 0.001f, -1, 1},
+        {SE_NORMAL, 0, 6.0f, 0.05f, 1000, 1.0f, 0.0f, -1, 1},
+        {SE_NORMAL, 0, 6.0f, 0.05f, 0, 0.9f, 0.0f, -1, 1},
+        {SE_NORMAL, 0, 0.01f, 1.0f, 100, 1.0f, 0.0f, -1, 1}, /* flat */
+        {SE_NORMAL, 0, 0.01f, 1.0f, 0, 0.5f, 0.0f, -1, 2},
+        {SE_NORMAL, 0, 0.01f, 1.0f, 100, 0.5f, 0.0f, -1, 1},
+        {SE_NORMAL, 0, 1.5f, 1.0f, 0, 0.9f, 0.0f, 5, 0}, /* nuclei of hundreds+ */
+        {SE_NORMAL, 0, 2.5f, 1.0f, 0, 0.9f, 0.0f, -1, 0},
+        {SE_NORMAL, 0, 3.0f, 0.8f, 0, 0.95f, 0.0f, -1, 0},
+        {SE_NORMAL, 0, 4.0f, 1.0f, 0, 0.999f, 0.0f, -1, 0},
+        {SE_NORMAL, 0, 3.0f, 1.0f, 0, 0.99999994f, 0.0f, -1, 0},
+        {SE_HALF_NEG_INF, 0, 4.0f, 1.0f, 0, 0.9f, 0.0f, 5, 1},
+        {SE_HALF_NEG_INF, 0, 4.0f, 1.0f, 40, 1.0f, 0.0f, -1, 1},
+        {SE_ONE_FINITE, 0, 4.0f, 1.0f, 0, 0.9f, 0.0f, -1, 1},
+        {SE_NAN, 5, 4.0f, 0.0f, 0, 1.0f, 0.0f, -1, 1}, /* NaN: greedy skips it */
+        {SE_NAN, 0, 4.0f, 0.0f, 0, 1.0f, 0.0f, -1, 1}, /* ... or takes index 0 */
+        {SE_NAN, 1000, 4.0f, 1.0f, 0, 1.0f, 0.0f, -1, 1},
+        {SE_NAN, 1000, 4.0f, 1.0f, 0, 0.9f, 0.0f, -1, 1},
+        {SE_NAN, 1000, 4.0f, 1.0f, 50, 1.0f, 0.0f, -1, 1},
+        {SE_INF, 42, 4.0f, 1.0f, 0, 0.9f, 0.0f, -1, 1},
+        {SE_INF, 42, 4.0f, 1.0f, 20, 1.0f, 0.0f, -1, 1},
+    };
+    const int RE = (int)(sizeof(E) / sizeof(E[0]));
+    lg = malloc(sizeof(float) * (size_t)RE * V);
+    d = malloc(sizeof(*d) * RE);
+    rows = malloc(sizeof(int32_t) * RE);
+    int *where = malloc(sizeof(int) * RE);
+    for (int i = 0; i < RE; i++) {
+        rows[i] = RE - 1 - i;
+        sample_edge_row(lg + (size_t)rows[i] * V, V, E[i].kind, E[i].n, E[i].s);
+        d[i] = (struct dsv32_draw){.temperature = E[i].T,
+                                   .u = rnd_u(),
+                                   .top_k = E[i].k,
+                                   .top_p = E[i].p,
+                                   .min_p = E[i].minp,
+                                   .n_logprobs = E[i].nlp};
+        where[i] = E[i].where;
+    }
+    struct sample_tally te = {0};
+    tg = realloc(tg, sizeof(int32_t) * RE);
+    TRY(sample_batch(&p, "boundaries", lg, V, RE, rows, d, where, tg, &te));
+    printf("  %d boundary rows (%d left to the host): tokens differing %d, logprobs differing %d, "
+           "drawn where not expected %d\n",
+           RE, te.host, te.bad_tok, te.bad_lp, te.bad_where);
+    CHECK(te.bad_tok == 0, "sampling: %d boundary tokens differ from the host's", te.bad_tok);
+    CHECK(te.bad_lp == 0, "sampling: %d boundary rows' logprobs differ", te.bad_lp);
+    CHECK(te.bad_where == 0, "sampling: %d boundary draws not where expected", te.bad_where);
+    free(lg);
+    free(d);
+    free(rows);
+    free(where);
+
+    /* (3) small vocabularies */
+    static const int Vs[] = {1999, 3000, 5003};
+    static const float T[] = {0.0f, 0.4f, 1.0f, 1.7f};
+    static const int K[] = {0, 10, 500, 800, 1998, 2000, 4000};
+    static const float P[] = {1.0f, 0.9f, 0.5f, 0.99999f};
+    for (int j = 0; j < 3; j++) {
+        const int RS = 24, VS = Vs[j];
+        lg = rnd_f32((size_t)RS * VS, 3.0f);
+        d = malloc(sizeof(*d) * RS);
+        rows = malloc(sizeof(int32_t) * RS);
+        where = malloc(sizeof(int) * RS);
+        for (int r = 0; r < RS; r++) {
+            rows[r] = RS - 1 - r;
+            d[r] = (struct dsv32_draw){.temperature = T[r % 4],
+                                       .u = rnd_u(),
+                                       .top_k = K[r % 7],
+                                       .top_p = P[(r / 4) % 4],
+                                       .min_p = r % 5 == 2 ? 0.05f : 0.0f,
+                                       .n_logprobs = r % 3 == 1 ? 5 : -1};
+            where[r] = VS <= 2048 ? 1 : 0; /* all candidates sortable: never the host's */
+        }
+        char name[32];
+        snprintf(name, sizeof(name), "vocabulary %d", VS);
+        struct sample_tally ts = {0};
+        tg = realloc(tg, sizeof(int32_t) * RS);
+        TRY(sample_batch(&p, name, lg, VS, RS, rows, d, where, tg, &ts));
+        printf("  %s, %d rows (%d left to the host): tokens differing %d, logprobs differing %d, "
+               "drawn where not expected %d\n",
+               name, RS, ts.host, ts.bad_tok, ts.bad_lp, ts.bad_where);
+        CHECK(ts.bad_tok == 0 && ts.bad_lp == 0 && ts.bad_where == 0,
+              "sampling: %s: %d tokens, %d logprobs, %d draws not where expected", name, ts.bad_tok,
+              ts.bad_lp, ts.bad_where);
+        free(lg);
+        free(d);
+        free(rows);
+        free(where);
+    }
     free(tg);
-    free(lpg);
     pair_free(&p);
 }
 
