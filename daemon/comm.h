@@ -26,8 +26,15 @@ struct dsv32_comm_xchg {
     const size_t *send_bytes;  /* (world) */
     const uint8_t *recv_from;  /* (world) 1 = expect a block from this peer */
     /* (world) sizes the caller already knows (the combine's, known from the dispatch), or NULL:
-     * with every size known nccl skips its sizes round; a block of another size is an error */
+     * none known; DSV32_COMM_SIZE_UNKNOWN for a peer whose size is not known. A block of another
+     * size is an error. */
     const size_t *recv_expect;
+    /* (world) 1 where the peer knows the size of the block this rank sends it (its recv_expect
+     * has it), or NULL: every size known to its receiver when recv_expect is given, none
+     * otherwise. nccl sends a size only where it is not known and receives one only where it is
+     * not expected, and skips its sizes round when no pair needs one: both sides of a pair must
+     * agree on what is known. */
+    const uint8_t *send_known;
     /* filled by the call: pointers into the communicator's receive buffers, valid until the
      * next call on it (backend memory: host for tcp, device for nccl) */
     void **recv;               /* (world) */
@@ -41,6 +48,7 @@ struct dsv32_comm_xchg {
 };
 
 #define DSV32_COMM_MAX_HEAD 256
+#define DSV32_COMM_SIZE_UNKNOWN ((size_t)-1)
 
 struct dsv32_comm_ops {
     const char *name;

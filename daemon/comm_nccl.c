@@ -123,6 +123,7 @@ static int nccl_exchange(struct dsv32_comm *c, struct dsv32_comm_xchg *x, int ti
     struct nccl_comm *n = (struct nccl_comm *)c;
     const int W = c->world;
     const int64_t deadline = now_ms() + timeout_ms;
+    uint8_t sz_out[DSV32_COMM_MAX_WORLD], sz_in[DSV32_COMM_MAX_WORLD];
     CUDA_TRY(n, cudaSetDevice(n->device));
     for (int p = 0; p < W; p++) {
         n->h_sizes[p] = x->send[p] ? (uint64_t)x->send_bytes[p] : 0;
@@ -130,31 +131,44 @@ static int nccl_exchange(struct dsv32_comm *c, struct dsv32_comm_xchg *x, int ti
         x->recv_bytes[p] = 0;
     }
     int r;
-    if (x->recv_expect) {
-        /* every size is known: no sizes round */
-        for (int p = 0; p < W; p++)
-            n->h_sizes[W + p] = x->recv_from[p] ? (uint64_t)x->recv_expect[p] : 0;
-        goto sized;
+    /* the pairs whose size is not known to the receiver: only they take part in the sizes
+     * round, and without any it is skipped */
+    int round1 = 0;
+    for (int p = 0; p < W; p++) {
+        const int known_in = x->recv_expect && x->recv_expect[p] != DSV32_COMM_SIZE_UNKNOWN;
+        n->h_sizes[W + p] = x->recv_from[p] && known_in ? (uint64_t)x->recv_expect[p] : 0;
+        sz_out[p] = p != c->rank && x->send[p] &&
+                    !(x->send_known ? x->send_known[p] : x->recv_expect != NULL);
+        sz_in[p] = p != c->rank && x->recv_from[p] && !known_in;
+        round1 |= sz_out[p] | sz_in[p];
     }
+    if (!round1)
+        goto sized;
     CUDA_TRY(n, cudaMemcpyAsync(n->d_sizes, n->h_sizes, sizeof(uint64_t) * W,
                                 cudaMemcpyHostToDevice, n->stream));
     /* round 1: sizes */
     NCCL_TRY(n, ncclGroupStart());
     for (int p = 0; p < W; p++) {
-        if (p == c->rank)
-            continue;
-        if (x->send[p])
+        if (sz_out[p])
             NCCL_TRY(n, ncclSend(n->d_sizes + p, 1, ncclUint64, p, n->comm, n->stream));
-        if (x->recv_from[p])
+        if (sz_in[p])
             NCCL_TRY(n, ncclRecv(n->d_sizes + W + p, 1, ncclUint64, p, n->comm, n->stream));
     }
     NCCL_TRY(n, ncclGroupEnd());
     if ((r = wait_comm(n, deadline)) < 0)
         return r;
-    CUDA_TRY(n, cudaMemcpyAsync(n->h_sizes + W, n->d_sizes + W, sizeof(uint64_t) * W,
-                                cudaMemcpyDeviceToHost, n->stream));
-    if ((r = wait_stream(n, deadline)) < 0)
-        return r;
+    {
+        /* the received sizes; the expected ones (and 0 where a peer sends nothing) kept */
+        uint64_t known[DSV32_COMM_MAX_WORLD];
+        memcpy(known, n->h_sizes + W, sizeof(uint64_t) * W);
+        CUDA_TRY(n, cudaMemcpyAsync(n->h_sizes + W, n->d_sizes + W, sizeof(uint64_t) * W,
+                                    cudaMemcpyDeviceToHost, n->stream));
+        if ((r = wait_stream(n, deadline)) < 0)
+            return r;
+        for (int p = 0; p < W; p++)
+            if (!sz_in[p])
+                n->h_sizes[W + p] = known[p];
+    }
 sized:
     for (int p = 0; p < W; p++) {
         if (p == c->rank || !x->recv_from[p])

@@ -286,7 +286,9 @@ static int tcp_exchange(struct dsv32_comm *c, struct dsv32_comm_xchg *x, int tim
                         }
                     }
                 }
-                if (s->roff >= 8 && x->recv_expect && le64toh(s->rhdr) != x->recv_expect[p])
+                if (s->roff >= 8 && x->recv_expect &&
+                    x->recv_expect[p] != DSV32_COMM_SIZE_UNKNOWN &&
+                    le64toh(s->rhdr) != x->recv_expect[p])
                     return fail(c, DSV32_EFORMAT);
                 if (s->roff >= 8 && s->roff - 8 == (size_t)le64toh(s->rhdr)) {
                     s->receiving = 0;

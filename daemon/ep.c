@@ -28,8 +28,21 @@
 #define EP_ACTIVE 1u
 
 struct ep_hdr {
-    uint32_t magic, layer, rows, k, dim, wire, flags, pad;
+    uint32_t magic, layer, rows, k, dim, wire, flags;
+    uint32_t step_rows; /* dispatch: the sender's rows in this step (the same in every layer) */
 };
+
+/* From the second MoE layer of a step on, a sender whose step is small sends every shard all its
+ * rows (the pairs of other shards' experts as -1), so that both sides know every block's size
+ * (the step's rows came with the first layer's headers) and the dispatch needs no sizes round.
+ * Small: rows x shards <= EP_KNOWN_BLOCKS, decode steps. With 3 shards and 8 experts a token a
+ * row misses a given shard 1 time in 26 anyway; with many shards the padding would cost more
+ * than the round it saves. */
+#define EP_KNOWN_BLOCKS 512
+static int known_sizes(int step_rows, int n_shards)
+{
+    return (int64_t)step_rows * n_shards <= EP_KNOWN_BLOCKS;
+}
 
 /* ---- placement ---- */
 
@@ -340,6 +353,7 @@ struct dsv32_ep_client {
     int inplace;         /* blocks_inplace for the current communicator */
     int *moe;            /* MoE layer ids in order */
     int n_moe, pos;      /* position of the next MoE layer in the current step */
+    int step_rows;       /* the rows of the current step (its first MoE layer's) */
     struct growbuf *out; /* (n_shards) dispatch blocks (backend memory when inplace) */
     struct growbuf rows; /* per shard, the local row of each dispatched row */
     struct growbuf xh, yh;
@@ -503,6 +517,12 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
     const struct dsv32_backend_ops *ops = c->be->ops;
     if (c->moe[c->pos] != layer)
         return DSV32_EFORMAT; /* the engine skipped or reordered a MoE layer */
+    if (c->pos == 0)
+        c->step_rows = rows;
+    else if (rows != c->step_rows)
+        return DSV32_EFORMAT; /* the step's rows changed between its MoE layers */
+    /* every row to every shard, the sizes known on both sides (EP_KNOWN_BLOCKS) */
+    const int all_rows = c->pos > 0 && known_sizes(rows, S);
     const uint64_t t_pack = dsv32_mono_ns();
     /* rows going to each shard: a row goes to s when one of its experts' chosen replica is s */
     int32_t *rowmap = grow(&c->rows, sizeof(int32_t) * stride * S);
@@ -512,15 +532,15 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
     for (int r = 0; r < rows; r++)
         for (int s = 0; s < S; s++) {
             int hit = 0;
-            for (int j = 0; j < k && !hit; j++) {
+            for (int j = 0; j < k && (!hit || all_rows); j++) {
                 if (ids[r * k + j] < 0)
                     continue;
                 const int o = pair_owner(c, layer, ids[r * k + j], r, j);
                 if (o < 0)
                     return DSV32_ECONFIG; /* an expert nobody holds */
-                hit = o == s;
+                hit |= o == s;
             }
-            if (hit)
+            if (hit || all_rows)
                 rowmap[(size_t)s * stride + cnt[s]++] = r;
         }
     int32_t *drows = rowmap;
@@ -545,8 +565,9 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
         uint8_t *b = grow(&c->out[s], bytes);
         if (!b)
             return -ENOMEM;
-        struct ep_hdr h = {EP_DISPATCH, (uint32_t)layer, (uint32_t)n, (uint32_t)k, (uint32_t)D,
-                           (uint32_t)c->wire, active ? EP_ACTIVE : 0, 0};
+        struct ep_hdr h = {
+            EP_DISPATCH,       (uint32_t)layer,        (uint32_t)n,   (uint32_t)k, (uint32_t)D,
+            (uint32_t)c->wire, active ? EP_ACTIVE : 0, (uint32_t)rows};
         const int32_t *rm = rowmap + (size_t)s * stride;
         if (c->inplace) {
             uint8_t *hp = hst + (hs + stride * k * 8) * s;
@@ -573,8 +594,15 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
     int r;
     if (c->inplace && (r = ops->sync(c->be)) < 0) /* the blocks are written before they go */
         return r;
-    struct dsv32_comm_xchg x1 = {.send = send, .send_bytes = sb, .recv_from = from, .recv = recv,
-                                 .recv_bytes = rb};
+    uint8_t known[DSV32_COMM_MAX_WORLD] = {0};
+    for (int s = 0; s < S; s++)
+        known[A + s] = (uint8_t)all_rows;
+    struct dsv32_comm_xchg x1 = {.send = send,
+                                 .send_bytes = sb,
+                                 .recv_from = from,
+                                 .recv = recv,
+                                 .recv_bytes = rb,
+                                 .send_known = known};
     const uint64_t t_dispatch = dsv32_mono_ns();
     c->st.pack_ns += t_dispatch - t_pack;
     if ((r = dsv32_comm_exchange(c->comm, &x1, c->timeout_ms)) < 0)
@@ -785,6 +813,8 @@ struct dsv32_ep_server {
     struct dsv32_backend *be;
     int timeout_ms;
     int inplace; /* blocks_inplace for the current communicator */
+    int wire;    /* the current step's, from its first MoE layer */
+    uint32_t step_rows[DSV32_COMM_MAX_WORLD]; /* each attention rank's rows in this step */
     int *moe;
     int n_moe;
     struct growbuf x, ids, w, y, out, pairs, hdrs; /* host (out: backend memory when inplace) */
@@ -891,13 +921,23 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
     size_t sb[DSV32_COMM_MAX_WORLD] = {0}, rb[DSV32_COMM_MAX_WORLD];
     uint8_t from[DSV32_COMM_MAX_WORLD] = {0};
     void *recv[DSV32_COMM_MAX_WORLD], *head[DSV32_COMM_MAX_WORLD];
-    for (int a = 0; a < A; a++)
+    /* after the first layer, the blocks of the senders whose step is small have known sizes:
+     * all their rows (EP_KNOWN_BLOCKS) */
+    size_t expect[DSV32_COMM_MAX_WORLD];
+    for (int a = 0; a < W; a++)
+        expect[a] = DSV32_COMM_SIZE_UNKNOWN;
+    for (int a = 0; a < A; a++) {
         from[a] = 1;
+        if (!first && known_sizes((int)s->step_rows[a], W - A))
+            expect[a] = hs + (size_t)s->step_rows[a] *
+                                 (D * wire_elem((enum dsv32_ep_wire)s->wire) + (size_t)K * 8);
+    }
     struct dsv32_comm_xchg x1 = {.send = none,
                                  .send_bytes = sb,
                                  .recv_from = from,
                                  .recv = recv,
                                  .recv_bytes = rb,
+                                 .recv_expect = expect,
                                  .head_bytes = hs,
                                  .recv_head = head};
     const uint64_t t_wait = dsv32_mono_ns();
@@ -916,13 +956,18 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
         if (h[a].magic != EP_DISPATCH || h[a].layer != (uint32_t)layer || h[a].dim != (uint32_t)D ||
             h[a].k != (uint32_t)K || h[a].wire > 1 ||
             rb[a] != hs + (size_t)h[a].rows * (D * es + (size_t)K * 8) ||
-            (wire >= 0 && (int)h[a].wire != wire))
+            (wire >= 0 && (int)h[a].wire != wire) || h[a].rows > h[a].step_rows ||
+            (!first && (h[a].step_rows != s->step_rows[a] || (int)h[a].wire != s->wire)))
             return DSV32_EFORMAT;
+        if (first)
+            s->step_rows[a] = h[a].step_rows;
         wire = (int)h[a].wire;
         active |= (h[a].flags & EP_ACTIVE) != 0;
         offs[a] = total;
         total += (int)h[a].rows;
     }
+    if (first)
+        s->wire = wire;
     const size_t es = wire_elem((enum dsv32_ep_wire)wire), n1 = total ? (size_t)total : 1;
     const int bf16 = wire == DSV32_EP_WIRE_BF16;
     int32_t *ids = grow(&s->ids, sizeof(int32_t) * n1 * K);
