@@ -4,7 +4,9 @@
  * Wire format (little-endian, host memory on tcp):
  *   dispatch = struct ep_hdr, rows x dim activations (f32 or bf16), rows x k (expert, weight)
  *              pairs (int32, f32; expert -1 where the pair goes to another shard)
- *   combine  = struct ep_hdr, rows x dim weighted partial sums (f32 or bf16) */
+ *   combine  = struct ep_hdr, rows x dim weighted partial sums (f32 or bf16)
+ * The dispatch's sizes come in a sizes round, except after the first MoE layer of a small step
+ * (known_sizes), where every shard gets all the sender's rows and the sizes are known. */
 #include "ep.h"
 
 #include "clock.h"
