@@ -8,9 +8,9 @@
  * part in every exchange, with zero rows when it has nothing, so no collective waits on an idle
  * member. Each dispatch says whether its sender is active this step and how many rows its step
  * has (a small step's later dispatches then send every shard all rows, sizes known to both sides,
- * no sizes round); after the first layer's
- * dispatch the shards tell everyone whether anybody was (combine header), and a step where
- * nobody was ends there, so an idle group costs one round trip per poll, not a full step. Any
+ * no sizes round); after the first layer's dispatch the shards tell everyone whether anybody was
+ * (combine header), and a step where nobody was ends there, so an idle group costs one round
+ * trip per poll, not a full step. Any
  * failed exchange fails the step on every member; the caller moves to a new epoch and runs it
  * again (nothing of a failed step was committed). */
 #ifndef DSV32_EP_H
