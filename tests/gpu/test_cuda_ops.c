@@ -753,6 +753,7 @@ static void test_sample(void)
     CHECK(t.filtered >= 10, "sampling: only %d filtered draws taken on the device", t.filtered);
     CHECK(t.bad_tok == 0, "sampling: %d tokens differ from the host's draw", t.bad_tok);
     CHECK(t.bad_lp == 0, "sampling: %d rows' logprobs differ", t.bad_lp);
+    CHECK(t.host == 0, "sampling: %d finite rows left to the host", t.host);
     /* the rows in the greedy case with the tied maximum drew its first index */
     for (int r = 0; r < R; r++)
         if (d[r].temperature == 0.0f && rows[r] % 8 == 1)
@@ -772,11 +773,11 @@ static void test_sample(void)
         {SE_PLATEAU, 2000, 0.01f, 1.0f, 0, 0.995f, 0.0f, -1, 1}, /* nucleus ~1,990 */
         {SE_PLATEAU, 2040, 0.01f, 1.0f, 0, 0.999f, 0.0f, 5, 1},  /* ~2,038 */
         {SE_PLATEAU, 2060, 0.01f, 1.0f, 0, 0.99f, 0.0f, -1, 1},  /* ~2,040 of 2,060 */
-        {SE_PLATEAU, 2060, 0.01f, 1.0f, 0, 0.997f, 0.0f, -1, 2}, /* ~2,054: the host's */
-        {SE_PLATEAU, 2200, 0.01f, 1.0f, 0, 0.95f, 0.0f, -1, 2},  /* ~2,090 */
+        {SE_PLATEAU, 2060, 0.01f, 1.0f, 0, 0.997f, 0.0f, -1, 1}, /* ~2,054: chunked */
+        {SE_PLATEAU, 2200, 0.01f, 1.0f, 0, 0.95f, 0.0f, -1, 1},  /* ~2,090 */
         {SE_PLATEAU, 2200, 0.01f, 1.0f, 0, 0.5f, 0.0f, 5, 1},    /* ~1,100 of 2,200 */
         {SE_PLATEAU, 3000, 0.0f, 1.0f, 0, 0.1f, 0.0f, -1, 1},    /* 300 of 3,000 tied */
-        {SE_PLATEAU, 3000, 0.0f, 0.7f, 0, 0.9f, 0.0f, -1, 2},    /* 2,700 of 3,000 tied */
+        {SE_PLATEAU, 3000, 0.0f, 0.7f, 0, 0.9f, 0.0f, -1, 1},    /* 2,700 of 3,000 tied */
         {SE_PLATEAU, 3000, 0.0f, 1.0f, 2100, 1.0f, 0.0f, -1, 1}, /* top-k past 2,048 in ties */
         {SE_PLATEAU, 3000, 0.0f, 1.0f, 2100, 0.5f, 0.0f, -1, 1},
         {SE_PLATEAU, 1500, 0.3f, 0.8f, 0, 0.97f, 0.05f, -1, 1},
@@ -792,7 +793,7 @@ static void test_sample(void)
         {SE_NORMAL, 0, 6.0f, 0.05f, 1000, 1.0f, 0.0f, -1, 1},
         {SE_NORMAL, 0, 6.0f, 0.05f, 0, 0.9f, 0.0f, -1, 1},
         {SE_NORMAL, 0, 0.01f, 1.0f, 100, 1.0f, 0.0f, -1, 1}, /* flat */
-        {SE_NORMAL, 0, 0.01f, 1.0f, 0, 0.5f, 0.0f, -1, 2},
+        {SE_NORMAL, 0, 0.01f, 1.0f, 0, 0.5f, 0.0f, -1, 1},
         {SE_NORMAL, 0, 0.01f, 1.0f, 100, 0.5f, 0.0f, -1, 1},
         {SE_NORMAL, 0, 1.5f, 1.0f, 0, 0.9f, 0.0f, 5, 0}, /* nuclei of hundreds+ */
         {SE_NORMAL, 0, 2.5f, 1.0f, 0, 0.9f, 0.0f, -1, 0},
@@ -809,6 +810,23 @@ static void test_sample(void)
         {SE_NAN, 1000, 4.0f, 1.0f, 50, 1.0f, 0.0f, -1, 1},
         {SE_INF, 42, 4.0f, 1.0f, 0, 0.9f, 0.0f, -1, 1},
         {SE_INF, 42, 4.0f, 1.0f, 20, 1.0f, 0.0f, -1, 1},
+        /* nuclei of more than 2,048 candidates: the chunked walk (chunks of whole bins; a bin
+         * of more than 2,048 tokens cut by rank key, ties by token id across the cuts) */
+        {SE_NORMAL, 0, 0.01f, 1.0f, 0, 0.95f, 0.0f, 5, 1}, /* flat: ~all 129,280 */
+        {SE_NORMAL, 0, 0.01f, 1.0f, 0, 0.99f, 0.0f, -1, 1},
+        {SE_NORMAL, 0, 0.01f, 1.6f, 0, 0.5f, 0.0f, -1, 1},
+        {SE_NORMAL, 0, 0.0f, 1.0f, 0, 0.95f, 0.0f, 5, 1}, /* all 129,280 tied */
+        {SE_NORMAL, 0, 0.0f, 0.6f, 0, 0.5f, 0.0f, -1, 1},
+        {SE_NORMAL, 0, 1.0f, 0.6f, 0, 0.95f, 0.0f, -1, 1}, /* the scale benchmark's rows */
+        {SE_NORMAL, 0, 1.0f, 1.5f, 0, 0.5f, 0.0f, -1, 1},
+        {SE_NORMAL, 0, 1.0f, 1.0f, 0, 0.99f, 0.001f, -1, 1}, /* min-p */
+        {SE_NORMAL, 0, 2.0f, 1.6f, 0, 0.99f, 0.0f, -1, 1},
+        {SE_PLATEAU, 5000, 0.0f, 1.0f, 0, 0.9f, 0.0f, -1, 1}, /* 4,500 of 5,000 tied */
+        {SE_PLATEAU, 20000, 0.001f, 1.0f, 0, 0.97f, 0.0f, 5, 1},
+        {SE_PLATEAU, 3000, 0.01f, 1.0f, 0, 0.999f, 0.0f, -1, 1},
+        {SE_NORMAL, 0, 0.01f, 1.0f, 50000, 0.95f, 0.0f, -1, 1}, /* top-k past 2,048 */
+        {SE_NORMAL, 0, 1.0f, 0.6f, 3000, 0.99f, 0.0f, -1, 1},
+        {SE_NAN, 1000, 0.01f, 1.0f, 0, 0.95f, 0.0f, -1, 0}, /* NaN: the total NaN, a nucleus of 0 */
     };
     const int RE = (int)(sizeof(E) / sizeof(E[0]));
     lg = malloc(sizeof(float) * (size_t)RE * V);

@@ -80,15 +80,29 @@ struct cu_drawn {
 /* the kernel's static shared memory (~40 KB; the block sums are dynamic) */
 struct sample_smem {
     uint64_t keys[SAMPLE_TOPM]; /* candidates' rank keys */
-    float es[SAMPLE_TOPM];      /* their e, in the same order (top-p) */
+    union {
+        float es[SAMPLE_TOPM]; /* their e, in the same order (top-p) */
+        int rh[SAMPLE_TOPM];   /* the chunked walk's histogram of a key range (before es) */
+    };
     double ck[SAMPLE_TOPM / 8]; /* the top-p walk's sum before every eighth candidate */
     int hist[SAMPLE_BINS];      /* radix digits (draw_full) or z-bins */
     float acc4[SAMPLE_THREADS]; /* lane sums; the walk's block */
     float sv[32];
     int si[32], sw[32];
     double sd[32];
+    uint64_t su[2][32];
     double total, walk_u, walk_cum;
-    int walk_b, cnt, tok, sel, sh2[2];
+    uint64_t klo, khi; /* the chunked walk's key range */
+    int walk_b, cnt, tok, sel, sh2[2], step;
+};
+
+/* A chunk of the chunked top-p walk (top_p_chunked), in global scratch: its candidates are those
+ * of the z-bins [blo, bhi] when blo >= 0, else those with rank keys in [klo, khi]; c0 and c1 the
+ * walk's sum before and after it (c1: where the walk stopped, inside its last chunk) */
+struct sample_chunk {
+    double c0, c1;
+    uint64_t klo, khi;
+    int blo, bhi;
 };
 
 /* exp_le0_v4 of sampling.c on one lane: e^x for x <= 0, x below -87 taken as -87 */
@@ -304,22 +318,19 @@ static __device__ void row_hist(const float *x, int V, float mx, float inv_t,
         c1 = V;
 }
 
-/* Appends the rank keys of the row's tokens of bin <= bmax (and, when filt, e > 0 with min-p) to
- * sm.keys, in no order, placed by a warp ballot with one atomic a warp. Returns their count to all
- * threads; past SAMPLE_TOPM they are counted, not stored. With bins monotone in the canonical
- * order, they are the first of the row's tokens (of its tokens with e > 0) in that order. */
-static __device__ int gather(const float *x, int V, float mx, float inv_t, float min_p, int bmax,
-                             bool filt, struct sample_smem &sm)
+/* Appends the rank keys of the row's tokens v with pred(x[v], v) to sm.keys, in no order, placed by
+ * a warp ballot with one atomic a warp. Returns their count to all threads; past SAMPLE_TOPM they
+ * are counted, not stored. With bins monotone in the canonical order, they are the first of the
+ * row's tokens (of its tokens with e > 0) in that order. */
+template <class P>
+static __device__ int gather_if(const float *x, int V, P &&pred, struct sample_smem &sm)
 {
     const int lane = threadIdx.x & 31;
     if (threadIdx.x == 0)
         sm.cnt = 0;
     __syncthreads();
     row_pass<4>(x, V, [&](float xv, int v, bool ok) {
-        const float z = z_of(xv, mx, inv_t);
-        bool in = ok && z_bin(z) <= bmax;
-        if (filt && in)
-            in = e_minp(z, min_p) > 0.0f;
+        const bool in = ok && pred(xv, v);
         const unsigned bal = __ballot_sync(0xffffffffu, in);
         if (bal) {
             int base = 0;
@@ -335,6 +346,19 @@ static __device__ int gather(const float *x, int V, float mx, float inv_t, float
     const int n = sm.cnt;
     __syncthreads(); /* sm.cnt is set again by the next gather */
     return n;
+}
+
+/* gather_if of the tokens of bin <= bmax (and, when filt, e > 0 with min-p) */
+static __device__ int gather(const float *x, int V, float mx, float inv_t, float min_p, int bmax,
+                             bool filt, struct sample_smem &sm)
+{
+    return gather_if(
+        x, V,
+        [&](float xv, int) {
+            const float z = z_of(xv, mx, inv_t);
+            return z_bin(z) <= bmax && (!filt || e_minp(z, min_p) > 0.0f);
+        },
+        sm);
 }
 
 /* keys[0..P) in descending order (bitonic; P a power of two <= SAMPLE_TOPM) */
@@ -545,18 +569,270 @@ static __device__ int32_t nucleus_of(int n, bool all, float mx, float inv_t, flo
     return walk_nucleus(n, all, target, du, sm);
 }
 
-/* Top-p over the whole row (min-p perhaps), the total known: the token, -1 (the host's: a nucleus
- * of more than SAMPLE_TOPM candidates) or SAMPLE_EXACT. */
+/* block-wide minimum and maximum of every thread's pair of keys; all threads get them */
+static __device__ void block_minmax(uint64_t &lo, uint64_t &hi, struct sample_smem &sm)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const uint64_t ol = __shfl_xor_sync(0xffffffffu, lo, o),
+                       oh = __shfl_xor_sync(0xffffffffu, hi, o);
+        lo = ol < lo ? ol : lo;
+        hi = oh > hi ? oh : hi;
+    }
+    __syncthreads(); /* su's previous readers are done */
+    if (lane == 0) {
+        sm.su[0][warp] = lo;
+        sm.su[1][warp] = hi;
+    }
+    __syncthreads();
+    lo = sm.su[0][lane];
+    hi = sm.su[1][lane];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const uint64_t ol = __shfl_xor_sync(0xffffffffu, lo, o),
+                       oh = __shfl_xor_sync(0xffffffffu, hi, o);
+        lo = ol < lo ? ol : lo;
+        hi = oh > hi ? oh : hi;
+    }
+}
+
+/* A chunk's candidates (those of rec.blo..rec.bhi, or rank keys in rec.klo..rec.khi; e > 0 and,
+ * with kth, rank key >= kth) gathered into sm.keys, sorted, their e in sm.es; their count to all
+ * threads (<= SAMPLE_TOPM: the bins' or the key range's count said so) or -1 past it. */
+static __device__ int chunk_load(const float *x, int V, float mx, float inv_t, float min_p,
+                                 uint64_t kth, const struct sample_chunk &rec,
+                                 struct sample_smem &sm)
+{
+    const int n = gather_if(
+        x, V,
+        [&](float xv, int v) {
+            const float z = z_of(xv, mx, inv_t);
+            const uint64_t key = rank_key(xv, v);
+            if (rec.blo >= 0) {
+                const int b = z_bin(z);
+                if (b < rec.blo || b > rec.bhi)
+                    return false;
+            } else if (key < rec.klo || key > rec.khi) {
+                return false;
+            }
+            return key >= kth && e_minp(z, min_p) > 0.0f;
+        },
+        sm);
+    if (n > SAMPLE_TOPM)
+        return -1;
+    sort_first(n, sm);
+    for (int i = threadIdx.x; i < n; i += SAMPLE_THREADS)
+        sm.es[i] = e_minp(z_of(key_logit(sm.keys[i]), mx, inv_t), min_p);
+    __syncthreads();
+    return n;
+}
+
+/* The host's top-p walk over any number of candidates (e > 0 and, with kth, rank key >= kth),
+ * sm.hist holding the row's z-bins (row_hist; its last bin is counted here). The canonical order
+ * is cut into chunks of at most SAMPLE_TOPM candidates, each gathered, sorted and walked in turn
+ * by one thread that carries the double sum c from chunk to chunk: the same additions in the same
+ * order as the host's, so the same c, stopping where the host's first walk stops (c >= target, or
+ * the candidates exhausted). The chunks: runs of whole bins that fit; a bin that does not fit is
+ * cut by rank key, in ranges (a pass for their minimum and maximum, then histograms of 2048 equal
+ * parts of a range, narrowed to its top part while that alone holds more than SAMPLE_TOPM: ties
+ * are cut by token id, the low bits of the key). Each chunk's sums before and after it are kept
+ * in rec (cap of them); the host's second walk repeats the first's additions, so its sum first
+ * exceeds u = du c in the first chunk whose sum after it exceeds u, which is gathered again and
+ * walked from its sum before it. Returns the token to all threads, -1 past cap chunks (not seen:
+ * two chunks in a row hold more than SAMPLE_TOPM candidates, or one bin, and rec has room for
+ * V / 10). */
+static __device__ int32_t top_p_chunked(const float *x, int V, float mx, float inv_t, float min_p,
+                                        uint64_t kth, double target, double du,
+                                        struct sample_chunk *rec, int cap, struct sample_smem &sm)
+{
+    const int tid = threadIdx.x;
+    __syncthreads(); /* the callers' readers of sm.tok and sm.sel are done */
+    if (tid == 0) {  /* the last bin's count: the rest of the row */
+        int rest = V;
+        for (int b = 0; b < SAMPLE_BINS - 1; b++)
+            rest -= sm.hist[b];
+        sm.hist[SAMPLE_BINS - 1] = rest;
+        sm.walk_cum = 0.0;
+        sm.tok = -1;
+        sm.step = 0;
+    }
+    __syncthreads();
+    const uint64_t all = ~(uint64_t)0; /* above every key: a bin not yet cut */
+    int b = 0, nrec = 0;
+    uint64_t khi = all; /* bin b's candidates left: those with keys below khi */
+    while (b < SAMPLE_BINS) {
+        struct sample_chunk r;
+        r.blo = -1;
+        if (khi == all) { /* the bins from b that fit */
+            if (tid == 0) {
+                int cum = 0, b2 = b;
+                while (b2 < SAMPLE_BINS && cum + sm.hist[b2] <= SAMPLE_TOPM)
+                    cum += sm.hist[b2++];
+                sm.sel = b2;
+            }
+            __syncthreads();
+            const int b2 = sm.sel;
+            __syncthreads(); /* sm.sel is set again below */
+            if (b2 > b) {
+                r.blo = b;
+                r.bhi = b2 - 1;
+                b = b2;
+            }
+        }
+        if (r.blo < 0) { /* bin b's candidates below khi: more than SAMPLE_TOPM of them, or cut */
+            uint64_t lo = all, hi = 0;
+            double cnt = 0.0;
+            row_pass<4>(x, V, [&](float xv, int v, bool ok) {
+                if (!ok)
+                    return;
+                const float z = z_of(xv, mx, inv_t);
+                const uint64_t key = rank_key(xv, v);
+                if (z_bin(z) == b && key < khi && key >= kth && e_minp(z, min_p) > 0.0f) {
+                    lo = key < lo ? key : lo;
+                    hi = key > hi ? key : hi;
+                    cnt += 1.0;
+                }
+            });
+            const int n = (int)block_sum(cnt, sm.sd);
+            block_minmax(lo, hi, sm);
+            if (n == 0) {
+                b++;
+                khi = all;
+                continue;
+            }
+            if (n <= SAMPLE_TOPM) { /* the rest of the bin */
+                r.klo = lo;
+                r.khi = hi;
+                b++;
+                khi = all;
+            } else {
+                /* cut [lo, hi] in parts of 2^s keys, from the top, narrowed to its top part while
+                 * that alone holds more than SAMPLE_TOPM (its count never drops below that, so
+                 * each round ends with a chunk or a range 2048 times shorter) */
+                for (;;) {
+                    int s = 0;
+                    while (((hi - lo) >> s) >= (uint64_t)SAMPLE_TOPM)
+                        s++;
+                    for (int i = tid; i < SAMPLE_TOPM; i += SAMPLE_THREADS)
+                        sm.rh[i] = 0;
+                    __syncthreads();
+                    row_pass<4>(x, V, [&](float xv, int v, bool ok) {
+                        const uint64_t key = rank_key(xv, v);
+                        const bool in = ok && key >= lo && key <= hi && key >= kth &&
+                                        e_minp(z_of(xv, mx, inv_t), min_p) > 0.0f;
+                        hist_add(sm.rh, in, in ? (int)((key - lo) >> s) : 0);
+                    });
+                    __syncthreads();
+                    if (tid == 0) {
+                        const int top = (int)((hi - lo) >> s);
+                        int j = top, cum = 0;
+                        while (j >= 0 && cum + sm.rh[j] <= SAMPLE_TOPM)
+                            cum += sm.rh[j--];
+                        /* j >= 0: the range holds more than SAMPLE_TOPM */
+                        if (cum == 0) { /* part j alone holds more: the range narrowed to it */
+                            sm.klo = lo + ((uint64_t)j << s);
+                            sm.khi = j == top ? hi : lo + ((uint64_t)(j + 1) << s) - 1;
+                            sm.sel = 1;
+                        } else { /* parts j + 1 .. top: a chunk */
+                            sm.klo = lo + ((uint64_t)(j + 1) << s);
+                            sm.khi = hi;
+                            sm.sel = 0;
+                        }
+                    }
+                    __syncthreads();
+                    const bool narrowed = sm.sel == 1;
+                    lo = sm.klo;
+                    hi = sm.khi;
+                    __syncthreads(); /* sm.sel, sm.klo, sm.khi are set again */
+                    if (!narrowed)
+                        break;
+                }
+                r.klo = lo;
+                r.khi = hi;
+                khi = lo; /* bin b goes on below the chunk */
+            }
+        }
+        if (nrec >= cap)
+            return -1;
+        const int n = chunk_load(x, V, mx, inv_t, min_p, kth, r, sm);
+        if (n < 0)
+            return -1;  /* not reached: the chunk's count said so */
+        if (tid == 0) { /* the first walk: while (c < target) c += e, eight loads ahead */
+            double c = sm.walk_cum;
+            r.c0 = c;
+            int m = 0;
+            for (int i0 = 0; m == i0 && i0 < n; i0 += 8) {
+                float t[8];
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    t[k] = sm.es[i0 + k]; /* i0 + 7 < SAMPLE_TOPM; those past n unused */
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    if (m == i0 + k && m < n && c < target) {
+                        c = __dadd_rn(c, (double)t[k]);
+                        m++;
+                    }
+            }
+            if (m > 0)
+                sm.tok = key_token(sm.keys[m - 1]); /* the last candidate walked */
+            r.c1 = c;
+            rec[nrec] = r;
+            sm.walk_cum = c;
+            sm.step = c < target ? 0 : 1;
+        }
+        nrec++;
+        __syncthreads();
+        const bool reached = sm.step != 0;
+        __syncthreads();
+        if (reached)
+            break;
+    }
+    /* the second walk: u = du c, the first chunk whose sum after it exceeds u, walked again */
+    if (tid == 0) {
+        const double u = __dmul_rn(du, sm.walk_cum);
+        int i = 0;
+        while (i < nrec && !(u < rec[i].c1))
+            i++;
+        sm.walk_u = u;
+        sm.sel = i;
+    }
+    __syncthreads();
+    const int ri = sm.sel;
+    if (ri < nrec) { /* else u is past every sum: the last candidate walked, as the host's */
+        const struct sample_chunk r = rec[ri];
+        const int n = chunk_load(x, V, mx, inv_t, min_p, kth, r, sm);
+        if (tid == 0 && n > 0) {
+            const double u = sm.walk_u;
+            double acc = r.c0;
+            for (int i = 0; i < n; i++) {
+                acc = __dadd_rn(acc, (double)sm.es[i]);
+                if (u < acc) {
+                    sm.tok = key_token(sm.keys[i]);
+                    break;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    return sm.tok;
+}
+
+/* Top-p over the whole row (min-p perhaps), the total known: the token or SAMPLE_EXACT. */
 static __device__ int32_t top_p_row(const float *x, int V, const struct dsv32_draw &d, float mx,
-                                    float inv_t, double total, struct sample_smem &sm)
+                                    float inv_t, double total, struct sample_chunk *rec, int cap,
+                                    struct sample_smem &sm)
 {
     const double target = __dmul_rn((double)d.top_p, total);
+    int c0, c1;
     /* Every e is <= 1 (z <= 0; exp_le0(0) = 1 and it never exceeds 1, checked on the host for
      * every float z <= 0), so the first SAMPLE_TOPM candidates carry at most SAMPLE_TOPM (their
-     * sum in double rounds by less than 1e-12), and a target above 1.001 SAMPLE_TOPM needs a
-     * total, hence candidates, beyond that: draw_full's -1 exactly (a flat row, at once). */
-    if (target > 1.001 * SAMPLE_TOPM)
-        return -1;
+     * sum in double rounds by less than 1e-12), and a target above 1.001 SAMPLE_TOPM needs more
+     * candidates than that: the chunked walk at once (a flat row). */
+    if (target > 1.001 * SAMPLE_TOPM) {
+        row_hist(x, V, mx, inv_t, sm, c0, c1);
+        return top_p_chunked(x, V, mx, inv_t, d.min_p, 0, target, d.u, rec, cap, sm);
+    }
     /* The tokens of bins >= bw (z <= -bw / 64) carry at most V e^(-bw / 64) (1 + 1e-7): for bw
      * as below, half of what top-p leaves out. So the nucleus lies in bins < bw unless rounding
      * says otherwise, which the walk checks (this bound only picks the prefix). */
@@ -575,7 +851,6 @@ static __device__ int32_t top_p_row(const float *x, int V, const struct dsv32_dr
     }
     /* the row's histogram: the longest prefix of whole bins that fits, and a bound on the mass
      * of the first SAMPLE_TOPM candidates */
-    int c0, c1;
     row_hist(x, V, mx, inv_t, sm, c0, c1);
     const int b0 = 2 * threadIdx.x, h0 = sm.hist[b0], ce0 = c0 - h0, h1 = c1 - c0;
     /* the first SAMPLE_TOPM tokens in the canonical order, by bin: the i-th candidate's key is
@@ -588,18 +863,20 @@ static __device__ int32_t top_p_row(const float *x, int V, const struct dsv32_dr
     ub = block_sum(ub, sm.sd);
     /* ub 1.001 < target: were there at most SAMPLE_TOPM candidates, their exact sum S would be
      * <= ub, and target <= total <= S (1 + 2e-5) (the total: S in float lanes of <= 256 terms,
-     * 255 roundings of 2^-24 each): a contradiction. So there are more, and the first
-     * SAMPLE_TOPM carry <= ub (1 + 1e-12) < target: draw_full's -1 exactly. */
-    if (ub * 1.001 < target)
-        return -1;
+     * 255 roundings of 2^-24 each): a contradiction. So the nucleus holds more than SAMPLE_TOPM
+     * candidates: the chunked walk. So does a first bin of more than SAMPLE_TOPM tokens. */
     const int bcap =
         __syncthreads_count(c0 <= SAMPLE_TOPM) + __syncthreads_count(c1 <= SAMPLE_TOPM) - 1;
-    if (bcap < 0)
-        return SAMPLE_EXACT; /* the first bin alone holds more than SAMPLE_TOPM tokens */
+    if (ub * 1.001 < target || bcap < 0)
+        return top_p_chunked(x, V, mx, inv_t, d.min_p, 0, target, d.u, rec, cap, sm);
     n = gather(x, V, mx, inv_t, d.min_p, bcap, true, sm);
     if (n > SAMPLE_TOPM)
         return SAMPLE_EXACT; /* not reached: the same bins as the histogram's */
-    return nucleus_of(n, bcap == SAMPLE_BINS - 1, mx, inv_t, d.min_p, target, d.u, sm);
+    const int32_t tok = nucleus_of(n, bcap == SAMPLE_BINS - 1, mx, inv_t, d.min_p, target, d.u, sm);
+    if (tok != SAMPLE_EXACT)
+        return tok;
+    /* the nucleus goes on past the longest prefix that fits (sm.hist is still the row's) */
+    return top_p_chunked(x, V, mx, inv_t, d.min_p, 0, target, d.u, rec, cap, sm);
 }
 
 /* Top-k (k <= SAMPLE_TOPM): the k-th largest rank key of the row, or 0 for SAMPLE_EXACT; sm.keys
@@ -716,16 +993,18 @@ static __device__ uint64_t select_kth(const float *x, const float *e, int V, int
  * at most SAMPLE_TOPM, else the SAMPLE_TOPM first of them (a radix select), enough when the
  * nucleus ends among those, -1 when it does not. All threads return the token. */
 static __device__ int32_t draw_full(const float *x, int V, const struct dsv32_draw &d, float mx,
-                                    float *e, double *bsum, struct sample_smem &sm)
+                                    bool has_nan, float *e, double *bsum, struct sample_chunk *rec,
+                                    int cap, struct sample_smem &sm)
 {
     const int tid = threadIdx.x;
     int32_t tok = -1;
     const float inv_t = __fdiv_rn(1.0f, d.temperature);
+    uint64_t kth = 0;
     for (int v = tid; v < V; v += SAMPLE_THREADS)
         e[v] = exp_le0(z_of(x[v], mx, inv_t));
     /* top-k and min-p: the tokens they leave out get no mass (each thread its own entries) */
     if (d.top_k > 0 && d.top_k < V) {
-        const uint64_t kth = select_kth(x, e, V, d.top_k, false, sm.hist, sm.sh2);
+        kth = select_kth(x, e, V, d.top_k, false, sm.hist, sm.sh2);
         for (int v = tid; v < V; v += SAMPLE_THREADS)
             if (rank_key(x[v], v) < kth)
                 e[v] = 0.0f;
@@ -804,7 +1083,7 @@ static __device__ int32_t draw_full(const float *x, int V, const struct dsv32_dr
             while (m < M && c < target)
                 c = __dadd_rn(c, (double)e[key_token(sm.keys[m++])]);
             if (c < target && n > M) {
-                tok = -1; /* a nucleus past the sorted candidates: the host draws it */
+                tok = SAMPLE_EXACT; /* a nucleus past the sorted candidates: chunked, below */
             } else {
                 const double u = __dmul_rn(d.u, c);
                 double acc = 0.0;
@@ -855,14 +1134,27 @@ static __device__ int32_t draw_full(const float *x, int V, const struct dsv32_dr
     if (tid == 0)
         sm.tok = tok;
     __syncthreads();
-    return sm.tok;
+    tok = sm.tok;
+    if (tok != SAMPLE_EXACT)
+        return tok;
+    /* a nucleus of more than SAMPLE_TOPM candidates (top-k above SAMPLE_TOPM, or NaN or infinite
+     * logits or T): the chunked walk (e and the block sums no longer needed: rec may overwrite
+     * e) where the z-bins keep the canonical order; NaN or infinite values: the host's (-1) */
+    const bool sane = !has_nan && isfinite(mx) && isfinite(inv_t) && inv_t > 0.0f;
+    if (!sane)
+        return -1;
+    __syncthreads(); /* every thread is done with e */
+    int c0, c1;
+    row_hist(x, V, mx, inv_t, sm, c0, c1);
+    const double target = __dmul_rn((double)d.top_p, sm.total);
+    return top_p_chunked(x, V, mx, inv_t, d.min_p, kth, target, d.u, rec, cap, sm);
 }
 
 /* The draw at temperature > 0 on the fast path: the token, -1 (a nucleus the host draws) or
  * SAMPLE_EXACT. has_nan: the row holds a NaN; tmv, tmi: this thread's maximum (pass 1). */
 static __device__ int32_t draw_fast(const float *x, int V, const struct dsv32_draw &d, float mx,
                                     bool has_nan, float tmv, int tmi, double *bsum,
-                                    struct sample_smem &sm)
+                                    struct sample_chunk *rec, int cap, struct sample_smem &sm)
 {
     const float inv_t = __fdiv_rn(1.0f, d.temperature);
     const bool top_k = d.top_k > 0 && d.top_k < V, top_p = d.top_p < 1.0f;
@@ -874,7 +1166,7 @@ static __device__ int32_t draw_fast(const float *x, int V, const struct dsv32_dr
         const double total = block_sums<false, 8>(x, V, mx, inv_t, d.min_p, 0, bsum, sm);
         if (!top_p)
             return walk_blocks<false>(x, V, mx, inv_t, d.min_p, 0, d.u, total, bsum, sm);
-        return top_p_row(x, V, d, mx, inv_t, total, sm);
+        return top_p_row(x, V, d, mx, inv_t, total, rec, cap, sm);
     }
     if (!sane || d.top_k > SAMPLE_TOPM)
         return SAMPLE_EXACT;
@@ -917,9 +1209,15 @@ static __global__ void __launch_bounds__(SAMPLE_THREADS)
     int32_t tok = has_nan && x[0] != x[0] ? 0 : mi;
     /* 2. the draw */
     if (d.temperature != 0.0f) {
-        tok = draw_fast(x, V, d, mx, has_nan, tmv, tmi, bsum, sm);
+        /* the row's scratch: e on the exact path, the chunks of the chunked top-p walk */
+        float *e_row = e_all + (size_t)blockIdx.x * V;
+        const uintptr_t r0 = ((uintptr_t)e_row + 15) & ~(uintptr_t)15;
+        const ptrdiff_t room = (ptrdiff_t)((uintptr_t)(e_row + V) - r0);
+        struct sample_chunk *rec = (struct sample_chunk *)r0;
+        const int cap = room > 0 ? (int)(room / (ptrdiff_t)sizeof(struct sample_chunk)) : 0;
+        tok = draw_fast(x, V, d, mx, has_nan, tmv, tmi, bsum, rec, cap, sm);
         if (tok == SAMPLE_EXACT)
-            tok = draw_full(x, V, d, mx, e_all + (size_t)blockIdx.x * V, bsum, sm);
+            tok = draw_full(x, V, d, mx, has_nan, e_row, bsum, rec, cap, sm);
     }
     /* 3. logprobs of the raw logits */
     const int n = d.n_logprobs > DSV32_MAX_LOGPROBS ? DSV32_MAX_LOGPROBS : d.n_logprobs;
