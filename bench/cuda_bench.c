@@ -1034,7 +1034,7 @@ static void bench_ops(struct dsv32_backend *be)
                    (double)R * V * 4, 0, 0, t);
             /* DeepSeek's recommended top-p, then with a top-k of 50 too, on logits of a model's
              * spread (normal, sigma 8: a nucleus of a few tokens; at sigma 1 it would be most of
-             * the vocabulary, which the device leaves to the host) */
+             * the vocabulary: the flat row below) */
             MUST(dsv32_cuda_fill(be, z, (size_t)R * V, DSV32_FILL_F32_NORMAL, 94, 8.0f));
             for (int r = 0; r < R; r++)
                 dr[r].top_p = 0.95f;
@@ -1052,6 +1052,24 @@ static void bench_ops(struct dsv32_backend *be)
                 printf("(%d of the %d top-p rows left to the host)\n", left, R);
             op_row("sampling on the GPU: top-k 50, top-p 0.95 (T 1)", "129280", R,
                    (double)R * V * 4, 0, 0, tpk);
+            /* a flat row (sigma 1 at T 0.6, the scale benchmark's random weights): a nucleus of
+             * most of the vocabulary, the chunked walk */
+            MUST(dsv32_cuda_fill(be, z, (size_t)R * V, DSV32_FILL_F32_NORMAL, 95, 1.0f));
+            for (int r = 0; r < R; r++) {
+                dr[r].top_k = 0;
+                dr[r].temperature = 0.6f;
+            }
+            double tf;
+            OP_TIME_QUEUED(tf, be->ops->sample(be, tok, NULL, z, V, rows, dr, R));
+            left = 0;
+            for (int r = 0; r < R; r++)
+                left += tok[r] < 0;
+            if (left)
+                printf("(%d of the %d flat top-p rows left to the host)\n", left, R);
+            op_row("sampling on the GPU: top-p 0.95, flat (sigma 1, T 0.6)", "129280", R,
+                   (double)R * V * 4, 0, 0, tf);
+            for (int r = 0; r < R; r++)
+                dr[r].temperature = 1.0f;
             for (int r = 0; r < R; r++) {
                 dr[r].top_k = 0;
                 dr[r].top_p = 1.0f;

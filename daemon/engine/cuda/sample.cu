@@ -23,7 +23,9 @@
  *     out of it, a histogram of the row's bins gives top-k the bin of its k-th token, and top-p
  *     the longest prefix that fits and a bound on the mass of the first SAMPLE_TOPM candidates:
  *     a target above it (or above SAMPLE_TOPM, as no e exceeds 1) is a nucleus longer than the
- *     device sorts, which the host draws (-1). What the fast path cannot settle (NaN or infinite
+ *     device sorts at once, which the chunked walk draws (top_p_chunked: the canonical order in
+ *     chunks of <= SAMPLE_TOPM, the double sum carried across them; -1, the host's, only for
+ *     NaN or infinite logits or T). What the fast path cannot settle (NaN or infinite
  *     logits or T; top-k above SAMPLE_TOPM or with its k-th token in a bin too full to gather; a
  *     nucleus ending past the longest prefix that fits) takes the exact path (draw_full): e into
  *     global scratch, top-k's k-th key and the SAMPLE_TOPM-th candidate by radix selects over
