@@ -396,6 +396,23 @@ static __device__ void sort_first(int n, struct sample_smem &sm)
 }
 
 /* e of token v (logit xv), from x: with top-k (KEYED), 0 below the k-th rank key kth */
+/* sampling.c's block sum from its four float lanes: (double)acc[0] + acc[1] + acc[2] + acc[3] */
+static __device__ __forceinline__ double lanes_sum(const float *acc4)
+{
+    double s = __dadd_rn((double)acc4[0], (double)acc4[1]);
+    s = __dadd_rn(s, (double)acc4[2]);
+    return __dadd_rn(s, (double)acc4[3]);
+}
+
+/* sampling.c's total: the block sums added in order, in double (one thread) */
+static __device__ double blocks_total(const double *bsum, int nb)
+{
+    double total = 0.0;
+    for (int b = 0; b < nb; b++)
+        total = __dadd_rn(total, bsum[b]);
+    return total;
+}
+
 template <bool KEYED>
 static __device__ __forceinline__ float e_tok(float xv, int v, float mx, float inv_t, float min_p,
                                               uint64_t kth)
@@ -432,19 +449,12 @@ static __device__ double block_sums(const float *x, int V, float mx, float inv_t
         }
         sm.acc4[tid] = a;
         __syncthreads();
-        if (l == 0 && b < nb) { /* (double)acc[0] + acc[1] + acc[2] + acc[3] */
-            double s = __dadd_rn((double)sm.acc4[tid], (double)sm.acc4[tid + 1]);
-            s = __dadd_rn(s, (double)sm.acc4[tid + 2]);
-            bsum[b] = __dadd_rn(s, (double)sm.acc4[tid + 3]);
-        }
+        if (l == 0 && b < nb)
+            bsum[b] = lanes_sum(&sm.acc4[tid]);
         __syncthreads();
     }
-    if (tid == 0) {
-        double total = 0.0;
-        for (int b = 0; b < nb; b++)
-            total = __dadd_rn(total, bsum[b]);
-        sm.total = total;
-    }
+    if (tid == 0)
+        sm.total = blocks_total(bsum, nb);
     __syncthreads();
     return sm.total;
 }
@@ -1036,19 +1046,12 @@ static __device__ int32_t draw_full(const float *x, int V, const struct dsv32_dr
         }
         sm.acc4[tid] = a;
         __syncthreads();
-        if (l == 0 && b < nb) { /* (double)acc[0] + acc[1] + acc[2] + acc[3] */
-            double s = __dadd_rn((double)sm.acc4[tid], (double)sm.acc4[tid + 1]);
-            s = __dadd_rn(s, (double)sm.acc4[tid + 2]);
-            bsum[b] = __dadd_rn(s, (double)sm.acc4[tid + 3]);
-        }
+        if (l == 0 && b < nb)
+            bsum[b] = lanes_sum(&sm.acc4[tid]);
         __syncthreads();
     }
-    if (tid == 0) {
-        double total = 0.0;
-        for (int b = 0; b < nb; b++)
-            total = __dadd_rn(total, bsum[b]);
-        sm.total = total;
-    }
+    if (tid == 0)
+        sm.total = blocks_total(bsum, nb);
     __syncthreads();
     if (d.top_p < 1.0f) {
         /* the candidates (e > 0) in the canonical order, the shortest prefix whose mass
