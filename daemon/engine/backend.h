@@ -158,7 +158,8 @@ struct dsv32_backend_ops {
     /* The next token of n rows of logits (row i at logits + rows[i] * vocab, backend memory)
      * drawn where they are, by d[i] (host; sampling.h): tok[i] (host) the token, equal to
      * dsv32_draw_row's on the same logits, or -1 when the backend leaves that draw to the host
-     * (a top-p nucleus larger than it sorts); lp[i] (host) its logprobs where d[i].n_logprobs >=
+     * (a case it does not handle; the cuda backend: non-finite logits or temperature with a
+     * top-p nucleus past 2,048 candidates); lp[i] (host) its logprobs where d[i].n_logprobs >=
      * 0 and tok[i] >= 0 (lp may be NULL when none asks), dsv32_logprobs_of's up to the rounding
      * of the softmax sum. */
     int (*sample)(struct dsv32_backend *be, int32_t *tok, struct dsv32_logprobs *lp,
