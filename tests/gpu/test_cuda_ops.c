@@ -12,10 +12,13 @@
  * With --model DIR (a tiny golden model), the forward's ops also run op by op on its weights; with
  * --golden FILE too, the whole forward's drift from DeepSeek's reference is printed per layer.
  *   test_cuda_ops [--seed N] [--only NAME] [--model DIR] [--idx-items 0|1] [--topk-parts 1|2|4]
- *                 [--idx-variant N]            exit 77 when no GPU is present; --idx-items and
+ *                 [--idx-variant N] [--sample-small]
+ *                                              exit 77 when no GPU is present; --idx-items and
  *                                              --topk-parts force the indexer's work-list and
  *                                              top-k split knobs for every variant, --idx-variant
- *                                              runs the indexer's variant N (0-6) alone
+ *                                              runs the indexer's variant N (0-6) alone,
+ *                                              --sample-small the sampling family's small
+ *                                              vocabularies alone (for compute-sanitizer)
  *   test_cuda_ops --probe                      exit 0 with a GPU, 77 without (ctest wrappers) */
 #include "backend.h"
 #include "sampling.h"
@@ -38,6 +41,7 @@ static int force_idx_items = -1; /* --idx-items N: the indexer's work-list knob 
 static int force_topk_parts = -1; /* --topk-parts N: the top-k's CTAs per row for every variant */
 static int only_idx_variant = -1; /* --idx-variant N: that indexer variant alone */
 static const char *only;
+static int sample_small_only; /* --sample-small: the sampling family's small vocabularies alone */
 
 #define CHECK(cond, ...)                                                                           \
     do {                                                                                           \
@@ -695,6 +699,48 @@ static void sample_edge_row(float *x, int V, int kind, int n, float s)
         x[n] = INFINITY;
 }
 
+/* (3) of test_sample: vocabularies of 1,999, 3,000 and 5,003 tokens (alone with --sample-small:
+ * nuclei of a few chunks, small enough for compute-sanitizer's racecheck) */
+static void sample_small_vocabs(struct pair *p)
+{
+    static const int Vs[] = {1999, 3000, 5003};
+    static const float T[] = {0.0f, 0.4f, 1.0f, 1.7f};
+    static const int K[] = {0, 10, 500, 800, 1998, 2000, 4000};
+    static const float P[] = {1.0f, 0.9f, 0.5f, 0.99999f};
+    for (int j = 0; j < 3; j++) {
+        const int RS = 24, VS = Vs[j];
+        float *lg = rnd_f32((size_t)RS * VS, 3.0f);
+        struct dsv32_draw *d = malloc(sizeof(*d) * RS);
+        int32_t *rows = malloc(sizeof(int32_t) * RS), *tg = malloc(sizeof(int32_t) * RS);
+        int *where = malloc(sizeof(int) * RS);
+        for (int r = 0; r < RS; r++) {
+            rows[r] = RS - 1 - r;
+            d[r] = (struct dsv32_draw){.temperature = T[r % 4],
+                                       .u = rnd_u(),
+                                       .top_k = K[r % 7],
+                                       .top_p = P[(r / 4) % 4],
+                                       .min_p = r % 5 == 2 ? 0.05f : 0.0f,
+                                       .n_logprobs = r % 3 == 1 ? 5 : -1};
+            where[r] = VS <= 2048 ? 1 : 0; /* all candidates sortable: never the host's */
+        }
+        char name[32];
+        snprintf(name, sizeof(name), "vocabulary %d", VS);
+        struct sample_tally ts = {0};
+        TRY(sample_batch(p, name, lg, VS, RS, rows, d, where, tg, &ts));
+        printf("  %s, %d rows (%d left to the host): tokens differing %d, logprobs differing %d, "
+               "drawn where not expected %d\n",
+               name, RS, ts.host, ts.bad_tok, ts.bad_lp, ts.bad_where);
+        CHECK(ts.bad_tok == 0 && ts.bad_lp == 0 && ts.bad_where == 0,
+              "sampling: %s: %d tokens, %d logprobs, %d draws not where expected", name, ts.bad_tok,
+              ts.bad_lp, ts.bad_where);
+        free(lg);
+        free(d);
+        free(rows);
+        free(where);
+        free(tg);
+    }
+}
+
 /* The sample op against the host's draw (dsv32_draw_row, dsv32_logprobs_of) on the same logits.
  * (1) 64 rows of DeepSeek-V3.2's vocabulary, greedy (rows with ties for the maximum among them)
  * and draws at temperatures 0.3-1.6 and uniforms from 0 to just below 1, with top-k (50, 1000,
@@ -716,6 +762,11 @@ static void test_sample(void)
     cfg_v32(&cfg);
     struct pair p;
     TRY(pair_new(&p, &cfg, 0, 0));
+    if (sample_small_only) {
+        sample_small_vocabs(&p);
+        pair_free(&p);
+        return;
+    }
     const int R = 64, V = cfg.vocab_size;
     float *lg = rnd_f32((size_t)R * V, 6.0f);
     for (int r = 0; r < R; r++) {
@@ -858,43 +909,7 @@ static void test_sample(void)
     free(rows);
     free(where);
 
-    /* (3) small vocabularies */
-    static const int Vs[] = {1999, 3000, 5003};
-    static const float T[] = {0.0f, 0.4f, 1.0f, 1.7f};
-    static const int K[] = {0, 10, 500, 800, 1998, 2000, 4000};
-    static const float P[] = {1.0f, 0.9f, 0.5f, 0.99999f};
-    for (int j = 0; j < 3; j++) {
-        const int RS = 24, VS = Vs[j];
-        lg = rnd_f32((size_t)RS * VS, 3.0f);
-        d = malloc(sizeof(*d) * RS);
-        rows = malloc(sizeof(int32_t) * RS);
-        where = malloc(sizeof(int) * RS);
-        for (int r = 0; r < RS; r++) {
-            rows[r] = RS - 1 - r;
-            d[r] = (struct dsv32_draw){.temperature = T[r % 4],
-                                       .u = rnd_u(),
-                                       .top_k = K[r % 7],
-                                       .top_p = P[(r / 4) % 4],
-                                       .min_p = r % 5 == 2 ? 0.05f : 0.0f,
-                                       .n_logprobs = r % 3 == 1 ? 5 : -1};
-            where[r] = VS <= 2048 ? 1 : 0; /* all candidates sortable: never the host's */
-        }
-        char name[32];
-        snprintf(name, sizeof(name), "vocabulary %d", VS);
-        struct sample_tally ts = {0};
-        tg = realloc(tg, sizeof(int32_t) * RS);
-        TRY(sample_batch(&p, name, lg, VS, RS, rows, d, where, tg, &ts));
-        printf("  %s, %d rows (%d left to the host): tokens differing %d, logprobs differing %d, "
-               "drawn where not expected %d\n",
-               name, RS, ts.host, ts.bad_tok, ts.bad_lp, ts.bad_where);
-        CHECK(ts.bad_tok == 0 && ts.bad_lp == 0 && ts.bad_where == 0,
-              "sampling: %s: %d tokens, %d logprobs, %d draws not where expected", name, ts.bad_tok,
-              ts.bad_lp, ts.bad_where);
-        free(lg);
-        free(d);
-        free(rows);
-        free(where);
-    }
+    sample_small_vocabs(&p);
     free(tg);
     pair_free(&p);
 }
@@ -2703,6 +2718,8 @@ int main(int argc, char **argv)
             seed = strtoull(argv[++i], NULL, 0);
         else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc)
             only = argv[++i];
+        else if (strcmp(argv[i], "--sample-small") == 0)
+            sample_small_only = 1;
         else if (strcmp(argv[i], "--model") == 0 && i + 1 < argc)
             model_dir = argv[++i];
         else if (strcmp(argv[i], "--golden") == 0 && i + 1 < argc)
