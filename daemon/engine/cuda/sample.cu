@@ -48,7 +48,8 @@
 #define SAMPLE_THREADS 1024
 /* the blocks of the vocabulary the draw sums (one staged in acc4: <= SAMPLE_THREADS) */
 #define SAMPLE_BLK 1024
-/* top-k and top-p: the candidates sorted on the device; a nucleus past them is the host's */
+/* top-k and top-p: the candidates sorted at once in shared memory (a longer nucleus: the chunked
+ * walk, this many at a time) */
 #define SAMPLE_TOPM 2048
 /* the bins of z = (x - mx) / T <= 0: bin trunc(-z * SAMPLE_BIN_SCALE), the last one (z at or
  * below -(SAMPLE_BINS - 1) / SAMPLE_BIN_SCALE, ~-32) taking everything further down */
