@@ -935,6 +935,16 @@ static void bench_moe(struct dsv32_backend *be)
 /* one table row: bytes moved and FLOP (0: none) against max(bytes / copy rate, FLOP / tensor
  * rate), the tensor rate the measured bf16 GEMM rate, twice that for FP8 operands (Hopper's FP8
  * tensor cores run at twice their bf16 rate) */
+/* the draws of a sampling row the device left to the host (token -1), if any */
+static void report_left(const int32_t *tok, int n, const char *what)
+{
+    int left = 0;
+    for (int r = 0; r < n; r++)
+        left += tok[r] < 0;
+    if (left)
+        printf("(%d of the %d %s rows left to the host)\n", left, n, what);
+}
+
 static void op_row(const char *op, const char *shape, int rows, double bytes, double flop, int fp8, double ms)
 {
     const double floor_ms =
@@ -1045,11 +1055,7 @@ static void bench_ops(struct dsv32_backend *be)
             for (int r = 0; r < R; r++)
                 dr[r].top_k = 50;
             OP_TIME_QUEUED(tpk, be->ops->sample(be, tok, NULL, z, V, rows, dr, R));
-            int left = 0;
-            for (int r = 0; r < R; r++)
-                left += tok[r] < 0;
-            if (left)
-                printf("(%d of the %d top-p rows left to the host)\n", left, R);
+            report_left(tok, R, "top-p");
             op_row("sampling on the GPU: top-k 50, top-p 0.95 (T 1)", "129280", R,
                    (double)R * V * 4, 0, 0, tpk);
             /* a flat row (sigma 1 at T 0.6, the scale benchmark's random weights): a nucleus of
@@ -1061,16 +1067,11 @@ static void bench_ops(struct dsv32_backend *be)
             }
             double tf;
             OP_TIME_QUEUED(tf, be->ops->sample(be, tok, NULL, z, V, rows, dr, R));
-            left = 0;
-            for (int r = 0; r < R; r++)
-                left += tok[r] < 0;
-            if (left)
-                printf("(%d of the %d flat top-p rows left to the host)\n", left, R);
+            report_left(tok, R, "flat top-p");
             op_row("sampling on the GPU: top-p 0.95, flat (sigma 1, T 0.6)", "129280", R,
                    (double)R * V * 4, 0, 0, tf);
-            for (int r = 0; r < R; r++)
-                dr[r].temperature = 1.0f;
             for (int r = 0; r < R; r++) {
+                dr[r].temperature = 1.0f;
                 dr[r].top_k = 0;
                 dr[r].top_p = 1.0f;
             }

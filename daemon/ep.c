@@ -10,7 +10,6 @@
 #include "ep.h"
 
 #include "clock.h"
-#include "dtype.h"
 #include "error.h"
 #include "log.h"
 #include "safetensors.h" /* dsv32_load_fail */
@@ -294,40 +293,8 @@ static int ep_threads(void)
     return 1;
 #endif
 }
-#define EP_PAR_MIN ((size_t)1 << 18) /* elements below which one thread packs */
 
 static size_t wire_elem(enum dsv32_ep_wire w) { return w == DSV32_EP_WIRE_BF16 ? 2 : 4; }
-
-static void put_rows(void *dst, const float *src, size_t n, enum dsv32_ep_wire w)
-{
-    if (w == DSV32_EP_WIRE_F32) {
-        memcpy(dst, src, n * 4);
-        return;
-    }
-    uint16_t *d = dst;
-#pragma omp parallel for if (n >= EP_PAR_MIN) num_threads(ep_threads()) schedule(static)
-    for (size_t i = 0; i < n; i++)
-        d[i] = dsv32_f32_to_bf16(src[i]);
-}
-
-static void get_rows(float *dst, const void *src, size_t n, enum dsv32_ep_wire w, int add)
-{
-    if (w == DSV32_EP_WIRE_F32) {
-        const float *s = src;
-        if (add) {
-#pragma omp parallel for if (n >= EP_PAR_MIN) num_threads(ep_threads()) schedule(static)
-            for (size_t i = 0; i < n; i++)
-                dst[i] += s[i];
-        } else {
-            memcpy(dst, s, n * 4);
-        }
-        return;
-    }
-    const uint16_t *s = src;
-#pragma omp parallel for if (n >= EP_PAR_MIN) num_threads(ep_threads()) schedule(static)
-    for (size_t i = 0; i < n; i++)
-        dst[i] = (add ? dst[i] : 0.0f) + dsv32_bf16_to_f32(s[i]);
-}
 
 static int moe_layers(const struct dsv32_config *cfg, int **ret)
 {
@@ -553,7 +520,10 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
         hst = grow(&c->hst, (hs + stride * k * 8) * S);
         if (!drows || !hst)
             return -ENOMEM;
-        int r = rows ? ops->to_device(c->be, drows, rowmap, sizeof(int32_t) * stride * S) : 0;
+        /* all rows: each shard's are 0..rows-1 (no map) */
+        int r = rows && !all_rows
+                    ? ops->to_device(c->be, drows, rowmap, sizeof(int32_t) * stride * S)
+                    : 0;
         if (r < 0)
             return r;
     }
@@ -571,6 +541,7 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
             EP_DISPATCH,       (uint32_t)layer,        (uint32_t)n,   (uint32_t)k, (uint32_t)D,
             (uint32_t)c->wire, active ? EP_ACTIVE : 0, (uint32_t)rows};
         const int32_t *rm = rowmap + (size_t)s * stride;
+        const int32_t *idx = all_rows ? NULL : c->inplace ? drows + (size_t)s * stride : rm;
         if (c->inplace) {
             uint8_t *hp = hst + (hs + stride * k * 8) * s;
             memcpy(hp, &h, hs);
@@ -579,15 +550,12 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
             if ((r = ops->to_device(c->be, b, hp, hs)) < 0 ||
                 (r = ops->to_device(c->be, b + hs + (size_t)n * D * es, hp + hs,
                                     (size_t)n * k * 8)) < 0 ||
-                (r = ops->rows_pack(c->be, b + hs, x, drows + (size_t)s * stride, n, D, bf16)) < 0)
+                (r = ops->rows_pack(c->be, b + hs, x, idx, n, D, bf16)) < 0)
                 return r;
         } else {
             memcpy(b, &h, hs);
-            uint8_t *xr = b + hs;
-#pragma omp parallel for if ((size_t)n * D >= EP_PAR_MIN) num_threads(ep_threads()) schedule(static)
-            for (int i = 0; i < n; i++)
-                put_rows(xr + (size_t)i * D * es, x + (size_t)rm[i] * D, (size_t)D, c->wire);
-            put_pairs(c, layer, s, rm, n, ids, w, k, xr + (size_t)n * D * es);
+            dsv32_rows_pack_host(b + hs, x, idx, n, D, bf16, ep_threads());
+            put_pairs(c, layer, s, rm, n, ids, w, k, b + hs + (size_t)n * D * es);
         }
         send[A + s] = b;
         sb[A + s] = bytes;
@@ -641,23 +609,22 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
             return DSV32_EFORMAT;
         group_active |= (h.flags & EP_ACTIVE) != 0;
     }
-    if (rows > 0 && c->inplace) {
-        /* every shard's sums added in shard order, as below; the engine's next op waits for them */
-        if ((r = ops->memset0(c->be, y, sizeof(float) * (size_t)rows * D)) < 0)
+    if (rows > 0) {
+        /* every shard's sums added into y, shard after shard (a shard's rows are distinct); in
+         * place, the engine's next op waits for them */
+        if (c->inplace && (r = ops->memset0(c->be, y, sizeof(float) * (size_t)rows * D)) < 0)
             return r;
-        for (int s = 0; s < S; s++)
-            if ((r = ops->rows_unpack(c->be, y, (const uint8_t *)recv[A + s] + hs,
-                                      drows + (size_t)s * stride, cnt[s], D, bf16, 1)) < 0)
-                return r;
-    } else if (rows > 0) {
-        memset(y, 0, sizeof(float) * (size_t)rows * D);
+        if (!c->inplace)
+            memset(y, 0, sizeof(float) * (size_t)rows * D);
         for (int s = 0; s < S; s++) {
             const uint8_t *res = (const uint8_t *)recv[A + s] + hs;
-            const int32_t *rm = rowmap + (size_t)s * stride;
-            /* a shard's rows are distinct: they add in parallel; shards one after another */
-#pragma omp parallel for if ((size_t)cnt[s] * D >= EP_PAR_MIN) num_threads(ep_threads()) schedule(static)
-            for (int i = 0; i < cnt[s]; i++)
-                get_rows(y + (size_t)rm[i] * D, res + (size_t)i * D * es, (size_t)D, c->wire, 1);
+            const int32_t *idx = all_rows     ? NULL
+                                 : c->inplace ? drows + (size_t)s * stride
+                                              : rowmap + (size_t)s * stride;
+            if (!c->inplace)
+                dsv32_rows_unpack_host(y, res, idx, cnt[s], D, bf16, 1, ep_threads());
+            else if ((r = ops->rows_unpack(c->be, y, res, idx, cnt[s], D, bf16, 1)) < 0)
+                return r;
         }
     }
     c->st.unpack_ns += dsv32_mono_ns() - t_unpack;
@@ -1002,7 +969,7 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
                      0))
                 return r;
         } else {
-            get_rows(X + (size_t)offs[a] * D, p, (size_t)n * D, (enum dsv32_ep_wire)wire, 0);
+            dsv32_rows_unpack_host(X + (size_t)offs[a] * D, p, NULL, n, D, bf16, 0, ep_threads());
             memcpy(pa, p + (size_t)n * D * es, (size_t)n * K * 8);
         }
     }
@@ -1110,7 +1077,8 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
                 return r;
         } else {
             memcpy(out + off, &ch[a], hs);
-            put_rows(out + off + hs, Y + (size_t)offs[a] * D, n * D, (enum dsv32_ep_wire)wire);
+            dsv32_rows_pack_host(out + off + hs, Y + (size_t)offs[a] * D, NULL, (int)n, D, bf16,
+                                 ep_threads());
         }
         send[a] = out + off;
         sb[a] = hs + n * D * es;

@@ -184,6 +184,13 @@ int dsv32_backend_cpu_new(const struct dsv32_config *cfg, const struct dsv32_kv_
 /* Threads the cpu backend's matrix products use (OpenBLAS; process-wide). Daemons sharing a
  * machine set 1: OpenBLAS's idle threads spin, and several processes spinning starve the rest. */
 void dsv32_backend_cpu_set_threads(int n);
+/* The cpu backend's rows_pack and rows_unpack on host memory, on up to `threads` threads when
+ * the rows are many (0: OpenMP's default); also the way an EP member on a GPU backend packs the
+ * blocks of a transport whose blocks are host memory. */
+void dsv32_rows_pack_host(void *dst, const float *x, const int32_t *idx, int n, int dim, int bf16,
+                          int threads);
+void dsv32_rows_unpack_host(float *y, const void *src, const int32_t *idx, int n, int dim, int bf16,
+                            int add, int threads);
 #ifdef DSV32_HAVE_CUDA
 int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const struct dsv32_kv_geom *geom,
                            int device, struct dsv32_backend **ret);

@@ -14,6 +14,9 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 struct cpu_ctx {
     float *rope_cos, *rope_sin; /* (n_pos, rope/2) */
@@ -219,10 +222,25 @@ static int cpu_gather_rows(struct dsv32_backend *be, float *y, const float *x, c
     return 0;
 }
 
-static int cpu_rows_pack(struct dsv32_backend *be, void *dst, const float *x, const int32_t *idx,
-                         int n, int dim, int bf16)
+/* rows many enough for threads (below, one thread packs them faster than a team starts) */
+#define ROWS_PAR_MIN ((size_t)1 << 18)
+
+static int rows_threads(int threads)
 {
-#pragma omp parallel for if ((size_t)n * dim >= ((size_t)1 << 18)) schedule(static)
+#ifdef _OPENMP
+    return threads > 0 ? threads : omp_get_max_threads();
+#else
+    (void)threads;
+    return 1;
+#endif
+}
+
+void dsv32_rows_pack_host(void *dst, const float *x, const int32_t *idx, int n, int dim, int bf16,
+                          int threads)
+{
+    const int nt = rows_threads(threads);
+#pragma omp parallel for if ((size_t)n * dim >= ROWS_PAR_MIN && nt > 1) num_threads(nt)            \
+    schedule(static)
     for (int i = 0; i < n; i++) {
         const float *xr = x + (size_t)(idx ? idx[i] : i) * dim;
         if (bf16)
@@ -231,13 +249,14 @@ static int cpu_rows_pack(struct dsv32_backend *be, void *dst, const float *x, co
         else
             memcpy((float *)dst + (size_t)i * dim, xr, sizeof(float) * (size_t)dim);
     }
-    return 0;
 }
 
-static int cpu_rows_unpack(struct dsv32_backend *be, float *y, const void *src, const int32_t *idx,
-                           int n, int dim, int bf16, int add)
+void dsv32_rows_unpack_host(float *y, const void *src, const int32_t *idx, int n, int dim, int bf16,
+                            int add, int threads)
 {
-#pragma omp parallel for if ((size_t)n * dim >= ((size_t)1 << 18)) schedule(static)
+    const int nt = rows_threads(threads);
+#pragma omp parallel for if ((size_t)n * dim >= ROWS_PAR_MIN && nt > 1) num_threads(nt)            \
+    schedule(static)
     for (int i = 0; i < n; i++) {
         float *yr = y + (size_t)(idx ? idx[i] : i) * dim;
         for (int j = 0; j < dim; j++) {
@@ -247,6 +266,19 @@ static int cpu_rows_unpack(struct dsv32_backend *be, float *y, const void *src, 
             yr[j] = add ? yr[j] + v : v;
         }
     }
+}
+
+static int cpu_rows_pack(struct dsv32_backend *be, void *dst, const float *x, const int32_t *idx,
+                         int n, int dim, int bf16)
+{
+    dsv32_rows_pack_host(dst, x, idx, n, dim, bf16, 0);
+    return 0;
+}
+
+static int cpu_rows_unpack(struct dsv32_backend *be, float *y, const void *src, const int32_t *idx,
+                           int n, int dim, int bf16, int add)
+{
+    dsv32_rows_unpack_host(y, src, idx, n, dim, bf16, add, 0);
     return 0;
 }
 
