@@ -683,8 +683,29 @@ static void make_layer(struct dsv32_backend *be, struct dsv32_layer_weights *L, 
         *attn_bytes += weight_bytes(aw[i]);
 }
 
-/* median seconds of decode steps of B sequences at context ctx */
-static double layer_steps(struct dsv32_engine *e, int B, int ctx, int reps, int *experts_hit)
+/* --knob NAME=VALUE: a kernel variant for the whole run (cuda_backend.h's knobs), on the bench's
+ * backend and on the layer table's engines' own */
+static const char *knobs[16];
+static int n_knobs;
+
+static void apply_knobs(struct dsv32_backend *be)
+{
+    for (int i = 0; i < n_knobs; i++) {
+        char kn[64];
+        const char *eq = strchr(knobs[i], '=');
+        snprintf(kn, sizeof(kn), "%.*s", (int)(eq - knobs[i]), knobs[i]);
+        if (dsv32_cuda_set_knob(be, kn, atoi(eq + 1)) != 0) {
+            fprintf(stderr, "cuda_bench: no knob %s\n", kn);
+            exit(2);
+        }
+    }
+}
+
+/* median seconds of decode steps of B sequences at context ctx on the host clock, and in *dev on
+ * the device's with the step queued behind a 20 ms kernel (its launches hidden: the device's
+ * work alone) */
+static double layer_steps(struct dsv32_engine *e, int B, int ctx, int reps, int *experts_hit,
+                          double *dev)
 {
     int *seqs = malloc(sizeof(int) * B);
     int32_t *tok = malloc(sizeof(int32_t) * B);
@@ -704,6 +725,17 @@ static double layer_steps(struct dsv32_engine *e, int B, int ctx, int reps, int 
         if (s >= 0)
             t[s] = now_s() - t0;
     }
+    double *td = malloc(sizeof(double) * reps);
+    for (int s = 0; s < reps; s++) {
+        float ms;
+        MUST(dsv32_cuda_spin(e->be, 20000));
+        MUST(dsv32_cuda_timer_start(e->be));
+        MUST(dsv32_engine_step(e, in, B, NULL, NULL));
+        MUST(dsv32_cuda_timer_stop(e->be, &ms));
+        td[s] = ms * 1e-3;
+    }
+    *dev = median(td, reps);
+    free(td);
     /* distinct routed experts of the last layer in the last step */
     const int K = e->cfg->num_experts_per_tok;
     int32_t *ids = malloc(sizeof(int32_t) * B * K);
@@ -750,6 +782,8 @@ static void bench_layer(struct dsv32_backend *be, int ctx)
                                   .max_seq_len = ctx + 64, .kv_blocks = blocks};
     MUST(dsv32_engine_new(&m1, &o, &e1));
     MUST(dsv32_engine_new(&m2, &o, &e2));
+    apply_knobs(e1->be);
+    apply_knobs(e2->be);
     for (int l = 0; l < 2; l++) {
         struct dsv32_engine *e = l ? e2 : e1;
         for (int k = 0; k < e->kv->n_layers; k++) {
@@ -765,21 +799,25 @@ static void bench_layer(struct dsv32_backend *be, int ctx)
            "no LM head); attention + shared expert + router weights %.0f MB (FP8 as DeepSeek ships them), "
            "%.1f MB per routed expert\n",
            attn_bytes / 1e6, expert_bytes / 1e6);
-    printf("| batch | step, 1 layer (ms) | step, 2 layers (ms) | per layer (ms) | tokens/s (one layer) | experts hit | "
-           "floor bytes (MB) | floor (ms) | x floor |\n|---|---|---|---|---|---|---|---|---|\n");
+    printf("| batch | step, 1 layer (ms) | step, 2 layers (ms) | per layer (ms) | "
+           "tokens/s (one layer) | experts hit | floor bytes (MB) | floor (ms) | x floor | "
+           "device per layer, launches hidden (ms) | x floor |\n"
+           "|---|---|---|---|---|---|---|---|---|---|---|\n");
     static const int bs[] = {1, 16, 64, 256};
     for (size_t i = 0; i < sizeof(bs) / sizeof(bs[0]); i++) {
         const int B = bs[i];
         int hit1, hit2;
-        const double t1 = layer_steps(e1, B, ctx, iters, &hit1);
-        const double t2 = layer_steps(e2, B, ctx, iters, &hit2);
-        const double per = t2 - t1;
+        double d1, d2;
+        const double t1 = layer_steps(e1, B, ctx, iters, &hit1, &d1);
+        const double t2 = layer_steps(e2, B, ctx, iters, &hit2, &d2);
+        const double per = t2 - t1, dper = d2 - d1;
         const int sel = ctx < 2048 ? ctx : 2048;
         const double kv_bytes = (double)B * ((double)ctx * 132 + (double)sel * 656);
         const double bytes = attn_bytes + hit2 * expert_bytes + kv_bytes;
         const double floor_ms = bytes / (copy_gbps * 1e9) * 1e3;
-        printf("| %d | %.3f | %.3f | %.3f | %.0f | %d | %.0f | %.3f | %.2f |\n", B, t1 * 1e3, t2 * 1e3, per * 1e3,
-               B / per, hit2, bytes / 1e6, floor_ms, per * 1e3 / floor_ms);
+        printf("| %d | %.3f | %.3f | %.3f | %.0f | %d | %.0f | %.3f | %.2f | %.3f | %.2f |\n", B,
+               t1 * 1e3, t2 * 1e3, per * 1e3, B / per, hit2, bytes / 1e6, floor_ms,
+               per * 1e3 / floor_ms, dper * 1e3, dper * 1e3 / floor_ms);
         fflush(stdout);
     }
     /* m1 shares m2's layers (the same structs) but holds copies of embed, norm and head: e1's
@@ -840,6 +878,8 @@ static void moe_routing(int32_t *ids, float *w, int rows, int K, int E, uint64_t
         free(t_);                                                                                  \
     } while (0)
 
+static int only_rows; /* --rows: that row count's lines of the moe and ops tables only */
+
 static void bench_moe(struct dsv32_backend *be)
 {
     struct dsv32_config c;
@@ -852,7 +892,7 @@ static void bench_moe(struct dsv32_backend *be)
         rnd_w(be, &ex[e].w2, "expert.w2", DSV32_DT_F8_E4M3, D, I, &seed, 0.02f);
         rnd_w(be, &ex[e].w3, "expert.w3", DSV32_DT_F8_E4M3, I, D, &seed, 0.02f);
     }
-    static const int rows_list[] = {1, 16, 64, 256, 1024, 4096};
+    static const int rows_list[] = {1, 4, 16, 64, 256, 1024, 4096};
     const int max_rows = 4096;
     float *dx = dalloc(be, sizeof(float) * (size_t)max_rows * D), *dy = dalloc(be, sizeof(float) * (size_t)max_rows * D);
     int32_t *di = dalloc(be, sizeof(int32_t) * (size_t)max_rows * K);
@@ -864,11 +904,17 @@ static void bench_moe(struct dsv32_backend *be)
     printf("\n## Routed experts of one MoE layer (256 FP8 experts of %d x %d, %d per row), moe_experts alone\n", I, D, K);
     printf("floor = max(bytes of the distinct experts hit / copy bandwidth, FLOP / bf16 rate); "
            "the previous kernels (register prefetch; the pipelined mma.sync one for every row count) timed in the same run\n");
-    printf("| rows | experts hit | weight bytes (MB) | TFLOP | floor (ms) | register kernel (ms) | x floor | "
-           "pipelined mma.sync (ms) | x floor | default: pipelined, or wgmma from %d rows per expert (ms) | x floor | "
-           "weights read (TB/s) | TFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n", 24);
+    printf("| rows | experts hit | weight bytes (MB) | TFLOP | floor (ms) | "
+           "register kernel (ms) | x floor | pipelined mma.sync (ms) | x floor | "
+           "default, CTAs for every expert (knob moe_all_groups; ms) | x floor | "
+           "default: pipelined, or wgmma from %d rows per expert (ms) | x floor | "
+           "weights read (TB/s) | TFLOP/s |\n"
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+           24);
     for (size_t i = 0; i < sizeof(rows_list) / sizeof(rows_list[0]); i++) {
         const int rows = rows_list[i];
+        if (only_rows > 0 && rows != only_rows)
+            continue;
         moe_routing(ids, w, rows, K, E, 99 + (uint64_t)rows);
         char hit[256] = {0};
         int n_hit = 0;
@@ -881,17 +927,21 @@ static void bench_moe(struct dsv32_backend *be)
         MUST(be->ops->to_device(be, dw, w, sizeof(float) * (size_t)rows * K));
         const double bytes = n_hit * expert_bytes, flop = 2.0 * rows * K * 3.0 * I * D;
         const double floor_ms = fmax(bytes / (copy_gbps * 1e9), flop / (bf16_tflops * 1e12)) * 1e3;
-        double tv[3];
-        for (int v = 0; v < 3; v++) {
+        double tv[4];
+        for (int v = 0; v < 4; v++) {
             MUST(dsv32_cuda_set_knob(be, "fp8_reg", v == 0));
             MUST(dsv32_cuda_set_knob(be, "fp8_no_wg", v == 1));
+            MUST(dsv32_cuda_set_knob(be, "moe_all_groups", v == 2));
             OP_TIME(tv[v], be->ops->moe_experts(be, dy, dx, rows, di, dw, K, ex, E, c.ue8m0));
         }
         MUST(dsv32_cuda_set_knob(be, "fp8_reg", 0));
         MUST(dsv32_cuda_set_knob(be, "fp8_no_wg", 0));
-        printf("| %d | %d | %.0f | %.3f | %.3f | %.3f | %.2f | %.3f | %.2f | %.3f | %.2f | %.2f | %.0f |\n", rows, n_hit,
-               bytes / 1e6, flop / 1e12, floor_ms, tv[0], tv[0] / floor_ms, tv[1], tv[1] / floor_ms, tv[2],
-               tv[2] / floor_ms, bytes / (tv[2] * 1e-3) / 1e12, flop / (tv[2] * 1e-3) / 1e12);
+        MUST(dsv32_cuda_set_knob(be, "moe_all_groups", 0));
+        printf("| %d | %d | %.0f | %.3f | %.3f | %.3f | %.2f | %.3f | %.2f | %.3f | %.2f | %.3f | "
+               "%.2f | %.2f | %.0f |\n",
+               rows, n_hit, bytes / 1e6, flop / 1e12, floor_ms, tv[0], tv[0] / floor_ms, tv[1],
+               tv[1] / floor_ms, tv[2], tv[2] / floor_ms, tv[3], tv[3] / floor_ms,
+               bytes / (tv[3] * 1e-3) / 1e12, flop / (tv[3] * 1e-3) / 1e12);
         fflush(stdout);
     }
     for (int e = 0; e < E; e++) {
@@ -912,7 +962,11 @@ static void bench_moe(struct dsv32_backend *be)
 
 /* OP_TIME for short ops queued back to back, as a step queues them: n calls between the events
  * (n so that they take ~0.2 ms, at most 64), the median per call. One call alone between two
- * events also times the host's launch (~5-8 us), which a step's queue hides. */
+ * events also times the host's launch (~5-8 us), which a step's queue hides. The calls are
+ * queued behind a kernel that holds the stream for op_spin_us, so that an op whose launches
+ * take the host longer than the device's work is timed on the device all the same (--host-queue:
+ * no such kernel, the device waiting for the host when it is faster). */
+static int op_spin_us = 3000;
 #define OP_TIME_QUEUED(res, call)                                                                  \
     do {                                                                                           \
         double t1_;                                                                                \
@@ -920,6 +974,8 @@ static void bench_moe(struct dsv32_backend *be)
         const int n_ = t1_ > 0.2 ? 1 : t1_ < 0.2 / 64 ? 64 : (int)ceil(0.2 / t1_);                 \
         double *t_ = malloc(sizeof(double) * (size_t)iters);                                       \
         for (int i_ = -2; i_ < iters; i_++) {                                                      \
+            if (op_spin_us > 0) /* the calls queue behind it: the device's time alone */           \
+                MUST(dsv32_cuda_spin(be, op_spin_us));                                             \
             MUST(dsv32_cuda_timer_start(be));                                                      \
             for (int j_ = 0; j_ < n_; j_++)                                                        \
                 MUST(call);                                                                        \
@@ -1005,6 +1061,8 @@ static void bench_ops(struct dsv32_backend *be)
     static const int rows_list[] = {1, 4, 16, 64, 4096};
     for (size_t i = 0; i < sizeof(rows_list) / sizeof(rows_list[0]); i++) {
         const int R = rows_list[i];
+        if (only_rows > 0 && R != only_rows)
+            continue;
         double t;
         OP_TIME_QUEUED(t, be->ops->embed(be, y, ids, R, &emb));
         op_row("embedding (bf16 table)", "129280 x 7168", R, (double)R * D * (2 + 4), 0, 0, t);
@@ -1151,8 +1209,8 @@ static void bench_ops(struct dsv32_backend *be)
 
 int main(int argc, char **argv)
 {
-    const char *only = NULL, *csv_dir = NULL, *knobs[16];
-    int ctx_layer = 8192, n_knobs = 0;
+    const char *only = NULL, *csv_dir = NULL;
+    int ctx_layer = 8192;
     /* a table row out before the backend's log lines (stderr) of the next measurement */
     setvbuf(stdout, NULL, _IOLBF, 0);
     for (int i = 1; i < argc; i++) {
@@ -1164,11 +1222,16 @@ int main(int argc, char **argv)
             iters = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--ctx-layer") && i + 1 < argc)
             ctx_layer = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--rows") && i + 1 < argc)
+            only_rows = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--host-queue"))
+            op_spin_us = 0;
         else if (!strcmp(argv[i], "--knob") && i + 1 < argc && n_knobs < 16 && strchr(argv[i + 1], '='))
             knobs[n_knobs++] = argv[++i];
         else {
-            fprintf(stderr, "usage: cuda_bench [--only dsa|sweep|prefill|moe|layer|ops] [--csv DIR] [--iters N] "
-                            "[--ctx-layer N] [--knob NAME=VALUE]...\n");
+            fprintf(stderr, "usage: cuda_bench [--only dsa|sweep|prefill|moe|layer|ops] [--csv "
+                            "DIR] [--iters N] "
+                            "[--ctx-layer N] [--rows N] [--host-queue] [--knob NAME=VALUE]...\n");
             return 2;
         }
     }
@@ -1185,16 +1248,9 @@ int main(int argc, char **argv)
     dsv32_kv_geom_init(&g, &cfg, 0);
     struct dsv32_backend *be;
     MUST(dsv32_backend_new("cuda", &cfg, &g, 0, &be));
-    for (int i = 0; i < n_knobs; i++) { /* a kernel variant for the whole run (cuda_backend.h's knobs) */
-        char kn[64];
-        const char *eq = strchr(knobs[i], '=');
-        snprintf(kn, sizeof(kn), "%.*s", (int)(eq - knobs[i]), knobs[i]);
-        if (dsv32_cuda_set_knob(be, kn, atoi(eq + 1)) != 0) {
-            fprintf(stderr, "cuda_bench: no knob %s\n", kn);
-            return 2;
-        }
-        printf("knob %s = %d\n", kn, atoi(eq + 1));
-    }
+    apply_knobs(be);
+    for (int i = 0; i < n_knobs; i++)
+        printf("knob %s\n", knobs[i]);
     char name[256];
     int n_sm = 0;
     MUST(dsv32_cuda_device_info(be, name, sizeof(name), &n_sm));

@@ -731,7 +731,7 @@ static const struct {
     KNOB(idx_pipe, false),      KNOB(mla_q6, false),        KNOB(dsa_chunks, true),
     KNOB(dsa_idx_sms, true),    KNOB(dsa_skip, true),       KNOB(lt_min_rows, true),
     KNOB(lt_big_rows, true),    KNOB(idx_dev_items, false), KNOB(mla_cl, true),
-    KNOB(mla_cl_nocopy, false), KNOB(pdl, false),
+    KNOB(mla_cl_nocopy, false), KNOB(pdl, false),           KNOB(moe_all_groups, false),
 };
 #undef KNOB
 
@@ -1041,6 +1041,23 @@ extern "C" int dsv32_cuda_timer_stop(struct dsv32_backend *be, float *ms)
     CU_CHECK(cudaEventRecord(timer_ev[1], c->st));
     CU_CHECK(cudaEventSynchronize(timer_ev[1]));
     CU_CHECK(cudaEventElapsedTime(ms, timer_ev[0], timer_ev[1]));
+    return 0;
+}
+
+static __global__ void spin_kernel(unsigned long long ns)
+{
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    while (t - t0 < ns);
+}
+
+extern "C" int dsv32_cuda_spin(struct dsv32_backend *be, int us)
+{
+    ENTER(be);
+    spin_kernel<<<1, 1, 0, c->st>>>((unsigned long long)us * 1000ull);
+    CU_LAUNCHED("spin");
     return 0;
 }
 

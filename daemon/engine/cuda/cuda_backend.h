@@ -108,6 +108,9 @@ int dsv32_cuda_weight_random(struct dsv32_backend *be, struct dsv32_weight *w, c
 /* Device-event timing on the backend's stream: start, then stop returns the milliseconds. */
 int dsv32_cuda_timer_start(struct dsv32_backend *be);
 int dsv32_cuda_timer_stop(struct dsv32_backend *be, float *ms);
+/* A kernel that holds the backend's stream for us microseconds: the host queues work behind it,
+ * so that a timer started after it times the device alone, not the host's launches. */
+int dsv32_cuda_spin(struct dsv32_backend *be, int us);
 /* Ceilings measured on this GPU: device-to-device copy bandwidth (bytes read + written per
  * second, median of iters) and the bf16 GEMM rate of cuBLAS (m x n x k, f32 accumulation,
  * random data, median of iters). */

@@ -97,13 +97,20 @@ static __device__ __forceinline__ void chunk_mma(float (&acc)[NT][4], const uint
     }
 }
 
-/* A group's work: its entries [beg, end) and weights (w1, and w3 for SwiGLU); false when it has
- * none (no entries, or its expert is not held here). */
+/* The work of this CTA's group (blockIdx.y: the group, or its index in grp_list): its entries
+ * [beg, end) and weights (w1, and w3 for SwiGLU); false when it has none (no entries, or its
+ * expert is not held here). */
 template <bool SWIGLU>
-static __device__ __forceinline__ bool fp8_group(const struct cu_fp8_gemm &a, int grp, int &beg, int &end,
-                                                 const uint8_t *&W1, const uint8_t *&W3, const float *&S1,
-                                                 const float *&S3)
+static __device__ __forceinline__ bool fp8_group(const struct cu_fp8_gemm &a, int &beg, int &end,
+                                                 const uint8_t *&W1, const uint8_t *&W3,
+                                                 const float *&S1, const float *&S3)
 {
+    int grp = blockIdx.y;
+    if (a.grp_list) {
+        if (grp >= a.grp_list[a.n_groups])
+            return false;
+        grp = a.grp_list[grp];
+    }
     beg = 0;
     end = a.M;
     if (a.grp_off) {
@@ -239,11 +246,10 @@ static __global__ void __launch_bounds__(256) fp8_gemm_kernel(const struct cu_fp
                                                               const struct cu_probe p)
 {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int grp = blockIdx.y;
     int beg, end;
     const uint8_t *W1, *W3;
     const float *S1, *S3;
-    if (!fp8_group<SWIGLU>(a, grp, beg, end, W1, W3, S1, S3))
+    if (!fp8_group<SWIGLU>(a, beg, end, W1, W3, S1, S3))
         return;
     const int K = a.K, kbs = K / 128;
     const int f0 = blockIdx.x * 128 + warp * 16;
@@ -358,11 +364,10 @@ static __global__ void __launch_bounds__(256) fp8_gemm_pipe_kernel(const struct 
 {
     extern __shared__ __align__(16) uint8_t pipe_smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int grp = blockIdx.y;
     int beg, end;
     const uint8_t *W1, *W3;
     const float *S1, *S3;
-    if (!fp8_group<SWIGLU>(a, grp, beg, end, W1, W3, S1, S3))
+    if (!fp8_group<SWIGLU>(a, beg, end, W1, W3, S1, S3))
         return;
     const int K = a.K, kbs = K / 128;
     const int fc = blockIdx.x * 128, f0 = fc + warp * 16, nrows = min(128, a.N - fc);
@@ -489,11 +494,10 @@ static __global__ void __launch_bounds__(256, 1) fp8_gemm_wg_kernel(const struct
     const int lane = threadIdx.x & 31, wgi = threadIdx.x >> 7, wq = (threadIdx.x >> 5) & 3, g = lane >> 2,
               t = lane & 3;
     const int warp = 4 * wgi + wq; /* fp8_epilogue's warp: 16 weight rows from fc + 16 warp */
-    const int grp = blockIdx.y;
     int beg, end;
     const uint8_t *W1, *W3;
     const float *S1, *S3;
-    if (!fp8_group<SWIGLU>(a, grp, beg, end, W1, W3, S1, S3))
+    if (!fp8_group<SWIGLU>(a, beg, end, W1, W3, S1, S3))
         return;
     const int K = a.K, kbs = K / 128;
     const int fc = blockIdx.x * 128, f0 = fc + warp * 16, nrows = min(128, a.N - fc);
@@ -658,7 +662,11 @@ int cu_fp8_gemm_run(struct cu_ctx *c, const struct cu_fp8_gemm *a)
     memset(&p, 0, sizeof(p));
     if (a->hq)
         CU_TRY(cu_probe_begin(c, &p));
-    dim3 grid(nfb, a->grp_off ? a->n_groups : 1, splits);
+    /* grouped: a CTA column per group, or per listed group (a few rows' few experts would
+     * otherwise queue thousands of empty CTAs, each waiting for an SM's shared memory, between
+     * the working ones) */
+    const int n_y = !a->grp_off ? 1 : a->grp_list && a->M < a->n_groups ? a->M : a->n_groups;
+    dim3 grid(nfb, n_y > 0 ? n_y : 1, splits);
     const size_t part_stride = (size_t)a->M * a->N;
     if (a->grp_off && per_group >= WG_MIN_ROWS && !c->fp8_reg && !c->fp8_no_wg && a->N % 64 == 0 && !part) {
         /* prefill-sized groups: the wgmma kernel (not f32-exact; the fast numerics only reach here) */

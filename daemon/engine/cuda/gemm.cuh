@@ -39,6 +39,9 @@ struct cu_fp8_gemm {
     const uint8_t *const *w3; const float *const *s3; /* SwiGLU's second weight (w3 = up) */
     const uint8_t *w; const float *ws;                /* the weight when n_groups == 1 */
     const int *grp_off; /* (n_groups + 1) or NULL */
+    /* with grp_off, or NULL: the groups with entries in ascending order and their count at
+     * [n_groups]; the launch then has CTAs for at most min(n_groups, M) groups instead of all */
+    const int *grp_list;
     int M;              /* entries when grp_off is NULL */
     const int *row_x;
     /* plain output: y[e * ldy + n] */

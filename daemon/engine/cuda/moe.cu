@@ -261,9 +261,9 @@ int cu_moe_gate(struct cu_ctx *c, int32_t *ids, float *w, const float *x, int ro
 
 /* ---- experts ---- */
 
-static __global__ void __launch_bounds__(1024) route_kernel(const int32_t *ids, int n_pairs, int k, int E,
-                                                            const uint8_t *loaded, int *grp_off, int *slot_of,
-                                                            int *entry_tok, int *entry_sub, int *entry_e)
+static __global__ void __launch_bounds__(1024)
+    route_kernel(const int32_t *ids, int n_pairs, int k, int E, const uint8_t *loaded, int *grp_off,
+                 int *grp_list, int *slot_of, int *entry_tok, int *entry_sub, int *entry_e)
 {
     extern __shared__ int rsm[];
     int *cnt = rsm, *off = rsm + E, *fill = rsm + 2 * E;
@@ -276,14 +276,31 @@ static __global__ void __launch_bounds__(1024) route_kernel(const int32_t *ids, 
             atomicAdd(&cnt[e], 1);
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        int o = 0;
-        for (int e = 0; e < E; e++) {
-            off[e] = o;
-            grp_off[e] = o;
-            o += cnt[e];
+    if (threadIdx.x < 32) { /* the offsets and the list of experts with rows, 32 experts a step */
+        const int lane = threadIdx.x;
+        int o = 0, n = 0;
+        for (int e0 = 0; e0 < E; e0 += 32) {
+            const int e = e0 + lane, c = e < E ? cnt[e] : 0;
+            int incl = c;
+#pragma unroll
+            for (int d = 1; d < 32; d <<= 1) {
+                const int v = __shfl_up_sync(0xffffffffu, incl, d);
+                if (lane >= d)
+                    incl += v;
+            }
+            const unsigned act = __ballot_sync(0xffffffffu, c > 0);
+            if (e < E) {
+                off[e] = grp_off[e] = o + incl - c;
+                if (c)
+                    grp_list[n + __popc(act & ((1u << lane) - 1u))] = e;
+            }
+            o += __shfl_sync(0xffffffffu, incl, 31);
+            n += __popc(act);
         }
-        grp_off[E] = o;
+        if (lane == 0) {
+            grp_off[E] = o;
+            grp_list[E] = n;
+        }
     }
     __syncthreads();
     for (int i = threadIdx.x; i < n_pairs; i += blockDim.x) {
@@ -373,11 +390,14 @@ static __global__ void moe_hquant_kernel(float *h, int I, const int *grp_off, in
     }
 }
 
-/* y[r] = sum over the row's experts in ascending id order of w * out[entry] */
+/* y[r] = sum over the row's experts in ascending id order of w * out[entry]; a thread 4
+ * consecutive columns of one row (its expert rows' loads in flight together), grid (columns /
+ * 1024, rows). One CTA a row looping over the columns took 93 us at one row: every iteration
+ * reloaded the row's slots and weights behind its stores' possible aliases. */
 static __global__ void moe_combine_kernel(float *y, const float *out, const int *slot_of, const int32_t *ids,
                                           const float *w, int k, int D)
 {
-    const int r = blockIdx.x;
+    const int r = blockIdx.y, d = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
     int order[16], n = 0;
     for (int kk = 0; kk < k && kk < 16; kk++) {
         if (slot_of[r * k + kk] < 0)
@@ -389,14 +409,27 @@ static __global__ void moe_combine_kernel(float *y, const float *out, const int 
         }
         order[i] = kk;
     }
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int i = 0; i < n; i++) {
-            const int kk = order[i];
-            acc = __fadd_rn(acc, __fmul_rn(out[(size_t)slot_of[r * k + kk] * D + d], w[r * k + kk]));
+    if (d >= D)
+        return;
+    float4 v[16];
+    float wk[16];
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+        if (i < n) {
+            v[i] =
+                *reinterpret_cast<const float4 *>(out + (size_t)slot_of[r * k + order[i]] * D + d);
+            wk[i] = w[r * k + order[i]];
         }
-        y[(size_t)r * D + d] = acc;
-    }
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+        if (i < n) {
+            acc.x = __fadd_rn(acc.x, __fmul_rn(v[i].x, wk[i]));
+            acc.y = __fadd_rn(acc.y, __fmul_rn(v[i].y, wk[i]));
+            acc.z = __fadd_rn(acc.z, __fmul_rn(v[i].z, wk[i]));
+            acc.w = __fadd_rn(acc.w, __fmul_rn(v[i].w, wk[i]));
+        }
+    *reinterpret_cast<float4 *>(y + (size_t)r * D + d) = acc;
 }
 
 int cu_moe_experts(struct cu_ctx *c, float *y, const float *x, int rows, const int32_t *ids,
@@ -406,7 +439,7 @@ int cu_moe_experts(struct cu_ctx *c, float *y, const float *x, int rows, const i
     const int D = c->cfg->hidden_size, I = c->cfg->moe_intermediate_size, E = n_experts;
     if (rows <= 0)
         return 0;
-    if (k > 16 || E <= 0)
+    if (k > 16 || E <= 0 || D % 4)
         return DSV32_ECONFIG;
     struct cu_expert_table *tab;
     CU_TRY(expert_table(c, experts, E, &tab));
@@ -416,14 +449,18 @@ int cu_moe_experts(struct cu_ctx *c, float *y, const float *x, int rows, const i
         return 0;
     }
     const int is_fp8 = experts[0].w1.dtype == DSV32_DT_F8_E4M3;
-    /* routing buffers: grp_off (E+1), slot_of, entry_tok, entry_sub, entry_e (n_pairs each) */
-    int *rb = (int *)cu_scratch(c, SCR_MOE_A, sizeof(int) * ((size_t)E + 1 + 4 * (size_t)n_pairs));
+    /* routing buffers: grp_off, grp_list (E+1 each), slot_of, entry_tok, entry_sub, entry_e
+     * (n_pairs each) */
+    int *rb =
+        (int *)cu_scratch(c, SCR_MOE_A, sizeof(int) * (2 * ((size_t)E + 1) + 4 * (size_t)n_pairs));
     if (!rb)
         return -ENOMEM;
-    int *grp_off = rb, *slot_of = rb + E + 1, *entry_tok = slot_of + n_pairs, *entry_sub = entry_tok + n_pairs;
+    int *grp_off = rb, *grp_list = rb + E + 1, *slot_of = grp_list + E + 1,
+        *entry_tok = slot_of + n_pairs, *entry_sub = entry_tok + n_pairs;
     int *entry_e = entry_sub + n_pairs;
-    route_kernel<<<1, 1024, sizeof(int) * 3 * (size_t)E, c->st>>>(ids, n_pairs, k, E, tab->d_loaded, grp_off,
-                                                                   slot_of, entry_tok, entry_sub, entry_e);
+    route_kernel<<<1, 1024, sizeof(int) * 3 * (size_t)E, c->st>>>(ids, n_pairs, k, E, tab->d_loaded,
+                                                                  grp_off, grp_list, slot_of,
+                                                                  entry_tok, entry_sub, entry_e);
     CU_LAUNCHED("moe_route");
     float *out = (float *)cu_scratch(c, SCR_MOE_B, sizeof(float) * (size_t)n_pairs * D);
     if (!out)
@@ -450,6 +487,7 @@ int cu_moe_experts(struct cu_ctx *c, float *y, const float *x, int rows, const i
         a.w3 = (const uint8_t *const *)tab->d_w[2];
         a.s3 = tab->d_s[2];
         a.grp_off = grp_off;
+        a.grp_list = c->moe_all_groups ? NULL : grp_list;
         a.M = n_pairs;
         a.row_x = entry_tok;
         a.hq = hq;
@@ -467,6 +505,7 @@ int cu_moe_experts(struct cu_ctx *c, float *y, const float *x, int rows, const i
         a.w1 = (const uint8_t *const *)tab->d_w[1];
         a.s1 = tab->d_s[1];
         a.grp_off = grp_off;
+        a.grp_list = c->moe_all_groups ? NULL : grp_list;
         a.M = n_pairs;
         a.y = out;
         a.ldy = D;
@@ -512,7 +551,8 @@ int cu_moe_experts(struct cu_ctx *c, float *y, const float *x, int rows, const i
                                                           (const void *const *)tab->d_w[1], D, I);
         CU_LAUNCHED("moe_down");
     }
-    moe_combine_kernel<<<rows, 256, 0, c->st>>>(y, out, slot_of, ids, w, k, D);
+    moe_combine_kernel<<<dim3(cu_blocks((size_t)D, 1024), rows), 256, 0, c->st>>>(y, out, slot_of,
+                                                                                  ids, w, k, D);
     CU_LAUNCHED("moe_combine");
     return 0;
 }
