@@ -1194,9 +1194,15 @@ static void bench_ops(struct dsv32_backend *be)
         OP_TIME_QUEUED(t, be->ops->mla_expand(be, y, x, R, &wkv_b));
         op_row("MLA expand (latent -> v)", "128 heads x 512 -> 128", R,
                (double)wkv_b.rows * wkv_b.cols + (double)R * H * (512 + 128) * 4, 2.0 * R * H * 512 * 128, 0, t);
-        OP_TIME_QUEUED(t, be->ops->moe_gate(be, eids, gw, x, R, &gate, &gate_bias));
-        op_row("MoE router (bf16 gate, group-limited top-8)", "256 x 7168", R,
-               weight_bytes(&gate) + (double)R * D * 4 + (double)R * K * 8, 2.0 * R * E * D, 0, t);
+        for (int v = 0; v < 2; v++) { /* v 1: the shared-memory routing kernel (the baseline) */
+            MUST(dsv32_cuda_set_knob(be, "route_smem", v));
+            OP_TIME_QUEUED(t, be->ops->moe_gate(be, eids, gw, x, R, &gate, &gate_bias));
+            op_row(v ? "MoE router, shared-memory routing (knob route_smem)"
+                     : "MoE router (bf16 gate, group-limited top-8)",
+                   "256 x 7168", R, weight_bytes(&gate) + (double)R * D * 4 + (double)R * K * 8,
+                   2.0 * R * E * D, 0, t);
+        }
+        MUST(dsv32_cuda_set_knob(be, "route_smem", 0));
         fflush(stdout);
     }
     struct dsv32_weight *all[] = {&emb, &norm, &knw, &knb, &wq_a, &wq_b, &wkv_a, &wkv_b, &wo, &idx_wq_b, &gate, &gate_bias};

@@ -127,6 +127,8 @@ struct cu_ctx {
     int lt_big_rows;           /* ... and for weights of 32M elements or more from this many */
     int fp8_reg;               /* the FP8 kernel's register-prefetch variant (the baseline) */
     int fp8_no_wg;             /* grouped GEMMs of many rows per group stay on mma.sync (baseline) */
+    int route_smem;            /* the router's choice by the shared-memory kernel (the
+                                  baseline) where the register one would fit */
     int moe_all_groups;        /* the grouped GEMMs launch CTAs for every expert, empty or not
                                   (the baseline), not only for the experts with rows */
     int idx_wgmma;             /* f16 indexer scores on wgmma (1; 2: descriptor offsets swapped,

@@ -222,6 +222,124 @@ static __global__ void gate_route_kernel(int32_t *ids, float *wout, const float 
     }
 }
 
+/* gate_route_kernel's routing with a row's scores in registers: lane l holds experts l NE ..
+ * l NE + NE - 1 (E = 32 NE), and a group of per experts is per / NE lanes (a power of two), so
+ * that the group maxima, the groups' ranks and each of the K picks are shuffles instead of
+ * loops over shared memory (15 us for one row in gate_route_kernel, most of it the serial scans
+ * of lane 0 and of the first G lanes). The same choices: the top-2 sum (or the max, without a
+ * bias) per group, the topk_group best groups with ties to the lower group, then the K best
+ * experts of those with ties to the lower id; weights from the scores before the bias. */
+template <int NE>
+static __global__ void gate_route_reg_kernel(int32_t *ids, float *wout, const float *logits,
+                                             const float *bias, int rows, int G, int topk_group,
+                                             int K, int sigmoid, int norm, float rsf)
+{
+    const int lane = threadIdx.x & 31;
+    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows)
+        return;
+    constexpr int E = 32 * NE;
+    float orig[NE], sel[NE];
+    const float *l = logits + (size_t)r * E + lane * NE;
+#pragma unroll
+    for (int i = 0; i < NE; i++)
+        orig[i] = l[i];
+    if (sigmoid) {
+#pragma unroll
+        for (int i = 0; i < NE; i++)
+            orig[i] = 1.0f / (1.0f + expf(-orig[i]));
+    } else {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < NE; i++)
+            mx = fmaxf(mx, orig[i]);
+        mx = cu_warp_max(mx);
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < NE; i++)
+            s += (orig[i] = expf(orig[i] - mx));
+        s = cu_warp_sum(s);
+#pragma unroll
+        for (int i = 0; i < NE; i++)
+            orig[i] /= s;
+    }
+#pragma unroll
+    for (int i = 0; i < NE; i++)
+        sel[i] = bias ? orig[i] + bias[lane * NE + i] : orig[i];
+    if (G > 1) {
+        const int lpg = E / G / NE; /* lanes a group */
+        float m1 = -INFINITY, m2 = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < NE; i++) {
+            if (sel[i] > m1) {
+                m2 = m1;
+                m1 = sel[i];
+            } else if (sel[i] > m2) {
+                m2 = sel[i];
+            }
+        }
+        for (int o = 1; o < lpg; o <<= 1) { /* the group's two largest, over its lanes */
+            const float b1 = __shfl_xor_sync(0xffffffffu, m1, o),
+                        b2 = __shfl_xor_sync(0xffffffffu, m2, o);
+            m2 = fmaxf(fminf(m1, b1), fmaxf(m2, b2));
+            m1 = fmaxf(m1, b1);
+        }
+        const float gs = bias ? m1 + m2 : m1;
+        const int grp = lane / lpg;
+        int beaten = 0; /* groups ranked before this lane's */
+        for (int h = 0; h < G; h++) {
+            const float gh = __shfl_sync(0xffffffffu, gs, h * lpg);
+            beaten += gh > gs || (gh == gs && h < grp);
+        }
+        if (beaten >= topk_group)
+#pragma unroll
+            for (int i = 0; i < NE; i++)
+                sel[i] = -INFINITY;
+    }
+    unsigned taken = 0;
+    float wsum = 0.0f, wk = 0.0f;
+    int idk = -1;
+    for (int kk = 0; kk < K; kk++) {
+        float bv = 0.0f;
+        int bi = -1;
+#pragma unroll
+        for (int i = 0; i < NE; i++)
+            if (!(taken >> i & 1u) && (bi < 0 || sel[i] > bv)) {
+                bv = sel[i];
+                bi = lane * NE + i;
+            }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        float ow = 0.0f;
+#pragma unroll
+        for (int i = 0; i < NE; i++)
+            if (bi == lane * NE + i) {
+                taken |= 1u << i;
+                ow = orig[i];
+            }
+        ow = __shfl_sync(0xffffffffu, ow, bi / NE);
+        wsum += ow;
+        if (lane == kk) { /* lane kk keeps pick kk */
+            idk = bi;
+            wk = ow;
+        }
+    }
+    if (lane < K) {
+        float v = wk;
+        if (sigmoid && norm)
+            v /= wsum;
+        ids[(size_t)r * K + lane] = idk;
+        wout[(size_t)r * K + lane] = v * rsf;
+    }
+}
+
 int cu_moe_gate(struct cu_ctx *c, int32_t *ids, float *w, const float *x, int rows,
                 const struct dsv32_weight *gate, const struct dsv32_weight *bias)
 {
@@ -249,6 +367,29 @@ int cu_moe_gate(struct cu_ctx *c, int32_t *ids, float *w, const float *x, int ro
         return DSV32_EUNSUPPORTED;
     }
     const struct cu_weight *bw = bias && bias->be ? (const struct cu_weight *)bias->be : NULL;
+    /* the register kernel where its layout fits: E = 32 NE, a group whole lanes, a power of two */
+    const int NE = E / 32, lpg = NE ? E / G / NE : 0;
+    if (!c->route_smem && E % 32 == 0 && (NE == 1 || NE == 2 || NE == 4 || NE == 8) &&
+        (E / G) % NE == 0 && lpg > 0 && (lpg & (lpg - 1)) == 0 && K <= 32) {
+        const float *bp = bw ? bw->f32 : NULL;
+        const int sg = cf->scoring_sigmoid, nt = cf->norm_topk_prob;
+        const float rsf = cf->routed_scaling_factor;
+        const unsigned nb = cu_blocks((size_t)rows, 8);
+        if (NE == 8)
+            gate_route_reg_kernel<8><<<nb, 256, 0, c->st>>>(ids, w, logits, bp, rows, G,
+                                                            cf->topk_group, K, sg, nt, rsf);
+        else if (NE == 4)
+            gate_route_reg_kernel<4><<<nb, 256, 0, c->st>>>(ids, w, logits, bp, rows, G,
+                                                            cf->topk_group, K, sg, nt, rsf);
+        else if (NE == 2)
+            gate_route_reg_kernel<2><<<nb, 256, 0, c->st>>>(ids, w, logits, bp, rows, G,
+                                                            cf->topk_group, K, sg, nt, rsf);
+        else
+            gate_route_reg_kernel<1><<<nb, 256, 0, c->st>>>(ids, w, logits, bp, rows, G,
+                                                            cf->topk_group, K, sg, nt, rsf);
+        CU_LAUNCHED("gate_route_reg");
+        return 0;
+    }
     const size_t smem = sizeof(float) * 8 * (size_t)(3 * E + 2 * G);
     if (smem > 48 * 1024)
         CU_SMEM_OPTIN(gate_route_kernel, smem);
