@@ -2245,9 +2245,14 @@ static void moe_case(const struct dsv32_config *cfg, int fast, enum dsv32_dtype 
             over++;
     }
     char buf[200];
-    snprintf(buf, sizeof(buf), "moe_experts %s%s, %s experts, %d rows, D %d, I %d, %d of %d per row",
-             fast ? "fast" : "exact", fp8_reg == 1 ? " (register kernel)" : fp8_reg == 2 ? " (no wgmma)" : "", dt == DSV32_DT_F8_E4M3 ? "FP8" : "bf16", rows,
-             D, I, K, E);
+    snprintf(buf, sizeof(buf),
+             "moe_experts %s%s, %s experts, %d rows, D %d, I %d, %d of %d per row",
+             fast ? "fast" : "exact",
+             fp8_reg == 1   ? " (register kernel)"
+             : fp8_reg == 2 ? " (no wgmma)"
+             : fp8_reg == 3 ? " (row-major experts)"
+                            : "",
+             dt == DSV32_DT_F8_E4M3 ? "FP8" : "bf16", rows, D, I, K, E);
     printf("  %-58s worst row within tol %.2e (tol %.0e), of all rows %.2e; rows over tol: %d excused by reported FP8 "
            "ties, %d not %s\n",
            buf, worst, tol, worst_all, excused, over, over ? "FAIL" : "ok");
@@ -2302,6 +2307,8 @@ static void test_moe_experts(void)
     moe_case(&v32, 1, DSV32_DT_F8_E4M3, 1, 16, 1e-5, 0);
     moe_case(&v32, 1, DSV32_DT_F8_E4M3, 4, 16, 1e-5, 0);
     moe_case(&v32, 1, DSV32_DT_F8_E4M3, 16, 16, 1e-5, 0);
+    moe_case(&v32, 1, DSV32_DT_F8_E4M3, 64, 16, 1e-5, 3);
+    moe_case(&tiny, 1, DSV32_DT_F8_E4M3, 33, 16, 1e-5, 3);
 }
 
 

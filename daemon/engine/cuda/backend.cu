@@ -732,7 +732,7 @@ static const struct {
     KNOB(dsa_idx_sms, true),    KNOB(dsa_skip, true),       KNOB(lt_min_rows, true),
     KNOB(lt_big_rows, true),    KNOB(idx_dev_items, false), KNOB(mla_cl, true),
     KNOB(mla_cl_nocopy, false), KNOB(pdl, false),           KNOB(moe_all_groups, false),
-    KNOB(route_smem, false),
+    KNOB(route_smem, false),    KNOB(moe_rowmajor, false),
 };
 #undef KNOB
 

@@ -81,7 +81,21 @@ struct cu_weight {
     float *scale;           /* (ceil(rows/128), ceil(cols/128)) weight_scale_inv, as stored */
     float *lt_scale;        /* the scales in the layout cuBLASLt wants (fast mode, made lazily) */
     __nv_bfloat16 *bf16_lazy; /* dequantized bf16 copy of an FP8 matrix (mla_absorb/expand) */
+    int fp8_tiled;            /* fp8 holds 128 x 128 tiles, each 16 KB contiguous (cu_fp8_at): a
+                                 routed expert's matrix, tiled by moe.cu's expert table */
 };
+
+/* byte k of row n of an FP8 matrix of N rows and K columns: row-major, or in 128 x 128 tiles of
+ * 16 KB, K-block-major (tile (n / 128, k / 128) at index (k / 128) (N / 128) + n / 128: the tiles
+ * that a GEMM's CTAs read at the same K step lie side by side), each tile's rows of 128 bytes
+ * contiguous */
+static __device__ __forceinline__ size_t cu_fp8_at(int tiled, int n, size_t k, int N, int K)
+{
+    if (!tiled)
+        return (size_t)n * K + k;
+    const size_t tile = (k >> 7) * (size_t)(N >> 7) + (size_t)(n >> 7);
+    return (tile * 128 + (size_t)(n & 127)) * 128 + (k & 127);
+}
 
 /* ---- the FP8 tie probe, device side ---- */
 
@@ -129,6 +143,8 @@ struct cu_ctx {
     int fp8_no_wg;             /* grouped GEMMs of many rows per group stay on mma.sync (baseline) */
     int route_smem;            /* the router's choice by the shared-memory kernel (the
                                   baseline) where the register one would fit */
+    int moe_rowmajor;          /* routed experts' FP8 matrices left row-major (the baseline)
+                                  instead of tiled when their table is made */
     int moe_all_groups;        /* the grouped GEMMs launch CTAs for every expert, empty or not
                                   (the baseline), not only for the experts with rows */
     int idx_wgmma;             /* f16 indexer scores on wgmma (1; 2: descriptor offsets swapped,

@@ -257,12 +257,7 @@ static __global__ void __launch_bounds__(256) fp8_gemm_kernel(const struct cu_fp
     const int kb_beg = blockIdx.z * kb_per, kb_end = min(kbs, kb_beg + kb_per);
     if (kb_beg >= kb_end)
         return;
-    const uint8_t *w1r0 = W1 + (size_t)(fvalid ? f0 + g : 0) * K + 16 * t, *w1r1 = w1r0 + 8 * (size_t)K;
-    const uint8_t *w3r0 = nullptr, *w3r1 = nullptr;
-    if (SWIGLU) {
-        w3r0 = W3 + (size_t)(f0 + g) * K + 16 * t;
-        w3r1 = w3r0 + 8 * (size_t)K;
-    }
+    const int wr0 = fvalid ? f0 + g : 0; /* this lane's weight rows wr0 and wr0 + 8 */
     const float *s1row = S1 + (size_t)blockIdx.x * kbs;
     const float *s3row = SWIGLU ? S3 + (size_t)blockIdx.x * kbs : nullptr;
     __shared__ float s_amax[8][NT * 8];
@@ -287,11 +282,13 @@ static __global__ void __launch_bounds__(256) fp8_gemm_kernel(const struct cu_fp
             uint4 A0n, A1n, C0n = make_uint4(0, 0, 0, 0), C1n = C0n, Bn[NT];
             auto load = [&](int ci) {
                 const int ko = ci * 64;
-                A0n = ld_stream16(w1r0 + ko);
-                A1n = ld_stream16(w1r1 + ko);
+                const size_t o0 = cu_fp8_at(a.w_tiled, wr0, ko + 16 * t, a.N, K),
+                             o1 = cu_fp8_at(a.w_tiled, wr0 + 8, ko + 16 * t, a.N, K);
+                A0n = ld_stream16(W1 + o0);
+                A1n = ld_stream16(W1 + o1);
                 if (SWIGLU) {
-                    C0n = ld_stream16(w3r0 + ko);
-                    C1n = ld_stream16(w3r1 + ko);
+                    C0n = ld_stream16(W3 + o0);
+                    C1n = ld_stream16(W3 + o1);
                 }
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++)
@@ -398,9 +395,10 @@ static __global__ void __launch_bounds__(256) fp8_gemm_pipe_kernel(const struct 
                 const int piece = threadIdx.x + 256 * i, r = piece >> 3, pc = piece & 7;
                 if (r < nrows) {
                     const int so = (pc >> 2) * (128 * 64) + r * 64 + (pc & 3) * 16;
-                    cp_async16(sb + so, W1 + (size_t)(fc + r) * K + ko + pc * 16);
+                    const size_t wo = cu_fp8_at(a.w_tiled, fc + r, ko + pc * 16, a.N, K);
+                    cp_async16(sb + so, W1 + wo);
                     if (SWIGLU)
-                        cp_async16(sb + WT + so, W3 + (size_t)(fc + r) * K + ko + pc * 16);
+                        cp_async16(sb + WT + so, W3 + wo);
                 }
             }
             if (xj < NT * 8) {
@@ -524,9 +522,10 @@ static __global__ void __launch_bounds__(256, 1) fp8_gemm_wg_kernel(const struct
                 const int piece = threadIdx.x + 256 * i, r = piece >> 3, c = piece & 7;
                 if (r < nrows) {
                     const int so = r * 128 + ((c ^ (r & 7)) << 4);
-                    cp_async16(sb + so, W1 + (size_t)(fc + r) * K + ko + c * 16);
+                    const size_t wo = cu_fp8_at(a.w_tiled, fc + r, ko + c * 16, a.N, K);
+                    cp_async16(sb + so, W1 + wo);
                     if (SWIGLU)
-                        cp_async16(sb + WT + so, W3 + (size_t)(fc + r) * K + ko + c * 16);
+                        cp_async16(sb + WT + so, W3 + wo);
                 }
             }
             uint8_t *xd = sb + (SWIGLU ? 2 : 1) * WT;

@@ -38,6 +38,7 @@ struct cu_fp8_gemm {
     const uint8_t *const *w1; const float *const *s1; /* per group (device arrays), NULL = skip */
     const uint8_t *const *w3; const float *const *s3; /* SwiGLU's second weight (w3 = up) */
     const uint8_t *w; const float *ws;                /* the weight when n_groups == 1 */
+    int w_tiled;        /* the weights in cu_fp8_at's 128 x 128 tiles (not cuBLASLt's way) */
     const int *grp_off; /* (n_groups + 1) or NULL */
     /* with grp_off, or NULL: the groups with entries in ascending order and their count at
      * [n_groups]; the launch then has CTAs for at most min(n_groups, M) groups instead of all */

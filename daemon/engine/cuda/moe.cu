@@ -14,7 +14,8 @@
 struct cu_expert_table {
     const struct dsv32_ffn_weights *key;
     int E;
-    int kind; /* 0 f32, 1 bf16, 2 fp8 (fast mode) */
+    int kind;  /* 0 f32, 1 bf16, 2 fp8 (fast mode) */
+    int tiled; /* fp8: the matrices in cu_fp8_at's tiles */
     const void **d_w[3];
     const float **d_s[3];
     uint8_t *d_loaded;
@@ -33,6 +34,66 @@ void cu_moe_tables_free(struct cu_ctx *c)
         cudaFree(t->d_loaded);
         free(t);
     }
+}
+
+static __global__ void fp8_tile_kernel(uint8_t *dst, const uint8_t *src, int N, int K)
+{
+    const size_t n16 = (size_t)N * K / 16, per_row = (size_t)K / 16;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n16;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const int n = (int)(i / per_row);
+        const size_t k = (i - (size_t)n * per_row) * 16;
+        *reinterpret_cast<uint4 *>(dst + cu_fp8_at(1, n, k, N, K)) =
+            *reinterpret_cast<const uint4 *>(src + (size_t)n * K + k);
+    }
+}
+
+/* The routed experts' FP8 matrices rearranged in place into 128 x 128 tiles of 16 KB (each
+ * through a copy in tmp, on the stream), so that a grouped GEMM's CTA, which streams its 128
+ * weight rows 128 bytes of each at a time, reads 16 KB contiguous per step instead of 128 rows
+ * 7 KB apart, and the CTAs of one expert, at the same K step, neighbouring tiles. Those with a
+ * shape that is not in whole tiles stay row-major. */
+static int tile_experts(struct cu_ctx *c, const struct dsv32_ffn_weights *experts, int E)
+{
+    uint8_t *tmp = NULL;
+    size_t tmp_bytes = 0;
+    cudaError_t ce = cudaSuccess;
+    for (int e = 0; e < E && ce == cudaSuccess; e++) {
+        if (!dsv32_weight_loaded(&experts[e].w1))
+            continue;
+        const struct dsv32_weight *ws[3] = {&experts[e].w1, &experts[e].w2, &experts[e].w3};
+        for (int i = 0; i < 3 && ce == cudaSuccess; i++) {
+            struct cu_weight *cw = (struct cu_weight *)ws[i]->be;
+            if (!cw || !cw->fp8 || cw->fp8_tiled || cw->rows % 128 || cw->cols % 128)
+                continue;
+            const size_t bytes = (size_t)cw->rows * cw->cols;
+            if (bytes > tmp_bytes) { /* the stream is done with the smaller one first */
+                if (tmp && (ce = cudaStreamSynchronize(c->st)) == cudaSuccess)
+                    cudaFree(tmp);
+                tmp = NULL;
+                if (ce == cudaSuccess && (ce = cudaMalloc(&tmp, bytes)) != cudaSuccess)
+                    tmp = NULL;
+                tmp_bytes = tmp ? bytes : 0;
+            }
+            if (ce == cudaSuccess)
+                ce = cudaMemcpyAsync(tmp, cw->fp8, bytes, cudaMemcpyDeviceToDevice, c->st);
+            if (ce == cudaSuccess) {
+                fp8_tile_kernel<<<1024, 256, 0, c->st>>>(cw->fp8, tmp, (int)cw->rows,
+                                                         (int)cw->cols);
+                ce = cudaPeekAtLastError();
+            }
+            if (ce == cudaSuccess)
+                cw->fp8_tiled = 1;
+        }
+    }
+    if (ce == cudaSuccess)
+        ce = cudaStreamSynchronize(c->st);
+    cudaFree(tmp);
+    if (ce != cudaSuccess) {
+        log_error("cuda: tiling the routed experts' FP8 matrices: %s", cudaGetErrorString(ce));
+        return DSV32_ECUDA;
+    }
+    return 0;
 }
 
 static int expert_table(struct cu_ctx *c, const struct dsv32_ffn_weights *experts, int E,
@@ -55,6 +116,9 @@ static int expert_table(struct cu_ctx *c, const struct dsv32_ffn_weights *expert
     t->key = experts;
     t->E = E;
     t->kind = -1;
+    t->tiled = -1;
+    if (!c->moe_rowmajor && (r = tile_experts(c, experts, E)) < 0)
+        goto fail;
     for (int e = 0; e < E; e++) {
         if (!dsv32_weight_loaded(&experts[e].w1))
             continue;
@@ -71,6 +135,13 @@ static int expert_table(struct cu_ctx *c, const struct dsv32_ffn_weights *expert
                 goto fail;
             }
             t->kind = kind;
+            if (kind == 2) { /* all tiled or none: one layout for the table's GEMMs */
+                if (t->tiled >= 0 && t->tiled != cw->fp8_tiled) {
+                    r = DSV32_EUNSUPPORTED;
+                    goto fail;
+                }
+                t->tiled = cw->fp8_tiled;
+            }
             hw[i * E + e] = kind == 2 ? (const void *)cw->fp8 : kind == 1 ? (const void *)cw->bf16 : (const void *)cw->f32;
             hs[i * E + e] = cw->scale;
         }
@@ -629,6 +700,7 @@ int cu_moe_experts(struct cu_ctx *c, float *y, const float *x, int rows, const i
         a.s3 = tab->d_s[2];
         a.grp_off = grp_off;
         a.grp_list = c->moe_all_groups ? NULL : grp_list;
+        a.w_tiled = tab->tiled > 0;
         a.M = n_pairs;
         a.row_x = entry_tok;
         a.hq = hq;
@@ -647,6 +719,7 @@ int cu_moe_experts(struct cu_ctx *c, float *y, const float *x, int rows, const i
         a.s1 = tab->d_s[1];
         a.grp_off = grp_off;
         a.grp_list = c->moe_all_groups ? NULL : grp_list;
+        a.w_tiled = tab->tiled > 0;
         a.M = n_pairs;
         a.y = out;
         a.ldy = D;
