@@ -10,6 +10,8 @@
  *    streamed once per 32 rows. The same kernel runs the grouped expert GEMMs of moe.cu (many
  *    weights, few rows each; fused SiLU x up + FP8 quantization of the result); from 24
  *    expected rows per group a wgmma kernel on the FP8 tensor core takes them (not f32-exact).
+ *    The routed experts' matrices are read in 128 x 128 tiles (cu_fp8_at; moe.cu tiles them),
+ *    and a grouped launch has CTAs only for the groups with entries (grp_list).
  *    Knobs fp8_reg and fp8_no_wg select the previous kernels (dsv32_cuda_set_knob). */
 #ifndef DSV32_CUDA_GEMM_CUH
 #define DSV32_CUDA_GEMM_CUH
