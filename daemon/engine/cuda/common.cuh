@@ -446,4 +446,32 @@ __device__ __forceinline__ float cu_warp_max(float v)
     return v;
 }
 
+/* the sum of v over the lanes below this one; *total: over the warp */
+static __device__ __forceinline__ int warp_excl_scan(int v, int lane, int *total)
+{
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o)
+            x += y;
+    }
+    *total = __shfl_sync(0xffffffffu, x, 31);
+    return x - v;
+}
+
+/* the warp's largest (bv, bi) by value, ties to the lower index; bi < 0: no candidate */
+static __device__ __forceinline__ void warp_argmax(float &bv, int &bi)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+}
+
 #endif

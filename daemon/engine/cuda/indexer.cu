@@ -365,19 +365,6 @@ static __global__ void __launch_bounds__(128, 3) idx_dec_fp8_kernel(
 #define IDX_ROWB 144    /* a key row's stride there: 128 bytes + 16 of padding (no bank conflicts) */
 #define IDX_STAGEB (64 * IDX_ROWB + 64 * 4)
 
-static __device__ __forceinline__ int warp_excl_scan(int v, int lane, int *total)
-{
-    int x = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, x, o);
-        if (lane >= o)
-            x += y;
-    }
-    *total = __shfl_sync(0xffffffffu, x, 31);
-    return x - v;
-}
-
 /* equal items of a row group's nblk cache blocks: floor(nblk / bpc), at least one (cu_indexer's
  * list and idx_dev_item both) */
 static __host__ __device__ __forceinline__ int idx_item_count(int nblk, int bpc)

@@ -264,15 +264,7 @@ static __global__ void gate_route_kernel(int32_t *ids, float *wout, const float 
                 bv = sel[e];
                 bi = e;
             }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
-                bv = ov;
-                bi = oi;
-            }
-        }
+        warp_argmax(bv, bi);
         idk[kk] = bi;
         wk[kk] = orig[bi];
         if (lane == 0)
@@ -379,15 +371,7 @@ static __global__ void gate_route_reg_kernel(int32_t *ids, float *wout, const fl
                 bv = sel[i];
                 bi = lane * NE + i;
             }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
-                bv = ov;
-                bi = oi;
-            }
-        }
+        warp_argmax(bv, bi);
         float ow = 0.0f;
 #pragma unroll
         for (int i = 0; i < NE; i++)
@@ -493,20 +477,15 @@ static __global__ void __launch_bounds__(1024)
         int o = 0, n = 0;
         for (int e0 = 0; e0 < E; e0 += 32) {
             const int e = e0 + lane, c = e < E ? cnt[e] : 0;
-            int incl = c;
-#pragma unroll
-            for (int d = 1; d < 32; d <<= 1) {
-                const int v = __shfl_up_sync(0xffffffffu, incl, d);
-                if (lane >= d)
-                    incl += v;
-            }
+            int tot;
+            const int ex = warp_excl_scan(c, lane, &tot);
             const unsigned act = __ballot_sync(0xffffffffu, c > 0);
             if (e < E) {
-                off[e] = grp_off[e] = o + incl - c;
+                off[e] = grp_off[e] = o + ex;
                 if (c)
                     grp_list[n + __popc(act & ((1u << lane) - 1u))] = e;
             }
-            o += __shfl_sync(0xffffffffu, incl, 31);
+            o += tot;
             n += __popc(act);
         }
         if (lane == 0) {
