@@ -996,7 +996,7 @@ int cu_linear(struct cu_ctx *c, float *y, int ldy, const float *x, int ldx, int 
         const int lt_from = (int64_t)out * in >= ((int64_t)32 << 20) ? c->lt_big_rows : c->lt_min_rows;
         if (c->lt_fp8 && rows >= lt_from && !c->lt_state)
             CU_TRY(cu_lt_calibrate(c));
-        const int use_lt = c->lt_fp8 && rows >= lt_from && c->lt_state > 0;
+        const int use_lt = c->lt_fp8 && rows >= lt_from && c->lt_state > 0 && !cw->fp8_tiled;
         uint8_t *xq = (uint8_t *)cu_scratch(c, SCR_XQ, (size_t)rows * in);
         float *xs = (float *)cu_scratch(c, SCR_XS, sizeof(float) * (size_t)rows * (in / 128));
         float *xs_t = use_lt ? (float *)cu_scratch(c, SCR_XS_T, sizeof(float) * (size_t)rows * (in / 128)) : NULL;
@@ -1021,6 +1021,7 @@ int cu_linear(struct cu_ctx *c, float *y, int ldy, const float *x, int ldx, int 
         a.N = out;
         a.n_groups = 1;
         a.w = cw->fp8;
+        a.w_tiled = cw->fp8_tiled; /* a routed expert's matrix, tiled by moe.cu */
         a.ws = cw->scale;
         a.M = rows;
         a.y = y;
