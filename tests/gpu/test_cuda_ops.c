@@ -2073,91 +2073,110 @@ static void test_mla_prefill_fast(void)
 
 /* ---- MoE ---- */
 
+/* One router check: rows of x through both backends' moe_gate (the gate bf16, a bias when
+ * with_bias), the choices equal but for near-ties of the cpu's scores, the weights within 1e-6 */
+static void router_case(const struct dsv32_config *cfg, int fast, int route_smem, int rows,
+                        int with_bias)
+{
+    struct pair p;
+    TRY(pair_new(&p, cfg, 0, fast));
+    TRY(dsv32_cuda_set_knob(p.gpu, "route_smem", route_smem));
+    const int D = cfg->hidden_size, E = cfg->n_routed_experts, K = cfg->num_experts_per_tok;
+    struct tw gate, bias;
+    tw_make(&gate, DSV32_DT_BF16, E, D, 0.02f, 0);
+    tw_make(&bias, DSV32_DT_F32, 1, E, 0.3f, 0);
+    TRY(tw_prepare(&gate, &p));
+    TRY(tw_prepare(&bias, &p));
+    float *x = rnd_f32((size_t)rows * D, 1.0f);
+    for (size_t i = 0; fast && i < (size_t)rows * D; i++) /* the fast path's GEMM input is bf16 */
+        x[i] = dsv32_bf16_to_f32(dsv32_f32_to_bf16(x[i]));
+    int32_t *ic = malloc(sizeof(int32_t) * rows * K), *ig = malloc(sizeof(int32_t) * rows * K);
+    float *wc = malloc(sizeof(float) * rows * K), *wg = malloc(sizeof(float) * rows * K);
+    float *dx = dev_put(p.gpu, x, sizeof(float) * rows * D),
+          *dw = dev_nan(p.gpu, sizeof(float) * rows * K);
+    int32_t *di = dev_nan(p.gpu, sizeof(int32_t) * rows * K);
+    p.cpu->ops->moe_gate(p.cpu, ic, wc, x, rows, &gate.wc, with_bias ? &bias.wc : NULL);
+    TRY(p.gpu->ops->moe_gate(p.gpu, di, dw, dx, rows, &gate.wg, with_bias ? &bias.wg : NULL));
+    dev_get(p.gpu, ig, di, sizeof(int32_t) * rows * K);
+    dev_get(p.gpu, wg, dw, sizeof(float) * rows * K);
+    int diff_rows = 0;
+    for (int r = 0; r < rows; r++)
+        diff_rows += memcmp(ic + r * K, ig + r * K, sizeof(int32_t) * K) != 0;
+    /* a differing row must be a near-tie: recheck the cpu's scores for it in double */
+    int unexplained = diff_rows;
+    if (diff_rows) {
+        double *lg = malloc(sizeof(double) * E);
+        const float *gw = gate.wc.be;
+        unexplained = 0;
+        for (int r = 0; r < rows; r++) {
+            if (!memcmp(ic + r * K, ig + r * K, sizeof(int32_t) * K))
+                continue;
+            double near = INFINITY, mx = -INFINITY, sum = 0;
+            for (int e = 0; e < E; e++) {
+                double l = 0;
+                for (int d = 0; d < D; d++)
+                    l += (double)x[(size_t)r * D + d] * gw[(size_t)e * D + d];
+                lg[e] = l;
+                mx = fmax(mx, l);
+            }
+            for (int e = 0; e < E && !cfg->scoring_sigmoid; e++)
+                sum += exp(lg[e] - mx);
+            for (int e = 0; e < E; e++)
+                lg[e] = (cfg->scoring_sigmoid ? 1.0 / (1.0 + exp(-lg[e])) : exp(lg[e] - mx) / sum) +
+                        (with_bias ? ((const float *)bias.wc.be)[e] : 0.0);
+            for (int a = 0; a < E; a++)
+                for (int b = a + 1; b < E; b++)
+                    near = fmin(near, fabs(lg[a] - lg[b]));
+            unexplained += near > 1e-5;
+        }
+        free(lg);
+    }
+    int wrows = 0;
+    for (int r = 0; r < rows; r++)
+        if (!memcmp(ic + r * K, ig + r * K, sizeof(int32_t) * K))
+            wrows += rel_l2(wg + r * K, wc + r * K, K) > 1e-6;
+    printf("  router %s%s: %d rows x %d experts (%s%s), top-%d of %d groups, %d a row: %d rows "
+           "differ (%d not near-ties), weights off in %d rows %s\n",
+           fast ? "fast" : "exact", route_smem ? " (shared-memory routing)" : "", rows, E,
+           cfg->scoring_sigmoid ? "sigmoid" : "softmax", with_bias ? ", bias" : "", cfg->topk_group,
+           cfg->n_group, K, diff_rows, unexplained, wrows, unexplained || wrows ? "FAIL" : "ok");
+    CHECK(unexplained == 0 && wrows == 0, "router differs");
+    tw_done(&gate, &p);
+    tw_done(&bias, &p);
+    free(x);
+    free(ic);
+    free(ig);
+    free(wc);
+    free(wg);
+    dev_free(p.gpu, dx);
+    dev_free(p.gpu, dw);
+    dev_free(p.gpu, di);
+    pair_free(&p);
+}
+
 static void test_moe_gate(void)
 {
     if (!want("MoE router (noaux_tc, group-limited top-k)"))
         return;
-    struct dsv32_config cfg;
+    struct dsv32_config cfg, alt;
     cfg_v32(&cfg);
     static const int rows_list[] = {1, 7, 33, 64, 300};
     /* route_smem: the shared-memory routing kernel (the tiny models' shape) on this one too */
     for (int fast = 0; fast < 2; fast++)
         for (int route_smem = 0; route_smem < 2; route_smem++)
-            for (size_t ri = 0; ri < sizeof(rows_list) / sizeof(rows_list[0]); ri++) {
-                struct pair p;
-                TRY(pair_new(&p, &cfg, 0, fast));
-                TRY(dsv32_cuda_set_knob(p.gpu, "route_smem", route_smem));
-                const int rows = rows_list[ri], D = cfg.hidden_size, E = cfg.n_routed_experts,
-                          K = cfg.num_experts_per_tok;
-                struct tw gate, bias;
-                tw_make(&gate, DSV32_DT_BF16, E, D, 0.02f, 0);
-                tw_make(&bias, DSV32_DT_F32, 1, E, 0.3f, 0);
-                TRY(tw_prepare(&gate, &p));
-                TRY(tw_prepare(&bias, &p));
-                float *x = rnd_f32((size_t)rows * D, 1.0f);
-                for (size_t i = 0; fast && i < (size_t)rows * D;
-                     i++) /* the fast path's GEMM input is bf16 */
-                    x[i] = dsv32_bf16_to_f32(dsv32_f32_to_bf16(x[i]));
-                int32_t *ic = malloc(sizeof(int32_t) * rows * K),
-                        *ig = malloc(sizeof(int32_t) * rows * K);
-                float *wc = malloc(sizeof(float) * rows * K),
-                      *wg = malloc(sizeof(float) * rows * K);
-                float *dx = dev_put(p.gpu, x, sizeof(float) * rows * D),
-                      *dw = dev_nan(p.gpu, sizeof(float) * rows * K);
-                int32_t *di = dev_nan(p.gpu, sizeof(int32_t) * rows * K);
-                p.cpu->ops->moe_gate(p.cpu, ic, wc, x, rows, &gate.wc, &bias.wc);
-                TRY(p.gpu->ops->moe_gate(p.gpu, di, dw, dx, rows, &gate.wg, &bias.wg));
-                dev_get(p.gpu, ig, di, sizeof(int32_t) * rows * K);
-                dev_get(p.gpu, wg, dw, sizeof(float) * rows * K);
-                int diff_rows = 0;
-                for (int r = 0; r < rows; r++)
-                    diff_rows += memcmp(ic + r * K, ig + r * K, sizeof(int32_t) * K) != 0;
-                /* a differing row must be a near-tie: recheck the cpu's scores for it */
-                int unexplained = diff_rows;
-                if (diff_rows) {
-                    float *lg = malloc(sizeof(float) * E);
-                    const float *gw = gate.wc.be;
-                    unexplained = 0;
-                    for (int r = 0; r < rows; r++) {
-                        if (!memcmp(ic + r * K, ig + r * K, sizeof(int32_t) * K))
-                            continue;
-                        double near = INFINITY;
-                        for (int e = 0; e < E; e++) {
-                            double l = 0;
-                            for (int d = 0; d < D; d++)
-                                l += (double)x[(size_t)r * D + d] * gw[(size_t)e * D + d];
-                            lg[e] = (float)(1.0 / (1.0 + exp(-l)) + ((const float *)bias.wc.be)[e]);
-                        }
-                        for (int a = 0; a < E; a++)
-                            for (int b = a + 1; b < E; b++)
-                                near = fmin(near, fabs((double)lg[a] - lg[b]));
-                        unexplained += near > 1e-5;
-                    }
-                    free(lg);
-                }
-                int wrows = 0;
-                for (int r = 0; r < rows; r++)
-                    if (!memcmp(ic + r * K, ig + r * K, sizeof(int32_t) * K))
-                        wrows += rel_l2(wg + r * K, wc + r * K, K) > 1e-6;
-                printf(
-                    "  router %s%s: %d rows x %d experts, top-%d of %d groups: %d rows differ (%d "
-                    "not near-ties), weights off in %d rows %s\n",
-                    fast ? "fast" : "exact", route_smem ? " (shared-memory routing)" : "", rows, E,
-                    cfg.topk_group, cfg.n_group, diff_rows, unexplained, wrows,
-                    unexplained || wrows ? "FAIL" : "ok");
-                CHECK(unexplained == 0 && wrows == 0, "router differs");
-                tw_done(&gate, &p);
-                tw_done(&bias, &p);
-                free(x);
-                free(ic);
-                free(ig);
-                free(wc);
-                free(wg);
-                dev_free(p.gpu, dx);
-                dev_free(p.gpu, dw);
-                dev_free(p.gpu, di);
-                pair_free(&p);
-            }
+            for (size_t ri = 0; ri < sizeof(rows_list) / sizeof(rows_list[0]); ri++)
+                router_case(&cfg, fast, route_smem, rows_list[ri], 1);
+    /* the register kernel's other shapes: 64 experts (two a lane) in 4 groups of 16 (8 lanes a
+     * group), softmax scores, no bias (a group's score its max), 6 a row */
+    alt = cfg;
+    alt.n_routed_experts = 64;
+    alt.n_group = 4;
+    alt.topk_group = 2;
+    alt.num_experts_per_tok = 6;
+    alt.scoring_sigmoid = 0;
+    for (int route_smem = 0; route_smem < 2; route_smem++)
+        for (int ri = 0; ri < 3; ri++)
+            router_case(&alt, 1, route_smem, (int[]){1, 33, 300}[ri], 0);
 }
 
 /* Rows whose error exceeds tol are excused only when the probe reported a near-tie (within 1e-5)
