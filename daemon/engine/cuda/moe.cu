@@ -48,35 +48,52 @@ static __global__ void fp8_tile_kernel(uint8_t *dst, const uint8_t *src, int N, 
     }
 }
 
+static bool tileable(const struct cu_weight *cw)
+{
+    return cw && cw->fp8 && !cw->fp8_tiled && cw->rows % 128 == 0 && cw->cols % 128 == 0;
+}
+
 /* The routed experts' FP8 matrices rearranged in place into 128 x 128 tiles of 16 KB (each
  * through a copy in tmp, on the stream), so that a grouped GEMM's CTA, which streams its 128
  * weight rows 128 bytes of each at a time, reads 16 KB contiguous per step instead of 128 rows
  * 7 KB apart, and the CTAs of one expert, at the same K step, neighbouring tiles. Those with a
- * shape that is not in whole tiles stay row-major. */
+ * shape that is not in whole tiles stay row-major; all stay so when the copy buffer cannot be had
+ * (a table mixing tiled and row-major matrices, which that could leave when experts are replaced
+ * later, is refused: DSV32_EUNSUPPORTED). */
 static int tile_experts(struct cu_ctx *c, const struct dsv32_ffn_weights *experts, int E)
 {
-    uint8_t *tmp = NULL;
+    /* the copy buffer for the largest matrix, first: without it nothing is tiled (a table of
+     * row-major experts works as before) */
     size_t tmp_bytes = 0;
-    cudaError_t ce = cudaSuccess;
+    for (int e = 0; e < E; e++)
+        for (int i = 0; i < 3 && dsv32_weight_loaded(&experts[e].w1); i++) {
+            const struct dsv32_weight *w = i == 0   ? &experts[e].w1
+                                           : i == 1 ? &experts[e].w2
+                                                    : &experts[e].w3;
+            const struct cu_weight *cw = (const struct cu_weight *)w->be;
+            if (tileable(cw) && (size_t)cw->rows * cw->cols > tmp_bytes)
+                tmp_bytes = (size_t)cw->rows * cw->cols;
+        }
+    if (!tmp_bytes)
+        return 0;
+    uint8_t *tmp = NULL;
+    cudaError_t ce = cudaMalloc(&tmp, tmp_bytes);
+    if (ce != cudaSuccess) {
+        cudaGetLastError();
+        log_warn("cuda: no %zu bytes to tile the routed experts' FP8 matrices; they stay row-major",
+                 tmp_bytes);
+        return 0;
+    }
     for (int e = 0; e < E && ce == cudaSuccess; e++) {
         if (!dsv32_weight_loaded(&experts[e].w1))
             continue;
         const struct dsv32_weight *ws[3] = {&experts[e].w1, &experts[e].w2, &experts[e].w3};
         for (int i = 0; i < 3 && ce == cudaSuccess; i++) {
             struct cu_weight *cw = (struct cu_weight *)ws[i]->be;
-            if (!cw || !cw->fp8 || cw->fp8_tiled || cw->rows % 128 || cw->cols % 128)
+            if (!tileable(cw))
                 continue;
             const size_t bytes = (size_t)cw->rows * cw->cols;
-            if (bytes > tmp_bytes) { /* the stream is done with the smaller one first */
-                if (tmp && (ce = cudaStreamSynchronize(c->st)) == cudaSuccess)
-                    cudaFree(tmp);
-                tmp = NULL;
-                if (ce == cudaSuccess && (ce = cudaMalloc(&tmp, bytes)) != cudaSuccess)
-                    tmp = NULL;
-                tmp_bytes = tmp ? bytes : 0;
-            }
-            if (ce == cudaSuccess)
-                ce = cudaMemcpyAsync(tmp, cw->fp8, bytes, cudaMemcpyDeviceToDevice, c->st);
+            ce = cudaMemcpyAsync(tmp, cw->fp8, bytes, cudaMemcpyDeviceToDevice, c->st);
             if (ce == cudaSuccess) {
                 fp8_tile_kernel<<<1024, 256, 0, c->st>>>(cw->fp8, tmp, (int)cw->rows,
                                                          (int)cw->cols);
