@@ -154,6 +154,9 @@ static int expert_table(struct cu_ctx *c, const struct dsv32_ffn_weights *expert
             t->kind = kind;
             if (kind == 2) { /* all tiled or none: one layout for the table's GEMMs */
                 if (t->tiled >= 0 && t->tiled != cw->fp8_tiled) {
+                    log_error("cuda: the routed experts' FP8 matrices are partly tiled, partly "
+                              "row-major (expert %d)",
+                              e);
                     r = DSV32_EUNSUPPORTED;
                     goto fail;
                 }
