@@ -45,6 +45,24 @@ static int known_sizes(int step_rows, int n_shards)
     return (int64_t)step_rows * n_shards <= EP_KNOWN_BLOCKS;
 }
 
+/* A round that only receives: a block from each peer marked in from, of the size in expect
+ * (DSV32_COMM_SIZE_UNKNOWN where not known), its first head_bytes also in host memory (head) */
+static int recv_round(struct dsv32_comm *comm, const uint8_t *from, const size_t *expect,
+                      size_t head_bytes, void **recv, size_t *rb, void **head, int timeout_ms)
+{
+    static const void *const none[DSV32_COMM_MAX_WORLD];
+    static const size_t zero[DSV32_COMM_MAX_WORLD];
+    struct dsv32_comm_xchg x = {.send = none,
+                                .send_bytes = zero,
+                                .recv_from = from,
+                                .recv = recv,
+                                .recv_bytes = rb,
+                                .recv_expect = expect,
+                                .head_bytes = head_bytes,
+                                .recv_head = head};
+    return dsv32_comm_exchange(comm, &x, timeout_ms);
+}
+
 /* ---- placement ---- */
 
 void dsv32_placement_done(struct dsv32_placement *p)
@@ -579,21 +597,12 @@ static int client_layer(struct dsv32_ep_client *c, int layer, float *y, const fl
         return r;
     const uint64_t t_combine = dsv32_mono_ns();
     c->st.dispatch_ns += t_combine - t_dispatch;
-    const void *none[DSV32_COMM_MAX_WORLD] = {0};
     size_t expect[DSV32_COMM_MAX_WORLD] = {0};
     for (int s = 0; s < S; s++) {
         from[A + s] = 1;
         expect[A + s] = hs + (size_t)cnt[s] * D * es;
     }
-    struct dsv32_comm_xchg x2 = {.send = none,
-                                 .send_bytes = sb,
-                                 .recv_from = from,
-                                 .recv = recv,
-                                 .recv_bytes = rb,
-                                 .recv_expect = expect,
-                                 .head_bytes = hs,
-                                 .recv_head = head};
-    if ((r = dsv32_comm_exchange(c->comm, &x2, c->timeout_ms)) < 0)
+    if ((r = recv_round(c->comm, from, expect, hs, recv, rb, head, c->timeout_ms)) < 0)
         return r;
     const uint64_t t_unpack = dsv32_mono_ns();
     c->st.combine_ns += t_unpack - t_combine;
@@ -886,7 +895,6 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
     const size_t hs = sizeof(struct ep_hdr);
     const struct dsv32_backend_ops *ops = s->be->ops;
     const int host = host_backend(s->be);
-    const void *none[DSV32_COMM_MAX_WORLD] = {0};
     size_t sb[DSV32_COMM_MAX_WORLD] = {0}, rb[DSV32_COMM_MAX_WORLD];
     uint8_t from[DSV32_COMM_MAX_WORLD] = {0};
     void *recv[DSV32_COMM_MAX_WORLD], *head[DSV32_COMM_MAX_WORLD];
@@ -901,16 +909,8 @@ static int server_layer(struct dsv32_ep_server *s, int layer, int first, int *re
             expect[a] = hs + (size_t)s->step_rows[a] *
                                  (D * wire_elem((enum dsv32_ep_wire)s->wire) + (size_t)K * 8);
     }
-    struct dsv32_comm_xchg x1 = {.send = none,
-                                 .send_bytes = sb,
-                                 .recv_from = from,
-                                 .recv = recv,
-                                 .recv_bytes = rb,
-                                 .recv_expect = expect,
-                                 .head_bytes = hs,
-                                 .recv_head = head};
     const uint64_t t_wait = dsv32_mono_ns();
-    int r = dsv32_comm_exchange(s->comm, &x1, s->timeout_ms);
+    int r = recv_round(s->comm, from, expect, hs, recv, rb, head, s->timeout_ms);
     if (r < 0)
         return r;
     const uint64_t t_unpack = dsv32_mono_ns();
