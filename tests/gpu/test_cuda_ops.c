@@ -2131,15 +2131,24 @@ static void router_case(const struct dsv32_config *cfg, int fast, int route_smem
         }
         free(lg);
     }
+    /* a logit's rounding moves a softmax weight by as much relative (a sigmoid's by 1 - s of it):
+     * with the fast GEMM's f32 sums in another order than the cpu's, the softmax shape's worst
+     * row measured 1.1e-6 to 5.3e-6 over 1 to 300 rows (both routing kernels, the same) */
+    const double wtol = cfg->scoring_sigmoid ? 1e-6 : 2e-5;
     int wrows = 0;
+    double wworst = 0;
     for (int r = 0; r < rows; r++)
-        if (!memcmp(ic + r * K, ig + r * K, sizeof(int32_t) * K))
-            wrows += rel_l2(wg + r * K, wc + r * K, K) > 1e-6;
+        if (!memcmp(ic + r * K, ig + r * K, sizeof(int32_t) * K)) {
+            const double e = rel_l2(wg + r * K, wc + r * K, K);
+            wrows += e > wtol;
+            wworst = fmax(wworst, e);
+        }
     printf("  router %s%s: %d rows x %d experts (%s%s), top-%d of %d groups, %d a row: %d rows "
-           "differ (%d not near-ties), weights off in %d rows %s\n",
+           "differ (%d not near-ties), weights off in %d rows (worst %.1e, tol %.0e) %s\n",
            fast ? "fast" : "exact", route_smem ? " (shared-memory routing)" : "", rows, E,
            cfg->scoring_sigmoid ? "sigmoid" : "softmax", with_bias ? ", bias" : "", cfg->topk_group,
-           cfg->n_group, K, diff_rows, unexplained, wrows, unexplained || wrows ? "FAIL" : "ok");
+           cfg->n_group, K, diff_rows, unexplained, wrows, wworst, wtol,
+           unexplained || wrows ? "FAIL" : "ok");
     CHECK(unexplained == 0 && wrows == 0, "router differs");
     tw_done(&gate, &p);
     tw_done(&bias, &p);
