@@ -1169,6 +1169,16 @@ static void bench_ops(struct dsv32_backend *be)
             OP_TIME_QUEUED(t, be->ops->linear(be, y, (int)w->rows, x, (int)w->cols, R, w, 1));
             op_row(lin[l].name, shape, R, weight_bytes(w) + (double)R * (w->rows + w->cols) * 4,
                    2.0 * R * w->rows * w->cols, 1, t);
+            { /* the same, each kernel launched after the one before */
+                char name[96];
+                snprintf(name, sizeof(name),
+                         "%s, without programmatic dependent launch (knob fp8_pdl 0)", lin[l].name);
+                MUST(dsv32_cuda_set_knob(be, "fp8_pdl", 0));
+                OP_TIME_QUEUED(t, be->ops->linear(be, y, (int)w->rows, x, (int)w->cols, R, w, 1));
+                MUST(dsv32_cuda_set_knob(be, "fp8_pdl", 1));
+                op_row(name, shape, R, weight_bytes(w) + (double)R * (w->rows + w->cols) * 4,
+                       2.0 * R * w->rows * w->cols, 1, t);
+            }
             int lt_min, lt_big;
             MUST(dsv32_cuda_get_knob(be, "lt_min_rows", &lt_min));
             MUST(dsv32_cuda_get_knob(be, "lt_big_rows", &lt_big));

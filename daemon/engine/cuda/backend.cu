@@ -660,6 +660,7 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
     c->idx_dev_items = 1;
     c->mla_ws = 1;
     c->mla_cl = 64;
+    c->fp8_pdl = 1;
     c->pdl = 1;
     cudaDeviceProp prop;
     if (cudaSetDevice(device) != cudaSuccess || cudaGetDeviceProperties(&prop, device) != cudaSuccess ||
@@ -732,7 +733,7 @@ static const struct {
     KNOB(dsa_idx_sms, true),    KNOB(dsa_skip, true),       KNOB(lt_min_rows, true),
     KNOB(lt_big_rows, true),    KNOB(idx_dev_items, false), KNOB(mla_cl, true),
     KNOB(mla_cl_nocopy, false), KNOB(pdl, false),           KNOB(moe_all_groups, false),
-    KNOB(route_smem, false),    KNOB(moe_rowmajor, false),
+    KNOB(route_smem, false),    KNOB(moe_rowmajor, false),  KNOB(fp8_pdl, false),
 };
 #undef KNOB
 

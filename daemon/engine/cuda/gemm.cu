@@ -380,14 +380,14 @@ static __global__ void __launch_bounds__(256) fp8_gemm_pipe_kernel(const struct 
     /* stage layout: W1 [2][128][64], then W3 [2][128][64] (SwiGLU), then X [2][NT*8][64] */
 
     for (int p0 = beg; p0 < end; p0 += NT * 8) {
+        /* a.pdl (no row_x): launched under the activations' quantization; the first stages'
+         * weights, which no kernel writes, load before the wait, their activations after it */
+        const bool early = a.pdl && p0 == beg;
         int xc0[NT], xc1[NT];
-        fp8_scale_rows<NT>(a, p0, end, t, xc0, xc1);
         /* this thread's activation piece of every stage (NT*8 rows x 8 pieces of 16 B) */
         const int xj = threadIdx.x >> 3, xp = threadIdx.x & 7;
         int xrow = -1;
-        if (xj < NT * 8 && p0 + xj < end)
-            xrow = a.row_x ? a.row_x[p0 + xj] : p0 + xj;
-        auto load_stage = [&](int kb, int st) {
+        auto load_w = [&](int kb, int st) {
             uint8_t *sb = pipe_smem + st * ST;
             const size_t ko = (size_t)kb * 128;
 #pragma unroll
@@ -401,6 +401,10 @@ static __global__ void __launch_bounds__(256) fp8_gemm_pipe_kernel(const struct 
                         cp_async16(sb + WT + so, W3 + wo);
                 }
             }
+        };
+        auto load_x = [&](int kb, int st) {
+            uint8_t *sb = pipe_smem + st * ST;
+            const size_t ko = (size_t)kb * 128;
             if (xj < NT * 8) {
                 uint8_t *xd = sb + (SWIGLU ? 2 : 1) * WT + (xp >> 2) * (NT * 8 * 64) + xj * 64 + (xp & 3) * 16;
                 if (xrow >= 0)
@@ -409,17 +413,35 @@ static __global__ void __launch_bounds__(256) fp8_gemm_pipe_kernel(const struct 
                     *reinterpret_cast<uint4 *>(xd) = make_uint4(0, 0, 0, 0);
             }
         };
+        auto load_stage = [&](int kb, int st) {
+            load_w(kb, st);
+            load_x(kb, st);
+        };
+        const int nkb = kb_end - kb_beg;
+        if (early) {
+#pragma unroll
+            for (int s = 0; s < PIPE_STAGES - 1; s++)
+                if (s < nkb)
+                    load_w(kb_beg + s, s);
+            pdl_wait();
+            pdl_trigger();
+        }
+        fp8_scale_rows<NT>(a, p0, end, t, xc0, xc1);
+        if (xj < NT * 8 && p0 + xj < end)
+            xrow = a.row_x ? a.row_x[p0 + xj] : p0 + xj;
         float acc[NT][4], acc3[NT][4];
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
             for (int i = 0; i < 4; i++)
                 acc[nt][i] = acc3[nt][i] = 0.0f;
-        const int nkb = kb_end - kb_beg;
 #pragma unroll
         for (int s = 0; s < PIPE_STAGES - 1; s++) {
-            if (s < nkb)
-                load_stage(kb_beg + s, s);
+            if (s < nkb) { /* the early weights are in stage 0's group */
+                if (!early)
+                    load_w(kb_beg + s, s);
+                load_x(kb_beg + s, s);
+            }
             asm volatile("cp.async.commit_group;");
         }
         for (int i = 0; i < nkb; i++) {
@@ -595,6 +617,7 @@ static __global__ void __launch_bounds__(256, 1) fp8_gemm_wg_kernel(const struct
 
 static __global__ void split_reduce_kernel(float *y, int ldy, const float *part, int splits, int M, int N)
 {
+    pdl_wait(); /* launched under the GEMM (a.pdl) */
     const size_t n = (size_t)M * N;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float s = 0.0f;
@@ -609,8 +632,12 @@ static int launch_pipe(struct cu_ctx *c, const struct cu_fp8_gemm *a, dim3 grid,
                        size_t part_stride, const struct cu_probe &p)
 {
     const int bytes = PIPE_STAGES * pipe_stage_bytes<NT, SWIGLU>();
-    CU_SMEM_OPTIN((fp8_gemm_pipe_kernel<NT, SWIGLU>), bytes);
-    fp8_gemm_pipe_kernel<NT, SWIGLU><<<grid, 256, bytes, c->st>>>(*a, kb_per, part, part_stride, p);
+    auto kern = fp8_gemm_pipe_kernel<NT, SWIGLU>;
+    CU_SMEM_OPTIN(kern, bytes);
+    cudaLaunchAttribute at;
+    cu_pdl_attr(&at);
+    const cudaLaunchConfig_t lc = cu_launch_cfg(c, grid, dim3(256), bytes, &at, a->pdl);
+    CU_CHECK(cudaLaunchKernelEx(&lc, kern, *a, kb_per, part, part_stride, p));
     return 0;
 }
 
@@ -683,7 +710,12 @@ int cu_fp8_gemm_run(struct cu_ctx *c, const struct cu_fp8_gemm *a)
     if (part) {
         size_t n = (size_t)a->M * a->N;
         unsigned b = cu_blocks(n, 256);
-        split_reduce_kernel<<<b > 4096u ? 4096u : b, 256, 0, c->st>>>(a->y, a->ldy, part, splits, a->M, a->N);
+        cudaLaunchAttribute at;
+        cu_pdl_attr(&at);
+        const cudaLaunchConfig_t lc =
+            cu_launch_cfg(c, dim3(b > 4096u ? 4096u : b), dim3(256), 0, &at, a->pdl);
+        CU_CHECK(cudaLaunchKernelEx(&lc, split_reduce_kernel, a->y, a->ldy, (const float *)part,
+                                    splits, a->M, a->N));
         CU_LAUNCHED("split_reduce");
     }
     if (a->hq)
@@ -1026,6 +1058,8 @@ int cu_linear(struct cu_ctx *c, float *y, int ldy, const float *x, int ldx, int 
         a.M = rows;
         a.y = y;
         a.ldy = ldy;
+        a.pdl = c->pdl && c->fp8_pdl &&
+                !c->fp8_reg; /* under act_quant (fp8_gemm_kernel does not wait) */
         return cu_fp8_gemm_run(c, &a);
     }
     if (cw->bf16) {

@@ -56,6 +56,10 @@ struct cu_fp8_gemm {
     float *hs;
     const int *entry_sub, *entry_row;
     int ue8m0;
+    /* launched as a programmatic dependent of the kernel before it (cu_linear: act_quant, which
+     * writes xq and xs): the pipelined kernel loads its first stages' weights before pdl_wait;
+     * the split-K reduce is launched the same way under it */
+    int pdl;
 };
 int cu_fp8_gemm_run(struct cu_ctx *c, const struct cu_fp8_gemm *a);
 

@@ -7,6 +7,7 @@ static __global__ void act_quant_kernel(const float *x, int ldx, int rows, int K
                                         int sub, float *xdq, uint8_t *xq, float *xs, float *xs_t,
                                         int ld_t, struct cu_probe p)
 {
+    pdl_trigger(); /* the GEMM after it (a.pdl) may start loading its weights */
     const int nb = K / 128, lane = threadIdx.x & 31;
     const long id = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (id >= (long)rows * nb)
