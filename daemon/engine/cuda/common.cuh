@@ -157,9 +157,10 @@ struct cu_ctx {
                                   converting half of every key tile for both, where the heads are
                                   a multiple of 128: 64-key tiles (64, default) or 32 (32); or
                                   mla_ws's choice (0) */
-    int fp8_pdl;               /* cu_linear's FP8 kernel under its act_quant and the split-K
-                                  reduce under it, by programmatic dependent launch (1, default,
-                                  with pdl), or each after the one before (0) */
+    int fp8_pdl;               /* act_quant under the kernel before it, cu_linear's FP8 kernel
+                                  under its act_quant and the split-K reduce under that, by
+                                  programmatic dependent launch (1, default, with pdl), or each
+                                  after the one before (0) */
     int mla_cl_nocopy;         /* benchmarks: mla_cl_kernel without its copies to the peer (each
                                   CTA's other half stale: the copies' share of its time) */
     unsigned long long *mla_prof; /* benchmarks: the wgmma MLA kernel's cycles per phase (CU_MLA_PROF_N) */

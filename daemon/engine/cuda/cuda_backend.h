@@ -42,30 +42,30 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * "mla_wgmma" (1: fast MLA decode on wgmma, 0: on mma.sync), "mla_cl" (64, default: the wgmma MLA
  * as a cluster of two head groups sharing each key tile's conversion, when the heads are a
  * multiple of 128, 64-key tiles; 32: the same with 32-key tiles, four buffers; 0: "mla_ws"
- * decides), "fp8_pdl" (1, default with "pdl": cu_linear's FP8 kernel launched under its
- * activation quantization, its first weights loaded before it waits, and the split-K reduce under
- * it; 0: each kernel after the one before), "mla_cl_nocopy" (1: a diagnostic, that kernel without
- * its copies to the peer: wrong results, the copies' time), "mla_ws" (1, default: the wgmma MLA
- * warp-specialized, 32-key tiles; 0: both warpgroups in every step, 64-key tiles), "mla_prof" (1:
- * count the wgmma MLA kernel's cycles per phase, read by dsv32_cuda_mla_prof, which takes
- * "mla_ws"'s kernels), "idx_tma" (1: the FP8 indexer's cache blocks by TMA), "idx_l2_normal" (1:
- * those TMA reads without the evict-first L2 hint), "idx_copy_only" (diagnostics of the FP8
- * indexer: 1, it reads its blocks and computes nothing; 2, it computes the scores and does not
- * store them), "idx_items" (1, default: the indexer's work list as equal items, rounded down in
- * number; 0: items of a fixed block count, the last one short), "idx_poison" (1, tests: the
- * indexer's score scratch set to NaN before each call, so that a score no kernel wrote shows),
- * "idx_pipe" (1: the FP8 wgmma indexer runs a block's epilogue under the next block's MMAs when
- * every work item has one row, decode; 0, default: in turn), "mla_q6" (1: the warp-specialized MLA
- * stages Q with six loads in flight a thread instead of four), "dsa_chunks" (N >= 2: the dsa op
- * cuts the rows in up to N chunks and runs chunk i's MLA beside chunk i + 1's indexer on disjoint
- * SMs, dsa.cu; 0 or 1: the indexer, then the MLA), "dsa_idx_sms" (the SMs of the indexer's
- * partition there; 0: half), "dsa_skip" (benchmarks: the chunked dsa op without its MLAs, 1, or its
- * indexers, 2), "pdl" (1, default: the dsa op's FP8 scores, top-k and cluster MLA kernels by
- * programmatic dependent launch, each starting under its predecessor's tail; 0: plain stream
- * order), "lat16" (1, the fast numerics' default: the MLA latents of mla_absorb, mla, dsa and
- * mla_expand in bf16, and the backend's lat_bf16 with it; 0: f32, for same-run comparisons; the
- * caller's latent buffers must hold the type set; -EINVAL in the exact numerics). Returns 0 or
- * -EINVAL. */
+ * decides), "fp8_pdl" (1, default with "pdl": the activation quantization launched under
+ * the kernel before it, cu_linear's FP8 kernel under the quantization, its first weights loaded
+ * before it waits, and the split-K reduce under it; 0: each kernel after the one before),
+ * "mla_cl_nocopy" (1: a diagnostic, that kernel without its copies to the peer: wrong results, the
+ * copies' time), "mla_ws" (1, default: the wgmma MLA warp-specialized, 32-key tiles; 0: both
+ * warpgroups in every step, 64-key tiles), "mla_prof" (1: count the wgmma MLA kernel's cycles per
+ * phase, read by dsv32_cuda_mla_prof, which takes "mla_ws"'s kernels), "idx_tma" (1: the FP8
+ * indexer's cache blocks by TMA), "idx_l2_normal" (1: those TMA reads without the evict-first L2
+ * hint), "idx_copy_only" (diagnostics of the FP8 indexer: 1, it reads its blocks and computes
+ * nothing; 2, it computes the scores and does not store them), "idx_items" (1, default: the
+ * indexer's work list as equal items, rounded down in number; 0: items of a fixed block count, the
+ * last one short), "idx_poison" (1, tests: the indexer's score scratch set to NaN before each call,
+ * so that a score no kernel wrote shows), "idx_pipe" (1: the FP8 wgmma indexer runs a block's
+ * epilogue under the next block's MMAs when every work item has one row, decode; 0, default: in
+ * turn), "mla_q6" (1: the warp-specialized MLA stages Q with six loads in flight a thread instead
+ * of four), "dsa_chunks" (N >= 2: the dsa op cuts the rows in up to N chunks and runs chunk i's MLA
+ * beside chunk i + 1's indexer on disjoint SMs, dsa.cu; 0 or 1: the indexer, then the MLA),
+ * "dsa_idx_sms" (the SMs of the indexer's partition there; 0: half), "dsa_skip" (benchmarks: the
+ * chunked dsa op without its MLAs, 1, or its indexers, 2), "pdl" (1, default: the dsa op's FP8
+ * scores, top-k and cluster MLA kernels by programmatic dependent launch, each starting under its
+ * predecessor's tail; 0: plain stream order), "lat16" (1, the fast numerics' default: the MLA
+ * latents of mla_absorb, mla, dsa and mla_expand in bf16, and the backend's lat_bf16 with it; 0:
+ * f32, for same-run comparisons; the caller's latent buffers must hold the type set; -EINVAL in the
+ * exact numerics). Returns 0 or -EINVAL. */
 int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, int value);
 /* The current value of a knob above ("mla_prof" excluded); 0 or -EINVAL. */
 int dsv32_cuda_get_knob(struct dsv32_backend *be, const char *name, int *value);

@@ -618,6 +618,7 @@ static __global__ void __launch_bounds__(256, 1) fp8_gemm_wg_kernel(const struct
 static __global__ void split_reduce_kernel(float *y, int ldy, const float *part, int splits, int M, int N)
 {
     pdl_wait(); /* launched under the GEMM (a.pdl) */
+    pdl_trigger();
     const size_t n = (size_t)M * N;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float s = 0.0f;

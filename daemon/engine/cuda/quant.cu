@@ -7,7 +7,10 @@ static __global__ void act_quant_kernel(const float *x, int ldx, int rows, int K
                                         int sub, float *xdq, uint8_t *xq, float *xs, float *xs_t,
                                         int ld_t, struct cu_probe p)
 {
-    pdl_trigger(); /* the GEMM after it (a.pdl) may start loading its weights */
+    /* launched under the kernel before it (knob fp8_pdl); the GEMM after it (a.pdl) may start
+     * loading its weights */
+    pdl_wait();
+    pdl_trigger();
     const int nb = K / 128, lane = threadIdx.x & 31;
     const long id = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (id >= (long)rows * nb)
@@ -49,8 +52,12 @@ int cu_act_quant(struct cu_ctx *c, const float *x, int ldx, int rows, int K, int
     struct cu_probe p;
     CU_TRY(cu_probe_begin(c, &p));
     const long warps = (long)rows * (K / 128);
-    act_quant_kernel<<<(unsigned)((warps + 7) / 8), 256, 0, c->st>>>(x, ldx, rows, K, ue8m0, sub, xdq,
-                                                                      xq, xs, xs_t, ld_t, p);
+    cudaLaunchAttribute at;
+    cu_pdl_attr(&at);
+    const cudaLaunchConfig_t lc = cu_launch_cfg(c, dim3((unsigned)((warps + 7) / 8)), dim3(256), 0,
+                                                &at, c->pdl && c->fp8_pdl);
+    CU_CHECK(cudaLaunchKernelEx(&lc, act_quant_kernel, x, ldx, rows, K, ue8m0, sub, xdq, xq, xs,
+                                xs_t, ld_t, p));
     CU_LAUNCHED("act_quant");
     return cu_probe_end(c, &p);
 }
