@@ -17,10 +17,13 @@
 #include "small_ops.cuh"
 
 #include <errno.h>
+#include <limits.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+static int knobs_from_env(struct dsv32_backend *be); /* DSV32_CUDA_KNOBS */
 
 static struct cu_ctx *ctx_of(const struct dsv32_backend *be) { return (struct cu_ctx *)be->ctx; }
 
@@ -661,6 +664,7 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
     c->mla_ws = 1;
     c->mla_cl = 64;
     c->fp8_pdl = 1;
+    c->pdl_ops = 1;
     c->pdl = 1;
     cudaDeviceProp prop;
     if (cudaSetDevice(device) != cudaSuccess || cudaGetDeviceProperties(&prop, device) != cudaSuccess ||
@@ -703,6 +707,8 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
         be->ops = cuda_fast_ops();
     }
     log_info("cuda backend on %s (%d SMs), numerics %s", prop.name, c->n_sm, c->fast ? "fast" : "exact");
+    if ((r = knobs_from_env(be)) < 0)
+        goto fail;
     *ret = be;
     return 0;
 fail:
@@ -734,6 +740,7 @@ static const struct {
     KNOB(lt_big_rows, true),    KNOB(idx_dev_items, false), KNOB(mla_cl, true),
     KNOB(mla_cl_nocopy, false), KNOB(pdl, false),           KNOB(moe_all_groups, false),
     KNOB(route_smem, false),    KNOB(moe_rowmajor, false),  KNOB(fp8_pdl, false),
+    KNOB(pdl_ops, false),
 };
 #undef KNOB
 
@@ -772,6 +779,38 @@ extern "C" int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, i
         }
     } else
         return -EINVAL;
+    return 0;
+}
+
+/* DSV32_CUDA_KNOBS="name=value,...": knobs for a whole process (a program that has no flag for
+ * them, e.g. dsv32-run under a golden comparison); an unknown name or a bad value is an error */
+static int knobs_from_env(struct dsv32_backend *be)
+{
+    const char *env = getenv("DSV32_CUDA_KNOBS");
+    char buf[512];
+    if (!env || !*env)
+        return 0;
+    if (strlen(env) >= sizeof(buf)) {
+        log_error("cuda: DSV32_CUDA_KNOBS is longer than %zu bytes", sizeof(buf) - 1);
+        return -EINVAL;
+    }
+    strcpy(buf, env);
+    for (char *save = NULL, *item = strtok_r(buf, ",", &save); item;
+         item = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(item, '='), *end = NULL;
+        const long v = eq ? strtol(eq + 1, &end, 10) : 0;
+        if (!eq || end == eq + 1 || *end || v < INT_MIN || v > INT_MAX) {
+            log_error("cuda: DSV32_CUDA_KNOBS: \"%s\" is not name=integer", item);
+            return -EINVAL;
+        }
+        *eq = 0;
+        const int r = dsv32_cuda_set_knob(be, item, (int)v);
+        if (r < 0) {
+            log_error("cuda: DSV32_CUDA_KNOBS: knob %s=%ld: %s", item, v, dsv32_strerror(r));
+            return r;
+        }
+        log_info("cuda: knob %s=%ld (DSV32_CUDA_KNOBS)", item, v);
+    }
     return 0;
 }
 

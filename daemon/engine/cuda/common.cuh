@@ -157,6 +157,9 @@ struct cu_ctx {
                                   converting half of every key tile for both, where the heads are
                                   a multiple of 128: 64-key tiles (64, default) or 32 (32); or
                                   mla_ws's choice (0) */
+    int pdl_ops;               /* the norms, add, SiLU x up, RoPE, the Hadamard quantization and
+                                  the cache stores launched under the kernel before them (1,
+                                  default, with pdl: cu_launch_dep) or after it (0) */
     int fp8_pdl;               /* act_quant under the kernel before it, cu_linear's FP8 kernel
                                   under its act_quant and the split-K reduce under that, by
                                   programmatic dependent launch (1, default, with pdl), or each
@@ -294,6 +297,19 @@ static inline cudaLaunchConfig_t cu_launch_cfg(const struct cu_ctx *c, dim3 grid
     lc.attrs = at;
     lc.numAttrs = (unsigned)n;
     return lc;
+}
+
+/* kern<<<grid, block, smem, c->st>>>(args...), launched under the kernel before it (knob
+ * pdl_ops, with pdl): only for a kernel that begins with pdl_wait() (then pdl_trigger()), so that
+ * its launch and start overlap the tail of the one before */
+template <typename... K, typename... A>
+static inline cudaError_t cu_launch_dep(const struct cu_ctx *c, void (*kern)(K...), dim3 grid,
+                                        dim3 block, size_t smem, A &&...args)
+{
+    cudaLaunchAttribute at;
+    cu_pdl_attr(&at);
+    const cudaLaunchConfig_t lc = cu_launch_cfg(c, grid, block, smem, &at, c->pdl && c->pdl_ops);
+    return cudaLaunchKernelEx(&lc, kern, static_cast<A &&>(args)...);
 }
 
 /* scratch slot owners (one op uses a slot at a time; ops run in stream order, except in cu_dsa,

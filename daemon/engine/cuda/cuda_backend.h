@@ -28,7 +28,8 @@ int dsv32_cuda_device_count(void);
 
 /* 1 when the backend runs in the fast numerics mode. */
 int dsv32_cuda_is_fast(const struct dsv32_backend *be);
-/* Selects a kernel variant at run time (benchmarks compare them): "indexer_fp8" (0/1),
+/* Selects a kernel variant at run time (benchmarks compare them; a process without a flag for
+ * them takes DSV32_CUDA_KNOBS="name=value,..." at the backend's creation): "indexer_fp8" (0/1),
  * "lt_fp8" (0/1: let fast FP8 linears use cuBLASLt), "lt_min_rows" (the fewest rows a linear
  * takes cuBLASLt with; 65 by default), "lt_big_rows" (the same for weights of 32M elements or
  * more; 16), "idx_dev_items" (1, default: the wgmma indexers, FP8 and f16, derive a decode step's
@@ -45,6 +46,8 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * decides), "fp8_pdl" (1, default with "pdl": the activation quantization launched under
  * the kernel before it, cu_linear's FP8 kernel under the quantization, its first weights loaded
  * before it waits, and the split-K reduce under it; 0: each kernel after the one before),
+ * "pdl_ops" (1, default with "pdl": the norms, add, SiLU x up, RoPE, the Hadamard quantization and
+ * the cache stores launched under the kernel before them, each waiting at its start; 0: after it),
  * "mla_cl_nocopy" (1: a diagnostic, that kernel without its copies to the peer: wrong results, the
  * copies' time), "mla_ws" (1, default: the wgmma MLA warp-specialized, 32-key tiles; 0: both
  * warpgroups in every step, 64-key tiles), "mla_prof" (1: count the wgmma MLA kernel's cycles per

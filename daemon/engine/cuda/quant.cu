@@ -68,6 +68,8 @@ int cu_act_quant(struct cu_ctx *c, const float *x, int ldx, int rows, int K, int
 static __global__ void hadamard_quant_kernel(uint8_t *q, float *scale, const float *x, int n,
                                              int ue8m0, float hs, struct cu_probe p)
 {
+    pdl_wait(); /* cu_launch_dep */
+    pdl_trigger();
     const int lane = threadIdx.x & 31;
     const long i = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (i >= n)
@@ -115,7 +117,8 @@ int cu_hadamard_quant(struct cu_ctx *c, uint8_t *q, float *scale, const float *x
     struct cu_probe p;
     CU_TRY(cu_probe_begin(c, &p));
     const float hs = (float)pow(128.0, -0.5);
-    hadamard_quant_kernel<<<cu_blocks((size_t)n, 8), 256, 0, c->st>>>(q, scale, x, n, ue8m0, hs, p);
+    CU_CHECK(cu_launch_dep(c, hadamard_quant_kernel, dim3(cu_blocks((size_t)n, 8)), dim3(256), 0, q,
+                           scale, x, n, ue8m0, hs, p));
     CU_LAUNCHED("hadamard_quant");
     return cu_probe_end(c, &p);
 }
@@ -126,6 +129,8 @@ static __global__ void kv_store_kernel(uint8_t *mla, int rec_bytes, int C, int R
                                        const float *latent, int ld_lat, const float *pe, int ld_pe,
                                        const int64_t *row_slot, int ue8m0, struct cu_probe p)
 {
+    pdl_wait(); /* cu_launch_dep */
+    pdl_trigger();
     const int r = blockIdx.x, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     uint8_t *rec = mla + (size_t)row_slot[r] * rec_bytes;
     const float *lat = latent + (size_t)r * ld_lat;
@@ -166,9 +171,9 @@ int cu_kv_store(struct cu_ctx *c, const struct dsv32_kv_layer *kv, const float *
         return DSV32_ECONFIG;
     struct cu_probe p;
     CU_TRY(cu_probe_begin(c, &p));
-    kv_store_kernel<<<m->n_rows, 128, 0, c->st>>>(kv->mla, g->mla_rec_bytes, g->kv_lora, g->rope,
-                                                   g->rope_f32, latent, ld_lat, pe, ld_pe,
-                                                   m->d_row_slot, ue8m0, p);
+    CU_CHECK(cu_launch_dep(c, kv_store_kernel, dim3(m->n_rows), dim3(128), 0, kv->mla,
+                           g->mla_rec_bytes, g->kv_lora, g->rope, g->rope_f32, latent, ld_lat, pe,
+                           ld_pe, (const int64_t *)m->d_row_slot, ue8m0, p));
     CU_LAUNCHED("kv_store");
     return cu_probe_end(c, &p);
 }
@@ -176,6 +181,8 @@ int cu_kv_store(struct cu_ctx *c, const struct dsv32_kv_layer *kv, const float *
 static __global__ void index_store_kernel(uint8_t *idx, int block_bytes, const uint8_t *k,
                                           const float *k_scale, const int64_t *row_slot)
 {
+    pdl_wait(); /* cu_launch_dep */
+    pdl_trigger();
     const int r = blockIdx.x;
     const int64_t slot = row_slot[r];
     uint8_t *blk = idx + (size_t)(slot / DSV32_KV_BLOCK_TOKENS) * block_bytes;
@@ -190,8 +197,8 @@ int cu_index_store(struct cu_ctx *c, const struct dsv32_kv_layer *kv, const uint
 {
     if (m->n_rows <= 0)
         return 0;
-    index_store_kernel<<<m->n_rows, 128, 0, c->st>>>(kv->idx, c->geom.idx_block_bytes, k, k_scale,
-                                                      m->d_row_slot);
+    CU_CHECK(cu_launch_dep(c, index_store_kernel, dim3(m->n_rows), dim3(128), 0, kv->idx,
+                           c->geom.idx_block_bytes, k, k_scale, (const int64_t *)m->d_row_slot));
     CU_LAUNCHED("index_store");
     return 0;
 }

@@ -88,6 +88,8 @@ static __device__ float seq_sum(const float *x, int dim, float *sh)
 static __global__ void rmsnorm_kernel(float *y, int ldy, const float *x, int ldx, const float *g,
                                       int dim, float eps, int seq)
 {
+    pdl_wait(); /* cu_launch_dep */
+    pdl_trigger();
     __shared__ float sh[32];
     const float *xr = x + (size_t)blockIdx.x * ldx;
     float *yr = y + (size_t)blockIdx.x * ldy;
@@ -109,7 +111,8 @@ int cu_rmsnorm(struct cu_ctx *c, float *y, int ldy, const float *x, int ldx, con
 {
     if (rows <= 0)
         return 0;
-    rmsnorm_kernel<<<rows, dim >= 1024 ? 1024 : 256, 0, c->st>>>(y, ldy, x, ldx, g, dim, eps, !c->fast);
+    CU_CHECK(cu_launch_dep(c, rmsnorm_kernel, dim3(rows), dim3(dim >= 1024 ? 1024 : 256), 0, y, ldy,
+                           x, ldx, g, dim, eps, (int)!c->fast));
     CU_LAUNCHED("rmsnorm");
     return 0;
 }
@@ -117,6 +120,8 @@ int cu_rmsnorm(struct cu_ctx *c, float *y, int ldy, const float *x, int ldx, con
 static __global__ void layernorm_kernel(float *y, int ldy, const float *x, int ldx, const float *g,
                                         const float *b, int dim, float eps, int seq)
 {
+    pdl_wait(); /* cu_launch_dep */
+    pdl_trigger();
     __shared__ float sh[32];
     const float *xr = x + (size_t)blockIdx.x * ldx;
     float *yr = y + (size_t)blockIdx.x * ldy;
@@ -146,13 +151,16 @@ int cu_layernorm(struct cu_ctx *c, float *y, int ldy, const float *x, int ldx, c
 {
     if (rows <= 0)
         return 0;
-    layernorm_kernel<<<rows, 256, 0, c->st>>>(y, ldy, x, ldx, g, b, dim, eps, !c->fast);
+    CU_CHECK(cu_launch_dep(c, layernorm_kernel, dim3(rows), dim3(256), 0, y, ldy, x, ldx, g, b, dim,
+                           eps, (int)!c->fast));
     CU_LAUNCHED("layernorm");
     return 0;
 }
 
 static __global__ void add_kernel(float *y, const float *x, size_t n)
 {
+    pdl_wait(); /* cu_launch_dep */
+    pdl_trigger();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         y[i] += x[i];
 }
@@ -162,13 +170,15 @@ int cu_add(struct cu_ctx *c, float *y, const float *x, size_t n)
     if (!n)
         return 0;
     unsigned g = cu_blocks(n, 256);
-    add_kernel<<<g > 65535u ? 65535u : g, 256, 0, c->st>>>(y, x, n);
+    CU_CHECK(cu_launch_dep(c, add_kernel, dim3(g > 65535u ? 65535u : g), dim3(256), 0, y, x, n));
     CU_LAUNCHED("add");
     return 0;
 }
 
 static __global__ void silu_mul_kernel(float *y, const float *g, const float *u, size_t n)
 {
+    pdl_wait(); /* cu_launch_dep */
+    pdl_trigger();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float gv = g[i];
         y[i] = __fmul_rn(__fdiv_rn(gv, 1.0f + expf(-gv)), u[i]);
@@ -181,7 +191,8 @@ int cu_silu_mul(struct cu_ctx *c, float *y, const float *g, const float *u, int 
     if (!n)
         return 0;
     unsigned b = cu_blocks(n, 256);
-    silu_mul_kernel<<<b > 65535u ? 65535u : b, 256, 0, c->st>>>(y, g, u, n);
+    CU_CHECK(
+        cu_launch_dep(c, silu_mul_kernel, dim3(b > 65535u ? 65535u : b), dim3(256), 0, y, g, u, n));
     CU_LAUNCHED("silu_mul");
     return 0;
 }
@@ -190,6 +201,8 @@ static __global__ void rope_kernel(float *x, int heads, int ldr, int ldh, const 
                                    const float *cs_tab, const float *sn_tab, int n_pos, int half,
                                    int interleaved)
 {
+    pdl_wait(); /* cu_launch_dep */
+    pdl_trigger();
     const int r = blockIdx.x;
     const int p = pos[r];
     if (p < 0 || p >= n_pos)
@@ -211,8 +224,9 @@ int cu_rope(struct cu_ctx *c, float *x, int rows, int heads, int ldr, int ldh, c
     if (rows <= 0)
         return 0;
     const int half = c->cfg->qk_rope_head_dim / 2;
-    rope_kernel<<<rows, 256, 0, c->st>>>(x, heads, ldr, ldh, pos, c->rope_cos, c->rope_sin, c->n_pos,
-                                         half, interleaved);
+    CU_CHECK(cu_launch_dep(c, rope_kernel, dim3(rows), dim3(256), 0, x, heads, ldr, ldh, pos,
+                           (const float *)c->rope_cos, (const float *)c->rope_sin, c->n_pos, half,
+                           interleaved));
     CU_LAUNCHED("rope");
     return 0;
 }
