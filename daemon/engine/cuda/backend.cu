@@ -707,8 +707,10 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
         be->ops = cuda_fast_ops();
     }
     log_info("cuda backend on %s (%d SMs), numerics %s", prop.name, c->n_sm, c->fast ? "fast" : "exact");
-    if ((r = knobs_from_env(be)) < 0)
-        goto fail;
+    if ((r = knobs_from_env(be)) < 0) { /* hc and hs are freed already */
+        cuda_free(be);
+        return r;
+    }
     *ret = be;
     return 0;
 fail:

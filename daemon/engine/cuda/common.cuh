@@ -157,9 +157,10 @@ struct cu_ctx {
                                   converting half of every key tile for both, where the heads are
                                   a multiple of 128: 64-key tiles (64, default) or 32 (32); or
                                   mla_ws's choice (0) */
-    int pdl_ops;               /* the norms, add, SiLU x up, RoPE, the Hadamard quantization and
-                                  the cache stores launched under the kernel before them (1,
-                                  default, with pdl: cu_launch_dep) or after it (0) */
+    int pdl_ops;               /* the norms, add, SiLU x up, RoPE, the Hadamard quantization,
+                                  the cache stores, the router's choice, the experts' routing and
+                                  their combine launched under the kernel before them (1, default,
+                                  with pdl: cu_launch_dep) or after it (0) */
     int fp8_pdl;               /* act_quant under the kernel before it, cu_linear's FP8 kernel
                                   under its act_quant and the split-K reduce under that, by
                                   programmatic dependent launch (1, default, with pdl), or each

@@ -46,8 +46,9 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * decides), "fp8_pdl" (1, default with "pdl": the activation quantization launched under
  * the kernel before it, cu_linear's FP8 kernel under the quantization, its first weights loaded
  * before it waits, and the split-K reduce under it; 0: each kernel after the one before),
- * "pdl_ops" (1, default with "pdl": the norms, add, SiLU x up, RoPE, the Hadamard quantization and
- * the cache stores launched under the kernel before them, each waiting at its start; 0: after it),
+ * "pdl_ops" (1, default with "pdl": the norms, add, SiLU x up, RoPE, the Hadamard quantization,
+ * the cache stores, the router's choice, the experts' routing and their combine launched under the
+ * kernel before them, each waiting at its start; 0: after it),
  * "mla_cl_nocopy" (1: a diagnostic, that kernel without its copies to the peer: wrong results, the
  * copies' time), "mla_ws" (1, default: the wgmma MLA warp-specialized, 32-key tiles; 0: both
  * warpgroups in every step, 64-key tiles), "mla_prof" (1: count the wgmma MLA kernel's cycles per

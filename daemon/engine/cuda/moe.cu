@@ -317,6 +317,8 @@ static __global__ void gate_route_reg_kernel(int32_t *ids, float *wout, const fl
                                              const float *bias, int rows, int G, int topk_group,
                                              int K, int sigmoid, int norm, float rsf)
 {
+    pdl_wait(); /* cu_launch_dep */
+    pdl_trigger();
     const int lane = threadIdx.x & 31;
     const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows)
@@ -451,17 +453,17 @@ int cu_moe_gate(struct cu_ctx *c, int32_t *ids, float *w, const float *x, int ro
         const float rsf = cf->routed_scaling_factor;
         const unsigned nb = cu_blocks((size_t)rows, 8);
         if (NE == 8)
-            gate_route_reg_kernel<8><<<nb, 256, 0, c->st>>>(ids, w, logits, bp, rows, G,
-                                                            cf->topk_group, K, sg, nt, rsf);
+            CU_CHECK(cu_launch_dep(c, gate_route_reg_kernel<8>, dim3(nb), dim3(256), 0, ids, w,
+                                   logits, bp, rows, G, cf->topk_group, K, sg, nt, rsf));
         else if (NE == 4)
-            gate_route_reg_kernel<4><<<nb, 256, 0, c->st>>>(ids, w, logits, bp, rows, G,
-                                                            cf->topk_group, K, sg, nt, rsf);
+            CU_CHECK(cu_launch_dep(c, gate_route_reg_kernel<4>, dim3(nb), dim3(256), 0, ids, w,
+                                   logits, bp, rows, G, cf->topk_group, K, sg, nt, rsf));
         else if (NE == 2)
-            gate_route_reg_kernel<2><<<nb, 256, 0, c->st>>>(ids, w, logits, bp, rows, G,
-                                                            cf->topk_group, K, sg, nt, rsf);
+            CU_CHECK(cu_launch_dep(c, gate_route_reg_kernel<2>, dim3(nb), dim3(256), 0, ids, w,
+                                   logits, bp, rows, G, cf->topk_group, K, sg, nt, rsf));
         else
-            gate_route_reg_kernel<1><<<nb, 256, 0, c->st>>>(ids, w, logits, bp, rows, G,
-                                                            cf->topk_group, K, sg, nt, rsf);
+            CU_CHECK(cu_launch_dep(c, gate_route_reg_kernel<1>, dim3(nb), dim3(256), 0, ids, w,
+                                   logits, bp, rows, G, cf->topk_group, K, sg, nt, rsf));
         CU_LAUNCHED("gate_route_reg");
         return 0;
     }
@@ -482,6 +484,8 @@ static __global__ void __launch_bounds__(1024)
                  int *grp_list, int *slot_of, int *entry_tok, int *entry_sub, int *entry_e)
 {
     extern __shared__ int rsm[];
+    pdl_wait(); /* cu_launch_dep */
+    pdl_trigger();
     int *cnt = rsm, *off = rsm + E, *fill = rsm + 2 * E;
     for (int e = threadIdx.x; e < E; e += blockDim.x)
         cnt[e] = fill[e] = 0;
@@ -608,6 +612,8 @@ static __global__ void moe_hquant_kernel(float *h, int I, const int *grp_off, in
 static __global__ void moe_combine_kernel(float *y, const float *out, const int *slot_of, const int32_t *ids,
                                           const float *w, int k, int D)
 {
+    pdl_wait(); /* cu_launch_dep */
+    pdl_trigger();
     const int r = blockIdx.y, d = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
     int order[16], n = 0;
     for (int kk = 0; kk < k && kk < 16; kk++) {
@@ -669,9 +675,9 @@ int cu_moe_experts(struct cu_ctx *c, float *y, const float *x, int rows, const i
     int *grp_off = rb, *grp_list = rb + E + 1, *slot_of = grp_list + E + 1,
         *entry_tok = slot_of + n_pairs, *entry_sub = entry_tok + n_pairs;
     int *entry_e = entry_sub + n_pairs;
-    route_kernel<<<1, 1024, sizeof(int) * 3 * (size_t)E, c->st>>>(ids, n_pairs, k, E, tab->d_loaded,
-                                                                  grp_off, grp_list, slot_of,
-                                                                  entry_tok, entry_sub, entry_e);
+    CU_CHECK(cu_launch_dep(c, route_kernel, dim3(1), dim3(1024), sizeof(int) * 3 * (size_t)E, ids,
+                           n_pairs, k, E, (const uint8_t *)tab->d_loaded, grp_off, grp_list,
+                           slot_of, entry_tok, entry_sub, entry_e));
     CU_LAUNCHED("moe_route");
     float *out = (float *)cu_scratch(c, SCR_MOE_B, sizeof(float) * (size_t)n_pairs * D);
     if (!out)
@@ -764,8 +770,8 @@ int cu_moe_experts(struct cu_ctx *c, float *y, const float *x, int rows, const i
                                                           (const void *const *)tab->d_w[1], D, I);
         CU_LAUNCHED("moe_down");
     }
-    moe_combine_kernel<<<dim3(cu_blocks((size_t)D, 1024), rows), 256, 0, c->st>>>(y, out, slot_of,
-                                                                                  ids, w, k, D);
+    CU_CHECK(cu_launch_dep(c, moe_combine_kernel, dim3(cu_blocks((size_t)D, 1024), rows), dim3(256),
+                           0, y, (const float *)out, (const int *)slot_of, ids, w, k, D));
     CU_LAUNCHED("moe_combine");
     return 0;
 }
