@@ -278,6 +278,13 @@ static __device__ __forceinline__ void pdl_trigger()
 {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
+/* both at a kernel's start: it reads and writes nothing before the kernel before it is done,
+ * and the kernel after it may start at once (cu_launch_dep) */
+static __device__ __forceinline__ void pdl_begin()
+{
+    pdl_wait();
+    pdl_trigger();
+}
 static inline void cu_pdl_attr(cudaLaunchAttribute *at)
 {
     memset(at, 0, sizeof(*at));
@@ -300,17 +307,26 @@ static inline cudaLaunchConfig_t cu_launch_cfg(const struct cu_ctx *c, dim3 grid
     return lc;
 }
 
-/* kern<<<grid, block, smem, c->st>>>(args...), launched under the kernel before it (knob
- * pdl_ops, with pdl): only for a kernel that begins with pdl_wait() (then pdl_trigger()), so that
- * its launch and start overlap the tail of the one before */
+/* kern<<<grid, block, smem, c->st>>>(args...), launched under the kernel before it when pdl is
+ * set: only for a kernel that calls pdl_wait() before it touches what another kernel writes */
+template <typename... K, typename... A>
+static inline cudaError_t cu_launch_pdl(const struct cu_ctx *c, int pdl, void (*kern)(K...),
+                                        dim3 grid, dim3 block, size_t smem, A &&...args)
+{
+    cudaLaunchAttribute at;
+    cu_pdl_attr(&at);
+    const cudaLaunchConfig_t lc = cu_launch_cfg(c, grid, block, smem, &at, pdl);
+    return cudaLaunchKernelEx(&lc, kern, static_cast<A &&>(args)...);
+}
+
+/* the same for a kernel that begins with pdl_begin(), with the knobs pdl and pdl_ops: its launch
+ * and start overlap the tail of the one before */
 template <typename... K, typename... A>
 static inline cudaError_t cu_launch_dep(const struct cu_ctx *c, void (*kern)(K...), dim3 grid,
                                         dim3 block, size_t smem, A &&...args)
 {
-    cudaLaunchAttribute at;
-    cu_pdl_attr(&at);
-    const cudaLaunchConfig_t lc = cu_launch_cfg(c, grid, block, smem, &at, c->pdl && c->pdl_ops);
-    return cudaLaunchKernelEx(&lc, kern, static_cast<A &&>(args)...);
+    return cu_launch_pdl(c, c->pdl && c->pdl_ops, kern, grid, block, smem,
+                         static_cast<A &&>(args)...);
 }
 
 /* scratch slot owners (one op uses a slot at a time; ops run in stream order, except in cu_dsa,

@@ -423,8 +423,7 @@ static __global__ void __launch_bounds__(256) fp8_gemm_pipe_kernel(const struct 
             for (int s = 0; s < PIPE_STAGES - 1; s++)
                 if (s < nkb)
                     load_w(kb_beg + s, s);
-            pdl_wait();
-            pdl_trigger();
+            pdl_begin();
         }
         fp8_scale_rows<NT>(a, p0, end, t, xc0, xc1);
         if (xj < NT * 8 && p0 + xj < end)
@@ -617,8 +616,7 @@ static __global__ void __launch_bounds__(256, 1) fp8_gemm_wg_kernel(const struct
 
 static __global__ void split_reduce_kernel(float *y, int ldy, const float *part, int splits, int M, int N)
 {
-    pdl_wait(); /* launched under the GEMM (a.pdl) */
-    pdl_trigger();
+    pdl_begin(); /* launched under the GEMM (a.pdl) */
     const size_t n = (size_t)M * N;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float s = 0.0f;
@@ -635,10 +633,8 @@ static int launch_pipe(struct cu_ctx *c, const struct cu_fp8_gemm *a, dim3 grid,
     const int bytes = PIPE_STAGES * pipe_stage_bytes<NT, SWIGLU>();
     auto kern = fp8_gemm_pipe_kernel<NT, SWIGLU>;
     CU_SMEM_OPTIN(kern, bytes);
-    cudaLaunchAttribute at;
-    cu_pdl_attr(&at);
-    const cudaLaunchConfig_t lc = cu_launch_cfg(c, grid, dim3(256), bytes, &at, a->pdl);
-    CU_CHECK(cudaLaunchKernelEx(&lc, kern, *a, kb_per, part, part_stride, p));
+    CU_CHECK(
+        cu_launch_pdl(c, a->pdl, kern, grid, dim3(256), bytes, *a, kb_per, part, part_stride, p));
     return 0;
 }
 
@@ -711,12 +707,9 @@ int cu_fp8_gemm_run(struct cu_ctx *c, const struct cu_fp8_gemm *a)
     if (part) {
         size_t n = (size_t)a->M * a->N;
         unsigned b = cu_blocks(n, 256);
-        cudaLaunchAttribute at;
-        cu_pdl_attr(&at);
-        const cudaLaunchConfig_t lc =
-            cu_launch_cfg(c, dim3(b > 4096u ? 4096u : b), dim3(256), 0, &at, a->pdl);
-        CU_CHECK(cudaLaunchKernelEx(&lc, split_reduce_kernel, a->y, a->ldy, (const float *)part,
-                                    splits, a->M, a->N));
+        CU_CHECK(cu_launch_pdl(c, a->pdl, split_reduce_kernel, dim3(b > 4096u ? 4096u : b),
+                               dim3(256), 0, a->y, a->ldy, (const float *)part, splits, a->M,
+                               a->N));
         CU_LAUNCHED("split_reduce");
     }
     if (a->hq)
@@ -1059,8 +1052,8 @@ int cu_linear(struct cu_ctx *c, float *y, int ldy, const float *x, int ldx, int 
         a.M = rows;
         a.y = y;
         a.ldy = ldy;
-        a.pdl = c->pdl && c->fp8_pdl &&
-                !c->fp8_reg; /* under act_quant (fp8_gemm_kernel does not wait) */
+        /* under act_quant (not fp8_gemm_kernel, which does not wait) */
+        a.pdl = c->pdl && c->fp8_pdl && !c->fp8_reg;
         return cu_fp8_gemm_run(c, &a);
     }
     if (cw->bf16) {

@@ -614,8 +614,7 @@ static __global__ void __launch_bounds__(128) idx_wgmma_fp8_kernel(
         bulk_g2s_hint(dst + 8192, cache + (size_t)id * block_bytes + 8192, 256, full + stage, pol);
     };
     /* launched under the previous kernel (pdl): it may write the cache, q or the weights */
-    pdl_wait();
-    pdl_trigger();
+    pdl_begin();
     int nid = 0; /* TMA: the block table entry of the next fill (thread 0) */
     if (TMA && threadIdx.x == 0) {
         asm volatile("prefetch.tensormap [%0];" ::"l"(&tm) : "memory");
@@ -1142,8 +1141,7 @@ static __global__ void __launch_bounds__(1024)
     uint32_t *cu = dsm, *bitmap = dsm + 2 * (size_t)cap;
     int32_t *cj = reinterpret_cast<int32_t *>(dsm + cap);
     /* launched under the scores (pdl); the MLA after it may start at once, and waits */
-    pdl_wait();
-    pdl_trigger();
+    pdl_begin();
     const int r = row_base + blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int n = row_pos[r] + 1, parts = gridDim.y, part = blockIdx.y; /* part: the rank in the row's cluster */
     int32_t *out = sel + (size_t)r * topk;

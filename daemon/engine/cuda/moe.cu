@@ -317,8 +317,7 @@ static __global__ void gate_route_reg_kernel(int32_t *ids, float *wout, const fl
                                              const float *bias, int rows, int G, int topk_group,
                                              int K, int sigmoid, int norm, float rsf)
 {
-    pdl_wait(); /* cu_launch_dep */
-    pdl_trigger();
+    pdl_begin(); /* cu_launch_dep */
     const int lane = threadIdx.x & 31;
     const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows)
@@ -484,8 +483,7 @@ static __global__ void __launch_bounds__(1024)
                  int *grp_list, int *slot_of, int *entry_tok, int *entry_sub, int *entry_e)
 {
     extern __shared__ int rsm[];
-    pdl_wait(); /* cu_launch_dep */
-    pdl_trigger();
+    pdl_begin(); /* cu_launch_dep */
     int *cnt = rsm, *off = rsm + E, *fill = rsm + 2 * E;
     for (int e = threadIdx.x; e < E; e += blockDim.x)
         cnt[e] = fill[e] = 0;
@@ -612,8 +610,7 @@ static __global__ void moe_hquant_kernel(float *h, int I, const int *grp_off, in
 static __global__ void moe_combine_kernel(float *y, const float *out, const int *slot_of, const int32_t *ids,
                                           const float *w, int k, int D)
 {
-    pdl_wait(); /* cu_launch_dep */
-    pdl_trigger();
+    pdl_begin(); /* cu_launch_dep */
     const int r = blockIdx.y, d = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
     int order[16], n = 0;
     for (int kk = 0; kk < k && kk < 16; kk++) {

@@ -7,10 +7,7 @@ static __global__ void act_quant_kernel(const float *x, int ldx, int rows, int K
                                         int sub, float *xdq, uint8_t *xq, float *xs, float *xs_t,
                                         int ld_t, struct cu_probe p)
 {
-    /* launched under the kernel before it (knob fp8_pdl); the GEMM after it (a.pdl) may start
-     * loading its weights */
-    pdl_wait();
-    pdl_trigger();
+    pdl_begin(); /* under the kernel before it (knob fp8_pdl); the GEMM after it may start */
     const int nb = K / 128, lane = threadIdx.x & 31;
     const long id = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (id >= (long)rows * nb)
@@ -52,12 +49,9 @@ int cu_act_quant(struct cu_ctx *c, const float *x, int ldx, int rows, int K, int
     struct cu_probe p;
     CU_TRY(cu_probe_begin(c, &p));
     const long warps = (long)rows * (K / 128);
-    cudaLaunchAttribute at;
-    cu_pdl_attr(&at);
-    const cudaLaunchConfig_t lc = cu_launch_cfg(c, dim3((unsigned)((warps + 7) / 8)), dim3(256), 0,
-                                                &at, c->pdl && c->fp8_pdl);
-    CU_CHECK(cudaLaunchKernelEx(&lc, act_quant_kernel, x, ldx, rows, K, ue8m0, sub, xdq, xq, xs,
-                                xs_t, ld_t, p));
+    CU_CHECK(cu_launch_pdl(c, c->pdl && c->fp8_pdl, act_quant_kernel,
+                           dim3((unsigned)((warps + 7) / 8)), dim3(256), 0, x, ldx, rows, K, ue8m0,
+                           sub, xdq, xq, xs, xs_t, ld_t, p));
     CU_LAUNCHED("act_quant");
     return cu_probe_end(c, &p);
 }
@@ -68,8 +62,7 @@ int cu_act_quant(struct cu_ctx *c, const float *x, int ldx, int rows, int K, int
 static __global__ void hadamard_quant_kernel(uint8_t *q, float *scale, const float *x, int n,
                                              int ue8m0, float hs, struct cu_probe p)
 {
-    pdl_wait(); /* cu_launch_dep */
-    pdl_trigger();
+    pdl_begin(); /* cu_launch_dep */
     const int lane = threadIdx.x & 31;
     const long i = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (i >= n)
@@ -129,8 +122,7 @@ static __global__ void kv_store_kernel(uint8_t *mla, int rec_bytes, int C, int R
                                        const float *latent, int ld_lat, const float *pe, int ld_pe,
                                        const int64_t *row_slot, int ue8m0, struct cu_probe p)
 {
-    pdl_wait(); /* cu_launch_dep */
-    pdl_trigger();
+    pdl_begin(); /* cu_launch_dep */
     const int r = blockIdx.x, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     uint8_t *rec = mla + (size_t)row_slot[r] * rec_bytes;
     const float *lat = latent + (size_t)r * ld_lat;
@@ -181,8 +173,7 @@ int cu_kv_store(struct cu_ctx *c, const struct dsv32_kv_layer *kv, const float *
 static __global__ void index_store_kernel(uint8_t *idx, int block_bytes, const uint8_t *k,
                                           const float *k_scale, const int64_t *row_slot)
 {
-    pdl_wait(); /* cu_launch_dep */
-    pdl_trigger();
+    pdl_begin(); /* cu_launch_dep */
     const int r = blockIdx.x;
     const int64_t slot = row_slot[r];
     uint8_t *blk = idx + (size_t)(slot / DSV32_KV_BLOCK_TOKENS) * block_bytes;

@@ -88,8 +88,7 @@ static __device__ float seq_sum(const float *x, int dim, float *sh)
 static __global__ void rmsnorm_kernel(float *y, int ldy, const float *x, int ldx, const float *g,
                                       int dim, float eps, int seq)
 {
-    pdl_wait(); /* cu_launch_dep */
-    pdl_trigger();
+    pdl_begin(); /* cu_launch_dep */
     __shared__ float sh[32];
     const float *xr = x + (size_t)blockIdx.x * ldx;
     float *yr = y + (size_t)blockIdx.x * ldy;
@@ -120,8 +119,7 @@ int cu_rmsnorm(struct cu_ctx *c, float *y, int ldy, const float *x, int ldx, con
 static __global__ void layernorm_kernel(float *y, int ldy, const float *x, int ldx, const float *g,
                                         const float *b, int dim, float eps, int seq)
 {
-    pdl_wait(); /* cu_launch_dep */
-    pdl_trigger();
+    pdl_begin(); /* cu_launch_dep */
     __shared__ float sh[32];
     const float *xr = x + (size_t)blockIdx.x * ldx;
     float *yr = y + (size_t)blockIdx.x * ldy;
@@ -159,8 +157,7 @@ int cu_layernorm(struct cu_ctx *c, float *y, int ldy, const float *x, int ldx, c
 
 static __global__ void add_kernel(float *y, const float *x, size_t n)
 {
-    pdl_wait(); /* cu_launch_dep */
-    pdl_trigger();
+    pdl_begin(); /* cu_launch_dep */
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         y[i] += x[i];
 }
@@ -177,8 +174,7 @@ int cu_add(struct cu_ctx *c, float *y, const float *x, size_t n)
 
 static __global__ void silu_mul_kernel(float *y, const float *g, const float *u, size_t n)
 {
-    pdl_wait(); /* cu_launch_dep */
-    pdl_trigger();
+    pdl_begin(); /* cu_launch_dep */
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float gv = g[i];
         y[i] = __fmul_rn(__fdiv_rn(gv, 1.0f + expf(-gv)), u[i]);
@@ -201,8 +197,7 @@ static __global__ void rope_kernel(float *x, int heads, int ldr, int ldh, const 
                                    const float *cs_tab, const float *sn_tab, int n_pos, int half,
                                    int interleaved)
 {
-    pdl_wait(); /* cu_launch_dep */
-    pdl_trigger();
+    pdl_begin(); /* cu_launch_dep */
     const int r = blockIdx.x;
     const int p = pos[r];
     if (p < 0 || p >= n_pos)
