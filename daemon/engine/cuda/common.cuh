@@ -265,11 +265,12 @@ static inline cudaError_t cu_smem_optin(struct cu_ctx *c, const void *func, size
 }
 
 /* Programmatic dependent launch (knob pdl): a kernel launched with the attribute cu_pdl_attr
- * fills in may start while the kernel before it on the stream still runs. It calls pdl_wait()
- * before it reads anything that kernel writes or writes anything it reads, and pdl_trigger() (which
- * lets the next one start) only after its own pdl_wait(); so when a kernel starts, every kernel
- * but the one just before it has finished, and its prologue may read their outputs. In a kernel
- * launched without the attribute both are no-ops. */
+ * fills in (cu_launch_pdl, cu_launch_dep below) may start while the kernel before it on the
+ * stream still runs. It calls pdl_wait() before it reads anything that kernel writes or writes
+ * anything it reads, and pdl_trigger() (which lets the next one start) only after its own
+ * pdl_wait() (pdl_begin: both at its start); so when a kernel starts, every kernel but the one
+ * just before it has finished, and its prologue may read their outputs (or, like the FP8 GEMM,
+ * load what no kernel writes). In a kernel launched without the attribute both are no-ops. */
 static __device__ __forceinline__ void pdl_wait()
 {
     asm volatile("griddepcontrol.wait;" ::: "memory");
