@@ -461,12 +461,11 @@ static __device__ double block_sums(const float *x, int V, float mx, float inv_t
 }
 
 /* The host's walk without top-p: u * total over the block sums, then inside the block that holds
- * it (its e staged in shared memory by all threads), in double by one thread, eight values loaded
- * ahead. All threads return the token. */
-template <bool KEYED>
-static __device__ int32_t walk_blocks(const float *x, int V, float mx, float inv_t, float min_p,
-                                      uint64_t kth, double du, double total, const double *bsum,
-                                      struct sample_smem &sm)
+ * it (its e, e_of(v), staged in shared memory by all threads), in double by one thread, eight
+ * values loaded ahead. All threads return the token. */
+template <typename E>
+static __device__ int32_t walk_staged(int V, double du, double total, const double *bsum,
+                                      struct sample_smem &sm, E e_of)
 {
     const int tid = threadIdx.x, nb = (V + SAMPLE_BLK - 1) / SAMPLE_BLK;
     if (tid == 0) {
@@ -482,7 +481,7 @@ static __device__ int32_t walk_blocks(const float *x, int V, float mx, float inv
     __syncthreads();
     const int v0 = sm.walk_b * SAMPLE_BLK, v1 = v0 + SAMPLE_BLK < V ? v0 + SAMPLE_BLK : V;
     if (v0 + tid < v1)
-        sm.acc4[tid] = e_tok<KEYED>(x[v0 + tid], v0 + tid, mx, inv_t, min_p, kth);
+        sm.acc4[tid] = e_of(v0 + tid);
     __syncthreads();
     if (tid == 0) {
         const double u = sm.walk_u;
@@ -513,6 +512,16 @@ static __device__ int32_t walk_blocks(const float *x, int V, float mx, float inv
     }
     __syncthreads();
     return sm.tok;
+}
+
+/* walk_staged with each e computed from its logit */
+template <bool KEYED>
+static __device__ int32_t walk_blocks(const float *x, int V, float mx, float inv_t, float min_p,
+                                      uint64_t kth, double du, double total, const double *bsum,
+                                      struct sample_smem &sm)
+{
+    return walk_staged(V, du, total, bsum, sm,
+                       [&](int v) { return e_tok<KEYED>(x[v], v, mx, inv_t, min_p, kth); });
 }
 
 /* The host's top-p walk over candidates sm.keys[0..n) in the canonical order, their e in sm.es:
@@ -1102,45 +1111,15 @@ static __device__ int32_t draw_full(const float *x, int V, const struct dsv32_dr
                     }
                 }
             }
+            sm.tok = tok;
         }
+        __syncthreads();
+        tok = sm.tok;
     } else {
-        /* the walk, in order, by one thread: over the block sums, then (staged in shared
-         * memory by all) inside the block that holds u * total */
-        if (tid == 0) {
-            const double u = __dmul_rn(d.u, sm.total);
-            double cum = 0.0;
-            int b = 0;
-            while (b < nb - 1 && __dadd_rn(cum, bsum[b]) <= u)
-                cum = __dadd_rn(cum, bsum[b++]);
-            sm.walk_u = u;
-            sm.walk_cum = cum;
-            sm.walk_b = b;
-        }
-        __syncthreads();
-        const int v0 = sm.walk_b * SAMPLE_BLK, v1 = v0 + SAMPLE_BLK < V ? v0 + SAMPLE_BLK : V;
-        if (v0 + tid < v1)
-            sm.acc4[tid] = e[v0 + tid];
-        __syncthreads();
-        if (tid == 0) {
-            const double u = sm.walk_u;
-            double cum = sm.walk_cum;
-            tok = -1;
-            for (int v = v0; v < v1 && tok < 0; v++) {
-                cum = __dadd_rn(cum, (double)sm.acc4[v - v0]);
-                if (u < cum)
-                    tok = v;
-            }
-            for (int v = v1 - 1; v >= v0 && tok < 0; v--) /* past the block's float rounding */
-                if (sm.acc4[v - v0] > 0.0f)
-                    tok = v;
-            if (tok < 0)
-                tok = v1 - 1;
-        }
+        /* the walk, in order, by one thread: over the block sums, then inside the block that
+         * holds u * total (all threads get the token) */
+        tok = walk_staged(V, d.u, sm.total, bsum, sm, [&](int v) { return e[v]; });
     }
-    if (tid == 0)
-        sm.tok = tok;
-    __syncthreads();
-    tok = sm.tok;
     if (tok != SAMPLE_EXACT)
         return tok;
     /* a nucleus of more than SAMPLE_TOPM candidates (top-k above SAMPLE_TOPM, or NaN or infinite
