@@ -742,7 +742,7 @@ static const struct {
     KNOB(lt_big_rows, true),    KNOB(idx_dev_items, false), KNOB(mla_cl, true),
     KNOB(mla_cl_nocopy, false), KNOB(pdl, false),           KNOB(moe_all_groups, false),
     KNOB(route_smem, false),    KNOB(moe_rowmajor, false),  KNOB(fp8_pdl, false),
-    KNOB(pdl_ops, false),
+    KNOB(pdl_ops, false),       KNOB(fp8_stages_dn, true),
 };
 #undef KNOB
 

@@ -174,6 +174,8 @@ struct cu_ctx {
     int idx_l2_normal;         /* its TMA reads without the evict-first L2 hint (benchmarks) */
     int idx_copy_only;         /* benchmarks: the FP8 indexer reads its blocks and computes nothing
                                   (1), or computes the scores and does not store them (2) */
+    int fp8_stages_dn;         /* the FP8 pipe kernel's ring for plain products of one row tile
+                                  a pass: 4 stages (3 CTAs an SM), else 3 (4 an SM, default) */
     int idx_items;             /* the indexer's work list as floor(blocks / bpc) equal items per row
                                   group (1, default: no partial extra wave, 3-5% faster) or items
                                   of bpc blocks, the last one short (0) */

@@ -331,16 +331,17 @@ static __global__ void __launch_bounds__(256) fp8_gemm_kernel(const struct cu_fp
 }
 
 /* The same computation with the operands staged through shared memory by cp.async: a ring of
- * PIPE_STAGES stages, each one 128-K block (the weight-scale block) of the CTA's 128 weight rows
- * (w1, and w3 for SwiGLU) and of its NT x 8 activation rows, PIPE_STAGES - 1 blocks in flight
- * ahead of the math. The register-prefetch kernel above keeps one 64-byte chunk per lane in
+ * PIPE_STAGES stages (launch_pipe), each one 128-K block (the weight-scale block) of the CTA's 128
+ * weight rows (w1, and w3 for SwiGLU) and of its NT x 8 activation rows, PIPE_STAGES - 1 blocks in
+ * flight ahead of the math. The register-prefetch kernel above keeps one 64-byte chunk per lane in
  * flight and needs registers for it (at 32 rows per pass 190 registers: one CTA per SM), so
  * streaming the experts' weights was bound by the bytes in flight; here they sit in shared
  * memory. Each lane reads exactly the bytes it loaded itself before (the same fragments, the
  * same mma order): results are identical to fp8_gemm_kernel's. A stage is laid out as two
  * 64-byte halves [half][row][64 B] so that the 8 lanes of a shared-memory phase read 128
  * contiguous bytes (no bank conflicts); global reads are 128 contiguous bytes per row. */
-#define PIPE_STAGES 4
+#define PIPE_STAGES_DEFAULT 4
+#define PIPE_STAGES_THIN 3 /* plain products, one row tile a pass (launch_pipe) */
 
 static __device__ __forceinline__ void cp_async16(void *dst, const void *src)
 {
@@ -354,10 +355,10 @@ static constexpr __host__ __device__ int pipe_stage_bytes()
     return (SWIGLU ? 2 : 1) * 128 * 128 + NT * 8 * 128;
 }
 
-template <int NT, bool SWIGLU>
-static __global__ void __launch_bounds__(256) fp8_gemm_pipe_kernel(const struct cu_fp8_gemm a, int kb_per,
-                                                                   float *part, size_t part_stride,
-                                                                   const struct cu_probe p)
+template <int NT, bool SWIGLU, int PIPE_STAGES>
+static __global__ void __launch_bounds__(256)
+    fp8_gemm_pipe_kernel(const struct cu_fp8_gemm a, int kb_per, float *part, size_t part_stride,
+                         const struct cu_probe p)
 {
     extern __shared__ __align__(16) uint8_t pipe_smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -626,16 +627,32 @@ static __global__ void split_reduce_kernel(float *y, int ldy, const float *part,
     }
 }
 
-template <int NT, bool SWIGLU>
-static int launch_pipe(struct cu_ctx *c, const struct cu_fp8_gemm *a, dim3 grid, int kb_per, float *part,
-                       size_t part_stride, const struct cu_probe &p)
+template <int NT, bool SWIGLU, int S>
+static int launch_pipe_s(struct cu_ctx *c, const struct cu_fp8_gemm *a, dim3 grid, int kb_per,
+                         float *part, size_t part_stride, const struct cu_probe &p)
 {
-    const int bytes = PIPE_STAGES * pipe_stage_bytes<NT, SWIGLU>();
-    auto kern = fp8_gemm_pipe_kernel<NT, SWIGLU>;
+    const int bytes = S * pipe_stage_bytes<NT, SWIGLU>();
+    auto kern = fp8_gemm_pipe_kernel<NT, SWIGLU, S>;
     CU_SMEM_OPTIN(kern, bytes);
     CU_CHECK(
         cu_launch_pdl(c, a->pdl, kern, grid, dim3(256), bytes, *a, kb_per, part, part_stride, p));
     return 0;
+}
+
+/* The ring's depth. Plain products of one row tile a pass (the down projection of a few rows'
+ * experts, the dense linears of a few rows) take PIPE_STAGES_THIN stages: 51 KB, so that four
+ * CTAs fit an SM (64 registers) where four stages' 68 KB fit three, and the down projection of
+ * one row's 8 experts (448 CTAs) runs in one wave instead of 1.13; knob fp8_stages_dn 4 for the
+ * four. Measured (docs/GPU-NOTES.md, fifteenth session of 2026-11-29, call 2): the routed
+ * experts at one row 0.118 against 0.126 ms; SwiGLU with 3, 5 or 6 stages instead of 4 gained
+ * nothing (at 4 rows 3 lost 6%). */
+template <int NT, bool SWIGLU>
+static int launch_pipe(struct cu_ctx *c, const struct cu_fp8_gemm *a, dim3 grid, int kb_per,
+                       float *part, size_t part_stride, const struct cu_probe &p)
+{
+    if (NT == 1 && !SWIGLU && c->fp8_stages_dn != 4)
+        return launch_pipe_s<1, false, PIPE_STAGES_THIN>(c, a, grid, kb_per, part, part_stride, p);
+    return launch_pipe_s<NT, SWIGLU, PIPE_STAGES_DEFAULT>(c, a, grid, kb_per, part, part_stride, p);
 }
 
 template <int NT>
