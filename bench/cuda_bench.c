@@ -758,6 +758,8 @@ static double layer_steps(struct dsv32_engine *e, int B, int ctx, int reps, int 
     return r;
 }
 
+static int only_rows; /* --rows: that row count's lines of the layer, moe and ops tables only */
+
 static void bench_layer(struct dsv32_backend *be, int ctx)
 {
     struct dsv32_config c;
@@ -806,10 +808,19 @@ static void bench_layer(struct dsv32_backend *be, int ctx)
     static const int bs[] = {1, 16, 64, 256};
     for (size_t i = 0; i < sizeof(bs) / sizeof(bs[0]); i++) {
         const int B = bs[i];
+        if (only_rows > 0 && B != only_rows)
+            continue;
         int hit1, hit2;
         double d1, d2;
+        /* DSV32_PROFILE_LAYER set: the profilers' collection on for these steps only (ncu
+         * --profile-from-start off: the layer's kernels without the set-up's) */
+        const int prof = getenv("DSV32_PROFILE_LAYER") != NULL;
+        if (prof)
+            MUST(dsv32_cuda_profiler(1));
         const double t1 = layer_steps(e1, B, ctx, iters, &hit1, &d1);
         const double t2 = layer_steps(e2, B, ctx, iters, &hit2, &d2);
+        if (prof)
+            MUST(dsv32_cuda_profiler(0));
         const double per = t2 - t1, dper = d2 - d1;
         const int sel = ctx < 2048 ? ctx : 2048;
         const double kv_bytes = (double)B * ((double)ctx * 132 + (double)sel * 656);
@@ -877,8 +888,6 @@ static void moe_routing(int32_t *ids, float *w, int rows, int K, int E, uint64_t
         (res) = median(t_, iters);                                                                 \
         free(t_);                                                                                  \
     } while (0)
-
-static int only_rows; /* --rows: that row count's lines of the moe and ops tables only */
 
 static void bench_moe(struct dsv32_backend *be)
 {

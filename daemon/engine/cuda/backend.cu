@@ -5,6 +5,8 @@
  * cuda_backend.h (device-side random inputs, event timing, the copy and bf16 GEMM ceilings). */
 #include "common.cuh"
 
+#include <cuda_profiler_api.h>
+
 #include "cuda_backend.h"
 #include "dsa.cuh"
 #include "gemm.cuh"
@@ -621,6 +623,15 @@ extern "C" int dsv32_cuda_device_count(void)
         return 0;
     }
     return n;
+}
+
+extern "C" int dsv32_cuda_profiler(int on)
+{
+    if ((on ? cudaProfilerStart() : cudaProfilerStop()) != cudaSuccess) {
+        cudaGetLastError();
+        return DSV32_ECUDA;
+    }
+    return 0;
 }
 
 extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const struct dsv32_kv_geom *geom,

@@ -26,6 +26,10 @@ extern "C" {
 /* Number of usable GPUs; 0 when there is no GPU or driver (tests skip then). */
 int dsv32_cuda_device_count(void);
 
+/* Starts (on 1) or stops (0) the profilers' collection (cudaProfilerStart / Stop), so that a
+ * profiler started with collection off (ncu --profile-from-start off) sees one part of a run. */
+int dsv32_cuda_profiler(int on);
+
 /* 1 when the backend runs in the fast numerics mode. */
 int dsv32_cuda_is_fast(const struct dsv32_backend *be);
 /* Selects a kernel variant at run time (benchmarks compare them; a process without a flag for

@@ -1167,10 +1167,14 @@ static __global__ void __launch_bounds__(1024)
     }
     for (int pass = 0; pass < 3; pass++) {
         const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0, nb = pass == 2 ? 1024 : 2048;
-        if (pass == 2 && topk - kk + sh[2] <= cap) {
-            /* the 22-bit bin of the k-th score holds few: gather it and finish in shared memory */
+        /* the keys at or above the k-th score's bin so far fit shared memory (the whole row
+         * when it fits, else after the first or second pass): gather them and finish there (the
+         * gather after the first pass, one pass over global memory fewer, took a row of 8193
+         * from 18.8 to 17.1 us under Nsight Compute, 64 rows from 19.3 to 18.6) */
+        if ((pass == 0 && n <= cap) || (pass > 0 && topk - kk + sh[2] <= cap)) {
             const int nc = topk_gather(cu, cj, cap, s4, n, n4, prefix >> 10, &s_n);
-            topk_select_smem(out, cu, cj, nc, n, 2, prefix, pmask, kk, hist, warp_sum, sh, bitmap);
+            topk_select_smem(out, cu, cj, nc, n, pass, prefix, pmask, kk, hist, warp_sum, sh,
+                             bitmap);
             return;
         }
         topk_hist_global(hist, s4, n, n4, pmask, prefix, shift, nb);
