@@ -1832,7 +1832,7 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
 
 /* The splits of (row r, head h) into out: O = sum_z O_z exp(m_z - M) / sum_z l_z exp(m_z - M)
  * over the splits that saw a key, in ascending z. The splits' (m, l) are read once into shared
- * memory; each thread then owns 4 adjacent latent dims and issues its splits' loads 8 at a time,
+ * memory; each thread then owns 4 adjacent latent dims and issues its splits' loads 16 at a time,
  * none waiting on another (one thread per dim walking the splits with a load of (m, l) before
  * each load of O took 58 us at one row and 32 splits: two dependent loads a split). The sums run
  * in the same order with the same operations as before, so the bits are the same. Launched under
@@ -1874,13 +1874,13 @@ static __global__ void __launch_bounds__(128)
         reinterpret_cast<const float4 *>(a.part_o + ((size_t)r * H + h) * MLA_C) + tid;
     const size_t zo = zs * MLA_C / 4; /* float4s from one split to the next */
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int z0 = 0; z0 < splits; z0 += 8) {
-        float4 v[8];
+    for (int z0 = 0; z0 < splits; z0 += 16) {
+        float4 v[16];
 #pragma unroll
-        for (int u = 0; u < 8; u++)
+        for (int u = 0; u < 16; u++)
             v[u] = z0 + u < splits ? po[(z0 + u) * zo] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
-        for (int u = 0; u < 8; u++) {
+        for (int u = 0; u < 16; u++) {
             const float w = z0 + u < splits ? s_w[z0 + u] : -1.0f;
             if (w >= 0.0f) {
                 acc.x += v[u].x * w;

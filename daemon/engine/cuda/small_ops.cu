@@ -1,6 +1,8 @@
 /* Small ops of the cuda backend (see small_ops.cuh): one thread block per row for the norms, a
- * grid-stride loop for elementwise work. Memory-bound; none of them is on a path that matters
- * next to the GEMMs and attention, so they stay simple. */
+ * grid-stride loop for elementwise work. Memory-bound, and at a few rows bound by the latency of
+ * their loads: a thread's loads of a row are issued together (SMALL_ILP at a time) rather than
+ * one per loop trip, which made a 7168-wide RMSNorm of one row 8.3 us, the embedding 12.6 and
+ * the 128-head RoPE (one CTA a row) 9.8 under Nsight Compute (docs/GPU-NOTES.md, 2026-11-30). */
 #include "small_ops.cuh"
 
 /* sum over the block (blockDim.x a multiple of 32, <= 1024) */
@@ -24,6 +26,8 @@ __device__ __forceinline__ float load_as_f32<__nv_bfloat16>(const __nv_bfloat16 
     return __bfloat162float(p[i]);
 }
 
+#define SMALL_ILP 8
+
 template <typename T>
 static __global__ void embed_kernel(float *y, const int32_t *ids, const T *table, int64_t vocab, int dim)
 {
@@ -35,8 +39,17 @@ static __global__ void embed_kernel(float *y, const int32_t *ids, const T *table
             yr[d] = __int_as_float(0x7fc00000);
         return;
     }
-    for (int d = threadIdx.x; d < dim; d += blockDim.x)
-        yr[d] = load_as_f32(table, (size_t)id * dim + d);
+    const int nb = blockDim.x;
+    for (int d0 = threadIdx.x; d0 < dim; d0 += SMALL_ILP * nb) {
+        float t[SMALL_ILP];
+#pragma unroll
+        for (int k = 0; k < SMALL_ILP; k++)
+            t[k] = d0 + k * nb < dim ? load_as_f32(table, (size_t)id * dim + d0 + k * nb) : 0.0f;
+#pragma unroll
+        for (int k = 0; k < SMALL_ILP; k++)
+            if (d0 + k * nb < dim)
+                yr[d0 + k * nb] = t[k];
+    }
 }
 
 int cu_embed(struct cu_ctx *c, float *y, const int32_t *ids, int n, const struct cu_weight *t)
@@ -93,6 +106,27 @@ static __global__ void rmsnorm_kernel(float *y, int ldy, const float *x, int ldx
     const float *xr = x + (size_t)blockIdx.x * ldx;
     float *yr = y + (size_t)blockIdx.x * ldy;
     float ss = 0.0f;
+    const int nb = blockDim.x;
+    if (!seq && dim <= SMALL_ILP * nb) {
+        /* the row in registers, its loads and the weights' issued at once; the same sums */
+        float v[SMALL_ILP], gv[SMALL_ILP];
+#pragma unroll
+        for (int k = 0; k < SMALL_ILP; k++) {
+            const int i = threadIdx.x + k * nb;
+            v[k] = i < dim ? xr[i] : 0.0f;
+            gv[k] = i < dim ? g[i] : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < SMALL_ILP; k++)
+            ss += v[k] * v[k];
+        ss = block_sum(ss, sh);
+        const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+#pragma unroll
+        for (int k = 0; k < SMALL_ILP; k++)
+            if (threadIdx.x + k * nb < dim)
+                yr[threadIdx.x + k * nb] = __fmul_rn(gv[k], __fmul_rn(v[k], inv));
+        return;
+    }
     if (seq) {
         ss = seq_sum_sq(xr, dim, 0.0f, sh);
     } else {
@@ -193,17 +227,18 @@ int cu_silu_mul(struct cu_ctx *c, float *y, const float *g, const float *u, int 
     return 0;
 }
 
+/* chunks CTAs a row (blockIdx.x = row * chunks + chunk), a (head, pair) a thread */
 static __global__ void rope_kernel(float *x, int heads, int ldr, int ldh, const int32_t *pos,
                                    const float *cs_tab, const float *sn_tab, int n_pos, int half,
-                                   int interleaved)
+                                   int interleaved, int chunks)
 {
     pdl_begin(); /* cu_launch_dep */
-    const int r = blockIdx.x;
+    const int r = blockIdx.x / chunks, t0 = (blockIdx.x % chunks) * blockDim.x;
     const int p = pos[r];
     if (p < 0 || p >= n_pos)
         return; /* the engine checks context lengths before a step */
     const float *cs = cs_tab + (size_t)p * half, *sn = sn_tab + (size_t)p * half;
-    for (int t = threadIdx.x; t < heads * half; t += blockDim.x) {
+    for (int t = t0 + threadIdx.x; t < heads * half; t += chunks * blockDim.x) {
         const int h = t / half, i = t % half;
         float *v = x + (size_t)r * ldr + (size_t)h * ldh;
         const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
@@ -219,9 +254,12 @@ int cu_rope(struct cu_ctx *c, float *x, int rows, int heads, int ldr, int ldh, c
     if (rows <= 0)
         return 0;
     const int half = c->cfg->qk_rope_head_dim / 2;
-    CU_CHECK(cu_launch_dep(c, rope_kernel, dim3(rows), dim3(256), 0, x, heads, ldr, ldh, pos,
-                           (const float *)c->rope_cos, (const float *)c->rope_sin, c->n_pos, half,
-                           interleaved));
+    const int chunks = (heads * half + 255) / 256;
+    if ((int64_t)rows * chunks > 0x7fffffff)
+        return DSV32_ESHAPE;
+    CU_CHECK(cu_launch_dep(c, rope_kernel, dim3((unsigned)(rows * chunks)), dim3(256), 0, x, heads,
+                           ldr, ldh, pos, (const float *)c->rope_cos, (const float *)c->rope_sin,
+                           c->n_pos, half, interleaved, chunks));
     CU_LAUNCHED("rope");
     return 0;
 }
