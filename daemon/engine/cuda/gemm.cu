@@ -643,9 +643,9 @@ static int launch_pipe_s(struct cu_ctx *c, const struct cu_fp8_gemm *a, dim3 gri
  * experts, the dense linears of a few rows) take PIPE_STAGES_THIN stages: 51 KB, so that four
  * CTAs fit an SM (64 registers) where four stages' 68 KB fit three, and the down projection of
  * one row's 8 experts (448 CTAs) runs in one wave instead of 1.13; knob fp8_stages_dn 4 for the
- * four. Measured (docs/GPU-NOTES.md, fifteenth session of 2026-11-29, call 2): the routed
- * experts at one row 0.118 against 0.126 ms; SwiGLU with 3, 5 or 6 stages instead of 4 gained
- * nothing (at 4 rows 3 lost 6%). */
+ * four. Measured (docs/GPU-NOTES.md, session of 2026-11-30, calls 2-3): the routed
+ * experts at one row 0.118-0.121 against 0.120-0.126 ms; SwiGLU with 3, 5 or 6 stages instead of 4
+ * gained nothing (at 4 rows 3 lost 6%). */
 template <int NT, bool SWIGLU>
 static int launch_pipe(struct cu_ctx *c, const struct cu_fp8_gemm *a, dim3 grid, int kb_per,
                        float *part, size_t part_stride, const struct cu_probe &p)

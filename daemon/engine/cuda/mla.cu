@@ -1863,7 +1863,7 @@ static __global__ void __launch_bounds__(128)
         s_m[tid >> 5] = mz;
     __syncthreads();
     const float M = fmaxf(fmaxf(s_m[0], s_m[1]), fmaxf(s_m[2], s_m[3]));
-    __syncthreads(); /* every max read before it becomes a weight (-1: a split with no key) */
+    /* each split's max into its weight by the thread that stored it (-1: a split with no key) */
     for (int z = tid; z < splits; z += blockDim.x)
         s_w[z] = s_w[z] == -INFINITY ? -1.0f : __expf(s_w[z] - M);
     __syncthreads();
