@@ -603,6 +603,42 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
     dsa_free(&d);
 }
 
+/* --only dsa-quick: the DSA table's default rows alone (the fast mode's kernels, one call and
+ * queued, and the queued parts), a fraction of the full table's device time */
+static void bench_dsa_quick(struct dsv32_backend *be)
+{
+    const int B = 64, L = 131072, I = RUN_INDEXER, IS = RUN_INDEXER | RUN_SPARSE;
+    struct dsa d;
+    dsa_init(&d, be, B, L, 1);
+    struct dsv32_step_meta m = dsa_meta(&d, B, 1, L);
+    const double bytes = (double)B * L * 132 + (double)B * 2048 * 656;
+    const double floor_ms = bytes / (copy_gbps * 1e9) * 1e3;
+    MUST(dsv32_cuda_set_knob(be, "indexer_fp8", 1));
+    const double t_all = dsa_time(&d, &m, IS, iters),
+                 q_all = dsa_time(&d, &m, IS | RUN_QUEUED, iters);
+    const double q_scores = dsa_time_with(&d, &m, I | RUN_QUEUED, iters, KNOBS({"idx_no_topk", 1}));
+    const double q_read = dsa_time_with(&d, &m, I | RUN_QUEUED, iters,
+                                        KNOBS({"idx_no_topk", 1}, {"idx_copy_only", 1}));
+    const double q_idx = dsa_time(&d, &m, I | RUN_QUEUED, iters);
+    const double q_sp = dsa_time(&d, &m, RUN_SPARSE | RUN_QUEUED, iters);
+    const double t_op = dsa_time(&d, &m, RUN_DSA, iters),
+                 q_op = dsa_time(&d, &m, RUN_DSA | RUN_QUEUED, iters);
+    printf("\n## DSA decode attention, batch %d x context %d (quick: the defaults only)\n", B, L);
+    printf("floor: %.3f GB at %.0f GB/s = %.3f ms\n", bytes / 1e9, copy_gbps, floor_ms);
+    printf("| part | time (ms) | x floor | |\n|---|---|---|---|\n");
+    printf("| DSA decode total, the indexer and MLA ops in turn, one call | %.3f | %.2f | |\n",
+           t_all, t_all / floor_ms);
+    printf("| the same, calls queued back to back | %.3f | %.2f | of it: scores %.3f (reads alone "
+           "%.3f: %.0f "
+           "GB/s), top-k %.3f (by difference), sparse MLA %.3f |\n",
+           q_all, q_all / floor_ms, q_scores, q_read, (double)B * L * 132 / (q_read * 1e-3) / 1e9,
+           q_idx - q_scores, q_sp);
+    printf("| the dsa op (the engine's call), one call / queued | %.3f / %.3f | %.2f / %.2f | |\n",
+           t_op, q_op, t_op / floor_ms, q_op / floor_ms);
+    fflush(stdout);
+    dsa_free(&d);
+}
+
 static void bench_prefill(struct dsv32_backend *be)
 {
     /* one sequence of 131072 cached tokens; the last T rows are a prefill chunk */
@@ -1254,14 +1290,27 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--knob") && i + 1 < argc && n_knobs < 16 && strchr(argv[i + 1], '='))
             knobs[n_knobs++] = argv[++i];
         else {
-            fprintf(stderr, "usage: cuda_bench [--only dsa|sweep|prefill|moe|layer|ops] [--csv "
-                            "DIR] [--iters N] "
-                            "[--ctx-layer N] [--rows N] [--host-queue] [--knob NAME=VALUE]...\n");
+            fprintf(stderr,
+                    "usage: cuda_bench [--only dsa|dsa-quick|sweep|prefill|moe|layer|ops] [--csv "
+                    "DIR] [--iters N] "
+                    "[--ctx-layer N] [--rows N] [--host-queue] [--knob NAME=VALUE]...\n");
             return 2;
         }
     }
     if (iters < 1)
         iters = 1;
+    static const char *const parts[] = {"dsa", "dsa-quick", "sweep", "prefill",
+                                        "moe", "layer",     "ops"};
+    int known = !only;
+    for (size_t i = 0; only && i < sizeof(parts) / sizeof(parts[0]); i++)
+        known |= !strcmp(only, parts[i]);
+    if (!known) {
+        fprintf(
+            stderr,
+            "cuda_bench: --only %s: not one of dsa, dsa-quick, sweep, prefill, moe, layer, ops\n",
+            only);
+        return 2;
+    }
     if (dsv32_cuda_device_count() == 0) {
         fprintf(stderr, "cuda_bench: no GPU\n");
         return 77;
@@ -1290,6 +1339,8 @@ int main(int argc, char **argv)
     const int all = !only;
     if (all || !strcmp(only, "dsa") || !strcmp(only, "sweep"))
         bench_dsa(be, csv_dir, all || !strcmp(only, "dsa"), all || !strcmp(only, "sweep"));
+    if (!all && !strcmp(only, "dsa-quick"))
+        bench_dsa_quick(be);
     if (all || !strcmp(only, "prefill"))
         bench_prefill(be);
     if (all || !strcmp(only, "moe"))
