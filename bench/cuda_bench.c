@@ -300,6 +300,14 @@ static double dsa_time_with(struct dsa *d, const struct dsv32_step_meta *m, int 
     return t;
 }
 
+/* the bytes DSA decode must read for B sequences at context ctx: the indexer key of every cached
+ * token (132 B) and the 656-byte latent of each of its (at most 2048) selected tokens */
+static double dsa_bytes(int B, int ctx)
+{
+    const int sel = ctx < 2048 ? ctx : 2048;
+    return (double)B * ((double)ctx * 132 + (double)sel * 656);
+}
+
 static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa, int do_sweep)
 {
     const int B = 64, L = 131072;
@@ -308,8 +316,7 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
     const double gb = 1e9;
     if (do_dsa) {
         struct dsv32_step_meta m = dsa_meta(&d, B, 1, L);
-        /* the bytes DSA decode must read: indexer keys of every cached token, 656 B per selected */
-        const double bytes = (double)B * L * 132 + (double)B * 2048 * 656;
+        const double bytes = dsa_bytes(B, L);
         const double floor_ms = bytes / (copy_gbps * gb) * 1e3;
         const double dense_bytes = (double)B * L * 656;
         const int I = RUN_INDEXER, IS = RUN_INDEXER | RUN_SPARSE;
@@ -588,8 +595,7 @@ static void bench_dsa(struct dsv32_backend *be, const char *csv_dir, int do_dsa,
             const double t_dsa8 = dsa_time_with(&d, &m, RUN_INDEXER | RUN_SPARSE, iters, KNOBS({"indexer_fp8", 1}));
             const double t_dsa8q = dsa_time_with(&d, &m, RUN_INDEXER | RUN_SPARSE | RUN_QUEUED, iters, KNOBS({"indexer_fp8", 1}));
             const double t_dense = dsa_time(&d, &m, RUN_DENSE, iters > 5 ? 5 : iters);
-            const int sel = ctx < 2048 ? ctx : 2048;
-            const double f_dsa = ((double)B * ctx * 132 + (double)B * sel * 656) / (copy_gbps * gb) * 1e3;
+            const double f_dsa = dsa_bytes(B, ctx) / (copy_gbps * gb) * 1e3;
             const double f_dense = (double)B * ctx * 656 / (copy_gbps * gb) * 1e3;
             printf("| %d | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.1f |\n", ctx, t_dsa, t_dsa8, t_dsa8q, f_dsa, t_dense,
                    f_dense, t_dense / t_dsa8q);
@@ -611,8 +617,7 @@ static void bench_dsa_quick(struct dsv32_backend *be)
     struct dsa d;
     dsa_init(&d, be, B, L, 1);
     struct dsv32_step_meta m = dsa_meta(&d, B, 1, L);
-    const double bytes = (double)B * L * 132 + (double)B * 2048 * 656;
-    const double floor_ms = bytes / (copy_gbps * 1e9) * 1e3;
+    const double bytes = dsa_bytes(B, L), floor_ms = bytes / (copy_gbps * 1e9) * 1e3;
     MUST(dsv32_cuda_set_knob(be, "indexer_fp8", 1));
     const double t_all = dsa_time(&d, &m, IS, iters),
                  q_all = dsa_time(&d, &m, IS | RUN_QUEUED, iters);
@@ -858,9 +863,7 @@ static void bench_layer(struct dsv32_backend *be, int ctx)
         if (prof)
             MUST(dsv32_cuda_profiler(0));
         const double per = t2 - t1, dper = d2 - d1;
-        const int sel = ctx < 2048 ? ctx : 2048;
-        const double kv_bytes = (double)B * ((double)ctx * 132 + (double)sel * 656);
-        const double bytes = attn_bytes + hit2 * expert_bytes + kv_bytes;
+        const double bytes = attn_bytes + hit2 * expert_bytes + dsa_bytes(B, ctx);
         const double floor_ms = bytes / (copy_gbps * 1e9) * 1e3;
         printf("| %d | %.3f | %.3f | %.3f | %.0f | %d | %.0f | %.3f | %.2f | %.3f | %.2f |\n", B,
                t1 * 1e3, t2 * 1e3, per * 1e3, B / per, hit2, bytes / 1e6, floor_ms,

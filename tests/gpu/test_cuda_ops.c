@@ -2074,7 +2074,8 @@ static void test_mla_prefill_fast(void)
 /* ---- MoE ---- */
 
 /* One router check: rows of x through both backends' moe_gate (the gate bf16, a bias when
- * with_bias), the choices equal but for near-ties of the cpu's scores, the weights within 1e-6 */
+ * with_bias), the choices equal but for near-ties of the cpu's scores, the weights within 1e-6
+ * (sigmoid) or 2e-5 (softmax) */
 static void router_case(const struct dsv32_config *cfg, int fast, int route_smem, int rows,
                         int with_bias)
 {

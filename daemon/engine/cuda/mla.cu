@@ -1856,9 +1856,7 @@ static __global__ void __launch_bounds__(128)
         mz = fmaxf(mz, v.x);
     }
     __shared__ float s_m[4];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-        mz = fmaxf(mz, __shfl_xor_sync(0xffffffffu, mz, o));
+    mz = cu_warp_max(mz);
     if ((tid & 31) == 0)
         s_m[tid >> 5] = mz;
     __syncthreads();

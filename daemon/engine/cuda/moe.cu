@@ -65,15 +65,16 @@ static int tile_experts(struct cu_ctx *c, const struct dsv32_ffn_weights *expert
     /* the copy buffer for the largest matrix, first: without it nothing is tiled (a table of
      * row-major experts works as before) */
     size_t tmp_bytes = 0;
-    for (int e = 0; e < E; e++)
-        for (int i = 0; i < 3 && dsv32_weight_loaded(&experts[e].w1); i++) {
-            const struct dsv32_weight *w = i == 0   ? &experts[e].w1
-                                           : i == 1 ? &experts[e].w2
-                                                    : &experts[e].w3;
-            const struct cu_weight *cw = (const struct cu_weight *)w->be;
+    for (int e = 0; e < E; e++) {
+        if (!dsv32_weight_loaded(&experts[e].w1))
+            continue;
+        const struct dsv32_weight *ws[3] = {&experts[e].w1, &experts[e].w2, &experts[e].w3};
+        for (int i = 0; i < 3; i++) {
+            const struct cu_weight *cw = (const struct cu_weight *)ws[i]->be;
             if (tileable(cw) && (size_t)cw->rows * cw->cols > tmp_bytes)
                 tmp_bytes = (size_t)cw->rows * cw->cols;
         }
+    }
     if (!tmp_bytes)
         return 0;
     uint8_t *tmp = NULL;

@@ -227,25 +227,23 @@ int cu_silu_mul(struct cu_ctx *c, float *y, const float *g, const float *u, int 
     return 0;
 }
 
-/* chunks CTAs a row (blockIdx.x = row * chunks + chunk), a (head, pair) a thread */
+/* chunks CTAs a row (blockIdx.x = row * chunks + chunk), one (head, pair) a thread */
 static __global__ void rope_kernel(float *x, int heads, int ldr, int ldh, const int32_t *pos,
                                    const float *cs_tab, const float *sn_tab, int n_pos, int half,
                                    int interleaved, int chunks)
 {
     pdl_begin(); /* cu_launch_dep */
-    const int r = blockIdx.x / chunks, t0 = (blockIdx.x % chunks) * blockDim.x;
+    const int r = blockIdx.x / chunks, t = (blockIdx.x % chunks) * blockDim.x + threadIdx.x;
     const int p = pos[r];
-    if (p < 0 || p >= n_pos)
+    if (p < 0 || p >= n_pos || t >= heads * half)
         return; /* the engine checks context lengths before a step */
     const float *cs = cs_tab + (size_t)p * half, *sn = sn_tab + (size_t)p * half;
-    for (int t = t0 + threadIdx.x; t < heads * half; t += chunks * blockDim.x) {
-        const int h = t / half, i = t % half;
-        float *v = x + (size_t)r * ldr + (size_t)h * ldh;
-        const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
-        const float re = v[a], im = v[b];
-        v[a] = __fsub_rn(__fmul_rn(re, cs[i]), __fmul_rn(im, sn[i]));
-        v[b] = __fadd_rn(__fmul_rn(re, sn[i]), __fmul_rn(im, cs[i]));
-    }
+    const int h = t / half, i = t % half;
+    float *v = x + (size_t)r * ldr + (size_t)h * ldh;
+    const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+    const float re = v[a], im = v[b];
+    v[a] = __fsub_rn(__fmul_rn(re, cs[i]), __fmul_rn(im, sn[i]));
+    v[b] = __fadd_rn(__fmul_rn(re, sn[i]), __fmul_rn(im, cs[i]));
 }
 
 int cu_rope(struct cu_ctx *c, float *x, int rows, int heads, int ldr, int ldh, const int32_t *pos,
