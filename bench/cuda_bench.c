@@ -628,19 +628,6 @@ static void bench_dsa_quick(struct dsv32_backend *be)
     const double q_sp = dsa_time(&d, &m, RUN_SPARSE | RUN_QUEUED, iters);
     const double t_op = dsa_time(&d, &m, RUN_DSA, iters),
                  q_op = dsa_time(&d, &m, RUN_DSA | RUN_QUEUED, iters);
-    /* the candidates of one call, counted (knob idx_cand 2) */
-    long calls = 0;
-    unsigned long long n_cand = 0;
-    MUST(dsv32_cuda_idx_cand_calls(be, &calls, &n_cand));
-    MUST(dsv32_cuda_set_knob(be, "idx_cand", 2));
-    dsa_time(&d, &m, I, 1);
-    MUST(dsv32_cuda_set_knob(be, "idx_cand", 0));
-    MUST(dsv32_cuda_idx_cand_calls(be, &calls, &n_cand));
-    /* the same run with candidates (knob idx_cand) */
-    const double q_all0 = dsa_time_with(&d, &m, IS | RUN_QUEUED, iters, KNOBS({"idx_cand", 1}));
-    const double q_scores0 =
-        dsa_time_with(&d, &m, I | RUN_QUEUED, iters, KNOBS({"idx_cand", 1}, {"idx_no_topk", 1}));
-    const double q_idx0 = dsa_time_with(&d, &m, I | RUN_QUEUED, iters, KNOBS({"idx_cand", 1}));
     printf("\n## DSA decode attention, batch %d x context %d (quick: the defaults only)\n", B, L);
     printf("floor: %.3f GB at %.0f GB/s = %.3f ms\n", bytes / 1e9, copy_gbps, floor_ms);
     printf("| part | time (ms) | x floor | |\n|---|---|---|---|\n");
@@ -653,13 +640,6 @@ static void bench_dsa_quick(struct dsv32_backend *be)
            q_idx - q_scores, q_sp);
     printf("| the dsa op (the engine's call), one call / queued | %.3f / %.3f | %.2f / %.2f | |\n",
            t_op, q_op, t_op / floor_ms, q_op / floor_ms);
-    printf("| queued, candidates only (knob idx_cand 1) | %.3f | %.2f | of it: scores "
-           "%.3f, top-k %.3f (by difference) |\n",
-           q_all0, q_all0 / floor_ms, q_scores0, q_idx0 - q_scores0);
-    /* dsa_time's reps 1: three calls (two warm-up) */
-    printf(
-        "candidates the scores wrote (knob idx_cand 2): %.0f a row and call, of %d keys (%.1f%%)\n",
-        (double)n_cand / (3.0 * B), L, 100.0 * (double)n_cand / (3.0 * B) / L);
     fflush(stdout);
     dsa_free(&d);
 }

@@ -1547,9 +1547,6 @@ static void indexer_diag(struct pair *p, int row, int n_rows, int ld, const doub
     free(g);
 }
 
-/* the variant's indexer takes candidates where its work items have one row (knob idx_cand) */
-static int idx_cand_variant;
-
 /* zero_q 1: every third row's query is all zeros, so all its scores tie at 0; the cpu keeps the
  * lowest positions, and so must the cuda top-k, exactly (shared-memory path up to 4096 positions,
  * the global path beyond). zero_q 2: every other row's head weights negative, so all its scores
@@ -1577,35 +1574,9 @@ static void indexer_case(struct pair *p, const char *what, int n_rows, const int
     float *dqs = dev_put(p->gpu, qs, sizeof(float) * n_rows * IH), *dwr = dev_put(p->gpu, wr, sizeof(float) * n_rows * IH);
     int32_t *dsel = dev_nan(p->gpu, sizeof(int32_t) * n_rows * K);
     p->cpu->ops->indexer(p->cpu, sc, q, qs, wr, &tc.c, &tm.hm, K);
-    long calls0 = 0, calls1 = 0;
-    unsigned long long n_cand = 0;
-    dsv32_cuda_idx_cand_calls(p->gpu, &calls0, &n_cand);
     int r = p->gpu->ops->indexer(p->gpu, dsel, dq, dqs, dwr, &tc.g, &tm.dm, K);
     CHECK(r == 0, "indexer: %s", dsv32_strerror(r));
     dev_get(p->gpu, sg, dsel, sizeof(int32_t) * n_rows * K);
-    dsv32_cuda_idx_cand_calls(p->gpu, &calls1, &n_cand);
-    /* candidates: expected where every sequence has one row and some row has more than k
-     * positions; their selection must be the one of every score stored (the same scores) */
-    int one_row = 1, deep = 0, cand_diff = 0;
-    for (int i = 0; i < n_rows; i++) {
-        one_row &= i == 0 || seq[i] != seq[i - 1];
-        deep |= pos[i] + 1 > K;
-    }
-    int items = 1;
-    dsv32_cuda_get_knob(p->gpu, "idx_items", &items); /* candidates take equal items */
-    const int cand_want = idx_cand_variant && IH == 64 && items && one_row && deep,
-              cand_used = calls1 > calls0;
-    if (cand_used) {
-        int32_t *sd = malloc(sizeof(int32_t) * n_rows * K);
-        dsv32_cuda_set_knob(p->gpu, "idx_cand", 0);
-        r = p->gpu->ops->indexer(p->gpu, dsel, dq, dqs, dwr, &tc.g, &tm.dm, K);
-        dsv32_cuda_set_knob(p->gpu, "idx_cand", 1);
-        CHECK(r == 0, "indexer: %s", dsv32_strerror(r));
-        dev_get(p->gpu, sd, dsel, sizeof(int32_t) * n_rows * K);
-        for (int i = 0; i < n_rows; i++)
-            cand_diff += memcmp(sd + (size_t)i * K, sg + (size_t)i * K, sizeof(int32_t) * K) != 0;
-        free(sd);
-    }
     int bad = 0, bad_cpu = 0, band = 0, band_cpu = 0, rows_checked = 0, exact_rows = 0, tie_rows = 0, tie_bad = 0;
     int ld = 0; /* the backend's score row stride: the longest context rounded up to 64 */
     for (int i = 0; i < n_rows; i++)
@@ -1636,14 +1607,8 @@ static void indexer_case(struct pair *p, const char *what, int n_rows, const int
            n_rows, rows_checked, exact_rows, band, bad, bad_cpu);
     if (zero_q == 1)
         printf("; all-tie rows %d, not the cpu's lowest positions %d", tie_rows, tie_bad);
-    if (cand_used)
-        printf("; from candidates, rows unlike every score's selection %d", cand_diff);
-    const int cand_bad = cand_used != cand_want || cand_diff != 0;
-    printf(" %s\n", bad || tie_bad || cand_bad ? "FAIL" : "ok");
+    printf(" %s\n", bad || tie_bad ? "FAIL" : "ok");
     CHECK(bad == 0, "%s: %d selection errors", what, bad);
-    CHECK(cand_used == cand_want, "%s: candidates %s", what,
-          cand_want ? "not used" : "used where not expected");
-    CHECK(cand_diff == 0, "%s: %d rows selected otherwise from candidates", what, cand_diff);
     CHECK(tie_bad == 0, "%s: %d all-tie rows differ from the cpu", what, tie_bad);
     free(q);
     free(qs);
@@ -1682,9 +1647,6 @@ static void test_indexer(void)
         dsv32_cuda_set_knob(p.gpu, "topk_global", variant == 3); /* the top-k's fallback path */
         dsv32_cuda_set_knob(p.gpu, "idx_tma", variant == 5);
         dsv32_cuda_set_knob(p.gpu, "idx_pipe", variant == 6);
-        /* candidates (the default) on the wgmma kernels, the pipelined one aside */
-        idx_cand_variant = variant == 0 || variant == 1 || variant == 2 || variant == 5;
-        dsv32_cuda_set_knob(p.gpu, "idx_cand", idx_cand_variant);
         /* the TMA variant takes the uploaded work list, the others derive decode items on the GPU */
         dsv32_cuda_set_knob(p.gpu, "idx_dev_items", variant != 5);
         /* the work list in equal items (knob idx_items 1, the default) for all but the mma.sync
@@ -1718,8 +1680,9 @@ static void test_indexer(void)
         indexer_case(&p, "decode, 64 heads, top-2048", n, pos, seq, 12, 9000 / 64 + 1, 12 * (9000 / 64 + 1), tol, 0);
         indexer_case(&p, "decode, every third query zero (ties)", n, pos, seq, 12, 9000 / 64 + 1,
                      12 * (9000 / 64 + 1), tol, 1);
-        /* one row a sequence: the wgmma kernels' candidates (rows up to 9000: the top-k's
-         * shared-memory finish, and with ties its passes over global memory past 8192) */
+        /* one row a sequence (the work items derived on the GPU, one row each; rows up to 9000
+         * positions: the top-k's shared-memory finish, and with ties its passes over global memory)
+         */
         int32_t opos[12], oseq[12];
         for (int s = 0; s < 12; s++) {
             opos[s] = s == 0 ? 99 : s == 1 ? 2048 : s == 2 ? 8999 : rnd_int(9000);

@@ -543,7 +543,6 @@ static void cuda_free(struct dsv32_backend *be)
         cudaFree(c->rope_sin);
         cudaFree(c->probe_flips);
         cudaFree(c->mla_prof);
-        cudaFree(c->idx_cand_stat);
         free(c->idx_items_h);
         cudaFree(c->probe_near);
         cudaFree(c->probe_n);
@@ -754,7 +753,7 @@ static const struct {
     KNOB(lt_big_rows, true),    KNOB(idx_dev_items, false), KNOB(mla_cl, true),
     KNOB(mla_cl_nocopy, false), KNOB(pdl, false),           KNOB(moe_all_groups, false),
     KNOB(route_smem, false),    KNOB(moe_rowmajor, false),  KNOB(fp8_pdl, false),
-    KNOB(pdl_ops, false),       KNOB(fp8_stages_dn, true),  KNOB(idx_cand, true),
+    KNOB(pdl_ops, false),       KNOB(fp8_stages_dn, true),
 };
 #undef KNOB
 
@@ -845,21 +844,6 @@ extern "C" int dsv32_cuda_get_knob(struct dsv32_backend *be, const char *name, i
 extern "C" int dsv32_cuda_dsa_info(struct dsv32_backend *be, int sms[2], long *overlapped_calls)
 {
     return cu_dsa_info(ctx_of(be), sms, overlapped_calls);
-}
-
-extern "C" int dsv32_cuda_idx_cand_calls(struct dsv32_backend *be, long *calls,
-                                         unsigned long long *cands)
-{
-    ENTER(be);
-    *calls = c->idx_cand_calls;
-    *cands = 0;
-    if (c->idx_cand_stat) {
-        CU_CHECK(cudaMemcpyAsync(cands, c->idx_cand_stat, sizeof(*cands), cudaMemcpyDeviceToHost,
-                                 c->st));
-        CU_CHECK(cudaMemsetAsync(c->idx_cand_stat, 0, sizeof(*cands), c->st));
-        CU_CHECK(cudaStreamSynchronize(c->st));
-    }
-    return 0;
 }
 
 extern "C" int dsv32_cuda_mla_prof(struct dsv32_backend *be, unsigned long long out[20])

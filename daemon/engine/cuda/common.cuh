@@ -111,7 +111,7 @@ struct cu_probe {
 
 /* ---- the context ---- */
 
-enum { CU_SCRATCH_SLOTS = 18 };
+enum { CU_SCRATCH_SLOTS = 16 };
 enum { CU_MLA_PROF_N = 20 }; /* counters of the knob mla_prof (cuda_backend.h: dsv32_cuda_mla_prof) */
 enum { CU_TMAPS = 64 };      /* tensor maps kept (indexer caches: one per layer) */
 enum { CU_OPTINS = 32 };     /* kernels whose shared-memory opt-in a context remembers */
@@ -185,12 +185,6 @@ struct cu_ctx {
                                   thread, two rounds (1), or four, three rounds (0, default) */
     int idx_dev_items;         /* the wgmma indexers derive a decode step's work items on the
                                   device (1, default) instead of uploading the host's list (0) */
-    int idx_cand;              /* the wgmma indexers write, for one-row items, only the scores that
-                                  may be in the top-k (candidates, indexer.cu) and the top-k
-                                  selects among those (1; 2: counted, for benchmarks), or write
-                                  every score (0, default) */
-    int idx_hist_dirty;        /* the candidates' histograms not known to be zero (a call's top-k
-                                  did not run): cleared before the next call's scores */
     int idx_pipe;              /* the FP8 wgmma indexer with each block's epilogue under the next
                                   block's MMAs, for one-row items (1; 0, default: in turn) */
     int pdl;                   /* the dsa op's kernels (the FP8 indexer's scores, the top-k, the
@@ -205,8 +199,6 @@ struct cu_ctx {
     int dsa_skip;              /* benchmarks: the chunked dsa op without its MLAs (1) or indexers (2) */
     struct cu_green *green;    /* those partitions (dsa.cu), made on first use */
     long dsa_overlapped;       /* dsa calls that ran chunks side by side */
-    long idx_cand_calls;       /* indexer calls (chunks) whose top-k took candidates */
-    unsigned long long *idx_cand_stat; /* the candidates written while idx_cand is 2 (device) */
     struct cu_tmap tmaps[CU_TMAPS];
     int n_tmaps;
     struct {
@@ -348,11 +340,9 @@ enum {
     SCR_XS_T,   /* scales transposed (cuBLASLt) */
     SCR_TMP,    /* f32 temporaries */
     SCR_TMP2,
-    SCR_PART,     /* split-K / split-KV partials */
-    SCR_SCORES,   /* indexer scores, or their candidates (idx_cand) */
-    SCR_IDX_CNT,  /* the candidates' counts per warp of a work item */
-    SCR_IDX_HIST, /* the candidates' histograms per row, zero between calls */
-    SCR_WORK,     /* small work lists */
+    SCR_PART,   /* split-K / split-KV partials */
+    SCR_SCORES, /* indexer scores */
+    SCR_WORK,   /* small work lists */
     SCR_MOE_A,
     SCR_MOE_B,
     SCR_MOE_C,
@@ -361,9 +351,7 @@ enum {
     SCR_PREF_B,
     SCR_PREF_C,
     SCR_BF16,
-    SCR_N
 };
-static_assert((int)SCR_N <= (int)CU_SCRATCH_SLOTS, "the scratch slots outnumber CU_SCRATCH_SLOTS");
 
 /* A scratch buffer of at least `bytes` (grows; growing waits for the stream first). */
 void *cu_scratch(struct cu_ctx *c, int slot, size_t bytes);

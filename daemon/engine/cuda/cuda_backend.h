@@ -64,29 +64,22 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * last one short), "idx_poison" (1, tests: the indexer's score scratch set to NaN before each call,
  * so that a score no kernel wrote shows), "idx_pipe" (1: the FP8 wgmma indexer runs a block's
  * epilogue under the next block's MMAs when every work item has one row, decode; 0, default: in
- * turn), "idx_cand" (1: the wgmma indexers, when every work item has one row, write only
- * the scores that may reach the top-k, the candidates, and the top-k selects among them, the same
- * selection; 2: the same, the candidates counted for dsv32_cuda_idx_cand_calls; 0, default: every
- * score written, and read back by the top-k), "mla_q6" (1: the warp-specialized MLA stages Q with
- * six loads in flight a thread instead of four), "dsa_chunks" (N >= 2: the dsa op cuts the rows in
- * up to N chunks and runs chunk i's MLA beside chunk i + 1's indexer on disjoint SMs, dsa.cu; 0 or
- * 1: the indexer, then the MLA), "dsa_idx_sms" (the SMs of the indexer's partition there; 0: half),
- * "dsa_skip" (benchmarks: the chunked dsa op without its MLAs, 1, or its indexers, 2), "pdl" (1,
- * default: the dsa op's FP8 scores, top-k and cluster MLA kernels by programmatic dependent launch,
- * each starting under its predecessor's tail; 0: plain stream order), "lat16" (1, the fast
- * numerics' default: the MLA latents of mla_absorb, mla, dsa and mla_expand in bf16, and the
- * backend's lat_bf16 with it; 0: f32, for same-run comparisons; the caller's latent buffers must
- * hold the type set; -EINVAL in the exact numerics). Returns 0 or -EINVAL. */
+ * turn), "mla_q6" (1: the warp-specialized MLA stages Q with six loads in flight a thread instead
+ * of four), "dsa_chunks" (N >= 2: the dsa op cuts the rows in up to N chunks and runs chunk i's MLA
+ * beside chunk i + 1's indexer on disjoint SMs, dsa.cu; 0 or 1: the indexer, then the MLA),
+ * "dsa_idx_sms" (the SMs of the indexer's partition there; 0: half), "dsa_skip" (benchmarks: the
+ * chunked dsa op without its MLAs, 1, or its indexers, 2), "pdl" (1, default: the dsa op's FP8
+ * scores, top-k and cluster MLA kernels by programmatic dependent launch, each starting under its
+ * predecessor's tail; 0: plain stream order), "lat16" (1, the fast numerics' default: the MLA
+ * latents of mla_absorb, mla, dsa and mla_expand in bf16, and the backend's lat_bf16 with it; 0:
+ * f32, for same-run comparisons; the caller's latent buffers must hold the type set; -EINVAL in the
+ * exact numerics). Returns 0 or -EINVAL. */
 int dsv32_cuda_set_knob(struct dsv32_backend *be, const char *name, int value);
 /* The current value of a knob above ("mla_prof" excluded); 0 or -EINVAL. */
 int dsv32_cuda_get_knob(struct dsv32_backend *be, const char *name, int *value);
 /* The SMs of the dsa op's two partitions (indexer, MLA) as the driver made them, and how many
  * calls ran chunks side by side since the backend was created; 0, or -1 when none was made. */
 int dsv32_cuda_dsa_info(struct dsv32_backend *be, int sms[2], long *overlapped_calls);
-/* How many indexer calls (chunks of rows) selected their top-k from candidates (knob "idx_cand")
- * since the backend was created, and how many candidates they wrote while the knob was 2 since
- * the last call of this function (which waits for the stream). */
-int dsv32_cuda_idx_cand_calls(struct dsv32_backend *be, long *calls, unsigned long long *cands);
 /* With the knob "mla_prof" 1: the wgmma MLA kernel's cycles per phase since the last call, summed
  * over the two warpgroups' first threads: out[8 wg + phase] for the phases of mla_wg_kernel's
  * tile loop (mla.cu names them); out[16] the tiles of warpgroup 0; out[17], out[18] thread 0's

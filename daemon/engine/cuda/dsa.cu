@@ -256,11 +256,12 @@ int cu_dsa(struct cu_ctx *c, void *out, int32_t *sel, const uint8_t *q, const fl
         if (b[i + 1] - b[i] > max_rows)
             max_rows = b[i + 1] - b[i];
     {
+        const size_t ld_s = (size_t)(m->max_ctx + 63) / 64 * 64;
         const size_t blocks = (size_t)max_rows * ((size_t)(m->max_ctx + 63) / 64);
         /* a chunk's MLA splits its keys only when its CTAs (2 or more a row) are fewer than the
          * SMs, in n_sm / CTAs splits: splits x rows <= n_sm */
         const size_t part_rows = (size_t)c->n_sm;
-        if (cu_indexer_reserve(c, max_rows, m->max_ctx) != 0 ||
+        if (!cu_scratch(c, SCR_SCORES, sizeof(float) * (size_t)max_rows * ld_s) ||
             !cu_scratch(c, SCR_WORK, sizeof(int4) * (blocks / 2 + (size_t)max_rows + 2)) ||
             !cu_scratch(c, SCR_PART, sizeof(float) * part_rows * H * c->geom.kv_lora) ||
             !cu_scratch(c, SCR_TMP2, sizeof(float2) * part_rows * H))

@@ -106,13 +106,13 @@ static __device__ __forceinline__ void idx_lane_weights(float (&w)[2 * NT], cons
     }
 }
 
-/* One cache block's logits -> the score of this lane's key (j0 for lanes t = 0, j0 + 8 for t =
- * 1; the other lanes' value is not a score): relu, the per-head weights w (idx_lane_weights), the
- * head sum (the lane's 2 x NT heads, then the quad's) and the key scale; acc in the m16n8
- * accumulator layout per 8 heads. */
+/* One cache block's logits -> scores for this lane's keys j0 and j0 + 8 (lanes t = 0 and t = 1
+ * write them): relu, the per-head weights w (idx_lane_weights), the head sum (the lane's 2 x NT
+ * heads, then the quad's) and the key scale; acc in the m16n8 accumulator layout per 8 heads. */
 template <int NT>
-static __device__ __forceinline__ float idx_score_w(const float *acc, const float (&w)[2 * NT],
-                                                    int t, float ks0, float ks1)
+static __device__ __forceinline__ void idx_store_w(const float *acc, const float (&w)[2 * NT],
+                                                   int t, float ks0, float ks1, float *srow, int j0,
+                                                   int pos, bool store = true)
 {
     float sg0 = 0.0f, sg1 = 0.0f;
 #pragma unroll
@@ -124,21 +124,11 @@ static __device__ __forceinline__ float idx_score_w(const float *acc, const floa
     sg0 += __shfl_xor_sync(0xffffffffu, sg0, 2);
     sg1 += __shfl_xor_sync(0xffffffffu, sg1, 1);
     sg1 += __shfl_xor_sync(0xffffffffu, sg1, 2);
-    return t == 0 ? sg0 * ks0 : sg1 * ks1;
-}
-
-/* idx_score_w stored at srow[j] for j <= pos: one store instruction for the warp's 16 keys (64
- * contiguous bytes) by lanes t = 0 and t = 1 (two, one for each half, measured 0.291 against
- * 0.289 ms for the FP8 scores) */
-template <int NT>
-static __device__ __forceinline__ void idx_store_w(const float *acc, const float (&w)[2 * NT],
-                                                   int t, float ks0, float ks1, float *srow, int j0,
-                                                   int pos, bool store = true)
-{
-    const float s = idx_score_w<NT>(acc, w, t, ks0, ks1);
+    /* one store instruction for the warp's 16 keys (64 contiguous bytes): lanes t = 0 and t = 1
+     * (two, one for each half, measured 0.291 against 0.289 ms for the FP8 scores) */
     const int j = t == 0 ? j0 : j0 + 8;
     if (store && t < 2 && j <= pos)
-        srow[j] = s;
+        srow[j] = t == 0 ? sg0 * ks0 : sg1 * ks1;
 }
 
 /* idx_store_w with the weights read from the row's shared-memory weights wi */
@@ -414,166 +404,6 @@ static __device__ int4 idx_dev_item(int b, const int32_t *row_pos, int rb, int n
     return make_int4(rb, 1, 0, 0); /* not reached: b < the item count */
 }
 
-static __device__ __forceinline__ uint32_t order_key(float f)
-{
-    const uint32_t u = __float_as_uint(f);
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-/* adds one key to the histogram: lanes of the warp with the same bin add once (the scores
- * concentrate in few top-bit bins, and plain per-lane atomics would serialize on them) */
-static __device__ __forceinline__ void hist_add(int *hist, bool valid, uint32_t u, uint32_t pmask,
-                                                uint32_t prefix, int shift, int nbm)
-{
-    const bool match = valid && (u & pmask) == prefix;
-    const uint32_t bin = (u >> shift) & (uint32_t)nbm;
-    const uint32_t peers = __match_any_sync(0xffffffffu, match ? bin : 0xffffffffu);
-    if (match && (threadIdx.x & 31) == __ffs(peers) - 1)
-        atomicAdd(&hist[bin], __popc(peers));
-}
-
-/* ---- candidates instead of every score (decode: one row a work item) ----
- * A row's top-k needs its scores at or above the k-th largest only. So the scores kernels may
- * write, instead of every score, the *candidates*: the (score, position) pairs whose key's upper
- * 14 bits (its bin: sign, exponent, five mantissa bits, 32 bins an octave) reach a bound that
- * never exceeds the bin of the row's k-th largest score, whatever the data:
- *  - every candidate is counted in the row's histogram of bins in global memory (IDX_NBINS ints,
- *    zero before the call), so the histogram counts keys that exist, never more;
- *  - each warp raises its own bound to the highest bin b with at least k counted at or above b
- *    (then the row holds at least k keys in bins >= b, so its k-th largest is in a bin >= b),
- *    reading a window of the histogram every IDX_CAND_EVERY blocks, the loads in flight under
- *    the next block and used in its epilogue (counts read late are lower, so still a bound);
- *  - so every key in a bin at or above the k-th's was a candidate when it was scored, and the
- *    finished histogram is exact from that bin up: the top-k (topk_cand_kernel) finds the k-th
- *    key's bin from it, and selects among the candidates in that bin or above.
- * As the row's items advance together, its bound rises as the k-th of the keys scored so far: a
- * row of n keys writes about k (1 + ln(n / k)) candidates, 8 bytes each, against 4 n bytes of
- * scores, plus the k-th's bin (2% wide: with 11 bits, 19%, a row of scores 100 +- 10 had a tenth
- * of its keys in it). Warp w of the item of blocks [z, e) writes its candidates, at most 16 (e -
- * z), from slot 64 z + 16 w (e - z) of the row's pairs, and their count to cnt[z][w] of the row. */
-#define IDX_SHIFT 18 /* a key's bin: its bits from IDX_SHIFT up */
-#define IDX_NBINS (1 << (32 - IDX_SHIFT))
-#define IDX_CAND_EVERY 2 /* blocks between a warp's reads of the histogram */
-static_assert(2 * TOPK_CAP >= IDX_NBINS,
-              "topk_cand_kernel stages the bins in its candidates' room");
-#define IDX_CAND_WIN                                                                               \
-    256 /* the bins a read covers (8 a lane): 192 below the warp's highest, 64 above */
-
-/* the candidate buffers of a call (idx_cand_args.cand NULL: every score stored instead) */
-struct idx_cand_args {
-    uint2 *cand; /* [row][ld_s]: (score bits, position) */
-    int *cnt;    /* [row][ld_s / 64][4]: a warp's candidates, at its item's first block */
-    int *hist;   /* [row][IDX_NBINS] */
-    unsigned long long *stat; /* benchmarks: the candidates of the call added here (NULL: not) */
-    int topk;
-};
-
-/* a warp's candidates of one item (warp-uniform but h, the histogram read in flight) */
-struct idx_cand_warp {
-    uint2 *out;     /* its slots */
-    int *hist;      /* the row's histogram */
-    int n;          /* written so far */
-    uint32_t bound; /* the lowest bin a candidate may have */
-    uint32_t top;   /* the highest bin this warp has taken */
-    int wlo;        /* the first bin of the read in flight (-1: none); this lane's 8 from 8 lane */
-    int4 h[2];
-};
-
-static __device__ __forceinline__ idx_cand_warp idx_cand_begin(const idx_cand_args &ca, int ld_s,
-                                                               int row, int z, int e)
-{
-    const int warp = threadIdx.x >> 5;
-    idx_cand_warp cw;
-    cw.out = ca.cand ? ca.cand + (size_t)row * ld_s + 64 * z + 16 * warp * (e - z) : nullptr;
-    cw.hist = ca.cand ? ca.hist + (size_t)row * IDX_NBINS : nullptr;
-    cw.n = 0;
-    cw.bound = 0;
-    cw.top = 0;
-    cw.wlo = -1;
-    cw.h[0] = cw.h[1] = make_int4(0, 0, 0, 0);
-    return cw;
-}
-
-/* the warp's bound from the histogram window read (cw.h): the highest bin of the window with at
- * least topk counted at or above it (bins above the window not counted: a lower bound still) */
-static __device__ __forceinline__ void idx_cand_raise(idx_cand_warp &cw, int topk)
-{
-    const int lane = threadIdx.x & 31;
-    const int hv[8] = {cw.h[0].x, cw.h[0].y, cw.h[0].z, cw.h[0].w,
-                       cw.h[1].x, cw.h[1].y, cw.h[1].z, cw.h[1].w};
-    int mine = 0;
-#pragma unroll
-    for (int x = 0; x < 8; x++)
-        mine += hv[x];
-    int above = mine; /* this lane's bins and every higher lane's */
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int v = __shfl_down_sync(0xffffffffu, above, o);
-        if (lane + o < 32)
-            above += v;
-    }
-    const uint32_t reach = __ballot_sync(0xffffffffu, above >= topk); /* lanes 0 .. L */
-    if (reach) {
-        const int L = 31 - __clz(reach);
-        int b = 0;
-        if (lane == L) {
-            int cum = above - mine;
-#pragma unroll
-            for (int x = 7; x >= 0; x--) {
-                cum += hv[x];
-                if (cum >= topk) {
-                    b = cw.wlo + 8 * lane + x;
-                    break;
-                }
-            }
-        }
-        b = __shfl_sync(0xffffffffu, b, L);
-        cw.bound = max(cw.bound, (uint32_t)b);
-    }
-    cw.wlo = -1;
-}
-
-/* One block's score of this lane's key j (lanes t < 2, j <= pos) as a candidate or not (after
- * idx_score_w); it = the block's index in the item (the histogram read every IDX_CAND_EVERY). */
-static __device__ __forceinline__ void idx_cand_add(idx_cand_warp &cw, float s, int t, int j,
-                                                    int pos, int it, int topk)
-{
-    const int lane = threadIdx.x & 31;
-    if (cw.wlo >= 0) /* the read issued a block ago */
-        idx_cand_raise(cw, topk);
-    const uint32_t u = order_key(s), bin = u >> IDX_SHIFT;
-    const bool take = t < 2 && j <= pos && bin >= cw.bound;
-    const uint32_t m = __ballot_sync(0xffffffffu, take);
-    if (take)
-        cw.out[cw.n + __popc(m & ((1u << lane) - 1u))] =
-            make_uint2(__float_as_uint(s), (uint32_t)j);
-    cw.n += __popc(m);
-    if (m) { /* the same for the whole warp */
-        hist_add(cw.hist, take, u, 0u, 0u, IDX_SHIFT, IDX_NBINS - 1);
-        cw.top = max(cw.top, __reduce_max_sync(0xffffffffu, take ? bin : 0u));
-    }
-    if (it % IDX_CAND_EVERY == IDX_CAND_EVERY - 1) {
-        int lo = (int)cw.top - (IDX_CAND_WIN - 64) + 1;
-        lo = min(max(lo, 0), IDX_NBINS - IDX_CAND_WIN) & ~7;
-        cw.wlo = lo;
-        /* through L2, where the other warps' atomics land */
-        const int4 *src = reinterpret_cast<const int4 *>(cw.hist + lo) + 2 * lane;
-        cw.h[0] = __ldcg(src);
-        cw.h[1] = __ldcg(src + 1);
-    }
-}
-
-/* the warp's count, at the end of its item */
-static __device__ __forceinline__ void
-idx_cand_end(const idx_cand_warp &cw, const idx_cand_args &ca, int ld_s, int row, int z)
-{
-    if ((threadIdx.x & 31) == 0) {
-        ca.cnt[((size_t)row * (ld_s / 64) + z) * 4 + (threadIdx.x >> 5)] = cw.n;
-        if (ca.stat)
-            atomicAdd(ca.stat, (unsigned long long)cw.n);
-    }
-}
-
 /* RING: the cache blocks stream through IDX_RING shared-memory stages filled by cp.async,
  * IDX_RING - 1 blocks ahead, and the lanes read their A fragments from there; otherwise two blocks
  * ahead in registers (the first version, kept as the baseline). */
@@ -583,7 +413,7 @@ static __global__ void __launch_bounds__(128)
                      const uint8_t *q, const float *q_scale, const float *w_raw,
                      const uint8_t *cache, int block_bytes, const int32_t *blocks, int max_blocks,
                      const int32_t *row_pos, const int32_t *row_seq, float wscale, float sscale,
-                     uint32_t lbo, uint32_t sbo, idx_cand_args ca)
+                     uint32_t lbo, uint32_t sbo)
 {
     constexpr int IH = 64, QB = 8 * 2048; /* f16 query bytes per row: 8 k-steps x 2048 */
     extern __shared__ __align__(128) uint8_t qsm[];
@@ -612,9 +442,6 @@ static __global__ void __launch_bounds__(128)
     const int32_t *bt = blocks + (size_t)seq * max_blocks;
     const int kr0 = 16 * warp + g, kr1 = kr0 + 8;
     const uint32_t qbase = (uint32_t)__cvta_generic_to_shared(qsm);
-    /* candidates (one row a work item) or every score */
-    const bool cand = ca.cand != nullptr;
-    idx_cand_warp cw = idx_cand_begin(ca, ld_s, r0 - row_base, wk.z, wk.w);
     auto load = [&](int blk, uint4 (&k)[4], float &s0, float &s1) {
         const uint8_t *b = cache + (size_t)bt[blk] * block_bytes;
         k[0] = __ldg(reinterpret_cast<const uint4 *>(b + kr0 * 128 + 32 * t));
@@ -712,19 +539,28 @@ static __global__ void __launch_bounds__(128)
 #pragma unroll
             for (int st = 0; st < 8; st++)
                 wg_fence_a(a[st]);
-            if (cand) {
-                float w[16];
-                idx_lane_weights<8>(w, wsm + i * IH, t);
-                idx_cand_add(cw, idx_score_w<8>(acc, w, t, ks0, ks1), t, t == 0 ? j0 : j0 + 8,
-                             pos[i], it, ca.topk);
-            } else {
-                idx_store<8>(acc, wsm + i * IH, t, ks0, ks1,
-                             scores + (size_t)(r0 + i - row_base) * ld_s, j0, pos[i]);
-            }
+            idx_store<8>(acc, wsm + i * IH, t, ks0, ks1,
+                         scores + (size_t)(r0 + i - row_base) * ld_s, j0, pos[i]);
         }
     }
-    if (cand)
-        idx_cand_end(cw, ca, ld_s, r0 - row_base, wk.z);
+}
+
+static __device__ __forceinline__ uint32_t order_key(float f)
+{
+    const uint32_t u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* adds one key to the histogram: lanes of the warp with the same bin add once (the scores
+ * concentrate in few top-bit bins, and plain per-lane atomics would serialize on them) */
+static __device__ __forceinline__ void hist_add(int *hist, bool valid, uint32_t u, uint32_t pmask,
+                                                uint32_t prefix, int shift, int nbm)
+{
+    const bool match = valid && (u & pmask) == prefix;
+    const uint32_t bin = (u >> shift) & (uint32_t)nbm;
+    const uint32_t peers = __match_any_sync(0xffffffffu, match ? bin : 0xffffffffu);
+    if (match && (threadIdx.x & 31) == __ffs(peers) - 1)
+        atomicAdd(&hist[bin], __popc(peers));
 }
 
 /* The FP8 variant of the scores on wgmma (the fast numerics' default indexer): m64n64k32
@@ -758,7 +594,7 @@ static __global__ void __launch_bounds__(128)
                          const uint8_t *q, const float *q_scale, const float *w_raw,
                          const uint8_t *cache, int block_bytes, const int32_t *blocks,
                          int max_blocks, const int32_t *row_pos, const int32_t *row_seq,
-                         float wscale, float sscale, idx_cand_args ca)
+                         float wscale, float sscale)
 {
     constexpr int IH = 64;
     extern __shared__ __align__(1024) uint8_t dyn[];
@@ -846,9 +682,6 @@ static __global__ void __launch_bounds__(128)
 #pragma unroll
     for (int x = 0; x < 32; x++)
         acc[x] = 0.0f;
-    /* candidates (not PIPE; one row a work item) or every score */
-    const bool cand = !PIPE && ca.cand != nullptr;
-    idx_cand_warp cw = idx_cand_begin(ca, ld_s, r0 - row_base, wk.z, wk.w);
     int pj0 = -1; /* PIPE: the pending block's first key of this lane (-1: none), its key scales */
     float pks0 = 0.0f, pks1 = 0.0f;
     float *srow0 = scores + (size_t)(r0 - row_base) * ld_s;
@@ -918,13 +751,8 @@ static __global__ void __launch_bounds__(128)
                 mma(i);
                 wg_wait0();
                 wg_fence(acc);
-                if (cand)
-                    idx_cand_add(cw, idx_score_w<8>(acc, wv[i], t, ks0, ks1), t,
-                                 t == 0 ? j0 : j0 + 8, pos[i], it, ca.topk);
-                else
-                    idx_store_w<8>(acc, wv[i], t, ks0, ks1,
-                                   scores + (size_t)(r0 + i - row_base) * ld_s, j0, pos[i],
-                                   copy_only != 2);
+                idx_store_w<8>(acc, wv[i], t, ks0, ks1, scores + (size_t)(r0 + i - row_base) * ld_s,
+                               j0, pos[i], copy_only != 2);
             }
         }
     }
@@ -933,8 +761,6 @@ static __global__ void __launch_bounds__(128)
         wg_fence(acc);
         idx_store_w<8>(acc, wv[0], t, pks0, pks1, srow0, pj0, pos[0]);
     }
-    if (cand)
-        idx_cand_end(cw, ca, ld_s, r0 - row_base, wk.z);
 }
 
 /* Block-wide exclusive scan of one int per thread (1024 threads); *total gets the sum. */
@@ -1080,22 +906,6 @@ static __device__ void topk_hist_cand(int *hist, const uint32_t *cu, int ncand, 
     }
 }
 
-/* Writes the positions j0 + i of the bits i set in bitmap (W words) to out, ascending. */
-static __device__ void topk_write_bitmap(int32_t *out, const uint32_t *bitmap, int j0, int W,
-                                         int *warp_sum)
-{
-    const int tid = threadIdx.x;
-    const int per = (W + blockDim.x - 1) / blockDim.x, w0 = tid * per, w1 = min(W, w0 + per);
-    int cnt = 0;
-    for (int w = w0; w < w1; w++)
-        cnt += __popc(bitmap[w]);
-    int total;
-    int o = block_excl_scan(cnt, warp_sum, &total);
-    for (int w = w0; w < w1; w++)
-        for (uint32_t b = bitmap[w]; b; b &= b - 1)
-            out[o++] = j0 + 32 * w + __ffs(b) - 1;
-}
-
 /* Marks, among ncand gathered candidates (positions in [j0, j0 + 32 W)), those whose keys under
  * the mask M (the bits the passes fixed) are above T and the take_eq lowest-positioned of the
  * cnt_eq equal to T under M (the k-th key's bin) in bitmap (W words, zeroed by the caller before
@@ -1123,7 +933,15 @@ static __device__ void topk_mark_write(int32_t *out, const uint32_t *cu, const i
             atomicOr(&bitmap[(j - j0) >> 5], 1u << ((j - j0) & 31));
     }
     __syncthreads();
-    topk_write_bitmap(out, bitmap, j0, W, warp_sum);
+    const int per = (W + blockDim.x - 1) / blockDim.x, w0 = tid * per, w1 = min(W, w0 + per);
+    int cnt = 0;
+    for (int w = w0; w < w1; w++)
+        cnt += __popc(bitmap[w]);
+    int total;
+    int o = block_excl_scan(cnt, warp_sum, &total);
+    for (int w = w0; w < w1; w++)
+        for (uint32_t b = bitmap[w]; b; b &= b - 1)
+            out[o++] = j0 + 32 * w + __ffs(b) - 1;
 }
 
 /* The top-k among ncand gathered keys (which hold the row's top k), radix passes from first_pass
@@ -1445,149 +1263,6 @@ static __global__ void __launch_bounds__(1024)
     }
 }
 
-/* The top-k of a row from its candidates (idx_cand_args; one CTA of 1024 threads a row): the k-th
- * key's bin b from the row's histogram, exact from that bin up (which the kernel sets back to
- * zero for the next call); the candidates in bins >= b gathered into shared memory and finished
- * there (topk_select_smem from its second digit on); or, when they do not fit (a bin of many equal
- * or close scores), the second and third digits found by passes over the candidates in global
- * memory, the keys above the k-th marked in the bitmap, those equal to it in a second one, of
- * which the lowest positions are kept. The same selection as topk_kernel on the same scores. */
-#define TOPK_CAND_ILP 4 /* candidates a lane loads at once */
-static __global__ void __launch_bounds__(1024)
-    topk_cand_kernel(int32_t *sel, const uint2 *cand, const int *cand_cnt, int *hist_g, int ld_s,
-                     int row_base, const int32_t *row_pos, int topk, int cap, int bpc)
-{
-    __shared__ int hist[2048];
-    __shared__ int warp_sum[32];
-    __shared__ int sh[3], s_n;
-    /* dynamic: cap candidate keys, cap positions (first the row's IDX_NBINS bins: 2 cap >=
-     * IDX_NBINS, checked by the host), then a bitmap of the row's positions */
-    extern __shared__ __align__(16) uint32_t dsm[];
-    uint32_t *cu = dsm, *bitmap = dsm + 2 * (size_t)cap;
-    int32_t *cj = reinterpret_cast<int32_t *>(dsm + cap);
-    int *bins = reinterpret_cast<int *>(dsm);
-    /* launched under the scores (pdl); the MLA after it may start at once, and waits */
-    pdl_begin();
-    const int rl = blockIdx.x, r = row_base + rl, tid = threadIdx.x, lane = tid & 31,
-              warp = tid >> 5;
-    const int n = row_pos[r] + 1, W = (n + 31) / 32;
-    int32_t *out = sel + (size_t)r * topk;
-    if (n <= topk) {
-        for (int j = tid; j < topk; j += blockDim.x)
-            out[j] = j < n ? j : -1;
-        return;
-    }
-    int *hg = hist_g + (size_t)rl * IDX_NBINS;
-    for (int i = tid; i < IDX_NBINS; i += blockDim.x) {
-        bins[i] = __ldcg(hg + i);
-        hg[i] = 0;
-    }
-    if (tid == 0) { /* not reached: the histogram holds at least k (see idx_cand_args) */
-        sh[0] = 0;
-        sh[1] = topk;
-        sh[2] = 0;
-    }
-    __syncthreads();
-    topk_find(bins, IDX_NBINS, topk, warp_sum, sh);
-    const uint32_t bin = (uint32_t)sh[0];
-    int kk = sh[1], cnt_eq = sh[2];
-    __syncthreads(); /* the bins' room is the candidates' from here */
-    /* the row's work items as the scores kernel had them (idx_dev_item), 4 warps' regions each */
-    const int nblk = (n - 1) / DSV32_KV_BLOCK_TOKENS + 1, nit = idx_item_count(nblk, bpc);
-    const uint2 *crow = cand + (size_t)rl * ld_s;
-    const int *crow_n = cand_cnt + (size_t)rl * (ld_s / 64) * 4;
-    /* f(valid, key, position) for each candidate, warp-uniform (TOPK_CAND_ILP a lane at once) */
-    auto each = [&](auto &&f) {
-        for (int sub = warp; sub < 4 * nit; sub += 32) {
-            const int i = sub >> 2, w = sub & 3;
-            const int z = (int)((int64_t)nblk * i / nit), e = (int)((int64_t)nblk * (i + 1) / nit);
-            const int cnt = crow_n[4 * z + w];
-            const uint2 *src = crow + 64 * z + 16 * w * (e - z);
-            for (int i0 = 0; i0 < cnt; i0 += 32 * TOPK_CAND_ILP) {
-                uint2 v[TOPK_CAND_ILP];
-#pragma unroll
-                for (int x = 0; x < TOPK_CAND_ILP; x++) {
-                    const int c = i0 + 32 * x + lane;
-                    v[x] = c < cnt ? src[c] : make_uint2(0u, 0u);
-                }
-#pragma unroll
-                for (int x = 0; x < TOPK_CAND_ILP; x++)
-                    f(i0 + 32 * x + lane < cnt, order_key(__uint_as_float(v[x].x)), (int)v[x].y);
-            }
-        }
-    };
-    /* the candidates in bins >= the k-th's into shared memory, as many as fit */
-    if (tid == 0)
-        s_n = 0;
-    __syncthreads();
-    each([&](bool v, uint32_t u, int j) {
-        const bool take = v && (u >> IDX_SHIFT) >= bin;
-        const uint32_t m = __ballot_sync(0xffffffffu, take);
-        if (!m)
-            return;
-        int b = 0;
-        if (lane == __ffs(m) - 1)
-            b = atomicAdd(&s_n, __popc(m));
-        const int at = __shfl_sync(0xffffffffu, b, __ffs(m) - 1) + __popc(m & ((1u << lane) - 1u));
-        if (take && at < cap) {
-            cu[at] = u;
-            cj[at] = j;
-        }
-    });
-    __syncthreads();
-    const int nc = s_n;
-    uint32_t prefix = bin << IDX_SHIFT, pmask = ~0u << IDX_SHIFT;
-    if (nc <= cap) {
-        topk_select_smem(out, cu, cj, nc, n, 1, prefix, pmask, kk, hist, warp_sum, sh, bitmap);
-        return;
-    }
-    /* too many: the remaining digits by passes over the candidates in global memory */
-    for (int pass = 1; pass < 3 && kk < cnt_eq; pass++) {
-        const int shift = pass == 1 ? 10 : 0, nb = pass == 1 ? 2048 : 1024;
-        for (int i = tid; i < nb; i += blockDim.x)
-            hist[i] = 0;
-        __syncthreads();
-        each([&](bool v, uint32_t u, int) { hist_add(hist, v, u, pmask, prefix, shift, nb - 1); });
-        __syncthreads();
-        topk_find(hist, nb, kk, warp_sum, sh);
-        prefix |= (uint32_t)sh[0] << shift;
-        pmask |= (uint32_t)(nb - 1) << shift;
-        kk = sh[1];
-        cnt_eq = sh[2];
-        __syncthreads();
-    }
-    /* above the k-th key into bitmap, equal to it into eq (cu's room: W <= cap, checked by the
-     * host); then the kk lowest of the equal */
-    uint32_t *eq = cu;
-    for (int i = tid; i < W; i += blockDim.x) {
-        bitmap[i] = 0;
-        eq[i] = 0;
-    }
-    __syncthreads();
-    const bool whole = kk == cnt_eq;
-    each([&](bool v, uint32_t u, int j) {
-        const uint32_t um = u & pmask;
-        if (v && (um > prefix || (um == prefix && whole)))
-            atomicOr(&bitmap[j >> 5], 1u << (j & 31));
-        else if (v && um == prefix)
-            atomicOr(&eq[j >> 5], 1u << (j & 31));
-    });
-    __syncthreads();
-    if (!whole) {
-        const int per = (W + blockDim.x - 1) / blockDim.x, w0 = tid * per, w1 = min(W, w0 + per);
-        int c = 0;
-        for (int w = w0; w < w1; w++)
-            c += __popc(eq[w]);
-        int total;
-        int rank = block_excl_scan(c, warp_sum, &total);
-        for (int w = w0; w < w1 && rank < kk; w++)
-            for (uint32_t b = eq[w]; b && rank < kk; b &= b - 1, rank++)
-                bitmap[w] |= b & (0u - b); /* the word is this thread's alone here */
-        __syncthreads();
-    }
-    topk_write_bitmap(out, bitmap, 0, W, warp_sum);
-}
-
 /* ---- the indexer cache as a tensor of 128-byte rows for TMA (idx_wgmma_fp8_kernel<true, *>) ----
  * The driver's cuTensorMapEncodeTiled and cuMemGetAddressRange through the runtime's entry
  * points (no link against libcuda); the map spans the cache's allocation from the cache on (its
@@ -1657,31 +1332,6 @@ static int cu_idx_tmap(struct cu_ctx *c, const uint8_t *ptr, CUtensorMap *out)
     return 0;
 }
 
-/* the candidates' histograms of rows rows, zero (cleared when new, or when a call's top-k did
- * not run after its scores) */
-static int *cu_idx_hist(struct cu_ctx *c, int rows)
-{
-    const size_t bytes = sizeof(int) * IDX_NBINS * (size_t)rows;
-    const bool fresh = bytes > c->scratch_cap[SCR_IDX_HIST];
-    int *h = (int *)cu_scratch(c, SCR_IDX_HIST, bytes);
-    if (h && (fresh || c->idx_hist_dirty)) {
-        if (cudaMemsetAsync(h, 0, c->scratch_cap[SCR_IDX_HIST], c->st) != cudaSuccess)
-            return NULL;
-        c->idx_hist_dirty = 0;
-    }
-    return h;
-}
-
-int cu_indexer_reserve(struct cu_ctx *c, int rows, int max_ctx)
-{
-    const size_t ld_s = (size_t)(max_ctx + 63) / 64 * 64;
-    return cu_scratch(c, SCR_SCORES, sizeof(uint2) * (size_t)rows * ld_s) &&
-                   cu_scratch(c, SCR_IDX_CNT, sizeof(int) * (size_t)rows * (ld_s / 64) * 4) &&
-                   cu_idx_hist(c, rows)
-               ? 0
-               : -ENOMEM;
-}
-
 int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_scale,
                const float *w_raw, const struct dsv32_kv_layer *kv, const struct dsv32_step_meta *m,
                int topk)
@@ -1694,18 +1344,14 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
     const float wscale = (float)pow((double)IH, -0.5), sscale = (float)pow(128.0, -0.5);
     const int use_fp8 = c->fast && c->indexer_fp8;
     const int ld_s = (m->max_ctx + 63) / 64 * 64;
-    /* rows in chunks whose scores (or candidates, 8 bytes a slot) fit 1 GiB */
-    const size_t max_chunk_rows =
-        ((size_t)1 << (c->idx_cand ? 27 : 28)) / (size_t)(ld_s > 0 ? ld_s : 1);
+    /* rows in chunks whose scores fit 1 GiB */
+    const size_t max_chunk_rows = ((size_t)1 << 28) / (size_t)(ld_s > 0 ? ld_s : 1);
     for (int rb = 0; rb < T;) {
         int re = T;
         if ((size_t)(re - rb) > max_chunk_rows) {
             re = rb + (int)(max_chunk_rows > 0 ? max_chunk_rows : 1);
             /* do not split a sequence's run of rows inside a group of IDX_QT */
         }
-        /* candidates (idx_cand_args) and their work items' blocks a CTA, for the top-k */
-        bool cand = false;
-        int cand_bpc = 0;
         /* groups of up to IDX_QT consecutive rows of one sequence that need scores */
         size_t total_blocks = 0;
         int n_groups = 0, max_nr = 1;
@@ -1736,14 +1382,8 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
              * device (knob idx_dev_items), the host counts them only */
             const bool fp8_wg = use_fp8 && IH == 64 && c->idx_wgmma && c->geom.idx_block_bytes == 64 * 132;
             const bool f16_wg = !use_fp8 && IH == 64 && c->idx_wgmma;
-            const bool dev_items = (fp8_wg || f16_wg) && c->idx_dev_items && c->idx_items && max_nr == 1;
-            /* idx_pipe: the epilogue under the next block's MMAs, for one-row items */
-            const bool pipe = c->idx_pipe && max_nr == 1;
-            /* candidates: one-row equal items (the top-k derives them as idx_dev_item does) on
-             * the wgmma kernels, a row's bitmap within the top-k's room (its fallback's) */
-            cand = c->idx_cand && max_nr == 1 && c->idx_items && ((fp8_wg && !pipe) || f16_wg) &&
-                   !c->topk_global && !c->idx_copy_only && (size_t)ld_s / 32 <= TOPK_CAP;
-            cand_bpc = (int)bpc;
+            const bool dev_items =
+                (fp8_wg || f16_wg) && c->idx_dev_items && c->idx_items && max_nr == 1;
             if (!dev_items && max_items > c->idx_items_cap) { /* the host's work list, kept across calls */
                 int4 *grown = (int4 *)realloc(c->idx_items_h, sizeof(int4) * max_items);
                 if (!grown)
@@ -1788,28 +1428,10 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             const int4 *d_items =
                 dev_items ? NULL : (const int4 *)cu_upload(c, SCR_WORK, items, sizeof(int4) * (size_t)n_items);
             const int4 dev = make_int4((int)bpc, re - rb, topk, 0);
-            float *scores = (float *)cu_scratch(
-                c, SCR_SCORES, (cand ? sizeof(uint2) : sizeof(float)) * (size_t)(re - rb) * ld_s);
+            float *scores =
+                (float *)cu_scratch(c, SCR_SCORES, sizeof(float) * (size_t)(re - rb) * ld_s);
             if ((!dev_items && !d_items) || !scores)
                 return -ENOMEM;
-            idx_cand_args ca = {NULL, NULL, NULL, NULL, topk};
-            if (cand) {
-                ca.cand = reinterpret_cast<uint2 *>(scores);
-                ca.cnt = (int *)cu_scratch(c, SCR_IDX_CNT,
-                                           sizeof(int) * (size_t)(re - rb) * (ld_s / 64) * 4);
-                ca.hist = cu_idx_hist(c, re - rb);
-                if (!ca.cnt || !ca.hist)
-                    return -ENOMEM;
-                if (c->idx_cand == 2) { /* counted */
-                    if (!c->idx_cand_stat &&
-                        (cudaMalloc(&c->idx_cand_stat, sizeof(unsigned long long)) != cudaSuccess ||
-                         cudaMemsetAsync(c->idx_cand_stat, 0, sizeof(unsigned long long), c->st) !=
-                             cudaSuccess))
-                        return -ENOMEM;
-                    ca.stat = c->idx_cand_stat;
-                }
-                c->idx_hist_dirty = 1; /* until the top-k has run */
-            }
             if (c->idx_poison) /* all ones: a NaN */
                 CU_CHECK(cudaMemsetAsync(scores, 0xff, sizeof(float) * (size_t)(re - rb) * ld_s, c->st));
             const int steps = use_fp8 ? 4 : 8;
@@ -1835,13 +1457,15 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 kern<<<n_items, 128, qsmem, c->st>>>(scores, ld_s, rb, d_items, dev, q, q_scale,
                                                      w_raw, kv->idx, c->geom.idx_block_bytes,
                                                      m->d_blocks, m->max_blocks, m->d_row_pos,
-                                                     m->d_row_seq, wscale, sscale, lbo, sbo, ca);
+                                                     m->d_row_seq, wscale, sscale, lbo, sbo);
             } else if (fp8_wg) {
                 const size_t smem8 = 1024 + (size_t)max_nr * 8192 + (size_t)IDX_RING * IDX8_STAGEB +
                                      sizeof(float) * (size_t)max_nr * IH + sizeof(uint64_t) * IDX_RING;
                 CUtensorMap tm;
                 memset(&tm, 0, sizeof(tm));
                 const bool tma = c->idx_tma && cu_idx_tmap(c, kv->idx, &tm) == 0;
+                /* idx_pipe: the epilogue under the next block's MMAs, for one-row items */
+                const bool pipe = c->idx_pipe && max_nr == 1;
                 auto kern = tma ? (pipe ? idx_wgmma_fp8_kernel<true, true> : idx_wgmma_fp8_kernel<true, false>)
                                 : (pipe ? idx_wgmma_fp8_kernel<false, true> : idx_wgmma_fp8_kernel<false, false>);
                 CU_SMEM_OPTIN(kern, smem8);
@@ -1853,7 +1477,7 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                     &lc, kern, tm, (int)(c->idx_l2_normal == 0), c->idx_copy_only, scores, ld_s, rb,
                     d_items, dev, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,
                     (const int32_t *)m->d_blocks, m->max_blocks, (const int32_t *)m->d_row_pos,
-                    (const int32_t *)m->d_row_seq, wscale, sscale, ca));
+                    (const int32_t *)m->d_row_seq, wscale, sscale));
             } else if (use_fp8 && NT == 8 && max_nr == 1) {
                 const size_t ring = (size_t)IDX_STAGES * c->geom.idx_block_bytes;
                 CU_SMEM_OPTIN(idx_dec_fp8_kernel, ring);
@@ -1882,22 +1506,7 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
         float *scores = (float *)cu_scratch(c, SCR_SCORES, sizeof(float) * (size_t)(re - rb) * ld_s);
         if (!scores)
             return -ENOMEM;
-        if (!c->idx_no_topk && cand) {
-            /* dynamic: TOPK_CAP candidates (key, position) and a bitmap of the row's positions */
-            const size_t tsm = sizeof(uint32_t) * (2 * (size_t)TOPK_CAP + ((size_t)ld_s + 31) / 32);
-            CU_SMEM_OPTIN(topk_cand_kernel, tsm);
-            cudaLaunchAttribute at;
-            cu_pdl_attr(&at);
-            const cudaLaunchConfig_t lc =
-                cu_launch_cfg(c, dim3(re - rb), dim3(1024), tsm, &at, c->pdl != 0);
-            CU_CHECK(cudaLaunchKernelEx(
-                &lc, topk_cand_kernel, sel, (const uint2 *)scores,
-                (const int *)c->scratch[SCR_IDX_CNT], (int *)c->scratch[SCR_IDX_HIST], ld_s, rb,
-                (const int32_t *)m->d_row_pos, topk, (int)TOPK_CAP, cand_bpc));
-            CU_LAUNCHED("topk_cand");
-            c->idx_hist_dirty = 0; /* the top-k sets the histograms back to zero */
-            c->idx_cand_calls++;
-        } else if (!c->idx_no_topk) {
+        if (!c->idx_no_topk) {
             /* dynamic: TOPK_CAP candidates (key, position) and a bitmap of the row's positions */
             const int cap = c->topk_global ? 0 : TOPK_CAP;
             const size_t tsm = sizeof(uint32_t) * (2 * (size_t)cap + ((size_t)ld_s + 31) / 32);

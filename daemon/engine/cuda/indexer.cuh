@@ -14,8 +14,4 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                const float *w_raw, const struct dsv32_kv_layer *kv, const struct dsv32_step_meta *m,
                int topk);
 
-/* sizes the indexer's scratch for rows rows of contexts up to max_ctx (cu_dsa, before its
- * streams fork); 0 or -ENOMEM */
-int cu_indexer_reserve(struct cu_ctx *c, int rows, int max_ctx);
-
 #endif
