@@ -1469,15 +1469,12 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 auto kern = tma ? (pipe ? idx_wgmma_fp8_kernel<true, true> : idx_wgmma_fp8_kernel<true, false>)
                                 : (pipe ? idx_wgmma_fp8_kernel<false, true> : idx_wgmma_fp8_kernel<false, false>);
                 CU_SMEM_OPTIN(kern, smem8);
-                cudaLaunchAttribute at;
-                cu_pdl_attr(&at);
-                const cudaLaunchConfig_t lc =
-                    cu_launch_cfg(c, dim3(n_items), dim3(128), smem8, &at, c->pdl != 0);
-                CU_CHECK(cudaLaunchKernelEx(
-                    &lc, kern, tm, (int)(c->idx_l2_normal == 0), c->idx_copy_only, scores, ld_s, rb,
-                    d_items, dev, q, q_scale, w_raw, kv->idx, c->geom.idx_block_bytes,
-                    (const int32_t *)m->d_blocks, m->max_blocks, (const int32_t *)m->d_row_pos,
-                    (const int32_t *)m->d_row_seq, wscale, sscale));
+                CU_CHECK(cu_launch_pdl(c, c->pdl != 0, kern, dim3(n_items), dim3(128), smem8, tm,
+                                       (int)(c->idx_l2_normal == 0), c->idx_copy_only, scores, ld_s,
+                                       rb, d_items, dev, q, q_scale, w_raw, kv->idx,
+                                       c->geom.idx_block_bytes, (const int32_t *)m->d_blocks,
+                                       m->max_blocks, (const int32_t *)m->d_row_pos,
+                                       (const int32_t *)m->d_row_seq, wscale, sscale));
             } else if (use_fp8 && NT == 8 && max_nr == 1) {
                 const size_t ring = (size_t)IDX_STAGES * c->geom.idx_block_bytes;
                 CU_SMEM_OPTIN(idx_dec_fp8_kernel, ring);

@@ -1977,11 +1977,8 @@ int cu_mla(struct cu_ctx *c, void *out, const void *q_lat, const float *q_pe, in
         CU_SMEM_OPTIN(kern, smem);
         /* after the top-k (cu_dsa): launched under it, Q staged while it runs */
         a.q_first = c->pdl && after_topk;
-        cudaLaunchAttribute at;
-        cu_pdl_attr(&at);
-        const cudaLaunchConfig_t lc =
-            cu_launch_cfg(c, dim3(splits, H / MLA_HG, rows), dim3(MLA_CL_TH), smem, &at, a.q_first);
-        CU_CHECK(cudaLaunchKernelEx(&lc, kern, a, slack, c->mla_cl_nocopy));
+        CU_CHECK(cu_launch_pdl(c, a.q_first, kern, dim3(splits, H / MLA_HG, rows), dim3(MLA_CL_TH),
+                               smem, a, slack, c->mla_cl_nocopy));
         CU_LAUNCHED("mla_cl");
     } else if (c->mla_wgmma && c->mla_ws && !g->rope_f32 && ws_need <= optin) {
         /* what the limit leaves of the 1 KB alignment slack (all of it for 656-byte records) */
