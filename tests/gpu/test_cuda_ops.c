@@ -1547,11 +1547,17 @@ static void indexer_diag(struct pair *p, int row, int n_rows, int ld, const doub
     free(g);
 }
 
+/* the variant's indexer takes the sampled path where its work items have one row (knob idx_sample)
+ */
+static int idx_sample_variant;
+
 /* zero_q 1: every third row's query is all zeros, so all its scores tie at 0; the cpu keeps the
  * lowest positions, and so must the cuda top-k, exactly (shared-memory path up to 4096 positions,
  * the global path beyond). zero_q 2: every other row's head weights negative, so all its scores
  * are at most 0 and so is the k-th (a zero the top-k made up, say for a masked element, would
- * then be selected) */
+ * then be selected). zero_q 3: the head weights >= 0 and every 32nd cache block of a sequence
+ * with its key scales x 64, so that the sampled path's sample (those blocks) holds the row's
+ * highest scores and rows with more than the sample's threshold rank miss (the dense pass) */
 static void indexer_case(struct pair *p, const char *what, int n_rows, const int32_t *pos, const int32_t *seq,
                          int n_seqs, int max_blocks, int n_blocks, double rel_tol, int zero_q)
 {
@@ -1560,6 +1566,24 @@ static void indexer_case(struct pair *p, const char *what, int n_rows, const int
     tcache_make(&tc, p, n_blocks, 1);
     struct tmeta tm;
     tmeta_make(&tm, p, n_rows, pos, seq, n_seqs, max_blocks, n_blocks, NULL);
+    if (zero_q ==
+        3) { /* every 32nd block of a sequence (the sampled path's sample) scores high
+              * (with the head weights >= 0 below, so that its scores are all the highest) */
+        const size_t bb = (size_t)p->cpu->geom.idx_block_bytes;
+        for (int sq = 0; sq < n_seqs; sq++)
+            for (int b = 0; b < max_blocks; b += 32) {
+                uint8_t *blk = tc.h_idx + (size_t)tm.blocks[(size_t)sq * max_blocks + b] * bb;
+                for (int i = 0; i < 64; i++) {
+                    float sc;
+                    memcpy(&sc, blk + 64 * 128 + 4 * i, 4);
+                    sc *= 64.0f;
+                    memcpy(blk + 64 * 128 + 4 * i, &sc, 4);
+                }
+            }
+        memcpy(tc.c.idx, tc.h_idx, tc.idx_bytes);
+        dev_free(p->gpu, tc.g.idx);
+        tc.g.idx = dev_put(p->gpu, tc.h_idx, tc.idx_bytes);
+    }
     uint8_t *q = malloc((size_t)n_rows * IH * 128);
     float *qs = malloc(sizeof(float) * n_rows * IH), *wr = rnd_f32((size_t)n_rows * IH, 1.0f);
     for (size_t i = 0; i < (size_t)n_rows * IH * 128; i++)
@@ -1567,6 +1591,8 @@ static void indexer_case(struct pair *p, const char *what, int n_rows, const int
     for (int i = 0; zero_q == 2 && i < n_rows * IH; i++)
         if (i / IH % 2 == 0)
             wr[i] = -fabsf(wr[i]);
+    for (int i = 0; zero_q == 3 && i < n_rows * IH; i++)
+        wr[i] = fabsf(wr[i]); /* scores >= 0: the scaled blocks' the highest */
     for (int i = 0; i < n_rows * IH; i++)
         qs[i] = (float)(0.001 + 0.01 * rnd_u());
     int32_t *sc = malloc(sizeof(int32_t) * n_rows * K), *sg = malloc(sizeof(int32_t) * n_rows * K);
@@ -1574,9 +1600,34 @@ static void indexer_case(struct pair *p, const char *what, int n_rows, const int
     float *dqs = dev_put(p->gpu, qs, sizeof(float) * n_rows * IH), *dwr = dev_put(p->gpu, wr, sizeof(float) * n_rows * IH);
     int32_t *dsel = dev_nan(p->gpu, sizeof(int32_t) * n_rows * K);
     p->cpu->ops->indexer(p->cpu, sc, q, qs, wr, &tc.c, &tm.hm, K);
+    long calls0 = 0, calls1 = 0;
+    int missed = 0;
+    dsv32_cuda_idx_sample_stats(p->gpu, &calls0, &missed);
     int r = p->gpu->ops->indexer(p->gpu, dsel, dq, dqs, dwr, &tc.g, &tm.dm, K);
     CHECK(r == 0, "indexer: %s", dsv32_strerror(r));
     dev_get(p->gpu, sg, dsel, sizeof(int32_t) * n_rows * K);
+    dsv32_cuda_idx_sample_stats(p->gpu, &calls1, &missed);
+    /* the sampled path: expected where every sequence has one row and some row has more than k
+     * positions; its selection must be the one of every score (the same scores) */
+    int one_row = 1, deep = 0, smp_diff = 0, items = 1;
+    for (int i = 0; i < n_rows; i++) {
+        one_row &= i == 0 || seq[i] != seq[i - 1];
+        deep |= pos[i] + 1 > K;
+    }
+    dsv32_cuda_get_knob(p->gpu, "idx_items", &items);
+    const int smp_want = idx_sample_variant && IH == 64 && items && one_row && deep,
+              smp_used = calls1 > calls0;
+    if (smp_used) {
+        int32_t *sd = malloc(sizeof(int32_t) * n_rows * K);
+        dsv32_cuda_set_knob(p->gpu, "idx_sample", 0);
+        r = p->gpu->ops->indexer(p->gpu, dsel, dq, dqs, dwr, &tc.g, &tm.dm, K);
+        dsv32_cuda_set_knob(p->gpu, "idx_sample", 1);
+        CHECK(r == 0, "indexer: %s", dsv32_strerror(r));
+        dev_get(p->gpu, sd, dsel, sizeof(int32_t) * n_rows * K);
+        for (int i = 0; i < n_rows; i++)
+            smp_diff += memcmp(sd + (size_t)i * K, sg + (size_t)i * K, sizeof(int32_t) * K) != 0;
+        free(sd);
+    }
     int bad = 0, bad_cpu = 0, band = 0, band_cpu = 0, rows_checked = 0, exact_rows = 0, tie_rows = 0, tie_bad = 0;
     int ld = 0; /* the backend's score row stride: the longest context rounded up to 64 */
     for (int i = 0; i < n_rows; i++)
@@ -1607,8 +1658,19 @@ static void indexer_case(struct pair *p, const char *what, int n_rows, const int
            n_rows, rows_checked, exact_rows, band, bad, bad_cpu);
     if (zero_q == 1)
         printf("; all-tie rows %d, not the cpu's lowest positions %d", tie_rows, tie_bad);
-    printf(" %s\n", bad || tie_bad ? "FAIL" : "ok");
+    if (smp_used)
+        printf(
+            "; sampled, rows served by the dense pass %d, rows unlike every score's selection %d",
+            missed, smp_diff);
+    const int smp_bad =
+        smp_used != smp_want || smp_diff != 0 || (smp_used && zero_q == 3 && missed == 0);
+    printf(" %s\n", bad || tie_bad || smp_bad ? "FAIL" : "ok");
     CHECK(bad == 0, "%s: %d selection errors", what, bad);
+    CHECK(smp_used == smp_want, "%s: the sampled path %s", what,
+          smp_want ? "not taken" : "taken where not expected");
+    CHECK(smp_diff == 0, "%s: %d rows selected otherwise on the sampled path", what, smp_diff);
+    CHECK(!smp_used || zero_q != 3 || missed > 0, "%s: no row missed where the sample scores high",
+          what);
     CHECK(tie_bad == 0, "%s: %d all-tie rows differ from the cpu", what, tie_bad);
     free(q);
     free(qs);
@@ -1629,14 +1691,15 @@ static void test_indexer(void)
         return;
     const char *getv = getenv("DSV32_TEST_IDX_WGMMA"); /* 2: the swapped-descriptor diagnostic */
     const int wg = getv ? atoi(getv) : 1;
-    for (int variant = 0; variant < 7; variant++) {
+    for (int variant = 0; variant < 8; variant++) {
         if (only_idx_variant >= 0 && variant != only_idx_variant)
             continue;
         /* 0: exact (f16 wgmma), 1: fast f16 wgmma, 2: fast FP8 wgmma (cache blocks by cp.async), 3:
          * exact f16 mma.sync with the top-k finishing over global memory, 4: fast FP8 mma.sync, 5:
-         * fast FP8 wgmma with the cache blocks by TMA and the work list uploaded (knob idx_dev_items
-         * 0), 6: fast FP8 wgmma with each block's epilogue under the next block's MMAs (knob
-         * idx_pipe: the cases of one row per sequence) */
+         * fast FP8 wgmma with the cache blocks by TMA and the work list uploaded (knob
+         * idx_dev_items 0), 6: fast FP8 wgmma with each block's epilogue under the next block's
+         * MMAs (knob idx_pipe: the cases of one row per sequence), 7: fast FP8 wgmma on the sampled
+         * path (knob idx_sample: the cases of one row per sequence) */
         struct dsv32_config cfg;
         cfg_v32(&cfg);
         struct pair p;
@@ -1647,6 +1710,8 @@ static void test_indexer(void)
         dsv32_cuda_set_knob(p.gpu, "topk_global", variant == 3); /* the top-k's fallback path */
         dsv32_cuda_set_knob(p.gpu, "idx_tma", variant == 5);
         dsv32_cuda_set_knob(p.gpu, "idx_pipe", variant == 6);
+        idx_sample_variant = variant == 7;
+        dsv32_cuda_set_knob(p.gpu, "idx_sample", idx_sample_variant);
         /* the TMA variant takes the uploaded work list, the others derive decode items on the GPU */
         dsv32_cuda_set_knob(p.gpu, "idx_dev_items", variant != 5);
         /* the work list in equal items (knob idx_items 1, the default) for all but the mma.sync
@@ -1663,7 +1728,9 @@ static void test_indexer(void)
                                 : variant == 3 ? "exact (f16 mma.sync, top-k over global memory)"
                                 : variant == 4 ? "fast, FP8 mma.sync"
                                 : variant == 5 ? "fast, FP8 wgmma (cache blocks by TMA)"
-                                               : "fast, FP8 wgmma (epilogue under the next block's MMAs)");
+                                : variant == 6
+                                    ? "fast, FP8 wgmma (epilogue under the next block's MMAs)"
+                                    : "fast, FP8 wgmma (sampled threshold, candidates)");
         /* decode: 12 sequences, 1 or 2 query rows each, contexts up to 9000 */
         int32_t pos[24], seq[24];
         int n = 0;
@@ -1694,6 +1761,10 @@ static void test_indexer(void)
                      9000 / 64 + 1, 12 * (9000 / 64 + 1), tol, 1);
         indexer_case(&p, "the same, every other row's scores <= 0", 12, opos, oseq, 12,
                      9000 / 64 + 1, 12 * (9000 / 64 + 1), tol, 2);
+        /* the sampled path's sample (every 32nd block) scoring high: fewer than k candidates,
+         * the dense pass serves those rows */
+        indexer_case(&p, "the same, every 32nd block's keys scaled x 64", 12, opos, oseq, 12,
+                     9000 / 64 + 1, 12 * (9000 / 64 + 1), tol, 3);
         /* long contexts: the top-k's sampled threshold (rows of 32768+ positions), ties included */
         int32_t lpos[4] = {33000, 50000, 65535, 70001}, lseq[4] = {0, 1, 2, 3};
         indexer_case(&p, "decode, contexts 33000..70001 (sampled top-k)", 4, lpos, lseq, 4, 70002 / 64 + 1,

@@ -753,7 +753,7 @@ static const struct {
     KNOB(lt_big_rows, true),    KNOB(idx_dev_items, false), KNOB(mla_cl, true),
     KNOB(mla_cl_nocopy, false), KNOB(pdl, false),           KNOB(moe_all_groups, false),
     KNOB(route_smem, false),    KNOB(moe_rowmajor, false),  KNOB(fp8_pdl, false),
-    KNOB(pdl_ops, false),       KNOB(fp8_stages_dn, true),
+    KNOB(pdl_ops, false),       KNOB(fp8_stages_dn, true),  KNOB(idx_sample, false),
 };
 #undef KNOB
 
@@ -844,6 +844,28 @@ extern "C" int dsv32_cuda_get_knob(struct dsv32_backend *be, const char *name, i
 extern "C" int dsv32_cuda_dsa_info(struct dsv32_backend *be, int sms[2], long *overlapped_calls)
 {
     return cu_dsa_info(ctx_of(be), sms, overlapped_calls);
+}
+
+extern "C" int dsv32_cuda_idx_sample_stats(struct dsv32_backend *be, long *calls, int *missed)
+{
+    ENTER(be);
+    *calls = c->idx_sample_calls;
+    *missed = 0;
+    if (c->idx_sample_miss && c->idx_sample_rows > 0) {
+        int *h = (int *)malloc(sizeof(int) * (size_t)c->idx_sample_rows);
+        if (!h)
+            return -ENOMEM;
+        if (cudaMemcpyAsync(h, c->idx_sample_miss, sizeof(int) * (size_t)c->idx_sample_rows,
+                            cudaMemcpyDeviceToHost, c->st) != cudaSuccess ||
+            cudaStreamSynchronize(c->st) != cudaSuccess) {
+            free(h);
+            return DSV32_ECUDA;
+        }
+        for (int i = 0; i < c->idx_sample_rows; i++)
+            *missed += h[i] != 0;
+        free(h);
+    }
+    return 0;
 }
 
 extern "C" int dsv32_cuda_mla_prof(struct dsv32_backend *be, unsigned long long out[20])

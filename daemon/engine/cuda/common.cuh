@@ -111,7 +111,7 @@ struct cu_probe {
 
 /* ---- the context ---- */
 
-enum { CU_SCRATCH_SLOTS = 16 };
+enum { CU_SCRATCH_SLOTS = 18 };
 enum { CU_MLA_PROF_N = 20 }; /* counters of the knob mla_prof (cuda_backend.h: dsv32_cuda_mla_prof) */
 enum { CU_TMAPS = 64 };      /* tensor maps kept (indexer caches: one per layer) */
 enum { CU_OPTINS = 32 };     /* kernels whose shared-memory opt-in a context remembers */
@@ -185,6 +185,15 @@ struct cu_ctx {
                                   thread, two rounds (1), or four, three rounds (0, default) */
     int idx_dev_items;         /* the wgmma indexers derive a decode step's work items on the
                                   device (1, default) instead of uploading the host's list (0) */
+    int idx_sample;            /* the FP8 wgmma indexer's sampled path for one-row items: a sample
+                                  of the cache blocks sets each row's threshold, only scores above
+                                  it are written, the top-k selects among them, and a dense pass
+                                  serves the rows where fewer than k were (1); or every score (0) */
+    long idx_sample_calls;     /* indexer calls (chunks) on the sampled path */
+    int *idx_sample_miss;      /* the last one's missed rows (device), idx_sample_rows of them */
+    int idx_sample_rows;
+    int dsa_forked;            /* cu_dsa's chunks on their partitions: the indexer takes no path
+                                  whose scratch cu_dsa did not size before the fork */
     int idx_pipe;              /* the FP8 wgmma indexer with each block's epilogue under the next
                                   block's MMAs, for one-row items (1; 0, default: in turn) */
     int pdl;                   /* the dsa op's kernels (the FP8 indexer's scores, the top-k, the
@@ -340,9 +349,11 @@ enum {
     SCR_XS_T,   /* scales transposed (cuBLASLt) */
     SCR_TMP,    /* f32 temporaries */
     SCR_TMP2,
-    SCR_PART,   /* split-K / split-KV partials */
-    SCR_SCORES, /* indexer scores */
-    SCR_WORK,   /* small work lists */
+    SCR_PART,     /* split-K / split-KV partials */
+    SCR_SCORES,   /* indexer scores */
+    SCR_IDX_SMP,  /* the sampled path's sample, thresholds and missed rows (indexer.cu) */
+    SCR_IDX_CAND, /* its candidates and their counts */
+    SCR_WORK,     /* small work lists */
     SCR_MOE_A,
     SCR_MOE_B,
     SCR_MOE_C,
@@ -351,7 +362,9 @@ enum {
     SCR_PREF_B,
     SCR_PREF_C,
     SCR_BF16,
+    SCR_N
 };
+static_assert((int)SCR_N <= (int)CU_SCRATCH_SLOTS, "more scratch slots than CU_SCRATCH_SLOTS");
 
 /* A scratch buffer of at least `bytes` (grows; growing waits for the stream first). */
 void *cu_scratch(struct cu_ctx *c, int slot, size_t bytes);

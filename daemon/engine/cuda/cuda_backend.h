@@ -64,7 +64,11 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * last one short), "idx_poison" (1, tests: the indexer's score scratch set to NaN before each call,
  * so that a score no kernel wrote shows), "idx_pipe" (1: the FP8 wgmma indexer runs a block's
  * epilogue under the next block's MMAs when every work item has one row, decode; 0, default: in
- * turn), "mla_q6" (1: the warp-specialized MLA stages Q with six loads in flight a thread instead
+ * turn), "idx_sample" (1: the FP8 wgmma indexer, when every work item has one row, scores a
+ * sample of each row's cache blocks first, takes from it a threshold at about twice the k-th
+ * score's rank, writes only the scores above it, selects among those, and scores the rows where
+ * fewer than k came above it again in full; the same selection; 0, default: every score written),
+ * "mla_q6" (1: the warp-specialized MLA stages Q with six loads in flight a thread instead
  * of four), "dsa_chunks" (N >= 2: the dsa op cuts the rows in up to N chunks and runs chunk i's MLA
  * beside chunk i + 1's indexer on disjoint SMs, dsa.cu; 0 or 1: the indexer, then the MLA),
  * "dsa_idx_sms" (the SMs of the indexer's partition there; 0: half), "dsa_skip" (benchmarks: the
@@ -80,6 +84,10 @@ int dsv32_cuda_get_knob(struct dsv32_backend *be, const char *name, int *value);
 /* The SMs of the dsa op's two partitions (indexer, MLA) as the driver made them, and how many
  * calls ran chunks side by side since the backend was created; 0, or -1 when none was made. */
 int dsv32_cuda_dsa_info(struct dsv32_backend *be, int sms[2], long *overlapped_calls);
+/* Tests: how many indexer calls (chunks of rows) took the sampled path (knob "idx_sample") since
+ * the backend was created, and how many rows of the last one fewer than k candidates served (the
+ * dense pass did); waits for the stream. */
+int dsv32_cuda_idx_sample_stats(struct dsv32_backend *be, long *calls, int *missed);
 /* With the knob "mla_prof" 1: the wgmma MLA kernel's cycles per phase since the last call, summed
  * over the two warpgroups' first threads: out[8 wg + phase] for the phases of mla_wg_kernel's
  * tile loop (mla.cu names them); out[16] the tiles of warpgroup 0; out[17], out[18] thread 0's

@@ -240,6 +240,7 @@ int cu_dsa(struct cu_ctx *c, void *out, int32_t *sel, const uint8_t *q, const fl
         const size_t r0 = (size_t)b[i], lat = (size_t)H * c->geom.kv_lora * (c->lat16 ? 2 : 4);
         c->st = st;
         c->n_sm = sms;
+        c->dsa_forked = 1;
         const int e = is_mla ? cu_mla(c, (char *)out + r0 * lat, (const char *)q_lat + r0 * lat,
                                       q_pe + r0 * ldr_pe, ldr_pe, ldh_pe, sel + r0 * topk, topk, kv,
                                       &s, scale, 0)
@@ -247,6 +248,7 @@ int cu_dsa(struct cu_ctx *c, void *out, int32_t *sel, const uint8_t *q, const fl
                                           w_raw + r0 * IH, kv, &s, topk);
         c->st = main_st;
         c->n_sm = main_sms;
+        c->dsa_forked = 0;
         return e;
     };
     /* The scratch the chunks share, sized before the fork for the largest chunk, so that no call

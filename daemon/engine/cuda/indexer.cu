@@ -45,6 +45,8 @@
 #define TOPK_SREG 2    /* float4s of the sample a thread holds in registers (topk_cluster) */
 #define TOPK_STRIDE 32 /* the sample: at least every TOPK_STRIDE-th float4 of the row */
 #define TOPK_MARGIN 32 /* the sample's threshold: its 1.25 k / TOPK_STRIDE + TOPK_MARGIN-th key */
+#define IDX_SAMPLE_CAP                                                                             \
+    8192 /* idx_mode's sample keys a row at most (idx_thr_kernel's shared memory) */
 
 static __device__ __forceinline__ uint32_t cvt_e4m3x2(uint32_t two)
 {
@@ -106,13 +108,13 @@ static __device__ __forceinline__ void idx_lane_weights(float (&w)[2 * NT], cons
     }
 }
 
-/* One cache block's logits -> scores for this lane's keys j0 and j0 + 8 (lanes t = 0 and t = 1
- * write them): relu, the per-head weights w (idx_lane_weights), the head sum (the lane's 2 x NT
- * heads, then the quad's) and the key scale; acc in the m16n8 accumulator layout per 8 heads. */
+/* One cache block's logits -> the score of this lane's key (j0 for lanes t = 0, j0 + 8 for t =
+ * 1; the other lanes' value is not a score): relu, the per-head weights w (idx_lane_weights), the
+ * head sum (the lane's 2 x NT heads, then the quad's) and the key scale; acc in the m16n8
+ * accumulator layout per 8 heads. */
 template <int NT>
-static __device__ __forceinline__ void idx_store_w(const float *acc, const float (&w)[2 * NT],
-                                                   int t, float ks0, float ks1, float *srow, int j0,
-                                                   int pos, bool store = true)
+static __device__ __forceinline__ float idx_score_w(const float *acc, const float (&w)[2 * NT],
+                                                    int t, float ks0, float ks1)
 {
     float sg0 = 0.0f, sg1 = 0.0f;
 #pragma unroll
@@ -124,11 +126,21 @@ static __device__ __forceinline__ void idx_store_w(const float *acc, const float
     sg0 += __shfl_xor_sync(0xffffffffu, sg0, 2);
     sg1 += __shfl_xor_sync(0xffffffffu, sg1, 1);
     sg1 += __shfl_xor_sync(0xffffffffu, sg1, 2);
-    /* one store instruction for the warp's 16 keys (64 contiguous bytes): lanes t = 0 and t = 1
-     * (two, one for each half, measured 0.291 against 0.289 ms for the FP8 scores) */
+    return t == 0 ? sg0 * ks0 : sg1 * ks1;
+}
+
+/* idx_score_w stored at srow[j] for j <= pos: one store instruction for the warp's 16 keys (64
+ * contiguous bytes) by lanes t = 0 and t = 1 (two, one for each half, measured 0.291 against
+ * 0.289 ms for the FP8 scores) */
+template <int NT>
+static __device__ __forceinline__ void idx_store_w(const float *acc, const float (&w)[2 * NT],
+                                                   int t, float ks0, float ks1, float *srow, int j0,
+                                                   int pos, bool store = true)
+{
+    const float s = idx_score_w<NT>(acc, w, t, ks0, ks1);
     const int j = t == 0 ? j0 : j0 + 8;
     if (store && t < 2 && j <= pos)
-        srow[j] = t == 0 ? sg0 * ks0 : sg1 * ks1;
+        srow[j] = s;
 }
 
 /* idx_store_w with the weights read from the row's shared-memory weights wi */
@@ -377,7 +389,8 @@ static __host__ __device__ __forceinline__ int idx_item_count(int nblk, int bpc)
  * (cu_indexer, idx_items 1) in the same order, rows needing scores (pos + 1 > topk) cut in
  * max(1, nblk / bpc) items of nblk * i / n_it.. blocks. Each warp computes it (a prefix over the
  * rows' item counts, 32 rows a step), so that no copy of the list precedes the kernel. */
-static __device__ int4 idx_dev_item(int b, const int32_t *row_pos, int rb, int nrows, int bpc, int topk)
+static __device__ int4 idx_dev_item(int b, const int32_t *row_pos, int rb, int nrows, int bpc,
+                                    int topk, int bstride = 1)
 {
     const int lane = threadIdx.x & 31;
     int base = 0;
@@ -386,7 +399,8 @@ static __device__ int4 idx_dev_item(int b, const int32_t *row_pos, int rb, int n
         if (r0 + lane < nrows) {
             const int pos = row_pos[rb + r0 + lane];
             if (pos + 1 > topk) {
-                nblk = pos / DSV32_KV_BLOCK_TOKENS + 1;
+                nblk = pos / DSV32_KV_BLOCK_TOKENS / bstride +
+                       1; /* blocks 0, bstride, 2 bstride, .. */
                 nit = idx_item_count(nblk, bpc);
             }
         }
@@ -563,6 +577,32 @@ static __device__ __forceinline__ void hist_add(int *hist, bool valid, uint32_t 
         atomicAdd(&hist[bin], __popc(peers));
 }
 
+/* The sampled path of the FP8 indexer (knob idx_sample; one-row items, cache blocks by cp.async),
+ * five kernels where there are two:
+ *  1. the scores of every bstride-th cache block of each row (idx_wgmma_fp8_kernel with bstride:
+ *     block i of an item is the row's block i x bstride; stored densely, the sample's row);
+ *  2. idx_thr_kernel: per row, the key (order_key) of rank m in its sample, m about 2 k times the
+ *     sampled share of the row: the threshold T;
+ *  3. every score (idx_wgmma_fp8_kernel with thr), but only those whose key reaches T written:
+ *     (score, position) pairs compacted per warp into the row's slots of its item (warp w of the
+ *     item of blocks [z, e) from slot 64 z + 16 w (e - z)), their count at cnt[z][w] of the row;
+ *  4. topk_cand_kernel: when at least k were written, every key above the k-th was (T is at most
+ *     the k-th): their top-k is the row's, the same selection as from every score; otherwise the
+ *     row is marked missed (the sample put T above the k-th: not seen on random data, possible on
+ *     data whose high scores gather in the blocks sampled);
+ *  5. for the missed rows only (every CTA of the others returns at once): every score stored
+ *     (idx_wgmma_fp8_kernel with miss) and topk_kernel (with miss).
+ * Writing the candidates costs little (writing every key as an 8-byte pair took the scores
+ * kernel 0.298 ms against 0.284 storing 4-byte scores); counting them to bound the k-th on the fly
+ * cost much more (GPU-NOTES, the second session of 2026-11-30), which the sample replaces. */
+struct idx_mode {
+    int bstride;         /* 1: every block; else the sample's (1) */
+    const uint32_t *thr; /* [row]: T (3), or NULL: every score stored */
+    uint2 *cand;         /* [row][ld_s]: the candidates (3) */
+    int *cnt;            /* [row][ld_s / 64][4] */
+    const int *miss;     /* [row]: only rows marked here are scored (5), or NULL */
+};
+
 /* The FP8 variant of the scores on wgmma (the fast numerics' default indexer): m64n64k32
  * with both operands read by the tensor core from shared memory as e4m3, no conversions and no
  * fragments in registers at all. The cache blocks stream through an IDX_RING-stage shared-memory
@@ -594,15 +634,17 @@ static __global__ void __launch_bounds__(128)
                          const uint8_t *q, const float *q_scale, const float *w_raw,
                          const uint8_t *cache, int block_bytes, const int32_t *blocks,
                          int max_blocks, const int32_t *row_pos, const int32_t *row_seq,
-                         float wscale, float sscale)
+                         float wscale, float sscale, idx_mode md)
 {
     constexpr int IH = 64;
     extern __shared__ __align__(1024) uint8_t dyn[];
     /* 1024-byte alignment for the swizzled tiles, whatever the dynamic base */
     uint8_t *sm = dyn + ((1024 - ((uint32_t)__cvta_generic_to_shared(dyn) & 1023u)) & 1023u);
     /* work NULL: dev = (bpc, rows, topk), the item derived (idx_dev_item) */
-    const int4 wk = work ? work[blockIdx.x] : idx_dev_item(blockIdx.x, row_pos, row_base, dev.y, dev.x, dev.z);
-    const int r0 = wk.x, nr = wk.y;
+    const int4 wk =
+        work ? work[blockIdx.x]
+             : idx_dev_item(blockIdx.x, row_pos, row_base, dev.y, dev.x, dev.z, md.bstride);
+    const int r0 = wk.x, nr = wk.y, S = md.bstride;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     uint8_t *qsm = sm;                      /* [row][64 heads x 128 B], swizzled */
     uint8_t *ring = sm + (size_t)nr * 8192; /* IDX_RING stages */
@@ -620,6 +662,8 @@ static __global__ void __launch_bounds__(128)
     };
     /* launched under the previous kernel (pdl): it may write the cache, q or the weights */
     pdl_begin();
+    if (md.miss && !md.miss[r0 - row_base])
+        return;  /* the same for the whole CTA: a row the candidates served */
     int nid = 0; /* TMA: the block table entry of the next fill (thread 0) */
     if (TMA && threadIdx.x == 0) {
         asm volatile("prefetch.tensormap [%0];" ::"l"(&tm) : "memory");
@@ -656,7 +700,7 @@ static __global__ void __launch_bounds__(128)
 #pragma unroll
         for (int st = 0; st < IDX_RING - 1; st++) {
             if (wk.z + st < wk.w)
-                issue(bt[wk.z + st], st);
+                issue(bt[(wk.z + st) * S], st);
             asm volatile("cp.async.commit_group;");
         }
     }
@@ -685,6 +729,12 @@ static __global__ void __launch_bounds__(128)
     int pj0 = -1; /* PIPE: the pending block's first key of this lane (-1: none), its key scales */
     float pks0 = 0.0f, pks1 = 0.0f;
     float *srow0 = scores + (size_t)(r0 - row_base) * ld_s;
+    /* the candidates: this warp's slots, the row's threshold */
+    uint2 *cout =
+        md.thr ? md.cand + (size_t)(r0 - row_base) * ld_s + 64 * wk.z + 16 * warp * (wk.w - wk.z)
+               : nullptr;
+    const uint32_t thr = md.thr ? md.thr[r0 - row_base] : 0u;
+    int ncand = 0;
     for (int blk = wk.z, it = 0; blk < wk.w; blk++, it++) {
         const int stage = it % IDX_RING;
         if (TMA) {
@@ -710,7 +760,7 @@ static __global__ void __launch_bounds__(128)
             }
             __syncthreads();
             if (blk + IDX_RING - 1 < wk.w)
-                issue(bt[blk + IDX_RING - 1], (it + IDX_RING - 1) % IDX_RING);
+                issue(bt[(blk + IDX_RING - 1) * S], (it + IDX_RING - 1) % IDX_RING);
             asm volatile("cp.async.commit_group;");
         }
         if (copy_only == 1)
@@ -718,7 +768,7 @@ static __global__ void __launch_bounds__(128)
         const float *ksc = reinterpret_cast<const float *>(ring + (size_t)stage * IDX8_STAGEB + 8192);
         const float ks0 = ksc[kr0], ks1 = ksc[kr1];
         const uint64_t da = wg_desc_add(da0, stage * IDX8_STAGEB);
-        const int j0 = blk * DSV32_KV_BLOCK_TOKENS + kr0;
+        const int j0 = blk * S * DSV32_KV_BLOCK_TOKENS + kr0;
         auto mma = [&](int i) { /* the block's logits for row i into acc, issued and committed */
             wg_fence(acc);
             wg_begin();
@@ -746,13 +796,27 @@ static __global__ void __launch_bounds__(128)
             for (int i = 0; i < NW; i++) {
                 if (i >= nr)
                     break;
-                if (blk * DSV32_KV_BLOCK_TOKENS > pos[i])
+                if (blk * S * DSV32_KV_BLOCK_TOKENS > pos[i])
                     continue; /* the same for the whole warpgroup */
                 mma(i);
                 wg_wait0();
                 wg_fence(acc);
-                idx_store_w<8>(acc, wv[i], t, ks0, ks1, scores + (size_t)(r0 + i - row_base) * ld_s,
-                               j0, pos[i], copy_only != 2);
+                if (md.thr) { /* the candidates: keys at or above the row's threshold */
+                    const float sc = idx_score_w<8>(acc, wv[i], t, ks0, ks1);
+                    const int j = t == 0 ? j0 : j0 + 8;
+                    const bool take = t < 2 && j <= pos[i] && order_key(sc) >= thr;
+                    const uint32_t m = __ballot_sync(0xffffffffu, take);
+                    if (take)
+                        cout[ncand + __popc(m & ((1u << lane) - 1u))] =
+                            make_uint2(__float_as_uint(sc), (uint32_t)j);
+                    ncand += __popc(m);
+                } else {
+                    /* the sample (bstride > 1) stored densely: block blk at blk x 64 */
+                    idx_store_w<8>(acc, wv[i], t, ks0, ks1,
+                                   scores + (size_t)(r0 + i - row_base) * ld_s -
+                                       (size_t)blk * (S - 1) * DSV32_KV_BLOCK_TOKENS,
+                                   j0, pos[i], copy_only != 2);
+                }
             }
         }
     }
@@ -761,6 +825,8 @@ static __global__ void __launch_bounds__(128)
         wg_fence(acc);
         idx_store_w<8>(acc, wv[0], t, pks0, pks1, srow0, pj0, pos[0]);
     }
+    if (md.thr && lane == 0)
+        md.cnt[((size_t)(r0 - row_base) * (ld_s / 64) + wk.z) * 4 + warp] = ncand;
 }
 
 /* Block-wide exclusive scan of one int per thread (1024 threads); *total gets the sum. */
@@ -906,6 +972,22 @@ static __device__ void topk_hist_cand(int *hist, const uint32_t *cu, int ncand, 
     }
 }
 
+/* Writes the positions j0 + i of the bits i set in bitmap (W words) to out, ascending. */
+static __device__ void topk_write_bitmap(int32_t *out, const uint32_t *bitmap, int j0, int W,
+                                         int *warp_sum)
+{
+    const int tid = threadIdx.x;
+    const int per = (W + blockDim.x - 1) / blockDim.x, w0 = tid * per, w1 = min(W, w0 + per);
+    int cnt = 0;
+    for (int w = w0; w < w1; w++)
+        cnt += __popc(bitmap[w]);
+    int total;
+    int o = block_excl_scan(cnt, warp_sum, &total);
+    for (int w = w0; w < w1; w++)
+        for (uint32_t b = bitmap[w]; b; b &= b - 1)
+            out[o++] = j0 + 32 * w + __ffs(b) - 1;
+}
+
 /* Marks, among ncand gathered candidates (positions in [j0, j0 + 32 W)), those whose keys under
  * the mask M (the bits the passes fixed) are above T and the take_eq lowest-positioned of the
  * cnt_eq equal to T under M (the k-th key's bin) in bitmap (W words, zeroed by the caller before
@@ -933,15 +1015,7 @@ static __device__ void topk_mark_write(int32_t *out, const uint32_t *cu, const i
             atomicOr(&bitmap[(j - j0) >> 5], 1u << ((j - j0) & 31));
     }
     __syncthreads();
-    const int per = (W + blockDim.x - 1) / blockDim.x, w0 = tid * per, w1 = min(W, w0 + per);
-    int cnt = 0;
-    for (int w = w0; w < w1; w++)
-        cnt += __popc(bitmap[w]);
-    int total;
-    int o = block_excl_scan(cnt, warp_sum, &total);
-    for (int w = w0; w < w1; w++)
-        for (uint32_t b = bitmap[w]; b; b &= b - 1)
-            out[o++] = j0 + 32 * w + __ffs(b) - 1;
+    topk_write_bitmap(out, bitmap, j0, W, warp_sum);
 }
 
 /* The top-k among ncand gathered keys (which hold the row's top k), radix passes from first_pass
@@ -1135,7 +1209,7 @@ static __device__ bool topk_cluster(int32_t *out, const float4 *s4, int n, int n
 /* Split launches (gridDim.y = parts, 2 or 4) run as clusters of the row's parts (topk_cluster). */
 static __global__ void __launch_bounds__(1024)
     topk_kernel(int32_t *sel, const float *scores, int ld_s, int row_base, const int32_t *row_pos,
-                int topk, int cap)
+                int topk, int cap, const int *miss)
 {
     __shared__ int hist[2048], hist2[2048], hsum[2048];
     __shared__ int warp_sum[32];
@@ -1147,6 +1221,8 @@ static __global__ void __launch_bounds__(1024)
     int32_t *cj = reinterpret_cast<int32_t *>(dsm + cap);
     /* launched under the scores (pdl); the MLA after it may start at once, and waits */
     pdl_begin();
+    if (miss && !miss[blockIdx.x])
+        return; /* the same for the row's cluster: a row the candidates served (idx_mode) */
     const int r = row_base + blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int n = row_pos[r] + 1, parts = gridDim.y, part = blockIdx.y; /* part: the rank in the row's cluster */
     int32_t *out = sel + (size_t)r * topk;
@@ -1263,6 +1339,201 @@ static __global__ void __launch_bounds__(1024)
     }
 }
 
+/* idx_mode's threshold of each row (one CTA of 1024 threads a row): the key of rank m among the
+ * sample's keys (those of positions <= the row's), m = 2 k x (sampled / positions) + 32, found by
+ * three radix passes in shared memory; 0 (every key a candidate) when the sample holds no more. */
+static __global__ void __launch_bounds__(1024)
+    idx_thr_kernel(uint32_t *thr, const float *sample, int lds, int row_base,
+                   const int32_t *row_pos, int bstride, int topk)
+{
+    __shared__ int hist[2048];
+    __shared__ int warp_sum[32];
+    __shared__ int sh[3];
+    __shared__ uint32_t keys[IDX_SAMPLE_CAP];
+    pdl_begin();
+    const int rl = blockIdx.x, tid = threadIdx.x;
+    const int pos = row_pos[row_base + rl], n = pos + 1;
+    if (n <= topk) /* no scores for this row */
+        return;
+    /* sample block i is the row's block i x bstride: its keys up to the row's position */
+    const int nb = pos / DSV32_KV_BLOCK_TOKENS / bstride + 1;
+    int ns = 0;
+    for (int i = 0; i < nb; i++)
+        ns += min(DSV32_KV_BLOCK_TOKENS, n - i * bstride * DSV32_KV_BLOCK_TOKENS);
+    const int m = (int)(2.0 * topk * ns / n) + 32;
+    if (m >= ns || nb * DSV32_KV_BLOCK_TOKENS > IDX_SAMPLE_CAP) {
+        if (tid == 0)
+            thr[rl] = 0u;
+        return;
+    }
+    const float *srow = sample + (size_t)rl * lds;
+    /* every sampled slot at once, those past the row's position as key 0 (below every score's:
+     * the rank m < ns falls among the valid) */
+    const int slots = nb * DSV32_KV_BLOCK_TOKENS;
+    for (int e = tid; e < slots; e += blockDim.x) {
+        const int i = e / DSV32_KV_BLOCK_TOKENS, o = e % DSV32_KV_BLOCK_TOKENS;
+        keys[e] = i * bstride * DSV32_KV_BLOCK_TOKENS + o <= pos ? order_key(srow[e]) : 0u;
+    }
+    __syncthreads();
+    uint32_t prefix = 0, pmask = 0;
+    int kk = m;
+    for (int pass = 0; pass < 3; pass++) {
+        const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0, nbins = pass == 2 ? 1024 : 2048;
+        for (int i = tid; i < nbins; i += blockDim.x)
+            hist[i] = 0;
+        __syncthreads();
+        topk_hist_cand(hist, keys, slots, pmask, prefix, shift, nbins);
+        __syncthreads();
+        topk_find(hist, nbins, kk, warp_sum, sh);
+        prefix |= (uint32_t)sh[0] << shift;
+        pmask |= (uint32_t)(nbins - 1) << shift;
+        kk = sh[1];
+        __syncthreads();
+    }
+    if (tid == 0)
+        thr[rl] = prefix;
+}
+
+/* idx_mode's top-k of a row from its candidates (one CTA of 1024 threads a row): fewer than k
+ * written marks the row missed (miss[row] 1; the dense pass after serves it); else they hold the
+ * row's top k, selected in shared memory (topk_select_smem) when they fit, or by radix passes over
+ * them in global memory, the keys above the k-th marked in the bitmap and those equal to it in a
+ * second one, of which the lowest positions are kept: the selection of topk_kernel on every score.
+ */
+#define TOPK_CAND_ILP 4 /* candidates a lane loads at once */
+static __global__ void __launch_bounds__(1024)
+    topk_cand_kernel(int32_t *sel, int *miss, const uint2 *cand, const int *cand_cnt, int ld_s,
+                     int row_base, const int32_t *row_pos, int topk, int cap, int bpc)
+{
+    __shared__ int hist[2048];
+    __shared__ int warp_sum[32];
+    __shared__ int sh[3], s_n;
+    /* dynamic: cap candidate keys, cap positions, then a bitmap of the row's positions */
+    extern __shared__ __align__(16) uint32_t dsm[];
+    uint32_t *cu = dsm, *bitmap = dsm + 2 * (size_t)cap;
+    int32_t *cj = reinterpret_cast<int32_t *>(dsm + cap);
+    /* launched under the scores (pdl); the kernels after it may start at once, and wait */
+    pdl_begin();
+    const int rl = blockIdx.x, r = row_base + rl, tid = threadIdx.x, lane = tid & 31,
+              warp = tid >> 5;
+    const int n = row_pos[r] + 1, W = (n + 31) / 32;
+    int32_t *out = sel + (size_t)r * topk;
+    if (n <= topk) {
+        for (int j = tid; j < topk; j += blockDim.x)
+            out[j] = j < n ? j : -1;
+        if (tid == 0)
+            miss[rl] = 0;
+        return;
+    }
+    /* the row's work items as the scores kernel had them (idx_dev_item), 4 warps' slots each */
+    const int nblk = (n - 1) / DSV32_KV_BLOCK_TOKENS + 1, nit = idx_item_count(nblk, bpc);
+    const uint2 *crow = cand + (size_t)rl * ld_s;
+    const int *crow_n = cand_cnt + (size_t)rl * (ld_s / 64) * 4;
+    int tot = 0;
+    for (int sub = lane; sub < 4 * nit; sub += 32) /* every warp the same sum */
+        tot += crow_n[4 * (int)((int64_t)nblk * (sub >> 2) / nit) + (sub & 3)];
+    for (int o = 16; o > 0; o >>= 1)
+        tot += __shfl_xor_sync(0xffffffffu, tot, o);
+    if (tot < topk) { /* the same for the whole CTA */
+        if (tid == 0)
+            miss[rl] = 1;
+        return;
+    }
+    if (tid == 0)
+        miss[rl] = 0;
+    /* f(valid, key, position) for each candidate, warp-uniform (TOPK_CAND_ILP a lane at once) */
+    auto each = [&](auto &&f) {
+        for (int sub = warp; sub < 4 * nit; sub += 32) {
+            const int i = sub >> 2, w = sub & 3;
+            const int z = (int)((int64_t)nblk * i / nit), e = (int)((int64_t)nblk * (i + 1) / nit);
+            const int cnt = crow_n[4 * z + w];
+            const uint2 *src = crow + 64 * z + 16 * w * (e - z);
+            for (int i0 = 0; i0 < cnt; i0 += 32 * TOPK_CAND_ILP) {
+                uint2 v[TOPK_CAND_ILP];
+#pragma unroll
+                for (int x = 0; x < TOPK_CAND_ILP; x++) {
+                    const int c = i0 + 32 * x + lane;
+                    v[x] = c < cnt ? src[c] : make_uint2(0u, 0u);
+                }
+#pragma unroll
+                for (int x = 0; x < TOPK_CAND_ILP; x++)
+                    f(i0 + 32 * x + lane < cnt, order_key(__uint_as_float(v[x].x)), (int)v[x].y);
+            }
+        }
+    };
+    if (tot <= cap) { /* into shared memory, finished there */
+        if (tid == 0)
+            s_n = 0;
+        __syncthreads();
+        each([&](bool v, uint32_t u, int j) {
+            const uint32_t m = __ballot_sync(0xffffffffu, v);
+            if (!m)
+                return;
+            int b = 0;
+            if (lane == __ffs(m) - 1)
+                b = atomicAdd(&s_n, __popc(m));
+            const int at =
+                __shfl_sync(0xffffffffu, b, __ffs(m) - 1) + __popc(m & ((1u << lane) - 1u));
+            if (v) {
+                cu[at] = u;
+                cj[at] = j;
+            }
+        });
+        __syncthreads();
+        topk_select_smem(out, cu, cj, s_n, n, 0, 0u, 0u, topk, hist, warp_sum, sh, bitmap);
+        return;
+    }
+    /* too many to hold: the digits by passes over the candidates in global memory */
+    uint32_t prefix = 0, pmask = 0;
+    int kk = topk, cnt_eq = 0;
+    for (int pass = 0; pass < 3; pass++) {
+        const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0, nb = pass == 2 ? 1024 : 2048;
+        for (int i = tid; i < nb; i += blockDim.x)
+            hist[i] = 0;
+        __syncthreads();
+        each([&](bool v, uint32_t u, int) { hist_add(hist, v, u, pmask, prefix, shift, nb - 1); });
+        __syncthreads();
+        topk_find(hist, nb, kk, warp_sum, sh);
+        prefix |= (uint32_t)sh[0] << shift;
+        pmask |= (uint32_t)(nb - 1) << shift;
+        kk = sh[1];
+        cnt_eq = sh[2];
+        __syncthreads();
+        if (kk == cnt_eq)
+            break;
+    }
+    /* above the k-th key into bitmap, equal to it into eq (cu's room: W <= cap, checked by the
+     * host); then the kk lowest of the equal */
+    uint32_t *eq = cu;
+    for (int i = tid; i < W; i += blockDim.x) {
+        bitmap[i] = 0;
+        eq[i] = 0;
+    }
+    __syncthreads();
+    const bool whole = kk == cnt_eq;
+    each([&](bool v, uint32_t u, int j) {
+        const uint32_t um = u & pmask;
+        if (v && (um > prefix || (um == prefix && whole)))
+            atomicOr(&bitmap[j >> 5], 1u << (j & 31));
+        else if (v && um == prefix)
+            atomicOr(&eq[j >> 5], 1u << (j & 31));
+    });
+    __syncthreads();
+    if (!whole) {
+        const int per = (W + blockDim.x - 1) / blockDim.x, w0 = tid * per, w1 = min(W, w0 + per);
+        int c = 0;
+        for (int w = w0; w < w1; w++)
+            c += __popc(eq[w]);
+        int total;
+        int rank = block_excl_scan(c, warp_sum, &total);
+        for (int w = w0; w < w1 && rank < kk; w++)
+            for (uint32_t b = eq[w]; b && rank < kk; b &= b - 1, rank++)
+                bitmap[w] |= b & (0u - b); /* the word is this thread's alone here */
+        __syncthreads();
+    }
+    topk_write_bitmap(out, bitmap, 0, W, warp_sum);
+}
+
 /* ---- the indexer cache as a tensor of 128-byte rows for TMA (idx_wgmma_fp8_kernel<true, *>) ----
  * The driver's cuTensorMapEncodeTiled and cuMemGetAddressRange through the runtime's entry
  * points (no link against libcuda); the map spans the cache's allocation from the cache on (its
@@ -1352,6 +1623,8 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             re = rb + (int)(max_chunk_rows > 0 ? max_chunk_rows : 1);
             /* do not split a sequence's run of rows inside a group of IDX_QT */
         }
+        /* the sampled path's missed rows (idx_mode), for the top-k; NULL: every row */
+        int *miss = NULL;
         /* groups of up to IDX_QT consecutive rows of one sequence that need scores */
         size_t total_blocks = 0;
         int n_groups = 0, max_nr = 1;
@@ -1469,12 +1742,84 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 auto kern = tma ? (pipe ? idx_wgmma_fp8_kernel<true, true> : idx_wgmma_fp8_kernel<true, false>)
                                 : (pipe ? idx_wgmma_fp8_kernel<false, true> : idx_wgmma_fp8_kernel<false, false>);
                 CU_SMEM_OPTIN(kern, smem8);
-                CU_CHECK(cu_launch_pdl(c, c->pdl != 0, kern, dim3(n_items), dim3(128), smem8, tm,
-                                       (int)(c->idx_l2_normal == 0), c->idx_copy_only, scores, ld_s,
-                                       rb, d_items, dev, q, q_scale, w_raw, kv->idx,
-                                       c->geom.idx_block_bytes, (const int32_t *)m->d_blocks,
-                                       m->max_blocks, (const int32_t *)m->d_row_pos,
-                                       (const int32_t *)m->d_row_seq, wscale, sscale));
+                const idx_mode plain = {1, NULL, NULL, NULL, NULL};
+                /* the scores kernel over scores s (row stride lds), items (work list or dev) */
+                auto scores8 = [&](decltype(kern) k, int items, float *s, int lds, const int4 *work,
+                                   int4 dv, idx_mode md) {
+                    return cu_launch_pdl(c, c->pdl != 0, k, dim3(items), dim3(128), smem8, tm,
+                                         (int)(c->idx_l2_normal == 0), c->idx_copy_only, s, lds, rb,
+                                         work, dv, q, q_scale, w_raw, kv->idx,
+                                         c->geom.idx_block_bytes, (const int32_t *)m->d_blocks,
+                                         m->max_blocks, (const int32_t *)m->d_row_pos,
+                                         (const int32_t *)m->d_row_seq, wscale, sscale, md);
+                };
+                /* the sampled path (idx_mode): one-row items by cp.async, a row's bitmap within the
+                 * top-k's room (its fallback's) */
+                if (c->idx_sample && !c->dsa_forked && !pipe && max_nr == 1 && c->idx_items &&
+                    !c->topk_global && !c->idx_copy_only && (size_t)ld_s / 32 <= TOPK_CAP) {
+                    const int nr = re - rb, max_nblk = ld_s / DSV32_KV_BLOCK_TOKENS;
+                    const int S =
+                        max(32, (max_nblk + IDX_SAMPLE_CAP / 64 - 1) / (IDX_SAMPLE_CAP / 64));
+                    const int lds = ((max_nblk - 1) / S + 1) * DSV32_KV_BLOCK_TOKENS;
+                    size_t total_s = 0;
+                    for (int r = rb; r < re; r++)
+                        if (m->h_row_pos[r] + 1 > topk)
+                            total_s += (size_t)(m->h_row_pos[r] / DSV32_KV_BLOCK_TOKENS / S + 1);
+                    /* short items: the sample's latency, not its bytes, is its cost */
+                    const int bpc_s = (int)std::max<size_t>(2, (total_s + 8 * (size_t)c->n_sm - 1) /
+                                                                   (8 * (size_t)c->n_sm));
+                    int items_s = 0;
+                    for (int r = rb; r < re; r++)
+                        if (m->h_row_pos[r] + 1 > topk)
+                            items_s += idx_item_count(
+                                m->h_row_pos[r] / DSV32_KV_BLOCK_TOKENS / S + 1, bpc_s);
+                    /* the sample, the thresholds, the missed rows; the candidates and their counts
+                     */
+                    char *sb = (char *)cu_scratch(
+                        c, SCR_IDX_SMP, sizeof(float) * (size_t)nr * lds + 8 * (size_t)nr);
+                    char *cb = (char *)cu_scratch(c, SCR_IDX_CAND,
+                                                  (sizeof(uint2) + sizeof(int) * 4 / 64) *
+                                                      (size_t)nr * ld_s);
+                    if (!sb || !cb)
+                        return -ENOMEM;
+                    float *smp = (float *)sb;
+                    uint32_t *thr = (uint32_t *)(sb + sizeof(float) * (size_t)nr * lds);
+                    miss = (int *)(thr + nr);
+                    uint2 *cand = (uint2 *)cb;
+                    int *cnt = (int *)(cb + sizeof(uint2) * (size_t)nr * ld_s);
+                    auto kern_s = idx_wgmma_fp8_kernel<false, false>;
+                    CU_SMEM_OPTIN(kern_s, smem8);
+                    const idx_mode md_s = {S, NULL, NULL, NULL, NULL},
+                                   md_c = {1, thr, cand, cnt, NULL},
+                                   md_r = {1, NULL, NULL, NULL, miss};
+                    CU_CHECK(scores8(kern_s, items_s, smp, lds, NULL, make_int4(bpc_s, nr, topk, 0),
+                                     md_s));
+                    CU_LAUNCHED("idx_sample");
+                    CU_CHECK(cu_launch_pdl(c, c->pdl != 0, idx_thr_kernel, dim3(nr), dim3(1024), 0,
+                                           thr, (const float *)smp, lds, rb,
+                                           (const int32_t *)m->d_row_pos, S, topk));
+                    CU_LAUNCHED("idx_thr");
+                    CU_CHECK(scores8(kern_s, n_items, (float *)NULL, ld_s, d_items, dev, md_c));
+                    CU_LAUNCHED("idx_cand");
+                    if (!c->idx_no_topk) {
+                        const size_t tsm =
+                            sizeof(uint32_t) * (2 * (size_t)TOPK_CAP + ((size_t)ld_s + 31) / 32);
+                        CU_SMEM_OPTIN(topk_cand_kernel, tsm);
+                        CU_CHECK(cu_launch_pdl(
+                            c, c->pdl != 0, topk_cand_kernel, dim3(nr), dim3(1024), tsm, sel, miss,
+                            (const uint2 *)cand, (const int *)cnt, ld_s, rb,
+                            (const int32_t *)m->d_row_pos, topk, (int)TOPK_CAP, (int)bpc));
+                        CU_LAUNCHED("topk_cand");
+                        /* the missed rows' every score (the top-k after the groups, with miss) */
+                        CU_CHECK(scores8(kern_s, n_items, scores, ld_s, d_items, dev, md_r));
+                        CU_LAUNCHED("idx_scores_missed");
+                    }
+                    c->idx_sample_calls++;
+                    c->idx_sample_miss = miss;
+                    c->idx_sample_rows = nr;
+                } else {
+                    CU_CHECK(scores8(kern, n_items, scores, ld_s, d_items, dev, plain));
+                }
             } else if (use_fp8 && NT == 8 && max_nr == 1) {
                 const size_t ring = (size_t)IDX_STAGES * c->geom.idx_block_bytes;
                 CU_SMEM_OPTIN(idx_dec_fp8_kernel, ring);
@@ -1529,7 +1874,8 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             const cudaLaunchConfig_t lc =
                 cu_launch_cfg(c, dim3(nr, parts), dim3(1024), tsm, at, c->pdl ? 2 : 1);
             CU_CHECK(cudaLaunchKernelEx(&lc, topk_kernel, sel, (const float *)scores, ld_s, rb,
-                                        (const int32_t *)m->d_row_pos, topk, cap));
+                                        (const int32_t *)m->d_row_pos, topk, cap,
+                                        (const int *)miss));
             CU_LAUNCHED("topk");
         }
         rb = re;
