@@ -628,6 +628,9 @@ static void bench_dsa_quick(struct dsv32_backend *be)
     const double q_sp = dsa_time(&d, &m, RUN_SPARSE | RUN_QUEUED, iters);
     const double t_op = dsa_time(&d, &m, RUN_DSA, iters),
                  q_op = dsa_time(&d, &m, RUN_DSA | RUN_QUEUED, iters);
+    /* the indexer's sampled path (knob idx_sample), in the same run */
+    const double q_smp = dsa_time_with(&d, &m, IS | RUN_QUEUED, iters, KNOBS({"idx_sample", 1}));
+    const double q_smp_idx = dsa_time_with(&d, &m, I | RUN_QUEUED, iters, KNOBS({"idx_sample", 1}));
     printf("\n## DSA decode attention, batch %d x context %d (quick: the defaults only)\n", B, L);
     printf("floor: %.3f GB at %.0f GB/s = %.3f ms\n", bytes / 1e9, copy_gbps, floor_ms);
     printf("| part | time (ms) | x floor | |\n|---|---|---|---|\n");
@@ -640,6 +643,10 @@ static void bench_dsa_quick(struct dsv32_backend *be)
            q_idx - q_scores, q_sp);
     printf("| the dsa op (the engine's call), one call / queued | %.3f / %.3f | %.2f / %.2f | |\n",
            t_op, q_op, t_op / floor_ms, q_op / floor_ms);
+    printf("| queued, the indexer's sampled path (knob idx_sample 1) | %.3f | %.2f | of it: the "
+           "indexer %.3f "
+           "(every score: %.3f) |\n",
+           q_smp, q_smp / floor_ms, q_smp_idx, q_idx);
     fflush(stdout);
     dsa_free(&d);
 }
