@@ -1018,26 +1018,21 @@ static __device__ void topk_mark_write(int32_t *out, const uint32_t *cu, const i
     topk_write_bitmap(out, bitmap, j0, W, warp_sum);
 }
 
-/* The top-k among ncand gathered keys (which hold the row's top k), radix passes from first_pass
- * on in shared memory (prefix, pmask, kk: what earlier passes fixed) until the k-th key's bin is
- * kept whole (usually after two) or is the key, then the selected positions marked in a bitmap
- * and written in ascending order from it; among keys equal to the k-th the lowest positions are
- * kept, as in the global path. */
-static __device__ void topk_select_smem(int32_t *out, const uint32_t *cu, const int32_t *cj, int ncand, int n,
-                                        int first_pass, uint32_t prefix, uint32_t pmask, int kk, int *hist,
-                                        int *warp_sum, int *sh, uint32_t *bitmap)
+/* Radix passes from first_pass on (prefix, pmask, kk: what earlier passes fixed), each histogram
+ * filled by fill(hist, pmask, prefix, shift, nb) from the keys wherever they are, until the kk-th
+ * largest key's bin is kept whole (usually after two; cnt_eq = kk) or is the key (after the
+ * third): then prefix under pmask is that bin, kk how many of it are taken, cnt_eq how many it
+ * holds. */
+template <class F>
+static __device__ void topk_radix(int first_pass, uint32_t &prefix, uint32_t &pmask, int &kk,
+                                  int &cnt_eq, int *hist, int *warp_sum, int *sh, F &&fill)
 {
-    const int tid = threadIdx.x;
-    const int W = (n + 31) / 32;
-    for (int i = tid; i < W; i += blockDim.x)
-        bitmap[i] = 0;
-    int cnt_eq = 0;
     for (int pass = first_pass; pass < 3; pass++) {
         const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0, nb = pass == 2 ? 1024 : 2048;
-        for (int i = tid; i < nb; i += blockDim.x)
+        for (int i = threadIdx.x; i < nb; i += blockDim.x)
             hist[i] = 0;
         __syncthreads();
-        topk_hist_cand(hist, cu, ncand, pmask, prefix, shift, nb);
+        fill(hist, pmask, prefix, shift, nb);
         __syncthreads();
         topk_find(hist, nb, kk, warp_sum, sh);
         prefix |= (uint32_t)sh[0] << shift;
@@ -1048,6 +1043,35 @@ static __device__ void topk_select_smem(int32_t *out, const uint32_t *cu, const 
         if (kk == cnt_eq) /* the bin is kept whole */
             break;
     }
+}
+
+/* topk_radix over n keys in shared memory */
+static __device__ void topk_radix_smem(const uint32_t *keys, int n, int first_pass,
+                                       uint32_t &prefix, uint32_t &pmask, int &kk, int &cnt_eq,
+                                       int *hist, int *warp_sum, int *sh)
+{
+    topk_radix(first_pass, prefix, pmask, kk, cnt_eq, hist, warp_sum, sh,
+               [&](int *h, uint32_t pm, uint32_t pf, int shift, int nb) {
+                   topk_hist_cand(h, keys, n, pm, pf, shift, nb);
+               });
+}
+
+/* The top-k among ncand gathered keys (which hold the row's top k), radix passes from first_pass
+ * on in shared memory (prefix, pmask, kk: what earlier passes fixed) until the k-th key's bin is
+ * kept whole (usually after two) or is the key, then the selected positions marked in a bitmap
+ * and written in ascending order from it; among keys equal to the k-th the lowest positions are
+ * kept, as in the global path. */
+static __device__ void topk_select_smem(int32_t *out, const uint32_t *cu, const int32_t *cj,
+                                        int ncand, int n, int first_pass, uint32_t prefix,
+                                        uint32_t pmask, int kk, int *hist, int *warp_sum, int *sh,
+                                        uint32_t *bitmap)
+{
+    const int tid = threadIdx.x;
+    const int W = (n + 31) / 32;
+    for (int i = tid; i < W; i += blockDim.x)
+        bitmap[i] = 0;
+    int cnt_eq = 0;
+    topk_radix_smem(cu, ncand, first_pass, prefix, pmask, kk, cnt_eq, hist, warp_sum, sh);
     topk_mark_write(out, cu, cj, ncand, prefix, pmask, kk, cnt_eq, 0, W, bitmap, warp_sum);
 }
 
@@ -1375,21 +1399,11 @@ static __global__ void __launch_bounds__(1024)
         keys[e] = i * bstride * DSV32_KV_BLOCK_TOKENS + o <= pos ? order_key(srow[e]) : 0u;
     }
     __syncthreads();
+    /* T: the rank-m key, or the lowest key of its bin when the passes keep the bin whole (then
+     * exactly m sample keys are at or above it, as at the key itself) */
     uint32_t prefix = 0, pmask = 0;
-    int kk = m;
-    for (int pass = 0; pass < 3; pass++) {
-        const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0, nbins = pass == 2 ? 1024 : 2048;
-        for (int i = tid; i < nbins; i += blockDim.x)
-            hist[i] = 0;
-        __syncthreads();
-        topk_hist_cand(hist, keys, slots, pmask, prefix, shift, nbins);
-        __syncthreads();
-        topk_find(hist, nbins, kk, warp_sum, sh);
-        prefix |= (uint32_t)sh[0] << shift;
-        pmask |= (uint32_t)(nbins - 1) << shift;
-        kk = sh[1];
-        __syncthreads();
-    }
+    int kk = m, cnt_eq = 0;
+    topk_radix_smem(keys, slots, 0, prefix, pmask, kk, cnt_eq, hist, warp_sum, sh);
     if (tid == 0)
         thr[rl] = prefix;
 }
@@ -1486,22 +1500,10 @@ static __global__ void __launch_bounds__(1024)
     /* too many to hold: the digits by passes over the candidates in global memory */
     uint32_t prefix = 0, pmask = 0;
     int kk = topk, cnt_eq = 0;
-    for (int pass = 0; pass < 3; pass++) {
-        const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0, nb = pass == 2 ? 1024 : 2048;
-        for (int i = tid; i < nb; i += blockDim.x)
-            hist[i] = 0;
-        __syncthreads();
-        each([&](bool v, uint32_t u, int) { hist_add(hist, v, u, pmask, prefix, shift, nb - 1); });
-        __syncthreads();
-        topk_find(hist, nb, kk, warp_sum, sh);
-        prefix |= (uint32_t)sh[0] << shift;
-        pmask |= (uint32_t)(nb - 1) << shift;
-        kk = sh[1];
-        cnt_eq = sh[2];
-        __syncthreads();
-        if (kk == cnt_eq)
-            break;
-    }
+    topk_radix(0, prefix, pmask, kk, cnt_eq, hist, warp_sum, sh,
+               [&](int *h, uint32_t pm, uint32_t pf, int shift, int nb) {
+                   each([&](bool v, uint32_t u, int) { hist_add(h, v, u, pm, pf, shift, nb - 1); });
+               });
     /* above the k-th key into bitmap, equal to it into eq (cu's room: W <= cap, checked by the
      * host); then the kk lowest of the equal */
     uint32_t *eq = cu;
