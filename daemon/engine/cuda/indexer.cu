@@ -1779,9 +1779,10 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                      */
                     char *sb = (char *)cu_scratch(
                         c, SCR_IDX_SMP, sizeof(float) * (size_t)nr * lds + 8 * (size_t)nr);
+                    /* a pair a slot, then 4 counts a cache block */
                     char *cb = (char *)cu_scratch(c, SCR_IDX_CAND,
-                                                  (sizeof(uint2) + sizeof(int) * 4 / 64) *
-                                                      (size_t)nr * ld_s);
+                                                  sizeof(uint2) * (size_t)nr * ld_s +
+                                                      sizeof(int) * 4 * (size_t)nr * (ld_s / 64));
                     if (!sb || !cb)
                         return -ENOMEM;
                     float *smp = (float *)sb;
