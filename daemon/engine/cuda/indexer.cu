@@ -972,17 +972,26 @@ static __device__ void topk_hist_cand(int *hist, const uint32_t *cu, int ncand, 
     }
 }
 
+/* This thread's words [*w0, *w1) of a bitmap of W words (consecutive ranges, in thread order);
+ * returns the bits set in the words before them (block-wide: every thread calls it). */
+static __device__ int bitmap_rank(const uint32_t *bitmap, int W, int *w0, int *w1, int *warp_sum)
+{
+    const int per = (W + blockDim.x - 1) / blockDim.x;
+    *w0 = threadIdx.x * per;
+    *w1 = min(W, *w0 + per);
+    int cnt = 0;
+    for (int w = *w0; w < *w1; w++)
+        cnt += __popc(bitmap[w]);
+    int total;
+    return block_excl_scan(cnt, warp_sum, &total);
+}
+
 /* Writes the positions j0 + i of the bits i set in bitmap (W words) to out, ascending. */
 static __device__ void topk_write_bitmap(int32_t *out, const uint32_t *bitmap, int j0, int W,
                                          int *warp_sum)
 {
-    const int tid = threadIdx.x;
-    const int per = (W + blockDim.x - 1) / blockDim.x, w0 = tid * per, w1 = min(W, w0 + per);
-    int cnt = 0;
-    for (int w = w0; w < w1; w++)
-        cnt += __popc(bitmap[w]);
-    int total;
-    int o = block_excl_scan(cnt, warp_sum, &total);
+    int w0, w1;
+    int o = bitmap_rank(bitmap, W, &w0, &w1, warp_sum);
     for (int w = w0; w < w1; w++)
         for (uint32_t b = bitmap[w]; b; b &= b - 1)
             out[o++] = j0 + 32 * w + __ffs(b) - 1;
@@ -1522,12 +1531,8 @@ static __global__ void __launch_bounds__(1024)
     });
     __syncthreads();
     if (!whole) {
-        const int per = (W + blockDim.x - 1) / blockDim.x, w0 = tid * per, w1 = min(W, w0 + per);
-        int c = 0;
-        for (int w = w0; w < w1; w++)
-            c += __popc(eq[w]);
-        int total;
-        int rank = block_excl_scan(c, warp_sum, &total);
+        int w0, w1;
+        int rank = bitmap_rank(eq, W, &w0, &w1, warp_sum);
         for (int w = w0; w < w1 && rank < kk; w++)
             for (uint32_t b = eq[w]; b && rank < kk; b &= b - 1, rank++)
                 bitmap[w] |= b & (0u - b); /* the word is this thread's alone here */

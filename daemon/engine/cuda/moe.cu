@@ -48,6 +48,18 @@ static __global__ void fp8_tile_kernel(uint8_t *dst, const uint8_t *src, int N, 
     }
 }
 
+/* expert x's three matrices as the backend holds them (w1, w2, w3 in cw); false when it is not
+ * loaded on this GPU */
+static bool expert_mats(const struct dsv32_ffn_weights *x, struct cu_weight *cw[3])
+{
+    if (!dsv32_weight_loaded(&x->w1))
+        return false;
+    cw[0] = (struct cu_weight *)x->w1.be;
+    cw[1] = (struct cu_weight *)x->w2.be;
+    cw[2] = (struct cu_weight *)x->w3.be;
+    return true;
+}
+
 static bool tileable(const struct cu_weight *cw)
 {
     return cw && cw->fp8 && !cw->fp8_tiled && cw->rows % 128 == 0 && cw->cols % 128 == 0;
@@ -66,11 +78,11 @@ static int tile_experts(struct cu_ctx *c, const struct dsv32_ffn_weights *expert
      * row-major experts works as before) */
     size_t tmp_bytes = 0;
     for (int e = 0; e < E; e++) {
-        if (!dsv32_weight_loaded(&experts[e].w1))
+        struct cu_weight *mats[3];
+        if (!expert_mats(&experts[e], mats))
             continue;
-        const struct dsv32_weight *ws[3] = {&experts[e].w1, &experts[e].w2, &experts[e].w3};
         for (int i = 0; i < 3; i++) {
-            const struct cu_weight *cw = (const struct cu_weight *)ws[i]->be;
+            const struct cu_weight *cw = mats[i];
             if (tileable(cw) && (size_t)cw->rows * cw->cols > tmp_bytes)
                 tmp_bytes = (size_t)cw->rows * cw->cols;
         }
@@ -86,11 +98,11 @@ static int tile_experts(struct cu_ctx *c, const struct dsv32_ffn_weights *expert
         return 0;
     }
     for (int e = 0; e < E && ce == cudaSuccess; e++) {
-        if (!dsv32_weight_loaded(&experts[e].w1))
+        struct cu_weight *mats[3];
+        if (!expert_mats(&experts[e], mats))
             continue;
-        const struct dsv32_weight *ws[3] = {&experts[e].w1, &experts[e].w2, &experts[e].w3};
         for (int i = 0; i < 3 && ce == cudaSuccess; i++) {
-            struct cu_weight *cw = (struct cu_weight *)ws[i]->be;
+            struct cu_weight *cw = mats[i];
             if (!tileable(cw))
                 continue;
             const size_t bytes = (size_t)cw->rows * cw->cols;
@@ -138,11 +150,11 @@ static int expert_table(struct cu_ctx *c, const struct dsv32_ffn_weights *expert
     if (!c->moe_rowmajor && (r = tile_experts(c, experts, E)) < 0)
         goto fail;
     for (int e = 0; e < E; e++) {
-        if (!dsv32_weight_loaded(&experts[e].w1))
+        struct cu_weight *mats[3];
+        if (!expert_mats(&experts[e], mats))
             continue;
-        const struct dsv32_weight *ws[3] = {&experts[e].w1, &experts[e].w2, &experts[e].w3};
         for (int i = 0; i < 3; i++) {
-            const struct cu_weight *cw = (const struct cu_weight *)ws[i]->be;
+            const struct cu_weight *cw = mats[i];
             if (!cw) {
                 r = -EINVAL;
                 goto fail;
