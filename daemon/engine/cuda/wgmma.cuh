@@ -217,6 +217,39 @@ static __device__ __forceinline__ void wgmma_bf16_ss_n64(float (&d)[32], uint64_
 #endif
 }
 
+/* d (+)= A B, m64n8k16, bf16, A from registers (the m16n8k16 A fragment per warp), B from shared
+ * memory K-major (core matrices of 8 columns x 16 bytes, lbo apart along K) */
+static __device__ __forceinline__ void wgmma_bf16_rs_n8(float (&d)[4], const uint32_t (&a)[4],
+                                                        uint64_t db, int acc)
+{
+#if WG_OK
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, %8, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc)
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+
+/* relu(lo), relu(hi) rounded to bf16 and packed (lo in the low half) */
+static __device__ __forceinline__ uint32_t bf16x2_relu(float lo, float hi)
+{
+    uint32_t r;
+    asm("cvt.rn.relu.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+/* lo, hi rounded to bf16 and packed (lo in the low half) */
+static __device__ __forceinline__ uint32_t bf16x2_pair(float lo, float hi)
+{
+    uint32_t r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
 #undef WG_D32
 #undef WG_D128
 #undef WG_R128
@@ -247,6 +280,15 @@ static __device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity)
                  "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
                  "@!done bra wait_%=;\n}\n" ::"r"((uint32_t)__cvta_generic_to_shared(bar)),
                  "r"(parity)
+                 : "memory");
+}
+
+/* an arrival on bar when every cp.async this thread issued before has landed (not counted in
+ * the pending arrivals: the barrier's count includes it) */
+static __device__ __forceinline__ void cp_async_mbar_arrive(uint64_t *bar)
+{
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(
+                     (uint32_t)__cvta_generic_to_shared(bar))
                  : "memory");
 }
 
