@@ -631,6 +631,10 @@ static void bench_dsa_quick(struct dsv32_backend *be)
     /* the indexer's sampled path (knob idx_sample), in the same run */
     const double q_smp = dsa_time_with(&d, &m, IS | RUN_QUEUED, iters, KNOBS({"idx_sample", 1}));
     const double q_smp_idx = dsa_time_with(&d, &m, I | RUN_QUEUED, iters, KNOBS({"idx_sample", 1}));
+    /* the FP8 scores' head sum by FMAs (knob idx_msum 0) instead of the tensor core */
+    const double q_fma = dsa_time_with(&d, &m, IS | RUN_QUEUED, iters, KNOBS({"idx_msum", 0}));
+    const double q_fma_sc =
+        dsa_time_with(&d, &m, I | RUN_QUEUED, iters, KNOBS({"idx_no_topk", 1}, {"idx_msum", 0}));
     printf("\n## DSA decode attention, batch %d x context %d (quick: the defaults only)\n", B, L);
     printf("floor: %.3f GB at %.0f GB/s = %.3f ms\n", bytes / 1e9, copy_gbps, floor_ms);
     printf("| part | time (ms) | x floor | |\n|---|---|---|---|\n");
@@ -647,6 +651,9 @@ static void bench_dsa_quick(struct dsv32_backend *be)
            "indexer %.3f "
            "(every score: %.3f) |\n",
            q_smp, q_smp / floor_ms, q_smp_idx, q_idx);
+    printf("| queued, the scores' head sum by FMAs (knob idx_msum 0) | %.3f | %.2f | of it: scores "
+           "%.3f (on the tensor core: %.3f) |\n",
+           q_fma, q_fma / floor_ms, q_fma_sc, q_scores);
     fflush(stdout);
     dsa_free(&d);
 }

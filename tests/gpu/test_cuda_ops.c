@@ -16,7 +16,7 @@
  *                                              exit 77 when no GPU is present; --idx-items and
  *                                              --topk-parts force the indexer's work-list and
  *                                              top-k split knobs for every variant, --idx-variant
- *                                              runs the indexer's variant N (0-6) alone,
+ *                                              runs the indexer's variant N (0-8) alone,
  *                                              --sample-small the sampling family's small
  *                                              vocabularies alone (for compute-sanitizer)
  *   test_cuda_ops --probe                      exit 0 with a GPU, 77 without (ctest wrappers) */
@@ -1691,7 +1691,7 @@ static void test_indexer(void)
         return;
     const char *getv = getenv("DSV32_TEST_IDX_WGMMA"); /* 2: the swapped-descriptor diagnostic */
     const int wg = getv ? atoi(getv) : 1;
-    for (int variant = 0; variant < 8; variant++) {
+    for (int variant = 0; variant < 9; variant++) {
         if (only_idx_variant >= 0 && variant != only_idx_variant)
             continue;
         /* 0: exact (f16 wgmma), 1: fast f16 wgmma, 2: fast FP8 wgmma (cache blocks by cp.async), 3:
@@ -1699,7 +1699,9 @@ static void test_indexer(void)
          * fast FP8 wgmma with the cache blocks by TMA and the work list uploaded (knob
          * idx_dev_items 0), 6: fast FP8 wgmma with each block's epilogue under the next block's
          * MMAs (knob idx_pipe: the cases of one row per sequence), 7: fast FP8 wgmma on the sampled
-         * path (knob idx_sample: the cases of one row per sequence) */
+         * path (knob idx_sample: the cases of one row per sequence), 8: fast FP8 wgmma with the
+         * head sum by FMAs (knob idx_msum 0; FP8 wgmma variants 2, 5 and 7 sum on the tensor core)
+         */
         struct dsv32_config cfg;
         cfg_v32(&cfg);
         struct pair p;
@@ -1710,6 +1712,7 @@ static void test_indexer(void)
         dsv32_cuda_set_knob(p.gpu, "topk_global", variant == 3); /* the top-k's fallback path */
         dsv32_cuda_set_knob(p.gpu, "idx_tma", variant == 5);
         dsv32_cuda_set_knob(p.gpu, "idx_pipe", variant == 6);
+        dsv32_cuda_set_knob(p.gpu, "idx_msum", variant != 8);
         idx_sample_variant = variant == 7;
         dsv32_cuda_set_knob(p.gpu, "idx_sample", idx_sample_variant);
         /* the TMA variant takes the uploaded work list, the others derive decode items on the GPU */
@@ -1730,7 +1733,8 @@ static void test_indexer(void)
                                 : variant == 5 ? "fast, FP8 wgmma (cache blocks by TMA)"
                                 : variant == 6
                                     ? "fast, FP8 wgmma (epilogue under the next block's MMAs)"
-                                    : "fast, FP8 wgmma (sampled threshold, candidates)");
+                                : variant == 7 ? "fast, FP8 wgmma (sampled threshold, candidates)"
+                                               : "fast, FP8 wgmma (head sum by FMAs)");
         /* decode: 12 sequences, 1 or 2 query rows each, contexts up to 9000 */
         int32_t pos[24], seq[24];
         int n = 0;

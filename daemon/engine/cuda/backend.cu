@@ -672,6 +672,7 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
     c->mla_wgmma = 1;
     c->idx_items = 1;
     c->idx_dev_items = 1;
+    c->idx_msum = 1;
     c->mla_ws = 1;
     c->mla_cl = 64;
     c->fp8_pdl = 1;
@@ -754,8 +755,7 @@ static const struct {
     KNOB(mla_cl_nocopy, false), KNOB(pdl, false),           KNOB(moe_all_groups, false),
     KNOB(route_smem, false),    KNOB(moe_rowmajor, false),  KNOB(fp8_pdl, false),
     KNOB(pdl_ops, false),       KNOB(fp8_stages_dn, true),  KNOB(idx_sample, false),
-    KNOB(idx_msum, false),      KNOB(idx_refill, true),     KNOB(idx_evict, true),
-    KNOB(idx_l2_mb, true),
+    KNOB(idx_msum, false),
 };
 #undef KNOB
 

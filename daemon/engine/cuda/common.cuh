@@ -194,14 +194,8 @@ struct cu_ctx {
     int idx_sample_rows;
     int dsa_forked;            /* cu_dsa's chunks on their partitions: the indexer takes no path
                                   whose scratch cu_dsa did not size before the fork */
-    int idx_msum;              /* the FP8 wgmma indexer's head sum on the tensor core (1: relu'd
-                                  logits in bf16 times the weights by a second MMA) or by FMAs (0) */
-    int idx_refill;            /* the FP8 wgmma indexer's cp.async refills (idx_mode.refill) */
-    int idx_evict;             /* & 1: the FP8 wgmma indexer reads the cache evict-first in L2; & 2:
-                                  the top-k discards the scores it read from L2; & 4: the scores
-                                  stored evict-last, an L2 set-aside for them (l2_persist) */
-    int l2_persist;
-    int idx_l2_mb;             /* that set-aside in MB (0: the scores' size) */
+    int idx_msum;              /* the FP8 wgmma indexer's head sum on the tensor core (1, default:
+                                  relu'd logits in bf16 times the weights by a second MMA) or by FMAs */
     int idx_pipe;              /* the FP8 wgmma indexer with each block's epilogue under the next
                                   block's MMAs, for one-row items (1; 0, default: in turn) */
     int pdl;                   /* the dsa op's kernels (the FP8 indexer's scores, the top-k, the

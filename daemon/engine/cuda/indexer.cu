@@ -129,14 +129,17 @@ static __device__ __forceinline__ float idx_score_w(const float *acc, const floa
     return t == 0 ? sg0 * ks0 : sg1 * ks1;
 }
 
-/* The FP8 wgmma kernel's head sum on the tensor core (knob idx_msum): the block's relu'd logits,
- * rounded to bf16, are the A operand of a second MMA straight from the accumulators (the m64n64
- * accumulator layout of heads 16s..16s + 15 is the A fragment of k-step s), and B is the row's
- * weight tile: 64 heads x 8 columns of bf16, the even columns the weights' high part, the odd ones
- * the rest (w - high, rounded), so that the weights keep ~16 bits. Column pairs (0, 1) of key g
- * and (2, 3) of key g + 8 then sum to the lane's score (lanes t = 0 and 1; the other lanes' value
- * is not a score). 16 conversions and 4 MMAs a thread where the FMA epilogue takes 64
- * operations, 4 shuffles and their adds. sd: the second MMA's accumulators (any values). */
+/* The FP8 wgmma kernel's head sum on the tensor core (knob idx_msum, the default): the block's
+ * relu'd logits, rounded to bf16, are the A operand of a second MMA straight from the
+ * accumulators (the m64n64 accumulator layout of heads 16s..16s + 15 is the A fragment of k-step
+ * s), and B is the row's weight tile: 64 heads x 8 columns of bf16, the even columns the weights'
+ * high part, the odd ones the rest (w - high, rounded), so that the weights keep ~16 bits.
+ * Column pairs (0, 1) of key g and (2, 3) of key g + 8 then sum to the lane's score (lanes t = 0
+ * and 1; the other lanes' value is not a score). 16 conversions and 4 MMAs a thread where the FMA
+ * epilogue (idx_score_w) takes 64 operations, 4 shuffles and their adds: 22% fewer instructions
+ * in the kernel, scores 1-2% faster (GPU-NOTES, session 17). The bf16 rounding of the logits
+ * (relative 2^-9 a head) is the fast mode's, on top of the tensor core's FP8 sums; the exact
+ * mode never takes this kernel. sd: the second MMA's accumulators (any values). */
 static __device__ __forceinline__ float idx_score_mma(const float (&acc)[32], float (&sd)[4],
                                                       uint64_t dw, int t, float ks0, float ks1)
 {
@@ -159,8 +162,8 @@ static __device__ __forceinline__ float idx_score_mma(const float (&acc)[32], fl
 }
 
 /* idx_score_mma's weight tiles of the item's rows (row i's 1 KB at wt + 1024 i: head h, column n
- * at 128 (h / 8) + 16 n + 2 (h % 8), 16-byte aligned), the weights as idx_stage_weights forms them
- */
+ * at 128 (h / 8) + 16 n + 2 (h % 8), 16-byte aligned; K-major core matrices of 8 columns x 16
+ * bytes, 128 bytes apart along K), the weights as idx_stage_weights forms them */
 static __device__ __forceinline__ void idx_stage_wtile(uint8_t *wt, const float *w_raw,
                                                        const float *q_scale, int r0, int nr,
                                                        float wscale, float sscale)
@@ -657,14 +660,7 @@ struct idx_mode {
     uint2 *cand;         /* [row][ld_s]: the candidates (3) */
     int *cnt;            /* [row][ld_s / 64][4] */
     const int *miss;     /* [row]: only rows marked here are scored (5), or NULL */
-    int msum;            /* the head sum by idx_score_mma (knob idx_msum) */
-    int refill;          /* knob idx_refill (cp.async fills): 0, a stage refilled at the top of
-                            the next iteration, its block table entry loaded there; 1, the same,
-                            the entry loaded a block early; 2 (one-row items), refilled right after
-                            the MMAs that read it, its bytes' arrival counted on the stage's
-                            mbarrier, every stage in flight */
-    int evict;           /* knob idx_evict & 1: the cache read with the L2 evict-first policy;
-                            & 4: the scores stored evict-last (persisting) */
+    int msum;            /* the head sum by idx_score_mma (knob idx_msum), else by FMAs */
 };
 
 /* The FP8 variant of the scores on wgmma (the fast numerics' default indexer): m64n64k32
@@ -730,15 +726,7 @@ static __global__ void __launch_bounds__(128, 4) /* 4 CTAs an SM: at most 128 re
     pdl_begin();
     if (md.miss && !md.miss[r0 - row_base])
         return;  /* the same for the whole CTA: a row the candidates served */
-    int nid = 0; /* TMA, refill 1 and 2: the block table entry of the next fill */
-    const int rf = TMA || PIPE ? 0 : md.refill == 2 && nr != 1 ? 1 : md.refill;
-    if (rf == 2) {
-        if (threadIdx.x == 0)
-#pragma unroll
-            for (int st = 0; st < IDX_RING; st++)
-                mbar_init(full + st, 128); /* each thread's arrival when its copies land */
-        __syncthreads();
-    }
+    int nid = 0; /* TMA: the block table entry of the next fill (thread 0) */
     if (TMA && threadIdx.x == 0) {
         asm volatile("prefetch.tensormap [%0];" ::"l"(&tm) : "memory");
 #pragma unroll
@@ -759,25 +747,9 @@ static __global__ void __launch_bounds__(128, 4) /* 4 CTAs an SM: at most 128 re
                    dsw = (threadIdx.x >> 3) * 128 +
                          (((threadIdx.x & 7) ^ ((threadIdx.x >> 3) & 7)) << 4);
     /* id: the block's cache index */
-    const uint64_t cpol = md.evict & 1 ? l2_policy(true) : 0;
-    uint64_t spol = 0; /* the scores' stores: evict last */
-    if (md.evict & 4)
-        asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(spol));
     auto issue = [&](int32_t id, int stage) {
         const uint8_t *src = cache + (size_t)id * block_bytes + 16 * threadIdx.x;
         const uint32_t dst = ring_s + stage * IDX8_STAGEB;
-        if (md.evict & 1) {
-#pragma unroll
-            for (int x = 0; x < 4; x++)
-                asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(
-                                 dst + dsw + 2048 * x),
-                             "l"(src + 2048 * x), "l"(cpol));
-            if (threadIdx.x < 16)
-                asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(
-                                 dst + 8192 + 16 * threadIdx.x),
-                             "l"(src + DSV32_KV_BLOCK_TOKENS * 128), "l"(cpol));
-            return;
-        }
 #pragma unroll
         for (int x = 0; x < 4; x++)
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + dsw + 2048 * x),
@@ -786,22 +758,13 @@ static __global__ void __launch_bounds__(128, 4) /* 4 CTAs an SM: at most 128 re
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + 8192 + 16 * threadIdx.x),
                          "l"(src + DSV32_KV_BLOCK_TOKENS * 128));
     };
-    const int ahead = rf == 2 ? IDX_RING : IDX_RING - 1; /* blocks in flight */
     if (!TMA) {
 #pragma unroll
-        for (int st = 0; st < IDX_RING; st++) {
-            if (st >= ahead)
-                break;
-            if (wk.z + st < wk.w) {
+        for (int st = 0; st < IDX_RING - 1; st++) {
+            if (wk.z + st < wk.w)
                 issue(bt[(wk.z + st) * S], st);
-                if (rf == 2)
-                    cp_async_mbar_arrive(full + st);
-            }
-            if (rf != 2)
-                asm volatile("cp.async.commit_group;");
+            asm volatile("cp.async.commit_group;");
         }
-        if (rf && wk.z + ahead < wk.w)
-            nid = bt[(wk.z + ahead) * S];
     }
     for (int e = threadIdx.x; e < nr * IH * 8; e += blockDim.x) {
         const int c = e & 7, n = (e >> 3) & 63, i = e >> 9;
@@ -820,7 +783,7 @@ static __global__ void __launch_bounds__(128, 4) /* 4 CTAs an SM: at most 128 re
     const uint64_t dq0 = wg_desc_sw128((uint32_t)__cvta_generic_to_shared(qsm)),
                    da0 = wg_desc_sw128(ring_s);
     __syncthreads(); /* the weights staged: this lane's, per row, into registers */
-    float wv[16];    /* row 0's (the FMA head sum); the other rows' read when used */
+    float wv[16]; /* row 0's for the FMA head sum (msum 0, PIPE); the other rows' read when used */
     idx_lane_weights<8>(wv, wsm, t);
     float acc[32], accp[PIPE ? 32 : 1];
 #pragma unroll
@@ -851,10 +814,6 @@ static __global__ void __launch_bounds__(128, 4) /* 4 CTAs an SM: at most 128 re
                 if (blk + IDX_RING < wk.w)
                     nid = bt[blk + IDX_RING];
             }
-        } else if (rf == 2) {
-            mbar_wait(full + stage, (uint32_t)(it / IDX_RING) & 1u); /* every thread's copies */
-            asm volatile("fence.proxy.async.shared::cta;" ::
-                             : "memory"); /* cp.async data (and q) -> wgmma */
         } else {
             asm volatile("cp.async.wait_group %0;" ::"n"(IDX_RING - 2));
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* cp.async data (and q) -> wgmma */
@@ -863,33 +822,12 @@ static __global__ void __launch_bounds__(128, 4) /* 4 CTAs an SM: at most 128 re
                 wg_fence(acc);
             }
             __syncthreads();
-            if (blk + IDX_RING - 1 < wk.w) {
-                if (rf) {
-                    issue(nid, (it + IDX_RING - 1) % IDX_RING);
-                    if (blk + IDX_RING < wk.w)
-                        nid = bt[(blk + IDX_RING) * S];
-                } else {
-                    issue(bt[(blk + IDX_RING - 1) * S], (it + IDX_RING - 1) % IDX_RING);
-                }
-            }
+            if (blk + IDX_RING - 1 < wk.w)
+                issue(bt[(blk + IDX_RING - 1) * S], (it + IDX_RING - 1) % IDX_RING);
             asm volatile("cp.async.commit_group;");
         }
-        /* refill 2: the stage refilled with block blk + IDX_RING once every MMA reading it is done
-         */
-        auto refill = [&]() {
-            __syncthreads();
-            if (blk + IDX_RING < wk.w) {
-                issue(nid, stage);
-                cp_async_mbar_arrive(full + stage);
-                if (blk + IDX_RING + 1 < wk.w)
-                    nid = bt[(blk + IDX_RING + 1) * S];
-            }
-        };
-        if (copy_only == 1) {
-            if (rf == 2)
-                refill();
+        if (copy_only == 1)
             continue;
-        }
         const float *ksc = reinterpret_cast<const float *>(ring + (size_t)stage * IDX8_STAGEB + 8192);
         const float ks0 = ksc[kr0], ks1 = ksc[kr1];
         const uint64_t da = wg_desc_add(da0, stage * IDX8_STAGEB);
@@ -921,16 +859,11 @@ static __global__ void __launch_bounds__(128, 4) /* 4 CTAs an SM: at most 128 re
             for (int i = 0; i < IDX_QT; i++) {
                 if (i >= nr)
                     break;
-                const bool live = blk * S * DSV32_KV_BLOCK_TOKENS <= pos[i]; /* the whole CTA's */
-                if (live) {
-                    mma(i);
-                    wg_wait0();
-                    wg_fence(acc);
-                }
-                if (rf == 2) /* one row: the stage's last reader is done */
-                    refill();
-                if (!live)
-                    continue;
+                if (blk * S * DSV32_KV_BLOCK_TOKENS > pos[i])
+                    continue; /* the same for the whole warpgroup */
+                mma(i);
+                wg_wait0();
+                wg_fence(acc);
                 float sc;
                 if (md.msum) {
                     sc = idx_score_mma(acc, sacc, wg_desc_add(dw0, 1024 * i), t, ks0, ks1);
@@ -951,14 +884,8 @@ static __global__ void __launch_bounds__(128, 4) /* 4 CTAs an SM: at most 128 re
                     ncand += __popc(m);
                 } else if (copy_only != 2 && t < 2 && j <= pos[i]) {
                     /* the sample (bstride > 1) stored densely: block blk at blk x 64 */
-                    float *dst = scores + (size_t)(r0 + i - row_base) * ld_s -
-                                 (size_t)blk * (S - 1) * DSV32_KV_BLOCK_TOKENS + j;
-                    if (md.evict & 4)
-                        asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;" ::"l"(dst),
-                                     "f"(sc), "l"(spol)
-                                     : "memory");
-                    else
-                        *dst = sc;
+                    scores[(size_t)(r0 + i - row_base) * ld_s -
+                           (size_t)blk * (S - 1) * DSV32_KV_BLOCK_TOKENS + j] = sc;
                 }
             }
         }
@@ -1057,8 +984,7 @@ static __device__ void topk_hist_global(int *hist, const float4 *s4, int n, int 
  * sweep's loads past e4 are zero-filled and must not count: inside the row (a split row's first
  * share) a made-up 0 passes whenever the k-th score is below zero. */
 static __device__ int topk_gather(uint32_t *cu, int32_t *cj, int cap, const float4 *s4, int n,
-                                  int n4, uint32_t hi, int *s_n, int b4 = 0, int e4 = -1,
-                                  uint64_t pol = 0)
+                                  int n4, uint32_t hi, int *s_n, int b4 = 0, int e4 = -1)
 {
     const int tid = threadIdx.x, lane = tid & 31;
     if (e4 < 0)
@@ -1071,12 +997,7 @@ static __device__ int topk_gather(uint32_t *cu, int32_t *cj, int cap, const floa
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++) {
             const int j4 = base + 32 * x + lane;
-            if (pol && j4 < e4) /* the last read of the scores: evict them first from L2 */
-                asm volatile("ld.global.L2::cache_hint.v4.f32 {%0, %1, %2, %3}, [%4], %5;"
-                             : "=f"(v[x].x), "=f"(v[x].y), "=f"(v[x].z), "=f"(v[x].w)
-                             : "l"(s4 + j4), "l"(pol));
-            else
-                v[x] = j4 < e4 ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            v[x] = j4 < e4 ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
         uint32_t take = 0; /* bit 4 x + e: element e of float4 x */
 #pragma unroll
@@ -1255,7 +1176,7 @@ static __device__ void topk_select_smem(int32_t *out, const uint32_t *cu, const 
 static __device__ bool topk_cluster(int32_t *out, const float4 *s4, int n, int n4, int topk,
                                     int cap, int part, int parts, int *hist, int *hist2, int *hsum,
                                     int *warp_sum, int *sh, int *s_n, int *cnt_in, int *s_eqb,
-                                    uint32_t *cu, int32_t *cj, uint32_t *bitmap, uint64_t gpol)
+                                    uint32_t *cu, int32_t *cj, uint32_t *bitmap)
 {
     namespace cg = cooperative_groups;
     cg::cluster_group cl = cg::this_cluster();
@@ -1328,8 +1249,7 @@ static __device__ bool topk_cluster(int32_t *out, const float4 *s4, int n, int n
     const int q4 = ((n4 + parts - 1) / parts + 31) & ~31, b4 = min(n4, part * q4),
               e4 = min(n4, b4 + q4);
     const int j0 = 4 * b4, W = (min(n, 4 * e4) - j0 + 31) / 32;
-    const int nc = topk_gather(cu, cj, cap, s4, n, n4, sp >> 10, s_n, b4, e4, gpol),
-              nm = min(nc, cap);
+    const int nc = topk_gather(cu, cj, cap, s4, n, n4, sp >> 10, s_n, b4, e4), nm = min(nc, cap);
     asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); /* every part has started */
     if (tid < parts)
         cl.map_shared_rank(cnt_in, tid)[part] = nc;
@@ -1392,7 +1312,7 @@ static __device__ bool topk_cluster(int32_t *out, const float4 *s4, int n, int n
 /* Split launches (gridDim.y = parts, 2 or 4) run as clusters of the row's parts (topk_cluster). */
 static __global__ void __launch_bounds__(1024)
     topk_kernel(int32_t *sel, const float *scores, int ld_s, int row_base, const int32_t *row_pos,
-                int topk, int cap, const int *miss, int discard)
+                int topk, int cap, const int *miss)
 {
     __shared__ int hist[2048], hist2[2048], hsum[2048];
     __shared__ int warp_sum[32];
@@ -1406,138 +1326,121 @@ static __global__ void __launch_bounds__(1024)
     pdl_begin();
     if (miss && !miss[blockIdx.x])
         return; /* the same for the row's cluster: a row the candidates served (idx_mode) */
-    uint64_t demote = 0; /* discard 2: the gather's reads evict first */
-    if (discard == 2)
-        asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(demote));
-    auto row = [&]() {
-        const int r = row_base + blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-        const int n = row_pos[r] + 1, parts = gridDim.y,
-                  part = blockIdx.y; /* part: the rank in the row's cluster */
-        int32_t *out = sel + (size_t)r * topk;
-        if (part > 0 && !(cap >= 2 * topk && n >= 16 * topk))
-            return; /* only the sampled path splits a row (the same for the whole cluster) */
-        if (n <= topk) {
-            for (int j = tid; j < topk; j += blockDim.x)
-                out[j] = j < n ? j : -1;
+    const int r = row_base + blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n = row_pos[r] + 1, parts = gridDim.y,
+              part = blockIdx.y; /* part: the rank in the row's cluster */
+    int32_t *out = sel + (size_t)r * topk;
+    if (part > 0 && !(cap >= 2 * topk && n >= 16 * topk))
+        return; /* only the sampled path splits a row (the same for the whole cluster) */
+    if (n <= topk) {
+        for (int j = tid; j < topk; j += blockDim.x)
+            out[j] = j < n ? j : -1;
+        return;
+    }
+    const float *s =
+        scores + (size_t)blockIdx.x * ld_s; /* ld_s is a multiple of 64: rows are 16-aligned */
+    const float4 *s4 = reinterpret_cast<const float4 *>(s);
+    const int n4 = (n + 3) / 4; /* float4s covering the row; elements >= n are masked */
+    uint32_t prefix = 0, pmask = 0;
+    int kk = topk;
+    if (cap >= 2 * topk && n >= 16 * topk) {
+        /* long rows: a sampled threshold, the candidates above it finished in shared memory */
+        if (topk_cluster(out, s4, n, n4, topk, cap, part, parts, hist, hist2, hsum, warp_sum, sh,
+                         &s_n, cnt_in, &s_eqb, cu, cj, bitmap) ||
+            part > 0)
+            return;
+        /* the sample missed (too few or too many above its threshold): the exact path */
+    }
+    for (int pass = 0; pass < 3; pass++) {
+        const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0, nb = pass == 2 ? 1024 : 2048;
+        /* the keys at or above the k-th score's bin so far fit shared memory (the whole row
+         * when it fits, else after the first or second pass): gather them and finish there (the
+         * gather after the first pass, one pass over global memory fewer, took a row of 8193
+         * from 18.8 to 17.1 us under Nsight Compute, 64 rows from 19.3 to 18.6) */
+        if ((pass == 0 && n <= cap) || (pass > 0 && topk - kk + sh[2] <= cap)) {
+            const int nc = topk_gather(cu, cj, cap, s4, n, n4, prefix >> 10, &s_n);
+            topk_select_smem(out, cu, cj, nc, n, pass, prefix, pmask, kk, hist, warp_sum, sh,
+                             bitmap);
             return;
         }
-        const float *s =
-            scores + (size_t)blockIdx.x * ld_s; /* ld_s is a multiple of 64: rows are 16-aligned */
-        const float4 *s4 = reinterpret_cast<const float4 *>(s);
-        const int n4 = (n + 3) / 4; /* float4s covering the row; elements >= n are masked */
-        uint32_t prefix = 0, pmask = 0;
-        int kk = topk;
-        if (cap >= 2 * topk && n >= 16 * topk) {
-            /* long rows: a sampled threshold, the candidates above it finished in shared memory */
-            if (topk_cluster(out, s4, n, n4, topk, cap, part, parts, hist, hist2, hsum, warp_sum,
-                             sh, &s_n, cnt_in, &s_eqb, cu, cj, bitmap, demote) ||
-                part > 0)
-                return;
-            /* the sample missed (too few or too many above its threshold): the exact path */
-        }
-        for (int pass = 0; pass < 3; pass++) {
-            const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0, nb = pass == 2 ? 1024 : 2048;
-            /* the keys at or above the k-th score's bin so far fit shared memory (the whole row
-             * when it fits, else after the first or second pass): gather them and finish there (the
-             * gather after the first pass, one pass over global memory fewer, took a row of 8193
-             * from 18.8 to 17.1 us under Nsight Compute, 64 rows from 19.3 to 18.6) */
-            if ((pass == 0 && n <= cap) || (pass > 0 && topk - kk + sh[2] <= cap)) {
-                const int nc = topk_gather(cu, cj, cap, s4, n, n4, prefix >> 10, &s_n);
-                topk_select_smem(out, cu, cj, nc, n, pass, prefix, pmask, kk, hist, warp_sum, sh,
-                                 bitmap);
-                return;
-            }
-            topk_hist_global(hist, s4, n, n4, pmask, prefix, shift, nb);
-            topk_find(hist, nb, kk, warp_sum, sh);
-            prefix |= (uint32_t)sh[0] << shift;
-            pmask |= (uint32_t)(nb - 1) << shift;
-            kk = sh[1];
-            __syncthreads();
-        }
-        const uint32_t T = prefix;
-        const int need_eq = kk;
-        /* ordered output: each warp owns a segment of whole 128-element chunks (a float4 per lane)
-         */
-        const int seg = ((n + 127) / 128 + 31) / 32 * 128;
-        const int beg = warp * seg, end = min(n, beg + seg);
-        int cgt = 0, ceq = 0;
-        for (int j0 = beg; j0 < end; j0 += 128) {
-            const int j = j0 + 4 * lane;
-            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (j < end)
-                v = s4[j >> 2];
-            const float e4[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const uint32_t u = order_key(e4[e]);
-                cgt += j + e < end && u > T;
-                ceq += j + e < end && u == T;
-            }
-        }
-        for (int o = 16; o > 0; o >>= 1) {
-            cgt += __shfl_xor_sync(0xffffffffu, cgt, o);
-            ceq += __shfl_xor_sync(0xffffffffu, ceq, o);
-        }
-        if (lane == 0) {
-            w_gt[warp] = cgt;
-            w_eq[warp] = ceq;
-        }
+        topk_hist_global(hist, s4, n, n4, pmask, prefix, shift, nb);
+        topk_find(hist, nb, kk, warp_sum, sh);
+        prefix |= (uint32_t)sh[0] << shift;
+        pmask |= (uint32_t)(nb - 1) << shift;
+        kk = sh[1];
         __syncthreads();
-        if (tid == 0) {
-            int eb = 0, ob = 0;
-            for (int w = 0; w < 32; w++) {
-                w_eqbase[w] = eb;
-                w_outbase[w] = ob;
-                ob += w_gt[w] + min(max(need_eq - eb, 0), w_eq[w]);
-                eb += w_eq[w];
-            }
+    }
+    const uint32_t T = prefix;
+    const int need_eq = kk;
+    /* ordered output: each warp owns a segment of whole 128-element chunks (a float4 per lane) */
+    const int seg = ((n + 127) / 128 + 31) / 32 * 128;
+    const int beg = warp * seg, end = min(n, beg + seg);
+    int cgt = 0, ceq = 0;
+    for (int j0 = beg; j0 < end; j0 += 128) {
+        const int j = j0 + 4 * lane;
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (j < end)
+            v = s4[j >> 2];
+        const float e4[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const uint32_t u = order_key(e4[e]);
+            cgt += j + e < end && u > T;
+            ceq += j + e < end && u == T;
         }
-        __syncthreads();
-        int eqb = w_eqbase[warp], ob = w_outbase[warp];
-        for (int j0 = beg; j0 < end; j0 += 128) {
-            const int j = j0 + 4 * lane;
-            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (j < end)
-                v = s4[j >> 2];
-            const float e4[4] = {v.x, v.y, v.z, v.w};
-            uint32_t u[4];
-            int neq = 0;
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                u[e] = order_key(e4[e]);
-                neq += j + e < end && u[e] == T;
-            }
-            int eq_tot, take_tot;
-            int eq_rank = eqb + warp_excl_scan(neq, lane, &eq_tot);
-            bool take[4];
-            int ntake = 0;
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const bool in = j + e < end;
-                const bool eq = in && u[e] == T;
-                take[e] = (in && u[e] > T) || (eq && eq_rank < need_eq);
-                eq_rank += eq;
-                ntake += take[e];
-            }
-            int o = ob + warp_excl_scan(ntake, lane, &take_tot);
-#pragma unroll
-            for (int e = 0; e < 4; e++)
-                if (take[e])
-                    out[o++] = j + e;
-            ob += take_tot;
-            eqb += eq_tot;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        cgt += __shfl_xor_sync(0xffffffffu, cgt, o);
+        ceq += __shfl_xor_sync(0xffffffffu, ceq, o);
+    }
+    if (lane == 0) {
+        w_gt[warp] = cgt;
+        w_eq[warp] = ceq;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        int eb = 0, ob = 0;
+        for (int w = 0; w < 32; w++) {
+            w_eqbase[w] = eb;
+            w_outbase[w] = ob;
+            ob += w_gt[w] + min(max(need_eq - eb, 0), w_eq[w]);
+            eb += w_eq[w];
         }
-    };
-    row();
-    if (discard ==
-        1) { /* knob idx_evict & 2: the row's scores dropped from L2, never written back */
-        asm volatile("barrier.cluster.arrive.release.aligned;\n"
-                     "barrier.cluster.wait.acquire.aligned;" ::
-                         : "memory"); /* every read done */
-        const int n = row_pos[row_base + blockIdx.x] + 1, lines = (4 * n + 127) / 128;
-        const char *b = reinterpret_cast<const char *>(scores + (size_t)blockIdx.x * ld_s);
-        for (int l = blockIdx.y * 1024 + threadIdx.x; l < lines; l += gridDim.y * 1024)
-            asm volatile("discard.global.L2 [%0], 128;" ::"l"(b + 128 * (size_t)l) : "memory");
+    }
+    __syncthreads();
+    int eqb = w_eqbase[warp], ob = w_outbase[warp];
+    for (int j0 = beg; j0 < end; j0 += 128) {
+        const int j = j0 + 4 * lane;
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (j < end)
+            v = s4[j >> 2];
+        const float e4[4] = {v.x, v.y, v.z, v.w};
+        uint32_t u[4];
+        int neq = 0;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            u[e] = order_key(e4[e]);
+            neq += j + e < end && u[e] == T;
+        }
+        int eq_tot, take_tot;
+        int eq_rank = eqb + warp_excl_scan(neq, lane, &eq_tot);
+        bool take[4];
+        int ntake = 0;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const bool in = j + e < end;
+            const bool eq = in && u[e] == T;
+            take[e] = (in && u[e] > T) || (eq && eq_rank < need_eq);
+            eq_rank += eq;
+            ntake += take[e];
+        }
+        int o = ob + warp_excl_scan(ntake, lane, &take_tot);
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            if (take[e])
+                out[o++] = j + e;
+        ob += take_tot;
+        eqb += eq_tot;
     }
 }
 
@@ -1919,25 +1822,11 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 auto kern = tma ? (pipe ? idx_wgmma_fp8_kernel<true, true> : idx_wgmma_fp8_kernel<true, false>)
                                 : (pipe ? idx_wgmma_fp8_kernel<false, true> : idx_wgmma_fp8_kernel<false, false>);
                 CU_SMEM_OPTIN(kern, smem8);
-                const idx_mode plain = {1, NULL, NULL, NULL, NULL, 0, 0, 0};
-                if ((c->idx_evict & 4) && !c->l2_persist) { /* once: the set-aside they need */
-                    int mx = 0;
-                    CU_CHECK(cudaDeviceGetAttribute(&mx, cudaDevAttrMaxPersistingL2CacheSize,
-                                                    c->device));
-                    const size_t want =
-                        c->idx_l2_mb > 0
-                            ? std::min<size_t>((size_t)mx, (size_t)c->idx_l2_mb << 20)
-                            : std::min<size_t>((size_t)mx,
-                                               sizeof(float) * (size_t)(re - rb) * ld_s);
-                    CU_CHECK(cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize, want));
-                    c->l2_persist = 1;
-                }
+                const idx_mode plain = {1, NULL, NULL, NULL, NULL, 0};
                 /* the scores kernel over scores s (row stride lds), items (work list or dev) */
                 auto scores8 = [&](decltype(kern) k, int items, float *s, int lds, const int4 *work,
                                    int4 dv, idx_mode md) {
                     md.msum = c->idx_msum;
-                    md.refill = c->idx_refill;
-                    md.evict = c->idx_evict;
                     return cu_launch_pdl(c, c->pdl != 0, k, dim3(items), dim3(128), smem8, tm,
                                          (int)(c->idx_l2_normal == 0), c->idx_copy_only, s, lds, rb,
                                          work, dv, q, q_scale, w_raw, kv->idx,
@@ -1982,9 +1871,9 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                     int *cnt = (int *)(cb + sizeof(uint2) * (size_t)nr * ld_s);
                     auto kern_s = idx_wgmma_fp8_kernel<false, false>;
                     CU_SMEM_OPTIN(kern_s, smem8);
-                    const idx_mode md_s = {S, NULL, NULL, NULL, NULL, 0, 0, 0},
-                                   md_c = {1, thr, cand, cnt, NULL, 0, 0, 0},
-                                   md_r = {1, NULL, NULL, NULL, miss, 0, 0, 0};
+                    const idx_mode md_s = {S, NULL, NULL, NULL, NULL, 0},
+                                   md_c = {1, thr, cand, cnt, NULL, 0},
+                                   md_r = {1, NULL, NULL, NULL, miss, 0};
                     CU_CHECK(scores8(kern_s, items_s, smp, lds, NULL, make_int4(bpc_s, nr, topk, 0),
                                      md_s));
                     CU_LAUNCHED("idx_sample");
@@ -2067,8 +1956,8 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             const cudaLaunchConfig_t lc =
                 cu_launch_cfg(c, dim3(nr, parts), dim3(1024), tsm, at, c->pdl ? 2 : 1);
             CU_CHECK(cudaLaunchKernelEx(&lc, topk_kernel, sel, (const float *)scores, ld_s, rb,
-                                        (const int32_t *)m->d_row_pos, topk, cap, (const int *)miss,
-                                        c->idx_evict & 8 ? 2 : (c->idx_evict & 2) != 0));
+                                        (const int32_t *)m->d_row_pos, topk, cap,
+                                        (const int *)miss));
             CU_LAUNCHED("topk");
         }
         rb = re;

@@ -283,15 +283,6 @@ static __device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity)
                  : "memory");
 }
 
-/* an arrival on bar when every cp.async this thread issued before has landed (not counted in
- * the pending arrivals: the barrier's count includes it) */
-static __device__ __forceinline__ void cp_async_mbar_arrive(uint64_t *bar)
-{
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(
-                     (uint32_t)__cvta_generic_to_shared(bar))
-                 : "memory");
-}
-
 static __device__ __forceinline__ void mbar_arrive(uint64_t *bar)
 {
     asm volatile(
