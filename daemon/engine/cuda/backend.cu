@@ -755,7 +755,7 @@ static const struct {
     KNOB(mla_cl_nocopy, false), KNOB(pdl, false),           KNOB(moe_all_groups, false),
     KNOB(route_smem, false),    KNOB(moe_rowmajor, false),  KNOB(fp8_pdl, false),
     KNOB(pdl_ops, false),       KNOB(fp8_stages_dn, true),  KNOB(idx_sample, false),
-    KNOB(idx_msum, false),      KNOB(idx_s16, false),
+    KNOB(idx_msum, false),
 };
 #undef KNOB
 
@@ -886,15 +886,8 @@ extern "C" int dsv32_cuda_idx_scores(struct dsv32_backend *be, float *out, size_
     ENTER(be);
     if (!c->scratch[SCR_SCORES] || n * sizeof(float) > c->scratch_cap[SCR_SCORES])
         return -EINVAL;
-    /* f16 scores (knob idx_s16): the first n halves, widened here */
-    CU_CHECK(cudaMemcpyAsync(out, c->scratch[SCR_SCORES], n * (c->scores_h16 ? 2 : sizeof(float)),
-                             cudaMemcpyDeviceToHost, c->st));
+    CU_CHECK(cudaMemcpyAsync(out, c->scratch[SCR_SCORES], n * sizeof(float), cudaMemcpyDeviceToHost, c->st));
     CU_CHECK(cudaStreamSynchronize(c->st));
-    if (c->scores_h16) {
-        const uint16_t *h = (const uint16_t *)out;
-        for (size_t i = n; i-- > 0;) /* from the end: out[i] is halves 2i, 2i + 1, read already */
-            out[i] = dsv32_f16_to_f32(h[i]);
-    }
     return 0;
 }
 

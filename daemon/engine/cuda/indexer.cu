@@ -661,7 +661,6 @@ struct idx_mode {
     int *cnt;            /* [row][ld_s / 64][4] */
     const int *miss;     /* [row]: only rows marked here are scored (5), or NULL */
     int msum;            /* the head sum by idx_score_mma (knob idx_msum), else by FMAs */
-    int s16;             /* every score stored in f16 (knob idx_s16; bstride 1, no thr) */
 };
 
 /* The FP8 variant of the scores on wgmma (the fast numerics' default indexer): m64n64k32
@@ -885,15 +884,8 @@ static __global__ void __launch_bounds__(128, 4) /* 4 CTAs an SM: at most 128 re
                     ncand += __popc(m);
                 } else if (copy_only != 2 && t < 2 && j <= pos[i]) {
                     /* the sample (bstride > 1) stored densely: block blk at blk x 64 */
-                    const size_t at = (size_t)(r0 + i - row_base) * ld_s -
-                                      (size_t)blk * (S - 1) * DSV32_KV_BLOCK_TOKENS + j;
-                    if (md.s16) {
-                        unsigned short h;
-                        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(sc));
-                        reinterpret_cast<unsigned short *>(scores)[at] = h;
-                    } else {
-                        scores[at] = sc;
-                    }
+                    scores[(size_t)(r0 + i - row_base) * ld_s -
+                           (size_t)blk * (S - 1) * DSV32_KV_BLOCK_TOKENS + j] = sc;
                 }
             }
         }
@@ -954,40 +946,9 @@ static __device__ void topk_find(const int *hist, int nb, int kk, int *warp_sum,
     __syncthreads();
 }
 
-/* A row of scores as the top-k reads it: f32, or f16 (knob idx_s16: the FP8 scores kernel's dense
- * stores in 16 bits), widened exactly on load, so that the keys and their order are the same
- * functions of the stored values either way. */
-struct srow {
-    const void *p;
-    int h16;
-};
-
-static __device__ __forceinline__ float h2f(uint32_t h)
-{
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)h));
-    return f;
-}
-
-/* elements 4 j4 .. 4 j4 + 3 */
-static __device__ __forceinline__ float4 ld4(srow s, int j4)
-{
-    if (s.h16) {
-        const uint2 v = reinterpret_cast<const uint2 *>(s.p)[j4];
-        return make_float4(h2f(v.x & 0xffffu), h2f(v.x >> 16), h2f(v.y & 0xffffu), h2f(v.y >> 16));
-    }
-    return reinterpret_cast<const float4 *>(s.p)[j4];
-}
-
-static __device__ __forceinline__ float ld1(srow s, int j)
-{
-    return s.h16 ? h2f(reinterpret_cast<const uint16_t *>(s.p)[j])
-                 : reinterpret_cast<const float *>(s.p)[j];
-}
-
 /* One radix pass over the row in global memory: the histogram of bits [shift, shift + log2 nb)
  * of the keys that match prefix under pmask, TOPK_ILP float4 loads per lane in flight. */
-static __device__ void topk_hist_global(int *hist, srow s4, int n, int n4, uint32_t pmask,
+static __device__ void topk_hist_global(int *hist, const float4 *s4, int n, int n4, uint32_t pmask,
                                         uint32_t prefix, int shift, int nb)
 {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1000,7 +961,7 @@ static __device__ void topk_hist_global(int *hist, srow s4, int n, int n4, uint3
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++) {
             const int j4 = base + 32 * x + lane;
-            v[x] = j4 < n4 ? ld4(s4, j4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            v[x] = j4 < n4 ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++) {
@@ -1022,8 +983,8 @@ static __device__ void topk_hist_global(int *hist, srow s4, int n, int n4, uint3
  * the row, so an atomic per key and warp, on one address, serialized the warps). The last
  * sweep's loads past e4 are zero-filled and must not count: inside the row (a split row's first
  * share) a made-up 0 passes whenever the k-th score is below zero. */
-static __device__ int topk_gather(uint32_t *cu, int32_t *cj, int cap, srow s4, int n, int n4,
-                                  uint32_t hi, int *s_n, int b4 = 0, int e4 = -1)
+static __device__ int topk_gather(uint32_t *cu, int32_t *cj, int cap, const float4 *s4, int n,
+                                  int n4, uint32_t hi, int *s_n, int b4 = 0, int e4 = -1)
 {
     const int tid = threadIdx.x, lane = tid & 31;
     if (e4 < 0)
@@ -1036,7 +997,7 @@ static __device__ int topk_gather(uint32_t *cu, int32_t *cj, int cap, srow s4, i
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++) {
             const int j4 = base + 32 * x + lane;
-            v[x] = j4 < e4 ? ld4(s4, j4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            v[x] = j4 < e4 ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
         uint32_t take = 0; /* bit 4 x + e: element e of float4 x */
 #pragma unroll
@@ -1060,7 +1021,7 @@ static __device__ int topk_gather(uint32_t *cu, int32_t *cj, int cap, srow s4, i
         for (uint32_t t = take; t; t &= t - 1, at++) {
             const int e = __ffs(t) - 1, j = 4 * (base + 32 * (e >> 2) + lane) + (e & 3);
             if (at < cap) {
-                cu[at] = order_key(ld1(s4, j));
+                cu[at] = order_key(reinterpret_cast<const float *>(s4)[j]);
                 cj[at] = j;
             }
         }
@@ -1212,8 +1173,8 @@ static __device__ void topk_select_smem(int32_t *out, const uint32_t *cu, const 
  * threshold): part 0 then runs the exact path. hist and hist2 alternate between passes, so that
  * a histogram another part may still be reading is never cleared, and one cluster barrier a pass
  * orders it all; the last one only waits before the exit. */
-static __device__ bool topk_cluster(int32_t *out, srow s4, int n, int n4, int topk, int cap,
-                                    int part, int parts, int *hist, int *hist2, int *hsum,
+static __device__ bool topk_cluster(int32_t *out, const float4 *s4, int n, int n4, int topk,
+                                    int cap, int part, int parts, int *hist, int *hist2, int *hsum,
                                     int *warp_sum, int *sh, int *s_n, int *cnt_in, int *s_eqb,
                                     uint32_t *cu, int32_t *cj, uint32_t *bitmap)
 {
@@ -1232,7 +1193,7 @@ static __device__ bool topk_cluster(int32_t *out, srow s4, int n, int n4, int to
 #pragma unroll
     for (int x = 0; x < TOPK_SREG; x++) {
         const int u = tid + 1024 * x, j4 = u * stride;
-        const float4 v = u < all ? ld4(s4, j4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        const float4 v = u < all ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         const float f[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int e = 0; e < 4; e++) {
@@ -1351,7 +1312,7 @@ static __device__ bool topk_cluster(int32_t *out, srow s4, int n, int n4, int to
 /* Split launches (gridDim.y = parts, 2 or 4) run as clusters of the row's parts (topk_cluster). */
 static __global__ void __launch_bounds__(1024)
     topk_kernel(int32_t *sel, const float *scores, int ld_s, int row_base, const int32_t *row_pos,
-                int topk, int cap, const int *miss, int h16)
+                int topk, int cap, const int *miss)
 {
     __shared__ int hist[2048], hist2[2048], hsum[2048];
     __shared__ int warp_sum[32];
@@ -1376,9 +1337,9 @@ static __global__ void __launch_bounds__(1024)
             out[j] = j < n ? j : -1;
         return;
     }
-    /* ld_s is a multiple of 64: rows are 16-aligned */
-    const srow s4 = {
-        reinterpret_cast<const char *>(scores) + (size_t)blockIdx.x * ld_s * (h16 ? 2 : 4), h16};
+    const float *s =
+        scores + (size_t)blockIdx.x * ld_s; /* ld_s is a multiple of 64: rows are 16-aligned */
+    const float4 *s4 = reinterpret_cast<const float4 *>(s);
     const int n4 = (n + 3) / 4; /* float4s covering the row; elements >= n are masked */
     uint32_t prefix = 0, pmask = 0;
     int kk = topk;
@@ -1419,7 +1380,7 @@ static __global__ void __launch_bounds__(1024)
         const int j = j0 + 4 * lane;
         float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (j < end)
-            v = ld4(s4, j >> 2);
+            v = s4[j >> 2];
         const float e4[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int e = 0; e < 4; e++) {
@@ -1452,7 +1413,7 @@ static __global__ void __launch_bounds__(1024)
         const int j = j0 + 4 * lane;
         float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (j < end)
-            v = ld4(s4, j >> 2);
+            v = s4[j >> 2];
         const float e4[4] = {v.x, v.y, v.z, v.w};
         uint32_t u[4];
         int neq = 0;
@@ -1743,7 +1704,6 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
         }
         /* the sampled path's missed rows (idx_mode), for the top-k; NULL: every row */
         int *miss = NULL;
-        int s16 = 0; /* the FP8 wgmma scores in f16 (knob idx_s16), for the top-k */
         /* groups of up to IDX_QT consecutive rows of one sequence that need scores */
         size_t total_blocks = 0;
         int n_groups = 0, max_nr = 1;
@@ -1862,8 +1822,7 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 auto kern = tma ? (pipe ? idx_wgmma_fp8_kernel<true, true> : idx_wgmma_fp8_kernel<true, false>)
                                 : (pipe ? idx_wgmma_fp8_kernel<false, true> : idx_wgmma_fp8_kernel<false, false>);
                 CU_SMEM_OPTIN(kern, smem8);
-                s16 = c->idx_s16 && !pipe; /* the pipelined epilogue stores f32 */
-                const idx_mode plain = {1, NULL, NULL, NULL, NULL, 0, s16};
+                const idx_mode plain = {1, NULL, NULL, NULL, NULL, 0};
                 /* the scores kernel over scores s (row stride lds), items (work list or dev) */
                 auto scores8 = [&](decltype(kern) k, int items, float *s, int lds, const int4 *work,
                                    int4 dv, idx_mode md) {
@@ -1912,9 +1871,9 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                     int *cnt = (int *)(cb + sizeof(uint2) * (size_t)nr * ld_s);
                     auto kern_s = idx_wgmma_fp8_kernel<false, false>;
                     CU_SMEM_OPTIN(kern_s, smem8);
-                    const idx_mode md_s = {S, NULL, NULL, NULL, NULL, 0, 0},
-                                   md_c = {1, thr, cand, cnt, NULL, 0, 0},
-                                   md_r = {1, NULL, NULL, NULL, miss, 0, s16};
+                    const idx_mode md_s = {S, NULL, NULL, NULL, NULL, 0},
+                                   md_c = {1, thr, cand, cnt, NULL, 0},
+                                   md_r = {1, NULL, NULL, NULL, miss, 0};
                     CU_CHECK(scores8(kern_s, items_s, smp, lds, NULL, make_int4(bpc_s, nr, topk, 0),
                                      md_s));
                     CU_LAUNCHED("idx_sample");
@@ -1997,11 +1956,10 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             const cudaLaunchConfig_t lc =
                 cu_launch_cfg(c, dim3(nr, parts), dim3(1024), tsm, at, c->pdl ? 2 : 1);
             CU_CHECK(cudaLaunchKernelEx(&lc, topk_kernel, sel, (const float *)scores, ld_s, rb,
-                                        (const int32_t *)m->d_row_pos, topk, cap, (const int *)miss,
-                                        s16));
+                                        (const int32_t *)m->d_row_pos, topk, cap,
+                                        (const int *)miss));
             CU_LAUNCHED("topk");
         }
-        c->scores_h16 = s16;
         rb = re;
     }
     return 0;
