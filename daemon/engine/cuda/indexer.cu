@@ -661,9 +661,6 @@ struct idx_mode {
     int *cnt;            /* [row][ld_s / 64][4] */
     const int *miss;     /* [row]: only rows marked here are scored (5), or NULL */
     int msum;            /* the head sum by idx_score_mma (knob idx_msum), else by FMAs */
-    int wide;            /* knob idx_wide: a block's 64 scores stored by one warp, next iteration */
-    int bar;             /* knob idx_bar (diagnostics): the refill's barrier by barrier.cluster,
-                            relaxed (1) or release/acquire (2), instead of bar.sync (0) */
 };
 
 /* The FP8 variant of the scores on wgmma (the fast numerics' default indexer): m64n64k32
@@ -715,7 +712,6 @@ static __global__ void __launch_bounds__(128, 4) /* 4 CTAs an SM: at most 128 re
     uint8_t *wtile = reinterpret_cast<uint8_t *>(wsm + nr * IH); /* [row] 1 KB: idx_score_mma's B */
     uint64_t *full =
         reinterpret_cast<uint64_t *>(wtile + nr * 1024); /* TMA: a stage's bytes landed */
-    float *sbuf = reinterpret_cast<float *>(full + IDX_RING); /* wide: [2][64] */
     const int seq = row_seq[r0];
     const int32_t *bt = blocks + (size_t)seq * max_blocks;
     const uint64_t pol = TMA ? l2_policy(evict_first) : 0;
@@ -802,19 +798,6 @@ static __global__ void __launch_bounds__(128, 4) /* 4 CTAs an SM: at most 128 re
                : nullptr;
     const uint32_t thr = md.thr ? md.thr[r0 - row_base] : 0u;
     int ncand = 0;
-    const bool wide = md.wide && nr == 1 && S == 1 && !md.thr && !PIPE && copy_only == 0;
-    /* wide: block blk's scores, staged in sbuf by iteration it, stored by one warp (8 bytes a
-     * lane: two full lines) once the next barrier has passed */
-    auto flush = [&](int itb, int blkb) {
-        if (warp != (itb & 3))
-            return;
-        const int jj = blkb * DSV32_KV_BLOCK_TOKENS + 2 * lane;
-        const float2 v = reinterpret_cast<const float2 *>(sbuf + (itb & 1) * 64)[lane];
-        if (jj + 1 <= pos[0])
-            *reinterpret_cast<float2 *>(srow0 + jj) = v;
-        else if (jj <= pos[0])
-            srow0[jj] = v.x;
-    };
     for (int blk = wk.z, it = 0; blk < wk.w; blk++, it++) {
         const int stage = it % IDX_RING;
         if (TMA) {
@@ -838,22 +821,11 @@ static __global__ void __launch_bounds__(128, 4) /* 4 CTAs an SM: at most 128 re
                 wg_wait0();
                 wg_fence(acc);
             }
-            if (md.bar == 1) /* diagnostics: no memory ordering at all */
-                asm volatile("barrier.cluster.arrive.relaxed.aligned;\n"
-                             "barrier.cluster.wait.aligned;" ::
-                                 : "memory");
-            else if (md.bar == 2)
-                asm volatile("barrier.cluster.arrive.release.aligned;\n"
-                             "barrier.cluster.wait.acquire.aligned;" ::
-                                 : "memory");
-            else
-                __syncthreads();
+            __syncthreads();
             if (blk + IDX_RING - 1 < wk.w)
                 issue(bt[(blk + IDX_RING - 1) * S], (it + IDX_RING - 1) % IDX_RING);
             asm volatile("cp.async.commit_group;");
         }
-        if (wide && it > 0) /* every warp's staged scores of the last block are in */
-            flush(it - 1, blk - 1);
         if (copy_only == 1)
             continue;
         const float *ksc = reinterpret_cast<const float *>(ring + (size_t)stage * IDX8_STAGEB + 8192);
@@ -910,9 +882,6 @@ static __global__ void __launch_bounds__(128, 4) /* 4 CTAs an SM: at most 128 re
                         cout[ncand + __popc(m & ((1u << lane) - 1u))] =
                             make_uint2(__float_as_uint(sc), (uint32_t)j);
                     ncand += __popc(m);
-                } else if (wide) {
-                    if (t < 2)
-                        sbuf[(it & 1) * 64 + (t == 0 ? kr0 : kr1)] = sc;
                 } else if (copy_only != 2 && t < 2 && j <= pos[i]) {
                     /* the sample (bstride > 1) stored densely: block blk at blk x 64 */
                     scores[(size_t)(r0 + i - row_base) * ld_s -
@@ -920,10 +889,6 @@ static __global__ void __launch_bounds__(128, 4) /* 4 CTAs an SM: at most 128 re
                 }
             }
         }
-    }
-    if (wide && wk.w > wk.z) {
-        __syncthreads();
-        flush(wk.w - wk.z - 1, wk.w - 1);
     }
     if (PIPE && pj0 >= 0) {
         wg_wait0();
@@ -1848,7 +1813,7 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             } else if (fp8_wg) {
                 const size_t smem8 = 1024 + (size_t)max_nr * 8192 + (size_t)IDX_RING * IDX8_STAGEB +
                                      sizeof(float) * (size_t)max_nr * IH + 1024 * (size_t)max_nr +
-                                     sizeof(uint64_t) * IDX_RING + 512;
+                                     sizeof(uint64_t) * IDX_RING;
                 CUtensorMap tm;
                 memset(&tm, 0, sizeof(tm));
                 const bool tma = c->idx_tma && cu_idx_tmap(c, kv->idx, &tm) == 0;
@@ -1857,13 +1822,11 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 auto kern = tma ? (pipe ? idx_wgmma_fp8_kernel<true, true> : idx_wgmma_fp8_kernel<true, false>)
                                 : (pipe ? idx_wgmma_fp8_kernel<false, true> : idx_wgmma_fp8_kernel<false, false>);
                 CU_SMEM_OPTIN(kern, smem8);
-                const idx_mode plain = {1, NULL, NULL, NULL, NULL, 0, 0, 0};
+                const idx_mode plain = {1, NULL, NULL, NULL, NULL, 0};
                 /* the scores kernel over scores s (row stride lds), items (work list or dev) */
                 auto scores8 = [&](decltype(kern) k, int items, float *s, int lds, const int4 *work,
                                    int4 dv, idx_mode md) {
                     md.msum = c->idx_msum;
-                    md.wide = c->idx_wide;
-                    md.bar = c->idx_bar;
                     return cu_launch_pdl(c, c->pdl != 0, k, dim3(items), dim3(128), smem8, tm,
                                          (int)(c->idx_l2_normal == 0), c->idx_copy_only, s, lds, rb,
                                          work, dv, q, q_scale, w_raw, kv->idx,
@@ -1908,9 +1871,9 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                     int *cnt = (int *)(cb + sizeof(uint2) * (size_t)nr * ld_s);
                     auto kern_s = idx_wgmma_fp8_kernel<false, false>;
                     CU_SMEM_OPTIN(kern_s, smem8);
-                    const idx_mode md_s = {S, NULL, NULL, NULL, NULL, 0, 0, 0},
-                                   md_c = {1, thr, cand, cnt, NULL, 0, 0, 0},
-                                   md_r = {1, NULL, NULL, NULL, miss, 0, 0, 0};
+                    const idx_mode md_s = {S, NULL, NULL, NULL, NULL, 0},
+                                   md_c = {1, thr, cand, cnt, NULL, 0},
+                                   md_r = {1, NULL, NULL, NULL, miss, 0};
                     CU_CHECK(scores8(kern_s, items_s, smp, lds, NULL, make_int4(bpc_s, nr, topk, 0),
                                      md_s));
                     CU_LAUNCHED("idx_sample");
