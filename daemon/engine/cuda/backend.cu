@@ -755,7 +755,7 @@ static const struct {
     KNOB(mla_cl_nocopy, false), KNOB(pdl, false),           KNOB(moe_all_groups, false),
     KNOB(route_smem, false),    KNOB(moe_rowmajor, false),  KNOB(fp8_pdl, false),
     KNOB(pdl_ops, false),       KNOB(fp8_stages_dn, true),  KNOB(idx_sample, false),
-    KNOB(idx_msum, false),      KNOB(idx_st, true),
+    KNOB(idx_msum, false),
 };
 #undef KNOB
 

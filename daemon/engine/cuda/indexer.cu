@@ -661,8 +661,6 @@ struct idx_mode {
     int *cnt;            /* [row][ld_s / 64][4] */
     const int *miss;     /* [row]: only rows marked here are scored (5), or NULL */
     int msum;            /* the head sum by idx_score_mma (knob idx_msum), else by FMAs */
-    int st;              /* knob idx_st (diagnostics): 1, every store to one address a warp; 2,
-                            st.global.cs; 3, st.global.cg */
 };
 
 /* The FP8 variant of the scores on wgmma (the fast numerics' default indexer): m64n64k32
@@ -886,16 +884,8 @@ static __global__ void __launch_bounds__(128, 4) /* 4 CTAs an SM: at most 128 re
                     ncand += __popc(m);
                 } else if (copy_only != 2 && t < 2 && j <= pos[i]) {
                     /* the sample (bstride > 1) stored densely: block blk at blk x 64 */
-                    float *dst = scores + (size_t)(r0 + i - row_base) * ld_s -
-                                 (size_t)blk * (S - 1) * DSV32_KV_BLOCK_TOKENS + j;
-                    if (md.st == 1)
-                        scores[(size_t)blockIdx.x * 64 + 16 * warp + (j & 15)] = sc;
-                    else if (md.st == 2)
-                        asm volatile("st.global.cs.f32 [%0], %1;" ::"l"(dst), "f"(sc) : "memory");
-                    else if (md.st == 3)
-                        asm volatile("st.global.cg.f32 [%0], %1;" ::"l"(dst), "f"(sc) : "memory");
-                    else
-                        *dst = sc;
+                    scores[(size_t)(r0 + i - row_base) * ld_s -
+                           (size_t)blk * (S - 1) * DSV32_KV_BLOCK_TOKENS + j] = sc;
                 }
             }
         }
@@ -1832,12 +1822,11 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 auto kern = tma ? (pipe ? idx_wgmma_fp8_kernel<true, true> : idx_wgmma_fp8_kernel<true, false>)
                                 : (pipe ? idx_wgmma_fp8_kernel<false, true> : idx_wgmma_fp8_kernel<false, false>);
                 CU_SMEM_OPTIN(kern, smem8);
-                const idx_mode plain = {1, NULL, NULL, NULL, NULL, 0, 0};
+                const idx_mode plain = {1, NULL, NULL, NULL, NULL, 0};
                 /* the scores kernel over scores s (row stride lds), items (work list or dev) */
                 auto scores8 = [&](decltype(kern) k, int items, float *s, int lds, const int4 *work,
                                    int4 dv, idx_mode md) {
                     md.msum = c->idx_msum;
-                    md.st = c->idx_st;
                     return cu_launch_pdl(c, c->pdl != 0, k, dim3(items), dim3(128), smem8, tm,
                                          (int)(c->idx_l2_normal == 0), c->idx_copy_only, s, lds, rb,
                                          work, dv, q, q_scale, w_raw, kv->idx,
@@ -1882,9 +1871,9 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                     int *cnt = (int *)(cb + sizeof(uint2) * (size_t)nr * ld_s);
                     auto kern_s = idx_wgmma_fp8_kernel<false, false>;
                     CU_SMEM_OPTIN(kern_s, smem8);
-                    const idx_mode md_s = {S, NULL, NULL, NULL, NULL, 0, 0},
-                                   md_c = {1, thr, cand, cnt, NULL, 0, 0},
-                                   md_r = {1, NULL, NULL, NULL, miss, 0, 0};
+                    const idx_mode md_s = {S, NULL, NULL, NULL, NULL, 0},
+                                   md_c = {1, thr, cand, cnt, NULL, 0},
+                                   md_r = {1, NULL, NULL, NULL, miss, 0};
                     CU_CHECK(scores8(kern_s, items_s, smp, lds, NULL, make_int4(bpc_s, nr, topk, 0),
                                      md_s));
                     CU_LAUNCHED("idx_sample");
