@@ -675,9 +675,15 @@ struct idx_mode {
  * iteration early; evict-first in L2 when evict_first: the cache is read once, the scores, which
  * the top-k reads next, stay; knob idx_tma) or, the default, by 516 16-byte cp.async of all
  * threads (the two measured within 2% of each other; TMA without the L2 hint 6% slower; cp.async
- * with the hint raised an illegal-instruction error on the H200). The per-head weights sit in
- * registers and the accumulators are not zeroed per block (the first k-step's scale-d is 0); a
- * ring of 3 with 6 CTAs per SM instead of 5 with 4 was 7-13% slower (docs/GPU-NOTES.md).
+ * with the hint raised an illegal-instruction error on the H200, again in 2026-11-30's third
+ * session). The epilogue's ReLU, weights and head sum are a second MMA (idx_score_mma, knob
+ * idx_msum, the default; the per-head weights as its B tile in shared memory) or FMAs with row 0's
+ * weights in registers (msum 0, and PIPE); the accumulators are not zeroed per block (the first
+ * k-step's scale-d is 0); a ring of 3 with 6 CTAs per SM instead of 5 with 4 was 7-13% slower
+ * (docs/GPU-NOTES.md); so were, or no faster, the refill right after the MMAs, 5 blocks in flight,
+ * and the scores kept in L2 by a persisting set-aside (the third session of 2026-11-30). Of the
+ * kernel's time over its reads (~0.035 ms at batch 64 x 131072), ~0.018 is the scores' DRAM writes
+ * amid the reads and does not shrink with their bytes or shape (same session).
  * copy_only (diagnostics, knob idx_copy_only): 1, the blocks are read and nothing computed, the
  * read rate of the same access pattern; 2, everything but the scores' stores (what they cost). PIPE
  * (items of one row only, knob idx_pipe): block i's MMAs run under block i - 1's epilogue (relu,
