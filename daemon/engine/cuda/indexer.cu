@@ -683,7 +683,8 @@ struct idx_mode {
  * (docs/GPU-NOTES.md); so were, or no faster, the refill right after the MMAs, 5 blocks in flight,
  * and the scores kept in L2 by a persisting set-aside (the third session of 2026-11-30). Of the
  * kernel's time over its reads (~0.035 ms at batch 64 x 131072), ~0.018 is the scores' DRAM writes
- * amid the reads and does not shrink with their bytes or shape (same session).
+ * amid the reads: half their bytes (f16) took 3-4 us off, whole-line stores nothing (same
+ * session).
  * copy_only (diagnostics, knob idx_copy_only): 1, the blocks are read and nothing computed, the
  * read rate of the same access pattern; 2, everything but the scores' stores (what they cost). PIPE
  * (items of one row only, knob idx_pipe): block i's MMAs run under block i - 1's epilogue (relu,
