@@ -1556,7 +1556,7 @@ static int idx_sample_variant;
  * the global path beyond). zero_q 2: every other row's head weights negative, so all its scores
  * are at most 0 and so is the k-th (a zero the top-k made up, say for a masked element, would
  * then be selected). zero_q 3: the head weights >= 0 and every 32nd cache block of a sequence
- * with its key scales x 64, so that the sampled path's sample (those blocks) holds the row's
+ * with its key scales x 64, so that the sampled path's sample (among those blocks) holds the row's
  * highest scores and rows with more than the sample's threshold rank miss (the dense pass) */
 static void indexer_case(struct pair *p, const char *what, int n_rows, const int32_t *pos, const int32_t *seq,
                          int n_seqs, int max_blocks, int n_blocks, double rel_tol, int zero_q)
@@ -1566,9 +1566,9 @@ static void indexer_case(struct pair *p, const char *what, int n_rows, const int
     tcache_make(&tc, p, n_blocks, 1);
     struct tmeta tm;
     tmeta_make(&tm, p, n_rows, pos, seq, n_seqs, max_blocks, n_blocks, NULL);
-    if (zero_q ==
-        3) { /* every 32nd block of a sequence (the sampled path's sample) scores high
-              * (with the head weights >= 0 below, so that its scores are all the highest) */
+    if (zero_q == 3) { /* every 32nd block of a sequence (holding the sampled path's sample, every
+                        * 32nd or 64th) scores high (with the head weights >= 0 below, so that its
+                        * scores are all the highest) */
         const size_t bb = (size_t)p->cpu->geom.idx_block_bytes;
         for (int sq = 0; sq < n_seqs; sq++)
             for (int b = 0; b < max_blocks; b += 32) {
@@ -1765,8 +1765,8 @@ static void test_indexer(void)
                      9000 / 64 + 1, 12 * (9000 / 64 + 1), tol, 1);
         indexer_case(&p, "the same, every other row's scores <= 0", 12, opos, oseq, 12,
                      9000 / 64 + 1, 12 * (9000 / 64 + 1), tol, 2);
-        /* the sampled path's sample (every 32nd block) scoring high: fewer than k candidates,
-         * the dense pass serves those rows */
+        /* the sampled path's sample (every 64th block, knob idx_sample_stride) scoring high: fewer
+         * than k candidates, the dense pass serves those rows */
         indexer_case(&p, "the same, every 32nd block's keys scaled x 64", 12, opos, oseq, 12,
                      9000 / 64 + 1, 12 * (9000 / 64 + 1), tol, 3);
         /* long contexts: the top-k's sampled threshold (rows of 32768+ positions), ties included */

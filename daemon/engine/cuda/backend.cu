@@ -744,18 +744,24 @@ static const struct {
     size_t off;
     bool as_given;
 } cu_knobs[] = {
-    KNOB(indexer_fp8, false),   KNOB(lt_fp8, false),        KNOB(fp8_reg, false),
-    KNOB(fp8_no_wg, false),     KNOB(idx_wgmma, true),      KNOB(idx_no_topk, false),
-    KNOB(topk_global, false),   KNOB(topk_parts, true),     KNOB(mla_wgmma, false),
-    KNOB(idx_tma, false),       KNOB(idx_copy_only, true),  KNOB(idx_l2_normal, false),
-    KNOB(idx_items, false),     KNOB(mla_ws, false),        KNOB(idx_poison, false),
-    KNOB(idx_pipe, false),      KNOB(mla_q6, false),        KNOB(dsa_chunks, true),
-    KNOB(dsa_idx_sms, true),    KNOB(dsa_skip, true),       KNOB(lt_min_rows, true),
-    KNOB(lt_big_rows, true),    KNOB(idx_dev_items, false), KNOB(mla_cl, true),
-    KNOB(mla_cl_nocopy, false), KNOB(pdl, false),           KNOB(moe_all_groups, false),
-    KNOB(route_smem, false),    KNOB(moe_rowmajor, false),  KNOB(fp8_pdl, false),
-    KNOB(pdl_ops, false),       KNOB(fp8_stages_dn, true),  KNOB(idx_sample, false),
-    KNOB(idx_msum, false),
+    KNOB(indexer_fp8, false),      KNOB(lt_fp8, false),
+    KNOB(fp8_reg, false),          KNOB(fp8_no_wg, false),
+    KNOB(idx_wgmma, true),         KNOB(idx_no_topk, false),
+    KNOB(topk_global, false),      KNOB(topk_parts, true),
+    KNOB(mla_wgmma, false),        KNOB(idx_tma, false),
+    KNOB(idx_copy_only, true),     KNOB(idx_l2_normal, false),
+    KNOB(idx_items, false),        KNOB(mla_ws, false),
+    KNOB(idx_poison, false),       KNOB(idx_pipe, false),
+    KNOB(mla_q6, false),           KNOB(dsa_chunks, true),
+    KNOB(dsa_idx_sms, true),       KNOB(dsa_skip, true),
+    KNOB(lt_min_rows, true),       KNOB(lt_big_rows, true),
+    KNOB(idx_dev_items, false),    KNOB(mla_cl, true),
+    KNOB(mla_cl_nocopy, false),    KNOB(pdl, false),
+    KNOB(moe_all_groups, false),   KNOB(route_smem, false),
+    KNOB(moe_rowmajor, false),     KNOB(fp8_pdl, false),
+    KNOB(pdl_ops, false),          KNOB(fp8_stages_dn, true),
+    KNOB(idx_sample, false),       KNOB(idx_msum, false),
+    KNOB(idx_sample_stride, true),
 };
 #undef KNOB
 

@@ -196,6 +196,9 @@ struct cu_ctx {
                                   whose scratch cu_dsa did not size before the fork */
     int idx_msum;              /* the FP8 wgmma indexer's head sum on the tensor core (1, default:
                                   relu'd logits in bf16 times the weights by a second MMA) or by FMAs */
+    int idx_sample_stride;     /* the sampled path's sample: every Nth cache block at least (0, the
+                                  default: 64; 32 measured 9-11 us slower, the third session of
+                                  2026-11-30) */
     int idx_pipe;              /* the FP8 wgmma indexer with each block's epilogue under the next
                                   block's MMAs, for one-row items (1; 0, default: in turn) */
     int pdl;                   /* the dsa op's kernels (the FP8 indexer's scores, the top-k, the

@@ -68,6 +68,7 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * sample of each row's cache blocks first, takes from it a threshold at about twice the k-th
  * score's rank, writes only the scores above it, selects among those, and scores the rows where
  * fewer than k came above it again in full; the same selection; 0, default: every score written),
+ * "idx_sample_stride" (that sample's cache blocks: every Nth at least; 0, default: 64),
  * "idx_msum" (1, default: the FP8 wgmma indexer's ReLU, head weights and head sum on the tensor
  * core, the ReLU'd logits rounded to bf16 as a second MMA's A operand; 0: by FMAs in f32),
  * "mla_q6" (1: the warp-specialized MLA stages Q with six loads in flight a thread instead

@@ -639,7 +639,8 @@ static __device__ __forceinline__ void hist_add(int *hist, bool valid, uint32_t 
 /* The sampled path of the FP8 indexer (knob idx_sample; one-row items, cache blocks by cp.async),
  * five kernels where there are two:
  *  1. the scores of every bstride-th cache block of each row (idx_wgmma_fp8_kernel with bstride:
- *     block i of an item is the row's block i x bstride; stored densely, the sample's row);
+ *     block i of an item is the row's block i x bstride; stored densely, the sample's row;
+ *     bstride 64 by default, knob idx_sample_stride: 32 measured 9-11 us slower in all);
  *  2. idx_thr_kernel: per row, the key (order_key) of rank m in its sample, m about 2 k times the
  *     sampled share of the row: the threshold T;
  *  3. every score (idx_wgmma_fp8_kernel with thr), but only those whose key reaches T written:
@@ -1846,8 +1847,8 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 if (c->idx_sample && !c->dsa_forked && !pipe && max_nr == 1 && c->idx_items &&
                     !c->topk_global && !c->idx_copy_only && (size_t)ld_s / 32 <= TOPK_CAP) {
                     const int nr = re - rb, max_nblk = ld_s / DSV32_KV_BLOCK_TOKENS;
-                    const int S =
-                        max(32, (max_nblk + IDX_SAMPLE_CAP / 64 - 1) / (IDX_SAMPLE_CAP / 64));
+                    const int S = max(c->idx_sample_stride > 0 ? c->idx_sample_stride : 64,
+                                      (max_nblk + IDX_SAMPLE_CAP / 64 - 1) / (IDX_SAMPLE_CAP / 64));
                     const int lds = ((max_nblk - 1) / S + 1) * DSV32_KV_BLOCK_TOKENS;
                     size_t total_s = 0;
                     for (int r = rb; r < re; r++)
