@@ -78,15 +78,20 @@ static __device__ __forceinline__ uint32_t w32(const uint4 &v, int i)
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-/* The work item's per-(row, head) weights as the cpu forms them (w x q scale x head and dim
- * scales), into shared memory [row][head]. */
+/* One (row, head)'s weight as the cpu forms it (w x q scale x head and dim scales); ri: row x
+ * heads + head. */
+static __device__ __forceinline__ float idx_weight(const float *w_raw, const float *q_scale,
+                                                   size_t ri, float wscale, float sscale)
+{
+    return w_raw[ri] * wscale * q_scale[ri] * sscale;
+}
+
+/* The work item's per-(row, head) weights (idx_weight) into shared memory [row][head]. */
 static __device__ __forceinline__ void idx_stage_weights(float *wsm, const float *w_raw, const float *q_scale, int r0,
                                                          int nr, int IH, float wscale, float sscale)
 {
-    for (int e = threadIdx.x; e < nr * IH; e += blockDim.x) {
-        const size_t ri = (size_t)r0 * IH + e; /* row r0 + e / IH, head e % IH */
-        wsm[e] = w_raw[ri] * wscale * q_scale[ri] * sscale;
-    }
+    for (int e = threadIdx.x; e < nr * IH; e += blockDim.x) /* row r0 + e / IH, head e % IH */
+        wsm[e] = idx_weight(w_raw, q_scale, (size_t)r0 * IH + e, wscale, sscale);
 }
 
 /* The positions of the item's query rows (-1 past nr). */
@@ -163,7 +168,7 @@ static __device__ __forceinline__ float idx_score_mma(const float (&acc)[32], fl
 
 /* idx_score_mma's weight tiles of the item's rows (row i's 1 KB at wt + 1024 i: head h, column n
  * at 128 (h / 8) + 16 n + 2 (h % 8), 16-byte aligned; K-major core matrices of 8 columns x 16
- * bytes, 128 bytes apart along K), the weights as idx_stage_weights forms them */
+ * bytes, 128 bytes apart along K), from idx_weight as idx_stage_weights' */
 static __device__ __forceinline__ void idx_stage_wtile(uint8_t *wt, const float *w_raw,
                                                        const float *q_scale, int r0, int nr,
                                                        float wscale, float sscale)
@@ -177,7 +182,7 @@ static __device__ __forceinline__ void idx_stage_wtile(uint8_t *wt, const float 
             float w[2];
 #pragma unroll
             for (int x = 0; x < 2; x++) {
-                const float f = w_raw[ri + 2 * h + x] * wscale * q_scale[ri + 2 * h + x] * sscale;
+                const float f = idx_weight(w_raw, q_scale, ri + 2 * h + x, wscale, sscale);
                 const float hi = __uint_as_float(bf16x2_pair(f, 0.0f) << 16);
                 w[x] = n & 1 ? f - hi : f;
             }
@@ -661,7 +666,7 @@ struct idx_mode {
     uint2 *cand;         /* [row][ld_s]: the candidates (3) */
     int *cnt;            /* [row][ld_s / 64][4] */
     const int *miss;     /* [row]: only rows marked here are scored (5), or NULL */
-    int msum;            /* the head sum by idx_score_mma (knob idx_msum), else by FMAs */
+    int msum; /* the head sum by idx_score_mma (knob idx_msum), else by FMAs; set at the launch */
 };
 
 /* The FP8 variant of the scores on wgmma (the fast numerics' default indexer): m64n64k32
@@ -1830,7 +1835,7 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 auto kern = tma ? (pipe ? idx_wgmma_fp8_kernel<true, true> : idx_wgmma_fp8_kernel<true, false>)
                                 : (pipe ? idx_wgmma_fp8_kernel<false, true> : idx_wgmma_fp8_kernel<false, false>);
                 CU_SMEM_OPTIN(kern, smem8);
-                const idx_mode plain = {1, NULL, NULL, NULL, NULL, 0};
+                const idx_mode plain = {1, NULL, NULL, NULL, NULL};
                 /* the scores kernel over scores s (row stride lds), items (work list or dev) */
                 auto scores8 = [&](decltype(kern) k, int items, float *s, int lds, const int4 *work,
                                    int4 dv, idx_mode md) {
@@ -1879,9 +1884,9 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                     int *cnt = (int *)(cb + sizeof(uint2) * (size_t)nr * ld_s);
                     auto kern_s = idx_wgmma_fp8_kernel<false, false>;
                     CU_SMEM_OPTIN(kern_s, smem8);
-                    const idx_mode md_s = {S, NULL, NULL, NULL, NULL, 0},
-                                   md_c = {1, thr, cand, cnt, NULL, 0},
-                                   md_r = {1, NULL, NULL, NULL, miss, 0};
+                    const idx_mode md_s = {S, NULL, NULL, NULL, NULL},
+                                   md_c = {1, thr, cand, cnt, NULL},
+                                   md_r = {1, NULL, NULL, NULL, miss};
                     CU_CHECK(scores8(kern_s, items_s, smp, lds, NULL, make_int4(bpc_s, nr, topk, 0),
                                      md_s));
                     CU_LAUNCHED("idx_sample");
