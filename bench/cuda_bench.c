@@ -635,6 +635,14 @@ static void bench_dsa_quick(struct dsv32_backend *be)
     const double q_fma = dsa_time_with(&d, &m, IS | RUN_QUEUED, iters, KNOBS({"idx_msum", 0}));
     const double q_fma_sc =
         dsa_time_with(&d, &m, I | RUN_QUEUED, iters, KNOBS({"idx_no_topk", 1}, {"idx_msum", 0}));
+    /* the FP8 scores in the other width (knob idx_s16: f16 or f32) */
+    int s16 = 0;
+    MUST(dsv32_cuda_get_knob(be, "idx_s16", &s16));
+    const int w16 = !s16;
+    const double q_w = dsa_time_with(&d, &m, IS | RUN_QUEUED, iters, KNOBS({"idx_s16", w16}));
+    const double q_w_sc =
+        dsa_time_with(&d, &m, I | RUN_QUEUED, iters, KNOBS({"idx_no_topk", 1}, {"idx_s16", w16}));
+    const double q_w_idx = dsa_time_with(&d, &m, I | RUN_QUEUED, iters, KNOBS({"idx_s16", w16}));
     printf("\n## DSA decode attention, batch %d x context %d (quick: the defaults only)\n", B, L);
     printf("floor: %.3f GB at %.0f GB/s = %.3f ms\n", bytes / 1e9, copy_gbps, floor_ms);
     printf("| part | time (ms) | x floor | |\n|---|---|---|---|\n");
@@ -654,6 +662,10 @@ static void bench_dsa_quick(struct dsv32_backend *be)
     printf("| queued, the scores' head sum by FMAs (knob idx_msum 0) | %.3f | %.2f | of it: scores "
            "%.3f (on the tensor core: %.3f) |\n",
            q_fma, q_fma / floor_ms, q_fma_sc, q_scores);
+    printf("| queued, the scores in %s (knob idx_s16 %d) | %.3f | %.2f | of it: scores %.3f, top-k "
+           "%.3f (in %s: %.3f, %.3f) |\n",
+           w16 ? "f16" : "f32", w16, q_w, q_w / floor_ms, q_w_sc, q_w_idx - q_w_sc,
+           w16 ? "f32" : "f16", q_scores, q_idx - q_scores);
     fflush(stdout);
     dsa_free(&d);
 }

@@ -16,7 +16,7 @@
  *                                              exit 77 when no GPU is present; --idx-items and
  *                                              --topk-parts force the indexer's work-list and
  *                                              top-k split knobs for every variant, --idx-variant
- *                                              runs the indexer's variant N (0-8) alone,
+ *                                              runs the indexer's variant N (0-10) alone,
  *                                              --sample-small the sampling family's small
  *                                              vocabularies alone (for compute-sanitizer)
  *   test_cuda_ops --probe                      exit 0 with a GPU, 77 without (ctest wrappers) */
@@ -1691,7 +1691,7 @@ static void test_indexer(void)
         return;
     const char *getv = getenv("DSV32_TEST_IDX_WGMMA"); /* 2: the swapped-descriptor diagnostic */
     const int wg = getv ? atoi(getv) : 1;
-    for (int variant = 0; variant < 9; variant++) {
+    for (int variant = 0; variant < 11; variant++) {
         if (only_idx_variant >= 0 && variant != only_idx_variant)
             continue;
         /* 0: exact (f16 wgmma), 1: fast f16 wgmma, 2: fast FP8 wgmma (cache blocks by cp.async), 3:
@@ -1700,7 +1700,9 @@ static void test_indexer(void)
          * idx_dev_items 0), 6: fast FP8 wgmma with each block's epilogue under the next block's
          * MMAs (knob idx_pipe: the cases of one row per sequence), 7: fast FP8 wgmma on the sampled
          * path (knob idx_sample: the cases of one row per sequence), 8: fast FP8 wgmma with the
-         * head sum by FMAs (knob idx_msum 0; FP8 wgmma variants 2, 5 and 7 sum on the tensor core)
+         * head sum by FMAs (knob idx_msum 0; FP8 wgmma variants 2, 5 and 7 sum on the tensor core),
+         * 9 and 10: variants 2 and 7 with the FP8 scores in the other width than the default's
+         * (knob idx_s16: f16 or f32)
          */
         struct dsv32_config cfg;
         cfg_v32(&cfg);
@@ -1713,7 +1715,12 @@ static void test_indexer(void)
         dsv32_cuda_set_knob(p.gpu, "idx_tma", variant == 5);
         dsv32_cuda_set_knob(p.gpu, "idx_pipe", variant == 6);
         dsv32_cuda_set_knob(p.gpu, "idx_msum", variant != 8);
-        idx_sample_variant = variant == 7;
+        idx_sample_variant = variant == 7 || variant == 10;
+        if (variant >= 9) {
+            int s16 = 0;
+            dsv32_cuda_get_knob(p.gpu, "idx_s16", &s16);
+            dsv32_cuda_set_knob(p.gpu, "idx_s16", !s16);
+        }
         dsv32_cuda_set_knob(p.gpu, "idx_sample", idx_sample_variant);
         /* the TMA variant takes the uploaded work list, the others derive decode items on the GPU */
         dsv32_cuda_set_knob(p.gpu, "idx_dev_items", variant != 5);
@@ -1725,16 +1732,18 @@ static void test_indexer(void)
         /* the split top-k: 4 CTAs per row for the fast f16 variant, 2 (by the row count) otherwise */
         dsv32_cuda_set_knob(p.gpu, "topk_parts", force_topk_parts >= 0 ? force_topk_parts : variant == 1 ? 4 : 0);
         const double tol = fp8 ? 1e-2 : 2e-5;
-        printf(" variant %s\n", variant == 0   ? "exact (f16 wgmma)"
-                                : variant == 1 ? "fast, f16 wgmma"
-                                : variant == 2 ? "fast, FP8 wgmma"
-                                : variant == 3 ? "exact (f16 mma.sync, top-k over global memory)"
-                                : variant == 4 ? "fast, FP8 mma.sync"
-                                : variant == 5 ? "fast, FP8 wgmma (cache blocks by TMA)"
-                                : variant == 6
-                                    ? "fast, FP8 wgmma (epilogue under the next block's MMAs)"
-                                : variant == 7 ? "fast, FP8 wgmma (sampled threshold, candidates)"
-                                               : "fast, FP8 wgmma (head sum by FMAs)");
+        printf(" variant %s\n",
+               variant == 0   ? "exact (f16 wgmma)"
+               : variant == 1 ? "fast, f16 wgmma"
+               : variant == 2 ? "fast, FP8 wgmma"
+               : variant == 3 ? "exact (f16 mma.sync, top-k over global memory)"
+               : variant == 4 ? "fast, FP8 mma.sync"
+               : variant == 5 ? "fast, FP8 wgmma (cache blocks by TMA)"
+               : variant == 6 ? "fast, FP8 wgmma (epilogue under the next block's MMAs)"
+               : variant == 7 ? "fast, FP8 wgmma (sampled threshold, candidates)"
+               : variant == 8 ? "fast, FP8 wgmma (head sum by FMAs)"
+               : variant == 9 ? "fast, FP8 wgmma (scores in the other width)"
+                              : "fast, FP8 wgmma (sampled; scores in the other width)");
         /* decode: 12 sequences, 1 or 2 query rows each, contexts up to 9000 */
         int32_t pos[24], seq[24];
         int n = 0;

@@ -673,6 +673,7 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
     c->idx_items = 1;
     c->idx_dev_items = 1;
     c->idx_msum = 1;
+    c->idx_s16 = 1;
     c->mla_ws = 1;
     c->mla_cl = 64;
     c->fp8_pdl = 1;
@@ -761,7 +762,7 @@ static const struct {
     KNOB(moe_rowmajor, false),     KNOB(fp8_pdl, false),
     KNOB(pdl_ops, false),          KNOB(fp8_stages_dn, true),
     KNOB(idx_sample, false),       KNOB(idx_msum, false),
-    KNOB(idx_sample_stride, true),
+    KNOB(idx_sample_stride, true), KNOB(idx_s16, false),
 };
 #undef KNOB
 
@@ -892,8 +893,15 @@ extern "C" int dsv32_cuda_idx_scores(struct dsv32_backend *be, float *out, size_
     ENTER(be);
     if (!c->scratch[SCR_SCORES] || n * sizeof(float) > c->scratch_cap[SCR_SCORES])
         return -EINVAL;
-    CU_CHECK(cudaMemcpyAsync(out, c->scratch[SCR_SCORES], n * sizeof(float), cudaMemcpyDeviceToHost, c->st));
+    /* f16 scores (knob idx_s16): the first n halves, widened here */
+    CU_CHECK(cudaMemcpyAsync(out, c->scratch[SCR_SCORES], n * (c->scores_h16 ? 2 : sizeof(float)),
+                             cudaMemcpyDeviceToHost, c->st));
     CU_CHECK(cudaStreamSynchronize(c->st));
+    if (c->scores_h16) {
+        const uint16_t *h = (const uint16_t *)out;
+        for (size_t i = n; i-- > 0;) /* from the end: out[i] is halves 2i, 2i + 1, read already */
+            out[i] = dsv32_f16_to_f32(h[i]);
+    }
     return 0;
 }
 

@@ -29,7 +29,15 @@
  * finished in shared memory the same way, or (too many in that bin) the third pass over the row
  * and two ordered sweeps (each warp owns a segment, counts what it keeps, a scan over the warps
  * gives the offsets, a second sweep writes). Among scores equal to the threshold the lowest
- * positions are kept on every path. */
+ * positions are kept on every path. The scores are f32 or f16 (the FP8 wgmma kernel's default,
+ * knob idx_s16): read in 16-byte units either way (srow), widened exactly, so the keys are the
+ * same functions of the stored values; an f16 key is fixed after 22 bits, and its ties at the
+ * k-th are ranked among themselves (topk_mark_write). The f16 stores took the scores ~2 us and
+ * the top-k ~3.5 us (Nsight Compute: 26 against 29.5 us) below f32's, DSA decode queued
+ * 0.418-0.420 against 0.427-0.430 ms (the eighteenth session; GPU-NOTES). An earlier f16 attempt's
+ * top-k took 0.081 ms: its loads chose the width at run time inside the unrolled sweeps, and it
+ * ranked each tied key against every candidate on one thread; which of the two cost it was not
+ * measured apart. */
 #include "indexer.cuh"
 #include "wgmma.cuh"
 
@@ -667,7 +675,25 @@ struct idx_mode {
     int *cnt;            /* [row][ld_s / 64][4] */
     const int *miss;     /* [row]: only rows marked here are scored (5), or NULL */
     int msum; /* the head sum by idx_score_mma (knob idx_msum), else by FMAs; set at the launch */
+    int s16;  /* the scores as f16 values (knob idx_s16; set at the launch): the dense stores in
+                 16 bits, the candidates' keys rounded to f16 (the same selection either way) */
 };
+
+/* f32 -> f16 -> f32, the f16 rounded to nearest and saturated at +-65504 (no infinities: the
+ * top-k's order stays that of the scores up to the rounding) */
+static __device__ __forceinline__ unsigned short f16_sat(float x)
+{
+    unsigned short h;
+    asm("cvt.rn.satfinite.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+}
+
+static __device__ __forceinline__ float f16_f32(unsigned short h)
+{
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
 
 /* The FP8 variant of the scores on wgmma (the fast numerics' default indexer): m64n64k32
  * with both operands read by the tensor core from shared memory as e4m3, no conversions and no
@@ -689,8 +715,8 @@ struct idx_mode {
  * (docs/GPU-NOTES.md); so were, or no faster, the refill right after the MMAs, 5 blocks in flight,
  * and the scores kept in L2 by a persisting set-aside (the third session of 2026-11-30). Of the
  * kernel's time over its reads (~0.035 ms at batch 64 x 131072), ~0.018 is the scores' DRAM writes
- * amid the reads: half their bytes (f16) took 3-4 us off, whole-line stores nothing (same
- * session).
+ * amid the reads: half their bytes (f16, md.s16, now the default for the top-k's sake) took 2-4 us
+ * off, whole-line stores nothing (same session).
  * copy_only (diagnostics, knob idx_copy_only): 1, the blocks are read and nothing computed, the
  * read rate of the same access pattern; 2, everything but the scores' stores (what they cost). PIPE
  * (items of one row only, knob idx_pipe): block i's MMAs run under block i - 1's epilogue (relu,
@@ -889,6 +915,8 @@ static __global__ void __launch_bounds__(128, 4) /* 4 CTAs an SM: at most 128 re
                 }
                 const int j = t == 0 ? j0 : j0 + 8;
                 if (md.thr) { /* the candidates: keys at or above the row's threshold */
+                    if (md.s16)
+                        sc = f16_f32(f16_sat(sc));
                     const bool take = t < 2 && j <= pos[i] && order_key(sc) >= thr;
                     const uint32_t m = __ballot_sync(0xffffffffu, take);
                     if (take)
@@ -897,8 +925,12 @@ static __global__ void __launch_bounds__(128, 4) /* 4 CTAs an SM: at most 128 re
                     ncand += __popc(m);
                 } else if (copy_only != 2 && t < 2 && j <= pos[i]) {
                     /* the sample (bstride > 1) stored densely: block blk at blk x 64 */
-                    scores[(size_t)(r0 + i - row_base) * ld_s -
-                           (size_t)blk * (S - 1) * DSV32_KV_BLOCK_TOKENS + j] = sc;
+                    const size_t at = (size_t)(r0 + i - row_base) * ld_s -
+                                      (size_t)blk * (S - 1) * DSV32_KV_BLOCK_TOKENS + j;
+                    if (md.s16)
+                        reinterpret_cast<unsigned short *>(scores)[at] = f16_sat(sc);
+                    else
+                        scores[at] = sc;
                 }
             }
         }
@@ -959,68 +991,109 @@ static __device__ void topk_find(const int *hist, int nb, int kk, int *warp_sum,
     __syncthreads();
 }
 
+/* A row of scores as the top-k reads it, in 16-byte units of E elements: f32 (E 4) or f16 (E 8,
+ * the FP8 scores kernel's dense stores with knob idx_s16), widened exactly on load, so that the
+ * keys and their order are the same functions of the stored values either way and a unit's load
+ * moves 16 bytes in both. */
+template <bool H16> struct srow {
+    static constexpr int E = H16 ? 8 : 4;
+    const uint4 *u; /* 16-aligned: the rows' stride is a multiple of 64 elements */
+    __device__ __forceinline__ void unit(int ju, float (&f)[E]) const
+    {
+        const uint4 v = u[ju];
+        const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if constexpr (H16) {
+                f[2 * i] = f16_f32((unsigned short)(w[i] & 0xffffu));
+                f[2 * i + 1] = f16_f32((unsigned short)(w[i] >> 16));
+            } else {
+                f[i] = __uint_as_float(w[i]);
+            }
+        }
+    }
+    /* unit ju, or zeros past e (a lane's load the row has no unit for) */
+    __device__ __forceinline__ void unit_or0(int ju, int e, float (&f)[E]) const
+    {
+        if (ju < e) {
+            unit(ju, f);
+        } else {
+#pragma unroll
+            for (int i = 0; i < E; i++)
+                f[i] = 0.0f;
+        }
+    }
+    __device__ __forceinline__ float at(int j) const
+    {
+        if constexpr (H16)
+            return f16_f32(reinterpret_cast<const unsigned short *>(u)[j]);
+        else
+            return reinterpret_cast<const float *>(u)[j];
+    }
+};
+
 /* One radix pass over the row in global memory: the histogram of bits [shift, shift + log2 nb)
- * of the keys that match prefix under pmask, TOPK_ILP float4 loads per lane in flight. */
-static __device__ void topk_hist_global(int *hist, const float4 *s4, int n, int n4, uint32_t pmask,
+ * of the keys that match prefix under pmask, TOPK_ILP 16-byte loads per lane in flight (nu units
+ * cover the row). */
+template <bool H16>
+static __device__ void topk_hist_global(int *hist, srow<H16> s, int n, int nu, uint32_t pmask,
                                         uint32_t prefix, int shift, int nb)
 {
+    constexpr int E = srow<H16>::E;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     for (int i = tid; i < nb; i += blockDim.x)
         hist[i] = 0;
     __syncthreads();
     /* warp-uniform */
-    for (int base = warp * 32 * TOPK_ILP; base < n4; base += blockDim.x * TOPK_ILP) {
-        float4 v[TOPK_ILP];
+    for (int base = warp * 32 * TOPK_ILP; base < nu; base += blockDim.x * TOPK_ILP) {
+        float v[TOPK_ILP][E];
+#pragma unroll
+        for (int x = 0; x < TOPK_ILP; x++)
+            s.unit_or0(base + 32 * x + lane, nu, v[x]);
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++) {
-            const int j4 = base + 32 * x + lane;
-            v[x] = j4 < n4 ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        }
+            const int ju = base + 32 * x + lane;
 #pragma unroll
-        for (int x = 0; x < TOPK_ILP; x++) {
-            const int j4 = base + 32 * x + lane;
-            const bool in = j4 < n4;
-            hist_add(hist, in && 4 * j4 + 0 < n, order_key(v[x].x), pmask, prefix, shift, nb - 1);
-            hist_add(hist, in && 4 * j4 + 1 < n, order_key(v[x].y), pmask, prefix, shift, nb - 1);
-            hist_add(hist, in && 4 * j4 + 2 < n, order_key(v[x].z), pmask, prefix, shift, nb - 1);
-            hist_add(hist, in && 4 * j4 + 3 < n, order_key(v[x].w), pmask, prefix, shift, nb - 1);
+            for (int e = 0; e < E; e++)
+                hist_add(hist, ju < nu && E * ju + e < n, order_key(v[x][e]), pmask, prefix, shift,
+                         nb - 1);
         }
     }
     __syncthreads();
 }
 
-/* Gathers the row's keys whose upper 22 bits are >= hi (with their positions) from the float4s
- * [b4, e4) (default: the whole row) into cu/cj, as many as fit cap; returns how many there are
- * (all threads). Each lane counts its candidates among the TOPK_ILP float4s of a sweep, a warp
+/* Gathers the row's keys whose upper 22 bits are >= hi (with their positions) from the units
+ * [b4, e4) (default: the whole row, nu) into cu/cj, as many as fit cap; returns how many there are
+ * (all threads). Each lane counts its candidates among the TOPK_ILP units of a sweep, a warp
  * scan places them and one atomic a warp claims the warp's room (candidates are a few percent of
  * the row, so an atomic per key and warp, on one address, serialized the warps). The last
  * sweep's loads past e4 are zero-filled and must not count: inside the row (a split row's first
  * share) a made-up 0 passes whenever the k-th score is below zero. */
-static __device__ int topk_gather(uint32_t *cu, int32_t *cj, int cap, const float4 *s4, int n,
-                                  int n4, uint32_t hi, int *s_n, int b4 = 0, int e4 = -1)
+template <bool H16>
+static __device__ int topk_gather(uint32_t *cu, int32_t *cj, int cap, srow<H16> s, int n, int nu,
+                                  uint32_t hi, int *s_n, int b4 = 0, int e4 = -1)
 {
+    constexpr int E = srow<H16>::E;
+    static_assert(TOPK_ILP * E <= 32, "a lane's candidates of a sweep are the bits of a word");
     const int tid = threadIdx.x, lane = tid & 31;
     if (e4 < 0)
-        e4 = n4;
+        e4 = nu;
     if (tid == 0)
         *s_n = 0;
     __syncthreads();
     for (int base = b4 + (tid >> 5) * 32 * TOPK_ILP; base < e4; base += blockDim.x * TOPK_ILP) {
-        float4 v[TOPK_ILP];
+        float v[TOPK_ILP][E];
+#pragma unroll
+        for (int x = 0; x < TOPK_ILP; x++)
+            s.unit_or0(base + 32 * x + lane, e4, v[x]);
+        uint32_t take = 0; /* bit E x + e: element e of unit x */
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++) {
-            const int j4 = base + 32 * x + lane;
-            v[x] = j4 < e4 ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        }
-        uint32_t take = 0; /* bit 4 x + e: element e of float4 x */
+            const int ju = base + 32 * x + lane;
 #pragma unroll
-        for (int x = 0; x < TOPK_ILP; x++) {
-            const float f[4] = {v[x].x, v[x].y, v[x].z, v[x].w};
-            const int j4 = base + 32 * x + lane;
-#pragma unroll
-            for (int e = 0; e < 4; e++)
-                take |= (uint32_t)(j4 < e4 && 4 * j4 + e < n && (order_key(f[e]) >> 10) >= hi)
-                        << (4 * x + e);
+            for (int e = 0; e < E; e++)
+                take |= (uint32_t)(ju < e4 && E * ju + e < n && (order_key(v[x][e]) >> 10) >= hi)
+                        << (E * x + e);
         }
         int wtot;
         int at = warp_excl_scan(__popc(take), lane, &wtot);
@@ -1032,9 +1105,9 @@ static __device__ int topk_gather(uint32_t *cu, int32_t *cj, int cap, const floa
         at += __shfl_sync(0xffffffffu, b, 0);
         /* few a lane: each reloaded (from L1) rather than kept in registers by index */
         for (uint32_t t = take; t; t &= t - 1, at++) {
-            const int e = __ffs(t) - 1, j = 4 * (base + 32 * (e >> 2) + lane) + (e & 3);
+            const int e = __ffs(t) - 1, j = E * (base + 32 * (e / E) + lane) + e % E;
             if (at < cap) {
-                cu[at] = order_key(reinterpret_cast<const float *>(s4)[j]);
+                cu[at] = order_key(s.at(j));
                 cj[at] = j;
             }
         }
@@ -1083,20 +1156,33 @@ static __device__ void topk_write_bitmap(int32_t *out, const uint32_t *bitmap, i
 /* Marks, among ncand gathered candidates (positions in [j0, j0 + 32 W)), those whose keys under
  * the mask M (the bits the passes fixed) are above T and the take_eq lowest-positioned of the
  * cnt_eq equal to T under M (the k-th key's bin) in bitmap (W words, zeroed by the caller before
- * a barrier), then writes the marked positions in ascending order to out. */
+ * a barrier), then writes the marked positions in ascending order to out. A split tie's positions
+ * are listed in eql (room for TOPK_EQ_CAP; *s_ne its count) and each ranked among them (f16
+ * scores tie a few keys at the k-th, each of which was ranked against every candidate by one
+ * thread); more than the room, each against every candidate. */
+#define TOPK_EQ_CAP 2048
 static __device__ void topk_mark_write(int32_t *out, const uint32_t *cu, const int32_t *cj,
                                        int ncand, uint32_t T, uint32_t M, int take_eq, int cnt_eq,
-                                       int j0, int W, uint32_t *bitmap, int *warp_sum)
+                                       int j0, int W, uint32_t *bitmap, int *warp_sum, int *eql,
+                                       int *s_ne)
 {
     const int tid = threadIdx.x;
+    const bool split = take_eq != cnt_eq, listed = split && cnt_eq <= TOPK_EQ_CAP; /* uniform */
+    if (listed) {
+        if (tid == 0)
+            *s_ne = 0;
+        __syncthreads();
+    }
     for (int i = tid; i < ncand; i += blockDim.x) {
         const uint32_t u = cu[i] & M;
         const int j = cj[i];
         bool take = u > T;
         if (u == T) {
-            if (take_eq == cnt_eq) {
+            if (!split) {
                 take = true;
-            } else { /* a split tie: the take_eq lowest positions */
+            } else if (listed) {
+                eql[atomicAdd(s_ne, 1)] = j;
+            } else { /* the take_eq lowest positions */
                 int below = 0;
                 for (int x = 0; x < ncand; x++)
                     below += (cu[x] & M) == T && cj[x] < j;
@@ -1105,6 +1191,17 @@ static __device__ void topk_mark_write(int32_t *out, const uint32_t *cu, const i
         }
         if (take)
             atomicOr(&bitmap[(j - j0) >> 5], 1u << ((j - j0) & 31));
+    }
+    if (listed) {
+        __syncthreads();
+        for (int e = tid; e < cnt_eq; e += blockDim.x) {
+            const int j = eql[e];
+            int below = 0;
+            for (int x = 0; x < cnt_eq; x++)
+                below += eql[x] < j;
+            if (below < take_eq)
+                atomicOr(&bitmap[(j - j0) >> 5], 1u << ((j - j0) & 31));
+        }
     }
     __syncthreads();
     topk_write_bitmap(out, bitmap, j0, W, warp_sum);
@@ -1156,7 +1253,7 @@ static __device__ void topk_radix_smem(const uint32_t *keys, int n, int first_pa
 static __device__ void topk_select_smem(int32_t *out, const uint32_t *cu, const int32_t *cj,
                                         int ncand, int n, int first_pass, uint32_t prefix,
                                         uint32_t pmask, int kk, int *hist, int *warp_sum, int *sh,
-                                        uint32_t *bitmap)
+                                        uint32_t *bitmap, int *s_ne)
 {
     const int tid = threadIdx.x;
     const int W = (n + 31) / 32;
@@ -1164,7 +1261,9 @@ static __device__ void topk_select_smem(int32_t *out, const uint32_t *cu, const 
         bitmap[i] = 0;
     int cnt_eq = 0;
     topk_radix_smem(cu, ncand, first_pass, prefix, pmask, kk, cnt_eq, hist, warp_sum, sh);
-    topk_mark_write(out, cu, cj, ncand, prefix, pmask, kk, cnt_eq, 0, W, bitmap, warp_sum);
+    /* hist (2048 ints) is free after the passes: a split tie's list */
+    topk_mark_write(out, cu, cj, ncand, prefix, pmask, kk, cnt_eq, 0, W, bitmap, warp_sum, hist,
+                    s_ne);
 }
 
 /* A row's sampled top-k split over the parts CTAs of its cluster (rows fewer than the SMs), every
@@ -1186,32 +1285,34 @@ static __device__ void topk_select_smem(int32_t *out, const uint32_t *cu, const 
  * threshold): part 0 then runs the exact path. hist and hist2 alternate between passes, so that
  * a histogram another part may still be reading is never cleared, and one cluster barrier a pass
  * orders it all; the last one only waits before the exit. */
-static __device__ bool topk_cluster(int32_t *out, const float4 *s4, int n, int n4, int topk,
-                                    int cap, int part, int parts, int *hist, int *hist2, int *hsum,
+template <bool H16>
+static __device__ bool topk_cluster(int32_t *out, srow<H16> s4, int n, int n4, int topk, int cap,
+                                    int part, int parts, int *hist, int *hist2, int *hsum,
                                     int *warp_sum, int *sh, int *s_n, int *cnt_in, int *s_eqb,
                                     uint32_t *cu, int32_t *cj, uint32_t *bitmap)
 {
+    constexpr int E = srow<H16>::E, SREG = H16 ? 1 : TOPK_SREG; /* the sample's keys: 8 a thread */
     namespace cg = cooperative_groups;
     cg::cluster_group cl = cg::this_cluster();
     const int tid = threadIdx.x;
     /* this part has started: waited for before the first write into another part's memory (the
      * counts, after the gather; racecheck: a peer "might not have entered yet") */
     asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-    /* 1. the sample: float4s j4 = stride * u, u < all (thread tid: u = tid + 1024 x) */
-    const int stride = max(TOPK_STRIDE, (n4 + 1024 * TOPK_SREG - 1) / (1024 * TOPK_SREG)),
+    /* 1. the sample: units j4 = stride * u, u < all (thread tid: u = tid + 1024 x) */
+    const int stride = max(TOPK_STRIDE, (n4 + 1024 * SREG - 1) / (1024 * SREG)),
               all = (n4 + stride - 1) / stride;
-    const int sample = 4 * all,
+    const int sample = E * all,
               ks = min(sample, (int)((double)topk * sample / n * 1.25) + TOPK_MARGIN);
-    uint32_t key[4 * TOPK_SREG], valid = 0;
+    uint32_t key[E * SREG], valid = 0;
 #pragma unroll
-    for (int x = 0; x < TOPK_SREG; x++) {
+    for (int x = 0; x < SREG; x++) {
         const int u = tid + 1024 * x, j4 = u * stride;
-        const float4 v = u < all ? s4[j4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        const float f[4] = {v.x, v.y, v.z, v.w};
+        float f[E];
+        s4.unit_or0(j4, u < all ? j4 + 1 : 0, f);
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            key[4 * x + e] = order_key(f[e]);
-            valid |= (uint32_t)(u < all && 4 * j4 + e < n) << (4 * x + e);
+        for (int e = 0; e < E; e++) {
+            key[E * x + e] = order_key(f[e]);
+            valid |= (uint32_t)(u < all && E * j4 + e < n) << (E * x + e);
         }
     }
     for (int i = tid; i < 2048; i += blockDim.x) {
@@ -1243,10 +1344,10 @@ static __device__ bool topk_cluster(int32_t *out, const float4 *s4, int n, int n
         const int shift = pass == 0 ? 21 : 10;
         int *H = pass == 0 ? hist : hist2;
 #pragma unroll
-        for (int x = 0; x < TOPK_SREG; x++)
+        for (int x = 0; x < SREG; x++)
             if (1024 * x < all) /* the same for the whole CTA */
 #pragma unroll
-                for (int e = 4 * x; e < 4 * x + 4; e++)
+                for (int e = E * x; e < E * x + E; e++)
                     hist_add(H, (valid >> e) & 1u, key[e], sm, sp, shift, 2047);
         __syncthreads();
         if (pass == 1) /* pass 0's is done with: hist is free for the candidates */
@@ -1258,10 +1359,10 @@ static __device__ bool topk_cluster(int32_t *out, const float4 *s4, int n, int n
         skk = sh[1];
         __syncthreads();
     }
-    /* 2. this part's share of the row: float4s [b4, e4), positions [j0, j0 + 32 W) */
+    /* 2. this part's share of the row: units [b4, e4), positions [j0, j0 + 32 W) */
     const int q4 = ((n4 + parts - 1) / parts + 31) & ~31, b4 = min(n4, part * q4),
               e4 = min(n4, b4 + q4);
-    const int j0 = 4 * b4, W = (min(n, 4 * e4) - j0 + 31) / 32;
+    const int j0 = E * b4, W = (min(n, E * e4) - j0 + 31) / 32;
     const int nc = topk_gather(cu, cj, cap, s4, n, n4, sp >> 10, s_n, b4, e4), nm = min(nc, cap);
     asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); /* every part has started */
     if (tid < parts)
@@ -1282,7 +1383,8 @@ static __device__ bool topk_cluster(int32_t *out, const float4 *s4, int n, int n
     uint32_t prefix = 0, pmask = 0;
     /* gt: the earlier parts' keys above the k-th key's bin, in this thread's bins */
     int kk = topk, own_eq = 0, gt = 0;
-    for (int pass = 0; pass < 3; pass++) {
+    /* f16 keys end after 22 bits (the rest is the widening's): two passes fix the k-th's value */
+    for (int pass = 0; pass < (H16 ? 2 : 3); pass++) {
         const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0, nb = pass == 2 ? 1024 : 2048;
         int *H = pass == 1 ? hist2 : hist;
         if (pass > 0) {
@@ -1316,17 +1418,21 @@ static __device__ bool topk_cluster(int32_t *out, const float4 *s4, int n, int n
     block_excl_scan(gt, warp_sum, &gt_before);
     /* 4. the ties are taken from the lowest positions on: the earlier parts' first */
     const int eqb = *s_eqb, take_eq = min(max(kk - eqb, 0), own_eq);
+    /* hsum is this part's own and done with: a split tie's list */
     topk_mark_write(out + gt_before + min(kk, eqb), cu, cj, nm, prefix, pmask, take_eq, own_eq, j0,
-                    W, bitmap, warp_sum);
+                    W, bitmap, warp_sum, hsum, s_n);
     asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
     return true;
 }
 
-/* Split launches (gridDim.y = parts, 2 or 4) run as clusters of the row's parts (topk_cluster). */
+/* Split launches (gridDim.y = parts, 2 or 4) run as clusters of the row's parts (topk_cluster).
+ * H16: the scores are f16 (srow). */
+template <bool H16>
 static __global__ void __launch_bounds__(1024)
-    topk_kernel(int32_t *sel, const float *scores, int ld_s, int row_base, const int32_t *row_pos,
+    topk_kernel(int32_t *sel, const void *scores, int ld_s, int row_base, const int32_t *row_pos,
                 int topk, int cap, const int *miss)
 {
+    constexpr int E = srow<H16>::E;
     __shared__ int hist[2048], hist2[2048], hsum[2048];
     __shared__ int warp_sum[32];
     __shared__ int sh[3], s_n, cnt_in[4], s_eqb;
@@ -1350,10 +1456,10 @@ static __global__ void __launch_bounds__(1024)
             out[j] = j < n ? j : -1;
         return;
     }
-    const float *s =
-        scores + (size_t)blockIdx.x * ld_s; /* ld_s is a multiple of 64: rows are 16-aligned */
-    const float4 *s4 = reinterpret_cast<const float4 *>(s);
-    const int n4 = (n + 3) / 4; /* float4s covering the row; elements >= n are masked */
+    /* ld_s is a multiple of 64: rows are 16-aligned */
+    const srow<H16> s4 = {reinterpret_cast<const uint4 *>(
+        reinterpret_cast<const char *>(scores) + (size_t)blockIdx.x * ld_s * (H16 ? 2 : 4))};
+    const int n4 = (n + E - 1) / E; /* units covering the row; elements >= n are masked */
     uint32_t prefix = 0, pmask = 0;
     int kk = topk;
     if (cap >= 2 * topk && n >= 16 * topk) {
@@ -1373,7 +1479,7 @@ static __global__ void __launch_bounds__(1024)
         if ((pass == 0 && n <= cap) || (pass > 0 && topk - kk + sh[2] <= cap)) {
             const int nc = topk_gather(cu, cj, cap, s4, n, n4, prefix >> 10, &s_n);
             topk_select_smem(out, cu, cj, nc, n, pass, prefix, pmask, kk, hist, warp_sum, sh,
-                             bitmap);
+                             bitmap, &s_n);
             return;
         }
         topk_hist_global(hist, s4, n, n4, pmask, prefix, shift, nb);
@@ -1385,18 +1491,18 @@ static __global__ void __launch_bounds__(1024)
     }
     const uint32_t T = prefix;
     const int need_eq = kk;
-    /* ordered output: each warp owns a segment of whole 128-element chunks (a float4 per lane) */
-    const int seg = ((n + 127) / 128 + 31) / 32 * 128;
+    /* ordered output: each warp owns a segment of whole chunks of 32 E elements (a unit per lane)
+     */
+    constexpr int C = 32 * E;
+    const int seg = ((n + C - 1) / C + 31) / 32 * C;
     const int beg = warp * seg, end = min(n, beg + seg);
     int cgt = 0, ceq = 0;
-    for (int j0 = beg; j0 < end; j0 += 128) {
-        const int j = j0 + 4 * lane;
-        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (j < end)
-            v = s4[j >> 2];
-        const float e4[4] = {v.x, v.y, v.z, v.w};
+    for (int j0 = beg; j0 < end; j0 += C) {
+        const int j = j0 + E * lane;
+        float e4[E];
+        s4.unit_or0(j / E, j < end ? j / E + 1 : 0, e4);
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
+        for (int e = 0; e < E; e++) {
             const uint32_t u = order_key(e4[e]);
             cgt += j + e < end && u > T;
             ceq += j + e < end && u == T;
@@ -1422,25 +1528,23 @@ static __global__ void __launch_bounds__(1024)
     }
     __syncthreads();
     int eqb = w_eqbase[warp], ob = w_outbase[warp];
-    for (int j0 = beg; j0 < end; j0 += 128) {
-        const int j = j0 + 4 * lane;
-        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (j < end)
-            v = s4[j >> 2];
-        const float e4[4] = {v.x, v.y, v.z, v.w};
-        uint32_t u[4];
+    for (int j0 = beg; j0 < end; j0 += C) {
+        const int j = j0 + E * lane;
+        float e4[E];
+        s4.unit_or0(j / E, j < end ? j / E + 1 : 0, e4);
+        uint32_t u[E];
         int neq = 0;
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
+        for (int e = 0; e < E; e++) {
             u[e] = order_key(e4[e]);
             neq += j + e < end && u[e] == T;
         }
         int eq_tot, take_tot;
         int eq_rank = eqb + warp_excl_scan(neq, lane, &eq_tot);
-        bool take[4];
+        bool take[E];
         int ntake = 0;
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
+        for (int e = 0; e < E; e++) {
             const bool in = j + e < end;
             const bool eq = in && u[e] == T;
             take[e] = (in && u[e] > T) || (eq && eq_rank < need_eq);
@@ -1449,7 +1553,7 @@ static __global__ void __launch_bounds__(1024)
         }
         int o = ob + warp_excl_scan(ntake, lane, &take_tot);
 #pragma unroll
-        for (int e = 0; e < 4; e++)
+        for (int e = 0; e < E; e++)
             if (take[e])
                 out[o++] = j + e;
         ob += take_tot;
@@ -1588,7 +1692,7 @@ static __global__ void __launch_bounds__(1024)
             }
         });
         __syncthreads();
-        topk_select_smem(out, cu, cj, s_n, n, 0, 0u, 0u, topk, hist, warp_sum, sh, bitmap);
+        topk_select_smem(out, cu, cj, s_n, n, 0, 0u, 0u, topk, hist, warp_sum, sh, bitmap, &s_n);
         return;
     }
     /* too many to hold: the digits by passes over the candidates in global memory */
@@ -1717,6 +1821,7 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
         }
         /* the sampled path's missed rows (idx_mode), for the top-k; NULL: every row */
         int *miss = NULL;
+        int s16 = 0; /* the FP8 wgmma scores stored in f16 (knob idx_s16), for the top-k */
         /* groups of up to IDX_QT consecutive rows of one sequence that need scores */
         size_t total_blocks = 0;
         int n_groups = 0, max_nr = 1;
@@ -1836,10 +1941,12 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                                 : (pipe ? idx_wgmma_fp8_kernel<false, true> : idx_wgmma_fp8_kernel<false, false>);
                 CU_SMEM_OPTIN(kern, smem8);
                 const idx_mode plain = {1, NULL, NULL, NULL, NULL};
+                s16 = c->idx_s16 && !pipe; /* the pipelined epilogue stores f32 */
                 /* the scores kernel over scores s (row stride lds), items (work list or dev) */
                 auto scores8 = [&](decltype(kern) k, int items, float *s, int lds, const int4 *work,
                                    int4 dv, idx_mode md) {
                     md.msum = c->idx_msum;
+                    md.s16 = md.bstride == 1 ? s16 : 0; /* the sample stays f32 (idx_thr_kernel) */
                     return cu_launch_pdl(c, c->pdl != 0, k, dim3(items), dim3(128), smem8, tm,
                                          (int)(c->idx_l2_normal == 0), c->idx_copy_only, s, lds, rb,
                                          work, dv, q, q_scale, w_raw, kv->idx,
@@ -1958,7 +2065,8 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                 parts = c->topk_parts;
             if (cap == 0)
                 parts = 1;
-            CU_SMEM_OPTIN(topk_kernel, tsm);
+            auto topk_k = s16 ? topk_kernel<true> : topk_kernel<false>;
+            CU_SMEM_OPTIN(topk_k, tsm);
             cudaLaunchAttribute at[2];
             memset(&at[0], 0, sizeof(at[0]));
             at[0].id = cudaLaunchAttributeClusterDimension;
@@ -1968,11 +2076,12 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             cu_pdl_attr(&at[1]);
             const cudaLaunchConfig_t lc =
                 cu_launch_cfg(c, dim3(nr, parts), dim3(1024), tsm, at, c->pdl ? 2 : 1);
-            CU_CHECK(cudaLaunchKernelEx(&lc, topk_kernel, sel, (const float *)scores, ld_s, rb,
+            CU_CHECK(cudaLaunchKernelEx(&lc, topk_k, sel, (const void *)scores, ld_s, rb,
                                         (const int32_t *)m->d_row_pos, topk, cap,
                                         (const int *)miss));
             CU_LAUNCHED("topk");
         }
+        c->scores_h16 = s16;
         rb = re;
     }
     return 0;
