@@ -674,7 +674,6 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
     c->idx_dev_items = 1;
     c->idx_msum = 1;
     c->idx_s16 = 1;
-    c->idx_thist = 0;
     c->mla_ws = 1;
     c->mla_cl = 64;
     c->fp8_pdl = 1;
@@ -764,7 +763,6 @@ static const struct {
     KNOB(pdl_ops, false),          KNOB(fp8_stages_dn, true),
     KNOB(idx_sample, false),       KNOB(idx_msum, false),
     KNOB(idx_sample_stride, true), KNOB(idx_s16, false),
-    KNOB(idx_thist, true),
 };
 #undef KNOB
 

@@ -111,7 +111,7 @@ struct cu_probe {
 
 /* ---- the context ---- */
 
-enum { CU_SCRATCH_SLOTS = 19 };
+enum { CU_SCRATCH_SLOTS = 18 };
 enum { CU_MLA_PROF_N = 20 }; /* counters of the knob mla_prof (cuda_backend.h: dsv32_cuda_mla_prof) */
 enum { CU_TMAPS = 64 };      /* tensor maps kept (indexer caches: one per layer) */
 enum { CU_OPTINS = 32 };     /* kernels whose shared-memory opt-in a context remembers */
@@ -200,9 +200,6 @@ struct cu_ctx {
                                   bits, the top-k widening them exactly; DSA decode queued 0.418-0.420
                                   against 0.427-0.430 ms, the eighteenth session) or f32 (0) */
     int scores_h16;            /* the last indexer call's scores are f16 (dsv32_cuda_idx_scores) */
-    int idx_thist;             /* the f16 scores' keys counted per row by the scores kernel, the
-                                  top-k finding its k-th key's bin from them (1, default) instead
-                                  of from a sample it reads (0) */
     int idx_sample_stride;     /* the sampled path's sample: every Nth cache block at least (0, the
                                   default: 64; 32 measured 9-11 us slower, the third session of
                                   2026-11-30) */
@@ -365,7 +362,6 @@ enum {
     SCR_SCORES,   /* indexer scores */
     SCR_IDX_SMP,  /* the sampled path's sample, thresholds and missed rows (indexer.cu) */
     SCR_IDX_CAND, /* its candidates and their counts */
-    SCR_IDX_HIST, /* the f16 scores' row histograms (indexer.cu; kept zero between calls) */
     SCR_WORK,     /* small work lists */
     SCR_MOE_A,
     SCR_MOE_B,

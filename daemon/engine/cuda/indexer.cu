@@ -677,9 +677,6 @@ struct idx_mode {
     int msum; /* the head sum by idx_score_mma (knob idx_msum), else by FMAs; set at the launch */
     int s16;  /* the scores as f16 values (knob idx_s16; set at the launch): the dense stores in
                  16 bits, the candidates' keys rounded to f16 (the same selection either way) */
-    int *hist; /* [row][TOPK_HB]: the dense f16 stores' keys counted by their upper 11 bits, for
-                  topk_from_hist (knob idx_thist), or NULL */
-    int hlane; /* experiment: each lane's key counted by its own atomic (no warp match) */
 };
 
 /* f32 -> f16 -> f32, the f16 rounded to nearest and saturated at +-65504 (no infinities: the
@@ -697,15 +694,6 @@ static __device__ __forceinline__ float f16_f32(unsigned short h)
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
-
-/* The order-preserving 16-bit key of an f16 (its bits h): the f32 key of the widened value has
- * the same order (and both tell -0 below +0) */
-static __device__ __forceinline__ uint32_t order_key16(uint32_t h)
-{
-    return h ^ (0x8000u | ((h >> 15) * 0x7fffu));
-}
-
-#define TOPK_HB 2048 /* the row histogram's bins: an f16 key's upper 11 bits */
 
 /* The FP8 variant of the scores on wgmma (the fast numerics' default indexer): m64n64k32
  * with both operands read by the tensor core from shared memory as e4m3, no conversions and no
@@ -935,25 +923,14 @@ static __global__ void __launch_bounds__(128, 4) /* 4 CTAs an SM: at most 128 re
                         cout[ncand + __popc(m & ((1u << lane) - 1u))] =
                             make_uint2(__float_as_uint(sc), (uint32_t)j);
                     ncand += __popc(m);
-                } else {
-                    const bool st = copy_only != 2 && t < 2 && j <= pos[i];
-                    const unsigned short h = md.s16 ? f16_sat(sc) : 0;
+                } else if (copy_only != 2 && t < 2 && j <= pos[i]) {
                     /* the sample (bstride > 1) stored densely: block blk at blk x 64 */
                     const size_t at = (size_t)(r0 + i - row_base) * ld_s -
                                       (size_t)blk * (S - 1) * DSV32_KV_BLOCK_TOKENS + j;
-                    if (st && md.s16)
-                        reinterpret_cast<unsigned short *>(scores)[at] = h;
-                    else if (st)
+                    if (md.s16)
+                        reinterpret_cast<unsigned short *>(scores)[at] = f16_sat(sc);
+                    else
                         scores[at] = sc;
-                    if (md.hist && md.hlane) {
-                        if (st)
-                            atomicAdd(md.hist + (size_t)(r0 + i - row_base) * TOPK_HB +
-                                          (order_key16(h) >> 5),
-                                      1);
-                    } else if (md.hist) { /* the same for the whole CTA */
-                        hist_add(md.hist + (size_t)(r0 + i - row_base) * TOPK_HB, st,
-                                 order_key16(h), 0u, 0u, 5, TOPK_HB - 1);
-                    }
                 }
             }
         }
@@ -1448,166 +1425,18 @@ static __device__ bool topk_cluster(int32_t *out, srow<H16> s4, int n, int n4, i
     return true;
 }
 
-/* The top-k of a row of f16 scores from the histogram of its keys' upper 11 bits, which the FP8
- * scores kernel counted as it stored them (idx_mode hist; knob idx_thist): the k-th key's bin b
- * is known before the row is read, with how many keys lie above it. One sweep over this part's
- * share of the row then marks every key above b in the bitmap (each lane's 8 keys a byte of a
- * word, 4 lanes' bytes a word, stored once: no clearing, no atomics) and gathers the few in b
- * (cap at most) into shared memory; the parts' 32-bin histograms of those keys' lower 5 bits,
- * summed through distributed shared memory after one cluster barrier, give the k-th key itself,
- * and the ties at it are taken from the lowest positions, the earlier parts' first, as on every
- * path. The parts zero the row's histogram for the next call once all have read it. Returns false
- * (all parts alike, and before any cluster barrier but the one that lets the histogram be
- * zeroed) when the histogram does not count the row's n keys (a call that stopped between the
- * scores and the top-k) or its bin b holds more than cap (wide ties): the caller's paths then. */
-static __device__ bool topk_from_hist(int32_t *out, const uint4 *su, int n, int topk, int cap,
-                                      int part, int parts, int *rhist, int *hist, int *eql,
-                                      int *warp_sum, int *sh, int *s_n, int *xch, uint32_t *cu,
-                                      int32_t *cj, uint32_t *bitmap)
-{
-    namespace cg = cooperative_groups;
-    cg::cluster_group cl = cg::this_cluster();
-    const int tid = threadIdx.x, lane = tid & 31;
-    int cnt = 0;
-    for (int i = tid; i < TOPK_HB; i += blockDim.x) {
-        const int h = rhist[i];
-        hist[i] = h;
-        cnt += h;
-    }
-    int total;
-    block_excl_scan(cnt, warp_sum, &total);
-    topk_find(hist, TOPK_HB, topk, warp_sum, sh);
-    const int b = sh[0], kk = sh[1], cb = sh[2];
-    if (total != n || cb > cap) { /* the same in every part: they read the same counts */
-        cl.sync();                /* every part has read the histogram */
-        for (int i = tid + part * TOPK_HB / parts; i < (part + 1) * TOPK_HB / parts;
-             i += blockDim.x)
-            rhist[i] = 0;
-        return false;
-    }
-    if (tid < 33)
-        xch[tid] = 0; /* 32 bins of the lower 5 bits of the keys in b, then the keys above b */
-    if (tid == 0)
-        *s_n = 0;
-    __syncthreads();
-    /* this part's share: units [b4, e4) of 8 keys, positions [j0, j0 + 32 W) */
-    const int nu = (n + 7) / 8, q4 = ((nu + parts - 1) / parts + 31) & ~31, b4 = min(nu, part * q4),
-              e4 = min(nu, b4 + q4);
-    const int j0 = 8 * b4, W = (min(n, 8 * e4) - j0 + 31) / 32;
-    int gt = 0;
-    for (int base = b4 + (tid >> 5) * 32 * TOPK_ILP; base < e4; base += blockDim.x * TOPK_ILP) {
-        uint4 v[TOPK_ILP];
-#pragma unroll
-        for (int x = 0; x < TOPK_ILP; x++) {
-            const int ju = base + 32 * x + lane;
-            v[x] = ju < e4 ? su[ju] : make_uint4(0u, 0u, 0u, 0u);
-        }
-        uint32_t eq = 0; /* bit 8 x + e: key e of unit x is in b */
-#pragma unroll
-        for (int x = 0; x < TOPK_ILP; x++) {
-            const int ju = base + 32 * x + lane;
-            const uint32_t w[4] = {v[x].x, v[x].y, v[x].z, v[x].w};
-            uint32_t above = 0;
-#pragma unroll
-            for (int e = 0; e < 8; e++) {
-                const uint32_t bin = order_key16((w[e >> 1] >> (16 * (e & 1))) & 0xffffu) >> 5;
-                const bool in = ju < e4 && 8 * ju + e < n;
-                above |= (uint32_t)(in && (int)bin > b) << e;
-                eq |= (uint32_t)(in && (int)bin == b) << (8 * x + e);
-            }
-            gt += __popc(above);
-            /* lanes 4m .. 4m + 3 hold one word's 4 bytes (base and b4 are multiples of 32) */
-            uint32_t word = above << (8 * (lane & 3));
-            word |= __shfl_xor_sync(0xffffffffu, word, 1);
-            word |= __shfl_xor_sync(0xffffffffu, word, 2);
-            if ((lane & 3) == 0 && ju < e4)
-                bitmap[(ju - b4) >> 2] = word;
-        }
-        int wtot;
-        int at = warp_excl_scan(__popc(eq), lane, &wtot);
-        if (wtot == 0) /* the same for the whole warp */
-            continue;
-        int bs = 0;
-        if (lane == 0)
-            bs = atomicAdd(s_n, wtot);
-        at += __shfl_sync(0xffffffffu, bs, 0);
-        /* few a lane: each reloaded (from L1) rather than kept in registers by index */
-        for (uint32_t t = eq; t; t &= t - 1, at++) {
-            const int e = __ffs(t) - 1, j = 8 * (base + 32 * (e >> 3) + lane) + (e & 7);
-            const uint32_t k16 = order_key16(reinterpret_cast<const unsigned short *>(su)[j]);
-            if (at < cap) {
-                cu[at] = k16;
-                cj[at] = j;
-                atomicAdd(&xch[k16 & 31u], 1);
-            }
-        }
-    }
-    for (int o = 16; o > 0; o >>= 1)
-        gt += __shfl_xor_sync(0xffffffffu, gt, o);
-    if (lane == 0 && gt)
-        atomicAdd(&xch[32], gt);
-    __syncthreads();
-    const int nc = min(*s_n, cap);
-    cl.sync(); /* every part's counts written, and the histogram read by all */
-    for (int i = tid + part * TOPK_HB / parts; i < (part + 1) * TOPK_HB / parts; i += blockDim.x)
-        rhist[i] = 0;
-    /* the k-th key's lower 5 bits b2 from all parts' counts, and where this part's output goes */
-    if (tid == 0) {
-        int all[33];
-        for (int x = 0; x < 33; x++)
-            all[x] = 0;
-        for (int q = 0; q < parts; q++) {
-            const int *xq = cl.map_shared_rank(xch, q);
-            for (int x = 0; x < 33; x++)
-                all[x] += xq[x];
-        }
-        int b2 = 0, kk2 = kk, cum = 0;
-        for (int x = 31; x >= 0; x--) {
-            if (cum + all[x] >= kk) {
-                b2 = x;
-                kk2 = kk - cum;
-                break;
-            }
-            cum += all[x];
-        }
-        /* the parts before this one: their keys above b, above b2 in b, and their share of the
-         * ties (the lowest positions first: theirs before this part's) */
-        int off = 0, eqb = 0;
-        for (int q = 0; q < part; q++) {
-            const int *xq = cl.map_shared_rank(xch, q);
-            int above2 = 0;
-            for (int x = b2 + 1; x < 32; x++)
-                above2 += xq[x];
-            off += xq[32] + above2 + min(max(kk2 - eqb, 0), xq[b2]);
-            eqb += xq[b2];
-        }
-        sh[0] = b2;
-        sh[1] = off;
-        sh[2] = min(max(kk2 - eqb, 0), xch[b2]); /* this part's ties taken */
-    }
-    __syncthreads();
-    /* every read of another part's memory is done: arrive now, wait before the exit */
-    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
-    const int b2 = sh[0], off = sh[1], take_eq = sh[2];
-    topk_mark_write(out + off, cu, cj, nc, ((uint32_t)b << 5) | (uint32_t)b2, 0xffffu, take_eq,
-                    xch[b2], j0, W, bitmap, warp_sum, eql, s_n);
-    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
-    return true;
-}
-
 /* Split launches (gridDim.y = parts, 2 or 4) run as clusters of the row's parts (topk_cluster).
  * H16: the scores are f16 (srow). */
 template <bool H16>
 static __global__ void __launch_bounds__(1024)
     topk_kernel(int32_t *sel, const void *scores, int ld_s, int row_base, const int32_t *row_pos,
-                int topk, int cap, const int *miss, int *rhist)
+                int topk, int cap, const int *miss)
 {
     constexpr int E = srow<H16>::E;
     __shared__ int hist[2048], hist2[2048], hsum[2048];
     __shared__ int warp_sum[32];
     __shared__ int sh[3], s_n, cnt_in[4], s_eqb;
     __shared__ int w_gt[32], w_eq[32], w_eqbase[32], w_outbase[32];
-    __shared__ int xch[33];
     /* dynamic: cap candidate keys, cap positions, then a bitmap of the row's positions */
     extern __shared__ __align__(16) uint32_t dsm[];
     uint32_t *cu = dsm, *bitmap = dsm + 2 * (size_t)cap;
@@ -1620,14 +1449,6 @@ static __global__ void __launch_bounds__(1024)
     const int n = row_pos[r] + 1, parts = gridDim.y,
               part = blockIdx.y; /* part: the rank in the row's cluster */
     int32_t *out = sel + (size_t)r * topk;
-    /* f16 scores with their histogram (rows with more than k positions were scored): every part */
-    if (H16 && rhist && n > topk && cap >= topk &&
-        topk_from_hist(out,
-                       reinterpret_cast<const uint4 *>(reinterpret_cast<const char *>(scores) +
-                                                       (size_t)blockIdx.x * ld_s * 2),
-                       n, topk, cap, part, parts, rhist + (size_t)blockIdx.x * TOPK_HB, hist, hist2,
-                       warp_sum, sh, &s_n, xch, cu, cj, bitmap))
-        return;
     if (part > 0 && !(cap >= 2 * topk && n >= 16 * topk))
         return; /* only the sampled path splits a row (the same for the whole cluster) */
     if (n <= topk) {
@@ -2001,7 +1822,6 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
         /* the sampled path's missed rows (idx_mode), for the top-k; NULL: every row */
         int *miss = NULL;
         int s16 = 0; /* the FP8 wgmma scores stored in f16 (knob idx_s16), for the top-k */
-        int *rhist = NULL; /* their rows' histograms (knob idx_thist), for the top-k */
         /* groups of up to IDX_QT consecutive rows of one sequence that need scores */
         size_t total_blocks = 0;
         int n_groups = 0, max_nr = 1;
@@ -2200,22 +2020,7 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
                     c->idx_sample_miss = miss;
                     c->idx_sample_rows = nr;
                 } else {
-                    idx_mode md = plain;
-                    /* decode rows' f16 keys counted as they are stored, for topk_from_hist */
-                    if (s16 && c->idx_thist && max_nr == 1 && !c->dsa_forked && !c->idx_no_topk &&
-                        !c->topk_global && !c->idx_copy_only) {
-                        const size_t hb = sizeof(int) * TOPK_HB * (size_t)(re - rb);
-                        const bool fresh = hb > c->scratch_cap[SCR_IDX_HIST];
-                        rhist = (int *)cu_scratch(c, SCR_IDX_HIST, hb);
-                        if (!rhist)
-                            return -ENOMEM;
-                        if (fresh) /* then each top-k zeroes its rows' after reading them */
-                            CU_CHECK(
-                                cudaMemsetAsync(rhist, 0, c->scratch_cap[SCR_IDX_HIST], c->st));
-                        md.hist = rhist;
-                        md.hlane = c->idx_thist == 2;
-                    }
-                    CU_CHECK(scores8(kern, n_items, scores, ld_s, d_items, dev, md));
+                    CU_CHECK(scores8(kern, n_items, scores, ld_s, d_items, dev, plain));
                 }
             } else if (use_fp8 && NT == 8 && max_nr == 1) {
                 const size_t ring = (size_t)IDX_STAGES * c->geom.idx_block_bytes;
@@ -2272,8 +2077,8 @@ int cu_indexer(struct cu_ctx *c, int32_t *sel, const uint8_t *q, const float *q_
             const cudaLaunchConfig_t lc =
                 cu_launch_cfg(c, dim3(nr, parts), dim3(1024), tsm, at, c->pdl ? 2 : 1);
             CU_CHECK(cudaLaunchKernelEx(&lc, topk_k, sel, (const void *)scores, ld_s, rb,
-                                        (const int32_t *)m->d_row_pos, topk, cap, (const int *)miss,
-                                        rhist));
+                                        (const int32_t *)m->d_row_pos, topk, cap,
+                                        (const int *)miss));
             CU_LAUNCHED("topk");
         }
         c->scores_h16 = s16;
