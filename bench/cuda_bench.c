@@ -619,15 +619,23 @@ static void bench_dsa_quick(struct dsv32_backend *be)
     struct dsv32_step_meta m = dsa_meta(&d, B, 1, L);
     const double bytes = dsa_bytes(B, L), floor_ms = bytes / (copy_gbps * 1e9) * 1e3;
     MUST(dsv32_cuda_set_knob(be, "indexer_fp8", 1));
-    const double t_all = dsa_time(&d, &m, IS, iters),
-                 q_all = dsa_time(&d, &m, IS | RUN_QUEUED, iters);
+    /* the two ops in turn and the dsa op, one call and queued, interleaved over 3 rounds (medians):
+     * the clocks drift down within a process under load, so rows measured apart differ by a few
+     * percent for that alone (a later dsa op measured 5-12 us above the earlier ops in turn) */
+    double r_all[3], r_qall[3], r_op[3], r_qop[3];
+    for (int i = 0; i < 3; i++) {
+        r_all[i] = dsa_time(&d, &m, IS, iters);
+        r_qall[i] = dsa_time(&d, &m, IS | RUN_QUEUED, iters);
+        r_op[i] = dsa_time(&d, &m, RUN_DSA, iters);
+        r_qop[i] = dsa_time(&d, &m, RUN_DSA | RUN_QUEUED, iters);
+    }
+    const double t_all = median(r_all, 3), q_all = median(r_qall, 3);
+    const double t_op = median(r_op, 3), q_op = median(r_qop, 3);
     const double q_scores = dsa_time_with(&d, &m, I | RUN_QUEUED, iters, KNOBS({"idx_no_topk", 1}));
     const double q_read = dsa_time_with(&d, &m, I | RUN_QUEUED, iters,
                                         KNOBS({"idx_no_topk", 1}, {"idx_copy_only", 1}));
     const double q_idx = dsa_time(&d, &m, I | RUN_QUEUED, iters);
     const double q_sp = dsa_time(&d, &m, RUN_SPARSE | RUN_QUEUED, iters);
-    const double t_op = dsa_time(&d, &m, RUN_DSA, iters),
-                 q_op = dsa_time(&d, &m, RUN_DSA | RUN_QUEUED, iters);
     /* the indexer's sampled path (knob idx_sample), in the same run */
     const double q_smp = dsa_time_with(&d, &m, IS | RUN_QUEUED, iters, KNOBS({"idx_sample", 1}));
     const double q_smp_idx = dsa_time_with(&d, &m, I | RUN_QUEUED, iters, KNOBS({"idx_sample", 1}));
@@ -646,7 +654,8 @@ static void bench_dsa_quick(struct dsv32_backend *be)
     printf("\n## DSA decode attention, batch %d x context %d (quick: the defaults only)\n", B, L);
     printf("floor: %.3f GB at %.0f GB/s = %.3f ms\n", bytes / 1e9, copy_gbps, floor_ms);
     printf("| part | time (ms) | x floor | |\n|---|---|---|---|\n");
-    printf("| DSA decode total, the indexer and MLA ops in turn, one call | %.3f | %.2f | |\n",
+    printf("| DSA decode total, the indexer and MLA ops in turn, one call (3 rounds interleaved "
+           "with the dsa op's, medians) | %.3f | %.2f | |\n",
            t_all, t_all / floor_ms);
     printf("| the same, calls queued back to back | %.3f | %.2f | of it: scores %.3f (reads alone "
            "%.3f: %.0f "

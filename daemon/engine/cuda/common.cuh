@@ -198,7 +198,8 @@ struct cu_ctx {
                                   relu'd logits in bf16 times the weights by a second MMA) or by FMAs */
     int idx_s16;               /* the FP8 wgmma indexer's scores as f16 (1, default: stored in 16
                                   bits, the top-k widening them exactly; DSA decode queued 0.418-0.420
-                                  against 0.427-0.430 ms, the eighteenth session) or f32 (0) */
+                                  against 0.427-0.430 ms, the fourth session of 2026-11-30) or
+                                  f32 (0) */
     int scores_h16;            /* the last indexer call's scores are f16 (dsv32_cuda_idx_scores) */
     int idx_sample_stride;     /* the sampled path's sample: every Nth cache block at least (0, the
                                   default: 64; 32 measured 9-11 us slower, the third session of

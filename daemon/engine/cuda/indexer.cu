@@ -34,10 +34,10 @@
  * same functions of the stored values; an f16 key is fixed after 22 bits, and its ties at the
  * k-th are ranked among themselves (topk_mark_write). The f16 stores took the scores ~2 us and
  * the top-k ~3.5 us (Nsight Compute: 26 against 29.5 us) below f32's, DSA decode queued
- * 0.418-0.420 against 0.427-0.430 ms (the eighteenth session; GPU-NOTES). An earlier f16 attempt's
- * top-k took 0.081 ms: its loads chose the width at run time inside the unrolled sweeps, and it
- * ranked each tied key against every candidate on one thread; which of the two cost it was not
- * measured apart. */
+ * 0.418-0.420 against 0.427-0.430 ms (the fourth session of 2026-11-30; GPU-NOTES). An earlier f16
+ * attempt's top-k took 0.081 ms: its loads chose the width at run time inside the unrolled sweeps,
+ * and it ranked each tied key against every candidate on one thread; which of the two cost it was
+ * not measured apart. */
 #include "indexer.cuh"
 #include "wgmma.cuh"
 
