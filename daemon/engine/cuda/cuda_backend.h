@@ -71,6 +71,9 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * "idx_sample_stride" (that sample's cache blocks: every Nth at least; 0, default: 64),
  * "idx_msum" (1, default: the FP8 wgmma indexer's ReLU, head weights and head sum on the tensor
  * core, the ReLU'd logits rounded to bf16 as a second MMA's A operand; 0: by FMAs in f32),
+ * "idx_s16" (1, default: the FP8 wgmma indexer's scores rounded to f16, saturated at +-65504, and
+ * stored in 16 bits for the top-k, whose ties at the k-th score then keep the lowest positions as
+ * always; 0: f32),
  * "mla_q6" (1: the warp-specialized MLA stages Q with six loads in flight a thread instead
  * of four), "dsa_chunks" (N >= 2: the dsa op cuts the rows in up to N chunks and runs chunk i's MLA
  * beside chunk i + 1's indexer on disjoint SMs, dsa.cu; 0 or 1: the indexer, then the MLA),
@@ -98,8 +101,9 @@ int dsv32_cuda_idx_sample_stats(struct dsv32_backend *be, long *calls, int *miss
  * The counters restart at zero. */
 int dsv32_cuda_mla_prof(struct dsv32_backend *be, unsigned long long out[20]);
 /* Tests: the indexer's scores of the last call's last chunk of rows (row i at i * ld, ld the call's
- * longest context rounded up to 64; rows of at most k positions unwritten), n floats into out;
- * 0, or -EINVAL when the scratch holds fewer. */
+ * longest context rounded up to 64; rows of at most k positions unwritten), n floats into out
+ * (widened from f16 when the FP8 wgmma indexer stored them so: knob "idx_s16"); 0, or -EINVAL when
+ * the scratch holds fewer. */
 int dsv32_cuda_idx_scores(struct dsv32_backend *be, float *out, size_t n);
 /* What the cuBLASLt block-scaled FP8 calibration found (calibrates on first call). */
 const char *dsv32_cuda_lt_status(struct dsv32_backend *be);
