@@ -258,8 +258,8 @@ int cu_dsa(struct cu_ctx *c, void *out, int32_t *sel, const uint8_t *q, const fl
         if (b[i + 1] - b[i] > max_rows)
             max_rows = b[i + 1] - b[i];
     {
-        const size_t ld_s = (size_t)(m->max_ctx + 63) / 64 * 64;
-        const size_t blocks = (size_t)max_rows * ((size_t)(m->max_ctx + 63) / 64);
+        const size_t ld_s = (size_t)(m->max_ctx + 63) / 64 * 64,
+                     blocks = (size_t)max_rows * ld_s / 64;
         /* a chunk's MLA splits its keys only when its CTAs (2 or more a row) are fewer than the
          * SMs, in n_sm / CTAs splits: splits x rows <= n_sm */
         const size_t part_rows = (size_t)c->n_sm;

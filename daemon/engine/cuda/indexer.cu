@@ -191,10 +191,10 @@ static __device__ __forceinline__ void idx_stage_wtile(uint8_t *wt, const float 
 #pragma unroll
             for (int x = 0; x < 2; x++) {
                 const float f = idx_weight(w_raw, q_scale, ri + 2 * h + x, wscale, sscale);
-                const float hi = __uint_as_float(bf16x2_pair(f, 0.0f) << 16);
+                const float hi = __uint_as_float(pack_bf16(f, 0.0f) << 16);
                 w[x] = n & 1 ? f - hi : f;
             }
-            v[h] = bf16x2_pair(w[0], w[1]);
+            v[h] = pack_bf16(w[0], w[1]);
         }
         *reinterpret_cast<uint4 *>(wt + (size_t)i * 1024 + cm * 128 + n * 16) =
             make_uint4(v[0], v[1], v[2], v[3]);
@@ -1012,10 +1012,10 @@ template <bool H16> struct srow {
             }
         }
     }
-    /* unit ju, or zeros past e (a lane's load the row has no unit for) */
-    __device__ __forceinline__ void unit_or0(int ju, int e, float (&f)[E]) const
+    /* unit ju where in holds, else zeros (a lane's load the row has no unit for) */
+    __device__ __forceinline__ void unit_if(bool in, int ju, float (&f)[E]) const
     {
-        if (ju < e) {
+        if (in) {
             unit(ju, f);
         } else {
 #pragma unroll
@@ -1049,7 +1049,7 @@ static __device__ void topk_hist_global(int *hist, srow<H16> s, int n, int nu, u
         float v[TOPK_ILP][E];
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++)
-            s.unit_or0(base + 32 * x + lane, nu, v[x]);
+            s.unit_if(base + 32 * x + lane < nu, base + 32 * x + lane, v[x]);
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++) {
             const int ju = base + 32 * x + lane;
@@ -1085,7 +1085,7 @@ static __device__ int topk_gather(uint32_t *cu, int32_t *cj, int cap, srow<H16> 
         float v[TOPK_ILP][E];
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++)
-            s.unit_or0(base + 32 * x + lane, e4, v[x]);
+            s.unit_if(base + 32 * x + lane < e4, base + 32 * x + lane, v[x]);
         uint32_t take = 0; /* bit E x + e: element e of unit x */
 #pragma unroll
         for (int x = 0; x < TOPK_ILP; x++) {
@@ -1308,7 +1308,7 @@ static __device__ bool topk_cluster(int32_t *out, srow<H16> s4, int n, int n4, i
     for (int x = 0; x < SREG; x++) {
         const int u = tid + 1024 * x, j4 = u * stride;
         float f[E];
-        s4.unit_or0(j4, u < all ? j4 + 1 : 0, f);
+        s4.unit_if(u < all, j4, f);
 #pragma unroll
         for (int e = 0; e < E; e++) {
             key[E * x + e] = order_key(f[e]);
@@ -1500,7 +1500,7 @@ static __global__ void __launch_bounds__(1024)
     for (int j0 = beg; j0 < end; j0 += C) {
         const int j = j0 + E * lane;
         float e4[E];
-        s4.unit_or0(j / E, j < end ? j / E + 1 : 0, e4);
+        s4.unit_if(j < end, j / E, e4);
 #pragma unroll
         for (int e = 0; e < E; e++) {
             const uint32_t u = order_key(e4[e]);
@@ -1531,7 +1531,7 @@ static __global__ void __launch_bounds__(1024)
     for (int j0 = beg; j0 < end; j0 += C) {
         const int j = j0 + E * lane;
         float e4[E];
-        s4.unit_or0(j / E, j < end ? j / E + 1 : 0, e4);
+        s4.unit_if(j < end, j / E, e4);
         uint32_t u[E];
         int neq = 0;
 #pragma unroll

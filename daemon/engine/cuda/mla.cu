@@ -179,12 +179,6 @@ static __device__ __forceinline__ void cp_async16(void *dst, const void *src)
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src));
 }
 
-static __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi)
-{
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&v);
-}
-
 /* Four e4m3 bytes (dims in byte order) times sc -> two bf16x2 words: exact e4m3 -> f16 -> f32,
  * the product rounded once to bf16 (any scale) */
 static __device__ __forceinline__ void e4m3x4_bf16_f32(uint32_t in, float sc, uint32_t &w0, uint32_t &w1)

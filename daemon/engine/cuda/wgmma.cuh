@@ -242,8 +242,8 @@ static __device__ __forceinline__ uint32_t bf16x2_relu(float lo, float hi)
     return r;
 }
 
-/* lo, hi rounded to bf16 and packed (lo in the low half) */
-static __device__ __forceinline__ uint32_t bf16x2_pair(float lo, float hi)
+/* lo, hi rounded to bf16 and packed (lo in the low half; __floats2bfloat162_rn's instruction) */
+static __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi)
 {
     uint32_t r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
