@@ -1890,21 +1890,27 @@ static void test_mla(void)
          * the wgmma kernels (a cluster of the two head groups, 64-key tiles by default, 32 too;
          * warp-specialized, also with Q staged in two rounds; both warpgroups in every step) and the
          * mma.sync one; 6 rows split their keys over CTAs (1 to 3 64-key tiles each), 64 do not */
-        for (int v = fast ? 5 : 0; v >= 0; v--) {
+        for (int v = fast ? 6 : 0; v >= 0; v--) {
             const int wg = v > 0;
             if (fast) {
                 TRY(dsv32_cuda_set_knob(p.gpu, "mla_wgmma", wg));
-                TRY(dsv32_cuda_set_knob(p.gpu, "mla_cl", v == 5 ? 32 : v == 4 ? 64 : 0));
+                TRY(dsv32_cuda_set_knob(p.gpu, "mla_cl", v == 5 ? 32 : v == 4 || v == 6 ? 64 : 0));
+                TRY(dsv32_cuda_set_knob(p.gpu, "mla_ostage", v != 6));
                 TRY(dsv32_cuda_set_knob(p.gpu, "mla_ws", v >= 2));
                 TRY(dsv32_cuda_set_knob(p.gpu, "mla_q6", v == 3));
             }
-            const char *name = !fast    ? "exact (f32)"
-                               : v == 5 ? "fast (bf16 wgmma, a cluster of the two head groups, 32-key tiles: knob mla_cl 32)"
-                               : v == 4 ? "fast (bf16 wgmma, a cluster of the two head groups, 64-key tiles: knob mla_cl)"
-                               : v == 3 ? "fast (bf16 wgmma, warp-specialized, Q in two rounds: knob mla_q6)"
-                               : v == 2 ? "fast (bf16 wgmma, warp-specialized)"
-                               : v == 1 ? "fast (bf16 wgmma, both warpgroups in every step)"
-                                        : "fast (bf16 mma.sync)";
+            const char *name =
+                !fast    ? "exact (f32)"
+                : v == 6 ? "fast (bf16 wgmma, a cluster, O stored from the accumulators: knob "
+                           "mla_ostage 0)"
+                : v == 5 ? "fast (bf16 wgmma, a cluster of the two head groups, 32-key tiles: knob "
+                           "mla_cl 32)"
+                : v == 4 ? "fast (bf16 wgmma, a cluster of the two head groups, 64-key tiles: knob "
+                           "mla_cl)"
+                : v == 3 ? "fast (bf16 wgmma, warp-specialized, Q in two rounds: knob mla_q6)"
+                : v == 2 ? "fast (bf16 wgmma, warp-specialized)"
+                : v == 1 ? "fast (bf16 wgmma, both warpgroups in every step)"
+                         : "fast (bf16 mma.sync)";
             /* the worst of 768 (row, head) vectors: 5.4e-3 to 9.3e-3 in most runs; over ~20 runs
              * one 1.014e-2 (wgmma, both warpgroups per step) and one failure more not recorded
              * (bf16 q, keys and P, as the 64-row case below): 1e-2 failed on a draw */

@@ -676,6 +676,7 @@ extern "C" int dsv32_backend_cuda_new(const struct dsv32_config *cfg, const stru
     c->idx_s16 = 1;
     c->mla_ws = 1;
     c->mla_cl = 64;
+    c->mla_ostage = 1;
     c->fp8_pdl = 1;
     c->pdl_ops = 1;
     c->pdl = 1;
@@ -763,6 +764,7 @@ static const struct {
     KNOB(pdl_ops, false),          KNOB(fp8_stages_dn, true),
     KNOB(idx_sample, false),       KNOB(idx_msum, false),
     KNOB(idx_sample_stride, true), KNOB(idx_s16, false),
+    KNOB(mla_ostage, true),
 };
 #undef KNOB
 

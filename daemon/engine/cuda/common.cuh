@@ -165,6 +165,9 @@ struct cu_ctx {
                                   under its act_quant and the split-K reduce under that, by
                                   programmatic dependent launch (1, default, with pdl), or each
                                   after the one before (0) */
+    int mla_ostage;            /* mla_cl_kernel's O for one split in bf16: through shared memory
+                                  in whole 16-byte chunks (1, default) or stored from the
+                                  accumulators (0); 2: not stored (benchmarks: the stores' share) */
     int mla_cl_nocopy;         /* benchmarks: mla_cl_kernel without its copies to the peer (each
                                   CTA's other half stale: the copies' share of its time) */
     unsigned long long *mla_prof; /* benchmarks: the wgmma MLA kernel's cycles per phase (CU_MLA_PROF_N) */

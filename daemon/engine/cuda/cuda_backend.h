@@ -69,6 +69,9 @@ int dsv32_cuda_is_fast(const struct dsv32_backend *be);
  * score's rank, writes only the scores above it, selects among those, and scores the rows where
  * fewer than k came above it again in full; the same selection; 0, default: every score written),
  * "idx_sample_stride" (that sample's cache blocks: every Nth at least; 0, default: 64),
+ * "mla_ostage" (1, default: the cluster MLA's O, for one split in bf16, goes out through shared
+ * memory in whole 16-byte chunks; 0: stored from the accumulators, 4 bytes a lane; 2: not stored,
+ * a diagnostic of the stores' time),
  * "idx_msum" (1, default: the FP8 wgmma indexer's ReLU, head weights and head sum on the tensor
  * core, the ReLU'd logits rounded to bf16 as a second MMA's A operand; 0: by FMAs in f32),
  * "idx_s16" (1, default: the FP8 wgmma indexer's scores rounded to f16, saturated at +-65504, and

@@ -211,6 +211,8 @@ struct mla_fast_args {
     unsigned long long *prof; /* mla_wg_kernel<true>: cycles per phase (knob mla_prof) */
     int q_first; /* mla_cl_kernel launched under the top-k (pdl): Q staged before its pdl_wait,
                     the selection read after it */
+    int o_stage; /* mla_cl_kernel, one split, bf16 out: O through shared memory (1), stored
+                    directly (0), not stored (2: a diagnostic, knob mla_ostage) */
 };
 
 /* element i of q_lat, of out: the latents in bf16 (lat16) or f32 */
@@ -1124,6 +1126,38 @@ static __device__ __forceinline__ void mla_store_o256(const struct mla_fast_args
             make_float2(m_fin[ctid], l_fin[ctid]);
 }
 
+/* mla_store_o256 for one split and bf16 out, through shared memory: the warpgroup's half rows
+ * into stage (64 rows of 1,040 bytes: the 8 rows of a store 16 bytes apart in the banks), then,
+ * once both halves are in (named barrier bar of the 256 consumers), the CTA's 64 contiguous rows
+ * of 1 KB to out in whole 16-byte chunks (the direct stores write 4 bytes a lane, 16 of each
+ * 32-byte sector a warp). At batch 64 x 2048 selected (H200, GPU-NOTES 2026-11-30 fifth): the dsa
+ * op queued 0.424-0.427 ms against 0.428-0.431 with the direct stores, 0.423 with none at all */
+static __device__ __forceinline__ void mla_store_o_staged(const struct mla_fast_args &a,
+                                                          const float (&O)[128], const float *l_fin,
+                                                          int r, int h0, int c, int hr0, int t,
+                                                          int ctid, uint8_t *stage, int bar)
+{
+    const int hr1 = hr0 + 8;
+    const float sA = l_fin[hr0] > 0.0f ? 1.0f / l_fin[hr0] : 0.0f;
+    const float sB = l_fin[hr1] > 0.0f ? 1.0f / l_fin[hr1] : 0.0f;
+#pragma unroll
+    for (int j = 0; j < 32; j++) {
+        const int d = 256 * c + 8 * j + 2 * t;
+        *reinterpret_cast<__nv_bfloat162 *>(stage + hr0 * 1040 + 2 * d) =
+            __floats2bfloat162_rn(O[4 * j] * sA, O[4 * j + 1] * sA);
+        *reinterpret_cast<__nv_bfloat162 *>(stage + hr1 * 1040 + 2 * d) =
+            __floats2bfloat162_rn(O[4 * j + 2] * sB, O[4 * j + 3] * sB);
+    }
+    asm volatile("barrier.sync %0, 256;" ::"r"(bar) : "memory");
+    uint8_t *dst = static_cast<uint8_t *>(a.out) + ((size_t)r * a.H + h0) * MLA_C * 2;
+#pragma unroll
+    for (int u = 0; u < 16; u++) {
+        const int k = ctid + 256 * u, row = k >> 6, col = k & 63;
+        *reinterpret_cast<uint4 *>(dst + (size_t)k * 16) =
+            *reinterpret_cast<const uint4 *>(stage + row * 1040 + col * 16);
+    }
+}
+
 /* PROF phases (a.prof[8 wg + i], threads 0 and 128): warpgroup 0: 0 wait for the key tile, 1
  * QK^T, 2 softmax, 3 wait for P's buffer and the handover; warpgroup 1: 0 wait for the records, 1
  * wait for the key tile's buffer, 2 conversion, 3 the next gather's issue, 4 wait for P, 5 O
@@ -1420,7 +1454,7 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
 /* a key tile's groups of 3 atoms (192 dims), each ready on its own barriers, so that QK^T starts
  * on the first while the rest are copied (1 group: 0.136 ms, 3: 0.124, 9: 0.133 in one run) */
 #define CL_NG 3
-enum { CL_P_READY = 1, CL_P_FREE = 2, CL_O_SYNC = 3, CL_Q_READY = 4 };
+enum { CL_P_READY = 1, CL_P_FREE = 2, CL_O_SYNC = 3, CL_Q_READY = 4, CL_O_STAGED = 5 };
 
 /* mla_cl_kernel's geometry for key tiles of KT keys (64: two key buffers; 32: four, in the same
  * bytes, so that the producer may run three tiles ahead instead of one) */
@@ -1792,7 +1826,11 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
             m_fin[hr1] = m1 * 0.6931471805599453f;
         }
         nbar_sync<256>(CL_O_SYNC);
-        mla_store_o256(a, O, l_fin, m_fin, z, r, h0, 0, hr0, t, tid);
+        if (a.o_stage == 2) {
+        } else if (a.o_stage == 1 && a.splits == 1 && a.lat16) /* Q read for the last time */
+            mla_store_o_staged(a, O, l_fin, r, h0, 0, hr0, t, tid, Qb, CL_O_STAGED);
+        else
+            mla_store_o256(a, O, l_fin, m_fin, z, r, h0, 0, hr0, t, tid);
     } else {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 160;");
         float O[128];
@@ -1818,7 +1856,11 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
                 nbar_arrive<256>(CL_P_FREE);
         }
         nbar_sync<256>(CL_O_SYNC); /* l_fin, m_fin */
-        mla_store_o256(a, O, l_fin, m_fin, z, r, h0, 1, hr0, t, tid - 128);
+        if (a.o_stage == 2) {
+        } else if (a.o_stage == 1 && a.splits == 1 && a.lat16)
+            mla_store_o_staged(a, O, l_fin, r, h0, 1, hr0, t, tid, Qb, CL_O_STAGED);
+        else
+            mla_store_o256(a, O, l_fin, m_fin, z, r, h0, 1, hr0, t, tid - 128);
     }
     /* no CTA leaves while its peer may still store into it or arrive on its barriers */
     cooperative_groups::this_cluster().sync();
@@ -1962,6 +2004,7 @@ int cu_mla(struct cu_ctx *c, void *out, const void *q_lat, const float *q_pe, in
     a.scale = scale;
     a.prof = c->mla_prof;
     a.q_first = 0;
+    a.o_stage = c->mla_ostage;
     const size_t optin = (size_t)c->smem_optin, ws_need = ws_smem(g->mla_rec_bytes);
     const size_t cl_need = c->mla_cl == 32 ? cl_smem<32>() : cl_smem<64>();
     if (c->mla_wgmma && c->mla_cl && !g->rope_f32 && H % (2 * MLA_HG) == 0 && !a.prof && cl_need <= optin) {
