@@ -1642,8 +1642,10 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
             mbar_arrive_cl(avail_peer + 8 * (i % NB));
         }
     };
+    /* registers a thread: producer 144, warpgroup 0 200 (192 spilled 8 bytes once S stayed
+     * unscaled), warpgroup 1 160 (152 too few for ptxas): 504, the 168 x 3 the CTA holds */
     if (wg == 2) {
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 152;");
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 144;");
         const uint32_t kb_peer = cl_map(kaddr, peer), fp_peer = cl_map(smem_addr(from_peer), peer);
         /* tile i from cur (loaded a step ago); tile i + 1's records into nxt */
         auto step = [&](int i, const struct cl_rec &cur, struct cl_rec &nxt) {
@@ -1724,7 +1726,7 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
                 step(i + 1, rb, ra);
         }
     } else if (wg == 0) {
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 192;");
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 200;");
         const uint64_t dq0 = wg_desc_sw128(smem_addr(Qb));
         const float sl2 = a.scale * 1.4426950408889634f; /* scores in log2 units: exp2 below */
         float O[128], S[KT / 2];
@@ -1757,16 +1759,35 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
             wg_commit();
             wg_wait0();
             wg_fence(S);
-            /* S[4j + {0,1,2,3}]: (head hr0, key 8j+2t), (hr0, +1), (hr1, 8j+2t), (hr1, +1) */
+            /* S[4j + {0,1,2,3}]: (head hr0, key 8j+2t), (hr0, +1), (hr1, 8j+2t), (hr1, +1);
+             * S stays unscaled: the keys past the selection's end or not cached yet to -inf
+             * (none in a full tile: each lane reads a word of the flags, the warp votes), the
+             * maxima scaled after (sl2 > 0: the same as the scaled values' maxima) and each
+             * exponent one FMA of S */
             const uint8_t *kv = kval + b * KT;
-            bool v[KT / 4];
+            if (!__all_sync(0xffffffffu, reinterpret_cast<const uint32_t *>(kv)[lane % (KT / 4)] ==
+                                             0x01010101u)) {
+#pragma unroll
+                for (int j = 0; j < KT / 8; j++) {
+                    const bool v0 = kv[8 * j + 2 * t], v1 = kv[8 * j + 2 * t + 1];
+                    S[4 * j + 0] = v0 ? S[4 * j + 0] : -INFINITY;
+                    S[4 * j + 1] = v1 ? S[4 * j + 1] : -INFINITY;
+                    S[4 * j + 2] = v0 ? S[4 * j + 2] : -INFINITY;
+                    S[4 * j + 3] = v1 ? S[4 * j + 3] : -INFINITY;
+                }
+            }
+            float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
             for (int j = 0; j < KT / 8; j++) {
-                v[2 * j] = kv[8 * j + 2 * t];
-                v[2 * j + 1] = kv[8 * j + 2 * t + 1];
+                mx0 = fmaxf(mx0, fmaxf(S[4 * j + 0], S[4 * j + 1]));
+                mx1 = fmaxf(mx1, fmaxf(S[4 * j + 2], S[4 * j + 3]));
             }
-            float mx0, mx1;
-            mla_mask_max(S, v, sl2, &mx0, &mx1);
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            mx0 *= sl2;
+            mx1 *= sl2;
             const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
             const float ref0 = mn0 == -INFINITY ? 0.0f : mn0, ref1 = mn1 == -INFINITY ? 0.0f : mn1;
             const float al0 = m0 == -INFINITY ? 0.0f : fast_exp2(m0 - ref0);
@@ -1775,10 +1796,10 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
             float sum0 = 0.0f, sum1 = 0.0f;
 #pragma unroll
             for (int j = 0; j < KT / 8; j++) {
-                const float p0 = fast_exp2(S[4 * j + 0] - ref0),
-                            p1 = fast_exp2(S[4 * j + 1] - ref0);
-                const float p2 = fast_exp2(S[4 * j + 2] - ref1),
-                            p3 = fast_exp2(S[4 * j + 3] - ref1);
+                const float p0 = fast_exp2(fmaf(S[4 * j + 0], sl2, -ref0)),
+                            p1 = fast_exp2(fmaf(S[4 * j + 1], sl2, -ref0));
+                const float p2 = fast_exp2(fmaf(S[4 * j + 2], sl2, -ref1)),
+                            p3 = fast_exp2(fmaf(S[4 * j + 3], sl2, -ref1));
                 sum0 += p0 + p1;
                 sum1 += p2 + p3;
                 pk[2 * j] = pack_bf16(p0, p1);
