@@ -1449,7 +1449,14 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
  * moved before the wait for the buffer (spills, or 0.133 for half of it). Measured
  * and not kept (GPU-NOTES): 32-key tiles in four buffers (KT 32, knob mla_cl 32: 0.150, the
  * consumers wait as long, QK^T at n32 costs more), st.async stores of each 16 bytes to the peer
- * instead of the bulk copies (0.143), per-warp copies (0.133-0.135 against 0.131-0.132). */
+ * instead of the bulk copies (0.143), per-warp copies (0.133-0.135 against 0.131-0.132).
+ * Fifth session of 2026-11-30: 0.097-0.104 ms (367 TFLOP/s) with warpgroup 0's softmax on the
+ * unscaled S and O out through shared memory (0.111 and ~4 us before). A clock64 trace of one
+ * CTA had put a tile at ~4,500 cycles: ~300 waiting for the producer, QK^T ~1,300 (36 m64n64k16
+ * at ~34 cycles each, the tensor rate: a second accumulator chain measured no faster in a
+ * microbenchmark), the softmax ~1,000 with the tensor core idle, the hand-over ~250, both PVs
+ * ~1,150; before the first tile ~10 us (Q's staging 4.6, the first tile's records and
+ * conversion), after the last ~7 us (O's stores, the peer). */
 #define MLA_CL_TH 384
 /* a key tile's groups of 3 atoms (192 dims), each ready on its own barriers, so that QK^T starts
  * on the first while the rest are copied (1 group: 0.136 ms, 3: 0.124, 9: 0.133 in one run) */
