@@ -759,20 +759,15 @@ static __device__ __forceinline__ void mla_store_o(const struct mla_fast_args &a
  * 4 the next tile's conversion, 5 its proxy fence, 6 the closing barrier), a.prof[16] the tiles
  * of warpgroup 0, a.prof[17..19] thread 0's cycles before the loop, after it, and the CTAs: the
  * knob mla_prof's breakdown for the benchmark (cuda_bench names the phases in this order) */
-/* A tile's scores S (m64nN accumulator: S[4j + {0,1,2,3}] is (head hr0, key 8j+2t), (hr0, +1),
- * (hr0 + 8, 8j+2t), (hr0 + 8, +1)) times scale, -inf where the key flag v (v[2j], v[2j + 1]: keys
- * 8j+2t, +1) is off; *mx0, *mx1: the two heads' maxima over the tile (the quad's four lanes) */
+/* *mx0, *mx1: the two heads' maxima over a tile's scores S (m64nN accumulator: S[4j + {0,1,2,3}]
+ * is (head hr0, key 8j+2t), (hr0, +1), (hr0 + 8, 8j+2t), (hr0 + 8, +1)), over the quad's four
+ * lanes */
 template <int N>
-static __device__ __forceinline__ void mla_mask_max(float (&S)[N], const bool (&v)[N / 2],
-                                                    float scale, float *mx0, float *mx1)
+static __device__ __forceinline__ void mla_quad_max(const float (&S)[N], float *mx0, float *mx1)
 {
     float a0 = -INFINITY, a1 = -INFINITY;
 #pragma unroll
     for (int j = 0; j < N / 4; j++) {
-        S[4 * j + 0] = v[2 * j] ? S[4 * j + 0] * scale : -INFINITY;
-        S[4 * j + 1] = v[2 * j + 1] ? S[4 * j + 1] * scale : -INFINITY;
-        S[4 * j + 2] = v[2 * j] ? S[4 * j + 2] * scale : -INFINITY;
-        S[4 * j + 3] = v[2 * j + 1] ? S[4 * j + 3] * scale : -INFINITY;
         a0 = fmaxf(a0, fmaxf(S[4 * j + 0], S[4 * j + 1]));
         a1 = fmaxf(a1, fmaxf(S[4 * j + 2], S[4 * j + 3]));
     }
@@ -782,6 +777,22 @@ static __device__ __forceinline__ void mla_mask_max(float (&S)[N], const bool (&
     a1 = fmaxf(a1, __shfl_xor_sync(0xffffffffu, a1, 2));
     *mx0 = a0;
     *mx1 = a1;
+}
+
+/* S times scale, -inf where the key flag v (v[2j], v[2j + 1]: keys 8j+2t, +1) is off, and its
+ * maxima (mla_quad_max) */
+template <int N>
+static __device__ __forceinline__ void mla_mask_max(float (&S)[N], const bool (&v)[N / 2],
+                                                    float scale, float *mx0, float *mx1)
+{
+#pragma unroll
+    for (int j = 0; j < N / 4; j++) {
+        S[4 * j + 0] = v[2 * j] ? S[4 * j + 0] * scale : -INFINITY;
+        S[4 * j + 1] = v[2 * j + 1] ? S[4 * j + 1] * scale : -INFINITY;
+        S[4 * j + 2] = v[2 * j] ? S[4 * j + 2] * scale : -INFINITY;
+        S[4 * j + 3] = v[2 * j + 1] ? S[4 * j + 3] * scale : -INFINITY;
+    }
+    mla_quad_max(S, mx0, mx1);
 }
 
 #define MLA_PROF_PHASES 7
@@ -1783,16 +1794,8 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
                     S[4 * j + 3] = v1 ? S[4 * j + 3] : -INFINITY;
                 }
             }
-            float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-            for (int j = 0; j < KT / 8; j++) {
-                mx0 = fmaxf(mx0, fmaxf(S[4 * j + 0], S[4 * j + 1]));
-                mx1 = fmaxf(mx1, fmaxf(S[4 * j + 2], S[4 * j + 3]));
-            }
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            float mx0, mx1;
+            mla_quad_max(S, &mx0, &mx1);
             mx0 *= sl2;
             mx1 *= sl2;
             const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
