@@ -1888,8 +1888,10 @@ static void test_mla(void)
         /* fast: q and the cache in bf16 (the latents are exact with power-of-two scales, which the
          * wgmma kernel converts on the ALU: the dense case has arbitrary scales, its other path);
          * the wgmma kernels (a cluster of the two head groups, 64-key tiles by default, 32 too;
-         * warp-specialized, also with Q staged in two rounds; both warpgroups in every step) and the
-         * mma.sync one; 6 rows split their keys over CTAs (1 to 3 64-key tiles each), 64 do not */
+         * warp-specialized, also with Q staged in two rounds; both warpgroups in every step) and
+         * the mma.sync one; the 64-key cluster also with O stored from the accumulators (knob
+         * mla_ostage 0; its default stages O through shared memory where one split writes bf16);
+         * 6 rows split their keys over CTAs (1 to 3 64-key tiles each), 64 do not */
         for (int v = fast ? 6 : 0; v >= 0; v--) {
             const int wg = v > 0;
             if (fast) {

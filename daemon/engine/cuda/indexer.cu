@@ -207,11 +207,11 @@ static __device__ __forceinline__ void idx_stage_wtile(uint8_t *wt, const float 
 template <int NT>
 static __device__ __forceinline__ void idx_store_w(const float *acc, const float (&w)[2 * NT],
                                                    int t, float ks0, float ks1, float *srow, int j0,
-                                                   int pos, bool store = true)
+                                                   int pos)
 {
     const float s = idx_score_w<NT>(acc, w, t, ks0, ks1);
     const int j = t == 0 ? j0 : j0 + 8;
-    if (store && t < 2 && j <= pos)
+    if (t < 2 && j <= pos)
         srow[j] = s;
 }
 

@@ -239,6 +239,12 @@ static __device__ __forceinline__ void mla_out2(const struct mla_fast_args &a, s
         *reinterpret_cast<float2 *>(static_cast<float *>(a.out) + i) = make_float2(x, y);
 }
 
+/* 1 / l, the softmax's normalizer of a head (0 for a head that saw no key) */
+static __device__ __forceinline__ float mla_inv_l(float l)
+{
+    return l > 0.0f ? 1.0f / l : 0.0f;
+}
+
 /* The keys [*kbeg, *kend) of split z of row r: its selection's entries, or its positions 0..pos
  * when there is no selection (dense) */
 static __device__ __forceinline__ void mla_key_range(const struct mla_fast_args &a, int z, int pos, int *kbeg,
@@ -487,7 +493,7 @@ static __global__ void __launch_bounds__(MLA_TH, 1) mla_fast_kernel(const struct
     /* epilogue */
     const int hr0 = h0 + 16 * hq + g, hr1 = hr0 + 8;
     if (a.splits == 1) {
-        const float inv0 = lrun[0] > 0.0f ? 1.0f / lrun[0] : 0.0f, inv1 = lrun[1] > 0.0f ? 1.0f / lrun[1] : 0.0f;
+        const float inv0 = mla_inv_l(lrun[0]), inv1 = mla_inv_l(lrun[1]);
         const size_t o0 = ((size_t)r * a.H + hr0) * MLA_C + 128 * dh + 2 * t, o1 = o0 + 8 * MLA_C;
 #pragma unroll
         for (int n = 0; n < 16; n++) {
@@ -734,8 +740,7 @@ static __device__ __forceinline__ void mla_store_o(const struct mla_fast_args &a
         for (int j = 0; j < 8; j++) {
             const int hA = 8 * j + 2 * t, hB = hA + 1;
             if (a.splits == 1) {
-                const float sA = l_run[hA] > 0.0f ? 1.0f / l_run[hA] : 0.0f;
-                const float sB = l_run[hB] > 0.0f ? 1.0f / l_run[hB] : 0.0f;
+                const float sA = mla_inv_l(l_run[hA]), sB = mla_inv_l(l_run[hB]);
                 const size_t base = ((size_t)r * a.H + h0) * MLA_C;
                 mla_out1(a, base + (size_t)hA * MLA_C + d0, O[mt][4 * j + 0] * sA);
                 mla_out1(a, base + (size_t)hB * MLA_C + d0, O[mt][4 * j + 1] * sB);
@@ -1113,8 +1118,8 @@ static __device__ __forceinline__ void mla_store_o256(const struct mla_fast_args
                                                       int c, int hr0, int t, int ctid)
 {
     const int hr1 = hr0 + 8;
-    const float sA = a.splits == 1 ? (l_fin[hr0] > 0.0f ? 1.0f / l_fin[hr0] : 0.0f) : 1.0f;
-    const float sB = a.splits == 1 ? (l_fin[hr1] > 0.0f ? 1.0f / l_fin[hr1] : 0.0f) : 1.0f;
+    const float sA = a.splits == 1 ? mla_inv_l(l_fin[hr0]) : 1.0f;
+    const float sB = a.splits == 1 ? mla_inv_l(l_fin[hr1]) : 1.0f;
     if (a.splits == 1) {
         const size_t base = ((size_t)r * a.H + h0) * MLA_C + 256 * c + 2 * t;
 #pragma unroll
@@ -1149,15 +1154,14 @@ static __device__ __forceinline__ void mla_store_o_staged(const struct mla_fast_
                                                           int ctid, uint8_t *stage, int bar)
 {
     const int hr1 = hr0 + 8;
-    const float sA = l_fin[hr0] > 0.0f ? 1.0f / l_fin[hr0] : 0.0f;
-    const float sB = l_fin[hr1] > 0.0f ? 1.0f / l_fin[hr1] : 0.0f;
+    const float sA = mla_inv_l(l_fin[hr0]), sB = mla_inv_l(l_fin[hr1]);
 #pragma unroll
     for (int j = 0; j < 32; j++) {
         const int d = 256 * c + 8 * j + 2 * t;
-        *reinterpret_cast<__nv_bfloat162 *>(stage + hr0 * 1040 + 2 * d) =
-            __floats2bfloat162_rn(O[4 * j] * sA, O[4 * j + 1] * sA);
-        *reinterpret_cast<__nv_bfloat162 *>(stage + hr1 * 1040 + 2 * d) =
-            __floats2bfloat162_rn(O[4 * j + 2] * sB, O[4 * j + 3] * sB);
+        *reinterpret_cast<uint32_t *>(stage + hr0 * 1040 + 2 * d) =
+            pack_bf16(O[4 * j] * sA, O[4 * j + 1] * sA);
+        *reinterpret_cast<uint32_t *>(stage + hr1 * 1040 + 2 * d) =
+            pack_bf16(O[4 * j + 2] * sB, O[4 * j + 3] * sB);
     }
     asm volatile("barrier.sync %0, 256;" ::"r"(bar) : "memory");
     uint8_t *dst = static_cast<uint8_t *>(a.out) + ((size_t)r * a.H + h0) * MLA_C * 2;
@@ -1167,6 +1171,23 @@ static __device__ __forceinline__ void mla_store_o_staged(const struct mla_fast_
         *reinterpret_cast<uint4 *>(dst + (size_t)k * 16) =
             *reinterpret_cast<const uint4 *>(stage + row * 1040 + col * 16);
     }
+}
+
+/* mla_cl_kernel's O of consumer warpgroup c (ctid: the thread among the 256 consumers) by
+ * a.o_stage: through shared memory (stage: Q's buffer, read for the last time) where one split
+ * writes bf16, else directly; none for the diagnostic 2 */
+static __device__ __forceinline__ void mla_cl_store_o(const struct mla_fast_args &a,
+                                                      const float (&O)[128], const float *l_fin,
+                                                      const float *m_fin, int z, int r, int h0,
+                                                      int c, int hr0, int t, int ctid,
+                                                      uint8_t *stage, int bar)
+{
+    if (a.o_stage == 2)
+        return;
+    if (a.o_stage == 1 && a.splits == 1 && a.lat16)
+        mla_store_o_staged(a, O, l_fin, r, h0, c, hr0, t, ctid, stage, bar);
+    else
+        mla_store_o256(a, O, l_fin, m_fin, z, r, h0, c, hr0, t, ctid - 128 * c);
 }
 
 /* PROF phases (a.prof[8 wg + i], threads 0 and 128): warpgroup 0: 0 wait for the key tile, 1
@@ -1857,11 +1878,7 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
             m_fin[hr1] = m1 * 0.6931471805599453f;
         }
         nbar_sync<256>(CL_O_SYNC);
-        if (a.o_stage == 2) {
-        } else if (a.o_stage == 1 && a.splits == 1 && a.lat16) /* Q read for the last time */
-            mla_store_o_staged(a, O, l_fin, r, h0, 0, hr0, t, tid, Qb, CL_O_STAGED);
-        else
-            mla_store_o256(a, O, l_fin, m_fin, z, r, h0, 0, hr0, t, tid);
+        mla_cl_store_o(a, O, l_fin, m_fin, z, r, h0, 0, hr0, t, tid, Qb, CL_O_STAGED);
     } else {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 160;");
         float O[128];
@@ -1887,11 +1904,7 @@ static __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(MLA_CL_TH, 1)
                 nbar_arrive<256>(CL_P_FREE);
         }
         nbar_sync<256>(CL_O_SYNC); /* l_fin, m_fin */
-        if (a.o_stage == 2) {
-        } else if (a.o_stage == 1 && a.splits == 1 && a.lat16)
-            mla_store_o_staged(a, O, l_fin, r, h0, 1, hr0, t, tid, Qb, CL_O_STAGED);
-        else
-            mla_store_o256(a, O, l_fin, m_fin, z, r, h0, 1, hr0, t, tid - 128);
+        mla_cl_store_o(a, O, l_fin, m_fin, z, r, h0, 1, hr0, t, tid, Qb, CL_O_STAGED);
     }
     /* no CTA leaves while its peer may still store into it or arrive on its barriers */
     cooperative_groups::this_cluster().sync();
