@@ -1488,7 +1488,11 @@ static __global__ void __launch_bounds__(MLA_WS_TH, 1) mla_ws_kernel(const struc
  * at ~34 cycles each, the tensor rate: a second accumulator chain measured no faster in a
  * microbenchmark), the softmax ~1,000 with the tensor core idle, the hand-over ~250, both PVs
  * ~1,150; before the first tile ~10 us (Q's staging 4.6, the first tile's records and
- * conversion), after the last ~7 us (O's stores, the peer). */
+ * conversion), after the last ~7 us (O's stores, the peer). Sixth session: FlashMLA's seesaw
+ * (each consumer warpgroup taking S and the softmax of every other tile, O split by columns) and
+ * warpgroup 0's next QK^T issued under its P V were both correct and 25-50% slower: each frees a
+ * key buffer later, and the kernel then runs at the producer's release-to-ready latency (~one
+ * tile already), GPU-NOTES. */
 #define MLA_CL_TH 384
 /* a key tile's groups of 3 atoms (192 dims), each ready on its own barriers, so that QK^T starts
  * on the first while the rest are copied (1 group: 0.136 ms, 3: 0.124, 9: 0.133 in one run) */
