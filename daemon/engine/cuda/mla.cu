@@ -1142,8 +1142,13 @@ static __device__ __forceinline__ void mla_store_o256(const struct mla_fast_args
             make_float2(m_fin[ctid], l_fin[ctid]);
 }
 
+/* the staged O's row stride: a head's 512 bf16 and 16 bytes, so that the 8 rows of a store lie 16
+ * bytes apart in the banks */
+#define MLA_OSTAGE_ROW (2 * MLA_C + 16)
+static_assert(MLA_HG * MLA_OSTAGE_ROW <= WG_QB, "the staged O fits Q's buffer");
+
 /* mla_store_o256 for one split and bf16 out, through shared memory: the warpgroup's half rows
- * into stage (64 rows of 1,040 bytes: the 8 rows of a store 16 bytes apart in the banks), then,
+ * into stage (64 rows of MLA_OSTAGE_ROW bytes), then,
  * once both halves are in (named barrier bar of the 256 consumers), the CTA's 64 contiguous rows
  * of 1 KB to out in whole 16-byte chunks (the direct stores write 4 bytes a lane, 16 of each
  * 32-byte sector a warp). At batch 64 x 2048 selected (H200, GPU-NOTES 2026-11-30 fifth): the dsa
@@ -1158,18 +1163,18 @@ static __device__ __forceinline__ void mla_store_o_staged(const struct mla_fast_
 #pragma unroll
     for (int j = 0; j < 32; j++) {
         const int d = 256 * c + 8 * j + 2 * t;
-        *reinterpret_cast<uint32_t *>(stage + hr0 * 1040 + 2 * d) =
+        *reinterpret_cast<uint32_t *>(stage + hr0 * MLA_OSTAGE_ROW + 2 * d) =
             pack_bf16(O[4 * j] * sA, O[4 * j + 1] * sA);
-        *reinterpret_cast<uint32_t *>(stage + hr1 * 1040 + 2 * d) =
+        *reinterpret_cast<uint32_t *>(stage + hr1 * MLA_OSTAGE_ROW + 2 * d) =
             pack_bf16(O[4 * j + 2] * sB, O[4 * j + 3] * sB);
     }
-    asm volatile("barrier.sync %0, 256;" ::"r"(bar) : "memory");
+    nbar_sync<256>(bar);
     uint8_t *dst = static_cast<uint8_t *>(a.out) + ((size_t)r * a.H + h0) * MLA_C * 2;
 #pragma unroll
     for (int u = 0; u < 16; u++) {
         const int k = ctid + 256 * u, row = k >> 6, col = k & 63;
         *reinterpret_cast<uint4 *>(dst + (size_t)k * 16) =
-            *reinterpret_cast<const uint4 *>(stage + row * 1040 + col * 16);
+            *reinterpret_cast<const uint4 *>(stage + row * MLA_OSTAGE_ROW + col * 16);
     }
 }
 
